@@ -1,0 +1,25 @@
+//! The model layer of the Pagoda hook bus: everything that describes an event,
+//! with no NATS connection.
+//!
+//! | part | module |
+//! |---|---|
+//! | the 17 hooks, their kinds and legacy aliases | [`hook`] |
+//! | the CloudEvents envelope and event payloads | [`envelope`] |
+//! | typed models plugins see (Entity, Entry, Attribute, User) | [`model`] |
+//! | the subject codec (events, handlers, dead letters; entity tokens) | [`subject`] |
+//! | plugin manifests and their validation | [`manifest`] |
+//! | headers, handler replies, dead-letter records | [`protocol`] |
+#![forbid(unsafe_code)]
+
+pub mod envelope;
+pub mod hook;
+pub mod manifest;
+pub mod model;
+pub mod protocol;
+pub mod subject;
+
+pub use envelope::{EntityEvent, EntryEvent, Envelope, EventId};
+pub use hook::{Hook, HookKind, ObjectKind, UnknownHook};
+pub use manifest::{HandlerSpec, ManifestError, PluginManifest};
+pub use model::{AttrType, Attribute, Entity, EntityAttr, Entry, ObjectRef, User};
+pub use subject::{ObjectKey, SubjectError, Subjects};

@@ -1,0 +1,392 @@
+//! Plugin manifests: what a plugin declares about itself and its handlers.
+//!
+//! A manifest is stored as JSON in the registry KV bucket under `plugins.<id>`.
+//! [`PluginManifest::from_json`] is the one way to read one: it parses and checks
+//! everything, and reports every problem at once.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::hook::Hook;
+use crate::subject::{check_entity_name, check_token_name};
+
+/// Default handler priority (Pagoda's): lower runs first.
+pub const DEFAULT_PRIORITY: i32 = 100;
+/// Default time a handler has to answer one delivery.
+pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
+/// Default retry schedule: the waits before the 2nd, 3rd, … attempt. After the
+/// last one fails the delivery is dead-lettered.
+pub const DEFAULT_RETRY_BACKOFF_MS: [u64; 4] = [100, 500, 2_000, 10_000];
+/// Allowed priority range.
+pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1_000_000..=1_000_000;
+/// Allowed handler timeout range, in milliseconds.
+pub const TIMEOUT_RANGE_MS: std::ops::RangeInclusive<u64> = 1..=600_000;
+/// Most retries a schedule may hold.
+pub const MAX_RETRIES: usize = 32;
+/// Longest single wait in a retry schedule, in milliseconds.
+pub const MAX_BACKOFF_MS: u64 = 3_600_000;
+/// Largest manifest accepted, in bytes.
+pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
+
+/// A plugin and its handlers, as registered in the registry bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PluginManifest {
+    /// Plugin id: letters, digits, `-` and `_`. Also the NATS service name and the
+    /// queue group of its endpoints.
+    #[serde(default)]
+    pub id: String,
+    /// Human-readable name.
+    #[serde(default)]
+    pub name: String,
+    /// Semantic version (`1.2.3`), as the NATS Services API requires.
+    #[serde(default)]
+    pub version: String,
+    /// What the plugin does.
+    #[serde(default)]
+    pub description: String,
+    /// Who wrote it.
+    #[serde(default)]
+    pub author: String,
+    /// Handlers, in declaration order (the last tie-breaker of dispatch order).
+    #[serde(default)]
+    pub handlers: Vec<HandlerSpec>,
+}
+
+/// One handler: a hook, an entity filter, a priority and its delivery policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerSpec {
+    /// Handler name, unique in the plugin: letters, digits, `-` and `_`. Its endpoint
+    /// subject is `<prefix>.hooks.<plugin-id>.<name>`.
+    pub name: String,
+    /// The hook (standard name or legacy alias).
+    pub hook: Hook,
+    /// Entity names the handler is for (exact, case-sensitive); absent or `null` for all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entities: Option<Vec<String>>,
+    /// Lower runs first. Ties: the plugin's position in `ENABLED_PLUGINS`, then
+    /// declaration order.
+    #[serde(default = "default_priority")]
+    pub priority: i32,
+    /// Milliseconds the handler has to answer one delivery.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Waits in milliseconds before each retry of a failed delivery; the delivery is
+    /// dead-lettered after the last. `[]` dead-letters on the first failure.
+    #[serde(default = "default_backoff")]
+    pub retry_backoff_ms: Vec<u64>,
+}
+
+fn default_priority() -> i32 {
+    DEFAULT_PRIORITY
+}
+
+fn default_timeout_ms() -> u64 {
+    DEFAULT_TIMEOUT_MS
+}
+
+fn default_backoff() -> Vec<u64> {
+    DEFAULT_RETRY_BACKOFF_MS.to_vec()
+}
+
+impl HandlerSpec {
+    /// A handler with the default priority, timeout and retry schedule, for all entities.
+    pub fn new(name: impl Into<String>, hook: Hook) -> Self {
+        HandlerSpec {
+            name: name.into(),
+            hook,
+            entities: None,
+            priority: DEFAULT_PRIORITY,
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+            retry_backoff_ms: default_backoff(),
+        }
+    }
+
+    /// True when the handler's entity filter admits `entity`.
+    pub fn matches_entity(&self, entity: &str) -> bool {
+        self.entities
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == entity))
+    }
+
+    /// The handler timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// The retry schedule as durations.
+    pub fn retry_schedule(&self) -> Vec<Duration> {
+        self.retry_backoff_ms
+            .iter()
+            .map(|ms| Duration::from_millis(*ms))
+            .collect()
+    }
+}
+
+/// Everything wrong with a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid plugin manifest{}: {}", plugin_label(.plugin), .problems.join("; "))]
+pub struct ManifestError {
+    /// The plugin id, when the manifest had a usable one.
+    pub plugin: Option<String>,
+    /// Each problem, in a sentence.
+    pub problems: Vec<String>,
+}
+
+fn plugin_label(plugin: &Option<String>) -> String {
+    plugin
+        .as_ref()
+        .map(|id| format!(" for '{id}'"))
+        .unwrap_or_default()
+}
+
+impl PluginManifest {
+    /// A manifest with no handlers.
+    pub fn new(id: impl Into<String>, name: impl Into<String>, version: impl Into<String>) -> Self {
+        PluginManifest {
+            id: id.into(),
+            name: name.into(),
+            version: version.into(),
+            description: String::new(),
+            author: String::new(),
+            handlers: Vec::new(),
+        }
+    }
+
+    /// Parses and validates a manifest from JSON.
+    ///
+    /// # Errors
+    ///
+    /// [`ManifestError`] listing every problem: JSON that does not fit the format
+    /// (including unknown hook names, with a suggestion), and everything
+    /// [`PluginManifest::validate`] finds.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ManifestError> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError {
+                plugin: None,
+                problems: vec![format!(
+                    "manifest is {} bytes; the limit is {MAX_MANIFEST_BYTES}",
+                    bytes.len()
+                )],
+            });
+        }
+        let manifest: PluginManifest =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError {
+                plugin: None,
+                problems: vec![format!("manifest is not valid: {e}")],
+            })?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Checks the manifest: Pagoda's id/name/version rules, handler names, entity
+    /// filters, priorities, timeouts and retry schedules.
+    ///
+    /// # Errors
+    ///
+    /// [`ManifestError`] listing every problem found.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let mut problems = Vec::new();
+        if self.id.is_empty() {
+            problems.push("Plugin ID is required".to_owned());
+        } else if check_token_name("plugin id", &self.id).is_err() {
+            problems.push(
+                "Plugin ID must contain only alphanumeric characters, hyphens, and underscores"
+                    .to_owned(),
+            );
+        }
+        if self.name.trim().is_empty() {
+            problems.push("Plugin name is required".to_owned());
+        }
+        if self.version.is_empty() {
+            problems.push("Plugin version is required".to_owned());
+        } else if !is_semver(&self.version) {
+            problems.push(format!(
+                "Plugin version '{}' must be a semantic version such as 1.0.0",
+                self.version
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, h) in self.handlers.iter().enumerate() {
+            let label = if h.name.is_empty() {
+                format!("handler #{}", i + 1)
+            } else {
+                format!("handler '{}'", h.name)
+            };
+            if let Err(e) = check_token_name("handler name", &h.name) {
+                problems.push(format!("{label}: {e}"));
+            } else if !seen.insert(h.name.as_str()) {
+                problems.push(format!("{label}: the name is used by another handler"));
+            }
+            if let Some(entities) = &h.entities {
+                if entities.is_empty() {
+                    problems.push(format!(
+                        "{label}: entities is an empty list, which matches nothing; leave it out to match all entities"
+                    ));
+                }
+                for e in entities {
+                    if let Err(err) = check_entity_name(e) {
+                        problems.push(format!("{label}: {err}"));
+                    }
+                }
+            }
+            if !PRIORITY_RANGE.contains(&h.priority) {
+                problems.push(format!(
+                    "{label}: priority {} is outside {}..={}",
+                    h.priority,
+                    PRIORITY_RANGE.start(),
+                    PRIORITY_RANGE.end()
+                ));
+            }
+            if !TIMEOUT_RANGE_MS.contains(&h.timeout_ms) {
+                problems.push(format!(
+                    "{label}: timeout_ms {} is outside {}..={}",
+                    h.timeout_ms,
+                    TIMEOUT_RANGE_MS.start(),
+                    TIMEOUT_RANGE_MS.end()
+                ));
+            }
+            if h.retry_backoff_ms.len() > MAX_RETRIES {
+                problems.push(format!(
+                    "{label}: retry_backoff_ms has {} entries; at most {MAX_RETRIES}",
+                    h.retry_backoff_ms.len()
+                ));
+            }
+            if let Some(ms) = h.retry_backoff_ms.iter().find(|ms| **ms > MAX_BACKOFF_MS) {
+                problems.push(format!(
+                    "{label}: retry wait {ms} ms is longer than {MAX_BACKOFF_MS} ms"
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ManifestError {
+                plugin: check_token_name("plugin id", &self.id)
+                    .is_ok()
+                    .then(|| self.id.clone()),
+                problems,
+            })
+        }
+    }
+
+    /// The registry key of this plugin: `plugins.<id>`.
+    pub fn registry_key(&self) -> String {
+        registry_key(&self.id)
+    }
+}
+
+/// The registry key of a plugin: `plugins.<id>`.
+pub fn registry_key(plugin_id: &str) -> String {
+    format!("plugins.{plugin_id}")
+}
+
+/// `MAJOR.MINOR.PATCH` with optional `-pre` and `+build` parts.
+fn is_semver(v: &str) -> bool {
+    let core = v.split(['-', '+']).next().unwrap_or_default();
+    let rest_ok = v[core.len()..]
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '+' | '.'));
+    let parts: Vec<_> = core.split('.').collect();
+    rest_ok
+        && parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_good_manifest_parses_with_defaults() {
+        let m = PluginManifest::from_json(
+            br#"{"id":"hello-world","name":"Hello","version":"1.0.0",
+                "handlers":[{"name":"greet","hook":"after_create_entry_v2","entities":["helloworld"]}]}"#,
+        )
+        .unwrap();
+        let h = &m.handlers[0];
+        assert_eq!(h.hook, Hook::EntryAfterCreate);
+        assert_eq!(h.priority, 100);
+        assert_eq!(h.timeout_ms, 5_000);
+        assert_eq!(h.retry_backoff_ms, DEFAULT_RETRY_BACKOFF_MS);
+        assert!(h.matches_entity("helloworld"));
+        assert!(!h.matches_entity("HelloWorld"));
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(json.contains("\"entry.after_create\""), "{json}");
+    }
+
+    #[test]
+    fn pagoda_messages_for_missing_fields() {
+        let err = PluginManifest::from_json(br#"{}"#).unwrap_err();
+        assert_eq!(
+            err.problems,
+            [
+                "Plugin ID is required",
+                "Plugin name is required",
+                "Plugin version is required"
+            ]
+        );
+        let err = PluginManifest::from_json(br#"{"id":"bad id!","name":"x","version":"1"}"#)
+            .unwrap_err();
+        assert!(err.problems.contains(
+            &"Plugin ID must contain only alphanumeric characters, hyphens, and underscores"
+                .to_owned()
+        ));
+        assert!(err.problems.iter().any(|p| p.contains("semantic version")));
+    }
+
+    #[test]
+    fn unknown_hooks_and_bad_handlers_are_named() {
+        let err = PluginManifest::from_json(
+            br#"{"id":"p","name":"P","version":"1.0.0","handlers":[{"name":"h","hook":"entry.after_creat"}]}"#,
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("did you mean 'entry.after_create'"), "{msg}");
+
+        let err = PluginManifest::from_json(
+            br#"{"id":"p","name":"P","version":"1.0.0","handlers":[
+                {"name":"h","hook":"entry.after_create","priority":5000000},
+                {"name":"h","hook":"entry.after_create","entities":[]},
+                {"name":"a.b","hook":"entry.after_create","timeout_ms":0,"entities":[""]}]}"#,
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("invalid plugin manifest for 'p'"), "{msg}");
+        for needle in [
+            "priority 5000000 is outside",
+            "name is used by another handler",
+            "entities is an empty list",
+            "handler name 'a.b' is invalid",
+            "timeout_ms 0 is outside",
+            "entity name is empty",
+        ] {
+            assert!(msg.contains(needle), "missing {needle:?} in {msg}");
+        }
+
+        let err = PluginManifest::from_json(
+            br#"{"id":"p","name":"P","version":"1.0.0","handlers":[{"name":"h","hook":"entry.after_create","priority":"high"}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("invalid type"), "{err}");
+        assert!(PluginManifest::from_json(b"not json").is_err());
+        let big = vec![b' '; MAX_MANIFEST_BYTES + 1];
+        assert!(PluginManifest::from_json(&big).unwrap_err().to_string().contains("limit"));
+    }
+
+    #[test]
+    fn semver_check() {
+        for ok in ["1.0.0", "0.1.2-beta.1", "10.20.30+build.5"] {
+            assert!(is_semver(ok), "{ok}");
+        }
+        for bad in ["1", "1.0", "1.0.x", "v1.0.0", "1..0", "1.0.0 "] {
+            assert!(!is_semver(bad), "{bad}");
+        }
+    }
+}

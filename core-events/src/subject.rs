@@ -1,0 +1,503 @@
+//! The subject codec: validated NATS subjects for events, handlers and dead letters.
+//!
+//! Event subjects are `<prefix>.events.<object>.<action>.<entity-token>`, for
+//! example `pagoda.events.entry.after_create.customer`.
+//!
+//! # Entity tokens
+//!
+//! Entity names are free text; a NATS subject token may not contain `.`, `*`, `>`
+//! or white space. The token encoding is:
+//!
+//! - a character that is alphanumeric in Unicode (`a`-`z`, `A`-`Z`, `0`-`9`,
+//!   `顧客`, …), `-` or `_` stands for itself;
+//! - every other character is written as `%XX` for each byte of its UTF-8 form,
+//!   with upper-case hex digits (`my customer.v2` → `my%20customer%2Ev2`).
+//!
+//! So plain names stay readable, the encoding is defined for every non-empty
+//! name, and decoding is its exact inverse (a token that is not the canonical
+//! encoding of some name is rejected). Names are limited to
+//! [`MAX_ENTITY_NAME_BYTES`] bytes so that every subject fits in the NATS
+//! protocol's 4 KiB control line.
+
+use std::fmt;
+
+use crate::hook::{Hook, ObjectKind};
+
+/// The longest entity name accepted, in UTF-8 bytes (Pagoda's own limit is 200 characters).
+pub const MAX_ENTITY_NAME_BYTES: usize = 1024;
+
+/// A problem with a subject, a subject token or an entity name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubjectError {
+    /// The entity name is empty.
+    #[error("entity name is empty; an entity needs a name")]
+    EmptyEntityName,
+    /// The entity name is longer than [`MAX_ENTITY_NAME_BYTES`].
+    #[error("entity name is {len} bytes long; the limit is {MAX_ENTITY_NAME_BYTES} bytes")]
+    EntityNameTooLong {
+        /// Length of the rejected name in bytes.
+        len: usize,
+    },
+    /// The token is not the canonical encoding of any entity name.
+    #[error("'{token}' is not a valid entity token: {reason}")]
+    InvalidToken {
+        /// The token as given.
+        token: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The subject prefix is not one or more dot-separated `[A-Za-z0-9_-]` tokens.
+    #[error(
+        "subject prefix '{0}' is invalid: use one or more dot-separated tokens of letters, digits, '-' and '_'"
+    )]
+    InvalidPrefix(String),
+    /// A subject does not have the shape of an event subject.
+    #[error("'{subject}' is not an event subject under '{prefix}': {reason}")]
+    NotAnEventSubject {
+        /// The subject as given.
+        subject: String,
+        /// The configured prefix.
+        prefix: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A name used as a subject token (plugin id, handler name) has characters it may not.
+    #[error("{what} '{name}' is invalid: use only letters, digits, '-' and '_'")]
+    InvalidName {
+        /// What the name is for (`plugin id`, `handler name`).
+        what: &'static str,
+        /// The name as given.
+        name: String,
+    },
+}
+
+fn is_plain(c: char) -> bool {
+    c.is_alphanumeric() || c == '-' || c == '_'
+}
+
+/// Encodes an entity name as one subject token (see the module docs).
+///
+/// # Errors
+///
+/// [`SubjectError::EmptyEntityName`] and [`SubjectError::EntityNameTooLong`].
+pub fn encode_entity(name: &str) -> Result<String, SubjectError> {
+    check_entity_name(name)?;
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if is_plain(c) {
+            out.push(c);
+        } else {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push('%');
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0xF)]));
+            }
+        }
+    }
+    Ok(out)
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// Checks that an entity name can be used (non-empty, not too long).
+///
+/// # Errors
+///
+/// [`SubjectError::EmptyEntityName`] and [`SubjectError::EntityNameTooLong`].
+pub fn check_entity_name(name: &str) -> Result<(), SubjectError> {
+    if name.is_empty() {
+        return Err(SubjectError::EmptyEntityName);
+    }
+    if name.len() > MAX_ENTITY_NAME_BYTES {
+        return Err(SubjectError::EntityNameTooLong { len: name.len() });
+    }
+    Ok(())
+}
+
+/// Decodes an entity token back to the entity name.
+///
+/// # Errors
+///
+/// [`SubjectError::InvalidToken`] when the token is not the canonical encoding of a
+/// name (bad escape, lower-case hex, an escaped plain character, invalid UTF-8, a
+/// raw character that should have been escaped).
+pub fn decode_entity(token: &str) -> Result<String, SubjectError> {
+    let invalid = |reason| SubjectError::InvalidToken {
+        token: token.to_owned(),
+        reason,
+    };
+    if token.is_empty() {
+        return Err(invalid("it is empty"));
+    }
+    let mut bytes = Vec::with_capacity(token.len());
+    let mut chars = token.chars();
+    while let Some(c) = chars.next() {
+        if c == '%' {
+            let hi = chars.next().and_then(hex_value);
+            let lo = chars.next().and_then(hex_value);
+            match (hi, lo) {
+                (Some(hi), Some(lo)) => bytes.push(hi << 4 | lo),
+                _ => return Err(invalid("'%' must be followed by two upper-case hex digits")),
+            }
+        } else if is_plain(c) {
+            let mut buf = [0u8; 4];
+            bytes.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+        } else {
+            return Err(invalid("it holds a character that must be %-escaped"));
+        }
+    }
+    let name = String::from_utf8(bytes).map_err(|_| invalid("escapes do not form UTF-8"))?;
+    // Canonical form only: re-encoding must give the same token back, so every
+    // name has exactly one token.
+    match encode_entity(&name) {
+        Ok(again) if again == token => Ok(name),
+        Ok(_) => Err(invalid("it escapes a character that stands for itself")),
+        Err(SubjectError::EntityNameTooLong { .. }) => Err(invalid("the name is too long")),
+        Err(_) => Err(invalid("it does not encode a name")),
+    }
+}
+
+fn hex_value(c: char) -> Option<u8> {
+    match c {
+        '0'..='9' => Some(c as u8 - b'0'),
+        'A'..='F' => Some(c as u8 - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Checks that a name (plugin id, handler name) is usable as one subject token:
+/// non-empty, only ASCII letters, digits, `-` and `_`.
+///
+/// # Errors
+///
+/// [`SubjectError::InvalidName`] naming `what` the name is for.
+pub fn check_token_name(what: &'static str, name: &str) -> Result<(), SubjectError> {
+    if !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        Ok(())
+    } else {
+        Err(SubjectError::InvalidName {
+            what,
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// The subject namespace of one deployment: every subject, stream and bucket name
+/// is derived from its prefix (default `pagoda`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Subjects {
+            prefix: "pagoda".to_owned(),
+        }
+    }
+}
+
+impl Subjects {
+    /// A namespace with the given prefix (`pagoda`, `acme.pagoda`).
+    ///
+    /// # Errors
+    ///
+    /// [`SubjectError::InvalidPrefix`] unless the prefix is dot-separated tokens of
+    /// ASCII letters, digits, `-` and `_`.
+    pub fn new(prefix: &str) -> Result<Self, SubjectError> {
+        let ok = !prefix.is_empty()
+            && prefix.split('.').all(|t| check_token_name("prefix", t).is_ok());
+        if ok {
+            Ok(Subjects {
+                prefix: prefix.to_owned(),
+            })
+        } else {
+            Err(SubjectError::InvalidPrefix(prefix.to_owned()))
+        }
+    }
+
+    /// The prefix itself.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn upper(&self) -> String {
+        self.prefix.replace(['.', '-'], "_").to_ascii_uppercase()
+    }
+
+    /// Name of the events stream, e.g. `PAGODA_EVENTS`.
+    pub fn events_stream(&self) -> String {
+        format!("{}_EVENTS", self.upper())
+    }
+
+    /// Name of the dead-letter stream, e.g. `PAGODA_DLQ`.
+    pub fn dlq_stream(&self) -> String {
+        format!("{}_DLQ", self.upper())
+    }
+
+    /// Name of the stream of deliveries deferred while a plugin had no replica, e.g. `PAGODA_DEFERRED`.
+    pub fn deferred_stream(&self) -> String {
+        format!("{}_DEFERRED", self.upper())
+    }
+
+    /// Name of the registry KV bucket, e.g. `pagoda_registry`.
+    pub fn registry_bucket(&self) -> String {
+        format!("{}_registry", self.prefix.replace(['.', '-'], "_"))
+    }
+
+    /// The subject of an event about `entity` for `hook`.
+    ///
+    /// # Errors
+    ///
+    /// As [`encode_entity`].
+    pub fn event(&self, hook: Hook, entity: &str) -> Result<String, SubjectError> {
+        Ok(format!(
+            "{}.events.{}.{}.{}",
+            self.prefix,
+            hook.object(),
+            hook.action(),
+            encode_entity(entity)?
+        ))
+    }
+
+    /// All event subjects (`pagoda.events.>`).
+    pub fn all_events(&self) -> String {
+        format!("{}.events.>", self.prefix)
+    }
+
+    /// A filter over event subjects: any of the arguments may be left open.
+    ///
+    /// # Errors
+    ///
+    /// As [`encode_entity`].
+    pub fn event_filter(
+        &self,
+        hook: Option<Hook>,
+        entity: Option<&str>,
+    ) -> Result<String, SubjectError> {
+        let (object, action) = match hook {
+            Some(h) => (h.object().as_str(), h.action()),
+            None => ("*", "*"),
+        };
+        let entity = match entity {
+            Some(e) => encode_entity(e)?,
+            None => "*".to_owned(),
+        };
+        Ok(format!("{}.events.{object}.{action}.{entity}", self.prefix))
+    }
+
+    /// Splits an event subject into its hook and entity name.
+    ///
+    /// # Errors
+    ///
+    /// [`SubjectError::NotAnEventSubject`] for any subject that is not
+    /// `<prefix>.events.<object>.<action>.<token>` with a known hook and a valid token.
+    pub fn parse_event(&self, subject: &str) -> Result<(Hook, String), SubjectError> {
+        let fail = |reason: String| SubjectError::NotAnEventSubject {
+            subject: subject.to_owned(),
+            prefix: self.prefix.clone(),
+            reason,
+        };
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix(".events."))
+            .ok_or_else(|| fail("it does not start with '<prefix>.events.'".into()))?;
+        let mut parts = rest.splitn(3, '.');
+        let (Some(object), Some(action), Some(token)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(fail("expected <object>.<action>.<entity-token>".into()));
+        };
+        let object = match object {
+            "entry" => ObjectKind::Entry,
+            "entity" => ObjectKind::Entity,
+            other => return Err(fail(format!("unknown object '{other}'"))),
+        };
+        let hook = Hook::from_parts(object, action)
+            .ok_or_else(|| fail(format!("unknown hook '{object}.{action}'")))?;
+        let entity = decode_entity(token).map_err(|e| fail(e.to_string()))?;
+        Ok((hook, entity))
+    }
+
+    /// The service endpoint subject of a plugin's handler: `pagoda.hooks.<plugin>.<handler>`.
+    pub fn handler(&self, plugin: &str, handler: &str) -> String {
+        format!("{}.hooks.{plugin}.{handler}", self.prefix)
+    }
+
+    /// The subject a dead letter for a handler is stored under: `pagoda.dlq.<plugin>.<handler>`.
+    pub fn dead_letter(&self, plugin: &str, handler: &str) -> String {
+        format!("{}.dlq.{plugin}.{handler}", self.prefix)
+    }
+
+    /// All dead letters (`pagoda.dlq.>`).
+    pub fn all_dead_letters(&self) -> String {
+        format!("{}.dlq.>", self.prefix)
+    }
+
+    /// The subject of a plugin's deferred deliveries: `pagoda.deferred.<plugin>`.
+    pub fn deferred(&self, plugin: &str) -> String {
+        format!("{}.deferred.{plugin}", self.prefix)
+    }
+
+    /// All deferred deliveries (`pagoda.deferred.>`).
+    pub fn all_deferred(&self) -> String {
+        format!("{}.deferred.>", self.prefix)
+    }
+}
+
+/// The object an event is about; events about one object are dispatched in stream order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    /// Entry or entity.
+    pub kind: ObjectKind,
+    /// The object's id.
+    pub id: i64,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.kind, self.id)
+    }
+}
+
+impl std::str::FromStr for ObjectKey {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, id) = s
+            .split_once('/')
+            .ok_or_else(|| format!("object key '{s}' is not '<entry|entity>/<id>'"))?;
+        let kind = match kind {
+            "entry" => ObjectKind::Entry,
+            "entity" => ObjectKind::Entity,
+            _ => return Err(format!("object key '{s}' has unknown kind '{kind}'")),
+        };
+        let id = id
+            .parse()
+            .map_err(|_| format!("object key '{s}' has a non-numeric id"))?;
+        Ok(ObjectKey { kind, id })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn plain_names_stay_readable() {
+        assert_eq!(encode_entity("customer").unwrap(), "customer");
+        assert_eq!(encode_entity("Server-Rack_2").unwrap(), "Server-Rack_2");
+        assert_eq!(encode_entity("顧客").unwrap(), "顧客");
+    }
+
+    #[test]
+    fn hostile_names_are_escaped() {
+        assert_eq!(
+            encode_entity("my customer.v2").unwrap(),
+            "my%20customer%2Ev2"
+        );
+        assert_eq!(encode_entity("*").unwrap(), "%2A");
+        assert_eq!(encode_entity(">").unwrap(), "%3E");
+        assert_eq!(encode_entity("a\tb").unwrap(), "a%09b");
+        assert_eq!(encode_entity("100%").unwrap(), "100%25");
+        assert_eq!(encode_entity("顧客\u{3000}一覧").unwrap(), "顧客%E3%80%80一覧");
+        assert_eq!(encode_entity("\0").unwrap(), "%00");
+    }
+
+    #[test]
+    fn empty_and_too_long_names_are_rejected() {
+        assert_eq!(encode_entity(""), Err(SubjectError::EmptyEntityName));
+        let long = "x".repeat(MAX_ENTITY_NAME_BYTES + 1);
+        let err = encode_entity(&long).unwrap_err();
+        assert!(err.to_string().contains("1025 bytes long; the limit is 1024"));
+        let longest = "顧".repeat(MAX_ENTITY_NAME_BYTES / 3);
+        assert_eq!(decode_entity(&encode_entity(&longest).unwrap()).unwrap(), longest);
+    }
+
+    #[test]
+    fn non_canonical_tokens_are_rejected() {
+        for bad in ["", "a.b", "a b", "%2", "%zz", "%2e", "%61", "a*", "%FF", "%E3%80"] {
+            assert!(decode_entity(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn event_subjects_round_trip() {
+        let s = Subjects::default();
+        let subject = s.event(Hook::EntryAfterCreate, "customer").unwrap();
+        assert_eq!(subject, "pagoda.events.entry.after_create.customer");
+        assert_eq!(
+            s.parse_event(&subject).unwrap(),
+            (Hook::EntryAfterCreate, "customer".to_owned())
+        );
+        let s = Subjects::new("acme.pagoda").unwrap();
+        assert_eq!(s.events_stream(), "ACME_PAGODA_EVENTS");
+        assert_eq!(s.registry_bucket(), "acme_pagoda_registry");
+        let subject = s.event(Hook::EntityAfterDelete, "a.b").unwrap();
+        assert_eq!(subject, "acme.pagoda.events.entity.after_delete.a%2Eb");
+        assert_eq!(
+            s.parse_event(&subject).unwrap(),
+            (Hook::EntityAfterDelete, "a.b".to_owned())
+        );
+        assert!(s.parse_event("acme.pagoda.events.entry.nope.x").is_err());
+        assert!(s.parse_event("pagoda.events.entry.after_create.x").is_err());
+        assert!(Subjects::new("bad prefix").is_err());
+        assert!(Subjects::new("a..b").is_err());
+        assert_eq!(
+            s.event_filter(Some(Hook::EntryAfterUpdate), None).unwrap(),
+            "acme.pagoda.events.entry.after_update.*"
+        );
+    }
+
+    #[test]
+    fn object_keys_round_trip() {
+        let key = ObjectKey {
+            kind: ObjectKind::Entry,
+            id: 42,
+        };
+        assert_eq!(key.to_string(), "entry/42");
+        assert_eq!("entry/42".parse::<ObjectKey>().unwrap(), key);
+        assert!("thing/1".parse::<ObjectKey>().is_err());
+        assert!("entry/x".parse::<ObjectKey>().is_err());
+    }
+
+    /// A subject token valid for NATS: non-empty, no `.`, `*`, `>`, no white space
+    /// or control characters.
+    fn is_valid_nats_token(token: &str) -> bool {
+        !token.is_empty()
+            && token
+                .chars()
+                .all(|c| !c.is_whitespace() && !c.is_control() && !matches!(c, '.' | '*' | '>'))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn any_name_round_trips_to_a_valid_token(name in "\\PC{1,64}|[ -~]{1,64}|.{1,32}") {
+            prop_assume!(!name.is_empty());
+            let token = encode_entity(&name).unwrap();
+            prop_assert!(is_valid_nats_token(&token), "token {token:?}");
+            prop_assert_eq!(decode_entity(&token).unwrap(), name);
+        }
+
+        #[test]
+        fn distinct_names_get_distinct_tokens(a in ".{1,16}", b in ".{1,16}") {
+            prop_assume!(a != b);
+            prop_assert_ne!(encode_entity(&a).unwrap(), encode_entity(&b).unwrap());
+        }
+
+        #[test]
+        fn decoding_never_panics_and_is_canonical(token in "[%A-Fa-z0-9._ *>\u{3000}顧]{0,24}") {
+            if let Ok(name) = decode_entity(&token) {
+                prop_assert_eq!(encode_entity(&name).unwrap(), token);
+            }
+        }
+    }
+}
