@@ -304,7 +304,10 @@ mod tests {
         assert_eq!(Hook::EntityBeforeUpdate.kind(), HookKind::BeforeModify);
         assert_eq!(Hook::EntryBeforeRestore.kind(), HookKind::BeforeVeto);
         assert_eq!(Hook::EntityGetAttrs.kind(), HookKind::GetAttrs);
-        let notifications = Hook::ALL.iter().filter(|h| h.kind().is_notification()).count();
+        let notifications = Hook::ALL
+            .iter()
+            .filter(|h| h.kind().is_notification())
+            .count();
         assert_eq!(notifications, 7);
     }
 

@@ -332,12 +332,14 @@ mod tests {
                 "Plugin version is required"
             ]
         );
-        let err = PluginManifest::from_json(br#"{"id":"bad id!","name":"x","version":"1"}"#)
-            .unwrap_err();
-        assert!(err.problems.contains(
-            &"Plugin ID must contain only alphanumeric characters, hyphens, and underscores"
-                .to_owned()
-        ));
+        let err =
+            PluginManifest::from_json(br#"{"id":"bad id!","name":"x","version":"1"}"#).unwrap_err();
+        assert!(
+            err.problems.contains(
+                &"Plugin ID must contain only alphanumeric characters, hyphens, and underscores"
+                    .to_owned()
+            )
+        );
         assert!(err.problems.iter().any(|p| p.contains("semantic version")));
     }
 
@@ -377,7 +379,12 @@ mod tests {
         assert!(err.to_string().contains("invalid type"), "{err}");
         assert!(PluginManifest::from_json(b"not json").is_err());
         let big = vec![b' '; MAX_MANIFEST_BYTES + 1];
-        assert!(PluginManifest::from_json(&big).unwrap_err().to_string().contains("limit"));
+        assert!(
+            PluginManifest::from_json(&big)
+                .unwrap_err()
+                .to_string()
+                .contains("limit")
+        );
     }
 
     #[test]

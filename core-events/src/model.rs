@@ -243,7 +243,10 @@ mod tests {
 
     #[test]
     fn attr_types_match_pagoda() {
-        assert_eq!(AttrType::from_name("array_named_object"), Some(AttrType(3073)));
+        assert_eq!(
+            AttrType::from_name("array_named_object"),
+            Some(AttrType(3073))
+        );
         assert_eq!(AttrType(1536).name(), Some("multi_select"));
         assert!(AttrType::ARRAY_STRING.is_array());
         assert!(!AttrType::NAMED_OBJECT.is_array());

@@ -17,12 +17,17 @@ pub mod headers {
     pub const OBJECT: &str = "Pagoda-Object";
     /// The hook's standard name (`entry.after_create`).
     pub const HOOK: &str = "Pagoda-Hook";
-    /// The entity name, unencoded (header values are UTF-8).
+    /// The entity token: the entity name encoded as in the subject (the plain name
+    /// is the envelope's `pagodaentity`).
     pub const ENTITY: &str = "Pagoda-Entity";
     /// Delivery: the event's sequence in the events stream.
     pub const STREAM_SEQ: &str = "Pagoda-Stream-Seq";
-    /// Delivery: 1 for the first attempt, 2 for the first retry, ….
+    /// Delivery: 1 for the first attempt, 2 for the first retry, … (counted within
+    /// one dispatch of the event).
     pub const ATTEMPT: &str = "Pagoda-Attempt";
+    /// Delivery: how many times JetStream has handed this event to the dispatcher
+    /// (above 1 after a dispatcher crash or restart).
+    pub const REDELIVERED: &str = "Pagoda-Redelivered";
     /// Delivery: the plugin the delivery is for.
     pub const PLUGIN: &str = "Pagoda-Plugin";
     /// Delivery: the handler the delivery is for.

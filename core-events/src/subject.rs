@@ -212,7 +212,9 @@ impl Subjects {
     /// ASCII letters, digits, `-` and `_`.
     pub fn new(prefix: &str) -> Result<Self, SubjectError> {
         let ok = !prefix.is_empty()
-            && prefix.split('.').all(|t| check_token_name("prefix", t).is_ok());
+            && prefix
+                .split('.')
+                .all(|t| check_token_name("prefix", t).is_ok());
         if ok {
             Ok(Subjects {
                 prefix: prefix.to_owned(),
@@ -406,7 +408,10 @@ mod tests {
         assert_eq!(encode_entity(">").unwrap(), "%3E");
         assert_eq!(encode_entity("a\tb").unwrap(), "a%09b");
         assert_eq!(encode_entity("100%").unwrap(), "100%25");
-        assert_eq!(encode_entity("顧客\u{3000}一覧").unwrap(), "顧客%E3%80%80一覧");
+        assert_eq!(
+            encode_entity("顧客\u{3000}一覧").unwrap(),
+            "顧客%E3%80%80一覧"
+        );
         assert_eq!(encode_entity("\0").unwrap(), "%00");
     }
 
@@ -415,14 +420,22 @@ mod tests {
         assert_eq!(encode_entity(""), Err(SubjectError::EmptyEntityName));
         let long = "x".repeat(MAX_ENTITY_NAME_BYTES + 1);
         let err = encode_entity(&long).unwrap_err();
-        assert!(err.to_string().contains("1025 bytes long; the limit is 1024"));
+        assert!(
+            err.to_string()
+                .contains("1025 bytes long; the limit is 1024")
+        );
         let longest = "顧".repeat(MAX_ENTITY_NAME_BYTES / 3);
-        assert_eq!(decode_entity(&encode_entity(&longest).unwrap()).unwrap(), longest);
+        assert_eq!(
+            decode_entity(&encode_entity(&longest).unwrap()).unwrap(),
+            longest
+        );
     }
 
     #[test]
     fn non_canonical_tokens_are_rejected() {
-        for bad in ["", "a.b", "a b", "%2", "%zz", "%2e", "%61", "a*", "%FF", "%E3%80"] {
+        for bad in [
+            "", "a.b", "a b", "%2", "%zz", "%2e", "%61", "a*", "%FF", "%E3%80",
+        ] {
             assert!(decode_entity(bad).is_err(), "{bad:?} should be rejected");
         }
     }

@@ -1,1 +1,74 @@
-//! placeholder
+//! The Rust SDK for Pagoda hook bus plugins.
+//!
+//! A plugin is one NATS Services API service (name = plugin id, version = plugin
+//! version, queue group = plugin id, so replicas share the work) with one endpoint
+//! per handler on `<prefix>.hooks.<plugin-id>.<handler>`. Serving it registers the
+//! plugin's manifest in the registry bucket the bus watches; the bus then delivers
+//! each event to each matching handler as a request, in priority order, retrying
+//! or dead-lettering failures. `nats micro ls/info/stats` shows every plugin and
+//! handler.
+//!
+//! | part | what it is | module |
+//! |---|---|---|
+//! | [`Plugin::builder`], [`PluginBuilder`] | declare a plugin, its handlers and their options; validated by `build()` | [`plugin`] |
+//! | [`EntryContext`], [`EntityContext`] | what a handler receives: the typed event, attempt, stream sequence, replay flag | [`context`] |
+//! | [`HandlerError`], [`ResultExt`] | a handler's failure: transient (retried, code 500) or permanent (dead-lettered, code 400) | [`error`] |
+//! | [`Plugin::serve`], [`ServeOptions`], [`RunningPlugin`] | serve and register; bounded concurrency; graceful shutdown | [`serve`] |
+//! | [`run_main`], [`run()`], [`RunConfig`] | the whole `main` of a plugin binary (env config, tracing, signals, drain) | [`run`](mod@run) |
+//!
+//! Delivery protocol: the request payload is the CloudEvents envelope
+//! (`Envelope<EntryEvent>` or `Envelope<EntityEvent>`); headers carry the event id,
+//! hook, entity, object, stream sequence, attempt and trace context (see
+//! [`core_events::protocol::headers`]). A success reply has an empty body; an error
+//! reply sets `Nats-Service-Error` and `Nats-Service-Error-Code` (400–499 permanent,
+//! 500 transient). A payload that is not an event for the handler's hook gets a
+//! 400 naming what is wrong; a panicking handler gets a 500; the plugin keeps
+//! serving either way.
+//!
+//! Only notification hooks (`after_*`) are supported so far; synchronous hooks
+//! (validate, before_*, get_attrs) are reported as not supported yet by `build()`.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use pagoda_plugin_sdk::{EntryContext, Hook, HandlerError, Plugin, ServeOptions};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let plugin = Plugin::builder("hello-world", "Hello World", "1.0.0")
+//!     .description("Greets new entries")
+//!     .on_entry(Hook::EntryAfterCreate, "greet", |ctx: EntryContext| async move {
+//!         if ctx.event.data.entry.name.is_empty() {
+//!             return Err(HandlerError::permanent("entry has no name"));
+//!         }
+//!         tracing::info!(entry = %ctx.event.data.entry.name, attempt = ctx.attempt, "hello");
+//!         Ok(())
+//!     })
+//!     .entities(["helloworld"])
+//!     .priority(50)
+//!     .build()?;
+//!
+//! let client = async_nats::connect("nats://127.0.0.1:4222").await?;
+//! let running = plugin.serve(client.clone(), ServeOptions::default()).await?;
+//! tokio::signal::ctrl_c().await?;
+//! running.shutdown().await?;
+//! client.drain().await?;
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod context;
+pub mod error;
+pub mod plugin;
+pub mod run;
+pub mod serve;
+
+pub use context::{EntityContext, EntryContext, EventContext};
+pub use core_events::{
+    EntityEvent, EntryEvent, Envelope, EventId, HandlerSpec, Hook, HookKind, ManifestError,
+    ObjectKind, PluginManifest,
+};
+pub use error::{HandlerError, HandlerErrorKind, ResultExt, ServeError};
+pub use plugin::{HandlerResult, IntoHook, Plugin, PluginBuilder};
+pub use run::{RunConfig, RunError, run, run_main};
+pub use serve::{RunningPlugin, ServeOptions};

@@ -1,0 +1,170 @@
+//! `hookbus demo`: publishes a few events and shows how they were dispatched.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use async_nats::jetstream;
+use chrono::Utc;
+use core_events::{
+    Entity, EntityEvent, Entry, EntryEvent, Envelope, Hook, ObjectRef, Subjects, User,
+};
+use hookbus::Publisher;
+
+use crate::cli::println_out;
+
+pub(crate) async fn run(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    plugins: &[String],
+    timeout: Duration,
+) -> Result<ExitCode> {
+    let deadline = Instant::now() + timeout;
+    println_out(&format!(
+        "demo: waiting for the bus to see plugins {plugins:?}"
+    ));
+    loop {
+        let seen = registered(client, subjects).await.unwrap_or_default();
+        let missing: Vec<_> = plugins.iter().filter(|p| !seen.contains(p)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("plugins {missing:?} did not register within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let js = jetstream::new(client.clone());
+    let publisher = Publisher::new(js.clone(), subjects.clone());
+    let now = Utc::now();
+    let user = User {
+        id: 1,
+        username: "admin".into(),
+        email: "admin@example.com".into(),
+        first_name: String::new(),
+        last_name: String::new(),
+        is_active: true,
+        is_superuser: true,
+        date_joined: now,
+    };
+    let entity = |id: i64, name: &str| Entity {
+        id,
+        name: name.into(),
+        note: String::new(),
+        is_active: true,
+        created_time: now,
+        created_user: Some(ObjectRef {
+            id: 1,
+            name: "admin".into(),
+        }),
+        attrs: vec![],
+    };
+    let entry = |id: i64, name: &str, schema: &Entity| Entry {
+        id,
+        name: name.into(),
+        note: String::new(),
+        is_active: true,
+        schema: ObjectRef {
+            id: schema.id,
+            name: schema.name.clone(),
+        },
+        created_time: now,
+        created_user: None,
+        updated_time: now,
+        attrs: vec![],
+    };
+    let helloworld = entity(1, "helloworld");
+    let customer = entity(2, "customer");
+    let product = entity(3, "product");
+    let source = "/pagoda/hookbus-demo";
+    let entry_event = |hook, e: &Entity, en: Entry, previous| {
+        Envelope::entry(
+            hook,
+            source,
+            EntryEvent {
+                entity: e.clone(),
+                entry: en,
+                previous,
+                user: Some(user.clone()),
+            },
+        )
+    };
+    let acme = entry(20, "ACME", &customer);
+    let mut acme_v2 = acme.clone();
+    acme_v2.note = "updated".into();
+
+    let mut last_seq = 0;
+    let entry_events = [
+        entry_event(
+            Hook::EntryAfterCreate,
+            &helloworld,
+            entry(10, "Hello", &helloworld),
+            None,
+        ),
+        entry_event(Hook::EntryAfterCreate, &customer, acme.clone(), None),
+        entry_event(Hook::EntryAfterUpdate, &customer, acme_v2, Some(acme)),
+    ];
+    for ev in &entry_events {
+        let ack = publisher.publish(ev).await?;
+        last_seq = ack.sequence;
+        println_out(&format!(
+            "demo: published seq={} {} entity={} object={}",
+            ack.sequence, ev.event_type, ev.pagodaentity, ev.subject
+        ));
+    }
+    let ev = Envelope::entity(
+        Hook::EntityAfterCreate,
+        source,
+        EntityEvent {
+            entity: product,
+            previous: None,
+            user: Some(user.clone()),
+        },
+    );
+    let ack = publisher.publish(&ev).await?;
+    last_seq = last_seq.max(ack.sequence);
+    println_out(&format!(
+        "demo: published seq={} {} entity={} object={}",
+        ack.sequence, ev.event_type, ev.pagodaentity, ev.subject
+    ));
+
+    let mut stream = js.get_stream(subjects.events_stream()).await?;
+    let mut consumer: jetstream::consumer::PullConsumer =
+        stream.get_consumer("dispatcher").await.map_err(|e| {
+            anyhow::anyhow!("the bus's dispatcher consumer is missing ({e}): is `hookbus run` up?")
+        })?;
+    loop {
+        let info = consumer.info().await?;
+        if info.ack_floor.stream_sequence >= last_seq && info.num_ack_pending == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("events were not all dispatched within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dlq = js
+        .get_stream(subjects.dlq_stream())
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
+    let _ = stream.info().await?;
+    println_out(&format!(
+        "demo: all events up to seq={last_seq} dispatched; {dlq} delivery(ies) dead-lettered (see `hookbus dlq`); every other handler ran"
+    ));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn registered(client: &async_nats::Client, subjects: &Subjects) -> Result<Vec<String>> {
+    let reply = client
+        .request(format!("{}.bus.registry", subjects.prefix()), "".into())
+        .await?;
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    Ok(v["plugins"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default())
+}

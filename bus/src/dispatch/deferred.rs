@@ -1,0 +1,270 @@
+//! Deliveries kept for a plugin with no replica running.
+//!
+//! When a handler's plugin has no responder, the delivery is appended to the
+//! plugin's queue in the deferred stream (a work queue) and the event goes on to
+//! the other plugins. While a plugin has deferred deliveries, every new delivery
+//! for it is appended behind them, so its deliveries stay in stream order per
+//! object. One drainer per plugin takes them in order, waits for a replica, and
+//! delivers each with the usual retries and dead letters.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_nats::HeaderValue;
+use async_nats::jetstream::{self, consumer::pull};
+use core_events::protocol::headers;
+use futures::StreamExt;
+
+use super::deliver::{WhenAbsent, deliver};
+use super::{Ctx, EventMeta, Stopped};
+use crate::registry::Route;
+
+/// Per-plugin deferral state, shared by the dispatcher and the drainer.
+#[derive(Default)]
+pub(crate) struct Deferrals {
+    plugins: std::sync::Mutex<HashMap<Arc<str>, Arc<AtomicU64>>>,
+}
+
+impl Deferrals {
+    /// Number of deliveries waiting for `plugin`.
+    pub(crate) fn outstanding(&self, plugin: &str) -> u64 {
+        self.lock()
+            .get(plugin)
+            .map_or(0, |n| n.load(Ordering::Acquire))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<AtomicU64>>> {
+        self.plugins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The counter for `plugin`, and whether it was just created.
+    fn counter(&self, plugin: &str) -> (Arc<AtomicU64>, bool) {
+        let mut map = self.lock();
+        if let Some(c) = map.get(plugin) {
+            return (c.clone(), false);
+        }
+        let c = Arc::new(AtomicU64::new(0));
+        map.insert(plugin.into(), c.clone());
+        (c, true)
+    }
+}
+
+impl Ctx {
+    /// Appends a delivery to its plugin's deferred queue (waiting for the stream's
+    /// acknowledgement) and makes sure a drainer runs for the plugin.
+    pub(crate) async fn defer(
+        self: &Arc<Self>,
+        route: &Route,
+        event: &EventMeta,
+    ) -> Result<(), Stopped> {
+        let mut h = event.headers.clone();
+        h.insert(headers::STREAM_SEQ, HeaderValue::from(event.seq));
+        h.insert(headers::REDELIVERED, HeaderValue::from(event.redelivered));
+        h.insert(headers::PLUGIN, &*route.plugin);
+        h.insert(headers::HANDLER, &*route.handler);
+        // Dedup key: a crash between this append and the event's ack re-appends the
+        // same delivery, which the stream drops.
+        h.insert(
+            headers::MSG_ID,
+            format!("{}.{}.{}.deferred", event.id, route.plugin, route.handler).as_str(),
+        );
+        let subject = self.subjects.deferred(&route.plugin);
+        let (counter, created) = self.deferrals.counter(&route.plugin);
+        self.publish_until_acked(&subject, h, event.payload.clone())
+            .await?;
+        counter.fetch_add(1, Ordering::AcqRel);
+        self.stats.deferred.inc();
+        tracing::info!(plugin = %route.plugin, handler = %route.handler, event_id = %event.id, seq = event.seq,
+            "plugin has no replica running; delivery deferred");
+        if created {
+            self.spawn_drainer(route.plugin.clone(), counter);
+        }
+        Ok(())
+    }
+
+    /// Starts drainers for plugins that already have deferred deliveries (after a restart).
+    pub(crate) async fn resume_deferred(self: &Arc<Self>) -> Result<(), async_nats::Error> {
+        let mut stream = self.js.get_stream(self.subjects.deferred_stream()).await?;
+        let info = stream.info().await?;
+        if info.state.messages == 0 {
+            return Ok(());
+        }
+        // Each waiting message names its plugin in its subject; count per plugin.
+        let mut per_plugin: HashMap<String, u64> = HashMap::new();
+        let info = stream
+            .info_with_subjects(self.subjects.all_deferred())
+            .await?;
+        let mut subjects = info;
+        while let Some(item) = subjects.next().await {
+            let (subject, count) = item?;
+            if let Some(plugin) = subject.rsplit('.').next() {
+                *per_plugin.entry(plugin.to_owned()).or_default() += count as u64;
+            }
+        }
+        for (plugin, count) in per_plugin {
+            let (counter, created) = self.deferrals.counter(&plugin);
+            counter.fetch_add(count, Ordering::AcqRel);
+            tracing::info!(%plugin, waiting = count, "resuming deferred deliveries");
+            if created {
+                self.spawn_drainer(plugin.into(), counter);
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_drainer(self: &Arc<Self>, plugin: Arc<str>, counter: Arc<AtomicU64>) {
+        let ctx = self.clone();
+        self.tracker.spawn(async move {
+            loop {
+                match ctx.drain(&plugin, &counter).await {
+                    Ok(()) | Err(DrainError::Stopped) => break,
+                    Err(DrainError::Nats(e)) => {
+                        tracing::warn!(%plugin, error = %e, "deferred drainer failed; restarting");
+                        if ctx.pause(std::time::Duration::from_secs(1)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    async fn drain(&self, plugin: &str, counter: &AtomicU64) -> Result<(), DrainError> {
+        let stream = self.js.get_stream(self.subjects.deferred_stream()).await?;
+        let name = format!("deferred-{plugin}");
+        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: self.subjects.deferred(plugin),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: self.settings.ack_wait,
+                    max_ack_pending: 1,
+                    max_deliver: -1,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut messages = consumer.messages().await?;
+        loop {
+            let msg = tokio::select! {
+                () = self.shutdown.cancelled() => return Err(DrainError::Stopped),
+                next = messages.next() => match next {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        tracing::debug!(%plugin, error = %e, "deferred consumer hiccup");
+                        continue;
+                    }
+                    None => return Err(DrainError::Nats("deferred consumer ended".into())),
+                },
+            };
+            let handler = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(headers::HANDLER))
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            let event = EventMeta::from_deferred(&msg.message);
+            let Some(event) = event else {
+                tracing::error!(%plugin, "unreadable deferred delivery dropped to the dead-letter stream");
+                self.malformed(
+                    &msg.message.subject,
+                    &msg.message.payload,
+                    "unreadable deferred delivery",
+                )
+                .await
+                .map_err(|_| DrainError::Stopped)?;
+                self.ack_until_done(&msg)
+                    .await
+                    .map_err(|_| DrainError::Stopped)?;
+                counter.fetch_sub(1, Ordering::AcqRel);
+                continue;
+            };
+            let route = self.route_for_deferred(plugin, &handler).await?;
+            match route {
+                Some(route) => {
+                    deliver(self, &route, &event, WhenAbsent::Wait)
+                        .await
+                        .map_err(|_| DrainError::Stopped)?;
+                }
+                None => {
+                    let gone = Route {
+                        plugin: plugin.into(),
+                        handler: handler.as_str().into(),
+                        subject: self.subjects.handler(plugin, &handler).into(),
+                        hook: event.hook,
+                        entities: None,
+                        priority: 0,
+                        plugin_rank: 0,
+                        declared: 0,
+                        timeout: std::time::Duration::ZERO,
+                        retry: Arc::from([]),
+                    };
+                    let failure = core_events::protocol::FailedAttempt {
+                        attempt: 0,
+                        at: chrono::Utc::now(),
+                        error: format!("plugin '{plugin}' no longer declares handler '{handler}'"),
+                    };
+                    self.dead_letter(&gone, &event, vec![failure])
+                        .await
+                        .map_err(|_| DrainError::Stopped)?;
+                }
+            }
+            self.ack_until_done(&msg)
+                .await
+                .map_err(|_| DrainError::Stopped)?;
+            counter.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The route for a deferred delivery: waits while the plugin is not registered or
+    /// not enabled (its deliveries wait for it); `None` when the plugin is enabled but
+    /// no longer declares the handler.
+    async fn route_for_deferred(
+        &self,
+        plugin: &str,
+        handler: &str,
+    ) -> Result<Option<Arc<Route>>, DrainError> {
+        loop {
+            let table = self.registry.table();
+            if let Some(route) = table.route(plugin, handler) {
+                return Ok(Some(route.clone()));
+            }
+            if table.is_enabled(plugin) {
+                return Ok(None);
+            }
+            self.pause(self.settings.deferred_poll * 4)
+                .await
+                .map_err(|_| DrainError::Stopped)?;
+        }
+    }
+
+    async fn ack_until_done(&self, msg: &jetstream::Message) -> Result<(), Stopped> {
+        loop {
+            match msg.double_ack().await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "ack of deferred delivery failed; retrying");
+                    self.wait_connected().await?;
+                    self.pause(std::time::Duration::from_millis(100)).await?;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum DrainError {
+    Stopped,
+    Nats(async_nats::Error),
+}
+
+impl<E: Into<async_nats::Error>> From<E> for DrainError {
+    fn from(e: E) -> Self {
+        DrainError::Nats(e.into())
+    }
+}

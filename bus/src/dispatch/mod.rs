@@ -1,0 +1,565 @@
+//! The dispatcher: takes events from a durable consumer on the events stream and
+//! calls each matching handler in order.
+//!
+//! - Handlers for one event run one after another: priority, then the plugin's
+//!   position in `ENABLED_PLUGINS`, then declaration order.
+//! - Events about one object (an entry, or an entity for entity hooks) are
+//!   dispatched in stream order; other objects proceed in parallel, up to
+//!   [`DispatcherSettings::max_parallel_objects`].
+//! - An event is acked only when every handler has succeeded, been dead-lettered,
+//!   or been deferred (its plugin has no replica: see [`deferred`]). A crash at any
+//!   point means redelivery, never loss.
+//! - The dispatcher reads only the subject and headers of an event; the payload
+//!   goes to handlers untouched.
+
+mod deferred;
+mod deliver;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use chrono::Utc;
+use core_events::protocol::{DeadLetter, FailedAttempt, headers};
+use core_events::{Hook, ObjectKey, Subjects};
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::DispatcherSettings;
+use crate::registry::{Registry, Route};
+use deferred::Deferrals;
+use deliver::{Delivery, WhenAbsent, deliver};
+
+/// The dispatcher was asked to stop while it waited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stopped;
+
+/// A counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Serialize for Counter {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.get())
+    }
+}
+
+/// What the dispatcher has done since it started.
+#[derive(Debug, Default, Serialize)]
+pub struct DispatchStats {
+    /// Events fully dispatched and acked.
+    pub events_acked: Counter,
+    /// Successful handler deliveries.
+    pub delivered: Counter,
+    /// Failed handler attempts (each retry counts).
+    pub failed_attempts: Counter,
+    /// Deliveries dead-lettered.
+    pub dead_lettered: Counter,
+    /// Deliveries deferred because their plugin had no replica.
+    pub deferred: Counter,
+    /// Events on the stream that could not be read (dead-lettered as malformed).
+    pub malformed: Counter,
+}
+
+/// What the dispatcher knows of one event without parsing its payload.
+#[derive(Debug, Clone)]
+pub(crate) struct EventMeta {
+    pub(crate) id: Arc<str>,
+    pub(crate) hook: Hook,
+    pub(crate) entity: String,
+    pub(crate) object: ObjectKey,
+    pub(crate) seq: u64,
+    pub(crate) redelivered: u64,
+    /// The event's own headers, passed on to handlers.
+    pub(crate) headers: HeaderMap,
+    pub(crate) payload: Bytes,
+}
+
+impl EventMeta {
+    fn from_event(
+        subjects: &Subjects,
+        msg: &async_nats::Message,
+        seq: u64,
+        redelivered: u64,
+    ) -> Result<Self, String> {
+        let (hook, entity) = subjects
+            .parse_event(&msg.subject)
+            .map_err(|e| e.to_string())?;
+        let headers = msg.headers.clone().unwrap_or_default();
+        let object = match headers.get(core_events::protocol::headers::OBJECT) {
+            Some(v) => v.as_str().parse::<ObjectKey>()?,
+            None => object_from_payload(&msg.payload)?,
+        };
+        if object.kind != hook.object() {
+            return Err(format!(
+                "object '{object}' does not fit hook '{hook}' (expected a {})",
+                hook.object()
+            ));
+        }
+        let id: Arc<str> = headers
+            .get(core_events::protocol::headers::MSG_ID)
+            .map(|v| v.as_str().into())
+            .unwrap_or_else(|| format!("seq-{seq}").into());
+        Ok(EventMeta {
+            id,
+            hook,
+            entity,
+            object,
+            seq,
+            redelivered,
+            headers,
+            payload: msg.payload.clone(),
+        })
+    }
+
+    /// Reads a delivery back from the deferred stream.
+    fn from_deferred(msg: &async_nats::Message) -> Option<Self> {
+        let mut headers = msg.headers.clone()?;
+        let get = |name: &str| headers.get(name).map(|v| v.to_string());
+        let hook = Hook::parse(&get(core_events::protocol::headers::HOOK)?).ok()?;
+        let object: ObjectKey = get(core_events::protocol::headers::OBJECT)?.parse().ok()?;
+        let entity =
+            core_events::subject::decode_entity(&get(core_events::protocol::headers::ENTITY)?)
+                .ok()?;
+        let seq = get(core_events::protocol::headers::STREAM_SEQ)?
+            .parse()
+            .ok()?;
+        let redelivered = get(core_events::protocol::headers::REDELIVERED)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let raw_id = get(core_events::protocol::headers::MSG_ID)?;
+        // The deferred copy's Nats-Msg-Id is "<event id>.<plugin>.<handler>.deferred".
+        let id: Arc<str> = raw_id.split('.').next().unwrap_or_default().into();
+        headers.insert(core_events::protocol::headers::MSG_ID, &*id);
+        Some(EventMeta {
+            id,
+            hook,
+            entity,
+            object,
+            seq,
+            redelivered,
+            headers,
+            payload: msg.payload.clone(),
+        })
+    }
+}
+
+fn object_from_payload(payload: &[u8]) -> Result<ObjectKey, String> {
+    #[derive(serde::Deserialize)]
+    struct Subject {
+        subject: String,
+    }
+    let s: Subject = serde_json::from_slice(payload).map_err(|e| {
+        format!("no Pagoda-Object header, and the payload has no readable 'subject': {e}")
+    })?;
+    s.subject.parse()
+}
+
+/// State shared by every task of one dispatcher.
+pub(crate) struct Ctx {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+    settings: DispatcherSettings,
+    registry: Registry,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    stats: Arc<DispatchStats>,
+    deferrals: Deferrals,
+}
+
+impl Ctx {
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Waits until the client is connected (polling; NATS outages are rare and the
+    /// wait is short after a reconnect).
+    async fn wait_connected(&self) -> Result<(), Stopped> {
+        while !self.is_connected() {
+            self.pause(Duration::from_millis(50)).await?;
+        }
+        Ok(())
+    }
+
+    /// Sleeps unless shutdown comes first.
+    async fn pause(&self, d: Duration) -> Result<(), Stopped> {
+        tokio::select! {
+            () = self.shutdown.cancelled() => Err(Stopped),
+            () = tokio::time::sleep(d) => Ok(()),
+        }
+    }
+
+    /// Publishes to JetStream, retrying until the stream acknowledges or shutdown.
+    async fn publish_until_acked(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), Stopped> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let sent = self
+                .js
+                .send_publish(
+                    subject.to_owned(),
+                    jetstream::message::PublishMessage::build()
+                        .payload(payload.clone())
+                        .headers(headers.clone()),
+                )
+                .await;
+            let result = match sent {
+                Ok(ack) => ack.await.map(|_| ()).map_err(async_nats::Error::from),
+                Err(e) => Err(e.into()),
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(%subject, error = %e, "publish failed; retrying");
+                    self.pause(wait).await?;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Writes a dead letter for a delivery that failed every attempt.
+    async fn dead_letter(
+        &self,
+        route: &Route,
+        event: &EventMeta,
+        attempts: Vec<FailedAttempt>,
+    ) -> Result<(), Stopped> {
+        let error = attempts.last().map(|a| a.error.clone()).unwrap_or_default();
+        let letter = DeadLetter {
+            event_id: event
+                .id
+                .parse()
+                .unwrap_or_else(|_| core_events::EventId(uuid::Uuid::nil())),
+            hook: event.hook,
+            entity: event.entity.clone(),
+            object: event.object.to_string(),
+            plugin: route.plugin.to_string(),
+            handler: route.handler.to_string(),
+            stream_seq: event.seq,
+            error: error.clone(),
+            attempts,
+            dead_lettered_at: Utc::now(),
+            event: serde_json::from_slice(&event.payload).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&event.payload).into_owned())
+            }),
+        };
+        let body = serde_json::to_vec(&letter).unwrap_or_default();
+        let mut h = HeaderMap::new();
+        h.insert(
+            headers::MSG_ID,
+            format!(
+                "{}.{}.{}.dlq.{}",
+                event.id, route.plugin, route.handler, event.redelivered
+            )
+            .as_str(),
+        );
+        h.insert(headers::PLUGIN, &*route.plugin);
+        h.insert(headers::HANDLER, &*route.handler);
+        h.insert(headers::HOOK, event.hook.name());
+        h.insert(headers::OBJECT, event.object.to_string().as_str());
+        let subject = self.subjects.dead_letter(&route.plugin, &route.handler);
+        self.publish_until_acked(&subject, h, body.into()).await?;
+        self.stats.dead_lettered.inc();
+        tracing::error!(
+            plugin = %route.plugin, handler = %route.handler, event_id = %event.id,
+            seq = event.seq, %error, "delivery dead-lettered"
+        );
+        Ok(())
+    }
+
+    /// Keeps an unreadable message from the events stream in the dead-letter stream.
+    async fn malformed(&self, subject: &str, payload: &Bytes, error: &str) -> Result<(), Stopped> {
+        let mut h = HeaderMap::new();
+        h.insert("Pagoda-Error", sanitize_header(error).as_str());
+        h.insert("Pagoda-Original-Subject", sanitize_header(subject).as_str());
+        self.stats.malformed.inc();
+        tracing::error!(%subject, %error, "malformed event moved to the dead-letter stream");
+        self.publish_until_acked(
+            &self.subjects.dead_letter("_bus", "malformed"),
+            h,
+            payload.clone(),
+        )
+        .await
+    }
+}
+
+fn sanitize_header(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1000)
+        .collect()
+}
+
+/// One event taken from the consumer and not yet acked.
+struct Pending {
+    event: EventMeta,
+}
+
+/// Per-object queues: at most one runner per object; the runner takes the
+/// object's events in arrival (= stream) order.
+#[derive(Default)]
+struct Lanes {
+    queues: std::sync::Mutex<HashMap<ObjectKey, VecDeque<Pending>>>,
+    /// Latest ack subject per in-flight stream sequence (a redelivery replaces it).
+    in_flight: std::sync::Mutex<HashMap<u64, Subject>>,
+}
+
+impl Lanes {
+    fn queues(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, VecDeque<Pending>>> {
+        self.queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Subject>> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A running dispatcher.
+pub struct Dispatcher {
+    ctx: Arc<Ctx>,
+    lanes: Arc<Lanes>,
+    permits: Arc<Semaphore>,
+}
+
+/// A problem starting the dispatcher.
+#[derive(Debug, thiserror::Error)]
+#[error("dispatcher could not start: {what}: {source}")]
+pub struct DispatchError {
+    what: &'static str,
+    #[source]
+    source: async_nats::Error,
+}
+
+impl Dispatcher {
+    /// Runs the dispatcher until `shutdown`, then waits up to the grace period for
+    /// in-flight events (unfinished ones are redelivered after a restart).
+    ///
+    /// # Errors
+    ///
+    /// [`DispatchError`] when the consumer cannot be created or read.
+    pub async fn run(
+        client: async_nats::Client,
+        subjects: Subjects,
+        settings: DispatcherSettings,
+        registry: Registry,
+        stats: Arc<DispatchStats>,
+        shutdown: CancellationToken,
+    ) -> Result<(), DispatchError> {
+        let js = jetstream::new(client.clone());
+        let err = |what| move |e: async_nats::Error| DispatchError { what, source: e };
+        let stream = js
+            .get_stream(subjects.events_stream())
+            .await
+            .map_err(|e| err("events stream")(e.into()))?;
+        let consumer = stream
+            .get_or_create_consumer(
+                &settings.consumer,
+                pull::Config {
+                    durable_name: Some(settings.consumer.clone()),
+                    description: Some("Pagoda hook bus dispatcher".into()),
+                    filter_subject: subjects.all_events(),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: settings.ack_wait,
+                    max_ack_pending: i64::try_from(settings.max_in_flight).unwrap_or(i64::MAX),
+                    max_deliver: -1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| err("dispatcher consumer")(e.into()))?;
+        let tracker = TaskTracker::new();
+        let ctx = Arc::new(Ctx {
+            client,
+            js,
+            subjects,
+            settings: settings.clone(),
+            registry,
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+            stats,
+            deferrals: Deferrals::default(),
+        });
+        if let Err(e) = ctx.resume_deferred().await {
+            tracing::warn!(error = %e, "could not read deferred deliveries at start; they resume with the next deferral");
+        }
+        let dispatcher = Dispatcher {
+            ctx: ctx.clone(),
+            lanes: Arc::new(Lanes::default()),
+            permits: Arc::new(Semaphore::new(settings.max_parallel_objects.max(1))),
+        };
+        let keepalive = tokio::spawn(keep_alive(dispatcher.lanes.clone(), ctx.clone()));
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(settings.max_in_flight.clamp(1, 512))
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| err("consumer messages")(e.into()))?;
+        tracing::info!(consumer = %settings.consumer, "dispatcher running");
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                next = messages.next() => match next {
+                    Some(Ok(msg)) => dispatcher.accept(msg).await,
+                    Some(Err(e)) => tracing::debug!(error = %e, "consumer stream hiccup"),
+                    None => {
+                        tracing::error!("consumer stream ended");
+                        break;
+                    }
+                }
+            }
+        }
+        drop(messages);
+        keepalive.abort();
+        tracker.close();
+        if tokio::time::timeout(settings.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace period over; unfinished events will be redelivered");
+        }
+        Ok(())
+    }
+
+    async fn accept(&self, msg: jetstream::Message) {
+        let (seq, redelivered) = match msg.info() {
+            Ok(info) => (
+                info.stream_sequence,
+                u64::try_from(info.delivered).unwrap_or(1),
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "message without JetStream metadata ignored");
+                return;
+            }
+        };
+        let msg = msg.message;
+        let Some(reply) = msg.reply.clone() else {
+            return;
+        };
+        {
+            let mut in_flight = self.lanes.in_flight();
+            if let Some(old) = in_flight.get_mut(&seq) {
+                // A redelivery of an event still being worked on: ack the newest copy later.
+                *old = reply;
+                return;
+            }
+            in_flight.insert(seq, reply);
+        }
+        let event = match EventMeta::from_event(&self.ctx.subjects, &msg, seq, redelivered) {
+            Ok(e) => e,
+            Err(error) => {
+                let ctx = self.ctx.clone();
+                let lanes = self.lanes.clone();
+                self.ctx.tracker.spawn(async move {
+                    if ctx
+                        .malformed(&msg.subject, &msg.payload, &error)
+                        .await
+                        .is_ok()
+                    {
+                        ack(&ctx, &lanes, seq).await;
+                    }
+                });
+                return;
+            }
+        };
+        let key = event.object;
+        {
+            let mut queues = self.lanes.queues();
+            if let Some(q) = queues.get_mut(&key) {
+                q.push_back(Pending { event });
+                return;
+            }
+            queues.insert(key, VecDeque::new());
+        }
+        let ctx = self.ctx.clone();
+        let lanes = self.lanes.clone();
+        let permits = self.permits.clone();
+        self.ctx.tracker.spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return;
+            };
+            let mut next = Some(Pending { event });
+            while let Some(p) = next {
+                let seq = p.event.seq;
+                if process(&ctx, p.event).await.is_err() {
+                    // Shutdown: leave the rest unacked; they are redelivered after a restart.
+                    lanes.queues().remove(&key);
+                    return;
+                }
+                ack(&ctx, &lanes, seq).await;
+                let mut queues = lanes.queues();
+                next = queues.get_mut(&key).and_then(VecDeque::pop_front);
+                if next.is_none() {
+                    queues.remove(&key);
+                }
+            }
+        });
+    }
+}
+
+/// Sends progress acks for every in-flight event so the server does not
+/// redeliver events that wait behind others of the same object.
+async fn keep_alive(lanes: Arc<Lanes>, ctx: Arc<Ctx>) {
+    let every = (ctx.settings.ack_wait / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        let replies: Vec<Subject> = lanes.in_flight().values().cloned().collect();
+        for reply in replies {
+            let _ = ctx.client.publish(reply, Bytes::from_static(b"+WPI")).await;
+        }
+    }
+}
+
+/// Dispatches one event to every matching handler, in order, then acks it.
+async fn process(ctx: &Arc<Ctx>, event: EventMeta) -> Result<(), Stopped> {
+    let table = ctx.registry.table();
+    for route in table.matching(event.hook, &event.entity) {
+        if ctx.deferrals.outstanding(&route.plugin) > 0 {
+            ctx.defer(route, &event).await?;
+            continue;
+        }
+        if deliver(ctx, route, &event, WhenAbsent::ReturnAbsent).await? == Delivery::Absent {
+            ctx.defer(route, &event).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn ack(ctx: &Ctx, lanes: &Lanes, seq: u64) {
+    let reply = lanes.in_flight().remove(&seq);
+    if let Some(reply) = reply {
+        if let Err(e) = ctx.client.publish(reply, Bytes::from_static(b"+ACK")).await {
+            tracing::warn!(seq, error = %e, "ack failed; the event will be redelivered");
+        }
+        ctx.stats.events_acked.inc();
+    }
+}

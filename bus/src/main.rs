@@ -1,0 +1,18 @@
+//! `hookbus`: the bus daemon and the operator's commands.
+#![forbid(unsafe_code)]
+
+mod cli;
+mod demo;
+
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match cli::main().await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hookbus: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Idempotent provisioning of the events stream, the dead-letter stream, the
+//! deferred-delivery stream and the registry bucket.
+//!
+//! Safe at every start: what is missing is created; what exists is checked, and an
+//! incompatible existing stream is reported, never silently changed.
+
+use async_nats::jetstream::{self, kv, stream};
+use core_events::Subjects;
+
+use crate::config::StreamSettings;
+
+/// A problem provisioning streams or the bucket.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProvisionError {
+    /// An existing stream's configuration conflicts with what the bus needs.
+    #[error(
+        "stream '{stream}' exists with an incompatible configuration: {differences}; fix or delete it (nats stream info {stream})"
+    )]
+    Incompatible {
+        /// Stream name.
+        stream: String,
+        /// What differs, in words.
+        differences: String,
+    },
+    /// JetStream answered with an error.
+    #[error("jetstream request for '{what}' failed: {source}")]
+    JetStream {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+fn js_err(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> ProvisionError {
+    let what = what.into();
+    move |source| ProvisionError::JetStream { what, source }
+}
+
+/// The stream configurations the bus wants.
+pub fn stream_configs(subjects: &Subjects, settings: &StreamSettings) -> [stream::Config; 3] {
+    [
+        stream::Config {
+            name: subjects.events_stream(),
+            description: Some("Pagoda hook events (CloudEvents JSON)".into()),
+            subjects: vec![subjects.all_events()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: settings.events_max_age,
+            max_bytes: settings.events_max_bytes,
+            max_message_size: settings.max_event_bytes,
+            duplicate_window: settings.duplicate_window,
+            num_replicas: settings.replicas,
+            allow_direct: true,
+            ..Default::default()
+        },
+        stream::Config {
+            name: subjects.dlq_stream(),
+            description: Some("Pagoda hook bus dead letters".into()),
+            subjects: vec![subjects.all_dead_letters()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: settings.dlq_max_age,
+            duplicate_window: settings.duplicate_window,
+            num_replicas: settings.replicas,
+            allow_direct: true,
+            ..Default::default()
+        },
+        stream::Config {
+            name: subjects.deferred_stream(),
+            description: Some(
+                "Pagoda hook bus deliveries waiting for a plugin with no replica".into(),
+            ),
+            subjects: vec![subjects.all_deferred()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: settings.duplicate_window,
+            num_replicas: settings.replicas,
+            ..Default::default()
+        },
+    ]
+}
+
+/// Creates what is missing and checks what exists.
+///
+/// # Errors
+///
+/// [`ProvisionError::Incompatible`] when an existing stream has other subjects,
+/// retention or storage; [`ProvisionError::JetStream`] when JetStream fails.
+pub async fn provision(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    settings: &StreamSettings,
+) -> Result<(), ProvisionError> {
+    for wanted in stream_configs(subjects, settings) {
+        ensure_stream(js, wanted).await?;
+    }
+    ensure_registry(js, subjects, settings).await?;
+    Ok(())
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    wanted: stream::Config,
+) -> Result<(), ProvisionError> {
+    let name = wanted.name.clone();
+    match js.get_stream(&name).await {
+        Ok(mut existing) => {
+            let info = existing
+                .info()
+                .await
+                .map_err(|e| ProvisionError::JetStream {
+                    what: format!("stream info {name}"),
+                    source: e.into(),
+                })?;
+            let have = &info.config;
+            let mut diffs = Vec::new();
+            if have.subjects != wanted.subjects {
+                diffs.push(format!(
+                    "subjects are {:?}, need {:?}",
+                    have.subjects, wanted.subjects
+                ));
+            }
+            if have.retention != wanted.retention {
+                diffs.push(format!(
+                    "retention is {:?}, need {:?}",
+                    have.retention, wanted.retention
+                ));
+            }
+            if have.storage != wanted.storage {
+                diffs.push(format!(
+                    "storage is {:?}, need {:?}",
+                    have.storage, wanted.storage
+                ));
+            }
+            if have.duplicate_window < wanted.duplicate_window {
+                diffs.push(format!(
+                    "duplicate window is {:?}, need at least {:?}",
+                    have.duplicate_window, wanted.duplicate_window
+                ));
+            }
+            if !diffs.is_empty() {
+                return Err(ProvisionError::Incompatible {
+                    stream: name,
+                    differences: diffs.join("; "),
+                });
+            }
+            if have.max_age != wanted.max_age || have.max_bytes != wanted.max_bytes {
+                tracing::warn!(
+                    stream = %name,
+                    have_max_age = ?have.max_age,
+                    want_max_age = ?wanted.max_age,
+                    have_max_bytes = have.max_bytes,
+                    want_max_bytes = wanted.max_bytes,
+                    "existing stream has other retention limits; keeping them (change with `nats stream edit`)"
+                );
+            }
+            Ok(())
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            js.create_stream(wanted)
+                .await
+                .map_err(|e| ProvisionError::JetStream {
+                    what: format!("create stream {name}"),
+                    source: e.into(),
+                })?;
+            tracing::info!(stream = %name, "created stream");
+            Ok(())
+        }
+        Err(e) => Err(js_err(format!("get stream {name}"))(e.into())),
+    }
+}
+
+async fn ensure_registry(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    settings: &StreamSettings,
+) -> Result<(), ProvisionError> {
+    let bucket = subjects.registry_bucket();
+    if js.get_key_value(&bucket).await.is_ok() {
+        return Ok(());
+    }
+    js.create_key_value(kv::Config {
+        bucket: bucket.clone(),
+        description: "Pagoda hook bus plugin registry".into(),
+        history: 5,
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| ProvisionError::JetStream {
+        what: format!("create bucket {bucket}"),
+        source: e.into(),
+    })?;
+    tracing::info!(bucket = %bucket, "created registry bucket");
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! The bus daemon: provisioning, the registry, the dispatcher and the status
+//! responder, under one shutdown token.
+
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BusConfig;
+use crate::dispatch::{DispatchError, DispatchStats, Dispatcher};
+use crate::provision::{ProvisionError, provision};
+use crate::registry::{Registry, RegistryError};
+
+/// A problem running the bus.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// Streams or bucket could not be provisioned.
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
+    /// The registry could not be loaded.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The dispatcher failed.
+    #[error(transparent)]
+    Dispatch(#[from] DispatchError),
+    /// The status responder could not subscribe.
+    #[error("status responder could not subscribe: {0}")]
+    Status(#[from] async_nats::SubscribeError),
+    /// A task of the bus panicked.
+    #[error("a bus task panicked: {0}")]
+    Panicked(String),
+}
+
+/// A running bus, in process.
+pub struct Bus {
+    /// The live registry.
+    pub registry: Registry,
+    /// Dispatcher counters.
+    pub stats: Arc<DispatchStats>,
+    shutdown: CancellationToken,
+    dispatcher: JoinHandle<Result<(), DispatchError>>,
+    others: Vec<JoinHandle<()>>,
+}
+
+impl Bus {
+    /// Provisions streams and bucket, loads the registry and starts dispatching.
+    ///
+    /// # Errors
+    ///
+    /// [`RunError`] when provisioning, the registry or the status responder fail.
+    pub async fn start(client: async_nats::Client, config: BusConfig) -> Result<Bus, RunError> {
+        let js = jetstream::new(client.clone());
+        provision(&js, &config.subjects, &config.streams).await?;
+        let shutdown = CancellationToken::new();
+        let (registry, registry_task) = Registry::start(
+            &js,
+            config.subjects.clone(),
+            config.enabled_plugins.clone(),
+            shutdown.child_token(),
+        )
+        .await?;
+        let stats = Arc::new(DispatchStats::default());
+        let status_task = spawn_status(
+            &client,
+            &config,
+            registry.clone(),
+            stats.clone(),
+            shutdown.child_token(),
+        )
+        .await?;
+        let dispatcher = tokio::spawn(Dispatcher::run(
+            client,
+            config.subjects.clone(),
+            config.dispatcher.clone(),
+            registry.clone(),
+            stats.clone(),
+            shutdown.child_token(),
+        ));
+        Ok(Bus {
+            registry,
+            stats,
+            shutdown,
+            dispatcher,
+            others: vec![registry_task, status_task],
+        })
+    }
+
+    /// A token that stops the bus when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the bus stops (after its shutdown token is cancelled, or the
+    /// dispatcher fails).
+    ///
+    /// # Errors
+    ///
+    /// [`RunError::Dispatch`] when the dispatcher failed.
+    pub async fn wait(self) -> Result<(), RunError> {
+        let result = self.dispatcher.await;
+        self.shutdown.cancel();
+        for t in self.others {
+            let _ = t.await;
+        }
+        match result {
+            Ok(r) => Ok(r?),
+            Err(e) => Err(RunError::Panicked(e.to_string())),
+        }
+    }
+
+    /// Stops the bus gracefully and waits for it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Bus::wait`].
+    pub async fn stop(self) -> Result<(), RunError> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Runs the bus until `shutdown` is cancelled.
+///
+/// # Errors
+///
+/// As [`Bus::start`] and [`Bus::wait`].
+pub async fn run(
+    client: async_nats::Client,
+    config: BusConfig,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let bus = Bus::start(client, config).await?;
+    let token = bus.shutdown_token();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        token.cancel();
+    });
+    bus.wait().await
+}
+
+/// Answers `<prefix>.bus.registry` (the routing table as the bus sees it: plugins,
+/// enabled or not, rejected manifests) and `<prefix>.bus.stats` (dispatcher counters).
+async fn spawn_status(
+    client: &async_nats::Client,
+    config: &BusConfig,
+    registry: Registry,
+    stats: Arc<DispatchStats>,
+    shutdown: CancellationToken,
+) -> Result<JoinHandle<()>, RunError> {
+    let prefix = config.subjects.prefix();
+    let registry_subject = format!("{prefix}.bus.registry");
+    let mut sub = client.subscribe(format!("{prefix}.bus.*")).await?;
+    let client = client.clone();
+    Ok(tokio::spawn(async move {
+        loop {
+            let msg = tokio::select! {
+                () = shutdown.cancelled() => break,
+                m = sub.next() => match m { Some(m) => m, None => break },
+            };
+            let Some(reply) = msg.reply else { continue };
+            let body = if msg.subject.as_str() == registry_subject {
+                serde_json::to_vec(&*registry.table())
+            } else {
+                serde_json::to_vec(&*stats)
+            };
+            if let Ok(body) = body {
+                let _ = client.publish(reply, body.into()).await;
+            }
+        }
+    }))
+}

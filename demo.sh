@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# The Pagoda hook bus, end to end, on this machine:
+#
+#   1. builds the workspace's binaries;
+#   2. starts a nats-server with JetStream on a free port with a temp store dir
+#      (unless NATS_URL is set: then that server is used);
+#   3. starts the bus (`hookbus run`) and the example plugins hello-world,
+#      audit-log and flaky, each one's output prefixed with its name;
+#   4. runs `hookbus demo`, which publishes a few events, waits for the handlers
+#      and prints a summary;
+#   5. stops everything it started and removes its temp dir (also on Ctrl-C or
+#      on failure).
+#
+#   ./demo.sh            # run the demo and stop
+#   ./demo.sh --keep     # keep everything running after the demo, until Ctrl-C,
+#                        # to look around with the `nats` CLI
+#
+# Environment: NATS_URL (use this server instead of starting one),
+# RUST_LOG (default info), ENABLED_PLUGINS (default hello-world,audit-log,flaky).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+# shellcheck source=tests/setup/ensure-tools.sh
+source tests/setup/ensure-tools.sh
+
+KEEP=0
+for arg in "$@"; do
+    case "$arg" in
+    --keep) KEEP=1 ;;
+    -h | --help)
+        sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "demo.sh: unknown argument '$arg' (try --help)" >&2
+        exit 2
+        ;;
+    esac
+done
+
+PLUGINS=(hello-world audit-log flaky)
+export ENABLED_PLUGINS="${ENABLED_PLUGINS:-$(
+    IFS=,
+    echo "${PLUGINS[*]}"
+)}"
+export RUST_LOG="${RUST_LOG:-info}"
+
+say() { printf '\n==> %s\n' "$*" >&2; }
+die() {
+    printf 'demo.sh: ERROR: %s\n' "$*" >&2
+    exit 1
+}
+
+# --- cleanup: everything started here is stopped on exit ---------------------
+
+WORK="$(mktemp -d -t hookbus-demo.XXXXXX)"
+PIDS=()   # in start order; stopped in reverse
+NAMES=()
+
+# stop PID...: SIGTERM, up to 10 s to exit, then SIGKILL.
+stop() {
+    local pid deadline=$((SECONDS + 10))
+    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "$@"; do
+        while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+}
+
+cleanup() {
+    local status=$? i
+    local -a clients=() servers=()
+    trap - EXIT INT TERM
+    if [ "${#PIDS[@]}" -gt 0 ]; then
+        say "stopping ${NAMES[*]}"
+        # The bus and the plugins first, so they can drain while NATS still runs.
+        for i in "${!PIDS[@]}"; do
+            if [ "${NAMES[i]}" = nats-server ]; then
+                servers+=("${PIDS[i]}")
+            else
+                clients+=("${PIDS[i]}")
+            fi
+        done
+        [ "${#clients[@]}" -eq 0 ] || stop "${clients[@]}"
+        [ "${#servers[@]}" -eq 0 ] || stop "${servers[@]}"
+    fi
+    rm -rf "$WORK"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Colour for a name's prefix, when the output is a terminal.
+colour() {
+    [ -t 1 ] || return 0
+    local colours=(36 33 35 32 34 31) sum=0 i
+    for ((i = 0; i < ${#1}; i++)); do sum=$((sum + $(printf '%d' "'${1:i:1}"))); done
+    printf '\033[%sm' "${colours[sum % ${#colours[@]}]}"
+}
+
+# start NAME COMMAND [ARGS...]: runs COMMAND in the background, its output
+# prefixed with [NAME], and records its pid.
+start() {
+    local name="$1" prefix reset=""
+    shift
+    prefix="$(colour "$name")[$name]"
+    [ -t 1 ] && reset=$'\033[0m'
+    "$@" > >(sed -u "s/^/${prefix//\//\\/}${reset} /") 2>&1 &
+    PIDS+=("$!")
+    NAMES+=("$name")
+}
+
+# True when the process recorded for NAME still runs.
+running() {
+    local i
+    for i in "${!NAMES[@]}"; do
+        [ "${NAMES[i]}" = "$1" ] && kill -0 "${PIDS[i]}" 2>/dev/null && return 0
+    done
+    return 1
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# True when GET /healthz on 127.0.0.1:$1 answers 200 (bash's /dev/tcp; no curl needed).
+healthz() {
+    local line
+    { exec 3<>"/dev/tcp/127.0.0.1/$1"; } 2>/dev/null || return 1
+    printf 'GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
+    IFS= read -r -t 2 line <&3 || true
+    exec 3<&- 3>&-
+    [[ "$line" == HTTP/1.?" 200"* ]]
+}
+
+# --- 1. build ----------------------------------------------------------------
+
+say "building the workspace's binaries"
+cargo build --workspace --bins
+BIN="${CARGO_TARGET_DIR:-target}/debug"
+for bin in hookbus "${PLUGINS[@]}"; do
+    [ -x "$BIN/$bin" ] || die "$BIN/$bin was not built: does its crate (bus/ for hookbus, subscribers/ for the plugins) declare this binary?"
+done
+
+# --- 2. NATS -----------------------------------------------------------------
+
+if [ -n "${NATS_URL:-}" ]; then
+    say "using the NATS server at $NATS_URL"
+else
+    port="$(free_port)"
+    monitor="$(free_port)"
+    export NATS_URL="nats://127.0.0.1:$port"
+    say "starting nats-server with JetStream at $NATS_URL (store $WORK/store, log $WORK/nats-server.log)"
+    "$NATS_SERVER_BIN" -a 127.0.0.1 -p "$port" -m "$monitor" --name hookbus-demo \
+        -js -sd "$WORK/store" >"$WORK/nats-server.log" 2>&1 &
+    PIDS+=("$!")
+    NAMES+=(nats-server)
+    deadline=$((SECONDS + 20))
+    until healthz "$monitor"; do
+        if ! running nats-server || [ "$SECONDS" -ge "$deadline" ]; then
+            tail -n 30 "$WORK/nats-server.log" >&2 || true
+            die "nats-server did not become ready on port $port"
+        fi
+        sleep 0.1
+    done
+    echo "nats-server ready; monitoring at http://127.0.0.1:$monitor" >&2
+fi
+
+# --- 3. the bus and the plugins ------------------------------------------------
+
+say "starting the bus: hookbus run (ENABLED_PLUGINS=$ENABLED_PLUGINS)"
+start hookbus "$BIN/hookbus" run
+for plugin in "${PLUGINS[@]}"; do
+    say "starting plugin $plugin"
+    start "$plugin" "$BIN/$plugin"
+done
+
+# Wait until the bus reports healthy, when this build has `hookbus health`.
+if "$BIN/hookbus" health --help >/dev/null 2>&1; then
+    deadline=$((SECONDS + 30))
+    until "$BIN/hookbus" health >/dev/null 2>&1; do
+        for name in hookbus "${PLUGINS[@]}"; do
+            running "$name" || die "$name exited during start-up (see its output above)"
+        done
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            echo "demo.sh: WARNING: 'hookbus health' is not healthy after 30 s; running the demo anyway" >&2
+            break
+        fi
+        sleep 0.2
+    done
+fi
+for name in hookbus "${PLUGINS[@]}"; do
+    running "$name" || die "$name exited during start-up (see its output above)"
+done
+
+# --- 4. the demo ---------------------------------------------------------------
+
+say "running: hookbus demo"
+"$BIN/hookbus" demo 2>&1 | sed -u "s/^/$(colour demo)[demo]$([ -t 1 ] && printf '\033[0m') /"
+
+if [ "$KEEP" = 1 ]; then
+    say "everything is still running (NATS_URL=$NATS_URL); Ctrl-C stops it"
+    wait
+fi
+say "demo finished"

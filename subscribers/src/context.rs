@@ -1,0 +1,224 @@
+//! What a handler receives: the event and its delivery details.
+
+use std::sync::Arc;
+
+use async_nats::HeaderMap;
+use core_events::protocol::headers;
+use core_events::{EntityEvent, EntryEvent, Envelope, EventId, Hook};
+use serde::de::DeserializeOwned;
+
+/// One delivery of an event to a handler.
+///
+/// The typed aliases are [`EntryContext`] (entry hooks) and [`EntityContext`]
+/// (entity hooks).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EventContext<D> {
+    /// The event: CloudEvents attributes and the typed payload in `data`.
+    /// `pagodaseq` is filled in from the `Pagoda-Stream-Seq` header.
+    pub event: Envelope<D>,
+    /// The hook the handler is registered for (and the event is about).
+    pub hook: Hook,
+    /// The plugin id, so shared code can tell plugins apart.
+    pub plugin_id: Arc<str>,
+    /// The handler name.
+    pub handler: Arc<str>,
+    /// 1 for the first attempt, 2 for the first retry, …: lets a handler tell a
+    /// redelivery from a first try.
+    pub attempt: u32,
+    /// The event's sequence in the events stream (0 when the bus did not say).
+    pub stream_seq: u64,
+    /// True when the bus is replaying old events rather than delivering live ones.
+    pub is_replay: bool,
+    /// W3C trace context of the model change, when it travelled with the event.
+    pub traceparent: Option<String>,
+}
+
+/// What an entry handler receives ([`EventContext`] over [`EntryEvent`]).
+pub type EntryContext = EventContext<EntryEvent>;
+/// What an entity handler receives ([`EventContext`] over [`EntityEvent`]).
+pub type EntityContext = EventContext<EntityEvent>;
+
+impl<D> EventContext<D> {
+    /// A context for a first, live delivery of `event`, e.g. to call a handler in a
+    /// unit test. The hook is read from the event's `type` (an event whose `type`
+    /// is no hook gets [`Hook::EntryAfterCreate`]).
+    pub fn new(plugin_id: &str, handler: &str, event: Envelope<D>) -> Self {
+        EventContext {
+            hook: event.hook().unwrap_or(Hook::EntryAfterCreate),
+            stream_seq: event.pagodaseq.unwrap_or_default(),
+            traceparent: event.traceparent.clone(),
+            event,
+            plugin_id: plugin_id.into(),
+            handler: handler.into(),
+            attempt: 1,
+            is_replay: false,
+        }
+    }
+
+    /// The event id: the key to stay idempotent under at-least-once delivery.
+    pub fn event_id(&self) -> EventId {
+        self.event.id
+    }
+
+    /// The entity name the event is about (the entry's entity for entry hooks).
+    pub fn entity(&self) -> &str {
+        &self.event.pagodaentity
+    }
+
+    /// The object the event is about, as `entry/42` or `entity/7`.
+    pub fn object(&self) -> &str {
+        &self.event.subject
+    }
+
+    /// True when this is a retry of a delivery that failed before.
+    pub fn is_retry(&self) -> bool {
+        self.attempt > 1
+    }
+
+    /// One greppable line about the delivery:
+    /// `<handler> <hook> entity=<name> object=<entry/42> seq=<n> attempt=<k>`
+    /// (plus ` replay` for replays).
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {} entity={} object={} seq={} attempt={}{}",
+            self.handler,
+            self.hook,
+            self.entity(),
+            self.object(),
+            self.stream_seq,
+            self.attempt,
+            if self.is_replay { " replay" } else { "" }
+        )
+    }
+}
+
+/// Delivery details read from the request headers.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DeliveryHeaders {
+    pub(crate) attempt: Option<u32>,
+    pub(crate) stream_seq: Option<u64>,
+    pub(crate) hook: Option<String>,
+    pub(crate) replay: bool,
+    pub(crate) traceparent: Option<String>,
+}
+
+impl DeliveryHeaders {
+    /// Reads the delivery headers; absent ones stay `None`.
+    ///
+    /// # Errors
+    ///
+    /// A sentence naming the header whose value is malformed.
+    pub(crate) fn parse(map: Option<&HeaderMap>) -> Result<Self, String> {
+        let Some(map) = map else {
+            return Ok(DeliveryHeaders::default());
+        };
+        let text = |name: &str| map.get(name).map(|v| v.as_str().to_owned());
+        let number = |name: &str| -> Result<Option<u64>, String> {
+            text(name)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| {
+                        format!("header {name} is '{v}', which is not a non-negative integer")
+                    })
+                })
+                .transpose()
+        };
+        let attempt =
+            match number(headers::ATTEMPT)? {
+                None => None,
+                Some(0) => {
+                    return Err(format!(
+                        "header {} is 0; attempts count from 1",
+                        headers::ATTEMPT
+                    ));
+                }
+                Some(n) => Some(u32::try_from(n).map_err(|_| {
+                    format!("header {} is {n}, which is too large", headers::ATTEMPT)
+                })?),
+            };
+        let replay = text(headers::REPLAY).is_some_and(|v| {
+            !matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "" | "0" | "false" | "no"
+            )
+        });
+        Ok(DeliveryHeaders {
+            attempt,
+            stream_seq: number(headers::STREAM_SEQ)?,
+            hook: text(headers::HOOK),
+            replay,
+            traceparent: text(headers::TRACEPARENT),
+        })
+    }
+}
+
+/// Just the CloudEvents `type` of a payload.
+#[derive(serde::Deserialize)]
+struct TypeProbe {
+    #[serde(rename = "type")]
+    event_type: String,
+}
+
+/// Builds the context of one delivery from the request payload and headers.
+///
+/// # Errors
+///
+/// A sentence saying why the payload is not an event for `hook`: bad headers, not
+/// JSON, not the expected envelope, or an event of another hook.
+pub(crate) fn decode<D: DeserializeOwned>(
+    hook: Hook,
+    plugin_id: &Arc<str>,
+    handler: &Arc<str>,
+    payload: &[u8],
+    header_map: Option<&HeaderMap>,
+) -> Result<EventContext<D>, String> {
+    let delivery = DeliveryHeaders::parse(header_map)?;
+    if let Some(named) = &delivery.hook {
+        match Hook::parse(named) {
+            Ok(h) if h == hook => {}
+            Ok(h) => {
+                return Err(format!(
+                    "header {} is '{h}' but handler '{handler}' is registered for '{hook}'",
+                    headers::HOOK
+                ));
+            }
+            Err(e) => return Err(format!("header {}: {e}", headers::HOOK)),
+        }
+    }
+    if payload.is_empty() {
+        return Err(format!(
+            "payload is empty; expected a CloudEvents envelope for '{hook}'"
+        ));
+    }
+    let invalid = |e: serde_json::Error| {
+        format!(
+            "payload is not a valid '{hook}' event ({e}): {}",
+            core_events::protocol::preview(payload)
+        )
+    };
+    // The type first, so an event of another hook is named as such rather than
+    // reported as a payload of the wrong shape.
+    let probe: TypeProbe = serde_json::from_slice(payload).map_err(invalid)?;
+    if Hook::from_event_type(&probe.event_type) != Some(hook) {
+        return Err(format!(
+            "event type '{}' does not match handler '{handler}', which is registered for '{hook}' (type '{}')",
+            probe.event_type,
+            hook.event_type()
+        ));
+    }
+    let mut event: Envelope<D> = serde_json::from_slice(payload).map_err(invalid)?;
+    if let Some(seq) = delivery.stream_seq {
+        event.pagodaseq = Some(seq);
+    }
+    let traceparent = delivery.traceparent.or_else(|| event.traceparent.clone());
+    Ok(EventContext {
+        hook,
+        plugin_id: plugin_id.clone(),
+        handler: handler.clone(),
+        attempt: delivery.attempt.unwrap_or(1),
+        stream_seq: event.pagodaseq.unwrap_or_default(),
+        is_replay: delivery.replay,
+        traceparent,
+        event,
+    })
+}

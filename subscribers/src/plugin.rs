@@ -1,0 +1,385 @@
+//! Declaring a plugin: [`Plugin::builder`], handlers and their options.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use core_events::{
+    EntityEvent, EntryEvent, HandlerSpec, Hook, HookKind, ManifestError, ObjectKind,
+    PluginManifest, UnknownHook,
+};
+
+use crate::context::EventContext;
+use crate::error::HandlerError;
+
+/// What a notification handler's future resolves to.
+pub type HandlerResult = Result<(), HandlerError>;
+
+type BoxFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send + 'static>>;
+pub(crate) type NotificationCall<D> =
+    Arc<dyn Fn(EventContext<D>) -> BoxFuture + Send + Sync + 'static>;
+
+/// A handler function, by the shape of its input and output. Synchronous hooks
+/// (request/response) will be further variants.
+#[derive(Clone)]
+pub(crate) enum HandlerFn {
+    /// A notification about an entry.
+    Entry(NotificationCall<EntryEvent>),
+    /// A notification about an entity.
+    Entity(NotificationCall<EntityEvent>),
+}
+
+/// A hook given as a [`Hook`] or by name (standard name or legacy alias).
+pub trait IntoHook {
+    /// The hook.
+    ///
+    /// # Errors
+    ///
+    /// [`UnknownHook`] (listing the valid names) for a name that is no hook.
+    fn into_hook(self) -> Result<Hook, UnknownHook>;
+}
+
+impl IntoHook for Hook {
+    fn into_hook(self) -> Result<Hook, UnknownHook> {
+        Ok(self)
+    }
+}
+
+impl IntoHook for &str {
+    fn into_hook(self) -> Result<Hook, UnknownHook> {
+        Hook::parse(self)
+    }
+}
+
+impl IntoHook for String {
+    fn into_hook(self) -> Result<Hook, UnknownHook> {
+        Hook::parse(&self)
+    }
+}
+
+impl IntoHook for &String {
+    fn into_hook(self) -> Result<Hook, UnknownHook> {
+        Hook::parse(self)
+    }
+}
+
+/// A validated plugin: its manifest and one handler function per manifest handler.
+///
+/// Cheap to clone; [`Plugin::serve`] it once per replica.
+#[derive(Clone)]
+pub struct Plugin {
+    pub(crate) inner: Arc<PluginInner>,
+}
+
+pub(crate) struct PluginInner {
+    pub(crate) manifest: PluginManifest,
+    /// The manifest as stored in the registry, serialized once at build time.
+    pub(crate) manifest_json: Bytes,
+    /// `handlers[i]` serves `manifest.handlers[i]`.
+    pub(crate) handlers: Vec<HandlerFn>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("manifest", &self.inner.manifest)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    /// Starts declaring a plugin. `id` (letters, digits, `-`, `_`) is also its NATS
+    /// service name and queue group; `version` must be a semantic version.
+    pub fn builder(
+        id: impl Into<String>,
+        name: impl Into<String>,
+        version: impl Into<String>,
+    ) -> PluginBuilder {
+        PluginBuilder {
+            manifest: PluginManifest::new(id, name, version),
+            handlers: Vec::new(),
+            problems: Vec::new(),
+            current: Current::None,
+        }
+    }
+
+    /// The manifest registered for this plugin.
+    pub fn manifest(&self) -> &PluginManifest {
+        &self.inner.manifest
+    }
+
+    /// The plugin id.
+    pub fn id(&self) -> &str {
+        &self.inner.manifest.id
+    }
+}
+
+/// Which handler the per-handler options (`entities`, `priority`, …) apply to.
+#[derive(Debug, Clone, Copy)]
+enum Current {
+    /// No handler declared yet.
+    None,
+    /// The last declaration was rejected; its problem is already recorded.
+    Rejected,
+    /// The handler at this index.
+    Handler(usize),
+}
+
+/// Declares a plugin's metadata and handlers; [`PluginBuilder::build`] validates it.
+///
+/// Per-handler options ([`entities`](Self::entities), [`priority`](Self::priority),
+/// [`timeout`](Self::timeout), [`retry_backoff_ms`](Self::retry_backoff_ms)) apply
+/// to the handler declared last. Declaration order is manifest order, the last
+/// tie-breaker of dispatch order.
+#[must_use = "a builder does nothing until build() is called"]
+pub struct PluginBuilder {
+    manifest: PluginManifest,
+    handlers: Vec<HandlerFn>,
+    problems: Vec<String>,
+    current: Current,
+}
+
+impl std::fmt::Debug for PluginBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginBuilder")
+            .field("manifest", &self.manifest)
+            .field("problems", &self.problems)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginBuilder {
+    /// What the plugin does (shown by `nats micro info` and in the registry).
+    pub fn description(mut self, description: impl Into<String>) -> Self {
+        self.manifest.description = description.into();
+        self
+    }
+
+    /// Who wrote the plugin.
+    pub fn author(mut self, author: impl Into<String>) -> Self {
+        self.manifest.author = author.into();
+        self
+    }
+
+    /// Adds a handler for an entry notification hook (`entry.after_create`,
+    /// `after_update`, `after_delete`, `after_restore`, or their legacy aliases).
+    ///
+    /// The handler is called once per delivery with an [`EntryContext`](crate::EntryContext);
+    /// `Ok(())` acknowledges it, a [`HandlerError`] asks for a retry (transient) or
+    /// a dead letter (permanent). A hook of another kind is reported by `build()`.
+    pub fn on_entry<F, Fut>(self, hook: impl IntoHook, name: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(EventContext<EntryEvent>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        let f: NotificationCall<EntryEvent> = Arc::new(move |ctx| Box::pin(handler(ctx)));
+        self.declare(hook, name.into(), ObjectKind::Entry, HandlerFn::Entry(f))
+    }
+
+    /// Adds a handler for an entity notification hook (`entity.after_create`,
+    /// `after_update`, `after_delete`, or their legacy aliases).
+    ///
+    /// As [`on_entry`](Self::on_entry), with an [`EntityContext`](crate::EntityContext).
+    pub fn on_entity<F, Fut>(self, hook: impl IntoHook, name: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(EventContext<EntityEvent>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        let f: NotificationCall<EntityEvent> = Arc::new(move |ctx| Box::pin(handler(ctx)));
+        self.declare(hook, name.into(), ObjectKind::Entity, HandlerFn::Entity(f))
+    }
+
+    fn declare(
+        mut self,
+        hook: impl IntoHook,
+        name: String,
+        object: ObjectKind,
+        handler: HandlerFn,
+    ) -> Self {
+        let label = if name.is_empty() {
+            format!("handler #{}", self.manifest.handlers.len() + 1)
+        } else {
+            format!("handler '{name}'")
+        };
+        let hook = match hook.into_hook() {
+            Ok(hook) => hook,
+            Err(e) => return self.reject(format!("{label}: {e}")),
+        };
+        if hook.object() != object {
+            let method = match object {
+                ObjectKind::Entry => "on_entry",
+                ObjectKind::Entity => "on_entity",
+            };
+            return self.reject(format!(
+                "{label}: '{hook}' is an {} hook; {method} takes {object} hooks (use on_{} for it)",
+                hook.object(),
+                hook.object()
+            ));
+        }
+        if hook.kind() != HookKind::Notification {
+            return self.reject(format!(
+                "{label}: '{hook}' is a synchronous hook ({:?}); this SDK version supports only notification hooks (after_*) so far",
+                hook.kind()
+            ));
+        }
+        self.manifest.handlers.push(HandlerSpec::new(name, hook));
+        self.handlers.push(handler);
+        self.current = Current::Handler(self.handlers.len() - 1);
+        self
+    }
+
+    fn reject(mut self, problem: String) -> Self {
+        self.problems.push(problem);
+        self.current = Current::Rejected;
+        self
+    }
+
+    fn with_current(mut self, option: &str, apply: impl FnOnce(&mut HandlerSpec)) -> Self {
+        match self.current {
+            Current::Handler(i) => apply(&mut self.manifest.handlers[i]),
+            Current::Rejected => {}
+            Current::None => self.problems.push(format!(
+                "{option}() was called before any handler was declared; handler options apply to the handler declared last"
+            )),
+        }
+        self
+    }
+
+    /// Limits the last handler to these entity names (exact, case-sensitive).
+    /// Without it the handler sees every entity.
+    pub fn entities<I, S>(self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let names: Vec<String> = names.into_iter().map(Into::into).collect();
+        self.with_current("entities", |spec| spec.entities = Some(names))
+    }
+
+    /// The last handler's priority: lower runs first; the default is 100.
+    pub fn priority(self, priority: i32) -> Self {
+        self.with_current("priority", |spec| spec.priority = priority)
+    }
+
+    /// How long the bus waits for the last handler to answer one delivery
+    /// (default 5 s; whole milliseconds).
+    pub fn timeout(self, timeout: Duration) -> Self {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.with_current("timeout", |spec| spec.timeout_ms = ms)
+    }
+
+    /// The last handler's retry schedule: the waits in milliseconds before each
+    /// retry; after the last, the delivery is dead-lettered. `[]` dead-letters on
+    /// the first failure. Default `[100, 500, 2000, 10000]`.
+    pub fn retry_backoff_ms(self, waits: impl IntoIterator<Item = u64>) -> Self {
+        let waits: Vec<u64> = waits.into_iter().collect();
+        self.with_current("retry_backoff_ms", |spec| spec.retry_backoff_ms = waits)
+    }
+
+    /// As [`retry_backoff_ms`](Self::retry_backoff_ms), with durations.
+    pub fn retry_backoff(self, waits: impl IntoIterator<Item = Duration>) -> Self {
+        self.retry_backoff_ms(
+            waits
+                .into_iter()
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
+    }
+
+    /// Validates everything declared and gives the plugin.
+    ///
+    /// # Errors
+    ///
+    /// [`ManifestError`] listing every problem: Pagoda's id/name/version messages
+    /// ("Plugin ID is required", …), unknown hook names (with the valid names),
+    /// hooks of the wrong object or kind, duplicate or malformed handler names, bad
+    /// entity filters, priorities, timeouts and retry schedules.
+    pub fn build(self) -> Result<Plugin, ManifestError> {
+        let mut problems = match self.manifest.validate() {
+            Ok(()) => Vec::new(),
+            Err(e) => e.problems,
+        };
+        problems.extend(self.problems);
+        let manifest_json = if problems.is_empty() {
+            match serde_json::to_vec(&self.manifest) {
+                Ok(json) => Bytes::from(json),
+                Err(e) => {
+                    problems.push(format!("manifest cannot be serialized: {e}"));
+                    Bytes::new()
+                }
+            }
+        } else {
+            Bytes::new()
+        };
+        if !problems.is_empty() {
+            let id_ok =
+                core_events::subject::check_token_name("plugin id", &self.manifest.id).is_ok();
+            return Err(ManifestError {
+                plugin: id_ok.then(|| self.manifest.id.clone()),
+                problems,
+            });
+        }
+        Ok(Plugin {
+            inner: Arc::new(PluginInner {
+                manifest: self.manifest,
+                manifest_json,
+                handlers: self.handlers,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn ok<D>(_: EventContext<D>) -> HandlerResult {
+        Ok(())
+    }
+
+    #[test]
+    fn options_apply_to_the_last_handler_in_order() {
+        let plugin = Plugin::builder("p", "P", "1.0.0")
+            .on_entry("after_create_entry_v2", "a", ok)
+            .entities(["customer"])
+            .priority(10)
+            .on_entity(Hook::EntityAfterDelete, "b", ok)
+            .timeout(Duration::from_millis(250))
+            .retry_backoff_ms([50, 100])
+            .build()
+            .expect("valid plugin");
+        let m = plugin.manifest();
+        assert_eq!(m.handlers.len(), 2);
+        assert_eq!(m.handlers[0].name, "a");
+        assert_eq!(m.handlers[0].hook, Hook::EntryAfterCreate);
+        assert_eq!(m.handlers[0].entities, Some(vec!["customer".to_owned()]));
+        assert_eq!(m.handlers[0].priority, 10);
+        assert_eq!(m.handlers[1].priority, 100);
+        assert_eq!(m.handlers[1].timeout_ms, 250);
+        assert_eq!(m.handlers[1].retry_backoff_ms, [50, 100]);
+        assert_eq!(plugin.inner.handlers.len(), 2);
+    }
+
+    #[test]
+    fn wrong_hooks_are_reported_together() {
+        let err = Plugin::builder("p", "P", "1.0.0")
+            .priority(1)
+            .on_entry("entry.after_creat", "a", ok)
+            .priority(5)
+            .on_entry(Hook::EntityAfterCreate, "b", ok)
+            .on_entry(Hook::EntryValidate, "c", ok)
+            .build()
+            .expect_err("invalid plugin");
+        let msg = err.to_string();
+        for needle in [
+            "priority() was called before any handler",
+            "unknown hook 'entry.after_creat' (did you mean 'entry.after_create'?)",
+            "'entity.after_create' is an entity hook; on_entry takes entry hooks",
+            "'entry.validate' is a synchronous hook",
+        ] {
+            assert!(msg.contains(needle), "missing {needle:?} in {msg}");
+        }
+        assert_eq!(err.plugin.as_deref(), Some("p"));
+    }
+}

@@ -1,0 +1,226 @@
+//! The `main` of a plugin binary: configuration from the environment, tracing,
+//! connection, serving until Ctrl-C or SIGTERM, graceful shutdown, drain.
+
+use std::future::Future;
+
+use core_events::{SubjectError, Subjects};
+use tracing::{info, warn};
+
+use crate::error::ServeError;
+use crate::plugin::Plugin;
+use crate::serve::ServeOptions;
+
+/// Default NATS server URL.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// Default subject prefix.
+pub const DEFAULT_SUBJECT_PREFIX: &str = "pagoda";
+
+/// Where a plugin binary connects to, read from the environment.
+///
+/// | variable | default | meaning |
+/// |---|---|---|
+/// | `NATS_URL` | `nats://127.0.0.1:4222` | server(s), comma-separated |
+/// | `NATS_CREDS` | none | credentials file (per-plugin least-privilege user) |
+/// | `PAGODA_SUBJECT_PREFIX` | `pagoda` | subject namespace of the deployment |
+/// | `RUST_LOG` | `info` | log filter (logs go to stderr) |
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RunConfig {
+    /// The NATS server URL(s).
+    pub nats_url: String,
+    /// A NATS credentials file, when the server requires one.
+    pub nats_creds: Option<String>,
+    /// Serving options (subjects from `PAGODA_SUBJECT_PREFIX`, the rest default).
+    pub serve: ServeOptions,
+}
+
+impl RunConfig {
+    /// Reads the process environment.
+    ///
+    /// # Errors
+    ///
+    /// [`RunError::Config`] when `PAGODA_SUBJECT_PREFIX` is not a valid prefix.
+    pub fn from_env() -> Result<Self, RunError> {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// Reads configuration through `lookup` (for tests: no process-global state).
+    ///
+    /// # Errors
+    ///
+    /// [`RunError::Config`] when `PAGODA_SUBJECT_PREFIX` is not a valid prefix.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, RunError> {
+        let non_empty = |key: &str| lookup(key).filter(|v| !v.trim().is_empty());
+        let prefix =
+            non_empty("PAGODA_SUBJECT_PREFIX").unwrap_or_else(|| DEFAULT_SUBJECT_PREFIX.to_owned());
+        let subjects = Subjects::new(prefix.trim()).map_err(RunError::Config)?;
+        Ok(RunConfig {
+            nats_url: non_empty("NATS_URL").unwrap_or_else(|| DEFAULT_NATS_URL.to_owned()),
+            nats_creds: non_empty("NATS_CREDS"),
+            serve: ServeOptions {
+                subjects,
+                ..ServeOptions::default()
+            },
+        })
+    }
+}
+
+/// Why a plugin binary stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The environment holds a bad value.
+    #[error("bad configuration: PAGODA_SUBJECT_PREFIX: {0}")]
+    Config(#[source] SubjectError),
+    /// The credentials file could not be read.
+    #[error("could not read NATS credentials file '{path}': {source}")]
+    Credentials {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The NATS server could not be reached.
+    #[error("could not connect to NATS at '{url}': {source}")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// What async-nats reported.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// Serving failed (see [`ServeError`]).
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// Flushing the connection at exit failed.
+    #[error("could not drain the NATS connection: {0}")]
+    Drain(#[source] async_nats::client::DrainError),
+}
+
+/// Installs a `tracing` subscriber writing to stderr, filtered by `RUST_LOG`
+/// (default `info`). Does nothing if one is installed already.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // An error only means a subscriber is already installed, which is fine.
+    let _already = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Completes on Ctrl-C or (on Unix) SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => info!("Ctrl-C received"),
+        () = term => info!("SIGTERM received"),
+    }
+}
+
+/// The whole `main` of a plugin binary: reads [`RunConfig::from_env`], installs
+/// tracing, then [`run`]s until Ctrl-C or SIGTERM.
+///
+/// # Errors
+///
+/// As [`RunConfig::from_env`] and [`run`].
+pub async fn run_main(plugin: Plugin) -> Result<(), RunError> {
+    init_tracing();
+    let config = RunConfig::from_env()?;
+    run(plugin, config, shutdown_signal()).await
+}
+
+/// Connects, serves `plugin` until `shutdown` completes, shuts down gracefully and
+/// drains the connection.
+///
+/// # Errors
+///
+/// [`RunError::Connect`] / [`RunError::Credentials`] when connecting fails,
+/// [`RunError::Serve`] when serving or shutting down fails, [`RunError::Drain`]
+/// when the final drain fails.
+pub async fn run(
+    plugin: Plugin,
+    config: RunConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let mut options =
+        async_nats::ConnectOptions::new().name(format!("pagoda-plugin {}", plugin.id()));
+    if let Some(path) = &config.nats_creds {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|source| RunError::Credentials {
+                path: path.clone(),
+                source,
+            })?;
+    }
+    let client = options
+        .connect(config.nats_url.as_str())
+        .await
+        .map_err(|source| RunError::Connect {
+            url: config.nats_url.clone(),
+            source,
+        })?;
+    info!(url = %config.nats_url, plugin = %plugin.id(), "connected to NATS");
+    let served = plugin
+        .serve_until(client.clone(), config.serve, shutdown)
+        .await;
+    let drained = client.drain().await;
+    served?;
+    drained.map_err(RunError::Drain)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_overrides() {
+        let config = RunConfig::from_lookup(|_| None).expect("defaults are valid");
+        assert_eq!(config.nats_url, DEFAULT_NATS_URL);
+        assert_eq!(config.serve.subjects.prefix(), "pagoda");
+        assert_eq!(config.nats_creds, None);
+
+        let env = |key: &str| match key {
+            "NATS_URL" => Some("nats://nats:4222".to_owned()),
+            "PAGODA_SUBJECT_PREFIX" => Some("acme.pagoda".to_owned()),
+            "NATS_CREDS" => Some(" ".to_owned()),
+            _ => None,
+        };
+        let config = RunConfig::from_lookup(env).expect("valid overrides");
+        assert_eq!(config.nats_url, "nats://nats:4222");
+        assert_eq!(
+            config.serve.subjects.registry_bucket(),
+            "acme_pagoda_registry"
+        );
+        assert_eq!(config.nats_creds, None);
+
+        let err = RunConfig::from_lookup(|k| {
+            (k == "PAGODA_SUBJECT_PREFIX").then(|| "bad prefix".to_owned())
+        })
+        .expect_err("invalid prefix");
+        assert!(err.to_string().contains("PAGODA_SUBJECT_PREFIX"), "{err}");
+    }
+}

@@ -1,0 +1,521 @@
+//! Serving a plugin: one NATS service, one endpoint per handler, registration in
+//! the registry bucket, bounded concurrency and graceful shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind, KeyValueErrorKind};
+use async_nats::service::endpoint::Endpoint;
+use async_nats::service::{Request, Service, ServiceExt};
+use bytes::Bytes;
+use core_events::protocol::HandlerReply;
+use core_events::{HandlerSpec, Subjects};
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::context::{self, EventContext};
+use crate::error::{HandlerError, ServeError, one_line};
+use crate::plugin::{HandlerFn, NotificationCall, Plugin};
+
+/// Default wait for the registry bucket to appear.
+pub const DEFAULT_REGISTRY_WAIT: Duration = Duration::from_secs(30);
+/// How often the SDK looks for the registry bucket while waiting.
+pub const REGISTRY_POLL: Duration = Duration::from_millis(250);
+/// Default number of handler calls running at once in one plugin process.
+pub const DEFAULT_MAX_CONCURRENCY: usize = 64;
+/// Default time [`RunningPlugin::shutdown`] gives running handlers to finish.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How to serve a plugin.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The deployment's subject namespace: endpoint subjects and the registry
+    /// bucket name derive from its prefix (default `pagoda`).
+    pub subjects: Subjects,
+    /// How long to wait for the registry bucket, which the bus creates, before
+    /// giving up (default 30 s), so plugins may start before the bus.
+    pub registry_wait: Duration,
+    /// Most handler calls running at once in this process, over all handlers
+    /// (default 64); further requests wait in the subscription buffer.
+    pub max_concurrency: usize,
+    /// How long shutdown waits for running handler calls (default 10 s).
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            subjects: Subjects::default(),
+            registry_wait: DEFAULT_REGISTRY_WAIT,
+            max_concurrency: DEFAULT_MAX_CONCURRENCY,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// A plugin being served; [`RunningPlugin::shutdown`] stops it gracefully.
+///
+/// Dropping it without `shutdown` stops taking requests at once and leaves
+/// running handler calls to finish on their own.
+#[derive(Debug)]
+pub struct RunningPlugin {
+    plugin_id: String,
+    /// The Services API service; stopped last so `$SRV.STATS` answers while draining.
+    service: Option<Service>,
+    /// Tells the endpoint loops to stop taking requests.
+    stop_taking: CancellationToken,
+    /// One loop per endpoint: pulls requests and spawns handler calls.
+    endpoint_loops: Vec<JoinHandle<()>>,
+    /// Every handler call in flight.
+    calls: TaskTracker,
+    grace: Duration,
+}
+
+impl Plugin {
+    /// Serves the plugin on `client`: starts the service and its endpoints, then
+    /// registers the manifest in the registry bucket (waiting for the bus to
+    /// create it). Call it once per replica; replicas share the work.
+    ///
+    /// # Errors
+    ///
+    /// [`ServeError::StartService`] / [`ServeError::AddEndpoint`] when NATS refuses
+    /// the service; [`ServeError::RegistryMissing`] when the registry bucket does not
+    /// appear within [`ServeOptions::registry_wait`]; [`ServeError::Registry`] and
+    /// [`ServeError::Register`] when it cannot be read or written. Nothing keeps
+    /// running after an error.
+    pub async fn serve(
+        &self,
+        client: async_nats::Client,
+        options: ServeOptions,
+    ) -> Result<RunningPlugin, ServeError> {
+        let manifest = &self.inner.manifest;
+        let plugin_id: Arc<str> = manifest.id.as_str().into();
+        let service = client
+            .service_builder()
+            .queue_group(&manifest.id)
+            .description(&manifest.description)
+            .metadata(HashMap::from([
+                ("plugin_name".to_owned(), manifest.name.clone()),
+                (
+                    "sdk".to_owned(),
+                    format!("pagoda-plugin-sdk/{}", env!("CARGO_PKG_VERSION")),
+                ),
+            ]))
+            .start(&manifest.id, &manifest.version)
+            .await
+            .map_err(|source| ServeError::StartService {
+                plugin: manifest.id.clone(),
+                source,
+            })?;
+
+        let mut endpoints = Vec::with_capacity(manifest.handlers.len());
+        for (spec, handler) in manifest.handlers.iter().zip(&self.inner.handlers) {
+            let subject = options.subjects.handler(&manifest.id, &spec.name);
+            let added = service
+                .endpoint_builder()
+                .name(&spec.name)
+                .metadata(endpoint_metadata(spec))
+                .add(&subject)
+                .await;
+            match added {
+                Ok(endpoint) => endpoints.push((
+                    endpoint,
+                    Arc::new(Slot {
+                        plugin_id: plugin_id.clone(),
+                        handler_name: spec.name.as_str().into(),
+                        spec: spec.clone(),
+                        handler: handler.clone(),
+                        subject,
+                    }),
+                )),
+                Err(source) => {
+                    let _stopped = service.stop().await;
+                    return Err(ServeError::AddEndpoint {
+                        handler: spec.name.clone(),
+                        subject,
+                        source,
+                    });
+                }
+            }
+        }
+
+        let limit = Arc::new(Semaphore::new(options.max_concurrency.max(1)));
+        let stop_taking = CancellationToken::new();
+        let calls = TaskTracker::new();
+        let endpoint_loops = endpoints
+            .into_iter()
+            .map(|(endpoint, slot)| {
+                tokio::spawn(endpoint_loop(
+                    endpoint,
+                    slot,
+                    limit.clone(),
+                    calls.clone(),
+                    stop_taking.clone(),
+                ))
+            })
+            .collect();
+        let mut running = RunningPlugin {
+            plugin_id: manifest.id.clone(),
+            service: Some(service),
+            stop_taking,
+            endpoint_loops,
+            calls,
+            grace: options.shutdown_grace,
+        };
+        // The server must know the subscriptions before the bus sees the manifest.
+        if let Err(e) = client.flush().await {
+            running.abandon().await;
+            return Err(ServeError::StartService {
+                plugin: manifest.id.clone(),
+                source: e.into(),
+            });
+        }
+        if let Err(e) = register(&client, self, &options).await {
+            running.abandon().await;
+            return Err(e);
+        }
+        info!(
+            plugin = %manifest.id,
+            version = %manifest.version,
+            handlers = manifest.handlers.len(),
+            registry = %options.subjects.registry_bucket(),
+            "plugin registered and serving"
+        );
+        Ok(running)
+    }
+
+    /// Serves the plugin until `shutdown` completes, then shuts down gracefully.
+    /// A shutdown while still waiting for the registry bucket gives up serving
+    /// at once (and returns `Ok`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Plugin::serve`] and [`RunningPlugin::shutdown`].
+    pub async fn serve_until(
+        &self,
+        client: async_nats::Client,
+        options: ServeOptions,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let running = tokio::select! {
+            served = self.serve(client, options) => served?,
+            () = &mut shutdown => {
+                info!(plugin = %self.id(), "shutdown requested before the plugin was registered");
+                return Ok(());
+            }
+        };
+        shutdown.await;
+        running.shutdown().await
+    }
+}
+
+impl RunningPlugin {
+    /// The plugin id.
+    pub fn plugin_id(&self) -> &str {
+        &self.plugin_id
+    }
+
+    /// Handler calls running now.
+    pub fn in_flight(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Stops gracefully: stops taking requests (unsubscribes every endpoint),
+    /// runs the requests already received, waits for running handler calls to
+    /// reply, then stops the service. The manifest stays in the registry: the
+    /// plugin may come back and the bus keeps its deliveries. Afterwards the
+    /// caller may `drain()` the client.
+    ///
+    /// # Errors
+    ///
+    /// [`ServeError::GraceExpired`] when handler calls are still running after
+    /// [`ServeOptions::shutdown_grace`]; they are left to finish on their own.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        let deadline = Instant::now() + self.grace;
+        info!(plugin = %self.plugin_id, in_flight = self.calls.len(), "plugin shutting down");
+        self.stop_taking.cancel();
+        for handle in &mut self.endpoint_loops {
+            if tokio::time::timeout_at(deadline, &mut *handle)
+                .await
+                .is_err()
+            {
+                handle.abort();
+            }
+        }
+        self.calls.close();
+        let drained = tokio::time::timeout_at(deadline, self.calls.wait()).await;
+        if let Some(service) = self.service.take() {
+            // Stopping only signals tasks; it cannot fail in practice.
+            if let Err(e) = service.stop().await {
+                warn!(plugin = %self.plugin_id, error = %e, "stopping the service failed");
+            }
+        }
+        match drained {
+            Ok(()) => {
+                info!(plugin = %self.plugin_id, "plugin stopped");
+                Ok(())
+            }
+            Err(_) => Err(ServeError::GraceExpired {
+                grace: self.grace,
+                in_flight: self.calls.len(),
+            }),
+        }
+    }
+
+    /// Stops everything at once, for a `serve` that failed half-way.
+    async fn abandon(&mut self) {
+        self.stop_taking.cancel();
+        for handle in self.endpoint_loops.drain(..) {
+            handle.abort();
+        }
+        if let Some(service) = self.service.take() {
+            let _stopped = service.stop().await;
+        }
+    }
+}
+
+impl Drop for RunningPlugin {
+    fn drop(&mut self) {
+        self.stop_taking.cancel();
+        if let Some(service) = self.service.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let _stopped = service.stop().await;
+            });
+        }
+    }
+}
+
+fn endpoint_metadata(spec: &HandlerSpec) -> HashMap<String, String> {
+    let entities = spec
+        .entities
+        .as_ref()
+        .map_or_else(|| "*".to_owned(), |names| names.join(","));
+    HashMap::from([
+        ("hook".to_owned(), spec.hook.name().to_owned()),
+        ("priority".to_owned(), spec.priority.to_string()),
+        ("entities".to_owned(), entities),
+        ("timeout_ms".to_owned(), spec.timeout_ms.to_string()),
+    ])
+}
+
+/// Waits for the registry bucket and puts the manifest.
+async fn register(
+    client: &async_nats::Client,
+    plugin: &Plugin,
+    options: &ServeOptions,
+) -> Result<(), ServeError> {
+    let manifest = &plugin.inner.manifest;
+    let js = jetstream::new(client.clone());
+    let bucket = options.subjects.registry_bucket();
+    let started = Instant::now();
+    let deadline = started + options.registry_wait;
+    let store = loop {
+        match js.get_key_value(&bucket).await {
+            Ok(store) => break store,
+            Err(e) if e.kind() == KeyValueErrorKind::GetBucket => {
+                if Instant::now() >= deadline {
+                    return Err(if bucket_is_missing(&e) {
+                        ServeError::RegistryMissing {
+                            bucket,
+                            waited: started.elapsed(),
+                        }
+                    } else {
+                        ServeError::Registry { bucket, source: e }
+                    });
+                }
+                debug!(bucket = %bucket, error = %e, "waiting for the registry bucket");
+                let next = (Instant::now() + REGISTRY_POLL).min(deadline);
+                tokio::time::sleep_until(next).await;
+            }
+            Err(e) => return Err(ServeError::Registry { bucket, source: e }),
+        }
+    };
+    let key = manifest.registry_key();
+    store
+        .put(&key, plugin.inner.manifest_json.clone())
+        .await
+        .map_err(|source| ServeError::Register {
+            plugin: manifest.id.clone(),
+            bucket,
+            key,
+            source,
+        })?;
+    Ok(())
+}
+
+fn bucket_is_missing(err: &async_nats::jetstream::context::KeyValueError) -> bool {
+    std::error::Error::source(err)
+        .and_then(|s| s.downcast_ref::<GetStreamError>())
+        .is_some_and(|e| match e.kind() {
+            GetStreamErrorKind::JetStream(js) => {
+                js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            }
+            _ => false,
+        })
+}
+
+/// One handler, as its endpoint loop sees it.
+struct Slot {
+    plugin_id: Arc<str>,
+    handler_name: Arc<str>,
+    spec: HandlerSpec,
+    handler: HandlerFn,
+    subject: String,
+}
+
+/// Pulls requests off one endpoint and runs each in its own tracked task, at
+/// most `limit` at once in the process. On shutdown it unsubscribes, then runs
+/// the requests already buffered.
+async fn endpoint_loop(
+    mut endpoint: Endpoint,
+    slot: Arc<Slot>,
+    limit: Arc<Semaphore>,
+    calls: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let request = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            next = endpoint.next() => match next {
+                Some(request) => request,
+                None => return,
+            },
+        };
+        let permit = acquire(&limit).await;
+        calls.spawn(handle(request, slot.clone(), permit));
+    }
+    if let Err(e) = endpoint.stop().await {
+        debug!(subject = %slot.subject, error = %e, "unsubscribing the endpoint failed");
+    }
+    while let Some(request) = endpoint.next().await {
+        let permit = acquire(&limit).await;
+        calls.spawn(handle(request, slot.clone(), permit));
+    }
+}
+
+async fn acquire(limit: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    // The semaphore is never closed, so this only fails if it were; then run unbounded.
+    limit.clone().acquire_owned().await.ok()
+}
+
+/// Runs one delivery and replies.
+async fn handle(request: Request, slot: Arc<Slot>, _permit: Option<OwnedSemaphorePermit>) {
+    let span = tracing::info_span!(
+        "hook.deliver",
+        messaging.system = "nats",
+        messaging.destination = %slot.subject,
+        plugin = %slot.plugin_id,
+        handler = %slot.handler_name,
+        hook = %slot.spec.hook,
+        event_id = tracing::field::Empty,
+        attempt = tracing::field::Empty,
+    );
+    async {
+        let outcome = match &slot.handler {
+            HandlerFn::Entry(f) => deliver(&slot, &request, f).await,
+            HandlerFn::Entity(f) => deliver(&slot, &request, f).await,
+        };
+        let response = match outcome {
+            Ok(body) => Ok(body),
+            Err(err) => {
+                let status = err.reply_text();
+                warn!(
+                    plugin = %slot.plugin_id,
+                    handler = %slot.handler_name,
+                    code = err.code(),
+                    error = %status,
+                    "handler failed"
+                );
+                Err(async_nats::service::error::Error {
+                    status,
+                    code: usize::from(err.code()),
+                })
+            }
+        };
+        if let Err(e) = request.respond(response).await {
+            warn!(error = %e, "could not send the reply");
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Decodes the delivery, applies the entity filter and calls the handler in its
+/// own task, so a panic becomes a 500 reply, not a dead plugin. A call running
+/// past the handler's `timeout_ms` is aborted and answered with a 500.
+async fn deliver<D>(
+    slot: &Slot,
+    request: &Request,
+    f: &NotificationCall<D>,
+) -> Result<Bytes, HandlerError>
+where
+    D: DeserializeOwned + Send + 'static,
+{
+    let ctx: EventContext<D> = context::decode(
+        slot.spec.hook,
+        &slot.plugin_id,
+        &slot.handler_name,
+        &request.message.payload,
+        request.message.headers.as_ref(),
+    )
+    .map_err(HandlerError::permanent)?;
+    let span = tracing::Span::current();
+    span.record("event_id", tracing::field::display(ctx.event_id()));
+    span.record("attempt", ctx.attempt);
+    if !slot.spec.matches_entity(ctx.entity()) {
+        debug!(entity = %ctx.entity(), "entity not in the handler's filter; skipped");
+        return Ok(skipped_reply(ctx.entity()));
+    }
+    let mut call = tokio::spawn(f(ctx).in_current_span());
+    let Ok(joined) = tokio::time::timeout(slot.spec.timeout(), &mut call).await else {
+        // The bus has given up on this attempt and will retry: stop this call so
+        // it neither runs beside the retry nor holds a concurrency slot forever.
+        call.abort();
+        return Err(HandlerError::transient(format!(
+            "handler timed out after {} ms",
+            slot.spec.timeout_ms
+        )));
+    };
+    match joined {
+        Ok(Ok(())) => Ok(Bytes::new()),
+        Ok(Err(e)) => Err(e),
+        Err(join) if join.is_panic() => {
+            let payload = join.into_panic();
+            let text = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-text panic payload".to_owned());
+            Err(HandlerError::transient(format!(
+                "handler panicked: {}",
+                one_line(&text)
+            )))
+        }
+        Err(_) => Err(HandlerError::transient("handler task was cancelled")),
+    }
+}
+
+fn skipped_reply(entity: &str) -> Bytes {
+    let reply = HandlerReply {
+        status: Some("ok".to_owned()),
+        message: Some(format!(
+            "skipped: entity '{entity}' is not in the handler's entity filter"
+        )),
+    };
+    serde_json::to_vec(&reply)
+        .map(Bytes::from)
+        .unwrap_or_default()
+}

@@ -1,0 +1,250 @@
+//! The example binaries, run as processes against a real nats-server.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use common::{
+    NatsServer, create_registry, deliver, delivery_headers, entity_event, entry_event, eventually,
+    service_error,
+};
+use core_events::Subjects;
+use pagoda_plugin_sdk::{Hook, PluginManifest};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+/// A running example binary; killed on drop if still running.
+struct Example {
+    child: Child,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl Example {
+    fn spawn(bin: &str, server: &NatsServer, env: &[(&str, &str)]) -> Example {
+        let mut cmd = Command::new(bin);
+        cmd.env("NATS_URL", server.url())
+            .env("RUST_LOG", "warn")
+            .env_remove("PAGODA_SUBJECT_PREFIX")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        Example { child, stdout }
+    }
+
+    async fn line(&mut self) -> String {
+        tokio::time::timeout(Duration::from_secs(10), self.stdout.next_line())
+            .await
+            .expect("a stdout line within 10 s")
+            .unwrap()
+            .expect("stdout still open")
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    async fn terminate(mut self) {
+        let pid = self.child.id().unwrap();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .expect("exit within 15 s after SIGTERM")
+            .unwrap();
+        assert!(exit.success(), "exit status {exit}");
+    }
+}
+
+async fn registered(registry: &kv::Store, plugin: &str) -> PluginManifest {
+    eventually(
+        "the plugin to register",
+        Duration::from_secs(15),
+        || async move {
+            let bytes = registry.get(format!("plugins.{plugin}")).await.ok()??;
+            Some(PluginManifest::from_json(&bytes).unwrap())
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_world_prints_one_line_per_delivery() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let registry = create_registry(&client, "pagoda_registry").await;
+    let mut hello = Example::spawn(
+        env!("CARGO_BIN_EXE_hello-world"),
+        &server,
+        &[("HELLO_PRIORITY", "20")],
+    );
+    let manifest = registered(&registry, "hello-world").await;
+    assert!(manifest.handlers.iter().all(|h| h.priority == 20));
+    let greet = &manifest.handlers[0];
+    assert_eq!(greet.name, "greet_helloworld");
+    assert_eq!(greet.entities, Some(vec!["helloworld".to_owned()]));
+    assert!(
+        manifest
+            .handlers
+            .iter()
+            .any(|h| h.hook == Hook::EntityAfterCreate && h.entities.is_none())
+    );
+
+    let subjects = Subjects::default();
+    let env = entry_event(Hook::EntryAfterCreate, "helloworld");
+    let h = delivery_headers(&env, "hello-world", "greet_helloworld", 3, 1);
+    let reply = deliver(
+        &client,
+        subjects.handler("hello-world", "greet_helloworld"),
+        &env,
+        h,
+    )
+    .await;
+    assert_eq!(service_error(&reply), None);
+    assert_eq!(
+        hello.line().await,
+        "[hello-world] greet_helloworld entry.after_create entity=helloworld object=entry/42 seq=3 attempt=1"
+    );
+    let env = entity_event(Hook::EntityAfterCreate, "server");
+    let h = delivery_headers(&env, "hello-world", "entity_created", 4, 2);
+    deliver(
+        &client,
+        subjects.handler("hello-world", "entity_created"),
+        &env,
+        h,
+    )
+    .await;
+    assert_eq!(
+        hello.line().await,
+        "[hello-world] entity_created entity.after_create entity=server object=entity/7 seq=4 attempt=2"
+    );
+    hello.terminate().await;
+    // The manifest stays registered after a clean stop.
+    assert!(registry.get("plugins.hello-world").await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_appends_each_event_once_across_restarts() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let registry = create_registry(&client, "pagoda_registry").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let path_str = path.to_str().unwrap();
+    let subjects = Subjects::default();
+
+    let entry = entry_event(Hook::EntryAfterDelete, "customer");
+    let entity = entity_event(Hook::EntityAfterUpdate, "customer");
+    let entry_subject = subjects.handler("audit-log", "entry_after_delete");
+    let entity_subject = subjects.handler("audit-log", "entity_after_update");
+
+    let mut audit = Example::spawn(
+        env!("CARGO_BIN_EXE_audit-log"),
+        &server,
+        &[("AUDIT_LOG_PATH", path_str)],
+    );
+    let manifest = registered(&registry, "audit-log").await;
+    assert_eq!(manifest.handlers.len(), 7);
+    assert!(manifest.handlers.iter().all(|h| h.priority == 200));
+    for attempt in 1..=2 {
+        let h = delivery_headers(&entry, "audit-log", "entry_after_delete", 10, attempt);
+        let reply = deliver(&client, entry_subject.clone(), &entry, h).await;
+        assert_eq!(service_error(&reply), None);
+    }
+    let h = delivery_headers(&entity, "audit-log", "entity_after_update", 11, 1);
+    deliver(&client, entity_subject.clone(), &entity, h).await;
+    assert_eq!(
+        audit.line().await,
+        "[audit-log] entry_after_delete entry.after_delete entity=customer object=entry/42 seq=10 attempt=1"
+    );
+    assert!(
+        audit
+            .line()
+            .await
+            .starts_with("[audit-log] entity_after_update")
+    );
+    audit.terminate().await;
+
+    // A restarted audit-log remembers what it wrote.
+    let audit = Example::spawn(
+        env!("CARGO_BIN_EXE_audit-log"),
+        &server,
+        &[("AUDIT_LOG_PATH", path_str)],
+    );
+    let c = &client;
+    let ping = eventually(
+        "audit-log to serve again",
+        Duration::from_secs(15),
+        || async move { c.request("$SRV.PING.audit-log", "".into()).await.ok() },
+    );
+    ping.await;
+    let h = delivery_headers(&entry, "audit-log", "entry_after_delete", 10, 3);
+    let reply = deliver(&client, entry_subject, &entry, h).await;
+    assert_eq!(service_error(&reply), None);
+    audit.terminate().await;
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0]["event_id"], entry.id.to_string());
+    assert_eq!(lines[0]["hook"], "entry.after_delete");
+    assert_eq!(lines[0]["entity"], "customer");
+    assert_eq!(lines[0]["object"], "entry/42");
+    assert_eq!(lines[0]["stream_seq"], 10);
+    assert_eq!(lines[0]["event"]["pagodaseq"], 10);
+    assert_eq!(lines[0]["event"]["data"]["entry"]["id"], 42);
+    assert_eq!(lines[1]["event_id"], entity.id.to_string());
+    assert_eq!(lines[1]["hook"], "entity.after_update");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaky_fails_transiently_or_permanently() {
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let registry = create_registry(&client, "pagoda_registry").await;
+    let subject = Subjects::default().handler("flaky", "always_fails");
+    let env = entry_event(Hook::EntryAfterCreate, "customer");
+
+    for (mode, code) in [("transient", "500"), ("permanent", "400")] {
+        let mut flaky = Example::spawn(
+            env!("CARGO_BIN_EXE_flaky"),
+            &server,
+            &[("FLAKY_MODE", mode)],
+        );
+        let manifest = registered(&registry, "flaky").await;
+        let h = &manifest.handlers[0];
+        assert_eq!((h.name.as_str(), h.priority), ("always_fails", 150));
+        assert_eq!(h.retry_backoff_ms, [50, 100]);
+        let c = &client;
+        let ping = eventually("flaky to serve", Duration::from_secs(15), || async move {
+            c.request("$SRV.PING.flaky", "".into()).await.ok()
+        });
+        ping.await;
+        let reply = deliver(
+            &client,
+            subject.clone(),
+            &env,
+            delivery_headers(&env, "flaky", "always_fails", 1, 2),
+        )
+        .await;
+        assert_eq!(
+            service_error(&reply),
+            Some((code.to_owned(), "flaky plugin fails on purpose".to_owned()))
+        );
+        assert_eq!(
+            flaky.line().await,
+            "[flaky] always_fails entry.after_create entity=customer object=entry/42 seq=1 attempt=2 -> error"
+        );
+        flaky.terminate().await;
+    }
+}

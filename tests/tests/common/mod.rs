@@ -1,0 +1,335 @@
+//! Shared pieces of the end-to-end tests: an in-process bus and hand-written
+//! plugins that answer on the real protocol (plain queue subscriptions, no SDK),
+//! recording every delivery they get.
+#![allow(dead_code, clippy::unwrap_used, unreachable_pub, missing_docs)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use async_nats::service::error::Error as ServiceError;
+use bytes::Bytes;
+use chrono::Utc;
+use core_events::protocol::headers;
+use core_events::{
+    Entity, EntityEvent, Entry, EntryEvent, Envelope, HandlerSpec, Hook, ObjectRef, PluginManifest,
+    Subjects,
+};
+use futures::StreamExt;
+use hookbus::config::BusConfig;
+use hookbus::run::Bus;
+use tokio::task::JoinHandle;
+
+/// Bus settings for tests: short ack wait and polls so crash tests run quickly.
+pub fn test_config(enabled: &[&str]) -> BusConfig {
+    let mut config = BusConfig {
+        enabled_plugins: enabled.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    };
+    config.dispatcher.ack_wait = Duration::from_secs(2);
+    config.dispatcher.deferred_poll = Duration::from_millis(50);
+    config.dispatcher.shutdown_grace = Duration::from_secs(2);
+    config
+}
+
+pub async fn start_bus(client: &async_nats::Client, enabled: &[&str]) -> Bus {
+    Bus::start(client.clone(), test_config(enabled))
+        .await
+        .unwrap()
+}
+
+/// One delivery a test plugin received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub plugin: String,
+    pub handler: String,
+    pub event_id: String,
+    pub object: String,
+    pub entity_token: String,
+    pub seq: u64,
+    pub attempt: u32,
+    /// Which replica answered.
+    pub replica: usize,
+}
+
+/// A log of calls shared by all test plugins of a test, in arrival order.
+#[derive(Debug, Clone, Default)]
+pub struct CallLog(Arc<Mutex<Vec<Call>>>);
+
+impl CallLog {
+    pub fn all(&self) -> Vec<Call> {
+        self.0.lock().unwrap().clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    pub fn of(&self, plugin: &str) -> Vec<Call> {
+        self.all()
+            .into_iter()
+            .filter(|c| c.plugin == plugin)
+            .collect()
+    }
+
+    pub fn count(&self, plugin: &str, handler: &str) -> usize {
+        self.all()
+            .iter()
+            .filter(|c| c.plugin == plugin && c.handler == handler)
+            .count()
+    }
+
+    fn push(&self, call: Call) {
+        self.0.lock().unwrap().push(call);
+    }
+}
+
+/// What a test handler answers.
+#[derive(Debug, Clone)]
+pub enum Behaviour {
+    Ok,
+    /// A Services API error with this code.
+    Fail(u16),
+    /// A reply body that is not the protocol's.
+    Garbage,
+    /// Waits, then answers OK.
+    Slow(Duration),
+}
+
+/// A hand-written plugin: a manifest and one queue subscription per handler.
+pub struct TestPlugin {
+    pub manifest: PluginManifest,
+    pub behaviour: Arc<Mutex<std::collections::HashMap<String, Behaviour>>>,
+    pub log: CallLog,
+    replicas: Vec<Vec<JoinHandle<()>>>,
+    subjects: Subjects,
+}
+
+impl TestPlugin {
+    pub fn new(id: &str, log: &CallLog) -> Self {
+        TestPlugin {
+            manifest: PluginManifest::new(id, format!("Test plugin {id}"), "1.0.0"),
+            behaviour: Arc::default(),
+            log: log.clone(),
+            replicas: Vec::new(),
+            subjects: Subjects::default(),
+        }
+    }
+
+    /// Adds a handler (builder style).
+    pub fn handler(
+        mut self,
+        name: &str,
+        hook: Hook,
+        entities: Option<&[&str]>,
+        priority: i32,
+    ) -> Self {
+        let mut h = HandlerSpec::new(name, hook);
+        h.entities = entities.map(|e| e.iter().map(|s| (*s).to_owned()).collect());
+        h.priority = priority;
+        h.timeout_ms = 2_000;
+        h.retry_backoff_ms = vec![20, 40];
+        self.manifest.handlers.push(h);
+        self
+    }
+
+    pub fn set(&self, handler: &str, b: Behaviour) {
+        self.behaviour.lock().unwrap().insert(handler.to_owned(), b);
+    }
+
+    /// Starts one more replica (subscriptions first), then registers the manifest.
+    pub async fn start(&mut self, client: &async_nats::Client) {
+        let replica = self.replicas.len();
+        let mut tasks = Vec::new();
+        for h in &self.manifest.handlers {
+            let subject = self.subjects.handler(&self.manifest.id, &h.name);
+            let mut sub = client
+                .queue_subscribe(subject, self.manifest.id.clone())
+                .await
+                .unwrap();
+            let client = client.clone();
+            let plugin = self.manifest.id.clone();
+            let handler = h.name.clone();
+            let log = self.log.clone();
+            let behaviour = self.behaviour.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(msg) = sub.next().await {
+                    let hdr = msg.headers.clone().unwrap_or_default();
+                    let get = |n: &str| hdr.get(n).map(|v| v.to_string()).unwrap_or_default();
+                    log.push(Call {
+                        plugin: plugin.clone(),
+                        handler: handler.clone(),
+                        event_id: get(headers::MSG_ID),
+                        object: get(headers::OBJECT),
+                        entity_token: get(headers::ENTITY),
+                        seq: get(headers::STREAM_SEQ).parse().unwrap_or(0),
+                        attempt: get(headers::ATTEMPT).parse().unwrap_or(0),
+                        replica,
+                    });
+                    let b = behaviour
+                        .lock()
+                        .unwrap()
+                        .get(&handler)
+                        .cloned()
+                        .unwrap_or(Behaviour::Ok);
+                    let Some(reply) = msg.reply else { continue };
+                    match b {
+                        Behaviour::Ok => {
+                            let _ = client.publish(reply, Bytes::new()).await;
+                        }
+                        Behaviour::Slow(d) => {
+                            tokio::time::sleep(d).await;
+                            let _ = client.publish(reply, Bytes::new()).await;
+                        }
+                        Behaviour::Garbage => {
+                            let _ = client
+                                .publish(reply, Bytes::from_static(b"\x00\x01garbage"))
+                                .await;
+                        }
+                        Behaviour::Fail(code) => {
+                            let err = ServiceError {
+                                status: format!("test failure {code}"),
+                                code: code.into(),
+                            };
+                            let mut h = async_nats::HeaderMap::new();
+                            h.insert(headers::SERVICE_ERROR, err.status.as_str());
+                            h.insert(headers::SERVICE_ERROR_CODE, code.to_string().as_str());
+                            let _ = client.publish_with_headers(reply, h, Bytes::new()).await;
+                        }
+                    }
+                }
+            }));
+        }
+        self.replicas.push(tasks);
+        register(client, &self.manifest).await;
+    }
+
+    /// Stops every replica (its subscriptions go away: "no responders").
+    pub fn stop(&mut self) {
+        for tasks in self.replicas.drain(..) {
+            for t in tasks {
+                t.abort();
+            }
+        }
+    }
+}
+
+impl Drop for TestPlugin {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Puts a manifest in the registry bucket.
+pub async fn register(client: &async_nats::Client, manifest: &PluginManifest) {
+    let js = jetstream::new(client.clone());
+    let store = registry(&js).await;
+    store
+        .put(
+            manifest.registry_key(),
+            serde_json::to_vec(manifest).unwrap().into(),
+        )
+        .await
+        .unwrap();
+}
+
+pub async fn registry(js: &jetstream::Context) -> kv::Store {
+    js.get_key_value(Subjects::default().registry_bucket())
+        .await
+        .unwrap()
+}
+
+/// Waits until the bus has every plugin registered and enabled.
+pub async fn wait_registered(bus: &Bus, plugins: &[&str]) {
+    bus.registry
+        .wait_for(Duration::from_secs(10), |t| {
+            plugins.iter().all(|p| t.is_enabled(p))
+        })
+        .await
+        .unwrap_or_else(|()| panic!("plugins {plugins:?} were not registered in time"));
+}
+
+pub fn entity(id: i64, name: &str) -> Entity {
+    Entity {
+        id,
+        name: name.into(),
+        note: String::new(),
+        is_active: true,
+        created_time: Utc::now(),
+        created_user: None,
+        attrs: vec![],
+    }
+}
+
+pub fn entry_event(hook: Hook, entity_name: &str, entry_id: i64) -> Envelope<EntryEvent> {
+    let e = entity(1, entity_name);
+    let now = Utc::now();
+    Envelope::entry(
+        hook,
+        "/pagoda/test",
+        EntryEvent {
+            entry: Entry {
+                id: entry_id,
+                name: format!("entry-{entry_id}"),
+                note: String::new(),
+                is_active: true,
+                schema: ObjectRef {
+                    id: e.id,
+                    name: e.name.clone(),
+                },
+                created_time: now,
+                created_user: None,
+                updated_time: now,
+                attrs: vec![],
+            },
+            entity: e,
+            previous: None,
+            user: None,
+        },
+    )
+}
+
+pub fn entity_event(hook: Hook, id: i64, name: &str) -> Envelope<EntityEvent> {
+    Envelope::entity(
+        hook,
+        "/pagoda/test",
+        EntityEvent {
+            entity: entity(id, name),
+            previous: None,
+            user: None,
+        },
+    )
+}
+
+/// Number of messages in a stream.
+pub async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+/// Reads every dead letter.
+pub async fn dead_letters(js: &jetstream::Context) -> Vec<(String, serde_json::Value)> {
+    let subjects = Subjects::default();
+    let stream = js.get_stream(subjects.dlq_stream()).await.unwrap();
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let n = consumer.cached_info().num_pending as usize;
+    let mut out = Vec::new();
+    let mut messages = consumer.messages().await.unwrap().take(n);
+    while let Some(m) = messages.next().await {
+        let m = m.unwrap();
+        out.push((
+            m.subject.to_string(),
+            serde_json::from_slice(&m.payload).unwrap_or(serde_json::Value::Null),
+        ));
+    }
+    out
+}

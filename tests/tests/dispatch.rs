@@ -1,0 +1,542 @@
+//! End-to-end dispatch tests on a real nats-server: ordering, isolation, dead
+//! letters, deferral, replicas, crashes and bad input.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::*;
+use core_events::{Hook, Subjects};
+use hookbus::Publisher;
+use hookbus_tests::{NatsServer, assert_eventually, init_tracing};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn publisher(client: &async_nats::Client) -> Publisher {
+    Publisher::new(jetstream::new(client.clone()), Subjects::default())
+}
+
+/// Handler names per event id, in the order they ran.
+fn chains(log: &CallLog) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for c in log.all() {
+        out.entry(c.event_id).or_default().push(c.plugin);
+    }
+    out
+}
+
+/// Asserts that, per object, first deliveries to `plugin` come in stream order and
+/// every published event arrived.
+fn assert_in_order_per_object(log: &CallLog, plugin: &str, expected_events: usize) {
+    let mut seen = HashSet::new();
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    for c in log.of(plugin) {
+        if !seen.insert(c.event_id.clone()) {
+            continue; // a redelivery (at-least-once)
+        }
+        let prev = last.insert(c.object.clone(), c.seq).unwrap_or(0);
+        assert!(
+            prev < c.seq,
+            "{plugin}: {} got seq {} after {prev}",
+            c.object,
+            c.seq
+        );
+    }
+    assert_eq!(seen.len(), expected_events, "{plugin} got every event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_scenario_runs_handlers_in_priority_order() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let log = CallLog::default();
+    let bus = start_bus(&client, &["a", "d", "b", "c"]).await;
+    let mut plugins = vec![
+        TestPlugin::new("a", &log).handler("h", Hook::EntryAfterCreate, Some(&["customer"]), 50),
+        TestPlugin::new("b", &log).handler("h", Hook::EntryAfterCreate, None, 100),
+        TestPlugin::new("c", &log).handler("h", Hook::EntryAfterCreate, Some(&["customer"]), 150),
+        TestPlugin::new("d", &log).handler("h", Hook::EntryAfterCreate, None, 100),
+    ];
+    for p in &mut plugins {
+        p.start(&client).await;
+    }
+    wait_registered(&bus, &["a", "b", "c", "d"]).await;
+
+    let publisher = publisher(&client);
+    let customer = entry_event(Hook::EntryAfterCreate, "customer", 1);
+    let product = entry_event(Hook::EntryAfterCreate, "product", 2);
+    publisher.publish(&customer).await.unwrap();
+    publisher.publish(&product).await.unwrap();
+    assert_eventually!(log.len() == 6, WAIT, "6 deliveries, got {:?}", log.all());
+    let chains = chains(&log);
+    // Tie at 100: d before b, as in ENABLED_PLUGINS.
+    assert_eq!(chains[&customer.id.to_string()], ["a", "d", "b", "c"]);
+    assert_eq!(chains[&product.id.to_string()], ["d", "b"]);
+    bus.stop().await.unwrap();
+
+    // The same plugins with the tie order reversed in ENABLED_PLUGINS.
+    let mut config = test_config(&["a", "b", "d", "c"]);
+    config.dispatcher.consumer = "dispatcher-2".into();
+    let log_before = log.len();
+    let bus = hookbus::run::Bus::start(client.clone(), config)
+        .await
+        .unwrap();
+    // The new consumer starts from the stream's beginning: both events again.
+    assert_eventually!(log.len() == log_before + 6, WAIT);
+    let again: Vec<String> = log.all()[log_before..]
+        .iter()
+        .filter(|c| c.event_id == customer.id.to_string())
+        .map(|c| c.plugin.clone())
+        .collect();
+    assert_eq!(again, ["a", "b", "d", "c"]);
+    bus.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entity_hooks_honour_entity_filters() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let log = CallLog::default();
+    let bus = start_bus(&client, &["e"]).await;
+    let mut p = TestPlugin::new("e", &log)
+        .handler(
+            "only_customer",
+            Hook::EntityAfterCreate,
+            Some(&["customer"]),
+            100,
+        )
+        .handler("all", Hook::EntityAfterDelete, None, 100);
+    p.start(&client).await;
+    wait_registered(&bus, &["e"]).await;
+    let publisher = publisher(&client);
+    publisher
+        .publish(&entity_event(Hook::EntityAfterCreate, 1, "product"))
+        .await
+        .unwrap();
+    publisher
+        .publish(&entity_event(Hook::EntityAfterCreate, 2, "customer"))
+        .await
+        .unwrap();
+    publisher
+        .publish(&entity_event(Hook::EntityAfterDelete, 1, "product"))
+        .await
+        .unwrap();
+    assert_eventually!(log.len() == 2, WAIT);
+    let calls = log.all();
+    assert_eq!(
+        (calls[0].handler.as_str(), calls[0].object.as_str()),
+        ("only_customer", "entity/2")
+    );
+    assert_eq!(
+        (calls[1].handler.as_str(), calls[1].object.as_str()),
+        ("all", "entity/1")
+    );
+    bus.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_handler_is_isolated_and_dead_lettered() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = jetstream::new(client.clone());
+    let log = CallLog::default();
+    let bus = start_bus(&client, &["good1", "bad", "good2"]).await;
+    let mut good1 = TestPlugin::new("good1", &log).handler("h", Hook::EntryAfterCreate, None, 10);
+    let mut bad = TestPlugin::new("bad", &log)
+        .handler("transient", Hook::EntryAfterCreate, None, 20)
+        .handler("permanent", Hook::EntryAfterCreate, None, 21)
+        .handler("garbage", Hook::EntryAfterCreate, None, 22);
+    let mut good2 = TestPlugin::new("good2", &log).handler("h", Hook::EntryAfterCreate, None, 30);
+    bad.set("transient", Behaviour::Fail(500));
+    bad.set("permanent", Behaviour::Fail(422));
+    bad.set("garbage", Behaviour::Garbage);
+    for p in [&mut good1, &mut bad, &mut good2] {
+        p.start(&client).await;
+    }
+    wait_registered(&bus, &["good1", "bad", "good2"]).await;
+    let event = entry_event(Hook::EntryAfterCreate, "customer", 7);
+    publisher(&client).publish(&event).await.unwrap();
+
+    assert_eventually!(log.count("good2", "h") == 1, WAIT);
+    let order: Vec<String> = log
+        .all()
+        .iter()
+        .map(|c| format!("{}:{}#{}", c.plugin, c.handler, c.attempt))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "good1:h#1",
+            "bad:transient#1",
+            "bad:transient#2",
+            "bad:transient#3",
+            "bad:permanent#1",
+            "bad:garbage#1",
+            "bad:garbage#2",
+            "bad:garbage#3",
+            "good2:h#1"
+        ]
+    );
+    assert_eventually!(dead_letters(&js).await.len() == 3, WAIT);
+    let letters: BTreeMap<String, serde_json::Value> =
+        dead_letters(&js).await.into_iter().collect();
+    let t = &letters["pagoda.dlq.bad.transient"];
+    assert_eq!(t["event_id"], event.id.to_string());
+    assert_eq!(t["attempts"].as_array().unwrap().len(), 3);
+    assert!(
+        t["error"]
+            .as_str()
+            .unwrap()
+            .contains("handler error 500: test failure 500")
+    );
+    assert_eq!(
+        t["event"]["id"],
+        event.id.to_string(),
+        "the whole event is kept"
+    );
+    let p = &letters["pagoda.dlq.bad.permanent"];
+    assert_eq!(
+        p["attempts"].as_array().unwrap().len(),
+        1,
+        "4xx is not retried"
+    );
+    let g = &letters["pagoda.dlq.bad.garbage"];
+    assert!(g["error"].as_str().unwrap().contains("bad reply"), "{g}");
+    // The event itself is done: acked.
+    assert_eventually!(bus.stats.events_acked.get() == 1, WAIT);
+    bus.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_plugin_gets_everything_later_in_order_and_blocks_no_one() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let log = CallLog::default();
+    let bus = start_bus(&client, &["steady", "flappy"]).await;
+    let mut steady =
+        TestPlugin::new("steady", &log).handler("h", Hook::EntryAfterUpdate, None, 200);
+    let mut flappy =
+        TestPlugin::new("flappy", &log).handler("h", Hook::EntryAfterUpdate, None, 100);
+    steady.start(&client).await;
+    flappy.start(&client).await;
+    wait_registered(&bus, &["steady", "flappy"]).await;
+    let publisher = publisher(&client);
+    for i in 0..40 {
+        publisher
+            .publish(&entry_event(Hook::EntryAfterUpdate, "customer", i % 5))
+            .await
+            .unwrap();
+    }
+    assert_eventually!(log.of("steady").len() == 40, WAIT);
+    flappy.stop();
+    for i in 40..100 {
+        publisher
+            .publish(&entry_event(Hook::EntryAfterUpdate, "customer", i % 5))
+            .await
+            .unwrap();
+    }
+    // The other plugin is never held up by the absent one.
+    assert_eventually!(
+        log.of("steady").len() == 100,
+        WAIT,
+        "steady got {}",
+        log.of("steady").len()
+    );
+    assert!(log.of("flappy").len() < 100);
+    assert_eventually!(bus.stats.deferred.get() > 0, WAIT);
+    flappy.start(&client).await;
+    assert_eventually!(
+        log.of("flappy")
+            .iter()
+            .map(|c| c.event_id.clone())
+            .collect::<HashSet<_>>()
+            .len()
+            == 100,
+        WAIT
+    );
+    assert_in_order_per_object(&log, "flappy", 100);
+    assert_in_order_per_object(&log, "steady", 100);
+    bus.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_work_exactly_once() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let client2 = server.connect().await;
+    let log = CallLog::default();
+    let bus = start_bus(&client, &["r"]).await;
+    let mut r = TestPlugin::new("r", &log).handler("h", Hook::EntryAfterCreate, None, 100);
+    r.start(&client).await;
+    r.start(&client2).await;
+    wait_registered(&bus, &["r"]).await;
+    let publisher = publisher(&client);
+    for i in 0..200 {
+        publisher
+            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i))
+            .await
+            .unwrap();
+    }
+    assert_eventually!(log.len() >= 200, WAIT);
+    assert_eventually!(bus.stats.events_acked.get() == 200, WAIT);
+    let calls = log.all();
+    let ids: HashSet<_> = calls.iter().map(|c| c.event_id.clone()).collect();
+    assert_eq!(calls.len(), 200, "no delivery handled twice");
+    assert_eq!(ids.len(), 200);
+    let by_replica = |n| calls.iter().filter(|c| c.replica == n).count();
+    assert!(
+        by_replica(0) > 0 && by_replica(1) > 0,
+        "both replicas worked"
+    );
+    bus.stop().await.unwrap();
+}
+
+fn hookbus_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join("hookbus");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --bins` (./test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+fn spawn_bus_process(server: &NatsServer, enabled: &str) -> Child {
+    Command::new(hookbus_binary())
+        .arg("run")
+        .env("NATS_URL", server.url())
+        .env("ENABLED_PLUGINS", enabled)
+        .env("HOOKBUS_ACK_WAIT_SECS", "2")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatcher_killed_mid_stream_loses_nothing() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let log = CallLog::default();
+    let mut bus = spawn_bus_process(&server, "p");
+    // The bus provisions the bucket; wait for it before registering.
+    let js = jetstream::new(client.clone());
+    assert_eventually!(
+        js.get_key_value(Subjects::default().registry_bucket())
+            .await
+            .is_ok(),
+        WAIT
+    );
+    let mut p = TestPlugin::new("p", &log).handler("h", Hook::EntryAfterCreate, None, 100);
+    p.set("h", Behaviour::Slow(Duration::from_millis(2)));
+    p.start(&client).await;
+    let publisher = publisher(&client);
+    // Registration reaches the bus asynchronously: wait for a first delivery.
+    let probe = entry_event(Hook::EntryAfterCreate, "customer", 999);
+    publisher.publish(&probe).await.unwrap();
+    assert_eventually!(log.len() >= 1, WAIT);
+    for i in 0..300 {
+        publisher
+            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i % 10))
+            .await
+            .unwrap();
+    }
+    assert_eventually!(log.len() > 60, WAIT);
+    bus.kill().unwrap();
+    bus.wait().unwrap();
+    let at_kill = log.len();
+    assert!(at_kill < 301, "killed mid-stream");
+    let mut bus = spawn_bus_process(&server, "p");
+    assert_eventually!(
+        log.all()
+            .iter()
+            .map(|c| c.event_id.clone())
+            .collect::<HashSet<_>>()
+            .len()
+            == 301,
+        WAIT
+    );
+    assert_in_order_per_object(&log, "p", 301);
+    bus.kill().unwrap();
+    bus.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_server_killed_mid_stream_loses_nothing() {
+    init_tracing();
+    let mut server = NatsServer::start().await;
+    let client = server.connect().await;
+    let log = CallLog::default();
+    let bus = start_bus(&client, &["p"]).await;
+    let mut p = TestPlugin::new("p", &log).handler("h", Hook::EntryAfterCreate, None, 100);
+    p.set("h", Behaviour::Slow(Duration::from_millis(2)));
+    p.start(&client).await;
+    wait_registered(&bus, &["p"]).await;
+    let publisher = publisher(&client);
+    for i in 0..150 {
+        publisher
+            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i % 10))
+            .await
+            .unwrap();
+    }
+    assert_eventually!(log.len() > 20, WAIT);
+    server.kill();
+    server.restart().await;
+    for i in 150..300 {
+        // Publishing retries until the client has reconnected.
+        loop {
+            match publisher
+                .publish(&entry_event(Hook::EntryAfterCreate, "customer", i % 10))
+                .await
+            {
+                Ok(_) => break,
+                Err(e) => tracing::info!(error = %e, "publish while reconnecting; retrying"),
+            }
+        }
+    }
+    assert_eventually!(
+        log.all()
+            .iter()
+            .map(|c| c.event_id.clone())
+            .collect::<HashSet<_>>()
+            .len()
+            >= 300,
+        Duration::from_secs(60),
+        "got {} distinct events",
+        log.all()
+            .iter()
+            .map(|c| c.event_id.clone())
+            .collect::<HashSet<_>>()
+            .len()
+    );
+    let js = jetstream::new(client.clone());
+    assert_eq!(
+        stream_len(&js, "PAGODA_EVENTS").await,
+        300,
+        "nothing lost in the stream"
+    );
+    bus.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_the_rest_keeps_working() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = jetstream::new(client.clone());
+    let log = CallLog::default();
+    let bus = start_bus(&client, &["good", "typo", "broken"]).await;
+    let kv = registry(&js).await;
+    kv.put("plugins.broken", "{not json".into()).await.unwrap();
+    kv.put(
+        "plugins.typo",
+        r#"{"id":"typo","name":"T","version":"1.0.0","handlers":[{"name":"h","hook":"entry.after_creat"}]}"#.into(),
+    )
+    .await
+    .unwrap();
+    kv.put(
+        "plugins.liar",
+        r#"{"id":"other","name":"T","version":"1.0.0"}"#.into(),
+    )
+    .await
+    .unwrap();
+    let hostile = ["a.b c", "*", ">", "顧客", "tab\there", "100%", "$SYS"];
+    let mut good = TestPlugin::new("good", &log)
+        .handler("any", Hook::EntryAfterCreate, None, 100)
+        .handler("hostile", Hook::EntryAfterCreate, Some(&hostile), 50);
+    good.start(&client).await;
+    wait_registered(&bus, &["good"]).await;
+    bus.registry
+        .wait_for(WAIT, |t| t.rejected().len() == 3)
+        .await
+        .expect("three manifests rejected");
+    let table = bus.registry.table();
+    let rejected = table.rejected();
+    assert!(
+        rejected["plugins.broken"].contains("manifest is not valid"),
+        "{rejected:?}"
+    );
+    assert!(
+        rejected["plugins.typo"].contains("did you mean 'entry.after_create'"),
+        "{rejected:?}"
+    );
+    assert!(
+        rejected["plugins.liar"].contains("belongs under 'plugins.other'"),
+        "{rejected:?}"
+    );
+
+    // Garbage straight onto the events stream: kept as a dead letter, dispatch goes on.
+    client
+        .publish("pagoda.events.entry.after_create.x", "garbage".into())
+        .await
+        .unwrap();
+    client
+        .publish("pagoda.events.entry.nope.x", "{}".into())
+        .await
+        .unwrap();
+    let publisher = publisher(&client);
+    for (i, name) in hostile.iter().enumerate() {
+        publisher
+            .publish(&entry_event(Hook::EntryAfterCreate, name, i as i64))
+            .await
+            .unwrap();
+    }
+    assert_eventually!(log.count("good", "hostile") == hostile.len(), WAIT);
+    assert_eventually!(log.count("good", "any") == hostile.len(), WAIT);
+    let tokens: Vec<String> = log
+        .all()
+        .iter()
+        .filter(|c| c.handler == "hostile")
+        .map(|c| c.entity_token.clone())
+        .collect();
+    let mut decoded: Vec<String> = tokens
+        .iter()
+        .map(|t| core_events::subject::decode_entity(t).unwrap())
+        .collect();
+    decoded.sort();
+    let mut expected: Vec<String> = hostile.iter().map(|s| (*s).to_owned()).collect();
+    expected.sort();
+    assert_eq!(
+        decoded, expected,
+        "every hostile name routed, and its token decodes back"
+    );
+    let letters = dead_letters(&js).await;
+    let malformed = letters
+        .iter()
+        .filter(|(s, _)| s == "pagoda.dlq._bus.malformed")
+        .count();
+    assert_eq!(malformed, 2, "{letters:?}");
+
+    // An oversized event is refused at publish with a clear error.
+    let mut big = entry_event(Hook::EntryAfterCreate, "customer", 1);
+    big.data.entry.note = "x".repeat(2 * 1024 * 1024);
+    let err = publisher.publish(&big).await.unwrap_err();
+    assert!(
+        err.to_string().contains("jetstream publish failed"),
+        "{err}"
+    );
+    // An empty entity name is refused before anything is sent.
+    let err = publisher
+        .publish(&entry_event(Hook::EntryAfterCreate, "", 1))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("entity name is empty"), "{err}");
+    // And the bus is still up and dispatching.
+    publisher
+        .publish(&entry_event(Hook::EntryAfterCreate, "after", 1))
+        .await
+        .unwrap();
+    assert_eventually!(log.count("good", "any") == hostile.len() + 1, WAIT);
+    bus.stop().await.unwrap();
+}
