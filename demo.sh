@@ -16,7 +16,7 @@
 #                        # to look around with the `nats` CLI
 #
 # Environment: NATS_URL (use this server instead of starting one),
-# RUST_LOG (default info), ENABLED_PLUGINS (default hello-world,audit-log,flaky).
+# RUST_LOG (default error: only the handler lines and dead letters show), ENABLED_PLUGINS (default hello-world,audit-log,flaky).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 # shellcheck source=tests/setup/ensure-tools.sh
@@ -42,7 +42,7 @@ export ENABLED_PLUGINS="${ENABLED_PLUGINS:-$(
     IFS=,
     echo "${PLUGINS[*]}"
 )}"
-export RUST_LOG="${RUST_LOG:-info}"
+export RUST_LOG="${RUST_LOG:-error}"
 
 say() { printf '\n==> %s\n' "$*" >&2; }
 die() {
@@ -108,7 +108,8 @@ start() {
     shift
     prefix="$(colour "$name")[$name]"
     [ -t 1 ] && reset=$'\033[0m'
-    "$@" > >(sed -u "s/^/${prefix//\//\\/}${reset} /") 2>&1 &
+    # Plugins tag their own lines with [NAME]; only untagged lines get the prefix.
+    "$@" > >(sed -u "/^\\[${name}\\]/!s/^/${prefix//\//\\/}${reset} /") 2>&1 &
     PIDS+=("$!")
     NAMES+=("$name")
 }
@@ -171,6 +172,7 @@ fi
 
 # --- 3. the bus and the plugins ------------------------------------------------
 
+export AUDIT_LOG_PATH="${AUDIT_LOG_PATH:-$WORK/audit.jsonl}"
 say "starting the bus: hookbus run (ENABLED_PLUGINS=$ENABLED_PLUGINS)"
 start hookbus "$BIN/hookbus" run
 for plugin in "${PLUGINS[@]}"; do

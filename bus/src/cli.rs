@@ -26,7 +26,7 @@ struct Cli {
     /// Subject prefix of this deployment.
     #[arg(
         long,
-        env = "HOOKBUS_SUBJECT_PREFIX",
+        env = "PAGODA_SUBJECT_PREFIX",
         default_value = "pagoda",
         global = true
     )]

@@ -9,7 +9,7 @@ use chrono::Utc;
 use core_events::{
     Entity, EntityEvent, Entry, EntryEvent, Envelope, Hook, ObjectRef, Subjects, User,
 };
-use hookbus::Publisher;
+use hookbus::{EncodedEvent, Publisher};
 
 use crate::cli::println_out;
 
@@ -94,7 +94,15 @@ pub(crate) async fn run(
     let mut acme_v2 = acme.clone();
     acme_v2.note = "updated".into();
 
-    let mut last_seq = 0;
+    let product_event = Envelope::entity(
+        Hook::EntityAfterCreate,
+        source,
+        EntityEvent {
+            entity: product,
+            previous: None,
+            user: Some(user.clone()),
+        },
+    );
     let entry_events = [
         entry_event(
             Hook::EntryAfterCreate,
@@ -105,44 +113,48 @@ pub(crate) async fn run(
         entry_event(Hook::EntryAfterCreate, &customer, acme.clone(), None),
         entry_event(Hook::EntryAfterUpdate, &customer, acme_v2, Some(acme)),
     ];
-    for ev in &entry_events {
-        let ack = publisher.publish(ev).await?;
-        last_seq = ack.sequence;
-        println_out(&format!(
-            "demo: published seq={} {} entity={} object={}",
-            ack.sequence, ev.event_type, ev.pagodaentity, ev.subject
-        ));
-    }
-    let ev = Envelope::entity(
-        Hook::EntityAfterCreate,
-        source,
-        EntityEvent {
-            entity: product,
-            previous: None,
-            user: Some(user.clone()),
-        },
-    );
-    let ack = publisher.publish(&ev).await?;
-    last_seq = last_seq.max(ack.sequence);
-    println_out(&format!(
-        "demo: published seq={} {} entity={} object={}",
-        ack.sequence, ev.event_type, ev.pagodaentity, ev.subject
-    ));
-
-    let mut stream = js.get_stream(subjects.events_stream()).await?;
-    let mut consumer: jetstream::consumer::PullConsumer =
-        stream.get_consumer("dispatcher").await.map_err(|e| {
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_stream(subjects.events_stream())
+        .await?
+        .get_consumer("dispatcher")
+        .await
+        .map_err(|e| {
             anyhow::anyhow!("the bus's dispatcher consumer is missing ({e}): is `hookbus run` up?")
         })?;
-    loop {
-        let info = consumer.info().await?;
-        if info.ack_floor.stream_sequence >= last_seq && info.num_ack_pending == 0 {
-            break;
+    // One event at a time, so each event's handler chain reads in order.
+    let mut last_seq = 0;
+    for (n, encoded) in entry_events
+        .iter()
+        .map(|e| EncodedEvent::encode(subjects, e))
+        .chain(std::iter::once(EncodedEvent::encode(
+            subjects,
+            &product_event,
+        )))
+        .enumerate()
+    {
+        let encoded = encoded?;
+        let subject = encoded.subject.clone();
+        let ack = publisher.send(encoded).await?.await?;
+        last_seq = ack.sequence;
+        println_out(&format!(
+            "demo: event {} published: seq={} subject={subject}",
+            n + 1,
+            ack.sequence
+        ));
+        loop {
+            let info = consumer.info().await?;
+            if info.ack_floor.stream_sequence >= last_seq && info.num_ack_pending == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("event seq={last_seq} was not dispatched within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if Instant::now() > deadline {
-            bail!("events were not all dispatched within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        println_out(&format!(
+            "demo: event {} dispatched to every handler",
+            n + 1
+        ));
     }
     let dlq = js
         .get_stream(subjects.dlq_stream())
@@ -151,7 +163,6 @@ pub(crate) async fn run(
         .await?
         .state
         .messages;
-    let _ = stream.info().await?;
     println_out(&format!(
         "demo: all events up to seq={last_seq} dispatched; {dlq} delivery(ies) dead-lettered (see `hookbus dlq`); every other handler ran"
     ));
