@@ -1,0 +1,78 @@
+//! Provisioning is idempotent, and an incompatible existing stream is reported,
+//! never silently changed.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use async_nats::jetstream::{self, stream};
+use core_events::Subjects;
+use hookbus::config::StreamSettings;
+use hookbus::provision::{ProvisionError, provision};
+use hookbus_tests::NatsServer;
+
+#[tokio::test]
+async fn provisioning_twice_is_a_no_op() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.connect().await);
+    let subjects = Subjects::default();
+    provision(&js, &subjects, &StreamSettings::default())
+        .await
+        .unwrap();
+    provision(&js, &subjects, &StreamSettings::default())
+        .await
+        .unwrap();
+    let mut events = js.get_stream("PAGODA_EVENTS").await.unwrap();
+    let info = events.info().await.unwrap();
+    assert_eq!(info.config.subjects, ["pagoda.events.>"]);
+    assert!(js.get_key_value("pagoda_registry").await.is_ok());
+    assert!(js.get_stream("PAGODA_DLQ").await.is_ok());
+    assert!(js.get_stream("PAGODA_DEFERRED").await.is_ok());
+}
+
+#[tokio::test]
+async fn an_incompatible_stream_is_reported_and_left_alone() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.connect().await);
+    js.create_stream(stream::Config {
+        name: "PAGODA_EVENTS".into(),
+        subjects: vec!["something.else.>".into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = provision(&js, &Subjects::default(), &StreamSettings::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ProvisionError::Incompatible { .. }),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("stream 'PAGODA_EVENTS' exists with an incompatible configuration"),
+        "{msg}"
+    );
+    assert!(msg.contains("subjects are [\"something.else.>\"]"), "{msg}");
+    assert!(msg.contains("retention is WorkQueue"), "{msg}");
+    // Not changed behind the operator's back.
+    let mut s = js.get_stream("PAGODA_EVENTS").await.unwrap();
+    assert_eq!(
+        s.info().await.unwrap().config.subjects,
+        ["something.else.>"]
+    );
+}
+
+#[tokio::test]
+async fn a_custom_prefix_gets_its_own_names() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.connect().await);
+    let subjects = Subjects::new("acme.pagoda").unwrap();
+    provision(&js, &subjects, &StreamSettings::default())
+        .await
+        .unwrap();
+    let mut events = js.get_stream("ACME_PAGODA_EVENTS").await.unwrap();
+    assert_eq!(
+        events.info().await.unwrap().config.subjects,
+        ["acme.pagoda.events.>"]
+    );
+    assert!(js.get_key_value("acme_pagoda_registry").await.is_ok());
+}
