@@ -5,10 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use async_nats::jetstream;
-use chrono::Utc;
-use core_events::{
-    Entity, EntityEvent, Entry, EntryEvent, Envelope, Hook, ObjectRef, Subjects, User,
-};
+use core_events::{Entity, EntityEvent, Entry, EntryEvent, Envelope, Hook, Subjects, sample};
 use hookbus::{EncodedEvent, Publisher};
 
 use crate::cli::println_out;
@@ -37,43 +34,9 @@ pub(crate) async fn run(
 
     let js = jetstream::new(client.clone());
     let publisher = Publisher::new(js.clone(), subjects.clone());
-    let now = Utc::now();
-    let user = User {
-        id: 1,
-        username: "admin".into(),
-        email: "admin@example.com".into(),
-        first_name: String::new(),
-        last_name: String::new(),
-        is_active: true,
-        is_superuser: true,
-        date_joined: now,
-    };
-    let entity = |id: i64, name: &str| Entity {
-        id,
-        name: name.into(),
-        note: String::new(),
-        is_active: true,
-        created_time: now,
-        created_user: Some(ObjectRef {
-            id: 1,
-            name: "admin".into(),
-        }),
-        attrs: vec![],
-    };
-    let entry = |id: i64, name: &str, schema: &Entity| Entry {
-        id,
-        name: name.into(),
-        note: String::new(),
-        is_active: true,
-        schema: ObjectRef {
-            id: schema.id,
-            name: schema.name.clone(),
-        },
-        created_time: now,
-        created_user: None,
-        updated_time: now,
-        attrs: vec![],
-    };
+    let user = sample::user(1, "admin");
+    let entity = sample::entity;
+    let entry = sample::entry;
     let helloworld = entity(1, "helloworld");
     let customer = entity(2, "customer");
     let product = entity(3, "product");

@@ -9,6 +9,7 @@
 //! | the subject codec (events, handlers, dead letters; entity tokens) | [`subject`] |
 //! | plugin manifests and their validation | [`manifest`] |
 //! | headers, handler replies, dead-letter records | [`protocol`] |
+//! | sample objects for demos, docs and tests | [`sample`] |
 #![forbid(unsafe_code)]
 
 pub mod envelope;
@@ -16,6 +17,7 @@ pub mod hook;
 pub mod manifest;
 pub mod model;
 pub mod protocol;
+pub mod sample;
 pub mod subject;
 
 pub use envelope::{EntityEvent, EntryEvent, Envelope, EventId};

@@ -1,7 +1,13 @@
 //! Shared pieces of the end-to-end tests: an in-process bus and hand-written
 //! plugins that answer on the real protocol (plain queue subscriptions, no SDK),
 //! recording every delivery they get.
-#![allow(dead_code, clippy::unwrap_used, unreachable_pub, missing_docs)]
+#![allow(
+    dead_code,
+    unused_imports,
+    clippy::unwrap_used,
+    unreachable_pub,
+    missing_docs
+)]
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,12 +15,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use async_nats::service::error::Error as ServiceError;
 use bytes::Bytes;
-use chrono::Utc;
 use core_events::protocol::headers;
-use core_events::{
-    Entity, EntityEvent, Entry, EntryEvent, Envelope, HandlerSpec, Hook, ObjectRef, PluginManifest,
-    Subjects,
-};
+use core_events::{HandlerSpec, Hook, PluginManifest, Subjects};
 use futures::StreamExt;
 use hookbus::config::BusConfig;
 use hookbus::run::Bus;
@@ -249,57 +251,7 @@ pub async fn wait_registered(bus: &Bus, plugins: &[&str]) {
         .unwrap_or_else(|()| panic!("plugins {plugins:?} were not registered in time"));
 }
 
-pub fn entity(id: i64, name: &str) -> Entity {
-    Entity {
-        id,
-        name: name.into(),
-        note: String::new(),
-        is_active: true,
-        created_time: Utc::now(),
-        created_user: None,
-        attrs: vec![],
-    }
-}
-
-pub fn entry_event(hook: Hook, entity_name: &str, entry_id: i64) -> Envelope<EntryEvent> {
-    let e = entity(1, entity_name);
-    let now = Utc::now();
-    Envelope::entry(
-        hook,
-        "/pagoda/test",
-        EntryEvent {
-            entry: Entry {
-                id: entry_id,
-                name: format!("entry-{entry_id}"),
-                note: String::new(),
-                is_active: true,
-                schema: ObjectRef {
-                    id: e.id,
-                    name: e.name.clone(),
-                },
-                created_time: now,
-                created_user: None,
-                updated_time: now,
-                attrs: vec![],
-            },
-            entity: e,
-            previous: None,
-            user: None,
-        },
-    )
-}
-
-pub fn entity_event(hook: Hook, id: i64, name: &str) -> Envelope<EntityEvent> {
-    Envelope::entity(
-        hook,
-        "/pagoda/test",
-        EntityEvent {
-            entity: entity(id, name),
-            previous: None,
-            user: None,
-        },
-    )
-}
+pub use core_events::sample::{entity_event, entry_event};
 
 /// Number of messages in a stream.
 pub async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
