@@ -196,46 +196,10 @@ pub struct EntityEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ObjectRef;
 
     fn sample_entry_event() -> EntryEvent {
-        let now = Utc::now();
-        EntryEvent {
-            entity: Entity {
-                id: 7,
-                name: "customer".into(),
-                note: String::new(),
-                is_active: true,
-                created_time: now,
-                created_user: None,
-                attrs: vec![],
-            },
-            entry: Entry {
-                id: 42,
-                name: "ACME".into(),
-                note: String::new(),
-                is_active: true,
-                schema: ObjectRef {
-                    id: 7,
-                    name: "customer".into(),
-                },
-                created_time: now,
-                created_user: None,
-                updated_time: now,
-                attrs: vec![],
-            },
-            previous: None,
-            user: Some(User {
-                id: 1,
-                username: "admin".into(),
-                email: String::new(),
-                first_name: String::new(),
-                last_name: String::new(),
-                is_active: true,
-                is_superuser: true,
-                date_joined: now,
-            }),
-        }
+        let sample = crate::sample::entry_event(Hook::EntryAfterCreate, "customer", 42);
+        sample.data
     }
 
     #[test]

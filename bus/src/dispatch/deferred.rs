@@ -168,57 +168,53 @@ impl Ctx {
                 .and_then(|h| h.get(headers::HANDLER))
                 .map(|v| v.to_string())
                 .unwrap_or_default();
-            let event = EventMeta::from_deferred(&msg.message);
-            let Some(event) = event else {
-                tracing::error!(%plugin, "unreadable deferred delivery dropped to the dead-letter stream");
-                self.malformed(
-                    &msg.message.subject,
-                    &msg.message.payload,
-                    "unreadable deferred delivery",
-                )
-                .await
-                .map_err(|_| DrainError::Stopped)?;
-                self.ack_until_done(&msg)
-                    .await
-                    .map_err(|_| DrainError::Stopped)?;
-                counter.fetch_sub(1, Ordering::AcqRel);
-                continue;
-            };
-            let route = self.route_for_deferred(plugin, &handler).await?;
-            match route {
-                Some(route) => {
-                    deliver(self, &route, &event, WhenAbsent::Wait)
-                        .await
-                        .map_err(|_| DrainError::Stopped)?;
-                }
+            match EventMeta::from_deferred(&msg.message) {
                 None => {
-                    let gone = Route {
-                        plugin: plugin.into(),
-                        handler: handler.as_str().into(),
-                        subject: self.subjects.handler(plugin, &handler).into(),
-                        hook: event.hook,
-                        entities: None,
-                        priority: 0,
-                        plugin_rank: 0,
-                        declared: 0,
-                        timeout: std::time::Duration::ZERO,
-                        retry: Arc::from([]),
-                    };
-                    let failure = core_events::protocol::FailedAttempt {
-                        attempt: 0,
-                        at: chrono::Utc::now(),
-                        error: format!("plugin '{plugin}' no longer declares handler '{handler}'"),
-                    };
-                    self.dead_letter(&gone, &event, vec![failure])
-                        .await
-                        .map_err(|_| DrainError::Stopped)?;
+                    tracing::error!(%plugin, "unreadable deferred delivery moved to the dead-letter stream");
+                    self.malformed(
+                        &msg.message.subject,
+                        &msg.message.payload,
+                        "unreadable deferred delivery",
+                    )
+                    .await?;
                 }
+                Some(event) => match self.route_for_deferred(plugin, &handler).await? {
+                    Some(route) => {
+                        deliver(self, &route, &event, WhenAbsent::Wait).await?;
+                    }
+                    None => self.handler_gone(plugin, &handler, &event).await?,
+                },
             }
-            self.ack_until_done(&msg)
-                .await
-                .map_err(|_| DrainError::Stopped)?;
+            self.ack_until_done(&msg).await?;
             counter.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+
+    /// Dead-letters a deferred delivery whose handler its (enabled) plugin no longer declares.
+    async fn handler_gone(
+        &self,
+        plugin: &str,
+        handler: &str,
+        event: &EventMeta,
+    ) -> Result<(), Stopped> {
+        let gone = Route {
+            plugin: plugin.into(),
+            handler: handler.into(),
+            subject: self.subjects.handler(plugin, handler).into(),
+            hook: event.hook,
+            entities: None,
+            priority: 0,
+            plugin_rank: 0,
+            declared: 0,
+            timeout: std::time::Duration::ZERO,
+            retry: Arc::from([]),
+        };
+        let failure = core_events::protocol::FailedAttempt {
+            attempt: 0,
+            at: chrono::Utc::now(),
+            error: format!("plugin '{plugin}' no longer declares handler '{handler}'"),
+        };
+        self.dead_letter(&gone, event, vec![failure]).await
     }
 
     /// The route for a deferred delivery: waits while the plugin is not registered or
@@ -261,6 +257,12 @@ impl Ctx {
 enum DrainError {
     Stopped,
     Nats(async_nats::Error),
+}
+
+impl From<Stopped> for DrainError {
+    fn from(_: Stopped) -> Self {
+        DrainError::Stopped
+    }
 }
 
 impl<E: Into<async_nats::Error>> From<E> for DrainError {
