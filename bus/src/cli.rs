@@ -7,7 +7,6 @@ use anyhow::{Context, Result};
 use async_nats::jetstream;
 use clap::{Parser, Subcommand};
 use core_events::Subjects;
-use futures::StreamExt;
 use hookbus::config::{BusConfig, parse_enabled_plugins};
 use tokio_util::sync::CancellationToken;
 
@@ -147,36 +146,23 @@ pub(crate) async fn main() -> Result<ExitCode> {
         }
         Command::Dlq { plugin } => {
             let js = jetstream::new(client.clone());
-            let filter = match &plugin {
-                Some(p) => format!("{}.dlq.{p}.>", subjects.prefix()),
-                None => subjects.all_dead_letters(),
-            };
-            let stream = js.get_stream(subjects.dlq_stream()).await?;
-            let consumer = stream
-                .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                    filter_subject: filter,
-                    ..Default::default()
-                })
-                .await?;
-            let pending = consumer.cached_info().num_pending;
-            let mut messages = consumer.messages().await?.take(usize::try_from(pending)?);
-            let mut n = 0;
-            while let Some(msg) = messages.next().await {
-                let msg = msg?;
-                let letter: serde_json::Value = serde_json::from_slice(&msg.payload)
-                    .unwrap_or_else(|_| serde_json::Value::String("(not JSON)".into()));
+            let letters = hookbus::dlq::list(&js, &subjects, plugin.as_deref())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read the dead-letter stream: {e}"))?;
+            for l in &letters {
+                let b = &l.body;
                 println_out(&format!(
                     "{}  {}  {} {}  seq={} attempts={}  error={}",
-                    msg.subject,
-                    letter["event_id"].as_str().unwrap_or("?"),
-                    letter["hook"].as_str().unwrap_or("?"),
-                    letter["object"].as_str().unwrap_or("?"),
-                    letter["stream_seq"],
-                    letter["attempts"].as_array().map_or(0, Vec::len),
-                    letter["error"].as_str().unwrap_or("?"),
+                    l.subject,
+                    b["event_id"].as_str().unwrap_or("?"),
+                    b["hook"].as_str().unwrap_or("?"),
+                    b["object"].as_str().unwrap_or("?"),
+                    b["stream_seq"],
+                    b["attempts"].as_array().map_or(0, Vec::len),
+                    b["error"].as_str().unwrap_or("?"),
                 ));
-                n += 1;
             }
+            let n = letters.len();
             println_out(&format!("{n} dead letter(s)"));
             ExitCode::SUCCESS
         }

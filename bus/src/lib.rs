@@ -7,6 +7,7 @@
 //! | publishing events (`Nats-Msg-Id` = event id) | [`publish`] |
 //! | the live plugin registry and routing table | [`registry`] |
 //! | the dispatcher (ordering, retries, dead letters, deferral) | [`dispatch`] |
+//! | reading dead letters | [`dlq`] |
 //! | the daemon: everything above under one shutdown | [`run`] |
 //!
 //! The `hookbus` binary is a thin `main` over [`run::run`] and the inspection
@@ -15,6 +16,7 @@
 
 pub mod config;
 pub mod dispatch;
+pub mod dlq;
 pub mod provision;
 pub mod publish;
 pub mod registry;

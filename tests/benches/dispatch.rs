@@ -292,15 +292,7 @@ impl World {
                 ack.await.unwrap();
             }
         }
-        let stored = js
-            .get_stream(subjects.events_stream())
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .messages;
+        let stored = hookbus_tests::stream_len(&js, &subjects.events_stream()).await;
         assert_eq!(
             stored,
             events.len() as u64,

@@ -646,6 +646,22 @@ fn tail(path: &Path, lines: usize) -> String {
     }
 }
 
+/// Number of messages a JetStream stream holds.
+///
+/// # Panics
+///
+/// When the stream cannot be read.
+pub async fn stream_len(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream)
+        .await
+        .unwrap_or_else(|e| panic!("stream {stream}: {e}"))
+        .info()
+        .await
+        .unwrap_or_else(|e| panic!("stream {stream} info: {e}"))
+        .state
+        .messages
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

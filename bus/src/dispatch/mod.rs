@@ -314,22 +314,17 @@ fn sanitize_header(s: &str) -> String {
         .collect()
 }
 
-/// One event taken from the consumer and not yet acked.
-struct Pending {
-    event: EventMeta,
-}
-
 /// Per-object queues: at most one runner per object; the runner takes the
 /// object's events in arrival (= stream) order.
 #[derive(Default)]
 struct Lanes {
-    queues: std::sync::Mutex<HashMap<ObjectKey, VecDeque<Pending>>>,
+    queues: std::sync::Mutex<HashMap<ObjectKey, VecDeque<EventMeta>>>,
     /// Latest ack subject per in-flight stream sequence (a redelivery replaces it).
     in_flight: std::sync::Mutex<HashMap<u64, Subject>>,
 }
 
 impl Lanes {
-    fn queues(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, VecDeque<Pending>>> {
+    fn queues(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, VecDeque<EventMeta>>> {
         self.queues
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -495,7 +490,7 @@ impl Dispatcher {
         {
             let mut queues = self.lanes.queues();
             if let Some(q) = queues.get_mut(&key) {
-                q.push_back(Pending { event });
+                q.push_back(event);
                 return;
             }
             queues.insert(key, VecDeque::new());
@@ -507,10 +502,10 @@ impl Dispatcher {
             let Ok(_permit) = permits.acquire_owned().await else {
                 return;
             };
-            let mut next = Some(Pending { event });
-            while let Some(p) = next {
-                let seq = p.event.seq;
-                if process(&ctx, p.event).await.is_err() {
+            let mut next = Some(event);
+            while let Some(event) = next {
+                let seq = event.seq;
+                if process(&ctx, event).await.is_err() {
                     // Shutdown: leave the rest unacked; they are redelivered after a restart.
                     lanes.queues().remove(&key);
                     return;

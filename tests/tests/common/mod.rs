@@ -253,35 +253,14 @@ pub async fn wait_registered(bus: &Bus, plugins: &[&str]) {
 
 pub use core_events::sample::{entity_event, entry_event};
 
-/// Number of messages in a stream.
-pub async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
-    js.get_stream(stream)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages
-}
+pub use hookbus_tests::stream_len;
 
-/// Reads every dead letter.
+/// Reads every dead letter: (subject, record).
 pub async fn dead_letters(js: &jetstream::Context) -> Vec<(String, serde_json::Value)> {
-    let subjects = Subjects::default();
-    let stream = js.get_stream(subjects.dlq_stream()).await.unwrap();
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+    hookbus::dlq::list(js, &Subjects::default(), None)
         .await
-        .unwrap();
-    let n = consumer.cached_info().num_pending as usize;
-    let mut out = Vec::new();
-    let mut messages = consumer.messages().await.unwrap().take(n);
-    while let Some(m) = messages.next().await {
-        let m = m.unwrap();
-        out.push((
-            m.subject.to_string(),
-            serde_json::from_slice(&m.payload).unwrap_or(serde_json::Value::Null),
-        ));
-    }
-    out
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.subject, l.body))
+        .collect()
 }
