@@ -150,8 +150,7 @@ async fn spawn_status(
     stats: Arc<DispatchStats>,
     shutdown: CancellationToken,
 ) -> Result<JoinHandle<()>, RunError> {
-    let prefix = config.subjects.prefix();
-    let registry_subject = format!("{prefix}.bus.registry");
+    let prefix = config.subjects.prefix().to_owned();
     let mut sub = client.subscribe(format!("{prefix}.bus.*")).await?;
     let client = client.clone();
     Ok(tokio::spawn(async move {
@@ -161,10 +160,15 @@ async fn spawn_status(
                 m = sub.next() => match m { Some(m) => m, None => break },
             };
             let Some(reply) = msg.reply else { continue };
-            let body = if msg.subject.as_str() == registry_subject {
-                serde_json::to_vec(&*registry.table())
-            } else {
-                serde_json::to_vec(&*stats)
+            let body = match msg.subject.as_str().rsplit('.').next() {
+                Some("registry") => serde_json::to_vec(&*registry.table()),
+                Some("stats") => serde_json::to_vec(&*stats),
+                _ => serde_json::to_vec(&serde_json::json!({
+                    "error": format!(
+                        "unknown status subject '{}'; use {prefix}.bus.registry or {prefix}.bus.stats",
+                        msg.subject
+                    )
+                })),
             };
             if let Ok(body) = body {
                 let _ = client.publish(reply, body.into()).await;

@@ -128,14 +128,19 @@ async fn entity_hooks_honour_entity_filters() {
         .await
         .unwrap();
     assert_eventually!(log.len() == 2, WAIT);
-    let calls = log.all();
+    // Different objects run in parallel, so compare the deliveries as a set.
+    let mut calls: Vec<(String, String)> = log
+        .all()
+        .into_iter()
+        .map(|c| (c.handler, c.object))
+        .collect();
+    calls.sort();
     assert_eq!(
-        (calls[0].handler.as_str(), calls[0].object.as_str()),
-        ("only_customer", "entity/2")
-    );
-    assert_eq!(
-        (calls[1].handler.as_str(), calls[1].object.as_str()),
-        ("all", "entity/1")
+        calls,
+        [
+            ("all".to_owned(), "entity/1".to_owned()),
+            ("only_customer".to_owned(), "entity/2".to_owned())
+        ]
     );
     bus.stop().await.unwrap();
 }
@@ -538,5 +543,42 @@ async fn bad_input_gets_clear_errors_and_the_rest_keeps_working() {
         .await
         .unwrap();
     assert_eventually!(log.count("good", "any") == hostile.len() + 1, WAIT);
+    bus.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bus_answers_status_requests() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let log = CallLog::default();
+    let bus = start_bus(&client, &["s"]).await;
+    let mut p = TestPlugin::new("s", &log).handler("h", Hook::EntryAfterCreate, None, 100);
+    p.start(&client).await;
+    wait_registered(&bus, &["s"]).await;
+    publisher(&client)
+        .publish(&entry_event(Hook::EntryAfterCreate, "customer", 1))
+        .await
+        .unwrap();
+    assert_eventually!(bus.stats.events_acked.get() == 1, WAIT);
+    let ask = |subject: &'static str| {
+        let client = client.clone();
+        async move {
+            let reply = client.request(subject, "".into()).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&reply.payload).unwrap()
+        }
+    };
+    let stats = ask("pagoda.bus.stats").await;
+    assert_eq!(stats["events_acked"], 1);
+    assert_eq!(stats["delivered"], 1);
+    let registry = ask("pagoda.bus.registry").await;
+    assert_eq!(registry["plugins"]["s"]["enabled_rank"], 0);
+    let unknown = ask("pagoda.bus.nope").await;
+    assert!(
+        unknown["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown status subject 'pagoda.bus.nope'")
+    );
     bus.stop().await.unwrap();
 }
