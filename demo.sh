@@ -173,7 +173,9 @@ fi
 # --- 3. the bus and the plugins ------------------------------------------------
 
 export AUDIT_LOG_PATH="${AUDIT_LOG_PATH:-$WORK/audit.jsonl}"
-say "starting the bus: hookbus run (ENABLED_PLUGINS=$ENABLED_PLUGINS)"
+# The model store (SQLite): the demo writes changes there, the bus relays its outbox.
+export HOOKBUS_DATABASE_URL="${HOOKBUS_DATABASE_URL:-sqlite://$WORK/pagoda.db}"
+say "starting the bus: hookbus run (ENABLED_PLUGINS=$ENABLED_PLUGINS, database $HOOKBUS_DATABASE_URL)"
 start hookbus "$BIN/hookbus" run
 for plugin in "${PLUGINS[@]}"; do
     say "starting plugin $plugin"

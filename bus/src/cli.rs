@@ -49,9 +49,53 @@ enum Command {
         /// Objects dispatched in parallel.
         #[arg(long, env = "HOOKBUS_MAX_PARALLEL_OBJECTS", default_value_t = 256)]
         max_parallel_objects: usize,
+        /// The host's database: when set, the bus migrates it and relays its outbox
+        /// (sqlite://pagoda.db or postgres://user@host/db).
+        #[arg(long, env = "HOOKBUS_DATABASE_URL")]
+        database_url: Option<String>,
+        #[command(flatten)]
+        retention: RetentionArgs,
+        #[command(flatten)]
+        observe: crate::ops_cmd::ObserveArgs,
     },
-    /// Create the streams and the registry bucket if missing, and check them.
-    Provision,
+    /// Create or upgrade the model store and outbox tables.
+    ///
+    /// Example: hookbus migrate --database-url sqlite://pagoda.db
+    Migrate {
+        /// The database (sqlite://file or postgres://user@host/db).
+        #[arg(long, env = "HOOKBUS_DATABASE_URL")]
+        database_url: String,
+    },
+    /// Rebuild the model store from the events stream into an empty database.
+    ///
+    /// Example: hookbus rebuild --database-url sqlite://rebuilt.db
+    Rebuild {
+        /// The database to fill (sqlite://file or postgres://user@host/db).
+        #[arg(long, env = "HOOKBUS_DATABASE_URL")]
+        database_url: String,
+        /// Apply the stream even though the store is not empty.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run only the outbox relay (the bus's `run` includes it when given a database).
+    ///
+    /// Two relays on one database are safe: neither publishes an event twice or
+    /// out of order. Example: hookbus relay --database-url postgres://pagoda@db/pagoda
+    Relay {
+        /// The database (sqlite://file or postgres://user@host/db).
+        #[arg(long, env = "HOOKBUS_DATABASE_URL")]
+        database_url: String,
+    },
+    /// Create the streams and the registry bucket if missing, and check them;
+    /// apply the events stream's retention.
+    ///
+    /// Example: hookbus provision --events-max-age 90d --events-max-bytes 50GiB
+    Provision {
+        #[command(flatten)]
+        retention: RetentionArgs,
+    },
+    /// Replay stored events to stdout (JSON lines) or to one plugin handler.
+    Replay(hookbus::replay_cmd::ReplayArgs),
     /// Publish a few demo events and show which handlers ran, in order.
     Demo {
         /// Plugins the demo waits for before publishing.
@@ -64,15 +108,20 @@ enum Command {
         /// Seconds to wait for plugins and deliveries.
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
+        /// Write the changes through the model store in this database (the bus must
+        /// relay its outbox: `hookbus run` with the same HOOKBUS_DATABASE_URL);
+        /// without it, events are published directly.
+        #[arg(long, env = "HOOKBUS_DATABASE_URL")]
+        database_url: Option<String>,
     },
-    /// Show the registry as the running bus sees it.
-    Registry,
-    /// List dead letters.
-    Dlq {
-        /// Only this plugin's.
-        #[arg(long)]
-        plugin: Option<String>,
-    },
+    /// Show events live, filtered by hook and entity (readable lines or JSON lines).
+    Tail(crate::ops_cmd::TailArgs),
+    /// Show plugins, handlers in effective order, enabled or not, replicas alive.
+    Registry(crate::ops_cmd::RegistryArgs),
+    /// List, show, replay or purge dead letters.
+    Dlq(crate::ops_cmd::DlqArgs),
+    /// One screen with the bus and every plugin; exit status 1 when unhealthy.
+    Health(crate::ops_cmd::HealthArgs),
 }
 
 pub(crate) async fn main() -> Result<ExitCode> {
@@ -90,6 +139,9 @@ pub(crate) async fn main() -> Result<ExitCode> {
             enabled_plugins,
             ack_wait_secs,
             max_parallel_objects,
+            database_url,
+            retention,
+            observe,
         } => {
             let mut config = BusConfig {
                 subjects,
@@ -98,6 +150,8 @@ pub(crate) async fn main() -> Result<ExitCode> {
             };
             config.dispatcher.ack_wait = Duration::from_secs(ack_wait_secs.max(1));
             config.dispatcher.max_parallel_objects = max_parallel_objects.max(1);
+            retention.apply(&mut config.streams);
+            observe.apply(&mut config)?;
             if config.enabled_plugins.is_empty() {
                 tracing::warn!("ENABLED_PLUGINS is empty: no plugin will receive events");
             }
@@ -108,12 +162,98 @@ pub(crate) async fn main() -> Result<ExitCode> {
                 tracing::info!("shutting down");
                 token.cancel();
             });
-            hookbus::run::run(client.clone(), config, shutdown).await?;
+            let relay = match database_url {
+                Some(url) => {
+                    // Fail fast on a bad database before starting anything.
+                    hookbus::outbox_cmd::open_migrated(&url).await?;
+                    let (client, subjects, streams, token) = (
+                        client.clone(),
+                        config.subjects.clone(),
+                        config.streams.clone(),
+                        shutdown.clone(),
+                    );
+                    Some(tokio::spawn(async move {
+                        hookbus::outbox_cmd::relay(client, subjects, &streams, &url, token).await
+                    }))
+                }
+                None => None,
+            };
+            let ran = hookbus::run::run(client.clone(), config, shutdown.clone()).await;
+            shutdown.cancel();
+            if let Some(relay) = relay {
+                relay.await??;
+            }
+            ran?;
             ExitCode::SUCCESS
         }
-        Command::Provision => {
+        Command::Rebuild {
+            database_url,
+            force,
+        } => {
             let js = jetstream::new(client.clone());
-            hookbus::provision::provision(&js, &subjects, &Default::default()).await?;
+            let bar = indicatif::ProgressBar::with_draw_target(
+                None,
+                indicatif::ProgressDrawTarget::stderr(),
+            );
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "rebuild [{bar:30}] {pos}/{len} events ({per_sec}, eta {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let report = hookbus::outbox_cmd::rebuild(
+                &js,
+                &subjects,
+                &database_url,
+                force,
+                |done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                },
+            )
+            .await?;
+            bar.finish_and_clear();
+            println_out(&format!(
+                "ok: applied {} events ({} entity, {} entry, {} skipped) to {}",
+                report.events,
+                report.entity_events,
+                report.entry_events,
+                report.skipped,
+                hookbus::outbox_cmd::redact(&database_url)
+            ));
+            ExitCode::SUCCESS
+        }
+        Command::Migrate { database_url } => {
+            hookbus::outbox_cmd::open_migrated(&database_url).await?;
+            println_out(&format!(
+                "ok: {} is migrated",
+                hookbus::outbox_cmd::redact(&database_url)
+            ));
+            ExitCode::SUCCESS
+        }
+        Command::Relay { database_url } => {
+            let shutdown = CancellationToken::new();
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("shutting down");
+                token.cancel();
+            });
+            hookbus::outbox_cmd::relay(
+                client.clone(),
+                subjects,
+                &Default::default(),
+                &database_url,
+                shutdown,
+            )
+            .await?;
+            ExitCode::SUCCESS
+        }
+        Command::Provision { retention } => {
+            let js = jetstream::new(client.clone());
+            let mut streams = hookbus::config::StreamSettings::default();
+            retention.apply(&mut streams);
+            hookbus::provision::provision(&js, &subjects, &streams).await?;
             println_out(&format!(
                 "ok: streams {}, {}, {} and bucket {} are ready",
                 subjects.events_stream(),
@@ -123,54 +263,61 @@ pub(crate) async fn main() -> Result<ExitCode> {
             ));
             ExitCode::SUCCESS
         }
+        Command::Replay(args) => hookbus::replay_cmd::main(&client, &subjects, &args).await?,
         Command::Demo {
             enabled_plugins,
             timeout_secs,
+            database_url,
         } => {
             crate::demo::run(
                 &client,
                 &subjects,
                 &parse_enabled_plugins(&enabled_plugins),
                 Duration::from_secs(timeout_secs),
+                database_url.as_deref(),
             )
             .await?
         }
-        Command::Registry => {
-            let reply = client
-                .request(format!("{}.bus.registry", subjects.prefix()), "".into())
-                .await
-                .context("no answer from the bus on <prefix>.bus.registry: is `hookbus run` up?")?;
-            let value: serde_json::Value = serde_json::from_slice(&reply.payload)?;
-            println_out(&serde_json::to_string_pretty(&value)?);
-            ExitCode::SUCCESS
-        }
-        Command::Dlq { plugin } => {
-            let js = jetstream::new(client.clone());
-            let letters = hookbus::dlq::list(&js, &subjects, plugin.as_deref())
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot read the dead-letter stream: {e}"))?;
-            for l in &letters {
-                let b = &l.body;
-                println_out(&format!(
-                    "{}  {}  {} {}  seq={} attempts={}  error={}",
-                    l.subject,
-                    b["event_id"].as_str().unwrap_or("?"),
-                    b["hook"].as_str().unwrap_or("?"),
-                    b["object"].as_str().unwrap_or("?"),
-                    b["stream_seq"],
-                    b["attempts"].as_array().map_or(0, Vec::len),
-                    b["error"].as_str().unwrap_or("?"),
-                ));
-            }
-            let n = letters.len();
-            println_out(&format!("{n} dead letter(s)"));
-            ExitCode::SUCCESS
-        }
+        Command::Tail(args) => crate::ops_cmd::tail(&client, &subjects, args).await?,
+        Command::Registry(args) => crate::ops_cmd::registry(&client, &subjects, args).await?,
+        Command::Dlq(args) => crate::ops_cmd::dlq(&client, &subjects, args).await?,
+        Command::Health(args) => crate::ops_cmd::health(&client, &subjects, args).await?,
     };
     if let Err(e) = client.drain().await {
         tracing::debug!(error = %e, "drain failed");
     }
     Ok(code)
+}
+
+/// Retention of the events stream (`hookbus run` and `hookbus provision`). A
+/// change is applied to an existing stream when the bus provisions it.
+#[derive(Debug, Clone, clap::Args)]
+struct RetentionArgs {
+    /// How long events are kept: 30d, 12h, 90m, … (0 = forever). Replays can go back
+    /// this far.
+    #[arg(
+        long,
+        env = "HOOKBUS_EVENTS_MAX_AGE",
+        default_value = "30d",
+        value_parser = hookbus::config::parse_duration
+    )]
+    events_max_age: Duration,
+    /// Largest size of the events stream, oldest events dropped first: bytes, or
+    /// 500MB, 10GiB, … (unlimited = no limit).
+    #[arg(
+        long,
+        env = "HOOKBUS_EVENTS_MAX_BYTES",
+        default_value = "unlimited",
+        value_parser = hookbus::config::parse_byte_limit
+    )]
+    events_max_bytes: i64,
+}
+
+impl RetentionArgs {
+    fn apply(&self, streams: &mut hookbus::config::StreamSettings) {
+        streams.events_max_age = self.events_max_age;
+        streams.events_max_bytes = self.events_max_bytes;
+    }
 }
 
 /// Writes a line of command output to stdout.

@@ -53,6 +53,10 @@ pub struct DispatcherSettings {
     pub shutdown_grace: Duration,
     /// How often a deferred delivery is retried while its plugin has no replica.
     pub deferred_poll: Duration,
+    /// Record per-handler stats (deliveries, errors, latency, last success/error)
+    /// for `/metrics`, `<prefix>.bus.stats`, health and alerts. The bus-wide totals
+    /// are always counted. Default on.
+    pub metrics: bool,
 }
 
 impl Default for DispatcherSettings {
@@ -64,6 +68,7 @@ impl Default for DispatcherSettings {
             ack_wait: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             deferred_poll: Duration::from_millis(250),
+            metrics: true,
         }
     }
 }
@@ -79,6 +84,120 @@ pub struct BusConfig {
     pub streams: StreamSettings,
     /// Dispatcher.
     pub dispatcher: DispatcherSettings,
+    /// Where the bus serves `/healthz` and `/metrics` (`None`: not served). Port 0
+    /// picks a free port ([`crate::run::Bus::http_addr`] tells which).
+    pub http_addr: Option<std::net::SocketAddr>,
+    /// Health checks, degraded plugins and alerts.
+    pub monitor: MonitorSettings,
+}
+
+/// Settings of the monitor: the periodic health check that marks plugins degraded
+/// and publishes alerts on `<prefix>.alerts.<plugin>.<kind>`.
+#[derive(Debug, Clone)]
+pub struct MonitorSettings {
+    /// Run the monitor at all.
+    pub enabled: bool,
+    /// Time between checks.
+    pub interval: Duration,
+    /// How long a check waits for `$SRV.PING.<plugin>` answers.
+    pub ping_timeout: Duration,
+    /// Fire `error_rate` when failed attempts / attempts over one interval reach this
+    /// (0.0–1.0) …
+    pub error_rate: f64,
+    /// … and the interval had at least this many attempts.
+    pub error_rate_min_attempts: u64,
+    /// Fire `lag` when a plugin's lag (events the bus has not finished plus its
+    /// deferred deliveries) reaches this.
+    pub lag_events: u64,
+    /// A plugin whose handlers have failed without a success for this long (and
+    /// still fail) is degraded.
+    pub degraded_after: Duration,
+}
+
+impl Default for MonitorSettings {
+    fn default() -> Self {
+        MonitorSettings {
+            enabled: true,
+            interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_millis(500),
+            error_rate: 0.5,
+            error_rate_min_attempts: 5,
+            lag_events: 10_000,
+            degraded_after: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Parses a duration such as `90s`, `15m`, `1h`, `500ms` or a plain number of seconds.
+///
+/// # Errors
+///
+/// A message naming the accepted forms.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let v = value.trim();
+    let (num, unit) = v
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((v, ""), |i| v.split_at(i));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{value}' is not a duration; use e.g. 90s, 15m, 1h, 500ms"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        other => {
+            return Err(format!(
+                "unknown unit '{other}' in '{value}'; use ms, s, m, h or d"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("'{value}': {e}"))
+}
+
+/// Parses a stream size limit: `unlimited` (also `-1` or `0`), a number of bytes,
+/// or a number with a unit: `K`/`KB`, `M`/`MB`, `G`/`GB`, `T`/`TB` (powers of 1000)
+/// or `KiB`, `MiB`, `GiB`, `TiB` (powers of 1024), e.g. `500MB`, `10GiB`. Gives
+/// `-1` for unlimited, as JetStream's `max_bytes` wants.
+///
+/// # Errors
+///
+/// A message naming the accepted forms.
+pub fn parse_byte_limit(value: &str) -> Result<i64, String> {
+    let v = value.trim();
+    if v.eq_ignore_ascii_case("unlimited") || v == "-1" || v == "0" {
+        return Ok(-1);
+    }
+    let bad = || {
+        format!(
+            "'{value}' is not a size; use a number of bytes, a number with KB, MB, GB, TB, KiB, MiB, GiB or TiB (e.g. 500MB, 10GiB), or 'unlimited'"
+        )
+    };
+    let (num, unit) = v
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((v, ""), |i| v.split_at(i));
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let factor: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(bad()),
+    };
+    let bytes = (n * factor).round();
+    if !(1.0..=9.0e18).contains(&bytes) {
+        return Err(format!(
+            "'{value}' is out of range; use at least 1 byte, or 'unlimited'"
+        ));
+    }
+    #[allow(clippy::cast_possible_truncation)]
+    Ok(bytes as i64)
 }
 
 /// Splits Pagoda's comma-separated `ENABLED_PLUGINS` value, dropping blanks.
@@ -102,5 +221,28 @@ mod tests {
             vec!["a".to_owned(), "b".to_owned(), "c".to_owned()]
         );
         assert!(parse_enabled_plugins("").is_empty());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("1w").is_err());
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86400)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn byte_limits() {
+        assert_eq!(parse_byte_limit("unlimited"), Ok(-1));
+        assert_eq!(parse_byte_limit("-1"), Ok(-1));
+        assert_eq!(parse_byte_limit("0"), Ok(-1));
+        assert_eq!(parse_byte_limit("1048576"), Ok(1_048_576));
+        assert_eq!(parse_byte_limit("500MB"), Ok(500_000_000));
+        assert_eq!(parse_byte_limit("10GiB"), Ok(10 * 1024 * 1024 * 1024));
+        assert_eq!(parse_byte_limit("1.5k"), Ok(1500));
+        let err = parse_byte_limit("10 parsecs").unwrap_err();
+        assert!(err.contains("'10 parsecs' is not a size"), "{err}");
     }
 }

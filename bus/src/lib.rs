@@ -7,7 +7,12 @@
 //! | publishing events (`Nats-Msg-Id` = event id) | [`publish`] |
 //! | the live plugin registry and routing table | [`registry`] |
 //! | the dispatcher (ordering, retries, dead letters, deferral) | [`dispatch`] |
-//! | reading dead letters | [`dlq`] |
+//! | reading, replaying and purging dead letters | [`dlq`] |
+//! | per-handler stats and the Prometheus export | [`metrics`] |
+//! | health report, degraded plugins and alerts | [`monitor`] |
+//! | `/healthz` and `/metrics` | [`http`] |
+//! | the operator commands (`tail`, `registry`, `dlq`, `health`) | [`ops`] |
+//! | `hookbus replay`: stored events to stdout or re-delivered to a handler | [`replay_cmd`] |
 //! | the daemon: everything above under one shutdown | [`run`] |
 //!
 //! The `hookbus` binary is a thin `main` over [`run::run`] and the inspection
@@ -17,9 +22,16 @@
 pub mod config;
 pub mod dispatch;
 pub mod dlq;
+pub mod http;
+pub mod metrics;
+pub mod monitor;
+pub mod ops;
+pub mod outbox_cmd;
 pub mod provision;
 pub mod publish;
 pub mod registry;
+pub mod relay;
+pub mod replay_cmd;
 pub mod run;
 
 pub use config::BusConfig;

@@ -3,6 +3,7 @@
 
 mod cli;
 mod demo;
+mod ops_cmd;
 
 use std::process::ExitCode;
 

@@ -2,7 +2,9 @@
 //! deferred-delivery stream and the registry bucket.
 //!
 //! Safe at every start: what is missing is created; what exists is checked, and an
-//! incompatible existing stream is reported, never silently changed.
+//! incompatible existing stream is reported, never silently changed. Retention
+//! limits (`max_age`, `max_bytes`) that differ from the settings are updated in
+//! place (logged as a warning): they are the bus's configuration.
 
 use async_nats::jetstream::{self, kv, stream};
 use core_events::Subjects;
@@ -89,6 +91,7 @@ pub fn stream_configs(subjects: &Subjects, settings: &StreamSettings) -> [stream
 ///
 /// [`ProvisionError::Incompatible`] when an existing stream has other subjects,
 /// retention or storage; [`ProvisionError::JetStream`] when JetStream fails.
+/// Other `max_age` / `max_bytes` limits are not an error: they are updated.
 pub async fn provision(
     js: &jetstream::Context,
     subjects: &Subjects,
@@ -148,13 +151,24 @@ async fn ensure_stream(
                 });
             }
             if have.max_age != wanted.max_age || have.max_bytes != wanted.max_bytes {
+                // Retention is the bus's setting: apply it (both limits are
+                // editable on a live stream). Lowering them removes older events now.
+                let mut updated = have.clone();
+                updated.max_age = wanted.max_age;
+                updated.max_bytes = wanted.max_bytes;
+                js.update_stream(&updated)
+                    .await
+                    .map_err(|e| ProvisionError::JetStream {
+                        what: format!("update the retention of stream {name}"),
+                        source: e.into(),
+                    })?;
                 tracing::warn!(
                     stream = %name,
-                    have_max_age = ?have.max_age,
-                    want_max_age = ?wanted.max_age,
-                    have_max_bytes = have.max_bytes,
-                    want_max_bytes = wanted.max_bytes,
-                    "existing stream has other retention limits; keeping them (change with `nats stream edit`)"
+                    old_max_age = ?have.max_age,
+                    max_age = ?wanted.max_age,
+                    old_max_bytes = have.max_bytes,
+                    max_bytes = wanted.max_bytes,
+                    "updated the stream's retention to the bus's settings (events beyond the new limits are removed)"
                 );
             }
             Ok(())

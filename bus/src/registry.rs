@@ -42,6 +42,10 @@ pub struct Route {
     /// Waits before each retry; dead-lettered after the last.
     #[serde(skip)]
     pub retry: Arc<[Duration]>,
+    /// The handler's stats, looked up once per routing table (keeps the lookup off
+    /// the delivery path).
+    #[serde(skip)]
+    pub(crate) stats: std::sync::OnceLock<Arc<crate::metrics::HandlerStats>>,
 }
 
 mod millis {
@@ -112,6 +116,7 @@ impl RoutingTable {
                         declared,
                         timeout: h.timeout(),
                         retry: h.retry_schedule().into(),
+                        stats: std::sync::OnceLock::new(),
                     });
                     by_name.insert((route.plugin.clone(), route.handler.clone()), route.clone());
                     routes.entry(h.hook).or_default().push(route);
@@ -148,6 +153,12 @@ impl RoutingTable {
             .into_iter()
             .flatten()
             .filter(move |r| r.matches(entity))
+    }
+
+    /// Every handler of enabled plugins for `hook`, whatever their entity filter, in
+    /// dispatch order.
+    pub fn handlers(&self, hook: Hook) -> &[Arc<Route>] {
+        self.routes.get(&hook).map_or(&[], Vec::as_slice)
     }
 
     /// A handler by plugin and name, if its plugin is enabled and declares it.

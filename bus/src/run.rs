@@ -40,6 +40,11 @@ pub struct Bus {
     pub registry: Registry,
     /// Dispatcher counters.
     pub stats: Arc<DispatchStats>,
+    /// Metrics over the counters (`/metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Health report, monitor and alerts.
+    pub health: crate::monitor::Health,
+    http_addr: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
     dispatcher: JoinHandle<Result<(), DispatchError>>,
     others: Vec<JoinHandle<()>>,
@@ -71,6 +76,24 @@ impl Bus {
             shutdown.child_token(),
         )
         .await?;
+        let metrics = Arc::new(crate::metrics::Metrics::new(stats.clone()));
+        let health =
+            crate::monitor::Health::new(client.clone(), &config, registry.clone(), metrics.clone());
+        let mut others = vec![registry_task, status_task];
+        others.push(health.spawn_responder(shutdown.child_token()).await?);
+        others.push(health.spawn_monitor(shutdown.child_token()));
+        let mut http_addr = None;
+        if let Some(addr) = config.http_addr {
+            // A taken port must not stop dispatching: say so loudly and go on.
+            match crate::http::serve(addr, health.clone(), shutdown.child_token()).await {
+                Ok((bound, task)) => {
+                    http_addr = Some(bound);
+                    others.push(task);
+                }
+                Err(e) => tracing::error!(%addr, error = %e,
+                    "cannot serve /healthz and /metrics; running without them"),
+            }
+        }
         let dispatcher = tokio::spawn(Dispatcher::run(
             client,
             config.subjects.clone(),
@@ -82,10 +105,18 @@ impl Bus {
         Ok(Bus {
             registry,
             stats,
+            metrics,
+            health,
+            http_addr,
             shutdown,
             dispatcher,
-            others: vec![registry_task, status_task],
+            others,
         })
+    }
+
+    /// Where `/healthz` and `/metrics` are served, if they are.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http_addr
     }
 
     /// A token that stops the bus when cancelled.
@@ -163,6 +194,8 @@ async fn spawn_status(
             let body = match msg.subject.as_str().rsplit('.').next() {
                 Some("registry") => serde_json::to_vec(&*registry.table()),
                 Some("stats") => serde_json::to_vec(&*stats),
+                // Answered by crate::monitor::Health::spawn_responder.
+                Some("health") => continue,
                 _ => serde_json::to_vec(&serde_json::json!({
                     "error": format!(
                         "unknown status subject '{}'; use {prefix}.bus.registry or {prefix}.bus.stats",

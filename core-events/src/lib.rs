@@ -10,6 +10,7 @@
 //! | plugin manifests and their validation | [`manifest`] |
 //! | headers, handler replies, dead-letter records | [`protocol`] |
 //! | sample objects for demos, docs and tests | [`sample`] |
+//! | the model store and the transactional outbox (sqlx: SQLite, PostgreSQL) | [`store`] |
 #![forbid(unsafe_code)]
 
 pub mod envelope;
@@ -18,6 +19,7 @@ pub mod manifest;
 pub mod model;
 pub mod protocol;
 pub mod sample;
+pub mod store;
 pub mod subject;
 
 pub use envelope::{EntityEvent, EntryEvent, Envelope, EventId};

@@ -173,6 +173,22 @@ pub(crate) fn decode<D: DeserializeOwned>(
     header_map: Option<&HeaderMap>,
 ) -> Result<EventContext<D>, String> {
     let delivery = DeliveryHeaders::parse(header_map)?;
+    decode_delivery(hook, plugin_id, handler, payload, delivery)
+}
+
+/// As [`decode`], with the delivery details already read (the replay knows them
+/// from the stream, without headers to parse).
+///
+/// # Errors
+///
+/// As [`decode`].
+pub(crate) fn decode_delivery<D: DeserializeOwned>(
+    hook: Hook,
+    plugin_id: &Arc<str>,
+    handler: &Arc<str>,
+    payload: &[u8],
+    delivery: DeliveryHeaders,
+) -> Result<EventContext<D>, String> {
     if let Some(named) = &delivery.hook {
         match Hook::parse(named) {
             Ok(h) if h == hook => {}
@@ -196,17 +212,28 @@ pub(crate) fn decode<D: DeserializeOwned>(
             core_events::protocol::preview(payload)
         )
     };
-    // The type first, so an event of another hook is named as such rather than
-    // reported as a payload of the wrong shape.
-    let probe: TypeProbe = serde_json::from_slice(payload).map_err(invalid)?;
-    if Hook::from_event_type(&probe.event_type) != Some(hook) {
-        return Err(format!(
-            "event type '{}' does not match handler '{handler}', which is registered for '{hook}' (type '{}')",
-            probe.event_type,
+    let wrong_type = |event_type: &str| {
+        format!(
+            "event type '{event_type}' does not match handler '{handler}', which is registered for '{hook}' (type '{}')",
             hook.event_type()
-        ));
+        )
+    };
+    let mut event: Envelope<D> = match serde_json::from_slice(payload) {
+        Ok(event) => event,
+        Err(e) => {
+            // An event of another hook is named as such rather than reported as a
+            // payload of the wrong shape.
+            if let Ok(probe) = serde_json::from_slice::<TypeProbe>(payload)
+                && Hook::from_event_type(&probe.event_type) != Some(hook)
+            {
+                return Err(wrong_type(&probe.event_type));
+            }
+            return Err(invalid(e));
+        }
+    };
+    if Hook::from_event_type(&event.event_type) != Some(hook) {
+        return Err(wrong_type(&event.event_type));
     }
-    let mut event: Envelope<D> = serde_json::from_slice(payload).map_err(invalid)?;
     if let Some(seq) = delivery.stream_seq {
         event.pagodaseq = Some(seq);
     }

@@ -218,6 +218,10 @@ pub enum ServeError {
         #[source]
         source: async_nats::jetstream::kv::PutError,
     },
+    /// The replay asked for in [`ServeOptions::replay`](crate::ServeOptions::replay)
+    /// could not start or go on.
+    #[error("replay failed: {0}")]
+    Replay(#[from] crate::replay::ReplayError),
     /// Shutdown gave up waiting for running handlers.
     #[error(
         "shutdown grace period of {grace:?} expired with {in_flight} handler call(s) still running"

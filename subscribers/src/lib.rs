@@ -14,6 +14,7 @@
 //! | [`EntryContext`], [`EntityContext`] | what a handler receives: the typed event, attempt, stream sequence, replay flag | [`context`] |
 //! | [`HandlerError`], [`ResultExt`] | a handler's failure: transient (retried, code 500) or permanent (dead-lettered, code 400) | [`error`] |
 //! | [`Plugin::serve`], [`ServeOptions`], [`RunningPlugin`] | serve and register; bounded concurrency; graceful shutdown | [`serve`] |
+//! | [`ReplayFrom`], [`ServeOptions::replay`], [`Plugin::replay`], [`replay::replay_events`] | rebuild state from the stored events, then go on live without a gap or a duplicate; raw replays | [`replay`] |
 //! | [`run_main`], [`run()`], [`RunConfig`] | the whole `main` of a plugin binary (env config, tracing, signals, drain) | [`run`](mod@run) |
 //!
 //! Delivery protocol: the request payload is the CloudEvents envelope
@@ -60,6 +61,7 @@
 pub mod context;
 pub mod error;
 pub mod plugin;
+pub mod replay;
 pub mod run;
 pub mod serve;
 
@@ -70,5 +72,6 @@ pub use core_events::{
 };
 pub use error::{HandlerError, HandlerErrorKind, ResultExt, ServeError};
 pub use plugin::{HandlerResult, IntoHook, Plugin, PluginBuilder};
+pub use replay::{ReplayError, ReplayFrom, ReplayProgress};
 pub use run::{RunConfig, RunError, run, run_main};
 pub use serve::{RunningPlugin, ServeOptions};

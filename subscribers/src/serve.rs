@@ -15,7 +15,7 @@ use core_events::protocol::HandlerReply;
 use core_events::{HandlerSpec, Subjects};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +25,7 @@ use tracing::{Instrument, debug, info, warn};
 use crate::context::{self, EventContext};
 use crate::error::{HandlerError, ServeError, one_line};
 use crate::plugin::{HandlerFn, NotificationCall, Plugin};
+use crate::replay::{self, CatchUpGate, Live, ReplayError, ReplayFrom, ReplayProgress};
 
 /// Default wait for the registry bucket to appear.
 pub const DEFAULT_REGISTRY_WAIT: Duration = Duration::from_secs(30);
@@ -34,6 +35,8 @@ pub const REGISTRY_POLL: Duration = Duration::from_millis(250);
 pub const DEFAULT_MAX_CONCURRENCY: usize = 64;
 /// Default time [`RunningPlugin::shutdown`] gives running handlers to finish.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Default wait, before a replay, for the bus to route to the plugin.
+pub const DEFAULT_REPLAY_BUS_WAIT: Duration = Duration::from_secs(10);
 
 /// How to serve a plugin.
 #[derive(Debug, Clone)]
@@ -49,6 +52,13 @@ pub struct ServeOptions {
     pub max_concurrency: usize,
     /// How long shutdown waits for running handler calls (default 10 s).
     pub shutdown_grace: Duration,
+    /// Rebuild state before serving live events: replay the stored events from
+    /// this position through the handlers, then go on live without a gap or a
+    /// duplicate (see [`crate::replay`]). Default `None`: live events only.
+    pub replay: Option<ReplayFrom>,
+    /// With `replay`: how long to wait for the running bus to route to this
+    /// plugin before replaying anyway (default 10 s).
+    pub replay_bus_wait: Duration,
 }
 
 impl Default for ServeOptions {
@@ -58,6 +68,8 @@ impl Default for ServeOptions {
             registry_wait: DEFAULT_REGISTRY_WAIT,
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            replay: None,
+            replay_bus_wait: DEFAULT_REPLAY_BUS_WAIT,
         }
     }
 }
@@ -78,6 +90,16 @@ pub struct RunningPlugin {
     /// Every handler call in flight.
     calls: TaskTracker,
     grace: Duration,
+    /// The catch-up replay, when one was asked for.
+    replay: Option<ReplayTask>,
+}
+
+/// A plugin's catch-up replay, running beside its endpoints.
+#[derive(Debug)]
+struct ReplayTask {
+    gate: Arc<CatchUpGate>,
+    stop: CancellationToken,
+    handle: Option<JoinHandle<Result<ReplayProgress, ReplayError>>>,
 }
 
 impl Plugin {
@@ -90,8 +112,13 @@ impl Plugin {
     /// [`ServeError::StartService`] / [`ServeError::AddEndpoint`] when NATS refuses
     /// the service; [`ServeError::RegistryMissing`] when the registry bucket does not
     /// appear within [`ServeOptions::registry_wait`]; [`ServeError::Registry`] and
-    /// [`ServeError::Register`] when it cannot be read or written. Nothing keeps
-    /// running after an error.
+    /// [`ServeError::Register`] when it cannot be read or written;
+    /// [`ServeError::Replay`] when [`ServeOptions::replay`] asks for a replay that
+    /// cannot start (a position the stream no longer holds, no events stream).
+    /// Nothing keeps running after an error.
+    ///
+    /// With [`ServeOptions::replay`], it returns once the catch-up has started;
+    /// [`RunningPlugin::wait_caught_up`] waits for its end.
     pub async fn serve(
         &self,
         client: async_nats::Client,
@@ -99,6 +126,7 @@ impl Plugin {
     ) -> Result<RunningPlugin, ServeError> {
         let manifest = &self.inner.manifest;
         let plugin_id: Arc<str> = manifest.id.as_str().into();
+        let gate = options.replay.map(|_| Arc::new(CatchUpGate::new()));
         let service = client
             .service_builder()
             .queue_group(&manifest.id)
@@ -135,6 +163,7 @@ impl Plugin {
                         spec: spec.clone(),
                         handler: handler.clone(),
                         subject,
+                        gate: gate.clone(),
                     }),
                 )),
                 Err(source) => {
@@ -170,6 +199,7 @@ impl Plugin {
             endpoint_loops,
             calls,
             grace: options.shutdown_grace,
+            replay: None,
         };
         // The server must know the subscriptions before the bus sees the manifest.
         if let Err(e) = client.flush().await {
@@ -179,9 +209,24 @@ impl Plugin {
                 source: e.into(),
             });
         }
-        if let Err(e) = register(&client, self, &options).await {
-            running.abandon().await;
-            return Err(e);
+        let revision = match register(&client, self, &options).await {
+            Ok(revision) => revision,
+            Err(e) => {
+                running.abandon().await;
+                return Err(e);
+            }
+        };
+        if let (Some(from), Some(gate)) = (options.replay, gate) {
+            match self
+                .start_catch_up(&client, &options, from, revision, gate)
+                .await
+            {
+                Ok(task) => running.replay = Some(task),
+                Err(e) => {
+                    running.abandon().await;
+                    return Err(ServeError::Replay(e));
+                }
+            }
         }
         info!(
             plugin = %manifest.id,
@@ -193,9 +238,41 @@ impl Plugin {
         Ok(running)
     }
 
+    /// Waits for the bus to route to this manifest revision, opens the replay
+    /// consumer (checking the start position) and spawns the catch-up.
+    async fn start_catch_up(
+        &self,
+        client: &async_nats::Client,
+        options: &ServeOptions,
+        from: ReplayFrom,
+        revision: u64,
+        gate: Arc<CatchUpGate>,
+    ) -> Result<ReplayTask, ReplayError> {
+        let subjects = &options.subjects;
+        replay::wait_for_routing(
+            client,
+            subjects,
+            self.id(),
+            revision,
+            options.replay_bus_wait,
+        )
+        .await;
+        let runner = self.runner(client, subjects);
+        let filters = replay::handler_filter_subjects(subjects, &self.inner.manifest.handlers)?;
+        let events = replay::open(&runner.js, subjects, from, filters, false).await?;
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(replay::catch_up(runner, events, gate.clone(), stop.clone()));
+        Ok(ReplayTask {
+            gate,
+            stop,
+            handle: Some(handle),
+        })
+    }
+
     /// Serves the plugin until `shutdown` completes, then shuts down gracefully.
     /// A shutdown while still waiting for the registry bucket gives up serving
-    /// at once (and returns `Ok`).
+    /// at once (and returns `Ok`). With [`ServeOptions::replay`], a catch-up that
+    /// cannot go on stops the plugin with [`ServeError::Replay`].
     ///
     /// # Errors
     ///
@@ -207,15 +284,28 @@ impl Plugin {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
         let mut shutdown = std::pin::pin!(shutdown);
-        let running = tokio::select! {
+        let mut running = tokio::select! {
             served = self.serve(client, options) => served?,
             () = &mut shutdown => {
                 info!(plugin = %self.id(), "shutdown requested before the plugin was registered");
                 return Ok(());
             }
         };
-        shutdown.await;
-        running.shutdown().await
+        let failed = tokio::select! {
+            () = &mut shutdown => None,
+            progress = running.wait_caught_up_or_failed() => match progress {
+                Some(ReplayProgress { error: Some(_), .. }) => running.take_replay_error().await,
+                _ => {
+                    shutdown.await;
+                    None
+                }
+            },
+        };
+        let stopped = running.shutdown().await;
+        match failed {
+            Some(e) => Err(ServeError::Replay(e)),
+            None => stopped,
+        }
     }
 }
 
@@ -228,6 +318,43 @@ impl RunningPlugin {
     /// Handler calls running now.
     pub fn in_flight(&self) -> usize {
         self.calls.len()
+    }
+
+    /// The catch-up replay's progress, live (`None` when
+    /// [`ServeOptions::replay`] was not set).
+    pub fn replay_progress(&self) -> Option<watch::Receiver<ReplayProgress>> {
+        self.replay.as_ref().map(|r| r.gate.subscribe())
+    }
+
+    /// Waits until the catch-up replay is over: caught up
+    /// ([`ReplayProgress::caught_up`]), or stopped by an error
+    /// ([`ReplayProgress::error`]). `None` when [`ServeOptions::replay`] was not
+    /// set.
+    pub async fn wait_caught_up(&self) -> Option<ReplayProgress> {
+        let mut rx = self.replay_progress()?;
+        let progress = rx
+            .wait_for(|p| p.caught_up || p.error.is_some())
+            .await
+            .map(|p| p.clone())
+            .ok();
+        progress.or_else(|| self.replay.as_ref().map(|r| r.gate.progress()))
+    }
+
+    /// As [`wait_caught_up`](Self::wait_caught_up), but pending forever without a replay.
+    async fn wait_caught_up_or_failed(&self) -> Option<ReplayProgress> {
+        match self.wait_caught_up().await {
+            Some(progress) => Some(progress),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The catch-up's error, once it has failed.
+    async fn take_replay_error(&mut self) -> Option<ReplayError> {
+        let handle = self.replay.as_mut()?.handle.take()?;
+        match handle.await {
+            Ok(Err(e)) => Some(e),
+            _ => None,
+        }
     }
 
     /// Stops gracefully: stops taking requests (unsubscribes every endpoint),
@@ -244,6 +371,14 @@ impl RunningPlugin {
         let deadline = Instant::now() + self.grace;
         info!(plugin = %self.plugin_id, in_flight = self.calls.len(), "plugin shutting down");
         self.stop_taking.cancel();
+        if let Some(replay) = self.replay.as_mut() {
+            replay.stop.cancel();
+            if let Some(handle) = replay.handle.take()
+                && tokio::time::timeout_at(deadline, handle).await.is_err()
+            {
+                warn!(plugin = %self.plugin_id, "the replay did not stop within the grace period");
+            }
+        }
         for handle in &mut self.endpoint_loops {
             if tokio::time::timeout_at(deadline, &mut *handle)
                 .await
@@ -275,6 +410,9 @@ impl RunningPlugin {
     /// Stops everything at once, for a `serve` that failed half-way.
     async fn abandon(&mut self) {
         self.stop_taking.cancel();
+        if let Some(replay) = self.replay.take() {
+            replay.stop.cancel();
+        }
         for handle in self.endpoint_loops.drain(..) {
             handle.abort();
         }
@@ -287,6 +425,9 @@ impl RunningPlugin {
 impl Drop for RunningPlugin {
     fn drop(&mut self) {
         self.stop_taking.cancel();
+        if let Some(replay) = &self.replay {
+            replay.stop.cancel();
+        }
         if let Some(service) = self.service.take()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
@@ -315,7 +456,7 @@ async fn register(
     client: &async_nats::Client,
     plugin: &Plugin,
     options: &ServeOptions,
-) -> Result<(), ServeError> {
+) -> Result<u64, ServeError> {
     let manifest = &plugin.inner.manifest;
     let js = jetstream::new(client.clone());
     let bucket = options.subjects.registry_bucket();
@@ -351,8 +492,7 @@ async fn register(
             bucket,
             key,
             source,
-        })?;
-    Ok(())
+        })
 }
 
 fn bucket_is_missing(err: &async_nats::jetstream::context::KeyValueError) -> bool {
@@ -366,13 +506,15 @@ fn bucket_is_missing(err: &async_nats::jetstream::context::KeyValueError) -> boo
         })
 }
 
-/// One handler, as its endpoint loop sees it.
-struct Slot {
-    plugin_id: Arc<str>,
-    handler_name: Arc<str>,
-    spec: HandlerSpec,
-    handler: HandlerFn,
-    subject: String,
+/// One handler, as its endpoint loop (and the replay) sees it.
+pub(crate) struct Slot {
+    pub(crate) plugin_id: Arc<str>,
+    pub(crate) handler_name: Arc<str>,
+    pub(crate) spec: HandlerSpec,
+    pub(crate) handler: HandlerFn,
+    pub(crate) subject: String,
+    /// The catch-up gate, while the plugin serves with a replay.
+    pub(crate) gate: Option<Arc<CatchUpGate>>,
 }
 
 /// Pulls requests off one endpoint and runs each in its own tracked task, at
@@ -479,6 +621,29 @@ where
         debug!(entity = %ctx.entity(), "entity not in the handler's filter; skipped");
         return Ok(skipped_reply(ctx.entity()));
     }
+    // A live delivery while (or after) the plugin replays: the replay may have run
+    // it, or will. Re-deliveries marked as replays are what an operator asked for.
+    if let Some(gate) = &slot.gate
+        && !ctx.is_replay
+        && let Live::Answered(message) = gate.live(ctx.stream_seq, slot.spec.timeout()).await
+    {
+        debug!(seq = ctx.stream_seq, %message, "live delivery answered by the replay");
+        return Ok(ok_reply(message));
+    }
+    call_handler(slot, ctx, f).await.map(|()| Bytes::new())
+}
+
+/// Calls the handler in its own task, so a panic becomes a transient error, not a
+/// dead plugin; a call running past the handler's `timeout_ms` is aborted and
+/// becomes a transient error.
+async fn call_handler<D>(
+    slot: &Slot,
+    ctx: EventContext<D>,
+    f: &NotificationCall<D>,
+) -> Result<(), HandlerError>
+where
+    D: Send + 'static,
+{
     let mut call = tokio::spawn(f(ctx).in_current_span());
     let Ok(joined) = tokio::time::timeout(slot.spec.timeout(), &mut call).await else {
         // The bus has given up on this attempt and will retry: stop this call so
@@ -490,30 +655,40 @@ where
         )));
     };
     match joined {
-        Ok(Ok(())) => Ok(Bytes::new()),
+        Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e),
         Err(join) if join.is_panic() => {
             let payload = join.into_panic();
-            let text = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-text panic payload".to_owned());
             Err(HandlerError::transient(format!(
                 "handler panicked: {}",
-                one_line(&text)
+                panic_text(payload.as_ref())
             )))
         }
         Err(_) => Err(HandlerError::transient("handler task was cancelled")),
     }
 }
 
+/// The text of a panic payload, on one line.
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-text panic payload".to_owned());
+    one_line(&text)
+}
+
 fn skipped_reply(entity: &str) -> Bytes {
+    ok_reply(format!(
+        "skipped: entity '{entity}' is not in the handler's entity filter"
+    ))
+}
+
+/// `{"status":"ok","message":…}`.
+fn ok_reply(message: String) -> Bytes {
     let reply = HandlerReply {
         status: Some("ok".to_owned()),
-        message: Some(format!(
-            "skipped: entity '{entity}' is not in the handler's entity filter"
-        )),
+        message: Some(message),
     };
     serde_json::to_vec(&reply)
         .map(Bytes::from)

@@ -24,7 +24,10 @@
 //! `max_parallel_objects` lanes), three sequential `send_request`s then the ack.
 //!
 //! Output: one `bench: scenario=dispatch_round …` line per side and round, then
-//! `bench: scenario=dispatch …` with the medians.
+//! `bench: scenario=dispatch …` with the medians. Then the bus alone with
+//! per-handler metrics on and off (`DispatcherSettings::metrics`), alternating
+//! order per round: `bench: scenario=metrics_overhead on_eps=… off_eps=… diff_pct=…`
+//! (diff_pct = how much slower metrics on is, in percent of off).
 #![allow(
     clippy::unwrap_used,
     clippy::print_stdout,
@@ -197,6 +200,8 @@ fn manifest(id: &str, priority: i32) -> PluginManifest {
 enum Side {
     Bus,
     Raw,
+    /// The bus with per-handler metrics off (`DispatcherSettings::metrics`).
+    BusNoMetrics,
 }
 
 impl Side {
@@ -204,6 +209,7 @@ impl Side {
         match self {
             Side::Bus => "bus",
             Side::Raw => "raw",
+            Side::BusNoMetrics => "bus_no_metrics",
         }
     }
 }
@@ -340,12 +346,13 @@ async fn wait_acked(n: u64, acked: impl Fn() -> u64) -> Result<(), u64> {
     }
 }
 
-async fn run_bus(world: &World, n: u64) -> (Duration, Cpu) {
+async fn run_bus(world: &World, n: u64, metrics: bool) -> (Duration, Cpu) {
     let client = world.server.connect().await;
-    let config = BusConfig {
+    let mut config = BusConfig {
         enabled_plugins: PLUGINS.iter().map(|(p, _)| (*p).to_owned()).collect(),
         ..Default::default()
     };
+    config.dispatcher.metrics = metrics;
     let cpu0 = cpu_now(&world.server);
     let t0 = Instant::now();
     let bus = Bus::start(client, config).await.unwrap();
@@ -507,7 +514,8 @@ async fn measure(
     let n = events.len() as u64;
     let world = World::new(subjects, events, index).await;
     let (elapsed, cpu) = match side {
-        Side::Bus => run_bus(&world, n).await,
+        Side::Bus => run_bus(&world, n, true).await,
+        Side::BusNoMetrics => run_bus(&world, n, false).await,
         Side::Raw => run_raw(&world, subjects, n).await,
     };
     let (chain, missing) = world.marks.chain_us();
@@ -566,7 +574,7 @@ async fn bench(smoke: bool) {
             }
             match side {
                 Side::Bus => bus.push(m),
-                Side::Raw => raw.push(m),
+                Side::Raw | Side::BusNoMetrics => raw.push(m),
             }
         }
     }
@@ -578,13 +586,62 @@ async fn bench(smoke: bool) {
     let raw_p99 = med(&raw, |m| m.p99_us);
     let bus_cpu = med(&bus, |m| m.cpu_us_per_event);
     let raw_cpu = med(&raw, |m| m.cpu_us_per_event);
+    if !smoke {
+        println!(
+            "bench: scenario=dispatch events={n} rounds={rounds} bus_eps={bus_eps:.0} raw_eps={raw_eps:.0} ratio={:.3} bus_p99_us={bus_p99:.0} raw_p99_us={raw_p99:.0} p99_ratio={:.3} bus_cpu_us_per_event={bus_cpu:.1} raw_cpu_us_per_event={raw_cpu:.1}",
+            bus_eps / raw_eps,
+            bus_p99 / raw_p99
+        );
+    }
+    metrics_overhead(smoke, n, rounds, &subjects, &events, &index).await;
+}
+
+/// The bus with per-handler metrics on and off, alternating which goes first per
+/// round, each on a fresh server: `bench: scenario=metrics_overhead …` (goal: the
+/// metrics cost at most 5% of throughput).
+async fn metrics_overhead(
+    smoke: bool,
+    n: usize,
+    rounds: usize,
+    subjects: &Subjects,
+    events: &[EncodedEvent],
+    index: &Arc<HashMap<String, usize>>,
+) {
+    let mut on = Vec::with_capacity(rounds);
+    let mut off = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
+        let order = if round % 2 == 1 {
+            [Side::Bus, Side::BusNoMetrics]
+        } else {
+            [Side::BusNoMetrics, Side::Bus]
+        };
+        for side in order {
+            let m = measure(side, subjects, events, index).await;
+            if smoke {
+                println!("smoke: metrics bench side={} ran {n} events", side.name());
+            } else {
+                println!(
+                    "bench: scenario=metrics_overhead_round side={} round={round} eps={:.0} p99_us={:.0} cpu_us_per_event={:.1}",
+                    side.name(),
+                    m.eps,
+                    m.p99_us,
+                    m.cpu_us_per_event
+                );
+            }
+            if side == Side::Bus {
+                on.push(m.eps);
+            } else {
+                off.push(m.eps);
+            }
+        }
+    }
     if smoke {
         return;
     }
+    let (on_eps, off_eps) = (median(&on), median(&off));
     println!(
-        "bench: scenario=dispatch events={n} rounds={rounds} bus_eps={bus_eps:.0} raw_eps={raw_eps:.0} ratio={:.3} bus_p99_us={bus_p99:.0} raw_p99_us={raw_p99:.0} p99_ratio={:.3} bus_cpu_us_per_event={bus_cpu:.1} raw_cpu_us_per_event={raw_cpu:.1}",
-        bus_eps / raw_eps,
-        bus_p99 / raw_p99
+        "bench: scenario=metrics_overhead events={n} rounds={rounds} on_eps={on_eps:.0} off_eps={off_eps:.0} diff_pct={:.1}",
+        (off_eps - on_eps) / off_eps * 100.0
     );
 }
 

@@ -48,7 +48,7 @@ _et_ensure_cargo() {
         export PATH="$HOME/.cargo/bin:$PATH"
     fi
     if ! command -v cargo >/dev/null 2>&1; then
-        _et_warn "cargo not found. Install Rust with rustup (https://rustup.rs); this project needs Rust >= 1.88 (edition 2024)."
+        _et_warn "cargo not found. Install Rust with rustup (https://rustup.rs); this project needs Rust >= 1.94 (edition 2024)."
         _et_warn "trying Debian's cargo as a last resort (it may be too old for edition 2024)"
         _et_apt_install cargo || _et_die "cargo is missing and could not be installed" || return 1
     fi

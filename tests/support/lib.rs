@@ -21,6 +21,9 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod db;
+pub use db::TestDb;
+
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io::{Read, Seek, SeekFrom};

@@ -76,3 +76,48 @@ async fn a_custom_prefix_gets_its_own_names() {
     );
     assert!(js.get_key_value("acme_pagoda_registry").await.is_ok());
 }
+
+#[tokio::test]
+async fn retention_changes_update_the_existing_events_stream() {
+    use std::time::Duration;
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.connect().await);
+    let subjects = Subjects::default();
+    provision(&js, &subjects, &StreamSettings::default())
+        .await
+        .unwrap();
+    js.publish("pagoda.events.entry.after_create.customer", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let settings = StreamSettings {
+        events_max_age: Duration::from_secs(12 * 3600),
+        events_max_bytes: 64 * 1024 * 1024,
+        ..StreamSettings::default()
+    };
+    provision(&js, &subjects, &settings).await.unwrap();
+    let mut events = js.get_stream("PAGODA_EVENTS").await.unwrap();
+    let info = events.info().await.unwrap();
+    assert_eq!(info.config.max_age, Duration::from_secs(12 * 3600));
+    assert_eq!(info.config.max_bytes, 64 * 1024 * 1024);
+    assert_eq!(info.state.messages, 1, "events are kept");
+    // The other settings are untouched; the other streams too.
+    assert_eq!(info.config.subjects, ["pagoda.events.>"]);
+    assert_eq!(info.config.duplicate_window, Duration::from_secs(120));
+    let mut dlq = js.get_stream("PAGODA_DLQ").await.unwrap();
+    assert_eq!(
+        dlq.info().await.unwrap().config.max_age,
+        StreamSettings::default().dlq_max_age
+    );
+    // Back to "forever" and unlimited.
+    let forever = StreamSettings {
+        events_max_age: Duration::ZERO,
+        events_max_bytes: -1,
+        ..StreamSettings::default()
+    };
+    provision(&js, &subjects, &forever).await.unwrap();
+    let info = events.info().await.unwrap();
+    assert_eq!(info.config.max_age, Duration::ZERO);
+    assert_eq!(info.config.max_bytes, -1);
+}

@@ -77,9 +77,15 @@ impl Ctx {
             .await?;
         counter.fetch_add(1, Ordering::AcqRel);
         self.stats.deferred.inc();
+        if let Some(hs) = self.handler_stats(route) {
+            hs.deferred.fetch_add(1, Ordering::Relaxed);
+        }
         tracing::info!(plugin = %route.plugin, handler = %route.handler, event_id = %event.id, seq = event.seq,
             "plugin has no replica running; delivery deferred");
         if created {
+            self.stats
+                .plugins
+                .track_deferred(&route.plugin, counter.clone());
             self.spawn_drainer(route.plugin.clone(), counter);
         }
         Ok(())
@@ -109,6 +115,7 @@ impl Ctx {
             counter.fetch_add(count, Ordering::AcqRel);
             tracing::info!(%plugin, waiting = count, "resuming deferred deliveries");
             if created {
+                self.stats.plugins.track_deferred(&plugin, counter.clone());
                 self.spawn_drainer(plugin.into(), counter);
             }
         }
@@ -208,6 +215,7 @@ impl Ctx {
             declared: 0,
             timeout: std::time::Duration::ZERO,
             retry: Arc::from([]),
+            stats: std::sync::OnceLock::new(),
         };
         let failure = core_events::protocol::FailedAttempt {
             attempt: 0,

@@ -1,7 +1,8 @@
 //! One delivery of one event to one handler: attempts, the retry schedule, and
 //! the decision between success, dead letter and deferral — made in one place.
 
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use async_nats::client::RequestErrorKind;
 use async_nats::{HeaderMap, HeaderValue};
@@ -42,22 +43,58 @@ pub(crate) enum Delivery {
     Absent,
 }
 
+/// The headers of a delivery: the event's own headers plus the delivery headers
+/// (`Pagoda-Stream-Seq`, `Pagoda-Attempt`, `Pagoda-Redelivered`, `Pagoda-Plugin`,
+/// `Pagoda-Handler`). Dead-letter replays use the same.
+pub(crate) fn delivery_headers(
+    event_headers: &HeaderMap,
+    seq: u64,
+    attempt: u32,
+    redelivered: u64,
+    plugin: &str,
+    handler: &str,
+) -> HeaderMap {
+    let mut h: HeaderMap = event_headers.clone();
+    h.insert(headers::STREAM_SEQ, HeaderValue::from(seq));
+    h.insert(headers::ATTEMPT, HeaderValue::from(attempt));
+    h.insert(headers::REDELIVERED, HeaderValue::from(redelivered));
+    h.insert(headers::PLUGIN, plugin);
+    h.insert(headers::HANDLER, handler);
+    h
+}
+
 pub(crate) async fn attempt(ctx: &Ctx, route: &Route, event: &EventMeta, n: u32) -> Attempt {
-    let mut h: HeaderMap = event.headers.clone();
-    h.insert(headers::STREAM_SEQ, HeaderValue::from(event.seq));
-    h.insert(headers::ATTEMPT, HeaderValue::from(n));
-    h.insert(headers::REDELIVERED, HeaderValue::from(event.redelivered));
-    h.insert(headers::PLUGIN, &*route.plugin);
-    h.insert(headers::HANDLER, &*route.handler);
+    let h = delivery_headers(
+        &event.headers,
+        event.seq,
+        n,
+        event.redelivered,
+        &route.plugin,
+        &route.handler,
+    );
+    request(
+        &ctx.client,
+        route.subject.to_string(),
+        h,
+        event.payload.clone(),
+        route.timeout,
+    )
+    .await
+}
+
+/// Sends one delivery request and classifies the reply.
+pub(crate) async fn request(
+    client: &async_nats::Client,
+    subject: String,
+    headers: HeaderMap,
+    payload: bytes::Bytes,
+    timeout: Duration,
+) -> Attempt {
     let request = async_nats::Request::new()
-        .payload(event.payload.clone())
-        .headers(h)
-        .timeout(Some(route.timeout));
-    match ctx
-        .client
-        .send_request(route.subject.to_string(), request)
-        .await
-    {
+        .payload(payload)
+        .headers(headers)
+        .timeout(Some(timeout));
+    match client.send_request(subject, request).await {
         Ok(reply) => {
             let service_error = reply
                 .headers
@@ -87,7 +124,7 @@ pub(crate) async fn attempt(ctx: &Ctx, route: &Route, event: &EventMeta, n: u32)
         Err(e) => match e.kind() {
             RequestErrorKind::NoResponders => Attempt::NoResponders,
             RequestErrorKind::TimedOut => Attempt::Failed {
-                error: format!("no reply within {} ms", route.timeout.as_millis()),
+                error: format!("no reply within {} ms", timeout.as_millis()),
                 permanent: false,
             },
             RequestErrorKind::MaxPayloadExceeded => Attempt::Failed {
@@ -113,14 +150,30 @@ pub(crate) async fn deliver(
 ) -> Result<Delivery, Stopped> {
     let mut failures: Vec<FailedAttempt> = Vec::new();
     let mut absent_wait = ctx.settings.deferred_poll;
+    let stats = ctx.handler_stats(route);
+    let mut started = false;
     loop {
         ctx.wait_connected().await?;
         let n = u32::try_from(failures.len())
             .unwrap_or(u32::MAX)
             .saturating_add(1);
-        match attempt(ctx, route, event, n).await {
+        let sent = stats.as_ref().map(|_| Instant::now());
+        let result = attempt(ctx, route, event, n).await;
+        if let Some(hs) = &stats {
+            if !started && !matches!(result, Attempt::NoResponders) {
+                started = true;
+                hs.deliveries.fetch_add(1, Ordering::Relaxed);
+            }
+            if n > 1 && !matches!(result, Attempt::NoResponders) {
+                hs.retries.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        match result {
             Attempt::Ok => {
                 ctx.stats.delivered.inc();
+                if let (Some(hs), Some(t)) = (&stats, sent) {
+                    hs.success(t.elapsed(), event.seq);
+                }
                 return Ok(Delivery::Done);
             }
             Attempt::NoResponders => match when_absent {
@@ -136,6 +189,9 @@ pub(crate) async fn deliver(
                     continue;
                 }
                 ctx.stats.failed_attempts.inc();
+                if let (Some(hs), Some(t)) = (&stats, sent) {
+                    hs.failure(Some(t.elapsed()), &error);
+                }
                 tracing::warn!(
                     plugin = %route.plugin, handler = %route.handler,
                     event_id = %event.id, seq = event.seq, attempt = n, permanent, %error,

@@ -13,7 +13,7 @@
 //!   goes to handlers untouched.
 
 mod deferred;
-mod deliver;
+pub(crate) mod deliver;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -77,6 +77,21 @@ pub struct DispatchStats {
     pub deferred: Counter,
     /// Events on the stream that could not be read (dead-lettered as malformed).
     pub malformed: Counter,
+    /// Per handler (`{plugin: {handler: …}}`), recorded when
+    /// [`DispatcherSettings::metrics`] is on.
+    pub handlers: crate::metrics::HandlerStatsMap,
+    /// Per plugin: deferred deliveries, replicas, degraded.
+    pub plugins: crate::metrics::PluginStatsMap,
+    /// True while the dispatcher takes events.
+    #[serde(skip)]
+    running: std::sync::atomic::AtomicBool,
+}
+
+impl DispatchStats {
+    /// True while the dispatcher takes events from its consumer.
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
 }
 
 /// What the dispatcher knows of one event without parsing its payload.
@@ -187,6 +202,19 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// The per-handler stats of `route`, or `None` when metrics are off. Looked up
+    /// in the shared map once per route (per routing table), then kept in the route.
+    fn handler_stats<'r>(&self, route: &'r Route) -> Option<&'r crate::metrics::HandlerStats> {
+        if !self.settings.metrics {
+            return None;
+        }
+        Some(route.stats.get_or_init(|| {
+            self.stats
+                .handlers
+                .get_or_create(&route.subject, &route.plugin, &route.handler)
+        }))
+    }
+
     fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
@@ -284,6 +312,9 @@ impl Ctx {
         let subject = self.subjects.dead_letter(&route.plugin, &route.handler);
         self.publish_until_acked(&subject, h, body.into()).await?;
         self.stats.dead_lettered.inc();
+        if let Some(hs) = self.handler_stats(route) {
+            hs.dead_lettered(event.seq);
+        }
         tracing::error!(
             plugin = %route.plugin, handler = %route.handler, event_id = %event.id,
             seq = event.seq, %error, "delivery dead-lettered"
@@ -420,6 +451,7 @@ impl Dispatcher {
             .await
             .map_err(|e| err("consumer messages")(e.into()))?;
         tracing::info!(consumer = %settings.consumer, "dispatcher running");
+        ctx.stats.running.store(true, Ordering::Relaxed);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -433,6 +465,7 @@ impl Dispatcher {
                 }
             }
         }
+        ctx.stats.running.store(false, Ordering::Relaxed);
         drop(messages);
         keepalive.abort();
         tracker.close();

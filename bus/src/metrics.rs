@@ -1,0 +1,778 @@
+//! Per-handler and per-plugin counters, and their Prometheus export.
+//!
+//! There is one source of truth for what the dispatcher counts: the atomics in
+//! [`DispatchStats`](crate::dispatch::DispatchStats). The totals existed before; this
+//! module adds, per handler, a [`HandlerStats`] (deliveries, successes, errors,
+//! retries, dead letters, a latency histogram, last success and last error) and, per
+//! plugin, a [`PluginStats`] (deferred deliveries, replicas, degraded). The same
+//! values answer `<prefix>.bus.stats`, feed `/metrics` (through a
+//! [`prometheus_client`] collector that reads the atomics at scrape time) and the
+//! health and alert checks ([`crate::monitor`]).
+//!
+//! Recording costs a read-locked map lookup and a few relaxed atomic adds per
+//! delivery; it is switched off with
+//! [`DispatcherSettings::metrics`](crate::config::DispatcherSettings::metrics).
+//!
+//! # Adding gauges from another part of the bus
+//!
+//! [`Metrics::with_registry`] gives the Prometheus registry to register more
+//! metrics; [`Metrics::relay`] returns the [`RelayGauges`] of the outbox relay, which
+//! the relay updates (they are exported from the first call on).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Serialize, Serializer};
+
+use crate::dispatch::DispatchStats;
+
+/// Upper bounds (seconds) of the handler latency histogram buckets; a last
+/// `+Inf` bucket follows.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn ms_to_rfc3339(ms: i64) -> Option<String> {
+    (ms > 0)
+        .then(|| chrono::DateTime::from_timestamp_millis(ms))
+        .flatten()
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+/// A lock-free latency histogram with fixed buckets ([`LATENCY_BUCKETS`]).
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Number of observations.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Sum of the observations in seconds.
+    pub fn sum_seconds(&self) -> f64 {
+        self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// Per-bucket (not cumulative) counts with their upper bounds; the last bound is
+    /// `f64::MAX` (`+Inf`).
+    fn buckets(&self) -> Vec<(f64, u64)> {
+        LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(self.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// What the dispatcher did for one handler since the bus started.
+#[derive(Debug)]
+pub struct HandlerStats {
+    /// Plugin id.
+    pub plugin: Arc<str>,
+    /// Handler name.
+    pub handler: Arc<str>,
+    /// Deliveries started (one per event and handler, retries not counted; deferred
+    /// deliveries count when they are delivered from the deferred queue).
+    pub deliveries: AtomicU64,
+    /// Deliveries that succeeded.
+    pub successes: AtomicU64,
+    /// Failed attempts (each retry that fails counts).
+    pub errors: AtomicU64,
+    /// Attempts after the first (retries).
+    pub retries: AtomicU64,
+    /// Deliveries dead-lettered.
+    pub dead_letters: AtomicU64,
+    /// Deliveries deferred (the plugin had no replica).
+    pub deferred: AtomicU64,
+    /// Time from request to reply of every attempt that got an answer or timed out.
+    pub latency: LatencyHistogram,
+    /// The stream sequence of the last event this handler finished (0 = none; with
+    /// objects in parallel, the latest to finish, not the highest).
+    pub last_seq: AtomicU64,
+    /// Unix milliseconds of the last success (0 = none).
+    pub last_success_ms: AtomicI64,
+    /// Unix milliseconds of the last failed attempt (0 = none).
+    pub last_error_ms: AtomicI64,
+    /// Unix milliseconds of the first failure since the last success (0 = not failing).
+    pub failing_since_ms: AtomicI64,
+    last_error: Mutex<String>,
+}
+
+impl HandlerStats {
+    fn new(plugin: Arc<str>, handler: Arc<str>) -> Self {
+        HandlerStats {
+            plugin,
+            handler,
+            deliveries: AtomicU64::new(0),
+            successes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            dead_letters: AtomicU64::new(0),
+            deferred: AtomicU64::new(0),
+            latency: LatencyHistogram::default(),
+            last_seq: AtomicU64::new(0),
+            last_success_ms: AtomicI64::new(0),
+            last_error_ms: AtomicI64::new(0),
+            failing_since_ms: AtomicI64::new(0),
+            last_error: Mutex::new(String::new()),
+        }
+    }
+
+    /// Records a successful attempt.
+    pub(crate) fn success(&self, took: Duration, seq: u64) {
+        self.successes.fetch_add(1, Ordering::Relaxed);
+        self.latency.observe(took);
+        self.last_seq.store(seq, Ordering::Relaxed);
+        self.last_success_ms.store(now_ms(), Ordering::Relaxed);
+        if self.failing_since_ms.load(Ordering::Relaxed) != 0 {
+            self.failing_since_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a failed attempt (`took` is `None` when no request was answered in time).
+    pub(crate) fn failure(&self, took: Option<Duration>, error: &str) {
+        let now = now_ms();
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(took) = took {
+            self.latency.observe(took);
+        }
+        self.last_error_ms.store(now, Ordering::Relaxed);
+        let _ =
+            self.failing_since_ms
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        let mut last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        error.clone_into(&mut last);
+    }
+
+    /// Records a dead letter.
+    pub(crate) fn dead_lettered(&self, seq: u64) {
+        self.dead_letters.fetch_add(1, Ordering::Relaxed);
+        self.last_seq.store(seq, Ordering::Relaxed);
+    }
+
+    /// The text of the last failed attempt (empty when none).
+    pub fn last_error(&self) -> String {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Serialize for HandlerStats {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let error = self.last_error();
+        serde_json::json!({
+            "deliveries": get(&self.deliveries),
+            "successes": get(&self.successes),
+            "errors": get(&self.errors),
+            "retries": get(&self.retries),
+            "dead_letters": get(&self.dead_letters),
+            "deferred": get(&self.deferred),
+            "latency_count": self.latency.count(),
+            "latency_sum_seconds": self.latency.sum_seconds(),
+            "last_seq": get(&self.last_seq),
+            "last_success": ms_to_rfc3339(self.last_success_ms.load(Ordering::Relaxed)),
+            "last_error_at": ms_to_rfc3339(self.last_error_ms.load(Ordering::Relaxed)),
+            "last_error": (!error.is_empty()).then_some(error),
+            "failing_since": ms_to_rfc3339(self.failing_since_ms.load(Ordering::Relaxed)),
+        })
+        .serialize(s)
+    }
+}
+
+/// Per-handler stats, keyed by the handler's endpoint subject.
+#[derive(Debug, Default)]
+pub struct HandlerStatsMap(RwLock<HashMap<Arc<str>, Arc<HandlerStats>>>);
+
+impl HandlerStatsMap {
+    /// The stats of the handler with endpoint `subject`, created on first use.
+    pub(crate) fn get_or_create(
+        &self,
+        subject: &Arc<str>,
+        plugin: &Arc<str>,
+        handler: &Arc<str>,
+    ) -> Arc<HandlerStats> {
+        if let Some(h) = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&**subject)
+        {
+            return h.clone();
+        }
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(subject.clone())
+            .or_insert_with(|| Arc::new(HandlerStats::new(plugin.clone(), handler.clone())))
+            .clone()
+    }
+
+    /// Every handler's stats, sorted by plugin and handler.
+    pub fn all(&self) -> Vec<Arc<HandlerStats>> {
+        let mut v: Vec<_> = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| (&a.plugin, &a.handler).cmp(&(&b.plugin, &b.handler)));
+        v
+    }
+
+    /// One plugin's handlers.
+    pub fn of_plugin(&self, plugin: &str) -> Vec<Arc<HandlerStats>> {
+        self.all()
+            .into_iter()
+            .filter(|h| &*h.plugin == plugin)
+            .collect()
+    }
+}
+
+impl Serialize for HandlerStatsMap {
+    /// As `{plugin: {handler: stats}}`.
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut out: BTreeMap<String, BTreeMap<String, Arc<HandlerStats>>> = BTreeMap::new();
+        for h in self.all() {
+            out.entry(h.plugin.to_string())
+                .or_default()
+                .insert(h.handler.to_string(), h);
+        }
+        out.serialize(s)
+    }
+}
+
+/// Per-plugin state of the bus.
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    /// Deliveries waiting in the deferred stream for this plugin (the dispatcher's own
+    /// deferral counter).
+    deferred: OnceLock<Arc<AtomicU64>>,
+    /// Replicas that answered the last `$SRV.PING.<plugin>` of the monitor (-1 = not
+    /// checked yet).
+    pub replicas: AtomicI64,
+    /// True while the plugin is degraded (failing continuously for
+    /// [`MonitorSettings::degraded_after`](crate::config::MonitorSettings::degraded_after)).
+    pub degraded: AtomicBool,
+}
+
+impl PluginStats {
+    fn new() -> Self {
+        PluginStats {
+            deferred: OnceLock::new(),
+            replicas: AtomicI64::new(-1),
+            degraded: AtomicBool::new(false),
+        }
+    }
+
+    /// Deliveries waiting for this plugin in the deferred stream.
+    pub fn deferred(&self) -> u64 {
+        self.deferred.get().map_or(0, |c| c.load(Ordering::Acquire))
+    }
+}
+
+/// Per-plugin state, by plugin id.
+#[derive(Debug, Default)]
+pub struct PluginStatsMap(RwLock<BTreeMap<String, Arc<PluginStats>>>);
+
+impl PluginStatsMap {
+    /// The plugin's state, created on first use.
+    pub fn get_or_create(&self, plugin: &str) -> Arc<PluginStats> {
+        if let Some(p) = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(plugin)
+        {
+            return p.clone();
+        }
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(plugin.to_owned())
+            .or_insert_with(|| Arc::new(PluginStats::new()))
+            .clone()
+    }
+
+    /// The plugin's state, if it was ever recorded.
+    pub fn get(&self, plugin: &str) -> Option<Arc<PluginStats>> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(plugin)
+            .cloned()
+    }
+
+    /// Every plugin's state, by id.
+    pub fn all(&self) -> Vec<(String, Arc<PluginStats>)> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Makes `counter` (the dispatcher's deferral counter) the plugin's deferred count.
+    pub(crate) fn track_deferred(&self, plugin: &str, counter: Arc<AtomicU64>) {
+        let _ = self.get_or_create(plugin).deferred.set(counter);
+    }
+}
+
+impl Serialize for PluginStatsMap {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let out: BTreeMap<String, serde_json::Value> = self
+            .all()
+            .into_iter()
+            .map(|(id, p)| {
+                let replicas = p.replicas.load(Ordering::Relaxed);
+                (
+                    id,
+                    serde_json::json!({
+                        "deferred": p.deferred(),
+                        "replicas": (replicas >= 0).then_some(replicas),
+                        "degraded": p.degraded.load(Ordering::Relaxed),
+                    }),
+                )
+            })
+            .collect();
+        out.serialize(s)
+    }
+}
+
+/// Values read from NATS at scrape time (and by the monitor): where the dispatcher
+/// stands against the stream head.
+#[derive(Debug, Default)]
+pub struct Sampled {
+    /// The events stream's last sequence.
+    pub stream_last_seq: AtomicU64,
+    /// Events of the stream the dispatcher consumer has not taken yet (`num_pending`).
+    pub pending: AtomicU64,
+    /// Events the dispatcher holds and has not acked yet (`num_ack_pending`).
+    pub ack_pending: AtomicU64,
+}
+
+impl Sampled {
+    /// Events not yet fully dispatched: pending plus in hand.
+    pub fn backlog(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed) + self.ack_pending.load(Ordering::Relaxed)
+    }
+}
+
+/// Gauges the outbox relay updates; exported (as `hookbus_relay_*`) from the first
+/// [`Metrics::relay`] call on.
+#[derive(Debug, Clone, Default)]
+pub struct RelayGauges {
+    /// `hookbus_relay_backlog_rows`: outbox rows not yet published.
+    pub backlog_rows: Gauge,
+    /// `hookbus_relay_oldest_row_age_seconds`: age of the oldest unpublished row
+    /// (0 when the outbox is empty).
+    pub oldest_row_age_seconds: Gauge<f64, AtomicU64>,
+}
+
+/// The bus's metrics: the dispatcher's stats, values sampled from NATS, and a
+/// Prometheus registry that exports them.
+#[derive(Debug)]
+pub struct Metrics {
+    stats: Arc<DispatchStats>,
+    sampled: Arc<Sampled>,
+    registry: Mutex<Registry>,
+    relay: OnceLock<RelayGauges>,
+}
+
+impl Metrics {
+    /// Metrics over `stats`.
+    pub fn new(stats: Arc<DispatchStats>) -> Metrics {
+        let sampled = Arc::new(Sampled::default());
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(StatsCollector {
+            stats: stats.clone(),
+            sampled: sampled.clone(),
+        }));
+        Metrics {
+            stats,
+            sampled,
+            registry: Mutex::new(registry),
+            relay: OnceLock::new(),
+        }
+    }
+
+    /// The dispatcher's counters.
+    pub fn stats(&self) -> &Arc<DispatchStats> {
+        &self.stats
+    }
+
+    /// Values sampled from NATS (see [`Metrics::sample`]).
+    pub fn sampled(&self) -> &Sampled {
+        &self.sampled
+    }
+
+    /// Lets another part of the bus register metrics of its own.
+    pub fn with_registry<T>(&self, f: impl FnOnce(&mut Registry) -> T) -> T {
+        f(&mut self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// The relay's gauges, registered on first call.
+    pub fn relay(&self) -> &RelayGauges {
+        self.relay.get_or_init(|| {
+            let gauges = RelayGauges::default();
+            self.with_registry(|r| {
+                r.register(
+                    "hookbus_relay_backlog_rows",
+                    "Outbox rows not yet published by the relay",
+                    gauges.backlog_rows.clone(),
+                );
+                r.register(
+                    "hookbus_relay_oldest_row_age_seconds",
+                    "Age of the oldest unpublished outbox row in seconds",
+                    gauges.oldest_row_age_seconds.clone(),
+                );
+            });
+            gauges
+        })
+    }
+
+    /// Reads the dispatcher consumer and the events stream head from NATS.
+    ///
+    /// # Errors
+    ///
+    /// When the consumer or stream cannot be read.
+    pub async fn sample(
+        &self,
+        js: &async_nats::jetstream::Context,
+        subjects: &core_events::Subjects,
+        consumer: &str,
+    ) -> Result<(), async_nats::Error> {
+        let mut stream = js.get_stream(subjects.events_stream()).await?;
+        let last = stream.info().await?.state.last_sequence;
+        self.sampled.stream_last_seq.store(last, Ordering::Relaxed);
+        let mut c: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(consumer).await?;
+        let info = c.info().await?;
+        self.sampled
+            .pending
+            .store(info.num_pending, Ordering::Relaxed);
+        self.sampled.ack_pending.store(
+            u64::try_from(info.num_ack_pending).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+}
+
+/// Lag of a handler: events the bus has not finished plus its plugin's deferred
+/// deliveries.
+pub fn handler_lag(sampled: &Sampled, plugin: Option<&PluginStats>) -> u64 {
+    sampled.backlog() + plugin.map_or(0, PluginStats::deferred)
+}
+
+/// Exports [`DispatchStats`] at scrape time.
+#[derive(Debug)]
+struct StatsCollector {
+    stats: Arc<DispatchStats>,
+    sampled: Arc<Sampled>,
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    enc.encode_descriptor(name, help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, _, u64>(&value, None)
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    enc.encode_descriptor(name, help, None, MetricType::Gauge)?
+        .encode_gauge(&value)
+}
+
+type HandlerValue = fn(&HandlerStats) -> u64;
+
+/// Per-handler counters: name, help, value.
+const HANDLER_COUNTERS: [(&str, &str, HandlerValue); 6] = [
+    (
+        "hookbus_handler_deliveries",
+        "Deliveries started per handler (retries not counted)",
+        |h| h.deliveries.load(Ordering::Relaxed),
+    ),
+    (
+        "hookbus_handler_successes",
+        "Deliveries that succeeded per handler",
+        |h| h.successes.load(Ordering::Relaxed),
+    ),
+    (
+        "hookbus_handler_errors",
+        "Failed attempts per handler (every failed retry counts)",
+        |h| h.errors.load(Ordering::Relaxed),
+    ),
+    (
+        "hookbus_handler_retries",
+        "Attempts after the first per handler",
+        |h| h.retries.load(Ordering::Relaxed),
+    ),
+    (
+        "hookbus_handler_dead_letters",
+        "Deliveries dead-lettered per handler",
+        |h| h.dead_letters.load(Ordering::Relaxed),
+    ),
+    (
+        "hookbus_handler_deferred",
+        "Deliveries deferred per handler because the plugin had no replica",
+        |h| h.deferred.load(Ordering::Relaxed),
+    ),
+];
+
+impl prometheus_client::collector::Collector for StatsCollector {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = &self.stats;
+        counter(
+            &mut enc,
+            "hookbus_events_acked",
+            "Events fully dispatched and acked",
+            s.events_acked.get(),
+        )?;
+        counter(
+            &mut enc,
+            "hookbus_deliveries_succeeded",
+            "Successful handler deliveries, all handlers",
+            s.delivered.get(),
+        )?;
+        counter(
+            &mut enc,
+            "hookbus_attempts_failed",
+            "Failed handler attempts, all handlers",
+            s.failed_attempts.get(),
+        )?;
+        counter(
+            &mut enc,
+            "hookbus_dead_letters",
+            "Deliveries dead-lettered, all handlers",
+            s.dead_lettered.get(),
+        )?;
+        counter(
+            &mut enc,
+            "hookbus_deferrals",
+            "Deliveries deferred because their plugin had no replica, all plugins",
+            s.deferred.get(),
+        )?;
+        counter(
+            &mut enc,
+            "hookbus_malformed_events",
+            "Events that could not be read (moved to <prefix>.dlq._bus.malformed)",
+            s.malformed.get(),
+        )?;
+        gauge(
+            &mut enc,
+            "hookbus_dispatcher_running",
+            "1 while the dispatcher runs",
+            i64::from(s.is_running()),
+        )?;
+        let sampled = &self.sampled;
+        let as_i64 = |a: &AtomicU64| i64::try_from(a.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+        gauge(
+            &mut enc,
+            "hookbus_stream_last_seq",
+            "Last sequence of the events stream",
+            as_i64(&sampled.stream_last_seq),
+        )?;
+        gauge(
+            &mut enc,
+            "hookbus_dispatcher_pending_events",
+            "Events the dispatcher consumer has not taken yet (num_pending)",
+            as_i64(&sampled.pending),
+        )?;
+        gauge(
+            &mut enc,
+            "hookbus_dispatcher_ack_pending_events",
+            "Events the dispatcher holds and has not acked yet (num_ack_pending)",
+            as_i64(&sampled.ack_pending),
+        )?;
+
+        let handlers = s.handlers.all();
+        for (name, help, value) in HANDLER_COUNTERS {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for h in &handlers {
+                let labels = [("plugin", &*h.plugin), ("handler", &*h.handler)];
+                m.encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&value(h), None)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "hookbus_handler_latency_seconds",
+                "Time from request to reply of handler attempts",
+                None,
+                MetricType::Histogram,
+            )?;
+            for h in &handlers {
+                let labels = [("plugin", &*h.plugin), ("handler", &*h.handler)];
+                m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+                    h.latency.sum_seconds(),
+                    h.latency.count(),
+                    &h.latency.buckets(),
+                    None,
+                )?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "hookbus_handler_last_success_timestamp_seconds",
+                "Unix time of the handler's last success (0 = none)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for h in &handlers {
+                let labels = [("plugin", &*h.plugin), ("handler", &*h.handler)];
+                m.encode_family(&labels)?
+                    .encode_gauge(&(h.last_success_ms.load(Ordering::Relaxed) / 1000))?;
+            }
+        }
+        let plugins = s.plugins.all();
+        {
+            let mut m = enc.encode_descriptor(
+                "hookbus_handler_lag_events",
+                "Events the handler may still have to see: events the dispatcher has not finished plus its plugin's deferred deliveries",
+                None,
+                MetricType::Gauge,
+            )?;
+            for h in &handlers {
+                let p = s.plugins.get(&h.plugin);
+                let labels = [("plugin", &*h.plugin), ("handler", &*h.handler)];
+                let lag = handler_lag(sampled, p.as_deref());
+                m.encode_family(&labels)?
+                    .encode_gauge(&i64::try_from(lag).unwrap_or(i64::MAX))?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "hookbus_plugin_deferred_deliveries",
+                "Deliveries waiting in the deferred stream for a plugin with no replica",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (id, p) in &plugins {
+                m.encode_family(&[("plugin", id.as_str())])?
+                    .encode_gauge(&i64::try_from(p.deferred()).unwrap_or(i64::MAX))?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "hookbus_plugin_replicas",
+                "Replicas that answered the monitor's last $SRV.PING (-1 = not checked yet)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (id, p) in &plugins {
+                m.encode_family(&[("plugin", id.as_str())])?
+                    .encode_gauge(&p.replicas.load(Ordering::Relaxed))?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "hookbus_plugin_degraded",
+                "1 while the plugin is degraded (failing continuously)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (id, p) in &plugins {
+                m.encode_family(&[("plugin", id.as_str())])?
+                    .encode_gauge(&i64::from(p.degraded.load(Ordering::Relaxed)))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_and_encoding() {
+        let stats = Arc::new(DispatchStats::default());
+        let p: Arc<str> = "p".into();
+        let h: Arc<str> = "h".into();
+        let subject: Arc<str> = "pagoda.hooks.p.h".into();
+        let hs = stats.handlers.get_or_create(&subject, &p, &h);
+        hs.deliveries.fetch_add(1, Ordering::Relaxed);
+        hs.success(Duration::from_micros(700), 3);
+        hs.failure(Some(Duration::from_secs(20)), "boom");
+        let metrics = Metrics::new(stats);
+        metrics.relay().backlog_rows.set(7);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"hookbus_handler_deliveries_total{plugin="p",handler="h"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"hookbus_handler_latency_seconds_bucket{le="0.001",plugin="p",handler="h"} 1"#
+            ) || text.contains(
+                r#"hookbus_handler_latency_seconds_bucket{plugin="p",handler="h",le="0.001"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains("hookbus_relay_backlog_rows 7"), "{text}");
+        assert_eq!(hs.last_error(), "boom");
+        assert_ne!(hs.failing_since_ms.load(Ordering::Relaxed), 0);
+    }
+}

@@ -1,0 +1,288 @@
+//! `hookbus health`: one screen with the bus and every plugin, and a verdict usable
+//! from cron or a probe (the binary exits 1 when unhealthy).
+//!
+//! Unhealthy: the bus does not answer, has lost NATS or its dispatcher is not
+//! running; a plugin in `ENABLED_PLUGINS` is not registered; an enabled,
+//! registered plugin has no replica answering `$SRV.PING`; a plugin is degraded.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::{Ops, OpsError, ago, cut};
+use crate::monitor::BusHealth;
+
+/// One plugin's line.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginLine {
+    /// Plugin id.
+    pub plugin: String,
+    /// `ok`, `not enabled`, `NOT REGISTERED`, `NO REPLICA`, `DEGRADED`.
+    pub status: String,
+    /// Registered (valid manifest).
+    pub registered: bool,
+    /// Position in `ENABLED_PLUGINS`, 1-based.
+    pub enabled: Option<usize>,
+    /// Replicas answering `$SRV.PING` now.
+    pub replicas: Option<usize>,
+    /// Last success seen by the bus.
+    pub last_success: Option<String>,
+    /// Last failed attempt seen by the bus.
+    pub last_error_at: Option<String>,
+    /// Its text.
+    pub last_error: Option<String>,
+    /// Deliveries waiting in the deferred stream.
+    pub deferred: u64,
+    /// Dead letters kept.
+    pub dead_letters: u64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthReport {
+    /// True when nothing is unhealthy.
+    pub healthy: bool,
+    /// What is unhealthy, one sentence each.
+    pub problems: Vec<String>,
+    /// Worth a look, not unhealthy (rejected manifests).
+    pub warnings: Vec<String>,
+    /// The bus's own report (`None`: the bus did not answer).
+    pub bus: Option<BusHealth>,
+    /// Events not yet dispatched (pending + in hand).
+    pub backlog: Option<u64>,
+    /// Every plugin.
+    pub plugins: Vec<PluginLine>,
+}
+
+async fn deferred_counts(ops: &Ops) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let Ok(stream) = ops.js.get_stream(ops.subjects.deferred_stream()).await else {
+        return out;
+    };
+    let Ok(mut subjects) = stream.info_with_subjects(ops.subjects.all_deferred()).await else {
+        return out;
+    };
+    while let Some(Ok((subject, n))) = subjects.next().await {
+        if let Some(p) = subject.rsplit('.').next() {
+            *out.entry(p.to_owned()).or_default() += u64::try_from(n).unwrap_or(0);
+        }
+    }
+    out
+}
+
+/// Gathers the report.
+///
+/// # Errors
+///
+/// Only when NATS itself fails badly; a silent bus is a problem in the report.
+pub async fn check(ops: &Ops) -> Result<HealthReport, OpsError> {
+    let pb = super::spinner("checking the bus and the plugins");
+    let bus: Result<BusHealth, OpsError> = ops.ask_bus("health").await;
+    let registry = super::registry::fetch(ops).await.ok();
+    let mut problems = Vec::new();
+    let mut warnings = Vec::new();
+    let bus = match bus {
+        Ok(b) => Some(b),
+        Err(e) => {
+            problems.push(e.to_string());
+            None
+        }
+    };
+    if let Some(b) = &bus
+        && !b.is_ok()
+    {
+        problems.push(format!(
+            "the bus is unhealthy: NATS {}, dispatcher {}",
+            b.nats,
+            if b.dispatcher_running {
+                "running"
+            } else {
+                "not running"
+            }
+        ));
+    }
+    let enabled: Vec<String> = bus
+        .as_ref()
+        .map(|b| b.enabled_plugins.clone())
+        .unwrap_or_default();
+    let mut ids: Vec<String> = registry
+        .as_ref()
+        .map(|r| r.plugins.keys().cloned().collect())
+        .unwrap_or_default();
+    for e in &enabled {
+        if !ids.contains(e) {
+            ids.push(e.clone());
+        }
+    }
+    ids.sort();
+    let replicas = ops.replicas(&ids).await;
+    let deferred = deferred_counts(ops).await;
+    let dlq = crate::dlq::counts(&ops.js, &ops.subjects)
+        .await
+        .unwrap_or_default();
+    pb.finish_and_clear();
+    if let Some(r) = &registry {
+        for (key, reason) in &r.rejected {
+            warnings.push(format!("manifest {key} rejected: {reason}"));
+        }
+    }
+    let mut plugins = Vec::new();
+    for (id, replicas) in ids.iter().zip(replicas) {
+        let registered = registry
+            .as_ref()
+            .is_some_and(|r| r.plugins.contains_key(id));
+        let rank = enabled.iter().position(|e| e == id).or_else(|| {
+            registry
+                .as_ref()
+                .and_then(|r| r.plugins.get(id))
+                .and_then(|p| p.enabled_rank)
+        });
+        let bp = bus.as_ref().and_then(|b| b.plugins.get(id));
+        let degraded = bp.is_some_and(|p| p.degraded);
+        let status = match (registered, rank, replicas) {
+            (true, None, _) => "not enabled",
+            (false, Some(_), _) => {
+                problems.push(format!(
+                    "plugin {id} is in ENABLED_PLUGINS but not registered"
+                ));
+                "NOT REGISTERED"
+            }
+            (false, None, _) => "unknown",
+            (true, Some(_), Some(0)) => {
+                problems.push(format!(
+                    "plugin {id} has no replica answering $SRV.PING.{id}; its deliveries are deferred"
+                ));
+                "NO REPLICA"
+            }
+            (true, Some(_), _) if degraded => {
+                problems.push(format!(
+                    "plugin {id} is degraded: failing since {}",
+                    bp.and_then(|p| p.failing_since.clone())
+                        .unwrap_or_else(|| "?".to_owned())
+                ));
+                "DEGRADED"
+            }
+            (true, Some(_), None) => "unknown",
+            (true, Some(_), Some(_)) => "ok",
+        };
+        plugins.push(PluginLine {
+            plugin: id.clone(),
+            status: status.to_owned(),
+            registered,
+            enabled: rank.map(|r| r + 1),
+            replicas,
+            last_success: bp.and_then(|p| p.last_success.clone()),
+            last_error_at: bp.and_then(|p| p.last_error_at.clone()),
+            last_error: bp.and_then(|p| p.last_error.clone()),
+            deferred: deferred.get(id).copied().unwrap_or(0),
+            dead_letters: dlq
+                .iter()
+                .filter(|((p, _), _)| p == id)
+                .map(|(_, n)| *n)
+                .sum(),
+        });
+    }
+    Ok(HealthReport {
+        healthy: problems.is_empty(),
+        problems,
+        warnings,
+        backlog: bus.as_ref().map(|b| b.pending + b.ack_pending),
+        bus,
+        plugins,
+    })
+}
+
+/// Writes the report as one screen (or JSON).
+///
+/// # Errors
+///
+/// When the output cannot be written.
+pub fn render(
+    report: &HealthReport,
+    json: bool,
+    out: &mut (dyn Write + Send),
+) -> Result<(), OpsError> {
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        )?;
+        return Ok(());
+    }
+    match &report.bus {
+        Some(b) => writeln!(
+            out,
+            "bus:    {}  NATS {}, dispatcher {}, backlog {} event(s) ({} not taken, {} in hand), {} acked since start",
+            if b.is_ok() { "ok" } else { "UNHEALTHY" },
+            b.nats,
+            if b.dispatcher_running {
+                "running"
+            } else {
+                "NOT RUNNING"
+            },
+            b.pending + b.ack_pending,
+            b.pending,
+            b.ack_pending,
+            b.events_acked
+        )?,
+        None => writeln!(out, "bus:    NOT ANSWERING")?,
+    }
+    writeln!(
+        out,
+        "relay:  backlog not reported (placeholder until the outbox relay reports to the bus)"
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<24} {:<14} {:<8} {:<9} {:<13} {:<40} {:<9} DLQ",
+        "PLUGIN", "STATUS", "ENABLED", "REPLICAS", "LAST SUCCESS", "LAST ERROR", "DEFERRED"
+    )?;
+    for p in &report.plugins {
+        let last_error = match (&p.last_error, &p.last_error_at) {
+            (Some(e), at) => format!("{} {}", ago(at.as_deref()), cut(e, 30)),
+            _ => "-".to_owned(),
+        };
+        writeln!(
+            out,
+            "{:<24} {:<14} {:<8} {:<9} {:<13} {:<40} {:<9} {}",
+            p.plugin,
+            p.status,
+            p.enabled
+                .map_or_else(|| "no".to_owned(), |r| format!("#{r}")),
+            p.replicas.map_or_else(|| "?".to_owned(), |n| n.to_string()),
+            ago(p.last_success.as_deref()),
+            last_error,
+            p.deferred,
+            p.dead_letters
+        )?;
+    }
+    if report.plugins.is_empty() {
+        writeln!(out, "(no plugin registered or enabled)")?;
+    }
+    if let Some(b) = &report.bus {
+        for a in &b.alerts {
+            writeln!(
+                out,
+                "alert:  {} {}: {}",
+                a.plugin,
+                a.kind.as_str(),
+                a.message
+            )?;
+        }
+    }
+    for w in &report.warnings {
+        writeln!(out, "warning: {w}")?;
+    }
+    writeln!(out)?;
+    if report.healthy {
+        writeln!(out, "healthy")?;
+    } else {
+        for p in &report.problems {
+            writeln!(out, "UNHEALTHY: {p}")?;
+        }
+    }
+    Ok(())
+}

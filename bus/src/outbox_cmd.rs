@@ -1,0 +1,161 @@
+//! The commands over the model store and its outbox: `migrate`, `relay` (also
+//! started by `run` when a database is configured) and `rebuild`.
+
+use anyhow::{Context, Result};
+use async_nats::jetstream;
+use core_events::Subjects;
+use core_events::store::Store;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::StreamSettings;
+use crate::relay::{Relay, RelaySettings};
+
+/// Opens the store at `url` and applies the migrations.
+///
+/// # Errors
+///
+/// When the database cannot be reached or a migration fails.
+pub async fn open_migrated(url: &str) -> Result<Store> {
+    let store = Store::connect(url)
+        .await
+        .with_context(|| format!("cannot open the database {}", redact(url)))?;
+    store
+        .migrate()
+        .await
+        .with_context(|| format!("cannot migrate the database {}", redact(url)))?;
+    Ok(store)
+}
+
+/// Runs the outbox relay of the store at `url` until `shutdown` (provisioning
+/// the streams first, so it can start before the bus).
+///
+/// # Errors
+///
+/// When the database cannot be opened or the streams cannot be provisioned.
+pub async fn relay(
+    client: async_nats::Client,
+    subjects: Subjects,
+    streams: &StreamSettings,
+    url: &str,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let store = open_migrated(url).await?;
+    let js = jetstream::new(client);
+    crate::provision::provision(&js, &subjects, streams).await?;
+    let settings = RelaySettings::for_backend(store.backend());
+    tracing::info!(database = %redact(url), "outbox relay started");
+    Relay::new(store, js, subjects, settings)
+        .run(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(
+            super::redact("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(super::redact("sqlite://a.db"), "sqlite://a.db");
+    }
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// Events read from the stream.
+    pub events: u64,
+    /// Entity events applied.
+    pub entity_events: u64,
+    /// Entry events applied.
+    pub entry_events: u64,
+    /// Events that are not model changes.
+    pub skipped: u64,
+}
+
+/// Rebuilds the model store at `url` from the events stream: every event from
+/// the first, applied in stream order, into an empty store (see
+/// `core_events::store` on why the result equals the original). `progress` is
+/// called with (events done, events in the stream) every batch.
+///
+/// # Errors
+///
+/// When the store is not empty (unless `force`), when the stream no longer holds
+/// its first events (retention removed them: the rebuild would be incomplete),
+/// or when the stream or the database fail.
+pub async fn rebuild(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    url: &str,
+    force: bool,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Rebuilt> {
+    use futures::StreamExt;
+    use pagoda_plugin_sdk::replay::{ReplayOptions, replay_events};
+
+    let store = open_migrated(url).await?;
+    if !force && !store.is_empty().await? {
+        anyhow::bail!(
+            "the store at {} is not empty; rebuild into an empty database (or pass --force to apply the stream over it)",
+            redact(url)
+        );
+    }
+    let mut stream = js
+        .get_stream(subjects.events_stream())
+        .await
+        .with_context(|| format!("cannot read the stream {}", subjects.events_stream()))?;
+    let state = stream.info().await?.state.clone();
+    if state.first_sequence > 1 {
+        anyhow::bail!(
+            "the stream {} no longer holds events 1..{} (removed by its retention); a rebuild needs every event from the first",
+            subjects.events_stream(),
+            state.first_sequence - 1
+        );
+    }
+    let mut events = replay_events(js, subjects, ReplayOptions::default()).await?;
+    let total = events.total_at_start();
+    store.begin_rebuild().await?;
+    let mut report = Rebuilt::default();
+    let mut batch: Vec<bytes::Bytes> = Vec::with_capacity(500);
+    loop {
+        let next = events.next().await;
+        let done = next.is_none();
+        if let Some(event) = next {
+            batch.push(event?.payload);
+        }
+        if batch.len() == 500 || (done && !batch.is_empty()) {
+            let slices: Vec<&[u8]> = batch.iter().map(|b| b.as_ref()).collect();
+            for applied in store.apply_events(&slices).await? {
+                match applied {
+                    core_events::store::Applied::Entity(_) => report.entity_events += 1,
+                    core_events::store::Applied::Entry(_) => report.entry_events += 1,
+                    _ => report.skipped += 1,
+                }
+            }
+            report.events += batch.len() as u64;
+            batch.clear();
+            progress(report.events, total.max(report.events));
+        }
+        if done {
+            break;
+        }
+    }
+    store.finish_rebuild().await?;
+    Ok(report)
+}

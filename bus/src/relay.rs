@@ -1,0 +1,612 @@
+//! The outbox relay: publishes committed `hookbus_outbox` rows into the events
+//! stream and deletes them once the stream has acknowledged them.
+//!
+//! Guarantees:
+//! - **Nothing lost.** A row is deleted only after JetStream acknowledged it. A
+//!   publish that fails or times out leaves the row; it is sent again after a
+//!   back-off (NATS down: the outbox grows, the relay drains it in order when NATS
+//!   is back).
+//! - **Nothing twice.** `Nats-Msg-Id` is the event id, so a row sent again (the
+//!   relay died between publish and delete, or two relays run) is dropped by the
+//!   stream's duplicate window, which must be longer than a relay restart
+//!   (default 2 minutes, `StreamSettings::duplicate_window`).
+//! - **Per-object order.** Rows are read in id order, always from the lowest id
+//!   still in the table, and an object has at most one publish in flight: its
+//!   next row is sent only after the previous one is acknowledged as stored. So
+//!   even a failed or timed-out publish cannot let a later event of the object
+//!   overtake it, and two relays on one database cannot either (each sends an
+//!   object's event only after the stream holds the one before). Objects are
+//!   independent, so many publishes are in flight at once.
+//! - **Low latency when idle.** PostgreSQL: `LISTEN hookbus_outbox` (a trigger
+//!   notifies on insert). SQLite: the store of this process wakes the relay on
+//!   commit, and a short poll finds other writers' rows.
+//!
+//! A row that cannot be published (unknown hook, bad object key, a payload that
+//! is not JSON, an entity name too long for a subject) is moved to the dead-letter
+//! stream under `<prefix>.dlq._relay.invalid` with the reason, then deleted.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use bytes::Bytes;
+use core_events::store::{Backend, OUTBOX_CHANNEL, OutboxRow, Store, StoreError, outbox};
+use core_events::{EventId, Hook, ObjectKey, Subjects};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::publish::EncodedEvent;
+
+/// Settings of the relay.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    /// Rows read per query.
+    pub batch_size: usize,
+    /// Most rows read and not yet deleted (publishes in flight plus rows waiting
+    /// behind an earlier row of their object).
+    pub max_in_flight: usize,
+    /// How often the outbox is polled when nothing woke the relay (rows written by
+    /// other processes on SQLite; a fallback to `LISTEN` on PostgreSQL).
+    pub poll_interval: Duration,
+    /// First wait after a failed publish or query; doubles up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// Longest wait between retries.
+    pub backoff_max: Duration,
+    /// How often the backlog (rows, oldest age) is measured.
+    pub backlog_interval: Duration,
+}
+
+impl RelaySettings {
+    /// Defaults for a backend: SQLite polls every 50 ms, PostgreSQL relies on
+    /// `LISTEN` and polls every second.
+    pub fn for_backend(backend: Backend) -> Self {
+        RelaySettings {
+            batch_size: 512,
+            max_in_flight: 4096,
+            poll_interval: match backend {
+                Backend::Sqlite => Duration::from_millis(50),
+                Backend::Postgres => Duration::from_secs(1),
+            },
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            backlog_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Counters and gauges of a running relay (shared; read them any time).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Rows the stream stored.
+    pub published: AtomicU64,
+    /// Rows the stream already had (a resend after a crash or by a second relay).
+    pub duplicates: AtomicU64,
+    /// Rows moved to the dead-letter stream as unpublishable.
+    pub invalid: AtomicU64,
+    /// Failed publishes and queries (each followed by a back-off).
+    pub errors: AtomicU64,
+    /// Rows waiting in the outbox at the last measurement.
+    pub backlog_rows: AtomicI64,
+    /// Age of the oldest waiting row at the last measurement, ms.
+    pub backlog_oldest_ms: AtomicI64,
+    /// False while publishes fail (NATS unreachable, stream unavailable).
+    pub healthy: AtomicBool,
+}
+
+impl RelayStats {
+    /// The counters as JSON (for the bus's status subject).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "published": self.published.load(Ordering::Relaxed),
+            "duplicates": self.duplicates.load(Ordering::Relaxed),
+            "invalid": self.invalid.load(Ordering::Relaxed),
+            "errors": self.errors.load(Ordering::Relaxed),
+            "backlog_rows": self.backlog_rows.load(Ordering::Relaxed),
+            "backlog_oldest_ms": self.backlog_oldest_ms.load(Ordering::Relaxed),
+            "healthy": self.healthy.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// A relay failure that stops it (everything else is retried).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The database could not be reached at start.
+    #[error("outbox relay: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The outbox relay.
+#[derive(Debug)]
+pub struct Relay {
+    store: Store,
+    js: jetstream::Context,
+    subjects: Subjects,
+    settings: RelaySettings,
+    stats: Arc<RelayStats>,
+}
+
+/// A row ready to send.
+struct Ready {
+    id: i64,
+    object: Arc<str>,
+    event: EncodedEvent,
+}
+
+type Outcome = (i64, Arc<str>, Result<bool, String>);
+
+impl Relay {
+    /// A relay of `store`'s outbox into the events stream of `subjects`.
+    pub fn new(
+        store: Store,
+        js: jetstream::Context,
+        subjects: Subjects,
+        settings: RelaySettings,
+    ) -> Self {
+        Relay {
+            store,
+            js,
+            subjects,
+            settings,
+            stats: Arc::new(RelayStats::default()),
+        }
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Runs until `shutdown`: then stops sending, waits for the publishes in
+    /// flight and deletes what was acknowledged.
+    ///
+    /// # Errors
+    ///
+    /// Never after start: failures are logged, counted and retried.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RelayError> {
+        let wake = self.store.outbox_written();
+        if self.store.backend() == Backend::Postgres {
+            tokio::spawn(listen(
+                self.store.url().to_owned(),
+                Arc::clone(&wake),
+                shutdown.clone(),
+            ));
+        }
+        let mut state = State {
+            relay: &self,
+            held: BTreeSet::new(),
+            waiting: HashMap::new(),
+            in_flight: FuturesUnordered::new(),
+            fetching: FuturesUnordered::new(),
+            deleting: FuturesUnordered::new(),
+            acked: Vec::new(),
+            deleted_during_read: Vec::new(),
+            resetting: false,
+            backoff: self.settings.backoff_min,
+            retry_at: None,
+        };
+        self.stats.healthy.store(true, Ordering::Relaxed);
+        let mut backlog_tick = tokio::time::interval(self.settings.backlog_interval);
+        backlog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A read is due: at start, after a full batch, a wake-up, a poll tick or a reset.
+        let mut due = true;
+        let mut next_poll = Instant::now() + self.settings.poll_interval;
+        loop {
+            if state.resetting && state.in_flight.is_empty() && state.fetching.is_empty() {
+                state.reset();
+                due = true;
+            }
+            if due && state.can_fetch() {
+                due = false;
+                next_poll = Instant::now() + self.settings.poll_interval;
+                state.start_fetch();
+            }
+            let batch = self.settings.batch_size;
+            if state.deleting.is_empty()
+                && (state.acked.len() >= batch
+                    || (!state.acked.is_empty() && state.in_flight.is_empty()))
+            {
+                state.start_delete();
+            }
+            let wait_until = state
+                .retry_at
+                .map_or(next_poll, |t| t.max(next_poll.min(t)));
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some(outcome) = state.in_flight.next() => {
+                    state.settle(outcome).await;
+                    // Settle whatever else is ready without waiting.
+                    while let Some(Some(outcome)) = state.in_flight.next().now_or_never() {
+                        state.settle(outcome).await;
+                    }
+                }
+                Some(rows) = state.fetching.next() => due |= state.accept(rows).await,
+                Some((ids, result)) = state.deleting.next() => state.deleted(ids, result),
+                _ = backlog_tick.tick() => self.measure_backlog().await,
+                () = wake.notified(), if !due => due = true,
+                () = tokio::time::sleep_until(wait_until), if !due => due = true,
+            }
+        }
+        // Shutdown: settle what is in flight (bounded by the publish timeout).
+        while let Some(outcome) = state.in_flight.next().await {
+            state.settle(outcome).await;
+        }
+        while let Some((ids, result)) = state.deleting.next().await {
+            state.deleted(ids, result);
+        }
+        if !state.acked.is_empty() {
+            state.start_delete();
+            while let Some((ids, result)) = state.deleting.next().await {
+                state.deleted(ids, result);
+            }
+        }
+        self.measure_backlog().await;
+        Ok(())
+    }
+
+    async fn measure_backlog(&self) {
+        match outbox::backlog(self.store.pool()).await {
+            Ok(b) => {
+                self.stats.backlog_rows.store(b.rows, Ordering::Relaxed);
+                self.stats
+                    .backlog_oldest_ms
+                    .store(b.oldest_age_us / 1000, Ordering::Relaxed);
+                if !self.stats.healthy.load(Ordering::Relaxed) && b.rows > 0 {
+                    tracing::warn!(
+                        backlog_rows = b.rows,
+                        oldest_age_ms = b.oldest_age_us / 1000,
+                        "outbox relay: publishing fails; the outbox keeps growing"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "outbox relay: cannot measure the backlog"),
+        }
+    }
+
+    /// Turns a row into a message, or says why it cannot be published.
+    fn prepare(&self, row: &OutboxRow) -> Result<EncodedEvent, String> {
+        let hook = Hook::parse(&row.hook).map_err(|e| e.to_string())?;
+        if !hook.kind().is_notification() {
+            return Err(format!(
+                "hook '{}' is not a notification (only after_* hooks are events)",
+                row.hook
+            ));
+        }
+        let object: ObjectKey = row.object.parse()?;
+        if object.kind != hook.object() {
+            return Err(format!(
+                "object '{}' is not a {} (hook {})",
+                row.object,
+                hook.object(),
+                hook.name()
+            ));
+        }
+        let id: EventId = row
+            .event_id
+            .parse()
+            .map_err(|e| format!("event_id '{}' is not a UUID: {e}", row.event_id))?;
+        serde_json::from_str::<serde::de::IgnoredAny>(&row.payload)
+            .map_err(|e| format!("payload is not JSON: {e}"))?;
+        EncodedEvent::from_parts(
+            &self.subjects,
+            hook,
+            &row.entity,
+            object,
+            id,
+            row.traceparent.as_deref(),
+            Bytes::from(row.payload.clone()),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// Moves an unpublishable row to the dead-letter stream. True once stored.
+    async fn dead_letter(&self, row: &OutboxRow, error: &str) -> bool {
+        tracing::error!(
+            outbox_id = row.id,
+            event_id = %row.event_id,
+            hook = %row.hook,
+            object = %row.object,
+            %error,
+            "outbox relay: row cannot be published; moved to the dead-letter stream"
+        );
+        let body = serde_json::json!({
+            "kind": "invalid_outbox_row",
+            "error": error,
+            "event_id": row.event_id,
+            "hook": row.hook,
+            "entity": row.entity,
+            "object": row.object,
+            "outbox_id": row.id,
+            "traceparent": row.traceparent,
+            "payload": row.payload,
+            "failed_at": chrono::Utc::now(),
+        });
+        let subject = self.subjects.dead_letter("_relay", "invalid");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            core_events::protocol::headers::MSG_ID,
+            format!("relay-invalid-{}", row.event_id).as_str(),
+        );
+        let sent = self
+            .js
+            .send_publish(
+                subject,
+                jetstream::message::PublishMessage::build()
+                    .payload(Bytes::from(body.to_string()))
+                    .headers(headers),
+            )
+            .await;
+        match sent {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+type Fetched = Result<Vec<OutboxRow>, StoreError>;
+type Deleted = (Vec<i64>, Result<u64, StoreError>);
+
+/// The relay loop's state.
+struct State<'a> {
+    relay: &'a Relay,
+    /// Ids read and not yet deleted: never read again while held.
+    held: BTreeSet<i64>,
+    /// Per object with a publish in flight: its later rows, in id order.
+    waiting: HashMap<Arc<str>, VecDeque<Ready>>,
+    in_flight: FuturesUnordered<BoxFuture<'static, Outcome>>,
+    /// The read in progress (at most one), so publishing goes on meanwhile.
+    fetching: FuturesUnordered<BoxFuture<'static, Fetched>>,
+    /// The delete in progress (at most one).
+    deleting: FuturesUnordered<BoxFuture<'static, Deleted>>,
+    /// Acknowledged ids to delete.
+    acked: Vec<i64>,
+    /// Deleted while a read was running (which may still return them): released
+    /// from `held` once that read is handled.
+    deleted_during_read: Vec<i64>,
+    /// A publish failed: send nothing new, let the rest settle, then forget every
+    /// unacknowledged row and read again from the table.
+    resetting: bool,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+}
+
+impl State<'_> {
+    /// A read may start: none running, no reset or back-off under way, and room
+    /// for a batch (or nothing in flight at all).
+    fn can_fetch(&mut self) -> bool {
+        if let Some(t) = self.retry_at {
+            if Instant::now() < t {
+                return false;
+            }
+            self.retry_at = None;
+        }
+        let room = self
+            .relay
+            .settings
+            .max_in_flight
+            .saturating_sub(self.held.len());
+        self.fetching.is_empty()
+            && !self.resetting
+            && (room >= self.relay.settings.batch_size || (room > 0 && self.in_flight.is_empty()))
+    }
+
+    fn start_fetch(&mut self) {
+        let room = self.relay.settings.max_in_flight - self.held.len();
+        let limit = self.relay.settings.batch_size.min(room);
+        let pool = self.relay.store.pool().clone();
+        let held = self.held.clone();
+        self.fetching.push(Box::pin(
+            async move { outbox::fetch(&pool, &held, limit).await },
+        ));
+    }
+
+    fn start_delete(&mut self) {
+        let ids = std::mem::take(&mut self.acked);
+        let pool = self.relay.store.writer().clone();
+        self.deleting.push(Box::pin(async move {
+            let result = outbox::delete(&pool, &ids).await;
+            (ids, result)
+        }));
+    }
+
+    fn deleted(&mut self, ids: Vec<i64>, result: Result<u64, StoreError>) {
+        match result {
+            Ok(_) if !self.fetching.is_empty() => self.deleted_during_read.extend(ids),
+            Ok(_) => {
+                for id in ids {
+                    self.held.remove(&id);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox relay: cannot delete published rows; retrying");
+                self.acked.extend(ids);
+                self.fail();
+            }
+        }
+    }
+
+    /// Sends or queues each row read. True when the batch was full (read again).
+    async fn accept(&mut self, fetched: Fetched) -> bool {
+        let rows = match fetched {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox relay: cannot read the outbox; retrying");
+                for id in std::mem::take(&mut self.deleted_during_read) {
+                    self.held.remove(&id);
+                }
+                self.fail();
+                return false;
+            }
+        };
+        let full = rows.len() >= self.relay.settings.batch_size;
+        for row in rows {
+            if self.held.contains(&row.id) {
+                continue;
+            }
+            let ready = match self.relay.prepare(&row) {
+                Ok(event) => Ready {
+                    id: row.id,
+                    object: row.object.as_str().into(),
+                    event,
+                },
+                Err(error) => {
+                    if self.relay.dead_letter(&row, &error).await {
+                        self.relay.stats.invalid.fetch_add(1, Ordering::Relaxed);
+                        self.held.insert(row.id);
+                        self.acked.push(row.id);
+                    } else {
+                        self.fail();
+                    }
+                    continue;
+                }
+            };
+            self.held.insert(ready.id);
+            if self.resetting {
+                // A publish failed meanwhile: read it again after the reset.
+                self.held.remove(&ready.id);
+            } else if let Some(queue) = self.waiting.get_mut(&ready.object) {
+                queue.push_back(ready);
+            } else {
+                self.waiting
+                    .insert(Arc::clone(&ready.object), VecDeque::new());
+                self.send(ready).await;
+            }
+        }
+        for id in std::mem::take(&mut self.deleted_during_read) {
+            self.held.remove(&id);
+        }
+        full
+    }
+
+    async fn send(&mut self, ready: Ready) {
+        let Ready { id, object, event } = ready;
+        let sent = self
+            .relay
+            .js
+            .send_publish(
+                event.subject,
+                jetstream::message::PublishMessage::build()
+                    .payload(event.payload)
+                    .headers(event.headers),
+            )
+            .await;
+        let fut: BoxFuture<'static, Outcome> = match sent {
+            Ok(ack) => Box::pin(settle_ack(id, object, ack)),
+            Err(e) => Box::pin(std::future::ready((id, object, Err(e.to_string())))),
+        };
+        self.in_flight.push(fut);
+    }
+
+    async fn settle(&mut self, (id, object, result): Outcome) {
+        match result {
+            Ok(duplicate) => {
+                let counter = if duplicate {
+                    &self.relay.stats.duplicates
+                } else {
+                    &self.relay.stats.published
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                self.acked.push(id);
+                if !self.relay.stats.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!("outbox relay: publishing again");
+                }
+                self.backoff = self.relay.settings.backoff_min;
+                let next = self.waiting.get_mut(&object).and_then(VecDeque::pop_front);
+                match next {
+                    Some(ready) if !self.resetting => self.send(ready).await,
+                    Some(ready) => {
+                        // Not sent: forget it so it is read again after the reset.
+                        self.held.remove(&ready.id);
+                    }
+                    None => {
+                        self.waiting.remove(&object);
+                    }
+                }
+            }
+            Err(error) => {
+                if self.relay.stats.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(%error, "outbox relay: publish failed; backing off and retrying");
+                }
+                self.held.remove(&id);
+                if let Some(queue) = self.waiting.remove(&object) {
+                    for r in queue {
+                        self.held.remove(&r.id);
+                    }
+                }
+                self.fail();
+            }
+        }
+    }
+
+    /// Enters back-off: nothing new is sent until the in-flight publishes settle
+    /// and the wait is over.
+    fn fail(&mut self) {
+        self.relay.stats.errors.fetch_add(1, Ordering::Relaxed);
+        self.resetting = true;
+        self.retry_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(self.relay.settings.backoff_max);
+    }
+
+    /// After a failure, once nothing is in flight: forget every row not
+    /// acknowledged, so the next read starts again from the table in id order.
+    fn reset(&mut self) {
+        for (_, queue) in self.waiting.drain() {
+            for r in queue {
+                self.held.remove(&r.id);
+            }
+        }
+        self.resetting = false;
+    }
+}
+
+async fn settle_ack(id: i64, object: Arc<str>, ack: PublishAckFuture) -> Outcome {
+    let result = ack.await.map(|a| a.duplicate).map_err(|e| e.to_string());
+    (id, object, result)
+}
+
+/// Forwards PostgreSQL notifications of new outbox rows to `wake`; reconnects
+/// after errors (the poll covers the gaps).
+async fn listen(url: String, wake: Arc<Notify>, shutdown: CancellationToken) {
+    let mut wait = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        let listener = async {
+            let mut l = sqlx::postgres::PgListener::connect(&url).await?;
+            l.listen(OUTBOX_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        match listener.await {
+            Ok(mut l) => {
+                wait = Duration::from_millis(200);
+                wake.notify_one();
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        n = l.recv() => match n {
+                            Ok(_) => wake.notify_one(),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "outbox relay: LISTEN connection lost; polling until it is back");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox relay: cannot LISTEN; polling instead");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}

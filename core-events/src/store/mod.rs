@@ -1,0 +1,287 @@
+//! The model store: users, entities with attribute definitions, entries with
+//! attribute values, in SQL (SQLite by default, PostgreSQL for production), and
+//! the transactional outbox the relay publishes from.
+//!
+//! Every write runs in one transaction that changes the model **and** inserts
+//! the event into `hookbus_outbox`: a rolled-back write leaves no event, a
+//! committed one always has its event. Writes about one object lock that object's
+//! row before inserting the outbox row, so the events of one object get outbox ids
+//! in commit order; the relay publishes each object's events in id order.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), core_events::store::StoreError> {
+//! use core_events::store::{NewEntity, NewEntry, Store, WriteContext};
+//! let store = Store::connect("sqlite://pagoda.db").await?;
+//! store.migrate().await?;
+//! let ctx = WriteContext::default();
+//! let entity = store.create_entity(&NewEntity::named("customer"), &ctx).await?;
+//! let entry = store.create_entry(entity.id, &NewEntry::named("ACME"), &ctx).await?;
+//! assert_eq!(entry.schema.name, "customer");
+//! # Ok(()) }
+//! ```
+
+mod load;
+pub mod outbox;
+mod rebuild;
+mod values;
+mod write;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor};
+use tokio::sync::Notify;
+
+pub use outbox::{Backlog, OutboxRow};
+pub use rebuild::{Applied, ModelSnapshot};
+pub use write::{AttrChange, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, NewUser};
+
+use crate::model::User;
+
+/// Which database a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite (a file, WAL mode): the embedded default.
+    Sqlite,
+    /// PostgreSQL: production.
+    Postgres,
+}
+
+/// A problem reading or writing the model store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The URL names no supported database.
+    #[error("database URL '{0}' is not supported: use sqlite://<file> or postgres://user@host/db")]
+    UnsupportedUrl(String),
+    /// An object does not exist (or not in the asked state).
+    #[error("{what} {id} not found")]
+    NotFound {
+        /// `entity`, `entry`, `user`, …
+        what: &'static str,
+        /// Its id or name.
+        id: String,
+    },
+    /// A name is taken, or the change conflicts with other objects.
+    #[error("{0}")]
+    Conflict(String),
+    /// The input is invalid; every problem is listed.
+    #[error("invalid input: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+    /// A stored value cannot be read back (a row written by hand, say).
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Who makes a change and the trace it belongs to; carried into the event.
+#[derive(Debug, Clone, Default)]
+pub struct WriteContext {
+    /// The acting user (`pagodaactor`, `data.user`).
+    pub user: Option<User>,
+    /// W3C `traceparent` of the request, carried to every handler.
+    pub traceparent: Option<String>,
+}
+
+/// The model store. Cheap to clone; clones share the pools.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// Reads (and, on PostgreSQL, writes).
+    pool: AnyPool,
+    /// Writes. On SQLite one connection, so writers queue fairly in the pool
+    /// instead of spinning on the database lock.
+    writer: AnyPool,
+    backend: Backend,
+    outbox_written: Arc<Notify>,
+    source: Arc<str>,
+    url: Arc<str>,
+}
+
+/// Default CloudEvents `source` of events written by the store.
+pub const DEFAULT_SOURCE: &str = "urn:pagoda:host";
+
+/// Postgres channel the outbox trigger notifies (`LISTEN hookbus_outbox`).
+pub const OUTBOX_CHANNEL: &str = "hookbus_outbox";
+
+static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+impl Backend {
+    /// The backend a URL names.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::UnsupportedUrl`] for anything but `sqlite:` and `postgres:`/`postgresql:`.
+    pub fn from_url(url: &str) -> Result<Backend, StoreError> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Ok(Backend::Postgres)
+        } else {
+            Err(StoreError::UnsupportedUrl(url.to_owned()))
+        }
+    }
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://<file>`, created if missing, in WAL mode; or
+    /// `postgres://…`). Call [`Store::migrate`] before first use.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::UnsupportedUrl`] or [`StoreError::Db`] when it cannot connect.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::from_url(url)?;
+        let url = match backend {
+            Backend::Sqlite if !url.contains("mode=") => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}mode=rwc")
+            }
+            _ => url.to_owned(),
+        };
+        let options = AnyConnectOptions::from_str(&url)?;
+        let (pool, writer) = match backend {
+            Backend::Sqlite => {
+                let writer = sqlite_pool(1).connect_with(options.clone()).await?;
+                let pool = sqlite_pool(4).connect_with(options).await?;
+                (pool, writer)
+            }
+            Backend::Postgres => {
+                let pool = AnyPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect_with(options)
+                    .await?;
+                (pool.clone(), pool)
+            }
+        };
+        Ok(Store {
+            pool,
+            writer,
+            backend,
+            outbox_written: Arc::new(Notify::new()),
+            source: DEFAULT_SOURCE.into(),
+            url: url.as_str().into(),
+        })
+    }
+
+    /// Sets the CloudEvents `source` of the events this store writes.
+    #[must_use]
+    pub fn with_source(mut self, source: &str) -> Store {
+        self.source = source.into();
+        self
+    }
+
+    /// Creates or upgrades the tables (the checked-in migrations of this backend).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Migrate`] when a migration fails or the database has
+    /// migrations this build does not know.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self.backend {
+            Backend::Sqlite => SQLITE_MIGRATOR.run(&self.writer).await?,
+            Backend::Postgres => POSTGRES_MIGRATOR.run(&self.writer).await?,
+        }
+        Ok(())
+    }
+
+    /// The database this store runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The URL it was opened with (the relay opens its `LISTEN` connection with it).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The pool for reads (the relay reads the outbox through it).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// The pool for writes (one connection on SQLite).
+    pub fn writer(&self) -> &AnyPool {
+        &self.writer
+    }
+
+    /// Notified after every committed write of this process that added outbox
+    /// rows, so an in-process relay wakes at once (other writers are found by polling
+    /// or, on PostgreSQL, by `LISTEN`).
+    pub fn outbox_written(&self) -> Arc<Notify> {
+        Arc::clone(&self.outbox_written)
+    }
+
+    /// Begins a write transaction (`BEGIN IMMEDIATE` on SQLite, so the write lock
+    /// is taken up front and a transaction never fails on upgrading it). A host
+    /// that writes its own tables adds the event with [`outbox::insert_envelope`]
+    /// in the same transaction.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Db`] when no connection can be had or `BEGIN` fails.
+    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.writer.begin().await?,
+        })
+    }
+
+    /// Closes the pools.
+    pub async fn close(&self) {
+        self.pool.close().await;
+        self.writer.close().await;
+    }
+}
+
+fn sqlite_pool(max: u32) -> AnyPoolOptions {
+    AnyPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(30))
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                conn.execute(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                     PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                )
+                .await?;
+                Ok(())
+            })
+        })
+}
+
+/// Now, to the microsecond (what the store keeps), so a snapshot equals its row.
+pub(crate) fn now() -> DateTime<Utc> {
+    let t = Utc::now();
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
+pub(crate) fn format_time(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+pub(crate) fn parse_time(s: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| StoreError::Corrupt(format!("time '{s}': {e}")))
+}
+
+/// True when a database error is a unique-constraint violation.
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            d.is_unique_violation() || d.message().contains("UNIQUE constraint failed")
+        }
+        _ => false,
+    }
+}

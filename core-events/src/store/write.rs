@@ -1,0 +1,1010 @@
+//! The write operations: each is one transaction with the model change and its
+//! event in the outbox.
+
+use std::collections::{BTreeMap, HashSet};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::{AnyConnection, Row};
+
+use super::{
+    StoreError, WriteContext, format_time, is_unique_violation, load, now, outbox, values,
+};
+use crate::envelope::{EntityEvent, EntryEvent, Envelope};
+use crate::hook::Hook;
+use crate::model::{AttrType, Entity, Entry, ObjectRef, User};
+use crate::subject::check_entity_name;
+
+use super::Store;
+
+/// A user to create.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NewUser {
+    /// Unique login name.
+    pub username: String,
+    /// E-mail address.
+    #[serde(default)]
+    pub email: String,
+    /// Given name.
+    #[serde(default)]
+    pub first_name: String,
+    /// Family name.
+    #[serde(default)]
+    pub last_name: String,
+    /// Administrator.
+    #[serde(default)]
+    pub is_superuser: bool,
+}
+
+/// An attribute definition to add to an entity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NewAttr {
+    /// Name, unique among the entity's active attributes.
+    pub name: String,
+    /// Pagoda's type code.
+    #[serde(rename = "type")]
+    pub attr_type: AttrType,
+    /// Entries must have a value.
+    #[serde(default)]
+    pub is_mandatory: bool,
+    /// Entities an object attribute may refer to.
+    #[serde(default)]
+    pub referral: Vec<ObjectRef>,
+    /// Shown in summaries.
+    #[serde(default)]
+    pub is_summarized: bool,
+    /// Deleting an entry deletes the entries it refers to.
+    #[serde(default)]
+    pub is_delete_in_chain: bool,
+    /// Free text.
+    #[serde(default)]
+    pub note: String,
+    /// Value given to new entries that name none.
+    #[serde(default)]
+    pub default_value: Option<Value>,
+}
+
+impl NewAttr {
+    /// An attribute with a name and a type, everything else default.
+    pub fn new(name: &str, attr_type: AttrType) -> Self {
+        NewAttr {
+            name: name.to_owned(),
+            attr_type,
+            is_mandatory: false,
+            referral: Vec::new(),
+            is_summarized: false,
+            is_delete_in_chain: false,
+            note: String::new(),
+            default_value: None,
+        }
+    }
+}
+
+/// An entity to create.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NewEntity {
+    /// Name, unique among active entities.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub note: String,
+    /// Attribute definitions, in display order.
+    #[serde(default)]
+    pub attrs: Vec<NewAttr>,
+}
+
+impl NewEntity {
+    /// An entity with a name and no attributes.
+    pub fn named(name: &str) -> Self {
+        NewEntity {
+            name: name.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// Adds an attribute definition.
+    #[must_use]
+    pub fn attr(mut self, attr: NewAttr) -> Self {
+        self.attrs.push(attr);
+        self
+    }
+}
+
+/// A change to one attribute definition: `id` set changes (or with
+/// `is_deleted` removes) an existing one; no `id` adds one (name and type needed).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AttrChange {
+    /// The attribute to change; none to add one.
+    #[serde(default)]
+    pub id: Option<i64>,
+    /// New name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// New type (adding only: an existing attribute keeps its type).
+    #[serde(default, rename = "type")]
+    pub attr_type: Option<AttrType>,
+    /// New mandatory flag.
+    #[serde(default)]
+    pub is_mandatory: Option<bool>,
+    /// New note.
+    #[serde(default)]
+    pub note: Option<String>,
+    /// New default value.
+    #[serde(default)]
+    pub default_value: Option<Value>,
+    /// Remove the attribute (its values are kept, unseen).
+    #[serde(default)]
+    pub is_deleted: bool,
+}
+
+/// Changes to an entity; absent fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct EntityChanges {
+    /// New name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// New note.
+    #[serde(default)]
+    pub note: Option<String>,
+    /// Attribute definitions to add, change or remove.
+    #[serde(default)]
+    pub attrs: Vec<AttrChange>,
+}
+
+/// An entry to create.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NewEntry {
+    /// Name, unique among the entity's active entries.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub note: String,
+    /// Values by attribute name.
+    #[serde(default)]
+    pub attrs: BTreeMap<String, Value>,
+}
+
+impl NewEntry {
+    /// An entry with a name and no values.
+    pub fn named(name: &str) -> Self {
+        NewEntry {
+            name: name.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// Sets a value.
+    #[must_use]
+    pub fn value(mut self, attr: &str, value: Value) -> Self {
+        self.attrs.insert(attr.to_owned(), value);
+        self
+    }
+}
+
+/// Changes to an entry; absent fields and attributes stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct EntryChanges {
+    /// New name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// New note.
+    #[serde(default)]
+    pub note: Option<String>,
+    /// New values by attribute name (`null` clears one).
+    #[serde(default)]
+    pub attrs: BTreeMap<String, Value>,
+}
+
+type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+fn check_name(what: &str, name: &str, problems: &mut Vec<String>) {
+    if name.trim().is_empty() {
+        problems.push(format!("{what} name is required"));
+    } else if let Err(e) = check_entity_name(name) {
+        problems.push(format!("{what} name: {e}"));
+    }
+}
+
+fn invalid(problems: Vec<String>) -> Result<(), StoreError> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(problems))
+    }
+}
+
+fn conflict_on_unique(e: sqlx::Error, message: impl FnOnce() -> String) -> StoreError {
+    if is_unique_violation(&e) {
+        StoreError::Conflict(message())
+    } else {
+        StoreError::Db(e)
+    }
+}
+
+fn not_found(what: &'static str, id: i64) -> StoreError {
+    StoreError::NotFound {
+        what,
+        id: id.to_string(),
+    }
+}
+
+fn user_ref(user: Option<&User>) -> (Option<i64>, Option<String>) {
+    (user.map(|u| u.id), user.map(|u| u.username.clone()))
+}
+
+fn check_attr_type(name: &str, t: AttrType, problems: &mut Vec<String>) {
+    if t.name().is_none() {
+        problems.push(format!(
+            "attribute '{name}' has unknown type {}; known: {}",
+            t.0,
+            AttrType::ALL
+                .iter()
+                .map(|(t, n)| format!("{n} ({})", t.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+}
+
+async fn insert_attr(
+    conn: &mut AnyConnection,
+    entity_id: i64,
+    attr: &NewAttr,
+    position: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO entity_attrs (entity_id, name, type, is_mandatory, referral, position, \
+         is_summarized, is_delete_in_chain, note, default_value, is_active) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, TRUE)",
+    )
+    .bind(entity_id)
+    .bind(&attr.name)
+    .bind(i64::from(attr.attr_type.0))
+    .bind(attr.is_mandatory)
+    .bind(serde_json::to_string(&attr.referral).unwrap_or_else(|_| "[]".into()))
+    .bind(position)
+    .bind(attr.is_summarized)
+    .bind(attr.is_delete_in_chain)
+    .bind(&attr.note)
+    .bind(attr.default_value.as_ref().map(Value::to_string))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    async fn commit(&self, tx: Tx) -> Result<(), StoreError> {
+        tx.commit().await?;
+        self.outbox_written.notify_one();
+        Ok(())
+    }
+
+    async fn emit_entity(
+        &self,
+        conn: &mut AnyConnection,
+        hook: Hook,
+        entity: &Entity,
+        previous: Option<Entity>,
+        ctx: &WriteContext,
+    ) -> Result<(), StoreError> {
+        let mut env = Envelope::entity(
+            hook,
+            &*self.source,
+            EntityEvent {
+                entity: entity.clone(),
+                previous,
+                user: ctx.user.clone(),
+            },
+        );
+        env.traceparent.clone_from(&ctx.traceparent);
+        outbox::insert_envelope(conn, &env).await
+    }
+
+    async fn emit_entry(
+        &self,
+        conn: &mut AnyConnection,
+        hook: Hook,
+        entity: &Entity,
+        entry: &Entry,
+        previous: Option<Entry>,
+        ctx: &WriteContext,
+    ) -> Result<(), StoreError> {
+        let mut env = Envelope::entry(
+            hook,
+            &*self.source,
+            EntryEvent {
+                entity: entity.clone(),
+                entry: entry.clone(),
+                previous,
+                user: ctx.user.clone(),
+            },
+        );
+        env.traceparent.clone_from(&ctx.traceparent);
+        outbox::insert_envelope(conn, &env).await
+    }
+
+    /// Creates a user (users emit no events).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] without a username, [`StoreError::Conflict`] when it is taken.
+    pub async fn create_user(&self, new: &NewUser) -> Result<User, StoreError> {
+        if new.username.trim().is_empty() {
+            return Err(StoreError::Invalid(vec!["username is required".into()]));
+        }
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(
+            "INSERT INTO users (username, email, first_name, last_name, is_superuser, date_joined) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        )
+        .bind(&new.username)
+        .bind(&new.email)
+        .bind(&new.first_name)
+        .bind(&new.last_name)
+        .bind(new.is_superuser)
+        .bind(format_time(&now()))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| conflict_on_unique(e, || format!("user '{}' already exists", new.username)))?;
+        let id: i64 = row.try_get(0)?;
+        let user = load::user(&mut tx, id)
+            .await?
+            .ok_or_else(|| not_found("user", id))?;
+        tx.commit().await?;
+        Ok(user)
+    }
+
+    /// A user by id.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] when there is none.
+    pub async fn user(&self, id: i64) -> Result<User, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        load::user(&mut conn, id)
+            .await?
+            .ok_or_else(|| not_found("user", id))
+    }
+
+    /// A user by username.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Db`] when the database fails.
+    pub async fn user_by_name(&self, username: &str) -> Result<Option<User>, StoreError> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {} WHERE username = $1",
+            load::USER_COLUMNS
+        )))
+        .bind(username)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(load::user_from_row)
+        .transpose()
+    }
+
+    /// Creates an entity with its attribute definitions; emits `entity.after_create`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] listing every problem of the input,
+    /// [`StoreError::Conflict`] when an active entity has the name.
+    pub async fn create_entity(
+        &self,
+        new: &NewEntity,
+        ctx: &WriteContext,
+    ) -> Result<Entity, StoreError> {
+        let mut problems = Vec::new();
+        check_name("entity", &new.name, &mut problems);
+        let mut seen = HashSet::new();
+        for a in &new.attrs {
+            check_name("attribute", &a.name, &mut problems);
+            check_attr_type(&a.name, a.attr_type, &mut problems);
+            if !seen.insert(a.name.as_str()) {
+                problems.push(format!("attribute '{}' is defined twice", a.name));
+            }
+        }
+        invalid(problems)?;
+        let mut tx = self.begin().await?;
+        let t = format_time(&now());
+        let (uid, uname) = user_ref(ctx.user.as_ref());
+        let row = sqlx::query(
+            "INSERT INTO entities (name, note, is_active, created_time, created_user_id, \
+             created_user, updated_time) VALUES ($1, $2, TRUE, $3, $4, $5, $3) RETURNING id",
+        )
+        .bind(&new.name)
+        .bind(&new.note)
+        .bind(&t)
+        .bind(uid)
+        .bind(uname)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| conflict_on_unique(e, || format!("entity '{}' already exists", new.name)))?;
+        let id: i64 = row.try_get(0)?;
+        for (i, attr) in new.attrs.iter().enumerate() {
+            insert_attr(&mut tx, id, attr, i64::try_from(i).unwrap_or(i64::MAX)).await?;
+        }
+        let entity = load::entity(&mut tx, id, false)
+            .await?
+            .ok_or_else(|| not_found("entity", id))?;
+        self.emit_entity(&mut tx, Hook::EntityAfterCreate, &entity, None, ctx)
+            .await?;
+        self.commit(tx).await?;
+        Ok(entity)
+    }
+
+    /// Changes an entity's name, note and attribute definitions; emits
+    /// `entity.after_update` with the previous state.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for no active entity `id`, [`StoreError::Invalid`]
+    /// listing every problem, [`StoreError::Conflict`] for a taken name.
+    pub async fn update_entity(
+        &self,
+        id: i64,
+        changes: &EntityChanges,
+        ctx: &WriteContext,
+    ) -> Result<Entity, StoreError> {
+        let mut tx = self.begin().await?;
+        lock_entity(&mut tx, id, true).await?;
+        let previous = load::entity(&mut tx, id, false)
+            .await?
+            .ok_or_else(|| not_found("entity", id))?;
+        let mut problems = Vec::new();
+        if let Some(name) = &changes.name {
+            check_name("entity", name, &mut problems);
+        }
+        let mut names: HashSet<String> = previous.attrs.iter().map(|a| a.name.clone()).collect();
+        for c in &changes.attrs {
+            match c.id {
+                Some(aid) => {
+                    let Some(old) = previous.attrs.iter().find(|a| a.id == aid) else {
+                        problems.push(format!(
+                            "attribute {aid} is not an active attribute of entity '{}'",
+                            previous.name
+                        ));
+                        continue;
+                    };
+                    if c.is_deleted {
+                        names.remove(&old.name);
+                    } else if let Some(n) = c.name.as_ref().filter(|n| **n != old.name) {
+                        check_name("attribute", n, &mut problems);
+                        names.remove(&old.name);
+                        if !names.insert(n.clone()) {
+                            problems.push(format!("attribute '{n}' already exists"));
+                        }
+                    }
+                }
+                None => match (&c.name, c.attr_type) {
+                    (Some(n), Some(t)) => {
+                        check_name("attribute", n, &mut problems);
+                        check_attr_type(n, t, &mut problems);
+                        if !names.insert(n.clone()) {
+                            problems.push(format!("attribute '{n}' already exists"));
+                        }
+                    }
+                    _ => problems.push("a new attribute needs a name and a type".into()),
+                },
+            }
+        }
+        invalid(problems)?;
+        sqlx::query(
+            "UPDATE entities SET name = COALESCE($2, name), note = COALESCE($3, note), \
+             updated_time = $4 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(changes.name.as_deref())
+        .bind(changes.note.as_deref())
+        .bind(format_time(&now()))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            conflict_on_unique(e, || {
+                format!(
+                    "entity '{}' already exists",
+                    changes.name.as_deref().unwrap_or_default()
+                )
+            })
+        })?;
+        let mut position = i64::try_from(previous.attrs.len()).unwrap_or(0);
+        for c in &changes.attrs {
+            match (c.id, c.name.as_deref(), c.attr_type) {
+                (Some(aid), _, _) if c.is_deleted => {
+                    sqlx::query("UPDATE entity_attrs SET is_active = FALSE WHERE id = $1")
+                        .bind(aid)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                (Some(aid), name, _) => {
+                    sqlx::query(
+                        "UPDATE entity_attrs SET name = COALESCE($2, name), \
+                         is_mandatory = COALESCE($3, is_mandatory), note = COALESCE($4, note), \
+                         default_value = COALESCE($5, default_value) WHERE id = $1",
+                    )
+                    .bind(aid)
+                    .bind(name)
+                    .bind(c.is_mandatory)
+                    .bind(c.note.as_deref())
+                    .bind(c.default_value.as_ref().map(Value::to_string))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                (None, Some(name), Some(t)) => {
+                    let mut attr = NewAttr::new(name, t);
+                    attr.is_mandatory = c.is_mandatory.unwrap_or(false);
+                    attr.note = c.note.clone().unwrap_or_default();
+                    attr.default_value.clone_from(&c.default_value);
+                    insert_attr(&mut tx, id, &attr, position).await?;
+                    position += 1;
+                }
+                _ => {}
+            }
+        }
+        let entity = load::entity(&mut tx, id, false)
+            .await?
+            .ok_or_else(|| not_found("entity", id))?;
+        self.emit_entity(
+            &mut tx,
+            Hook::EntityAfterUpdate,
+            &entity,
+            Some(previous),
+            ctx,
+        )
+        .await?;
+        self.commit(tx).await?;
+        Ok(entity)
+    }
+
+    /// Soft-deletes an entity with no active entries; emits `entity.after_delete`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for no active entity `id`, [`StoreError::Conflict`]
+    /// while it has active entries.
+    pub async fn delete_entity(&self, id: i64, ctx: &WriteContext) -> Result<Entity, StoreError> {
+        let mut tx = self.begin().await?;
+        lock_entity(&mut tx, id, true).await?;
+        let previous = load::entity(&mut tx, id, false)
+            .await?
+            .ok_or_else(|| not_found("entity", id))?;
+        let entries: i64 =
+            sqlx::query("SELECT COUNT(*) FROM entries WHERE entity_id = $1 AND is_active")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+        if entries > 0 {
+            return Err(StoreError::Conflict(format!(
+                "entity '{}' still has {entries} active entries; delete them first",
+                previous.name
+            )));
+        }
+        set_entity_active(&mut tx, id, false).await?;
+        let entity = load::entity(&mut tx, id, false)
+            .await?
+            .ok_or_else(|| not_found("entity", id))?;
+        self.emit_entity(
+            &mut tx,
+            Hook::EntityAfterDelete,
+            &entity,
+            Some(previous),
+            ctx,
+        )
+        .await?;
+        self.commit(tx).await?;
+        Ok(entity)
+    }
+
+    /// Restores a deleted entity. There is no entity restore hook: this emits
+    /// `entity.after_update` (`previous.is_active` is false).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for no deleted entity `id`, [`StoreError::Conflict`]
+    /// when an active entity took its name.
+    pub async fn restore_entity(&self, id: i64, ctx: &WriteContext) -> Result<Entity, StoreError> {
+        let mut tx = self.begin().await?;
+        lock_entity(&mut tx, id, false).await?;
+        let previous = load::entity(&mut tx, id, false)
+            .await?
+            .ok_or_else(|| not_found("entity", id))?;
+        set_entity_active(&mut tx, id, true)
+            .await
+            .map_err(|e| match e {
+                StoreError::Db(e) => conflict_on_unique(e, || {
+                    format!("an active entity is named '{}'", previous.name)
+                }),
+                e => e,
+            })?;
+        let entity = load::entity(&mut tx, id, false)
+            .await?
+            .ok_or_else(|| not_found("entity", id))?;
+        self.emit_entity(
+            &mut tx,
+            Hook::EntityAfterUpdate,
+            &entity,
+            Some(previous),
+            ctx,
+        )
+        .await?;
+        self.commit(tx).await?;
+        Ok(entity)
+    }
+
+    /// An entity (active or deleted) with its active attribute definitions.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] when there is none.
+    pub async fn entity(&self, id: i64) -> Result<Entity, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        load::entity(&mut conn, id, false)
+            .await?
+            .ok_or_else(|| not_found("entity", id))
+    }
+
+    /// The active entity with this name.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] when there is none.
+    pub async fn entity_by_name(&self, name: &str) -> Result<Entity, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let id = load::entity_id_by_name(&mut conn, name)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "entity",
+                id: format!("'{name}'"),
+            })?;
+        load::entity(&mut conn, id, false)
+            .await?
+            .ok_or_else(|| not_found("entity", id))
+    }
+
+    /// Entities by id (active only unless `include_deleted`).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Db`] when the database fails.
+    pub async fn list_entities(&self, include_deleted: bool) -> Result<Vec<Entity>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let mut out = Vec::new();
+        for id in load::entity_ids(&mut conn, include_deleted).await? {
+            if let Some(e) = load::entity(&mut conn, id, false).await? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates an entry of an active entity; emits `entry.after_create`.
+    ///
+    /// Values are checked against their attribute's type; mandatory attributes
+    /// need a value; attributes with a default get it when the entry names none.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for no active entity, [`StoreError::Invalid`] listing
+    /// every problem, [`StoreError::Conflict`] for a taken name.
+    pub async fn create_entry(
+        &self,
+        entity_id: i64,
+        new: &NewEntry,
+        ctx: &WriteContext,
+    ) -> Result<Entry, StoreError> {
+        let mut tx = self.begin().await?;
+        let entity = load::entity(&mut tx, entity_id, false)
+            .await?
+            .filter(|e| e.is_active)
+            .ok_or_else(|| not_found("entity", entity_id))?;
+        let mut problems = Vec::new();
+        check_name("entry", &new.name, &mut problems);
+        let mut values = check_values(&entity, &new.attrs, &mut problems);
+        for attr in &entity.attrs {
+            if !new.attrs.contains_key(&attr.name) {
+                if let Some(d) = attr.default_value.clone().filter(|d| !d.is_null()) {
+                    values.push((attr.id, d));
+                } else if attr.is_mandatory {
+                    problems.push(format!("attribute '{}' is mandatory", attr.name));
+                }
+            }
+        }
+        invalid(problems)?;
+        let t = format_time(&now());
+        let (uid, uname) = user_ref(ctx.user.as_ref());
+        let row = sqlx::query(
+            "INSERT INTO entries (entity_id, name, note, is_active, created_time, \
+             created_user_id, created_user, updated_time) \
+             VALUES ($1, $2, $3, TRUE, $4, $5, $6, $4) RETURNING id",
+        )
+        .bind(entity_id)
+        .bind(&new.name)
+        .bind(&new.note)
+        .bind(&t)
+        .bind(uid)
+        .bind(uname)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| {
+            conflict_on_unique(e, || {
+                format!(
+                    "entry '{}' already exists in entity '{}'",
+                    new.name, entity.name
+                )
+            })
+        })?;
+        let id: i64 = row.try_get(0)?;
+        upsert_values(&mut tx, id, &values).await?;
+        let entry = load::entry_of(&mut tx, id, &entity)
+            .await?
+            .ok_or_else(|| not_found("entry", id))?;
+        self.emit_entry(&mut tx, Hook::EntryAfterCreate, &entity, &entry, None, ctx)
+            .await?;
+        self.commit(tx).await?;
+        Ok(entry)
+    }
+
+    /// Changes an active entry's name, note and values; emits `entry.after_update`
+    /// with the previous state.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for no active entry, [`StoreError::Invalid`] listing
+    /// every problem, [`StoreError::Conflict`] for a taken name.
+    pub async fn update_entry(
+        &self,
+        id: i64,
+        changes: &EntryChanges,
+        ctx: &WriteContext,
+    ) -> Result<Entry, StoreError> {
+        let mut tx = self.begin().await?;
+        let (entity, previous) = lock_entry(&mut tx, id, true).await?;
+        let mut problems = Vec::new();
+        if let Some(name) = &changes.name {
+            check_name("entry", name, &mut problems);
+        }
+        let values = check_values(&entity, &changes.attrs, &mut problems);
+        for attr in entity.attrs.iter().filter(|a| a.is_mandatory) {
+            if changes.attrs.get(&attr.name).is_some_and(Value::is_null) {
+                problems.push(format!("attribute '{}' is mandatory", attr.name));
+            }
+        }
+        invalid(problems)?;
+        sqlx::query(
+            "UPDATE entries SET name = COALESCE($2, name), note = COALESCE($3, note), \
+             updated_time = $4 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(changes.name.as_deref())
+        .bind(changes.note.as_deref())
+        .bind(format_time(&now()))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            conflict_on_unique(e, || {
+                format!(
+                    "entry '{}' already exists in entity '{}'",
+                    changes.name.as_deref().unwrap_or_default(),
+                    entity.name
+                )
+            })
+        })?;
+        upsert_values(&mut tx, id, &values).await?;
+        let entry = load::entry_of(&mut tx, id, &entity)
+            .await?
+            .ok_or_else(|| not_found("entry", id))?;
+        self.emit_entry(
+            &mut tx,
+            Hook::EntryAfterUpdate,
+            &entity,
+            &entry,
+            Some(previous),
+            ctx,
+        )
+        .await?;
+        self.commit(tx).await?;
+        Ok(entry)
+    }
+
+    /// Soft-deletes an entry; emits `entry.after_delete`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for no active entry.
+    pub async fn delete_entry(&self, id: i64, ctx: &WriteContext) -> Result<Entry, StoreError> {
+        self.set_entry_active(id, false, ctx).await
+    }
+
+    /// Restores a deleted entry; emits `entry.after_restore`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for no deleted entry, [`StoreError::Conflict`] when
+    /// an active entry took its name.
+    pub async fn restore_entry(&self, id: i64, ctx: &WriteContext) -> Result<Entry, StoreError> {
+        self.set_entry_active(id, true, ctx).await
+    }
+
+    async fn set_entry_active(
+        &self,
+        id: i64,
+        active: bool,
+        ctx: &WriteContext,
+    ) -> Result<Entry, StoreError> {
+        let mut tx = self.begin().await?;
+        let (entity, previous) = lock_entry(&mut tx, id, !active).await?;
+        sqlx::query("UPDATE entries SET is_active = $2, updated_time = $3 WHERE id = $1")
+            .bind(id)
+            .bind(active)
+            .bind(format_time(&now()))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                conflict_on_unique(e, || {
+                    format!(
+                        "an active entry of entity '{}' is named '{}'",
+                        entity.name, previous.name
+                    )
+                })
+            })?;
+        let entry = load::entry_of(&mut tx, id, &entity)
+            .await?
+            .ok_or_else(|| not_found("entry", id))?;
+        let hook = if active {
+            Hook::EntryAfterRestore
+        } else {
+            Hook::EntryAfterDelete
+        };
+        self.emit_entry(&mut tx, hook, &entity, &entry, Some(previous), ctx)
+            .await?;
+        self.commit(tx).await?;
+        Ok(entry)
+    }
+
+    /// An entry (active or deleted) with its values.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] when there is none.
+    pub async fn entry(&self, id: i64) -> Result<Entry, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let entity_id = load::entry_entity_id(&mut conn, id)
+            .await?
+            .ok_or_else(|| not_found("entry", id))?;
+        let entity = load::entity(&mut conn, entity_id, false)
+            .await?
+            .ok_or_else(|| not_found("entity", entity_id))?;
+        load::entry_of(&mut conn, id, &entity)
+            .await?
+            .ok_or_else(|| not_found("entry", id))
+    }
+
+    /// Entries of an entity by id (active only unless `include_deleted`).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] when the entity does not exist.
+    pub async fn list_entries(
+        &self,
+        entity_id: i64,
+        include_deleted: bool,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let entity = load::entity(&mut conn, entity_id, false)
+            .await?
+            .ok_or_else(|| not_found("entity", entity_id))?;
+        load::entries_of(&mut conn, &entity, include_deleted).await
+    }
+}
+
+/// Takes the entity's row lock (PostgreSQL; SQLite holds the database lock).
+async fn lock_entity(conn: &mut AnyConnection, id: i64, active: bool) -> Result<(), StoreError> {
+    let n =
+        sqlx::query("UPDATE entities SET is_active = is_active WHERE id = $1 AND is_active = $2")
+            .bind(id)
+            .bind(active)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    if n == 0 {
+        return Err(StoreError::NotFound {
+            what: if active { "entity" } else { "deleted entity" },
+            id: id.to_string(),
+        });
+    }
+    Ok(())
+}
+
+async fn set_entity_active(
+    conn: &mut AnyConnection,
+    id: i64,
+    active: bool,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE entities SET is_active = $2, updated_time = $3 WHERE id = $1")
+        .bind(id)
+        .bind(active)
+        .bind(format_time(&now()))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Takes the entry's row lock and reads it (with its entity) as it was before the change.
+async fn lock_entry(
+    conn: &mut AnyConnection,
+    id: i64,
+    active: bool,
+) -> Result<(Entity, Entry), StoreError> {
+    let missing = || StoreError::NotFound {
+        what: if active { "entry" } else { "deleted entry" },
+        id: id.to_string(),
+    };
+    let n =
+        sqlx::query("UPDATE entries SET is_active = is_active WHERE id = $1 AND is_active = $2")
+            .bind(id)
+            .bind(active)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    if n == 0 {
+        return Err(missing());
+    }
+    let entity_id = load::entry_entity_id(conn, id).await?.ok_or_else(missing)?;
+    let entity = load::entity(conn, entity_id, false)
+        .await?
+        .ok_or_else(|| not_found("entity", entity_id))?;
+    let entry = load::entry_of(conn, id, &entity)
+        .await?
+        .ok_or_else(missing)?;
+    Ok((entity, entry))
+}
+
+/// Checks values by attribute name; returns `(attr id, value)` of the good ones.
+fn check_values(
+    entity: &Entity,
+    attrs: &BTreeMap<String, Value>,
+    problems: &mut Vec<String>,
+) -> Vec<(i64, Value)> {
+    let mut out = Vec::with_capacity(attrs.len());
+    for (name, value) in attrs {
+        match entity.attrs.iter().find(|a| &a.name == name) {
+            None => problems.push(format!(
+                "entity '{}' has no attribute '{name}' (it has: {})",
+                entity.name,
+                entity
+                    .attrs
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            Some(attr) => match values::check(attr, value) {
+                Some(problem) => problems.push(problem),
+                None => out.push((attr.id, value.clone())),
+            },
+        }
+    }
+    out
+}
+
+async fn upsert_values(
+    conn: &mut AnyConnection,
+    entry_id: i64,
+    values: &[(i64, Value)],
+) -> Result<(), StoreError> {
+    for (attr_id, value) in values {
+        sqlx::query(
+            "INSERT INTO attribute_values (entry_id, attr_id, value) VALUES ($1, $2, $3) \
+             ON CONFLICT (entry_id, attr_id) DO UPDATE SET value = excluded.value",
+        )
+        .bind(entry_id)
+        .bind(attr_id)
+        .bind(value.to_string())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,318 @@
+//! Outbox relay throughput and commit-to-handler latency, on SQLite and PostgreSQL,
+//! against raw async-nats JetStream publishing of the same events.
+//!
+//! `cargo bench -p hookbus-tests --bench relay` (knobs: `BENCH_EVENTS` (default
+//! 50,000), `BENCH_ROUNDS` (3), `BENCH_LATENCY_EVENTS` (300), `BENCH_DB`
+//! (`sqlite` or `postgres`; default both)). Under `cargo test`
+//! it runs as a quick smoke test with a few hundred events.
+//!
+//! Throughput, per database and round, alternating which side goes first:
+//! - relay: a fresh nats-server and a fresh database whose outbox holds `N` rows
+//!   (the same events for both sides: 1 KB entry snapshots over 5,000 entries),
+//!   written before the clock starts; the clock runs from starting the relay until
+//!   it has published all `N` (stream acks), including reading and deleting rows.
+//! - raw: a fresh nats-server; the same `N` messages (subject, headers, payload)
+//!   published with `send_publish` keeping the relay's in-flight window
+//!   (`RelaySettings::max_in_flight`) of unacknowledged publishes.
+//!
+//! Prints `bench: scenario=relay db=… relay_eps=… raw_eps=… ratio=…` with medians.
+//!
+//! Latency (idle system): the bus, a plugin answering at once, the relay and the
+//! store; one entry write at a time; time from the write's commit returning to
+//! the plugin receiving the event. Prints
+//! `bench: scenario=commit_to_handler db=… events=… p50_ms=… p99_ms=…`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::print_stdout,
+    missing_docs,
+    unreachable_pub
+)]
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use core_events::store::{Backend, Store, outbox};
+use core_events::{EntryEvent, Envelope, HandlerSpec, Hook, PluginManifest, Subjects, sample};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use hookbus::config::{BusConfig, StreamSettings};
+use hookbus::relay::{Relay, RelaySettings};
+use hookbus::run::Bus;
+use hookbus_tests::{NatsServer, TestDb};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn events(n: usize) -> Vec<Envelope<EntryEvent>> {
+    (0..n)
+        .map(|i| {
+            let id = i64::try_from(i % 5_000).unwrap() + 1;
+            sample::entry_event(Hook::EntryAfterUpdate, &format!("entity{}", i % 8), id)
+        })
+        .collect()
+}
+
+async fn fill_outbox(store: &Store, events: &[Envelope<EntryEvent>]) {
+    for chunk in events.chunks(500) {
+        let mut tx = store.begin().await.unwrap();
+        for e in chunk {
+            outbox::insert_envelope(&mut tx, e).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+}
+
+async fn provisioned(client: &async_nats::Client) -> jetstream::Context {
+    let js = jetstream::new(client.clone());
+    hookbus::provision::provision(&js, &Subjects::default(), &StreamSettings::default())
+        .await
+        .unwrap();
+    js
+}
+
+async fn run_relay(backend: Backend, events: &[Envelope<EntryEvent>]) -> f64 {
+    let nats = NatsServer::start().await;
+    let client = nats.connect().await;
+    let js = provisioned(&client).await;
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    fill_outbox(&store, events).await;
+    let relay = Relay::new(
+        store.clone(),
+        js,
+        Subjects::default(),
+        RelaySettings::for_backend(backend),
+    );
+    let stats = relay.stats();
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let start = Instant::now();
+    let task = tokio::spawn(relay.run(token));
+    let n = events.len() as u64;
+    let deadline = start + Duration::from_secs(300);
+    while stats.published.load(Ordering::Relaxed) < n {
+        assert!(Instant::now() < deadline, "relay did not finish");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = start.elapsed();
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    store.close().await;
+    n as f64 / elapsed.as_secs_f64()
+}
+
+async fn run_raw(backend: Backend, events: &[Envelope<EntryEvent>]) -> f64 {
+    let nats = NatsServer::start().await;
+    let client = nats.connect().await;
+    let js = provisioned(&client).await;
+    let window = RelaySettings::for_backend(backend).max_in_flight;
+    let subjects = Subjects::default();
+    let encoded: Vec<_> = events
+        .iter()
+        .map(|e| hookbus::EncodedEvent::encode(&subjects, e).unwrap())
+        .collect();
+    let start = Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    for e in encoded {
+        if in_flight.len() >= window {
+            let acked: Result<jetstream::publish::PublishAck, _> = in_flight.next().await.unwrap();
+            acked.unwrap();
+        }
+        let ack = js
+            .send_publish(
+                e.subject,
+                jetstream::message::PublishMessage::build()
+                    .payload(e.payload)
+                    .headers(e.headers),
+            )
+            .await
+            .unwrap();
+        in_flight.push(std::future::IntoFuture::into_future(ack));
+    }
+    while let Some(acked) = in_flight.next().await {
+        acked.unwrap();
+    }
+    events.len() as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn throughput(backend: Backend, n: usize, rounds: usize) {
+    let events = events(n);
+    let (mut relay, mut raw) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            relay.push(run_relay(backend, &events).await);
+            raw.push(run_raw(backend, &events).await);
+        } else {
+            raw.push(run_raw(backend, &events).await);
+            relay.push(run_relay(backend, &events).await);
+        }
+    }
+    eprintln!(
+        "relay bench {}: relay_eps per round {relay:.0?}, raw_eps per round {raw:.0?}",
+        db_name(backend)
+    );
+    let (relay_eps, raw_eps) = (median(&relay), median(&raw));
+    println!(
+        "bench: scenario=relay db={} events={n} rounds={rounds} relay_eps={relay_eps:.0} raw_eps={raw_eps:.0} ratio={:.3}",
+        db_name(backend),
+        relay_eps / raw_eps
+    );
+}
+
+fn db_name(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    }
+}
+
+type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Instant>>>>;
+
+async fn latency(backend: Backend, n: usize) {
+    let nats = NatsServer::start().await;
+    let client = nats.connect().await;
+    let subjects = Subjects::default();
+    let config = BusConfig {
+        enabled_plugins: vec!["lat".into()],
+        ..Default::default()
+    };
+    let bus = Bus::start(client.clone(), config).await.unwrap();
+    // The plugin: answers at once and reports when each event arrived.
+    let waiters: Waiters = Arc::default();
+    let plugin_client = nats.connect().await;
+    let mut sub = plugin_client
+        .queue_subscribe(subjects.handler("lat", "h"), "lat".into())
+        .await
+        .unwrap();
+    let w = Arc::clone(&waiters);
+    let pc = plugin_client.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let at = Instant::now();
+            let id = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(core_events::protocol::headers::MSG_ID))
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default();
+            if let Some(tx) = w.lock().unwrap().remove(&id) {
+                let _ = tx.send(at);
+            }
+            if let Some(reply) = msg.reply {
+                let _ = pc.publish(reply, "".into()).await;
+            }
+        }
+    });
+    let manifest = PluginManifest {
+        id: "lat".into(),
+        name: "lat".into(),
+        version: "1.0.0".into(),
+        description: String::new(),
+        author: String::new(),
+        handlers: vec![HandlerSpec::new("h", Hook::EntryAfterUpdate)],
+    };
+    let js = jetstream::new(client.clone());
+    let kv = js.get_key_value(subjects.registry_bucket()).await.unwrap();
+    kv.put(
+        manifest.registry_key(),
+        serde_json::to_vec(&manifest).unwrap().into(),
+    )
+    .await
+    .unwrap();
+    bus.registry
+        .wait_for(Duration::from_secs(30), |t| t.route("lat", "h").is_some())
+        .await
+        .unwrap_or_else(|()| {
+            panic!(
+                "plugin not registered: rejected {:?}",
+                bus.registry.table().rejected()
+            )
+        });
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let relay = Relay::new(
+        store.clone(),
+        js,
+        subjects.clone(),
+        RelaySettings::for_backend(backend),
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(relay.run(stop.clone()));
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let env = sample::entry_event(Hook::EntryAfterUpdate, "e", i64::try_from(i).unwrap() + 1);
+        let (tx_done, rx_done) = oneshot::channel();
+        waiters.lock().unwrap().insert(env.id.to_string(), tx_done);
+        let mut tx = store.begin().await.unwrap();
+        outbox::insert_envelope(&mut tx, &env).await.unwrap();
+        tx.commit().await.unwrap();
+        let committed = Instant::now();
+        store.outbox_written().notify_one();
+        let at = tokio::time::timeout(Duration::from_secs(10), rx_done)
+            .await
+            .expect("event not delivered within 10 s")
+            .unwrap();
+        samples.push(at.saturating_duration_since(committed).as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    println!(
+        "bench: scenario=commit_to_handler db={} events={n} p50_ms={:.3} p99_ms={:.3}",
+        db_name(backend),
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99)
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    bus.stop().await.unwrap();
+}
+
+async fn bench(smoke: bool) {
+    let (n, rounds, lat) = if smoke {
+        (300, 1, 10)
+    } else {
+        (
+            env_usize("BENCH_EVENTS", 50_000),
+            env_usize("BENCH_ROUNDS", 3),
+            env_usize("BENCH_LATENCY_EVENTS", 300),
+        )
+    };
+    let only = std::env::var("BENCH_DB").unwrap_or_default();
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        if !only.is_empty() && only != db_name(backend) {
+            continue;
+        }
+        throughput(backend, n, rounds).await;
+        latency(backend, lat).await;
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; other arguments (a filter) are ignored.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(bench(smoke));
+}

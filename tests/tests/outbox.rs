@@ -1,0 +1,510 @@
+//! The model store, the transactional outbox and the relay, on SQLite and on
+//! PostgreSQL, against a real nats-server: nothing lost, nothing published twice,
+//! per-object order, through relay crashes, NATS outages and a second relay.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::{CallLog, TestPlugin, start_bus, wait_registered};
+use core_events::store::{
+    Backend, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, Store, StoreError,
+    WriteContext, outbox,
+};
+use core_events::{AttrType, Envelope, Hook, Subjects, sample};
+use futures::StreamExt;
+use hookbus::config::StreamSettings;
+use hookbus::relay::{Relay, RelaySettings, RelayStats};
+use hookbus_tests::{NatsServer, TestDb, wait_until};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct RunningRelay {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    stats: Arc<RelayStats>,
+}
+
+impl RunningRelay {
+    async fn shutdown(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+async fn start_relay(store: &Store, client: &async_nats::Client) -> RunningRelay {
+    let js = jetstream::new(client.clone());
+    let subjects = Subjects::default();
+    hookbus::provision::provision(&js, &subjects, &StreamSettings::default())
+        .await
+        .unwrap();
+    let mut settings = RelaySettings::for_backend(store.backend());
+    settings.backoff_max = Duration::from_millis(500);
+    let relay = Relay::new(store.clone(), js, subjects, settings);
+    let stats = relay.stats();
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move { relay.run(token).await.unwrap() });
+    RunningRelay { stop, task, stats }
+}
+
+/// Every event in the events stream, in stream order.
+async fn stream_events(client: &async_nats::Client) -> Vec<Envelope<Value>> {
+    let js = jetstream::new(client.clone());
+    let stream = js.get_stream("PAGODA_EVENTS").await.unwrap();
+    let last = stream.cached_info().state.last_sequence;
+    let mut out = Vec::new();
+    if last == 0 {
+        return out;
+    }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    while let Some(m) = messages.next().await {
+        let m = m.unwrap();
+        let seq = m.info().unwrap().stream_sequence;
+        out.push(serde_json::from_slice(&m.payload).unwrap());
+        if seq >= last {
+            break;
+        }
+    }
+    out
+}
+
+async fn outbox_rows(store: &Store) -> i64 {
+    outbox::backlog(store.pool()).await.unwrap().rows
+}
+
+async fn wait_drained(store: &Store, client: &async_nats::Client, expected: u64) {
+    let js = jetstream::new(client.clone());
+    wait_until(WAIT, || async {
+        outbox_rows(store).await == 0
+            && hookbus_tests::stream_len(&js, "PAGODA_EVENTS").await >= expected
+    })
+    .await;
+}
+
+fn backends() -> [Backend; 2] {
+    [Backend::Sqlite, Backend::Postgres]
+}
+
+#[tokio::test]
+async fn every_write_emits_its_event_once_in_order_on_both_databases() {
+    for backend in backends() {
+        let nats = NatsServer::start().await;
+        let client = nats.connect().await;
+        let db = TestDb::new(backend).await;
+        let store = db.store().await;
+        let relay = start_relay(&store, &client).await;
+        let ctx = WriteContext::default();
+
+        let entity = store
+            .create_entity(
+                &NewEntity::named("customer")
+                    .attr(NewAttr::new("age", AttrType::NUMBER))
+                    .attr(NewAttr::new("tags", AttrType::ARRAY_STRING)),
+                &ctx,
+            )
+            .await
+            .unwrap();
+        let entry = store
+            .create_entry(
+                entity.id,
+                &NewEntry::named("ACME").value("age", json!(3)),
+                &ctx,
+            )
+            .await
+            .unwrap();
+        let changes = EntryChanges {
+            attrs: [("age".to_owned(), json!(4))].into(),
+            ..Default::default()
+        };
+        store.update_entry(entry.id, &changes, &ctx).await.unwrap();
+        store.delete_entry(entry.id, &ctx).await.unwrap();
+        store.restore_entry(entry.id, &ctx).await.unwrap();
+        store
+            .update_entity(
+                entity.id,
+                &EntityChanges {
+                    note: Some("VIP".into()),
+                    ..Default::default()
+                },
+                &ctx,
+            )
+            .await
+            .unwrap();
+
+        wait_drained(&store, &client, 6).await;
+        let events = stream_events(&client).await;
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        // Entity events and entry events are different objects; each keeps its order.
+        let entry_types: Vec<&str> = types
+            .iter()
+            .copied()
+            .filter(|t| t.starts_with("pagoda.entry."))
+            .collect();
+        assert_eq!(
+            entry_types,
+            [
+                "pagoda.entry.after_create",
+                "pagoda.entry.after_update",
+                "pagoda.entry.after_delete",
+                "pagoda.entry.after_restore"
+            ],
+            "{backend:?}"
+        );
+        assert_eq!(events.len(), 6, "{backend:?}: {types:?}");
+        let update = events
+            .iter()
+            .find(|e| e.event_type == "pagoda.entry.after_update")
+            .unwrap();
+        assert_eq!(update.data["entry"]["attrs"][0]["value"], json!(4));
+        assert_eq!(update.data["previous"]["attrs"][0]["value"], json!(3));
+        assert_eq!(relay.stats.published.load(Ordering::Relaxed), 6);
+        relay.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn bad_writes_are_refused_with_every_reason_and_emit_nothing() {
+    for backend in backends() {
+        let db = TestDb::new(backend).await;
+        let store = db.store().await;
+        let ctx = WriteContext::default();
+        let mut new = NewEntity::named("server").attr(NewAttr::new("cpu", AttrType::NUMBER));
+        new.attrs[0].is_mandatory = true;
+        let entity = store.create_entity(&new, &ctx).await.unwrap();
+        let dup = store.create_entity(&NewEntity::named("server"), &ctx).await;
+        assert!(
+            matches!(&dup, Err(StoreError::Conflict(m)) if m.contains("'server' already exists")),
+            "{dup:?}"
+        );
+        let bad = store
+            .create_entry(entity.id, &NewEntry::named("").value("ram", json!(1)), &ctx)
+            .await;
+        let Err(StoreError::Invalid(problems)) = bad else {
+            panic!("{bad:?}")
+        };
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems.iter().any(|p| p == "entry name is required"));
+        assert!(problems.iter().any(|p| p.contains("no attribute 'ram'")));
+        assert!(problems.iter().any(|p| p == "attribute 'cpu' is mandatory"));
+        let wrong = store
+            .create_entry(
+                entity.id,
+                &NewEntry::named("a").value("cpu", json!("many")),
+                &ctx,
+            )
+            .await;
+        assert!(
+            matches!(&wrong, Err(StoreError::Invalid(p)) if p[0].contains("takes a number")),
+            "{wrong:?}"
+        );
+        let missing = store
+            .update_entry(999, &EntryChanges::default(), &ctx)
+            .await;
+        assert!(matches!(missing, Err(StoreError::NotFound { .. })));
+        // Only the entity's creation made an event.
+        assert_eq!(outbox_rows(&store).await, 1, "{backend:?}");
+    }
+}
+
+#[tokio::test]
+async fn rolled_back_transaction_publishes_nothing_committed_one_exactly_once() {
+    for backend in backends() {
+        let nats = NatsServer::start().await;
+        let client = nats.connect().await;
+        let db = TestDb::new(backend).await;
+        let store = db.store().await;
+        let relay = start_relay(&store, &client).await;
+
+        let rolled_back = sample::entry_event(Hook::EntryAfterCreate, "customer", 1);
+        let mut tx = store.begin().await.unwrap();
+        outbox::insert_envelope(&mut tx, &rolled_back)
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+
+        let committed = sample::entry_event(Hook::EntryAfterCreate, "customer", 2);
+        let mut tx = store.begin().await.unwrap();
+        outbox::insert_envelope(&mut tx, &committed).await.unwrap();
+        tx.commit().await.unwrap();
+        store.outbox_written().notify_one();
+
+        wait_drained(&store, &client, 1).await;
+        relay.shutdown().await;
+        // A second relay over the same (now empty) outbox adds nothing.
+        let again = start_relay(&store, &client).await;
+        again.shutdown().await;
+        let ids: Vec<String> = stream_events(&client)
+            .await
+            .iter()
+            .map(|e| e.id.to_string())
+            .collect();
+        assert_eq!(ids, [committed.id.to_string()], "{backend:?}");
+    }
+}
+
+#[tokio::test]
+async fn row_inserted_with_plain_sql_is_published_and_dispatched() {
+    for backend in backends() {
+        let nats = NatsServer::start().await;
+        let client = nats.connect().await;
+        let bus = start_bus(&client, &["listener"]).await;
+        let log = CallLog::default();
+        let mut plugin =
+            TestPlugin::new("listener", &log).handler("h", Hook::EntryAfterCreate, None, 100);
+        plugin.start(&client).await;
+        wait_registered(&bus, &["listener"]).await;
+        let db = TestDb::new(backend).await;
+        let store = db.store().await;
+        let relay = start_relay(&store, &client).await;
+
+        // What a host in another language does (docs/outbox.md), with its own client.
+        let event = sample::entry_event(Hook::EntryAfterCreate, "顧客 list", 77);
+        let payload = serde_json::to_string(&event).unwrap();
+        let sql = "INSERT INTO hookbus_outbox (event_id, hook, entity, object, payload) \
+                   VALUES ($1, 'after_create_entry_v2', '顧客 list', 'entry/77', $2)";
+        sqlx::query(sql)
+            .bind(event.id.to_string())
+            .bind(&payload)
+            .execute(store.writer())
+            .await
+            .unwrap();
+
+        wait_until(WAIT, || async { log.count("listener", "h") == 1 }).await;
+        let call = &log.all()[0];
+        assert_eq!(call.event_id, event.id.to_string());
+        assert_eq!(call.object, "entry/77");
+        let stored = stream_events(&client).await;
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].pagodaentity, "顧客 list");
+        relay.shutdown().await;
+        plugin.stop();
+        bus.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn unpublishable_row_is_dead_lettered_and_the_rest_flows() {
+    let nats = NatsServer::start().await;
+    let client = nats.connect().await;
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    let relay = start_relay(&store, &client).await;
+    sqlx::query(
+        "INSERT INTO hookbus_outbox (event_id, hook, entity, object, payload) \
+         VALUES ('not-a-uuid', 'entry.after_craete', 'x', 'entry/1', '{')",
+    )
+    .execute(store.writer())
+    .await
+    .unwrap();
+    let good = sample::entry_event(Hook::EntryAfterCreate, "customer", 5);
+    let mut tx = store.begin().await.unwrap();
+    outbox::insert_envelope(&mut tx, &good).await.unwrap();
+    tx.commit().await.unwrap();
+    wait_drained(&store, &client, 1).await;
+    let js = jetstream::new(client.clone());
+    let letters = hookbus::dlq::list(&js, &Subjects::default(), Some("_relay"))
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    let error = letters[0].body["error"].as_str().unwrap();
+    assert!(error.contains("entry.after_craete"), "{error}");
+    assert!(
+        error.contains("did you mean 'entry.after_create'"),
+        "{error}"
+    );
+    assert_eq!(relay.stats.invalid.load(Ordering::Relaxed), 1);
+    relay.shutdown().await;
+}
+
+/// Writes `n` changes over `objects` entries: each an outbox row whose payload
+/// carries the change's number for its object, a few rows per transaction.
+async fn burst(store: Store, objects: i64, n: i64) {
+    let mut per_object = vec![0_i64; usize::try_from(objects).unwrap()];
+    let mut i = 0;
+    while i < n {
+        let mut tx = store.begin().await.unwrap();
+        for _ in 0..5.min(n - i) {
+            let object = (i * 7919) % objects;
+            let k = &mut per_object[usize::try_from(object).unwrap()];
+            let mut env = sample::entry_event(Hook::EntryAfterUpdate, "burst", object + 1);
+            env.data.entry.note = k.to_string();
+            *k += 1;
+            outbox::insert_envelope(&mut tx, &env).await.unwrap();
+            i += 1;
+        }
+        tx.commit().await.unwrap();
+        store.outbox_written().notify_one();
+    }
+}
+
+/// Exactly `n` events, no id twice, each object's changes numbered 0, 1, 2, … in stream order.
+fn assert_complete_and_ordered(events: &[Envelope<Value>], n: usize) {
+    let ids: HashSet<String> = events.iter().map(|e| e.id.to_string()).collect();
+    assert_eq!(ids.len(), events.len(), "an event was published twice");
+    assert_eq!(events.len(), n, "events lost or added");
+    let mut next: BTreeMap<String, u64> = BTreeMap::new();
+    for e in events {
+        let k: u64 = e.data["entry"]["note"].as_str().unwrap().parse().unwrap();
+        let expected = next.entry(e.subject.clone()).or_insert(0);
+        assert_eq!(k, *expected, "object {} out of order", e.subject);
+        *expected += 1;
+    }
+}
+
+fn hookbus_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("hookbus");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --bins` (./test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `hookbus relay` process, killed on drop (also when the test fails).
+struct RelayProcess(Child);
+
+impl RelayProcess {
+    fn kill(&mut self) {
+        let _ = self.0.kill(); // SIGKILL
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_relay_process(nats: &NatsServer, db: &TestDb) -> RelayProcess {
+    RelayProcess(
+        Command::new(hookbus_binary())
+            .args(["relay", "--database-url", db.url()])
+            .env("NATS_URL", nats.url())
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn relay_killed_at_random_points_loses_and_duplicates_nothing() {
+    const N: i64 = 10_000;
+    for backend in backends() {
+        let nats = NatsServer::start().await;
+        let client = nats.connect().await;
+        let js = jetstream::new(client.clone());
+        let db = TestDb::new(backend).await;
+        let store = db.store().await;
+        let writer = tokio::spawn(burst(store.clone(), 300, N));
+        let mut relay = spawn_relay_process(&nats, &db);
+        wait_until(WAIT, || async {
+            js.get_stream("PAGODA_EVENTS").await.is_ok()
+        })
+        .await;
+        let mut kills = 0;
+        let mut seed = 0x9e37_79b9_u64;
+        while kills < 4 {
+            // Kill once the stream has grown by a pseudo-random amount since the last kill.
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let step = 300 + (seed >> 33) % 1500;
+            let start = hookbus_tests::stream_len(&js, "PAGODA_EVENTS").await;
+            let grew = hookbus_tests::poll_until(Duration::from_secs(30), || async {
+                hookbus_tests::stream_len(&js, "PAGODA_EVENTS").await >= start + step
+                    || (writer.is_finished() && outbox_rows(&store).await == 0)
+            })
+            .await;
+            assert!(grew, "{backend:?}: the relay made no progress");
+            relay.kill();
+            kills += 1;
+            relay = spawn_relay_process(&nats, &db);
+        }
+        writer.await.unwrap();
+        wait_drained(&store, &client, u64::try_from(N).unwrap()).await;
+        relay.kill();
+        let events = stream_events(&client).await;
+        assert_complete_and_ordered(&events, usize::try_from(N).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn nats_down_during_a_burst_loses_and_duplicates_nothing() {
+    const N: i64 = 3_000;
+    for backend in backends() {
+        let mut nats = NatsServer::start().await;
+        let client = nats.connect().await;
+        let db = TestDb::new(backend).await;
+        let store = db.store().await;
+        let relay = start_relay(&store, &client).await;
+        let writer = tokio::spawn(burst(store.clone(), 50, N));
+        let js = jetstream::new(client.clone());
+        wait_until(WAIT, || async {
+            hookbus_tests::stream_len(&js, "PAGODA_EVENTS").await >= 500
+        })
+        .await;
+        nats.stop().await;
+        // Writes keep committing while NATS is down; the relay reports its backlog.
+        let stats = Arc::clone(&relay.stats);
+        wait_until(WAIT, || async {
+            !stats.healthy.load(Ordering::Relaxed) && outbox_rows(&store).await > 0
+        })
+        .await;
+        writer.await.unwrap();
+        let waiting = outbox_rows(&store).await;
+        assert!(
+            waiting > 0,
+            "{backend:?}: nothing waited while NATS was down"
+        );
+        nats.restart().await;
+        wait_drained(&store, &client, u64::try_from(N).unwrap()).await;
+        let events = stream_events(&client).await;
+        assert_complete_and_ordered(&events, usize::try_from(N).unwrap());
+        assert!(relay.stats.errors.load(Ordering::Relaxed) > 0);
+        relay.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn two_relays_on_one_database_never_duplicate_or_reorder() {
+    const N: i64 = 4_000;
+    for backend in backends() {
+        let nats = NatsServer::start().await;
+        let client = nats.connect().await;
+        let other_client = nats.connect().await;
+        let db = TestDb::new(backend).await;
+        let store = db.store().await;
+        // The second relay has its own pool, like a second process.
+        let other_store = Store::connect(db.url()).await.unwrap();
+        let a = start_relay(&store, &client).await;
+        let b = start_relay(&other_store, &other_client).await;
+        burst(store.clone(), 40, N).await;
+        other_store.outbox_written().notify_one();
+        wait_drained(&store, &client, u64::try_from(N).unwrap()).await;
+        let events = stream_events(&client).await;
+        assert_complete_and_ordered(&events, usize::try_from(N).unwrap());
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
