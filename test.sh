@@ -9,6 +9,8 @@
 # >= 2.10, PostgreSQL.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+# The store and relay tests run on PostgreSQL too: stop early when none answers.
+export HOOKBUS_REQUIRE_POSTGRES="${HOOKBUS_REQUIRE_POSTGRES:-1}"
 # shellcheck source=tests/setup/ensure-tools.sh
 source tests/setup/ensure-tools.sh
 

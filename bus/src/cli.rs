@@ -30,6 +30,13 @@ struct Cli {
         global = true
     )]
     prefix: String,
+    /// NATS user (from `hookbus nats-config`); also sets the inbox prefix to
+    /// `_INBOX_<user>`, which the generated permissions require.
+    #[arg(long, env = "NATS_USER", global = true)]
+    nats_user: Option<String>,
+    /// NATS password of `--nats-user`.
+    #[arg(long, env = "NATS_PASSWORD", global = true, hide_env_values = true)]
+    nats_password: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -122,13 +129,26 @@ enum Command {
     Dlq(crate::ops_cmd::DlqArgs),
     /// One screen with the bus and every plugin; exit status 1 when unhealthy.
     Health(crate::ops_cmd::HealthArgs),
+    /// Print the nats-server `authorization` block with least-privilege users for
+    /// the bus, the host and every enabled plugin (no NATS connection).
+    ///
+    /// Example: hookbus nats-config --enabled-plugins hello-world,audit-log > auth.conf
+    NatsConfig(hookbus::nats_config::NatsConfigArgs),
 }
 
 pub(crate) async fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
     init_tracing();
     let subjects = Subjects::new(&cli.prefix)?;
-    let client = async_nats::ConnectOptions::new()
+    if let Command::NatsConfig(args) = &cli.command {
+        return hookbus::nats_config::main(&subjects, args, println_out);
+    }
+    let options = hookbus::nats_config::with_credentials(
+        async_nats::ConnectOptions::new(),
+        cli.nats_user.as_deref(),
+        cli.nats_password.as_deref(),
+    );
+    let client = options
         .name("hookbus")
         .retry_on_initial_connect()
         .connect(&cli.nats_url)
@@ -162,28 +182,8 @@ pub(crate) async fn main() -> Result<ExitCode> {
                 tracing::info!("shutting down");
                 token.cancel();
             });
-            let relay = match database_url {
-                Some(url) => {
-                    // Fail fast on a bad database before starting anything.
-                    hookbus::outbox_cmd::open_migrated(&url).await?;
-                    let (client, subjects, streams, token) = (
-                        client.clone(),
-                        config.subjects.clone(),
-                        config.streams.clone(),
-                        shutdown.clone(),
-                    );
-                    Some(tokio::spawn(async move {
-                        hookbus::outbox_cmd::relay(client, subjects, &streams, &url, token).await
-                    }))
-                }
-                None => None,
-            };
-            let ran = hookbus::run::run(client.clone(), config, shutdown.clone()).await;
-            shutdown.cancel();
-            if let Some(relay) = relay {
-                relay.await??;
-            }
-            ran?;
+            config.database_url = database_url;
+            hookbus::run::run(client.clone(), config, shutdown).await?;
             ExitCode::SUCCESS
         }
         Command::Rebuild {
@@ -282,6 +282,7 @@ pub(crate) async fn main() -> Result<ExitCode> {
         Command::Registry(args) => crate::ops_cmd::registry(&client, &subjects, args).await?,
         Command::Dlq(args) => crate::ops_cmd::dlq(&client, &subjects, args).await?,
         Command::Health(args) => crate::ops_cmd::health(&client, &subjects, args).await?,
+        Command::NatsConfig(_) => ExitCode::SUCCESS,
     };
     if let Err(e) = client.drain().await {
         tracing::debug!(error = %e, "drain failed");
@@ -311,12 +312,17 @@ struct RetentionArgs {
         value_parser = hookbus::config::parse_byte_limit
     )]
     events_max_bytes: i64,
+    /// Replicas of every stream and of the registry bucket (3 in a NATS cluster of
+    /// three; at most the cluster's size). Set when a stream is created.
+    #[arg(long, env = "HOOKBUS_STREAM_REPLICAS", default_value_t = 1)]
+    stream_replicas: usize,
 }
 
 impl RetentionArgs {
     fn apply(&self, streams: &mut hookbus::config::StreamSettings) {
         streams.events_max_age = self.events_max_age;
         streams.events_max_bytes = self.events_max_bytes;
+        streams.replicas = self.stream_replicas.max(1);
     }
 }
 

@@ -89,6 +89,9 @@ pub struct BusConfig {
     pub http_addr: Option<std::net::SocketAddr>,
     /// Health checks, degraded plugins and alerts.
     pub monitor: MonitorSettings,
+    /// The host's database (`sqlite://…`, `postgres://…`): when set, the bus
+    /// migrates it and runs the outbox relay ([`crate::relay`]).
+    pub database_url: Option<String>,
 }
 
 /// Settings of the monitor: the periodic health check that marks plugins degraded

@@ -7,11 +7,13 @@
 //! | publishing events (`Nats-Msg-Id` = event id) | [`publish`] |
 //! | the live plugin registry and routing table | [`registry`] |
 //! | the dispatcher (ordering, retries, dead letters, deferral) | [`dispatch`] |
+//! | the synchronous hooks (validate, before_*, get_attrs) over request/reply | [`sync_hooks`] |
 //! | reading, replaying and purging dead letters | [`dlq`] |
 //! | per-handler stats and the Prometheus export | [`metrics`] |
 //! | health report, degraded plugins and alerts | [`monitor`] |
 //! | `/healthz` and `/metrics` | [`http`] |
 //! | the operator commands (`tail`, `registry`, `dlq`, `health`) | [`ops`] |
+//! | per-user NATS permissions (`hookbus nats-config`) | [`nats_config`] |
 //! | `hookbus replay`: stored events to stdout or re-delivered to a handler | [`replay_cmd`] |
 //! | the daemon: everything above under one shutdown | [`run`] |
 //!
@@ -25,6 +27,7 @@ pub mod dlq;
 pub mod http;
 pub mod metrics;
 pub mod monitor;
+pub mod nats_config;
 pub mod ops;
 pub mod outbox_cmd;
 pub mod provision;
@@ -33,6 +36,7 @@ pub mod registry;
 pub mod relay;
 pub mod replay_cmd;
 pub mod run;
+pub mod sync_hooks;
 
 pub use config::BusConfig;
 pub use dispatch::{DispatchStats, Dispatcher};

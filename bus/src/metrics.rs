@@ -414,6 +414,7 @@ pub struct Metrics {
     sampled: Arc<Sampled>,
     registry: Mutex<Registry>,
     relay: OnceLock<RelayGauges>,
+    relay_stats: OnceLock<Arc<crate::relay::RelayStats>>,
 }
 
 impl Metrics {
@@ -430,6 +431,7 @@ impl Metrics {
             sampled,
             registry: Mutex::new(registry),
             relay: OnceLock::new(),
+            relay_stats: OnceLock::new(),
         }
     }
 
@@ -449,6 +451,16 @@ impl Metrics {
             .registry
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Attaches the counters of the relay this bus runs (once).
+    pub fn set_relay_stats(&self, stats: Arc<crate::relay::RelayStats>) {
+        let _ = self.relay_stats.set(stats);
+    }
+
+    /// The counters of the relay this bus runs, if it runs one.
+    pub fn relay_stats(&self) -> Option<&Arc<crate::relay::RelayStats>> {
+        self.relay_stats.get()
     }
 
     /// The relay's gauges, registered on first call.

@@ -172,6 +172,11 @@ pub struct BusHealth {
     pub plugins: BTreeMap<String, PluginHealth>,
     /// Alerts firing now.
     pub alerts: Vec<AlertEvent>,
+    /// The outbox relay's counters and backlog, when this bus runs one
+    /// (`published`, `duplicates`, `invalid`, `errors`, `backlog_rows`,
+    /// `backlog_oldest_ms`, `healthy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<serde_json::Value>,
 }
 
 impl BusHealth {
@@ -241,10 +246,15 @@ impl Health {
         }
     }
 
-    /// True when NATS is connected and the dispatcher runs.
+    /// True when NATS is connected, the dispatcher runs and the relay (if any)
+    /// publishes.
     pub fn is_ok(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
             && self.metrics.stats().is_running()
+            && self
+                .metrics
+                .relay_stats()
+                .is_none_or(|r| r.healthy.load(Ordering::Relaxed))
     }
 
     /// Checks the monitor has done.
@@ -328,6 +338,7 @@ impl Health {
                 .values()
                 .cloned()
                 .collect(),
+            relay: self.metrics.relay_stats().map(|r| r.to_json()),
         }
     }
 

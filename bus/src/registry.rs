@@ -42,6 +42,9 @@ pub struct Route {
     /// Waits before each retry; dead-lettered after the last.
     #[serde(skip)]
     pub retry: Arc<[Duration]>,
+    /// Synchronous hooks: block or skip when the handler gives no answer (the
+    /// manifest's `on_unavailable`, or the hook kind's default).
+    pub on_unavailable: core_events::OnUnavailable,
     /// The handler's stats, looked up once per routing table (keeps the lookup off
     /// the delivery path).
     #[serde(skip)]
@@ -116,6 +119,7 @@ impl RoutingTable {
                         declared,
                         timeout: h.timeout(),
                         retry: h.retry_schedule().into(),
+                        on_unavailable: h.on_unavailable(),
                         stats: std::sync::OnceLock::new(),
                     });
                     by_name.insert((route.plugin.clone(), route.handler.clone()), route.clone());

@@ -131,6 +131,7 @@ pub struct Relay {
     subjects: Subjects,
     settings: RelaySettings,
     stats: Arc<RelayStats>,
+    gauges: Option<crate::metrics::RelayGauges>,
 }
 
 /// A row ready to send.
@@ -156,7 +157,15 @@ impl Relay {
             subjects,
             settings,
             stats: Arc::new(RelayStats::default()),
+            gauges: None,
         }
+    }
+
+    /// Also keeps these Prometheus gauges (`/metrics`) up to date.
+    #[must_use]
+    pub fn with_gauges(mut self, gauges: crate::metrics::RelayGauges) -> Self {
+        self.gauges = Some(gauges);
+        self
     }
 
     /// Its counters.
@@ -259,6 +268,10 @@ impl Relay {
                 self.stats
                     .backlog_oldest_ms
                     .store(b.oldest_age_us / 1000, Ordering::Relaxed);
+                if let Some(g) = &self.gauges {
+                    g.backlog_rows.set(b.rows);
+                    g.oldest_row_age_seconds.set(b.oldest_age_us as f64 / 1e6);
+                }
                 if !self.stats.healthy.load(Ordering::Relaxed) && b.rows > 0 {
                     tracing::warn!(
                         backlog_rows = b.rows,

@@ -32,6 +32,9 @@ pub enum RunError {
     /// A task of the bus panicked.
     #[error("a bus task panicked: {0}")]
     Panicked(String),
+    /// The database of the outbox relay could not be opened or migrated.
+    #[error("outbox relay: {0}")]
+    Database(#[from] core_events::store::StoreError),
 }
 
 /// A running bus, in process.
@@ -68,15 +71,15 @@ impl Bus {
         )
         .await?;
         let stats = Arc::new(DispatchStats::default());
+        let metrics = Arc::new(crate::metrics::Metrics::new(stats.clone()));
         let status_task = spawn_status(
             &client,
             &config,
             registry.clone(),
-            stats.clone(),
+            metrics.clone(),
             shutdown.child_token(),
         )
         .await?;
-        let metrics = Arc::new(crate::metrics::Metrics::new(stats.clone()));
         let health =
             crate::monitor::Health::new(client.clone(), &config, registry.clone(), metrics.clone());
         let mut others = vec![registry_task, status_task];
@@ -93,6 +96,22 @@ impl Bus {
                 Err(e) => tracing::error!(%addr, error = %e,
                     "cannot serve /healthz and /metrics; running without them"),
             }
+        }
+        if let Some(url) = &config.database_url {
+            let store = core_events::store::Store::connect(url).await?;
+            store.migrate().await?;
+            let settings = crate::relay::RelaySettings::for_backend(store.backend());
+            let relay =
+                crate::relay::Relay::new(store, js.clone(), config.subjects.clone(), settings)
+                    .with_gauges(metrics.relay().clone());
+            metrics.set_relay_stats(relay.stats());
+            let token = shutdown.child_token();
+            others.push(tokio::spawn(async move {
+                if let Err(e) = relay.run(token).await {
+                    tracing::error!(error = %e, "outbox relay stopped");
+                }
+            }));
+            tracing::info!("outbox relay started");
         }
         let dispatcher = tokio::spawn(Dispatcher::run(
             client,
@@ -178,7 +197,7 @@ async fn spawn_status(
     client: &async_nats::Client,
     config: &BusConfig,
     registry: Registry,
-    stats: Arc<DispatchStats>,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) -> Result<JoinHandle<()>, RunError> {
     let prefix = config.subjects.prefix().to_owned();
@@ -193,7 +212,13 @@ async fn spawn_status(
             let Some(reply) = msg.reply else { continue };
             let body = match msg.subject.as_str().rsplit('.').next() {
                 Some("registry") => serde_json::to_vec(&*registry.table()),
-                Some("stats") => serde_json::to_vec(&*stats),
+                Some("stats") => {
+                    let mut v = serde_json::to_value(&**metrics.stats()).unwrap_or_default();
+                    if let (Some(obj), Some(relay)) = (v.as_object_mut(), metrics.relay_stats()) {
+                        obj.insert("relay".into(), relay.to_json());
+                    }
+                    serde_json::to_vec(&v)
+                }
                 // Answered by crate::monitor::Health::spawn_responder.
                 Some("health") => continue,
                 _ => serde_json::to_vec(&serde_json::json!({

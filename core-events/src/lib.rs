@@ -9,6 +9,7 @@
 //! | the subject codec (events, handlers, dead letters; entity tokens) | [`subject`] |
 //! | plugin manifests and their validation | [`manifest`] |
 //! | headers, handler replies, dead-letter records | [`protocol`] |
+//! | request and reply bodies of the synchronous hooks | [`sync`] |
 //! | sample objects for demos, docs and tests | [`sample`] |
 //! | the model store and the transactional outbox (sqlx: SQLite, PostgreSQL) | [`store`] |
 #![forbid(unsafe_code)]
@@ -21,9 +22,10 @@ pub mod protocol;
 pub mod sample;
 pub mod store;
 pub mod subject;
+pub mod sync;
 
 pub use envelope::{EntityEvent, EntryEvent, Envelope, EventId};
 pub use hook::{Hook, HookKind, ObjectKind, UnknownHook};
-pub use manifest::{HandlerSpec, ManifestError, PluginManifest};
+pub use manifest::{HandlerSpec, ManifestError, OnUnavailable, PluginManifest};
 pub use model::{AttrType, Attribute, Entity, EntityAttr, Entry, ObjectRef, User};
 pub use subject::{ObjectKey, SubjectError, Subjects};

@@ -10,7 +10,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::hook::Hook;
+use crate::hook::{Hook, HookKind};
 use crate::subject::{check_entity_name, check_token_name};
 
 /// Default handler priority (Pagoda's): lower runs first.
@@ -79,6 +79,44 @@ pub struct HandlerSpec {
     /// dead-lettered after the last. `[]` dead-letters on the first failure.
     #[serde(default = "default_backoff")]
     pub retry_backoff_ms: Vec<u64>,
+    /// Synchronous hooks only: what a caller does when the handler does not
+    /// answer (no replica, timeout, handler error, bad reply). Absent: the
+    /// hook kind's default ([`OnUnavailable::default_for`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_unavailable: Option<OnUnavailable>,
+}
+
+/// What the caller of a synchronous hook does when a handler gives no answer
+/// (no replica running, no reply within `timeout_ms`, a handler error, a reply
+/// it cannot read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnavailable {
+    /// The change (or read) fails, naming the plugin, handler and reason.
+    Block,
+    /// The handler is left out (logged, and reported to the caller as skipped).
+    Skip,
+}
+
+impl OnUnavailable {
+    /// The default by hook kind: `block` for validate and before-hooks, `skip`
+    /// for get_attrs (notifications do not use it: they are retried).
+    pub fn default_for(kind: HookKind) -> OnUnavailable {
+        match kind {
+            HookKind::GetAttrs | HookKind::Notification => OnUnavailable::Skip,
+            HookKind::Validate | HookKind::BeforeModify | HookKind::BeforeVeto => {
+                OnUnavailable::Block
+            }
+        }
+    }
+
+    /// `block` or `skip`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnUnavailable::Block => "block",
+            OnUnavailable::Skip => "skip",
+        }
+    }
 }
 
 fn default_priority() -> i32 {
@@ -103,7 +141,15 @@ impl HandlerSpec {
             priority: DEFAULT_PRIORITY,
             timeout_ms: DEFAULT_TIMEOUT_MS,
             retry_backoff_ms: default_backoff(),
+            on_unavailable: None,
         }
+    }
+
+    /// The handler's policy when it gives no answer: its `on_unavailable`, or
+    /// the default of its hook's kind.
+    pub fn on_unavailable(&self) -> OnUnavailable {
+        self.on_unavailable
+            .unwrap_or_else(|| OnUnavailable::default_for(self.hook.kind()))
     }
 
     /// True when the handler's entity filter admits `entity`.
@@ -261,6 +307,12 @@ impl PluginManifest {
                     "{label}: retry wait {ms} ms is longer than {MAX_BACKOFF_MS} ms"
                 ));
             }
+            if h.on_unavailable.is_some() && h.hook.kind().is_notification() {
+                problems.push(format!(
+                    "{label}: on_unavailable applies to synchronous hooks only; '{}' is a notification (failures are retried, then dead-lettered)",
+                    h.hook
+                ));
+            }
         }
         if problems.is_empty() {
             Ok(())
@@ -384,6 +436,32 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("limit")
+        );
+    }
+
+    #[test]
+    fn on_unavailable_defaults_by_kind() {
+        let m = PluginManifest::from_json(
+            br#"{"id":"p","name":"P","version":"1.0.0","handlers":[
+                {"name":"v","hook":"validate_entry"},
+                {"name":"g","hook":"entry.get_attrs"},
+                {"name":"b","hook":"entity.before_update","on_unavailable":"skip"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(m.handlers[0].on_unavailable(), OnUnavailable::Block);
+        assert_eq!(m.handlers[1].on_unavailable(), OnUnavailable::Skip);
+        assert_eq!(m.handlers[2].on_unavailable(), OnUnavailable::Skip);
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(!json.contains("\"on_unavailable\":\"block\""), "{json}");
+        let err = PluginManifest::from_json(
+            br#"{"id":"p","name":"P","version":"1.0.0","handlers":[
+                {"name":"n","hook":"entry.after_create","on_unavailable":"block"}]}"#,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("on_unavailable applies to synchronous hooks only"),
+            "{err}"
         );
     }
 

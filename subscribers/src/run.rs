@@ -21,6 +21,7 @@ pub const DEFAULT_SUBJECT_PREFIX: &str = "pagoda";
 /// |---|---|---|
 /// | `NATS_URL` | `nats://127.0.0.1:4222` | server(s), comma-separated |
 /// | `NATS_CREDS` | none | credentials file (per-plugin least-privilege user) |
+/// | `NATS_USER`, `NATS_PASSWORD` | none | user and password (`hookbus nats-config`); the inbox prefix becomes `_INBOX_<user>` |
 /// | `PAGODA_SUBJECT_PREFIX` | `pagoda` | subject namespace of the deployment |
 /// | `RUST_LOG` | `info` | log filter (logs go to stderr) |
 #[derive(Debug, Clone)]
@@ -30,6 +31,11 @@ pub struct RunConfig {
     pub nats_url: String,
     /// A NATS credentials file, when the server requires one.
     pub nats_creds: Option<String>,
+    /// A NATS user (with `nats_password`): its inbox prefix is `_INBOX_<user>`,
+    /// as the permissions of `hookbus nats-config` require.
+    pub nats_user: Option<String>,
+    /// The password of `nats_user`.
+    pub nats_password: Option<String>,
     /// Serving options (subjects from `PAGODA_SUBJECT_PREFIX`, the rest default).
     pub serve: ServeOptions,
 }
@@ -57,6 +63,8 @@ impl RunConfig {
         Ok(RunConfig {
             nats_url: non_empty("NATS_URL").unwrap_or_else(|| DEFAULT_NATS_URL.to_owned()),
             nats_creds: non_empty("NATS_CREDS"),
+            nats_user: non_empty("NATS_USER"),
+            nats_password: lookup("NATS_PASSWORD"),
             serve: ServeOptions {
                 subjects,
                 ..ServeOptions::default()
@@ -174,6 +182,14 @@ pub async fn run(
                 path: path.clone(),
                 source,
             })?;
+    }
+    if let Some(user) = &config.nats_user {
+        options = options
+            .user_and_password(
+                user.clone(),
+                config.nats_password.clone().unwrap_or_default(),
+            )
+            .custom_inbox_prefix(format!("_INBOX_{user}"));
     }
     let client = options
         .connect(config.nats_url.as_str())

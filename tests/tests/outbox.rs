@@ -477,6 +477,13 @@ async fn nats_down_during_a_burst_loses_and_duplicates_nothing() {
             waiting > 0,
             "{backend:?}: nothing waited while NATS was down"
         );
+        // The relay reports the backlog it cannot publish.
+        wait_until(WAIT, || async {
+            stats.backlog_rows.load(Ordering::Relaxed) > 0
+        })
+        .await;
+        // The outage itself: NATS stays down a few seconds (not a synchronisation).
+        tokio::time::sleep(Duration::from_secs(3)).await;
         nats.restart().await;
         wait_drained(&store, &client, u64::try_from(N).unwrap()).await;
         let events = stream_events(&client).await;
@@ -507,4 +514,51 @@ async fn two_relays_on_one_database_never_duplicate_or_reorder() {
         a.shutdown().await;
         b.shutdown().await;
     }
+}
+
+#[tokio::test]
+async fn bus_with_a_database_relays_its_outbox_and_reports_the_relay() {
+    let nats = NatsServer::start().await;
+    let client = nats.connect().await;
+    let db = TestDb::sqlite();
+    let mut config = common::test_config(&["listener"]);
+    config.database_url = Some(db.url().to_owned());
+    let bus = hookbus::run::Bus::start(client.clone(), config)
+        .await
+        .unwrap();
+    let log = CallLog::default();
+    let mut plugin =
+        TestPlugin::new("listener", &log).handler("h", Hook::EntityAfterCreate, None, 100);
+    plugin.start(&client).await;
+    wait_registered(&bus, &["listener"]).await;
+
+    // The host is another process: its own store on the same file (the relay
+    // finds its rows by polling).
+    let host = db.store().await;
+    host.create_entity(&NewEntity::named("customer"), &WriteContext::default())
+        .await
+        .unwrap();
+    wait_until(WAIT, || async { log.count("listener", "h") == 1 }).await;
+
+    let stats = wait_for_relay_stats(&client).await;
+    assert_eq!(stats["published"], 1, "{stats}");
+    assert_eq!(stats["healthy"], true);
+    let report = bus.health.report();
+    assert!(report.is_ok());
+    assert_eq!(report.relay.unwrap()["published"], 1);
+    wait_until(WAIT, || async {
+        bus.metrics.relay().backlog_rows.get() == 0 && outbox_rows(&host).await == 0
+    })
+    .await;
+    plugin.stop();
+    bus.stop().await.unwrap();
+}
+
+async fn wait_for_relay_stats(client: &async_nats::Client) -> Value {
+    hookbus_tests::wait_for(WAIT, || async {
+        let reply = client.request("pagoda.bus.stats", "".into()).await.ok()?;
+        let v: Value = serde_json::from_slice(&reply.payload).ok()?;
+        (v["relay"]["published"] == 1).then(|| v["relay"].clone())
+    })
+    .await
 }

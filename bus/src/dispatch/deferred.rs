@@ -215,6 +215,7 @@ impl Ctx {
             declared: 0,
             timeout: std::time::Duration::ZERO,
             retry: Arc::from([]),
+            on_unavailable: core_events::OnUnavailable::default_for(event.hook.kind()),
             stats: std::sync::OnceLock::new(),
         };
         let failure = core_events::protocol::FailedAttempt {

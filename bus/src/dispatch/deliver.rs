@@ -95,32 +95,7 @@ pub(crate) async fn request(
         .headers(headers)
         .timeout(Some(timeout));
     match client.send_request(subject, request).await {
-        Ok(reply) => {
-            let service_error = reply
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(headers::SERVICE_ERROR).map(|v| v.to_string()));
-            if let Some(text) = service_error {
-                let code = reply
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(headers::SERVICE_ERROR_CODE))
-                    .and_then(|v| v.as_str().trim().parse::<u16>().ok())
-                    .unwrap_or(codes::TRANSIENT);
-                Attempt::Failed {
-                    error: format!("handler error {code}: {text}"),
-                    permanent: codes::is_permanent(code),
-                }
-            } else {
-                match HandlerReply::parse(&reply.payload) {
-                    Ok(_) => Attempt::Ok,
-                    Err(e) => Attempt::Failed {
-                        error: format!("bad reply: {e}"),
-                        permanent: false,
-                    },
-                }
-            }
-        }
+        Ok(reply) => classify_reply(reply.headers.as_ref(), &reply.payload),
         Err(e) => match e.kind() {
             RequestErrorKind::NoResponders => Attempt::NoResponders,
             RequestErrorKind::TimedOut => Attempt::Failed {
@@ -136,6 +111,34 @@ pub(crate) async fn request(
                 permanent: false,
             },
         },
+    }
+}
+
+/// Classifies a handler's reply from its headers and body (see the protocol's
+/// Replies table): a `Nats-Service-Error` header is a failure, permanent for a
+/// 4xx `Nats-Service-Error-Code`; otherwise the body must be a success reply.
+/// Total over any input (property-tested): the body is bounded by
+/// [`HandlerReply::parse`], header values are only compared and parsed.
+pub(crate) fn classify_reply(reply_headers: Option<&HeaderMap>, payload: &[u8]) -> Attempt {
+    let service_error =
+        reply_headers.and_then(|h| h.get(headers::SERVICE_ERROR).map(|v| v.to_string()));
+    if let Some(text) = service_error {
+        let code = reply_headers
+            .and_then(|h| h.get(headers::SERVICE_ERROR_CODE))
+            .and_then(|v| v.as_str().trim().parse::<u16>().ok())
+            .unwrap_or(codes::TRANSIENT);
+        Attempt::Failed {
+            error: format!("handler error {code}: {text}"),
+            permanent: codes::is_permanent(code),
+        }
+    } else {
+        match HandlerReply::parse(payload) {
+            Ok(_) => Attempt::Ok,
+            Err(e) => Attempt::Failed {
+                error: format!("bad reply: {e}"),
+                permanent: false,
+            },
+        }
     }
 }
 
@@ -212,5 +215,73 @@ pub(crate) async fn deliver(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod reply_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Any headers and body: a classification, never a panic; a service
+        /// error is permanent exactly for codes 400..=499.
+        #[test]
+        fn any_reply_is_classified(
+            error in proptest::option::of("[ -~]{0,40}"),
+            code in proptest::option::of("[ -~]{0,8}"),
+            body in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let mut map = HeaderMap::new();
+            if let Some(e) = &error {
+                map.insert(headers::SERVICE_ERROR, e.as_str());
+            }
+            if let Some(c) = &code {
+                map.insert(headers::SERVICE_ERROR_CODE, c.as_str());
+            }
+            let attempt = classify_reply(Some(&map), &body);
+            match (&error, attempt) {
+                (Some(_), Attempt::Failed { permanent, .. }) => {
+                    let n = code.as_deref().and_then(|c| c.trim().parse::<u16>().ok());
+                    prop_assert_eq!(permanent, n.is_some_and(|n| (400..500).contains(&n)));
+                }
+                (Some(_), other) => prop_assert!(false, "service error not a failure: {other:?}"),
+                (None, Attempt::Ok) => prop_assert!(HandlerReply::parse(&body).is_ok()),
+                (None, Attempt::Failed { permanent, error }) => {
+                    prop_assert!(!permanent);
+                    prop_assert!(error.starts_with("bad reply: "));
+                }
+                (None, other) => prop_assert!(false, "unexpected {other:?}"),
+            }
+        }
+
+        /// Any JSON object body without an error header.
+        #[test]
+        fn json_bodies(status in proptest::option::of("[a-z]{0,4}"), message in "[ -~]{0,20}") {
+            let body = serde_json::json!({"status": status, "message": message}).to_string();
+            let attempt = classify_reply(None, body.as_bytes());
+            let ok = matches!(attempt, Attempt::Ok);
+            prop_assert_eq!(ok, status.is_none() || status.as_deref() == Some("ok"));
+        }
+    }
+
+    #[test]
+    fn oversized_and_deep_bodies_are_bad_replies() {
+        let big = vec![b' '; core_events::protocol::MAX_REPLY_BYTES + 1];
+        assert!(matches!(
+            classify_reply(None, &big),
+            Attempt::Failed {
+                permanent: false,
+                ..
+            }
+        ));
+        // Deeper than serde_json's recursion limit (128): an error, not a stack overflow.
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(matches!(
+            classify_reply(None, deep.as_bytes()),
+            Attempt::Failed { .. }
+        ));
     }
 }

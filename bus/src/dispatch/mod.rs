@@ -118,6 +118,13 @@ impl EventMeta {
         let (hook, entity) = subjects
             .parse_event(&msg.subject)
             .map_err(|e| e.to_string())?;
+        if !hook.kind().is_notification() {
+            // Synchronous hooks are called over request/reply (`hookbus::sync_hooks`),
+            // never dispatched as events: their handlers answer a different body.
+            return Err(format!(
+                "hook '{hook}' is synchronous: it is called over request/reply before the change, never published as an event"
+            ));
+        }
         let headers = msg.headers.clone().unwrap_or_default();
         let object = match headers.get(core_events::protocol::headers::OBJECT) {
             Some(v) => v.as_str().parse::<ObjectKey>()?,

@@ -230,10 +230,24 @@ pub fn render(
         )?,
         None => writeln!(out, "bus:    NOT ANSWERING")?,
     }
-    writeln!(
-        out,
-        "relay:  backlog not reported (placeholder until the outbox relay reports to the bus)"
-    )?;
+    match report.bus.as_ref().and_then(|b| b.relay.as_ref()) {
+        Some(r) => writeln!(
+            out,
+            "relay:  {}  backlog {} rows, oldest {} ms; published {}, duplicates {}, invalid {}, errors {}",
+            if r["healthy"].as_bool().unwrap_or(false) {
+                "publishing"
+            } else {
+                "FAILING"
+            },
+            r["backlog_rows"],
+            r["backlog_oldest_ms"],
+            r["published"],
+            r["duplicates"],
+            r["invalid"],
+            r["errors"],
+        )?,
+        None => writeln!(out, "relay:  not run by this bus (no HOOKBUS_DATABASE_URL)")?,
+    }
     writeln!(out)?;
     writeln!(
         out,

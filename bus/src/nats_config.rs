@@ -1,0 +1,417 @@
+//! Per-user NATS permissions with least privilege: `hookbus nats-config`.
+//!
+//! [`render`] writes the `authorization { users = [...] }` block of a
+//! `nats-server` configuration for one deployment (one subject prefix): a user
+//! for the bus, one for the host, and one per enabled plugin, each allowed only
+//! the subjects it needs (see [`permissions`] and `docs/deploy.md`).
+//!
+//! | user | may publish | may subscribe |
+//! |---|---|---|
+//! | the bus (`hookbus`) | everything under the prefix, the JetStream API, acks, its registry bucket, `$SRV.>` | `<prefix>.bus.>`, its own inbox |
+//! | the host (`pagoda-host`) | events, hook / API / job requests, bus status requests, the jobs stream's API | its own inbox |
+//! | plugin `<id>` | its own registry key, the events stream's read API (no `dispatcher`), `<prefix>.bus.registry`, its own jobs consumer | its endpoints `<prefix>.hooks.<id>.*`, its API routes `<prefix>.api.<id>.>`, its `$SRV` verbs, its own inbox |
+//!
+//! Every user gets `allow_responses`, so a service replies to the requests it
+//! receives without a publish permission on reply subjects. Inboxes are per
+//! user (`_INBOX_<user>.>`, see [`inbox_prefix`]): no user can read the replies
+//! another one receives (JetStream deliveries, acks, service replies). Clients
+//! must connect with that inbox prefix (async-nats:
+//! `ConnectOptions::custom_inbox_prefix`; `hookbus` does it when `NATS_USER` is
+//! set).
+//!
+//! Passwords: either references to environment variables resolved by
+//! `nats-server` when it loads the file (`password: $NATS_PASSWORD_HELLO_WORLD`,
+//! the default: the file holds no secret and can be checked in), or literal
+//! passwords (`--passwords generate`: random, written into the file and listed
+//! on stderr).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use async_nats::ConnectOptions;
+use core_events::Subjects;
+use core_events::subject::check_token_name;
+
+/// Default user name of the bus.
+pub const BUS_USER: &str = "hookbus";
+/// Default user name of the host (the reference Pagoda core; planned).
+pub const HOST_USER: &str = "pagoda-host";
+
+/// What a user is for: decides its permissions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// The bus: `hookbus run`, `provision` and the operator commands.
+    Bus,
+    /// The host: publishes events, calls sync hooks, plugin API routes and jobs.
+    Host,
+    /// One plugin, by id.
+    Plugin(String),
+}
+
+/// How the passwords appear in the generated file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Passwords {
+    /// `password: $VAR` with `VAR` = [`password_env_var`] of the user:
+    /// `nats-server` reads them from its environment.
+    EnvRefs,
+    /// The given password per user name (users without one get a reference).
+    Literal(BTreeMap<String, String>),
+}
+
+/// The subjects a user may publish and subscribe to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Permissions {
+    /// `publish.allow`.
+    pub publish_allow: Vec<String>,
+    /// `publish.deny` (wins over allow).
+    pub publish_deny: Vec<String>,
+    /// `subscribe.allow`.
+    pub subscribe_allow: Vec<String>,
+}
+
+/// One user of the generated block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// The user name.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+}
+
+/// Why a configuration cannot be generated.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NatsConfigError {
+    /// A plugin id is not a valid subject token.
+    #[error("plugin id '{0}' is invalid: use only letters, digits, '-' and '_'")]
+    BadPluginId(String),
+    /// Two users would have the same name.
+    #[error("user name '{0}' is used twice (a plugin id equal to the bus or host user?)")]
+    Duplicate(String),
+    /// No randomness for generated passwords.
+    #[error("cannot read random bytes for passwords: {0}")]
+    Random(#[from] std::io::Error),
+}
+
+/// The users of a deployment: the bus, the host, then one per plugin in order.
+///
+/// # Errors
+///
+/// [`NatsConfigError::BadPluginId`] for an id that is not one subject token,
+/// [`NatsConfigError::Duplicate`] for a repeated user name.
+pub fn users(plugins: &[String]) -> Result<Vec<User>, NatsConfigError> {
+    let mut out = vec![
+        User {
+            name: BUS_USER.to_owned(),
+            role: Role::Bus,
+        },
+        User {
+            name: HOST_USER.to_owned(),
+            role: Role::Host,
+        },
+    ];
+    for id in plugins {
+        if check_token_name("plugin id", id).is_err() {
+            return Err(NatsConfigError::BadPluginId(id.clone()));
+        }
+        if out.iter().any(|u| &u.name == id) {
+            return Err(NatsConfigError::Duplicate(id.clone()));
+        }
+        out.push(User {
+            name: id.clone(),
+            role: Role::Plugin(id.clone()),
+        });
+    }
+    Ok(out)
+}
+
+/// The inbox prefix of a user: `_INBOX_<user>` (its clients must use it).
+pub fn inbox_prefix(user: &str) -> String {
+    format!("_INBOX_{user}")
+}
+
+/// The environment variable holding a user's password:
+/// `NATS_PASSWORD_<USER>` upper-cased, `-` and `.` as `_`.
+pub fn password_env_var(user: &str) -> String {
+    format!(
+        "NATS_PASSWORD_{}",
+        user.replace(['-', '.'], "_").to_ascii_uppercase()
+    )
+}
+
+/// Name of the planned jobs work-queue stream (issue 4), e.g. `PAGODA_JOBS`.
+pub fn jobs_stream(subjects: &Subjects) -> String {
+    format!(
+        "{}_JOBS",
+        subjects
+            .prefix()
+            .replace(['.', '-'], "_")
+            .to_ascii_uppercase()
+    )
+}
+
+/// The permissions of `user` in the deployment of `subjects`.
+pub fn permissions(subjects: &Subjects, user: &User) -> Permissions {
+    let p = subjects.prefix();
+    let events = subjects.events_stream();
+    let bucket = subjects.registry_bucket();
+    let jobs = jobs_stream(subjects);
+    let inbox = format!("{}.>", inbox_prefix(&user.name));
+    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+    match &user.role {
+        Role::Bus => Permissions {
+            publish_allow: s(&[
+                &format!("{p}.>"),
+                "$JS.API.>",
+                "$JS.ACK.>",
+                "$JS.FC.>",
+                &format!("$KV.{bucket}.>"),
+                "$SRV.>",
+            ]),
+            publish_deny: vec![],
+            subscribe_allow: s(&[&format!("{p}.bus.>"), &inbox]),
+        },
+        Role::Host => Permissions {
+            publish_allow: s(&[
+                &format!("{p}.events.>"),
+                &format!("{p}.hooks.>"),
+                &format!("{p}.api.>"),
+                &format!("{p}.jobs.>"),
+                &format!("{p}.bus.>"),
+                "$JS.API.INFO",
+                &format!("$JS.API.STREAM.INFO.{events}"),
+                &format!("$JS.API.STREAM.*.{jobs}"),
+                &format!("$JS.API.CONSUMER.*.{jobs}"),
+                &format!("$JS.API.CONSUMER.*.{jobs}.>"),
+                &format!("$JS.ACK.{jobs}.>"),
+            ]),
+            publish_deny: vec![],
+            subscribe_allow: s(&[&inbox]),
+        },
+        Role::Plugin(id) => Permissions {
+            publish_allow: s(&[
+                // Registration: find the bucket, put its own key.
+                "$JS.API.INFO",
+                &format!("$JS.API.STREAM.INFO.KV_{bucket}"),
+                &format!("$KV.{bucket}.plugins.{id}"),
+                // Replay: read the events stream through its own consumers.
+                &format!("$JS.API.STREAM.INFO.{events}"),
+                &format!("$JS.API.STREAM.MSG.GET.{events}"),
+                &format!("$JS.API.DIRECT.GET.{events}"),
+                &format!("$JS.API.DIRECT.GET.{events}.>"),
+                &format!("$JS.API.CONSUMER.CREATE.{events}"),
+                &format!("$JS.API.CONSUMER.CREATE.{events}.>"),
+                &format!("$JS.API.CONSUMER.INFO.{events}.*"),
+                &format!("$JS.API.CONSUMER.DELETE.{events}.*"),
+                &format!("$JS.API.CONSUMER.MSG.NEXT.{events}.*"),
+                &format!("{p}.bus.registry"),
+                // Jobs (planned, issue 4): its own durable consumer on the jobs stream.
+                &format!("$JS.API.CONSUMER.INFO.{jobs}.{id}"),
+                &format!("$JS.API.CONSUMER.MSG.NEXT.{jobs}.{id}"),
+                &format!("$JS.ACK.{jobs}.{id}.>"),
+            ]),
+            // The bus's consumer is not a plugin's to read, change or delete.
+            publish_deny: s(&[
+                &format!("$JS.API.CONSUMER.*.{events}.dispatcher"),
+                &format!("$JS.API.CONSUMER.*.{events}.dispatcher.>"),
+            ]),
+            subscribe_allow: s(&[
+                &format!("{p}.hooks.{id}.*"),
+                &format!("{p}.api.{id}.>"),
+                "$SRV.PING",
+                "$SRV.INFO",
+                "$SRV.STATS",
+                &format!("$SRV.*.{id}"),
+                &format!("$SRV.*.{id}.*"),
+                &inbox,
+            ]),
+        },
+    }
+}
+
+/// Random passwords (32 hex digits from the OS) for every user.
+///
+/// # Errors
+///
+/// [`NatsConfigError::Random`] when `/dev/urandom` cannot be read.
+pub fn generate_passwords(users: &[User]) -> Result<BTreeMap<String, String>, NatsConfigError> {
+    use std::io::Read as _;
+    let mut random = std::fs::File::open("/dev/urandom")?;
+    let mut out = BTreeMap::new();
+    for user in users {
+        let mut bytes = [0u8; 16];
+        random.read_exact(&mut bytes)?;
+        let hex = bytes.iter().fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        });
+        out.insert(user.name.clone(), hex);
+    }
+    Ok(out)
+}
+
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| quote(s)).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// The `authorization` block for `plugins` (the bus's `ENABLED_PLUGINS`) under
+/// the prefix of `subjects`.
+///
+/// # Errors
+///
+/// As [`users`].
+pub fn render(
+    subjects: &Subjects,
+    plugins: &[String],
+    passwords: &Passwords,
+) -> Result<String, NatsConfigError> {
+    let users = users(plugins)?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Generated by `hookbus nats-config` for prefix '{}' and plugins [{}]: do not edit,",
+        subjects.prefix(),
+        plugins.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "# regenerate. Every user uses the inbox prefix _INBOX_<user>. See docs/deploy.md."
+    );
+    let _ = writeln!(out, "authorization {{");
+    let _ = writeln!(out, "  users = [");
+    for user in &users {
+        let perms = permissions(subjects, user);
+        let password = match passwords {
+            Passwords::Literal(map) if map.contains_key(&user.name) => {
+                quote(map.get(&user.name).map(String::as_str).unwrap_or_default())
+            }
+            _ => format!("${}", password_env_var(&user.name)),
+        };
+        let role = match &user.role {
+            Role::Bus => "the bus".to_owned(),
+            Role::Host => "the host (planned)".to_owned(),
+            Role::Plugin(id) => format!("plugin {id}"),
+        };
+        let _ = writeln!(out, "    # {role}");
+        let _ = writeln!(out, "    {{");
+        let _ = writeln!(out, "      user: {}", quote(&user.name));
+        let _ = writeln!(out, "      password: {password}");
+        let _ = writeln!(out, "      permissions: {{");
+        let _ = writeln!(out, "        publish: {{");
+        let _ = writeln!(out, "          allow: {}", list(&perms.publish_allow));
+        if !perms.publish_deny.is_empty() {
+            let _ = writeln!(out, "          deny: {}", list(&perms.publish_deny));
+        }
+        let _ = writeln!(out, "        }}");
+        let _ = writeln!(out, "        subscribe: {{");
+        let _ = writeln!(out, "          allow: {}", list(&perms.subscribe_allow));
+        let _ = writeln!(out, "        }}");
+        let _ = writeln!(out, "        allow_responses: true");
+        let _ = writeln!(out, "      }}");
+        let _ = writeln!(out, "    }}");
+    }
+    let _ = writeln!(out, "  ]");
+    let _ = writeln!(out, "}}");
+    Ok(out)
+}
+
+/// Adds user, password and the user's inbox prefix to `options` when `user` is
+/// set; `options` unchanged otherwise.
+pub fn with_credentials(
+    options: ConnectOptions,
+    user: Option<&str>,
+    password: Option<&str>,
+) -> ConnectOptions {
+    match user.filter(|u| !u.is_empty()) {
+        Some(user) => options
+            .user_and_password(user.to_owned(), password.unwrap_or_default().to_owned())
+            .custom_inbox_prefix(inbox_prefix(user)),
+        None => options,
+    }
+}
+
+/// Arguments of `hookbus nats-config`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NatsConfigArgs {
+    /// Plugins that get a user, comma-separated (the bus's ENABLED_PLUGINS).
+    #[arg(long, env = "ENABLED_PLUGINS", default_value = "")]
+    pub enabled_plugins: String,
+    /// `env`: passwords are `$NATS_PASSWORD_<USER>` references that nats-server
+    /// resolves from its environment (the file holds no secret); `generate`:
+    /// random passwords written into the file and listed on stderr.
+    #[arg(long, default_value = "env", value_parser = ["env", "generate"])]
+    pub passwords: String,
+}
+
+/// `hookbus nats-config`: writes the block with `out` (one call).
+///
+/// # Errors
+///
+/// As [`render`] and [`generate_passwords`].
+pub fn main(
+    subjects: &Subjects,
+    args: &NatsConfigArgs,
+    out: impl Fn(&str),
+) -> anyhow::Result<std::process::ExitCode> {
+    let plugins = crate::config::parse_enabled_plugins(&args.enabled_plugins);
+    if plugins.is_empty() {
+        tracing::warn!("no plugins given (ENABLED_PLUGINS): only the bus and host users");
+    }
+    let passwords = if args.passwords == "generate" {
+        let map = generate_passwords(&users(&plugins)?)?;
+        for (user, password) in &map {
+            eprintln!("{}={password}  # user {user}", password_env_var(user));
+        }
+        Passwords::Literal(map)
+    } else {
+        Passwords::EnvRefs
+    };
+    out(render(subjects, &plugins, &passwords)?.trim_end());
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_and_duplicate_ids() {
+        assert!(matches!(
+            users(&["a.b".to_owned()]),
+            Err(NatsConfigError::BadPluginId(_))
+        ));
+        assert!(matches!(
+            users(&[BUS_USER.to_owned()]),
+            Err(NatsConfigError::Duplicate(_))
+        ));
+    }
+
+    #[test]
+    fn env_var_names() {
+        assert_eq!(password_env_var("hello-world"), "NATS_PASSWORD_HELLO_WORLD");
+        assert_eq!(inbox_prefix("flaky"), "_INBOX_flaky");
+    }
+
+    #[test]
+    fn plugin_cannot_publish_events_or_other_keys() {
+        let subjects = Subjects::default();
+        let user = User {
+            name: "a".to_owned(),
+            role: Role::Plugin("a".to_owned()),
+        };
+        let perms = permissions(&subjects, &user);
+        assert!(!perms.publish_allow.iter().any(|s| s.contains(".events.")));
+        assert!(
+            perms
+                .publish_allow
+                .contains(&"$KV.pagoda_registry.plugins.a".to_owned())
+        );
+        assert!(!perms.subscribe_allow.contains(&"_INBOX.>".to_owned()));
+        assert!(perms.subscribe_allow.contains(&"_INBOX_a.>".to_owned()));
+    }
+}

@@ -1,0 +1,235 @@
+//! Least-privilege NATS users (`hookbus nats-config`) on a real nats-server
+//! started with the generated `authorization` block: what a plugin cannot do,
+//! and that the bus, the SDK and replay work with only their own permissions.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use common::*;
+use core_events::{Hook, Subjects};
+use futures::StreamExt;
+use hookbus::Publisher;
+use hookbus::nats_config::{self, Passwords};
+use hookbus_tests::{NatsServer, assert_eventually, init_tracing};
+use pagoda_plugin_sdk::replay::{ReplayOptions, replay_events};
+use pagoda_plugin_sdk::{Plugin, ServeOptions};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn password(user: &str) -> String {
+    format!("pw-{user}-secret")
+}
+
+async fn start_server(plugins: &[&str]) -> NatsServer {
+    let plugins: Vec<String> = plugins.iter().map(|s| (*s).to_owned()).collect();
+    let mut map = BTreeMap::new();
+    for user in nats_config::users(&plugins).unwrap() {
+        map.insert(user.name.clone(), password(&user.name));
+    }
+    let conf =
+        nats_config::render(&Subjects::default(), &plugins, &Passwords::Literal(map)).unwrap();
+    NatsServer::start_with_config(&conf).await
+}
+
+/// A client of `user`, and the server errors (permission violations) it gets.
+async fn connect(
+    server: &NatsServer,
+    user: &str,
+) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let options = nats_config::with_credentials(
+        async_nats::ConnectOptions::new(),
+        Some(user),
+        Some(&password(user)),
+    )
+    .event_callback(move |event| {
+        let tx = tx.clone();
+        async move {
+            if let async_nats::Event::ServerError(e) = event {
+                let _ = tx.send(e.to_string());
+            }
+        }
+    });
+    let client = options.connect(server.url()).await.unwrap();
+    (client, rx)
+}
+
+/// Waits for a permission violation naming `subject`.
+async fn expect_violation(errors: &mut mpsc::UnboundedReceiver<String>, subject: &str) {
+    let found = tokio::time::timeout(WAIT, async {
+        while let Some(e) = errors.recv().await {
+            if e.to_lowercase().contains("permissions violation") && e.contains(subject) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        found,
+        Ok(true),
+        "expected a permissions violation for {subject}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_is_refused() {
+    init_tracing();
+    let server = start_server(&["alpha"]).await;
+    let refused = async_nats::ConnectOptions::new()
+        .user_and_password("alpha".into(), "wrong".into())
+        .connect(server.url())
+        .await;
+    assert!(refused.is_err(), "a wrong password must be refused");
+    let anonymous = async_nats::connect(server.url()).await;
+    assert!(anonymous.is_err(), "no anonymous access");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_cannot_act_as_bus_host_or_other_plugin() {
+    init_tracing();
+    let server = start_server(&["alpha", "beta"]).await;
+    let (bus_client, _) = connect(&server, nats_config::BUS_USER).await;
+    let bus = start_bus(&bus_client, &["alpha", "beta"]).await;
+    let (alpha, mut errors) = connect(&server, "alpha").await;
+    let js = jetstream::new(alpha.clone());
+
+    // Publish an event: refused, and the stream stays empty.
+    alpha
+        .publish("pagoda.events.entry.after_create.customer", Bytes::new())
+        .await
+        .unwrap();
+    expect_violation(&mut errors, "pagoda.events.entry.after_create.customer").await;
+    let bus_js = jetstream::new(bus_client.clone());
+    assert_eq!(stream_len(&bus_js, "PAGODA_EVENTS").await, 0);
+
+    // Serve (impersonate) another plugin's endpoint or its $SRV verbs.
+    let _sub = alpha.subscribe("pagoda.hooks.beta.h").await.unwrap();
+    expect_violation(&mut errors, "pagoda.hooks.beta.h").await;
+    let _sub = alpha
+        .queue_subscribe("pagoda.hooks.beta.*", "beta".into())
+        .await
+        .unwrap();
+    expect_violation(&mut errors, "pagoda.hooks.beta.*").await;
+    let _sub = alpha.subscribe("$SRV.PING.beta").await.unwrap();
+    expect_violation(&mut errors, "$SRV.PING.beta").await;
+    // Call another plugin's endpoint or API route.
+    alpha
+        .publish("pagoda.hooks.beta.h", Bytes::new())
+        .await
+        .unwrap();
+    expect_violation(&mut errors, "pagoda.hooks.beta.h").await;
+    alpha
+        .publish("pagoda.api.beta.x", Bytes::new())
+        .await
+        .unwrap();
+    expect_violation(&mut errors, "pagoda.api.beta.x").await;
+    // Read other users' replies, or other plugins' jobs (planned subjects).
+    let _sub = alpha.subscribe("_INBOX.>").await.unwrap();
+    expect_violation(&mut errors, "_INBOX.>").await;
+    let _sub = alpha.subscribe("_INBOX_beta.>").await.unwrap();
+    expect_violation(&mut errors, "_INBOX_beta.>").await;
+    let _sub = alpha.subscribe("pagoda.jobs.beta.>").await.unwrap();
+    expect_violation(&mut errors, "pagoda.jobs.beta.>").await;
+    alpha
+        .publish("$JS.API.CONSUMER.MSG.NEXT.PAGODA_JOBS.beta", Bytes::new())
+        .await
+        .unwrap();
+    expect_violation(&mut errors, "$JS.API.CONSUMER.MSG.NEXT.PAGODA_JOBS.beta").await;
+    // Touch the bus's dispatcher consumer, dead letters, deferred deliveries.
+    for subject in [
+        "$JS.API.CONSUMER.DELETE.PAGODA_EVENTS.dispatcher",
+        "$JS.API.CONSUMER.MSG.NEXT.PAGODA_EVENTS.dispatcher",
+        "$JS.API.STREAM.PURGE.PAGODA_EVENTS",
+        "pagoda.dlq.beta.h",
+        "pagoda.deferred.beta",
+        "pagoda.alerts.beta.degraded",
+    ] {
+        alpha.publish(subject, Bytes::new()).await.unwrap();
+        expect_violation(&mut errors, subject).await;
+    }
+
+    // Write another plugin's registry entry: refused, nothing stored.
+    let store = js.get_key_value("pagoda_registry").await.unwrap();
+    let put = tokio::time::timeout(
+        Duration::from_secs(3),
+        store.put("plugins.beta", Bytes::from_static(b"{}")),
+    )
+    .await;
+    assert!(!matches!(put, Ok(Ok(_))), "put of plugins.beta must fail");
+    expect_violation(&mut errors, "$KV.pagoda_registry.plugins.beta").await;
+    let bus_store = bus_js.get_key_value("pagoda_registry").await.unwrap();
+    assert!(bus_store.get("plugins.beta").await.unwrap().is_none());
+    bus.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_sdk_plugin_host_and_replay_work_with_their_own_permissions() {
+    init_tracing();
+    let server = start_server(&["alpha", "beta"]).await;
+    let (bus_client, mut bus_errors) = connect(&server, nats_config::BUS_USER).await;
+    let bus = start_bus(&bus_client, &["alpha", "beta"]).await;
+
+    // The real SDK with the plugin's credentials: serves, registers, replies.
+    let (alpha, mut alpha_errors) = connect(&server, "alpha").await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let plugin = Plugin::builder("alpha", "Alpha", "1.0.0")
+        .on_entry(Hook::EntryAfterCreate, "created", move |_ctx| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap();
+    let running = plugin
+        .serve(alpha.clone(), ServeOptions::default())
+        .await
+        .unwrap();
+    wait_registered(&bus, &["alpha"]).await;
+
+    // The host publishes events with its own credentials.
+    let (host, mut host_errors) = connect(&server, nats_config::HOST_USER).await;
+    let publisher = Publisher::new(jetstream::new(host.clone()), Subjects::default());
+    for id in 1..=3 {
+        publisher
+            .publish(&entry_event(Hook::EntryAfterCreate, "customer", id))
+            .await
+            .unwrap();
+    }
+    assert_eventually!(calls.load(Ordering::SeqCst) == 3, WAIT, "3 deliveries");
+    assert_eventually!(bus.stats.events_acked.get() == 3, WAIT, "3 events acked");
+
+    // Replay of the events stream with the plugin's credentials.
+    let js = jetstream::new(alpha.clone());
+    let replay = replay_events(&js, &Subjects::default(), ReplayOptions::default())
+        .await
+        .unwrap();
+    let replayed: Vec<_> = tokio::time::timeout(WAIT, replay.collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(replayed.len(), 3);
+    assert!(replayed.iter().all(Result::is_ok), "{replayed:?}");
+
+    running.shutdown().await.unwrap();
+    bus.stop().await.unwrap();
+    for (who, errors) in [
+        ("bus", &mut bus_errors),
+        ("alpha", &mut alpha_errors),
+        ("host", &mut host_errors),
+    ] {
+        if let Ok(e) = errors.try_recv() {
+            panic!("{who} got a server error with its own permissions: {e}");
+        }
+    }
+}
