@@ -182,6 +182,12 @@ pub(crate) async fn main() -> Result<ExitCode> {
                 tracing::info!("shutting down");
                 token.cancel();
             });
+            tokio::spawn(hookbus::nats_config::run_consumer_guard(
+                jetstream::new(client.clone()),
+                config.subjects.clone(),
+                Duration::from_secs(10),
+                shutdown.clone(),
+            ));
             config.database_url = database_url;
             hookbus::run::run(client.clone(), config, shutdown).await?;
             ExitCode::SUCCESS

@@ -7,7 +7,7 @@
 //!
 //! | user | may publish | may subscribe |
 //! |---|---|---|
-//! | the bus (`hookbus`) | everything under the prefix, the JetStream API, acks, its registry bucket, `$SRV.>` | `<prefix>.bus.>`, its own inbox |
+//! | the bus (`hookbus`) | events, hook requests, dead letters, deferred, alerts, `<prefix>.bus.>`, the JetStream API, acks, its registry bucket, `$SRV.>` | `<prefix>.bus.>`, its own inbox |
 //! | the host (`pagoda-host`) | events, hook / API / job requests, bus status requests, the jobs stream's API | its own inbox |
 //! | plugin `<id>` | its own registry key, the events stream's read API (no `dispatcher`), `<prefix>.bus.registry`, its own jobs consumer | its endpoints `<prefix>.hooks.<id>.*`, its API routes `<prefix>.api.<id>.>`, its `$SRV` verbs, its own inbox |
 //!
@@ -161,7 +161,15 @@ pub fn permissions(subjects: &Subjects, user: &User) -> Permissions {
     match &user.role {
         Role::Bus => Permissions {
             publish_allow: s(&[
-                &format!("{p}.>"),
+                // Events (outbox relay, `hookbus demo`), deliveries, dead letters,
+                // deferrals, alerts, status requests (`hookbus health`); not the
+                // host's API routes or jobs.
+                &format!("{p}.events.>"),
+                &format!("{p}.hooks.>"),
+                &format!("{p}.dlq.>"),
+                &format!("{p}.deferred.>"),
+                &format!("{p}.alerts.>"),
+                &format!("{p}.bus.>"),
                 "$JS.API.>",
                 "$JS.ACK.>",
                 "$JS.FC.>",
@@ -214,6 +222,7 @@ pub fn permissions(subjects: &Subjects, user: &User) -> Permissions {
             publish_deny: s(&[
                 &format!("$JS.API.CONSUMER.*.{events}.dispatcher"),
                 &format!("$JS.API.CONSUMER.*.{events}.dispatcher.>"),
+                &format!("$JS.API.CONSUMER.MSG.NEXT.{events}.dispatcher"),
             ]),
             subscribe_allow: s(&[
                 &format!("{p}.hooks.{id}.*"),
@@ -375,6 +384,68 @@ pub fn main(
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// One pass of the consumer guard: deletes every push consumer on the events
+/// stream whose deliver subject is not an inbox (`_INBOX…`), and returns their
+/// names.
+///
+/// Plugins may create consumers on the events stream (replay), and NATS does not
+/// check a consumer's deliver subject against its creator's permissions, so a
+/// push consumer could make the server deliver events to another plugin's
+/// endpoint. Nothing of the bus or the SDK uses push consumers there except with
+/// inbox deliver subjects.
+///
+/// # Errors
+///
+/// When the stream or its consumers cannot be read; a failed delete is logged.
+pub async fn guard_push_consumers(
+    js: &async_nats::jetstream::Context,
+    subjects: &Subjects,
+) -> anyhow::Result<Vec<String>> {
+    use futures::TryStreamExt as _;
+    let stream = js.get_stream(subjects.events_stream()).await?;
+    let infos: Vec<_> = stream.consumers().try_collect().await?;
+    let mut deleted = Vec::new();
+    for info in infos {
+        let Some(deliver) = info.config.deliver_subject.as_deref() else {
+            continue;
+        };
+        if deliver.starts_with("_INBOX") {
+            continue;
+        }
+        tracing::warn!(
+            consumer = %info.name,
+            deliver_subject = %deliver,
+            stream = %subjects.events_stream(),
+            "deleting a push consumer that delivers events outside an inbox"
+        );
+        match stream.delete_consumer(&info.name).await {
+            Ok(_) => deleted.push(info.name.clone()),
+            Err(e) => tracing::warn!(consumer = %info.name, error = %e, "cannot delete consumer"),
+        }
+    }
+    Ok(deleted)
+}
+
+/// Runs [`guard_push_consumers`] every `interval` until `shutdown`.
+pub async fn run_consumer_guard(
+    js: async_nats::jetstream::Context,
+    subjects: Subjects,
+    interval: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = guard_push_consumers(&js, &subjects).await {
+            tracing::debug!(error = %e, "consumer guard pass failed");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,6 +483,12 @@ mod tests {
                 .contains(&"$KV.pagoda_registry.plugins.a".to_owned())
         );
         assert!(!perms.subscribe_allow.contains(&"_INBOX.>".to_owned()));
+        // `*` is one token: MSG.NEXT (two tokens) needs its own deny.
+        assert!(
+            perms
+                .publish_deny
+                .contains(&"$JS.API.CONSUMER.MSG.NEXT.PAGODA_EVENTS.dispatcher".to_owned())
+        );
         assert!(perms.subscribe_allow.contains(&"_INBOX_a.>".to_owned()));
     }
 }

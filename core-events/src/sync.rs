@@ -105,7 +105,7 @@ pub struct BeforeModifyRequest<D> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct BeforeModifyReply<D> {
     /// The change to go on with; absent leaves it unchanged.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<D>,
     /// Rejects the change with this reason (`data` is then ignored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,7 +177,7 @@ pub struct GetAttrsRequest<A> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct GetAttrsReply<A> {
     /// The transformed list; absent keeps it unchanged.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub attrs: Option<Vec<A>>,
 }
 

@@ -15,6 +15,7 @@
 //! | [`HandlerError`], [`ResultExt`] | a handler's failure: transient (retried, code 500) or permanent (dead-lettered, code 400) | [`error`] |
 //! | [`Plugin::serve`], [`ServeOptions`], [`RunningPlugin`] | serve and register; bounded concurrency; graceful shutdown | [`serve`] |
 //! | [`ReplayFrom`], [`ServeOptions::replay`], [`Plugin::replay`], [`replay::replay_events`] | rebuild state from the stored events, then go on live without a gap or a duplicate; raw replays | [`replay`] |
+//! | [`PluginBuilder::on_validate`], [`SyncContext`], [`SyncError`] | synchronous hooks (validate, before_*, get_attrs) over request/reply | [`sync`] |
 //! | [`run_main`], [`run()`], [`RunConfig`] | the whole `main` of a plugin binary (env config, tracing, signals, drain) | [`run`](mod@run) |
 //!
 //! Delivery protocol: the request payload is the CloudEvents envelope
@@ -26,8 +27,9 @@
 //! 400 naming what is wrong; a panicking handler gets a 500; the plugin keeps
 //! serving either way.
 //!
-//! Only notification hooks (`after_*`) are supported so far; synchronous hooks
-//! (validate, before_*, get_attrs) are reported as not supported yet by `build()`.
+//! Synchronous hooks (validate, before_*, get_attrs) are declared with their own
+//! builder methods ([`PluginBuilder::on_validate`], …, see [`sync`]): the request
+//! body is the hook's request and the reply carries the handler's decision.
 //!
 //! # Example
 //!
@@ -64,14 +66,17 @@ pub mod plugin;
 pub mod replay;
 pub mod run;
 pub mod serve;
+pub mod sync;
 
 pub use context::{EntityContext, EntryContext, EventContext};
+pub use core_events::sync::FieldError;
 pub use core_events::{
     EntityEvent, EntryEvent, Envelope, EventId, HandlerSpec, Hook, HookKind, ManifestError,
-    ObjectKind, PluginManifest,
+    ObjectKind, OnUnavailable, PluginManifest,
 };
 pub use error::{HandlerError, HandlerErrorKind, ResultExt, ServeError};
 pub use plugin::{HandlerResult, IntoHook, Plugin, PluginBuilder};
 pub use replay::{ReplayError, ReplayFrom, ReplayProgress};
 pub use run::{RunConfig, RunError, run, run_main};
 pub use serve::{RunningPlugin, ServeOptions};
+pub use sync::{SyncContext, SyncError, SyncResult};

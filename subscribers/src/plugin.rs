@@ -21,14 +21,15 @@ type BoxFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send + 'static>>;
 pub(crate) type NotificationCall<D> =
     Arc<dyn Fn(EventContext<D>) -> BoxFuture + Send + Sync + 'static>;
 
-/// A handler function, by the shape of its input and output. Synchronous hooks
-/// (request/response) will be further variants.
+/// A handler function, by the shape of its input and output.
 #[derive(Clone)]
 pub(crate) enum HandlerFn {
     /// A notification about an entry.
     Entry(NotificationCall<EntryEvent>),
     /// A notification about an entity.
     Entity(NotificationCall<EntityEvent>),
+    /// A synchronous hook (request/reply; see [`crate::sync`]).
+    Sync(crate::sync::SyncCall),
 }
 
 /// A hook given as a [`Hook`] or by name (standard name or legacy alias).
@@ -192,7 +193,7 @@ impl PluginBuilder {
     }
 
     fn declare(
-        mut self,
+        self,
         hook: impl IntoHook,
         name: String,
         object: ObjectKind,
@@ -220,10 +221,24 @@ impl PluginBuilder {
         }
         if hook.kind() != HookKind::Notification {
             return self.reject(format!(
-                "{label}: '{hook}' is a synchronous hook ({:?}); this SDK version supports only notification hooks (after_*) so far",
-                hook.kind()
+                "{label}: '{hook}' is a synchronous hook ({:?}); {method} takes notification hooks (after_*); use {} for it",
+                hook.kind(),
+                sync_method(hook),
+                method = match object {
+                    ObjectKind::Entry => "on_entry",
+                    ObjectKind::Entity => "on_entity",
+                },
             ));
         }
+        self.push_handler(name, hook, handler)
+    }
+
+    /// Declares a synchronous handler (its method names the hook).
+    pub(crate) fn declare_sync(self, hook: Hook, name: String, handler: HandlerFn) -> Self {
+        self.push_handler(name, hook, handler)
+    }
+
+    fn push_handler(mut self, name: String, hook: Hook, handler: HandlerFn) -> Self {
         self.manifest.handlers.push(HandlerSpec::new(name, hook));
         self.handlers.push(handler);
         self.current = Current::Handler(self.handlers.len() - 1);
@@ -234,6 +249,15 @@ impl PluginBuilder {
         self.problems.push(problem);
         self.current = Current::Rejected;
         self
+    }
+
+    /// Applies a per-handler option to the handler declared last.
+    pub(crate) fn with_current_spec(
+        self,
+        option: &str,
+        apply: impl FnOnce(&mut HandlerSpec),
+    ) -> Self {
+        self.with_current(option, apply)
     }
 
     fn with_current(mut self, option: &str, apply: impl FnOnce(&mut HandlerSpec)) -> Self {
@@ -330,6 +354,23 @@ impl PluginBuilder {
     }
 }
 
+/// The builder method for a synchronous hook.
+fn sync_method(hook: Hook) -> &'static str {
+    match hook {
+        Hook::EntryValidate => "on_validate",
+        Hook::EntryBeforeCreate => "on_before_create_entry",
+        Hook::EntryBeforeUpdate => "on_before_update_entry",
+        Hook::EntityBeforeCreate => "on_before_create_entity",
+        Hook::EntityBeforeUpdate => "on_before_update_entity",
+        Hook::EntryBeforeDelete => "on_before_delete_entry",
+        Hook::EntryBeforeRestore => "on_before_restore_entry",
+        Hook::EntityBeforeDelete => "on_before_delete_entity",
+        Hook::EntryGetAttrs => "on_get_entry_attrs",
+        Hook::EntityGetAttrs => "on_get_entity_attrs",
+        _ => "on_entry or on_entity",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,7 +417,7 @@ mod tests {
             "priority() was called before any handler",
             "unknown hook 'entry.after_creat' (did you mean 'entry.after_create'?)",
             "'entity.after_create' is an entity hook; on_entry takes entry hooks",
-            "'entry.validate' is a synchronous hook",
+            "'entry.validate' is a synchronous hook (Validate); on_entry takes notification hooks (after_*); use on_validate for it",
         ] {
             assert!(msg.contains(needle), "missing {needle:?} in {msg}");
         }

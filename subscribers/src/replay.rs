@@ -446,7 +446,8 @@ pub fn handler_filter_subjects(
 ) -> Result<Vec<String>, ReplayError> {
     // Per hook, in first-declared order: None = every entity.
     let mut per_hook: Vec<(Hook, Option<Vec<String>>)> = Vec::new();
-    for spec in handlers {
+    // Synchronous handlers have no events to replay.
+    for spec in handlers.iter().filter(|s| s.hook.kind().is_notification()) {
         let slot = match per_hook.iter_mut().find(|(h, _)| *h == spec.hook) {
             Some((_, slot)) => slot,
             None => {
@@ -912,6 +913,8 @@ impl Runner {
             let result = match &slot.handler {
                 HandlerFn::Entry(f) => call(slot, f, &event.payload, delivery).await,
                 HandlerFn::Entity(f) => call(slot, f, &event.payload, delivery).await,
+                // Synchronous handlers have no events; `runner` leaves them out.
+                HandlerFn::Sync(_) => Ok(()),
             };
             let err = match result {
                 Ok(()) => return true,
@@ -1132,6 +1135,7 @@ impl Plugin {
                 .handlers
                 .iter()
                 .zip(&self.inner.handlers)
+                .filter(|(spec, _)| spec.hook.kind().is_notification())
                 .map(|(spec, handler)| {
                     Arc::new(Slot {
                         plugin_id: plugin_id.clone(),

@@ -569,6 +569,7 @@ async fn handle(request: Request, slot: Arc<Slot>, _permit: Option<OwnedSemaphor
         let outcome = match &slot.handler {
             HandlerFn::Entry(f) => deliver(&slot, &request, f).await,
             HandlerFn::Entity(f) => deliver(&slot, &request, f).await,
+            HandlerFn::Sync(f) => crate::sync::serve_sync(&slot, &request, f).await,
         };
         let response = match outcome {
             Ok(body) => Ok(body),

@@ -131,6 +131,90 @@ async fn hello_world_prints_one_line_per_delivery() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_world_answers_its_synchronous_hooks() {
+    use core_events::store::NewEntry;
+    use core_events::sync::{
+        BeforeModifyReply, BeforeModifyRequest, FieldError, GetAttrsReply, GetAttrsRequest,
+        ValidateReply, ValidateRequest,
+    };
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let registry = create_registry(&client, "pagoda_registry").await;
+    let hello = Example::spawn(env!("CARGO_BIN_EXE_hello-world"), &server, &[]);
+    let manifest = registered(&registry, "hello-world").await;
+    for (name, hook) in [
+        ("reject_forbidden", Hook::EntryValidate),
+        ("fill_note", Hook::EntryBeforeCreate),
+        ("add_greeting", Hook::EntryGetAttrs),
+    ] {
+        assert!(
+            manifest
+                .handlers
+                .iter()
+                .any(|h| h.name == name && h.hook == hook),
+            "{name} in {manifest:?}"
+        );
+    }
+    let subjects = Subjects::default();
+    let entity = core_events::sample::entity(1, "helloworld");
+    let ask = |handler: &str, body: Vec<u8>| {
+        let client = client.clone();
+        let subject = subjects.handler("hello-world", handler);
+        async move {
+            let reply = client.request(subject, body.into()).await.unwrap();
+            assert_eq!(service_error(&reply), None);
+            reply.payload
+        }
+    };
+
+    for (name, errors) in [
+        ("fine", vec![]),
+        (
+            "a forbidden name",
+            vec![FieldError::field(
+                "name",
+                "entry name 'a forbidden name' contains 'forbidden'",
+            )],
+        ),
+    ] {
+        let request = ValidateRequest {
+            entity: entity.clone(),
+            entry: NewEntry::named(name),
+            existing: None,
+            user: None,
+        };
+        let reply = ask("reject_forbidden", serde_json::to_vec(&request).unwrap()).await;
+        let reply: ValidateReply = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(reply.errors, errors);
+    }
+
+    let request = BeforeModifyRequest {
+        entity: Some(entity.clone()),
+        entry: None,
+        data: NewEntry::named("x"),
+        user: None,
+    };
+    let reply = ask("fill_note", serde_json::to_vec(&request).unwrap()).await;
+    let reply: BeforeModifyReply<NewEntry> = serde_json::from_slice(&reply).unwrap();
+    assert_eq!(reply.data.unwrap().note, "created with hello-world");
+
+    let entry = core_events::sample::entry(3, "ACME", &entity);
+    let request: GetAttrsRequest<core_events::Attribute> = GetAttrsRequest {
+        entity: None,
+        entry: Some(entry),
+        attrs: vec![],
+        user: None,
+    };
+    let reply = ask("add_greeting", serde_json::to_vec(&request).unwrap()).await;
+    let reply: GetAttrsReply<core_events::Attribute> = serde_json::from_slice(&reply).unwrap();
+    let attrs = reply.attrs.unwrap();
+    assert_eq!(attrs.len(), 1);
+    assert_eq!(attrs[0].name, "greeting");
+    assert_eq!(attrs[0].value, "Hello, ACME!");
+    hello.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_log_appends_each_event_once_across_restarts() {
     let server = NatsServer::start();
     let client = server.connect().await;

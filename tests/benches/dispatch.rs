@@ -50,6 +50,7 @@ use hookbus::config::{BusConfig, DispatcherSettings, StreamSettings};
 use hookbus::run::Bus;
 use hookbus::{EncodedEvent, Publisher};
 use hookbus_tests::NatsServer;
+use hookbus_tests::bench::{env_usize, median, percentile};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -64,14 +65,6 @@ const HANDLER_TIMEOUT: Duration = Duration::from_secs(5);
 const PUBLISH_BATCH: usize = 1024;
 /// A side that has not finished by then is reported as failed.
 const SIDE_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(default)
-}
 
 /// When `p1` and `p3` first received each event, as nanoseconds since `base` + 1
 /// (0 = not yet).
@@ -142,28 +135,6 @@ fn cpu_now(server: &NatsServer) -> Cpu {
     Cpu {
         bench_ms: cpu_ms("self"),
         server_ms: server.pid().map_or(0, |p| cpu_ms(&p.to_string())),
-    }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
     }
 }
 
@@ -646,11 +617,5 @@ async fn metrics_overhead(
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; other arguments (a filter) are ignored.
-    let smoke = !std::env::args().any(|a| a == "--bench");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(bench(smoke));
+    hookbus_tests::bench::main(bench);
 }

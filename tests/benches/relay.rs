@@ -41,28 +41,10 @@ use futures::stream::FuturesUnordered;
 use hookbus::config::{BusConfig, StreamSettings};
 use hookbus::relay::{Relay, RelaySettings};
 use hookbus::run::Bus;
+use hookbus_tests::bench::{env_usize, median, percentile};
 use hookbus_tests::{NatsServer, TestDb};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(default)
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
 
 fn events(n: usize) -> Vec<Envelope<EntryEvent>> {
     (0..n)
@@ -279,8 +261,8 @@ async fn latency(backend: Backend, n: usize) {
     println!(
         "bench: scenario=commit_to_handler db={} events={n} p50_ms={:.3} p99_ms={:.3}",
         db_name(backend),
-        percentile(&samples, 0.5),
-        percentile(&samples, 0.99)
+        percentile(&samples, 50.0),
+        percentile(&samples, 99.0)
     );
     stop.cancel();
     task.await.unwrap().unwrap();
@@ -308,11 +290,5 @@ async fn bench(smoke: bool) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; other arguments (a filter) are ignored.
-    let smoke = !std::env::args().any(|a| a == "--bench");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(bench(smoke));
+    hookbus_tests::bench::main(bench);
 }

@@ -43,6 +43,7 @@ use futures::StreamExt;
 use hookbus::config::StreamSettings;
 use hookbus::{EncodedEvent, Publisher};
 use hookbus_tests::NatsServer;
+use hookbus_tests::bench::{env_usize, median};
 use pagoda_plugin_sdk::replay::ReplayFrom;
 use pagoda_plugin_sdk::{EntryContext, Plugin};
 
@@ -52,28 +53,6 @@ const ENTITIES: usize = 8;
 const PUBLISH_BATCH: usize = 4096;
 /// A side that has not finished by then is reported as failed.
 const SIDE_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(default)
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    }
-}
 
 /// The work both sides do per event: count it and fold the entry id in.
 #[derive(Default)]
@@ -283,11 +262,5 @@ async fn bench(smoke: bool) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; other arguments (a filter) are ignored.
-    let smoke = !std::env::args().any(|a| a == "--bench");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(bench(smoke));
+    hookbus_tests::bench::main(bench);
 }

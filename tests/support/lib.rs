@@ -21,6 +21,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod db;
 pub use db::TestDb;
 
@@ -128,6 +129,27 @@ where
         }
         tokio::time::sleep(POLL_INTERVAL.min(deadline - now)).await;
     }
+}
+
+/// The `hookbus` binary next to the test executable (`target/<profile>/hookbus`),
+/// for tests that run it as a child process.
+///
+/// # Panics
+///
+/// When it has not been built (`cargo build --bins`, which `./test.sh` runs first).
+pub fn hookbus_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target directory");
+    let bin = dir.join("hookbus");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --bins` (./test.sh does)",
+        bin.display()
+    );
+    bin
 }
 
 /// Waits until `condition` returns `true`, polling every [`POLL_INTERVAL`].

@@ -305,20 +305,8 @@ async fn two_replicas_share_the_work_exactly_once() {
     bus.stop().await.unwrap();
 }
 
-fn hookbus_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir.join("hookbus");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first with `cargo build --bins` (./test.sh does)",
-        bin.display()
-    );
-    bin
-}
-
 fn spawn_bus_process(server: &NatsServer, enabled: &str) -> Child {
-    Command::new(hookbus_binary())
+    Command::new(hookbus_tests::hookbus_binary())
         .arg("run")
         .env("NATS_URL", server.url())
         .env("ENABLED_PLUGINS", enabled)

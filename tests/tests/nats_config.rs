@@ -157,6 +157,25 @@ async fn plugin_cannot_act_as_bus_host_or_other_plugin() {
         expect_violation(&mut errors, subject).await;
     }
 
+    // A push consumer delivering events to another plugin's endpoint: NATS lets
+    // it be created (no check of deliver subjects); the bus's guard deletes it.
+    let stream = js.get_stream("PAGODA_EVENTS").await.unwrap();
+    let push = stream
+        .create_consumer(jetstream::consumer::push::Config {
+            name: Some("sneaky".to_owned()),
+            deliver_subject: "pagoda.hooks.beta.h".to_owned(),
+            ..Default::default()
+        })
+        .await;
+    if push.is_ok() {
+        let deleted = nats_config::guard_push_consumers(&bus_js, &Subjects::default())
+            .await
+            .unwrap();
+        assert_eq!(deleted, ["sneaky"]);
+        let events = bus_js.get_stream("PAGODA_EVENTS").await.unwrap();
+        assert!(events.consumer_info("sneaky").await.is_err());
+    }
+
     // Write another plugin's registry entry: refused, nothing stored.
     let store = js.get_key_value("pagoda_registry").await.unwrap();
     let put = tokio::time::timeout(
@@ -232,4 +251,94 @@ async fn bus_sdk_plugin_host_and_replay_work_with_their_own_permissions() {
             panic!("{who} got a server error with its own permissions: {e}");
         }
     }
+}
+
+/// A binary of the workspace (`cargo build --workspace --bins`; `./test.sh` does).
+fn binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(|d| d.parent()).unwrap().join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --workspace --bins` (./test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Kills a child process on drop.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The real binaries with `NATS_USER` / `NATS_PASSWORD`: `hookbus run` and the
+/// `hello-world` plugin (SDK `run_main`) log in with their own users and
+/// inbox prefixes, and an event published by the host reaches the plugin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binaries_log_in_with_their_users() {
+    init_tracing();
+    let server = start_server(&["hello-world"]).await;
+    let spawn = |bin: &str, args: &[&str], user: &str| {
+        Killed(
+            std::process::Command::new(binary(bin))
+                .args(args)
+                .env("NATS_URL", server.url())
+                .env("NATS_USER", user)
+                .env("NATS_PASSWORD", password(user))
+                .env("ENABLED_PLUGINS", "hello-world")
+                .env("HOOKBUS_HTTP_ADDR", "off")
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _bus = spawn("hookbus", &["run"], nats_config::BUS_USER);
+    let _plugin = spawn("hello-world", &[], "hello-world");
+
+    let (host, mut host_errors) = connect(&server, nats_config::HOST_USER).await;
+    let stats = || {
+        let host = host.clone();
+        async move {
+            let reply = host.request("pagoda.bus.stats", Bytes::new()).await.ok()?;
+            serde_json::from_slice::<serde_json::Value>(&reply.payload).ok()
+        }
+    };
+    // The bus answers once it runs; the plugin is routed once registered.
+    assert_eventually!(
+        stats().await.is_some(),
+        WAIT,
+        "the bus answers with its user"
+    );
+    let registered = || {
+        let host = host.clone();
+        async move {
+            let Ok(reply) = host.request("pagoda.bus.registry", Bytes::new()).await else {
+                return false;
+            };
+            serde_json::from_slice::<serde_json::Value>(&reply.payload)
+                .ok()
+                .and_then(|v| v["plugins"]["hello-world"]["enabled_rank"].as_u64())
+                == Some(0)
+        }
+    };
+    assert_eventually!(registered().await, WAIT, "hello-world registered itself");
+    let publisher = Publisher::new(jetstream::new(host.clone()), Subjects::default());
+    publisher
+        .publish(&entry_event(Hook::EntryAfterCreate, "helloworld", 10))
+        .await
+        .unwrap();
+    // hello-world has two handlers for entry.after_create on "helloworld".
+    assert_eventually!(
+        stats()
+            .await
+            .is_some_and(|s| s["delivered"] == 2 && s["events_acked"] == 1),
+        WAIT,
+        "both handlers ran: {:?}",
+        stats().await
+    );
+    assert!(host_errors.try_recv().is_err(), "no violation for the host");
 }

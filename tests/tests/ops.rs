@@ -23,21 +23,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn hookbus_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir.join("hookbus");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first with `cargo build --bins` (./test.sh does)",
-        bin.display()
-    );
-    bin
-}
-
 /// Runs `hookbus <args>` against `server` and waits for it (at most 30 s).
 async fn run_cli(server: &NatsServer, args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(hookbus_binary());
+    let mut cmd = tokio::process::Command::new(hookbus_tests::hookbus_binary());
     cmd.args(args)
         .env("NATS_URL", server.url())
         .env("RUST_LOG", "warn")
@@ -654,7 +642,10 @@ fn every_ops_command_has_help_with_examples() {
         &["dlq", "--help"],
         &["health", "--help"],
     ] {
-        let out = Command::new(hookbus_binary()).args(cmd).output().unwrap();
+        let out = Command::new(hookbus_tests::hookbus_binary())
+            .args(cmd)
+            .output()
+            .unwrap();
         assert!(out.status.success());
         let help = text(&out.stdout);
         assert!(help.contains("Examples:"), "{cmd:?}: {help}");

@@ -365,21 +365,6 @@ fn assert_complete_and_ordered(events: &[Envelope<Value>], n: usize) {
     }
 }
 
-fn hookbus_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("hookbus");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first with `cargo build --bins` (./test.sh does)",
-        bin.display()
-    );
-    bin
-}
-
 /// A `hookbus relay` process, killed on drop (also when the test fails).
 struct RelayProcess(Child);
 
@@ -398,7 +383,7 @@ impl Drop for RelayProcess {
 
 fn spawn_relay_process(nats: &NatsServer, db: &TestDb) -> RelayProcess {
     RelayProcess(
-        Command::new(hookbus_binary())
+        Command::new(hookbus_tests::hookbus_binary())
             .args(["relay", "--database-url", db.url()])
             .env("NATS_URL", nats.url())
             .env("RUST_LOG", "error")

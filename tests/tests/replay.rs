@@ -531,21 +531,9 @@ async fn a_handler_failing_during_a_replay_is_retried_then_dead_lettered() {
     assert_eq!(letter["event"]["type"], "pagoda.entry.after_create");
 }
 
-fn hookbus_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir.join("hookbus");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first with `cargo build --bins` (./test.sh does)",
-        bin.display()
-    );
-    bin
-}
-
 /// Runs `hookbus replay <args>`; returns (success, stdout, stderr).
 async fn hookbus_replay(server: &NatsServer, args: &[&str]) -> (bool, String, String) {
-    let mut command = Command::new(hookbus_binary());
+    let mut command = Command::new(hookbus_tests::hookbus_binary());
     command
         .arg("replay")
         .args(args)

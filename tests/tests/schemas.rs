@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use core_events::protocol::{DeadLetter, HandlerReply};
 use core_events::{EntityEvent, EntryEvent, Envelope, PluginManifest};
+use core_events::{store, sync};
 use schemars::{Schema, schema_for};
 
 /// Makes one schema.
@@ -37,6 +38,52 @@ const SCHEMAS: &[(&str, Generator)] = &[
     }),
     ("handler-reply.schema.json", || schema_for!(HandlerReply)),
     ("dead-letter.schema.json", || schema_for!(DeadLetter)),
+    ("validate-request.schema.json", || {
+        schema_for!(sync::ValidateRequest)
+    }),
+    ("validate-reply.schema.json", || {
+        schema_for!(sync::ValidateReply)
+    }),
+    ("entry-before-create-request.schema.json", || {
+        schema_for!(sync::EntryBeforeCreateRequest)
+    }),
+    ("entry-before-create-reply.schema.json", || {
+        schema_for!(sync::BeforeModifyReply<store::NewEntry>)
+    }),
+    ("entry-before-update-request.schema.json", || {
+        schema_for!(sync::EntryBeforeUpdateRequest)
+    }),
+    ("entry-before-update-reply.schema.json", || {
+        schema_for!(sync::BeforeModifyReply<store::EntryChanges>)
+    }),
+    ("entity-before-create-request.schema.json", || {
+        schema_for!(sync::EntityBeforeCreateRequest)
+    }),
+    ("entity-before-create-reply.schema.json", || {
+        schema_for!(sync::BeforeModifyReply<store::NewEntity>)
+    }),
+    ("entity-before-update-request.schema.json", || {
+        schema_for!(sync::EntityBeforeUpdateRequest)
+    }),
+    ("entity-before-update-reply.schema.json", || {
+        schema_for!(sync::BeforeModifyReply<store::EntityChanges>)
+    }),
+    ("veto-request.schema.json", || {
+        schema_for!(sync::VetoRequest)
+    }),
+    ("veto-reply.schema.json", || schema_for!(sync::VetoReply)),
+    ("entry-get-attrs-request.schema.json", || {
+        schema_for!(sync::EntryGetAttrsRequest)
+    }),
+    ("entry-get-attrs-reply.schema.json", || {
+        schema_for!(sync::GetAttrsReply<core_events::Attribute>)
+    }),
+    ("entity-get-attrs-request.schema.json", || {
+        schema_for!(sync::EntityGetAttrsRequest)
+    }),
+    ("entity-get-attrs-reply.schema.json", || {
+        schema_for!(sync::GetAttrsReply<core_events::EntityAttr>)
+    }),
 ];
 
 /// Files in `schemas/` that are not generated.
@@ -296,6 +343,49 @@ fn examples_serialized_from_the_types_validate() {
     assert_valid(
         "dead-letter.schema.json",
         &serde_json::to_value(&dead).unwrap(),
+    );
+}
+
+#[test]
+fn synchronous_hook_examples_validate() {
+    use core_events::store::NewEntry;
+    use core_events::sync::{BeforeModifyReply, FieldError, ValidateReply, ValidateRequest};
+    let data = sample_entry_event();
+    let request = ValidateRequest {
+        entity: data.entity.clone(),
+        entry: NewEntry::named("forbidden ACME").value("phone", serde_json::json!("+81")),
+        existing: Some(data.entry.clone()),
+        user: data.user.clone(),
+    };
+    assert_valid(
+        "validate-request.schema.json",
+        &serde_json::to_value(&request).unwrap(),
+    );
+    let reply = ValidateReply {
+        errors: vec![
+            FieldError::field("name", "contains 'forbidden'"),
+            FieldError::general("x"),
+        ],
+    };
+    assert_valid(
+        "validate-reply.schema.json",
+        &serde_json::to_value(&reply).unwrap(),
+    );
+    assert_valid("validate-reply.schema.json", &serde_json::json!({}));
+    let reply = BeforeModifyReply {
+        data: Some(NewEntry::named("ACME")),
+        reject: None,
+    };
+    assert_valid(
+        "entry-before-create-reply.schema.json",
+        &serde_json::to_value(&reply).unwrap(),
+    );
+    assert_valid("veto-reply.schema.json", &serde_json::json!({"veto": "no"}));
+    assert!(
+        validator("veto-reply.schema.json")
+            .iter_errors(&serde_json::json!({"veto": 5}))
+            .next()
+            .is_some()
     );
 }
 

@@ -324,6 +324,24 @@ impl Store {
         outbox::insert_envelope(conn, &env).await
     }
 
+    /// Reads the changed entity, adds its event and commits.
+    async fn finish_entity(
+        &self,
+        mut tx: Tx,
+        id: i64,
+        hook: Hook,
+        previous: Entity,
+        ctx: &WriteContext,
+    ) -> Result<Entity, StoreError> {
+        let entity = load::entity(&mut tx, id, false)
+            .await?
+            .ok_or_else(|| not_found("entity", id))?;
+        self.emit_entity(&mut tx, hook, &entity, Some(previous), ctx)
+            .await?;
+        self.commit(tx).await?;
+        Ok(entity)
+    }
+
     /// Creates a user (users emit no events).
     ///
     /// # Errors
@@ -449,10 +467,7 @@ impl Store {
         ctx: &WriteContext,
     ) -> Result<Entity, StoreError> {
         let mut tx = self.begin().await?;
-        lock_entity(&mut tx, id, true).await?;
-        let previous = load::entity(&mut tx, id, false)
-            .await?
-            .ok_or_else(|| not_found("entity", id))?;
+        let previous = lock_entity(&mut tx, id, true).await?;
         let mut problems = Vec::new();
         if let Some(name) = &changes.name {
             check_name("entity", name, &mut problems);
@@ -543,19 +558,8 @@ impl Store {
                 _ => {}
             }
         }
-        let entity = load::entity(&mut tx, id, false)
-            .await?
-            .ok_or_else(|| not_found("entity", id))?;
-        self.emit_entity(
-            &mut tx,
-            Hook::EntityAfterUpdate,
-            &entity,
-            Some(previous),
-            ctx,
-        )
-        .await?;
-        self.commit(tx).await?;
-        Ok(entity)
+        self.finish_entity(tx, id, Hook::EntityAfterUpdate, previous, ctx)
+            .await
     }
 
     /// Soft-deletes an entity with no active entries; emits `entity.after_delete`.
@@ -566,10 +570,7 @@ impl Store {
     /// while it has active entries.
     pub async fn delete_entity(&self, id: i64, ctx: &WriteContext) -> Result<Entity, StoreError> {
         let mut tx = self.begin().await?;
-        lock_entity(&mut tx, id, true).await?;
-        let previous = load::entity(&mut tx, id, false)
-            .await?
-            .ok_or_else(|| not_found("entity", id))?;
+        let previous = lock_entity(&mut tx, id, true).await?;
         let entries: i64 =
             sqlx::query("SELECT COUNT(*) FROM entries WHERE entity_id = $1 AND is_active")
                 .bind(id)
@@ -583,19 +584,8 @@ impl Store {
             )));
         }
         set_entity_active(&mut tx, id, false).await?;
-        let entity = load::entity(&mut tx, id, false)
-            .await?
-            .ok_or_else(|| not_found("entity", id))?;
-        self.emit_entity(
-            &mut tx,
-            Hook::EntityAfterDelete,
-            &entity,
-            Some(previous),
-            ctx,
-        )
-        .await?;
-        self.commit(tx).await?;
-        Ok(entity)
+        self.finish_entity(tx, id, Hook::EntityAfterDelete, previous, ctx)
+            .await
     }
 
     /// Restores a deleted entity. There is no entity restore hook: this emits
@@ -607,10 +597,7 @@ impl Store {
     /// when an active entity took its name.
     pub async fn restore_entity(&self, id: i64, ctx: &WriteContext) -> Result<Entity, StoreError> {
         let mut tx = self.begin().await?;
-        lock_entity(&mut tx, id, false).await?;
-        let previous = load::entity(&mut tx, id, false)
-            .await?
-            .ok_or_else(|| not_found("entity", id))?;
+        let previous = lock_entity(&mut tx, id, false).await?;
         set_entity_active(&mut tx, id, true)
             .await
             .map_err(|e| match e {
@@ -619,19 +606,8 @@ impl Store {
                 }),
                 e => e,
             })?;
-        let entity = load::entity(&mut tx, id, false)
-            .await?
-            .ok_or_else(|| not_found("entity", id))?;
-        self.emit_entity(
-            &mut tx,
-            Hook::EntityAfterUpdate,
-            &entity,
-            Some(previous),
-            ctx,
-        )
-        .await?;
-        self.commit(tx).await?;
-        Ok(entity)
+        self.finish_entity(tx, id, Hook::EntityAfterUpdate, previous, ctx)
+            .await
     }
 
     /// An entity (active or deleted) with its active attribute definitions.
@@ -900,8 +876,13 @@ impl Store {
     }
 }
 
-/// Takes the entity's row lock (PostgreSQL; SQLite holds the database lock).
-async fn lock_entity(conn: &mut AnyConnection, id: i64, active: bool) -> Result<(), StoreError> {
+/// Takes the entity's row lock (PostgreSQL; SQLite holds the database lock) and
+/// reads it as it was before the change.
+async fn lock_entity(
+    conn: &mut AnyConnection,
+    id: i64,
+    active: bool,
+) -> Result<Entity, StoreError> {
     let n =
         sqlx::query("UPDATE entities SET is_active = is_active WHERE id = $1 AND is_active = $2")
             .bind(id)
@@ -915,7 +896,9 @@ async fn lock_entity(conn: &mut AnyConnection, id: i64, active: bool) -> Result<
             id: id.to_string(),
         });
     }
-    Ok(())
+    load::entity(conn, id, false)
+        .await?
+        .ok_or_else(|| not_found("entity", id))
 }
 
 async fn set_entity_active(

@@ -1,13 +1,23 @@
 //! `hello-world`: mirrors Pagoda's hello-world plugin. Prints one line to stdout
 //! per delivery: `[hello-world] <handler> <hook> entity=<name> object=<entry/42> seq=<n> attempt=<k>`.
 //!
+//! Synchronous hooks, as Pagoda's hello-world has them but really enforced:
+//! `reject_forbidden` (`entry.validate`) rejects entry names containing
+//! "forbidden"; `fill_note` (`entry.before_create`) fills an empty note with a
+//! default; `add_greeting` (`entry.get_attrs`) appends a computed `greeting`
+//! attribute.
+//!
 //! Environment: see [`pagoda_plugin_sdk::RunConfig`]; `HELLO_PRIORITY` (default
 //! 100) sets every handler's priority, to show dispatch ordering.
 // The greppable stdout lines are this program's output, on purpose.
 #![allow(clippy::print_stdout)]
 
 use anyhow::Context as _;
-use pagoda_plugin_sdk::{EventContext, Hook, Plugin};
+use core_events::{AttrType, Attribute, ObjectRef};
+use pagoda_plugin_sdk::{EventContext, FieldError, Hook, Plugin};
+
+/// The note `fill_note` gives an entry created without one.
+const DEFAULT_NOTE: &str = "created with hello-world";
 
 fn print_delivery<D>(ctx: &EventContext<D>) {
     println!("[hello-world] {}", ctx.describe());
@@ -45,6 +55,44 @@ fn plugin(priority: i32) -> Result<Plugin, pagoda_plugin_sdk::ManifestError> {
                 Ok(())
             },
         )
+        .priority(priority)
+        .on_validate("reject_forbidden", |ctx| async move {
+            let mut errors = Vec::new();
+            if ctx.request.entry.name.contains("forbidden") {
+                errors.push(FieldError::field(
+                    "name",
+                    format!(
+                        "entry name '{}' contains 'forbidden'",
+                        ctx.request.entry.name
+                    ),
+                ));
+            }
+            Ok(errors)
+        })
+        .priority(priority)
+        .on_before_create_entry("fill_note", |ctx| async move {
+            let mut draft = ctx.request.data;
+            if draft.note.is_empty() {
+                draft.note = DEFAULT_NOTE.to_owned();
+            }
+            Ok(draft)
+        })
+        .priority(priority)
+        .on_get_entry_attrs("add_greeting", |ctx| async move {
+            let mut attrs = ctx.request.attrs;
+            let name = ctx.request.entry.map(|e| e.name).unwrap_or_default();
+            attrs.push(Attribute {
+                id: 0,
+                name: "greeting".to_owned(),
+                attr_type: AttrType::STRING,
+                schema: ObjectRef {
+                    id: 0,
+                    name: "greeting".to_owned(),
+                },
+                value: serde_json::Value::String(format!("Hello, {name}!")),
+            });
+            Ok(attrs)
+        })
         .priority(priority)
         .build()
 }
