@@ -115,6 +115,9 @@ pub struct MonitorSettings {
     /// A plugin whose handlers have failed without a success for this long (and
     /// still fail) is degraded.
     pub degraded_after: Duration,
+    /// Fire `backlog` (plugin `_relay`) when the oldest unpublished outbox row is
+    /// this old, or the relay cannot publish.
+    pub relay_backlog_age: Duration,
 }
 
 impl Default for MonitorSettings {
@@ -127,6 +130,7 @@ impl Default for MonitorSettings {
             error_rate_min_attempts: 5,
             lag_events: 10_000,
             degraded_after: Duration::from_secs(3600),
+            relay_backlog_age: Duration::from_secs(60),
         }
     }
 }

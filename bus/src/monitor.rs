@@ -81,6 +81,9 @@ pub enum AlertKind {
     Lag,
     /// The plugin has failed continuously for the configured time.
     Degraded,
+    /// The outbox relay (plugin `_relay`) is behind: its oldest unpublished row
+    /// is older than the threshold, or it cannot publish.
+    Backlog,
 }
 
 impl AlertKind {
@@ -91,6 +94,7 @@ impl AlertKind {
             AlertKind::ErrorRate => "error_rate",
             AlertKind::Lag => "lag",
             AlertKind::Degraded => "degraded",
+            AlertKind::Backlog => "backlog",
         }
     }
 }
@@ -251,10 +255,7 @@ impl Health {
     pub fn is_ok(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
             && self.metrics.stats().is_running()
-            && self
-                .metrics
-                .relay_stats()
-                .is_none_or(|r| r.healthy.load(Ordering::Relaxed))
+            && self.metrics.relay_stats().is_none_or(|r| r.is_healthy())
     }
 
     /// Checks the monitor has done.
@@ -498,6 +499,14 @@ impl Health {
                 s.degraded_after.as_secs_f64(),
             );
         }
+        // The outbox relay, when this bus runs one.
+        if let Some(relay) = self.metrics.relay_stats() {
+            let age_s = relay.backlog_oldest_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+            let threshold = s.relay_backlog_age.as_secs_f64();
+            let behind = age_s >= threshold || !relay.is_healthy();
+            seen.push((RELAY.to_owned(), AlertKind::Backlog));
+            self.transition(RELAY, AlertKind::Backlog, behind, age_s, threshold);
+        }
         // Plugins no longer watched (unregistered, not enabled): resolve their alerts.
         let stale: Vec<(String, AlertKind)> = self
             .firing
@@ -560,6 +569,9 @@ impl Health {
     }
 }
 
+/// The name alerts of the outbox relay carry in place of a plugin id.
+pub const RELAY: &str = "_relay";
+
 fn alert_message(
     plugin: &str,
     kind: AlertKind,
@@ -590,5 +602,9 @@ fn alert_message(
             "plugin '{plugin}' is degraded: failing without a success for {value:.0} s (threshold {threshold:.0} s)"
         ),
         (AlertKind::Degraded, false) => format!("plugin '{plugin}' is no longer degraded"),
+        (AlertKind::Backlog, true) => format!(
+            "outbox relay is behind: oldest unpublished row {value:.0} s old (threshold {threshold:.0} s), or publishing fails"
+        ),
+        (AlertKind::Backlog, false) => "outbox relay has caught up".to_owned(),
     }
 }

@@ -33,6 +33,9 @@ pub(crate) struct ObserveArgs {
     /// Lag alert: events still to dispatch for a plugin (incl. its deferred deliveries).
     #[arg(long, env = "HOOKBUS_ALERT_LAG", default_value_t = 10_000)]
     alert_lag: u64,
+    /// Relay alert: age of the oldest unpublished outbox row (`60s`, `5m`, …).
+    #[arg(long, env = "HOOKBUS_ALERT_BACKLOG_AGE", default_value = "60s", value_parser = parse_duration)]
+    alert_backlog_age: Duration,
 }
 
 impl ObserveArgs {
@@ -49,6 +52,7 @@ impl ObserveArgs {
         config.monitor.interval = self.alert_interval.max(Duration::from_millis(100));
         config.monitor.error_rate = self.alert_error_rate;
         config.monitor.lag_events = self.alert_lag;
+        config.monitor.relay_backlog_age = self.alert_backlog_age;
         Ok(())
     }
 }

@@ -42,7 +42,8 @@ pub async fn relay(
     let store = open_migrated(url).await?;
     let js = jetstream::new(client);
     crate::provision::provision(&js, &subjects, streams).await?;
-    let settings = RelaySettings::for_backend(store.backend());
+    let mut settings = RelaySettings::for_backend(store.backend());
+    settings.max_payload_bytes = usize::try_from(streams.max_event_bytes).unwrap_or(usize::MAX);
     tracing::info!(database = %redact(url), "outbox relay started");
     Relay::new(store, js, subjects, settings)
         .run(shutdown)

@@ -60,6 +60,9 @@ pub struct RelaySettings {
     pub backoff_max: Duration,
     /// How often the backlog (rows, oldest age) is measured.
     pub backlog_interval: Duration,
+    /// Largest payload the events stream takes (`StreamSettings::max_event_bytes`);
+    /// a larger row is dead-lettered instead of being retried forever.
+    pub max_payload_bytes: usize,
 }
 
 impl RelaySettings {
@@ -76,6 +79,7 @@ impl RelaySettings {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             backlog_interval: Duration::from_secs(1),
+            max_payload_bytes: 1024 * 1024,
         }
     }
 }
@@ -97,6 +101,8 @@ pub struct RelayStats {
     pub backlog_oldest_ms: AtomicI64,
     /// False while publishes fail (NATS unreachable, stream unavailable).
     pub healthy: AtomicBool,
+    /// False while the outbox cannot be read or cleaned (database unreachable).
+    pub database_ok: AtomicBool,
 }
 
 impl RelayStats {
@@ -110,7 +116,13 @@ impl RelayStats {
             "backlog_rows": self.backlog_rows.load(Ordering::Relaxed),
             "backlog_oldest_ms": self.backlog_oldest_ms.load(Ordering::Relaxed),
             "healthy": self.healthy.load(Ordering::Relaxed),
+            "database_ok": self.database_ok.load(Ordering::Relaxed),
         })
+    }
+
+    /// Publishing works and the database answers.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && self.database_ok.load(Ordering::Relaxed)
     }
 }
 
@@ -202,6 +214,7 @@ impl Relay {
             retry_at: None,
         };
         self.stats.healthy.store(true, Ordering::Relaxed);
+        self.stats.database_ok.store(true, Ordering::Relaxed);
         let mut backlog_tick = tokio::time::interval(self.settings.backlog_interval);
         backlog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A read is due: at start, after a full batch, a wake-up, a poll tick or a reset.
@@ -306,6 +319,13 @@ impl Relay {
             .event_id
             .parse()
             .map_err(|e| format!("event_id '{}' is not a UUID: {e}", row.event_id))?;
+        if row.payload.len() > self.settings.max_payload_bytes {
+            return Err(format!(
+                "payload of {} bytes is larger than the events stream takes ({} bytes)",
+                row.payload.len(),
+                self.settings.max_payload_bytes
+            ));
+        }
         serde_json::from_str::<serde::de::IgnoredAny>(&row.payload)
             .map_err(|e| format!("payload is not JSON: {e}"))?;
         EncodedEvent::from_parts(
@@ -339,7 +359,9 @@ impl Relay {
             "object": row.object,
             "outbox_id": row.id,
             "traceparent": row.traceparent,
-            "payload": row.payload,
+            // A payload too large for the events stream is too large here too.
+            "payload": truncated(&row.payload, MAX_DEAD_PAYLOAD),
+            "payload_bytes": row.payload.len(),
             "failed_at": chrono::Utc::now(),
         });
         let subject = self.subjects.dead_letter("_relay", "invalid");
@@ -366,6 +388,21 @@ impl Relay {
 
 type Fetched = Result<Vec<OutboxRow>, StoreError>;
 type Deleted = (Vec<i64>, Result<u64, StoreError>);
+
+/// Most payload bytes kept in an invalid row's dead letter.
+const MAX_DEAD_PAYLOAD: usize = 64 * 1024;
+
+/// At most `max` bytes of `s`, cut on a character boundary.
+fn truncated(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
 
 /// The relay loop's state.
 struct State<'a> {
@@ -449,9 +486,16 @@ impl State<'_> {
     /// Sends or queues each row read. True when the batch was full (read again).
     async fn accept(&mut self, fetched: Fetched) -> bool {
         let rows = match fetched {
-            Ok(rows) => rows,
+            Ok(rows) => {
+                if !self.relay.stats.database_ok.swap(true, Ordering::Relaxed) {
+                    tracing::info!("outbox relay: the database answers again");
+                }
+                rows
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "outbox relay: cannot read the outbox; retrying");
+                if self.relay.stats.database_ok.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "outbox relay: cannot read the outbox; retrying");
+                }
                 for id in std::mem::take(&mut self.deleted_during_read) {
                     self.held.remove(&id);
                 }

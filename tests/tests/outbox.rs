@@ -310,6 +310,12 @@ async fn unpublishable_row_is_dead_lettered_and_the_rest_flows() {
     .execute(store.writer())
     .await
     .unwrap();
+    // A payload larger than the stream takes (1 MiB): dead-lettered, not retried forever.
+    let mut huge = sample::entry_event(Hook::EntryAfterCreate, "customer", 6);
+    huge.data.entry.note = "x".repeat(1_100_000);
+    let mut tx = store.begin().await.unwrap();
+    outbox::insert_envelope(&mut tx, &huge).await.unwrap();
+    tx.commit().await.unwrap();
     let good = sample::entry_event(Hook::EntryAfterCreate, "customer", 5);
     let mut tx = store.begin().await.unwrap();
     outbox::insert_envelope(&mut tx, &good).await.unwrap();
@@ -319,14 +325,30 @@ async fn unpublishable_row_is_dead_lettered_and_the_rest_flows() {
     let letters = hookbus::dlq::list(&js, &Subjects::default(), Some("_relay"))
         .await
         .unwrap();
-    assert_eq!(letters.len(), 1);
-    let error = letters[0].body["error"].as_str().unwrap();
+    assert_eq!(letters.len(), 2);
+    let huge_letter = letters
+        .iter()
+        .find(|l| l.body["event_id"] == huge.id.to_string())
+        .expect("the oversized row is dead-lettered");
+    assert!(
+        huge_letter.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("larger than the events stream takes"),
+        "{}",
+        huge_letter.body
+    );
+    let letter = letters
+        .iter()
+        .find(|l| l.body["event_id"] == "not-a-uuid")
+        .unwrap();
+    let error = letter.body["error"].as_str().unwrap();
     assert!(error.contains("entry.after_craete"), "{error}");
     assert!(
         error.contains("did you mean 'entry.after_create'"),
         "{error}"
     );
-    assert_eq!(relay.stats.invalid.load(Ordering::Relaxed), 1);
+    assert_eq!(relay.stats.invalid.load(Ordering::Relaxed), 2);
     relay.shutdown().await;
 }
 
@@ -546,4 +568,50 @@ async fn wait_for_relay_stats(client: &async_nats::Client) -> Value {
         (v["relay"]["published"] == 1).then(|| v["relay"].clone())
     })
     .await
+}
+
+#[tokio::test]
+async fn relay_that_cannot_read_its_database_makes_the_bus_unhealthy_and_alerts_once() {
+    let nats = NatsServer::start().await;
+    let client = nats.connect().await;
+    let db = TestDb::postgres().await;
+    db.store().await;
+    let mut config = common::test_config(&[]);
+    config.database_url = Some(db.url().to_owned());
+    config.monitor.interval = Duration::from_millis(100);
+    let mut alerts = client
+        .subscribe("pagoda.alerts._relay.backlog")
+        .await
+        .unwrap();
+    let bus = hookbus::run::Bus::start(client.clone(), config)
+        .await
+        .unwrap();
+    wait_until(WAIT, || async { bus.health.report().is_ok() }).await;
+
+    // The database goes away under the relay.
+    let name = db.url().rsplit('/').next().unwrap().to_owned();
+    let mut admin =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&hookbus_tests::db::postgres_admin_url())
+            .await
+            .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+
+    let alert = tokio::time::timeout(WAIT, alerts.next())
+        .await
+        .expect("no relay alert")
+        .unwrap();
+    let alert: Value = serde_json::from_slice(&alert.payload).unwrap();
+    assert_eq!(alert["kind"], "backlog", "{alert}");
+    assert_eq!(alert["state"], "firing", "{alert}");
+    assert!(!bus.health.report().is_ok());
+    assert_eq!(bus.health.report().relay.unwrap()["database_ok"], false);
+    // Once per state change: no second alert while it stays down.
+    let again = tokio::time::timeout(Duration::from_millis(500), alerts.next()).await;
+    assert!(again.is_err(), "alert repeated: {again:?}");
+    bus.stop().await.unwrap();
 }

@@ -234,10 +234,10 @@ pub fn render(
         Some(r) => writeln!(
             out,
             "relay:  {}  backlog {} rows, oldest {} ms; published {}, duplicates {}, invalid {}, errors {}",
-            if r["healthy"].as_bool().unwrap_or(false) {
-                "publishing"
-            } else {
-                "FAILING"
+            match (r["healthy"].as_bool(), r["database_ok"].as_bool()) {
+                (Some(true), Some(true)) => "publishing",
+                (_, Some(false)) => "DATABASE UNREACHABLE",
+                _ => "PUBLISH FAILING",
             },
             r["backlog_rows"],
             r["backlog_oldest_ms"],
