@@ -190,6 +190,17 @@ impl BusHealth {
     }
 }
 
+/// When the earliest of these handlers started failing without a success (ms
+/// since the epoch), 0 when none is failing.
+fn failing_since_ms(handlers: &[Arc<crate::metrics::HandlerStats>]) -> i64 {
+    handlers
+        .iter()
+        .map(|h| h.failing_since_ms.load(Ordering::Relaxed))
+        .filter(|v| *v > 0)
+        .min()
+        .unwrap_or(0)
+}
+
 fn rfc3339(ms: i64) -> Option<String> {
     (ms > 0)
         .then(|| chrono::DateTime::from_timestamp_millis(ms))
@@ -283,12 +294,7 @@ impl Health {
             };
             let last_success = max(|h| h.last_success_ms.load(Ordering::Relaxed));
             let last_error_ms = max(|h| h.last_error_ms.load(Ordering::Relaxed));
-            let failing_since = handlers
-                .iter()
-                .map(|h| h.failing_since_ms.load(Ordering::Relaxed))
-                .filter(|v| *v > 0)
-                .min()
-                .unwrap_or(0);
+            let failing_since = failing_since_ms(&handlers);
             let last_error = handlers
                 .iter()
                 .max_by_key(|h| h.last_error_ms.load(Ordering::Relaxed))
@@ -472,12 +478,7 @@ impl Health {
                 s.lag_events as f64,
             );
             // Degraded.
-            let failing_since = handlers
-                .iter()
-                .map(|h| h.failing_since_ms.load(Ordering::Relaxed))
-                .filter(|v| *v > 0)
-                .min()
-                .unwrap_or(0);
+            let failing_since = failing_since_ms(&handlers);
             let last_error = handlers
                 .iter()
                 .map(|h| h.last_error_ms.load(Ordering::Relaxed))

@@ -42,8 +42,7 @@ pub async fn relay(
     let store = open_migrated(url).await?;
     let js = jetstream::new(client);
     crate::provision::provision(&js, &subjects, streams).await?;
-    let mut settings = RelaySettings::for_backend(store.backend());
-    settings.max_payload_bytes = usize::try_from(streams.max_event_bytes).unwrap_or(usize::MAX);
+    let settings = RelaySettings::for_deployment(store.backend(), streams);
     tracing::info!(database = %redact(url), "outbox relay started");
     Relay::new(store, js, subjects, settings)
         .run(shutdown)

@@ -66,6 +66,15 @@ pub struct RelaySettings {
 }
 
 impl RelaySettings {
+    /// Defaults for a backend, taking the largest payload from the streams'
+    /// settings (what `hookbus run` and `hookbus relay` use).
+    pub fn for_deployment(backend: Backend, streams: &crate::config::StreamSettings) -> Self {
+        RelaySettings {
+            max_payload_bytes: usize::try_from(streams.max_event_bytes).unwrap_or(usize::MAX),
+            ..RelaySettings::for_backend(backend)
+        }
+    }
+
     /// Defaults for a backend: SQLite polls every 50 ms, PostgreSQL relies on
     /// `LISTEN` and polls every second.
     pub fn for_backend(backend: Backend) -> Self {

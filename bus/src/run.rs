@@ -100,9 +100,8 @@ impl Bus {
         if let Some(url) = &config.database_url {
             let store = core_events::store::Store::connect(url).await?;
             store.migrate().await?;
-            let mut settings = crate::relay::RelaySettings::for_backend(store.backend());
-            settings.max_payload_bytes =
-                usize::try_from(config.streams.max_event_bytes).unwrap_or(usize::MAX);
+            let settings =
+                crate::relay::RelaySettings::for_deployment(store.backend(), &config.streams);
             let relay =
                 crate::relay::Relay::new(store, js.clone(), config.subjects.clone(), settings)
                     .with_gauges(metrics.relay().clone());

@@ -288,7 +288,7 @@ impl Store {
         previous: Option<Entity>,
         ctx: &WriteContext,
     ) -> Result<(), StoreError> {
-        let mut env = Envelope::entity(
+        let env = Envelope::entity(
             hook,
             &*self.source,
             EntityEvent {
@@ -297,8 +297,7 @@ impl Store {
                 user: ctx.user.clone(),
             },
         );
-        env.traceparent.clone_from(&ctx.traceparent);
-        outbox::insert_envelope(conn, &env).await
+        insert_event(conn, env, ctx).await
     }
 
     async fn emit_entry(
@@ -310,7 +309,7 @@ impl Store {
         previous: Option<Entry>,
         ctx: &WriteContext,
     ) -> Result<(), StoreError> {
-        let mut env = Envelope::entry(
+        let env = Envelope::entry(
             hook,
             &*self.source,
             EntryEvent {
@@ -320,8 +319,7 @@ impl Store {
                 user: ctx.user.clone(),
             },
         );
-        env.traceparent.clone_from(&ctx.traceparent);
-        outbox::insert_envelope(conn, &env).await
+        insert_event(conn, env, ctx).await
     }
 
     /// Reads the changed entity, adds its event and commits.
@@ -874,6 +872,16 @@ impl Store {
             .ok_or_else(|| not_found("entity", entity_id))?;
         load::entries_of(&mut conn, &entity, include_deleted).await
     }
+}
+
+/// Adds the write context's trace to an event and inserts it in the outbox.
+async fn insert_event<D: Serialize>(
+    conn: &mut AnyConnection,
+    mut env: Envelope<D>,
+    ctx: &WriteContext,
+) -> Result<(), StoreError> {
+    env.traceparent.clone_from(&ctx.traceparent);
+    outbox::insert_envelope(conn, &env).await
 }
 
 /// Takes the entity's row lock (PostgreSQL; SQLite holds the database lock) and
