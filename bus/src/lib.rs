@@ -15,6 +15,7 @@
 //! | the operator commands (`tail`, `registry`, `dlq`, `health`) | [`ops`] |
 //! | per-user NATS permissions (`hookbus nats-config`) | [`nats_config`] |
 //! | `hookbus replay`: stored events to stdout or re-delivered to a handler | [`replay_cmd`] |
+//! | the reference host: `/api/v2` over the model store, plugin API routes, jobs | [`host`] |
 //! | the daemon: everything above under one shutdown | [`run`] |
 //!
 //! The `hookbus` binary is a thin `main` over [`run::run`] and the inspection
@@ -24,6 +25,7 @@
 pub mod config;
 pub mod dispatch;
 pub mod dlq;
+pub mod host;
 pub mod http;
 pub mod metrics;
 pub mod monitor;

@@ -42,7 +42,7 @@ fn js_err(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> Provisio
 }
 
 /// The stream configurations the bus wants.
-pub fn stream_configs(subjects: &Subjects, settings: &StreamSettings) -> [stream::Config; 3] {
+pub fn stream_configs(subjects: &Subjects, settings: &StreamSettings) -> [stream::Config; 4] {
     [
         stream::Config {
             name: subjects.events_stream(),
@@ -76,6 +76,16 @@ pub fn stream_configs(subjects: &Subjects, settings: &StreamSettings) -> [stream
                 "Pagoda hook bus deliveries waiting for a plugin with no replica".into(),
             ),
             subjects: vec![subjects.all_deferred()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: settings.duplicate_window,
+            num_replicas: settings.replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: subjects.jobs_stream(),
+            description: Some("Pagoda plugin jobs waiting for a worker".into()),
+            subjects: vec![subjects.all_jobs()],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             duplicate_window: settings.duplicate_window,
@@ -198,13 +208,34 @@ async fn ensure_registry(
     subjects: &Subjects,
     settings: &StreamSettings,
 ) -> Result<(), ProvisionError> {
-    let bucket = subjects.registry_bucket();
+    ensure_bucket(
+        js,
+        subjects.registry_bucket(),
+        "Pagoda hook bus plugin registry",
+        settings,
+    )
+    .await?;
+    ensure_bucket(
+        js,
+        subjects.jobs_bucket(),
+        "Pagoda plugin job states (key <plugin>.<job-id>)",
+        settings,
+    )
+    .await
+}
+
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    bucket: String,
+    description: &str,
+    settings: &StreamSettings,
+) -> Result<(), ProvisionError> {
     if js.get_key_value(&bucket).await.is_ok() {
         return Ok(());
     }
     js.create_key_value(kv::Config {
         bucket: bucket.clone(),
-        description: "Pagoda hook bus plugin registry".into(),
+        description: description.into(),
         history: 5,
         storage: stream::StorageType::File,
         num_replicas: settings.replicas,
@@ -215,6 +246,6 @@ async fn ensure_registry(
         what: format!("create bucket {bucket}"),
         source: e.into(),
     })?;
-    tracing::info!(bucket = %bucket, "created registry bucket");
+    tracing::info!(bucket = %bucket, "created bucket");
     Ok(())
 }

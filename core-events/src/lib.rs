@@ -12,12 +12,16 @@
 //! | request and reply bodies of the synchronous hooks | [`sync`] |
 //! | sample objects for demos, docs and tests | [`sample`] |
 //! | the model store and the transactional outbox (sqlx: SQLite, PostgreSQL) | [`store`] |
+//! | plugin API routes: the forwarded request and the plugin's reply | [`plugin_api`] |
+//! | plugin tasks as jobs: statuses, queue message, state, operation ids | [`jobs`] |
 #![forbid(unsafe_code)]
 
 pub mod envelope;
 pub mod hook;
+pub mod jobs;
 pub mod manifest;
 pub mod model;
+pub mod plugin_api;
 pub mod protocol;
 pub mod sample;
 pub mod store;
@@ -26,6 +30,8 @@ pub mod sync;
 
 pub use envelope::{EntityEvent, EntryEvent, Envelope, EventId};
 pub use hook::{Hook, HookKind, ObjectKind, UnknownHook};
-pub use manifest::{HandlerSpec, ManifestError, OnUnavailable, PluginManifest};
+pub use manifest::{
+    ApiRouteSpec, HandlerSpec, ManifestError, OnUnavailable, PluginManifest, TaskSpec,
+};
 pub use model::{AttrType, Attribute, Entity, EntityAttr, Entry, ObjectRef, User};
 pub use subject::{ObjectKey, SubjectError, Subjects};

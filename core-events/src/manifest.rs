@@ -54,6 +54,120 @@ pub struct PluginManifest {
     /// Handlers, in declaration order (the last tie-breaker of dispatch order).
     #[serde(default)]
     pub handlers: Vec<HandlerSpec>,
+    /// HTTP routes the host serves under `/api/v2/plugins/<id>/…`, forwarded to the
+    /// plugin over request/reply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api: Vec<ApiRouteSpec>,
+    /// Tasks the host can start as jobs; each gets the operation id `range start + offset`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<TaskSpec>,
+}
+
+/// HTTP methods a plugin API route may declare.
+pub const API_METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+/// Longest route path accepted, in bytes.
+pub const MAX_API_PATH_BYTES: usize = 512;
+/// Largest task offset (Pagoda's plugin operation ids end at 9999).
+pub const MAX_TASK_OFFSET: u32 = 9_799;
+
+/// One plugin API route: the host answers `<method> /api/v2/plugins/<plugin-id><path>`
+/// by calling the plugin's endpoint `<prefix>.api.<plugin-id>.<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiRouteSpec {
+    /// Route name, unique in the plugin: letters, digits, `-` and `_`.
+    pub name: String,
+    /// `GET`, `POST`, `PUT`, `PATCH` or `DELETE`.
+    pub method: String,
+    /// The path below the plugin's prefix: starts with `/`; a last segment `*`
+    /// matches any rest (`/items/*`); segments `{name}` match one segment.
+    pub path: String,
+    /// `true` lets requests without a token through; by default (Pagoda's) only
+    /// authenticated users reach the plugin.
+    #[serde(default)]
+    pub public: bool,
+    /// Milliseconds the plugin has to answer (else 504).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl ApiRouteSpec {
+    /// A route for authenticated users with the default timeout.
+    pub fn new(name: impl Into<String>, method: &str, path: impl Into<String>) -> Self {
+        ApiRouteSpec {
+            name: name.into(),
+            method: method.to_ascii_uppercase(),
+            path: path.into(),
+            public: false,
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+        }
+    }
+
+    /// Whether the route answers `method path` (path below the plugin prefix).
+    /// Trailing slashes are ignored.
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        if !self.method.eq_ignore_ascii_case(method) {
+            return false;
+        }
+        let want: Vec<&str> = self.path.split('/').filter(|s| !s.is_empty()).collect();
+        let got: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let mut i = 0;
+        for (n, seg) in want.iter().enumerate() {
+            if *seg == "*" && n + 1 == want.len() {
+                return true;
+            }
+            match got.get(i) {
+                Some(g) if seg.starts_with('{') && seg.ends_with('}') && !g.is_empty() => {}
+                Some(g) if g == seg => {}
+                _ => return false,
+            }
+            i += 1;
+        }
+        i == got.len()
+    }
+
+    /// The route timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// One task a plugin runs as a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Task name, unique in the plugin: letters, digits, `-` and `_`. Jobs are
+    /// queued on `<prefix>.jobs.<plugin-id>.<name>`.
+    pub name: String,
+    /// Offset in the plugin's operation-id range (`PLUGIN_OPERATION_ID_CONFIG`).
+    pub offset: u32,
+    /// What the task does.
+    #[serde(default)]
+    pub description: String,
+    /// Whether a running job may be cancelled (it sees the cancel through the SDK).
+    #[serde(default = "default_true")]
+    pub cancellable: bool,
+    /// Seconds a job may stay PROCESSING without a heartbeat before it is marked
+    /// TIMEOUT; `0` for no limit.
+    #[serde(default)]
+    pub timeout_secs: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl TaskSpec {
+    /// A cancellable task without a time limit.
+    pub fn new(name: impl Into<String>, offset: u32) -> Self {
+        TaskSpec {
+            name: name.into(),
+            offset,
+            description: String::new(),
+            cancellable: true,
+            timeout_secs: 0,
+        }
+    }
 }
 
 /// One handler: a hook, an entity filter, a priority and its delivery policy.
@@ -200,6 +314,8 @@ impl PluginManifest {
             description: String::new(),
             author: String::new(),
             handlers: Vec::new(),
+            api: Vec::new(),
+            tasks: Vec::new(),
         }
     }
 
@@ -314,6 +430,8 @@ impl PluginManifest {
                 ));
             }
         }
+        self.validate_api(&mut problems);
+        self.validate_tasks(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -324,6 +442,93 @@ impl PluginManifest {
                 problems,
             })
         }
+    }
+
+    fn validate_api(&self, problems: &mut Vec<String>) {
+        let mut seen = HashSet::new();
+        for (i, r) in self.api.iter().enumerate() {
+            let label = if r.name.is_empty() {
+                format!("api route #{}", i + 1)
+            } else {
+                format!("api route '{}'", r.name)
+            };
+            if let Err(e) = check_token_name("api route name", &r.name) {
+                problems.push(format!("{label}: {e}"));
+            } else if !seen.insert(r.name.as_str()) {
+                problems.push(format!("{label}: the name is used by another api route"));
+            }
+            if !API_METHODS.contains(&r.method.as_str()) {
+                problems.push(format!(
+                    "{label}: method '{}' is not one of {}",
+                    r.method,
+                    API_METHODS.join(", ")
+                ));
+            }
+            if !r.path.starts_with('/') {
+                problems.push(format!("{label}: path '{}' must start with '/'", r.path));
+            } else if r.path.len() > MAX_API_PATH_BYTES {
+                problems.push(format!(
+                    "{label}: path is {} bytes; at most {MAX_API_PATH_BYTES}",
+                    r.path.len()
+                ));
+            } else if r
+                .path
+                .chars()
+                .any(|c| c.is_whitespace() || c == '?' || c == '#')
+            {
+                problems.push(format!(
+                    "{label}: path '{}' may not contain whitespace, '?' or '#'",
+                    r.path
+                ));
+            } else if let Some(pos) = r.path.find('*')
+                && (pos + 1 != r.path.len() || !r.path.ends_with("/*"))
+            {
+                problems.push(format!(
+                    "{label}: path '{}' may use '*' only as its whole last segment",
+                    r.path
+                ));
+            }
+            if !TIMEOUT_RANGE_MS.contains(&r.timeout_ms) {
+                problems.push(format!(
+                    "{label}: timeout_ms {} is outside {}..={}",
+                    r.timeout_ms,
+                    TIMEOUT_RANGE_MS.start(),
+                    TIMEOUT_RANGE_MS.end()
+                ));
+            }
+        }
+    }
+
+    fn validate_tasks(&self, problems: &mut Vec<String>) {
+        let mut seen = HashSet::new();
+        for (i, t) in self.tasks.iter().enumerate() {
+            let label = if t.name.is_empty() {
+                format!("task #{}", i + 1)
+            } else {
+                format!("task '{}'", t.name)
+            };
+            if let Err(e) = check_token_name("task name", &t.name) {
+                problems.push(format!("{label}: {e}"));
+            } else if !seen.insert(t.name.as_str()) {
+                problems.push(format!("{label}: the name is used by another task"));
+            }
+            if t.offset > MAX_TASK_OFFSET {
+                problems.push(format!(
+                    "{label}: offset {} is larger than {MAX_TASK_OFFSET}",
+                    t.offset
+                ));
+            }
+        }
+    }
+
+    /// The API route answering `method path` (below the plugin prefix), if any.
+    pub fn api_route(&self, method: &str, path: &str) -> Option<&ApiRouteSpec> {
+        self.api.iter().find(|r| r.matches(method, path))
+    }
+
+    /// The task called `name`, if declared.
+    pub fn task(&self, name: &str) -> Option<&TaskSpec> {
+        self.tasks.iter().find(|t| t.name == name)
     }
 
     /// The registry key of this plugin: `plugins.<id>`.

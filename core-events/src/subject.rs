@@ -350,6 +350,42 @@ impl Subjects {
     pub fn all_deferred(&self) -> String {
         format!("{}.deferred.>", self.prefix)
     }
+
+    /// The service endpoint subject of a plugin API route: `pagoda.api.<plugin>.<route>`.
+    pub fn api(&self, plugin: &str, route: &str) -> String {
+        format!("{}.api.{plugin}.{route}", self.prefix)
+    }
+
+    /// Name of the work-queue stream of plugin jobs, e.g. `PAGODA_JOBS`.
+    pub fn jobs_stream(&self) -> String {
+        format!("{}_JOBS", self.upper())
+    }
+
+    /// The subject a job of a plugin's task is queued on: `pagoda.jobs.<plugin>.<task>`.
+    pub fn job(&self, plugin: &str, task: &str) -> String {
+        format!("{}.jobs.{plugin}.{task}", self.prefix)
+    }
+
+    /// All queued jobs of one plugin (`pagoda.jobs.<plugin>.>`).
+    pub fn plugin_jobs(&self, plugin: &str) -> String {
+        format!("{}.jobs.{plugin}.>", self.prefix)
+    }
+
+    /// All queued jobs (`pagoda.jobs.>`).
+    pub fn all_jobs(&self) -> String {
+        format!("{}.jobs.>", self.prefix)
+    }
+
+    /// Name of the KV bucket holding every job's state, e.g. `pagoda_jobs`; key
+    /// `<plugin>.<job-id>`.
+    pub fn jobs_bucket(&self) -> String {
+        format!("{}_jobs", self.prefix.replace(['.', '-'], "_"))
+    }
+
+    /// Subject of audit events (admin actions): `pagoda.audit.<action>`.
+    pub fn audit(&self, action: &str) -> String {
+        format!("{}.audit.{action}", self.prefix)
+    }
 }
 
 /// The object an event is about; events about one object are dispatched in stream order.

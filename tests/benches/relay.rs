@@ -213,6 +213,8 @@ async fn latency(backend: Backend, n: usize) {
         description: String::new(),
         author: String::new(),
         handlers: vec![HandlerSpec::new("h", Hook::EntryAfterUpdate)],
+        api: Vec::new(),
+        tasks: Vec::new(),
     };
     let js = jetstream::new(client.clone());
     let kv = js.get_key_value(subjects.registry_bucket()).await.unwrap();

@@ -316,6 +316,20 @@ fn spawn_bus_process(server: &NatsServer, enabled: &str) -> Child {
         .unwrap()
 }
 
+/// Whether a bus running in another process has `plugin` enabled in its routing table.
+async fn bus_process_routes_to(client: &async_nats::Client, plugin: &str) -> bool {
+    let Ok(Ok(reply)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.request("pagoda.bus.registry", "".into()),
+    )
+    .await
+    else {
+        return false;
+    };
+    serde_json::from_slice::<serde_json::Value>(&reply.payload)
+        .is_ok_and(|t| t["plugins"][plugin]["enabled_rank"].is_u64())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatcher_killed_mid_stream_loses_nothing() {
     init_tracing();
@@ -335,7 +349,9 @@ async fn dispatcher_killed_mid_stream_loses_nothing() {
     p.set("h", Behaviour::Slow(Duration::from_millis(2)));
     p.start(&client).await;
     let publisher = publisher(&client);
-    // Registration reaches the bus asynchronously: wait for a first delivery.
+    // Registration reaches the bus process asynchronously: ask its routing table
+    // until it routes to `p`, so that the probe below cannot be routed to no one.
+    assert_eventually!(bus_process_routes_to(&client, "p").await, WAIT);
     let probe = entry_event(Hook::EntryAfterCreate, "customer", 999);
     publisher.publish(&probe).await.unwrap();
     assert_eventually!(log.len() >= 1, WAIT);

@@ -308,6 +308,8 @@ fn examples_serialized_from_the_types_validate() {
         description: "records every change".into(),
         author: "pagoda".into(),
         handlers: vec![handler],
+        api: Vec::new(),
+        tasks: Vec::new(),
     };
     assert_valid(
         "plugin-manifest.schema.json",

@@ -1,0 +1,182 @@
+//! API errors: JSON bodies `{"error": <code>, "message": …, …}` with the right
+//! HTTP status.
+//!
+//! | status | `error` | when |
+//! |---|---|---|
+//! | 400 | `validation_error` | validators rejected the change: `errors` lists every one (plugin, handler, field, message) |
+//! | 400 | `rejected` | a `before_*` hook rejected or vetoed the change (`plugin`, `handler`, `hook`) |
+//! | 400 | `invalid_input` | the request itself is wrong: `errors` lists every problem |
+//! | 400 | `plugin_error` | a plugin API route failed (`plugin_id`) |
+//! | 401 | `not_authenticated` | no or an unknown token |
+//! | 403 | `permission_denied` | the user may not do this |
+//! | 404 | `not_found` | no such object, plugin or route |
+//! | 409 | `conflict` | a name is taken, or the state does not allow it |
+//! | 413 | `payload_too_large` | the body is over the limit |
+//! | 429 | `rate_limited` | too many requests (`Retry-After`) |
+//! | 503 | `hook_unavailable` / `plugin_unavailable` | a blocking hook's plugin, or a route's plugin, has no replica or failed to answer |
+//! | 504 | `plugin_timeout` | a plugin API route did not answer in time |
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::sync_hooks::SyncHookError;
+use core_events::store::StoreError;
+
+/// An error answered as JSON.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// 400 `invalid_input`: every problem with the request.
+    #[error("invalid input: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+    /// 400/503: a synchronous hook stopped the change.
+    #[error(transparent)]
+    Hook(#[from] SyncHookError),
+    /// 400 `plugin_error`: a plugin API route answered with an error.
+    #[error("plugin {plugin_id} failed: {message}")]
+    PluginError {
+        /// The plugin.
+        plugin_id: String,
+        /// Its message.
+        message: String,
+    },
+    /// 401.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// 403.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409.
+    #[error("{0}")]
+    Conflict(String),
+    /// 429 with `Retry-After` seconds.
+    #[error("rate limit exceeded; retry after {retry_after_secs} s")]
+    RateLimited {
+        /// Seconds to wait.
+        retry_after_secs: u64,
+    },
+    /// 503 `plugin_unavailable`: a plugin API route's plugin has no replica.
+    #[error("plugin {plugin_id} is unavailable: {message}")]
+    PluginUnavailable {
+        /// The plugin.
+        plugin_id: String,
+        /// Why.
+        message: String,
+    },
+    /// 504 `plugin_timeout`.
+    #[error("plugin {plugin_id} did not answer within {timeout_ms} ms")]
+    PluginTimeout {
+        /// The plugin.
+        plugin_id: String,
+        /// The route's timeout.
+        timeout_ms: u64,
+    },
+    /// 500: the store or NATS failed (logged; the message is generic).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound { .. } => ApiError::NotFound(e.to_string()),
+            StoreError::Conflict(m) => ApiError::Conflict(m),
+            StoreError::Invalid(problems) => ApiError::Invalid(problems),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Invalid(_) | ApiError::PluginError { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Hook(SyncHookError::Unavailable { .. })
+            | ApiError::PluginUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Hook(SyncHookError::Encode { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Hook(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::PluginTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        let message = self.to_string();
+        match self {
+            ApiError::Invalid(errors) => {
+                json!({"error": "invalid_input", "message": message, "errors": errors})
+            }
+            ApiError::Hook(SyncHookError::Invalid { errors }) => {
+                json!({"error": "validation_error", "message": message, "errors": errors})
+            }
+            ApiError::Hook(SyncHookError::Rejected {
+                hook,
+                plugin,
+                handler,
+                reason,
+            }) => json!({
+                "error": "rejected", "message": message, "hook": hook,
+                "plugin": plugin, "handler": handler, "reason": reason,
+            }),
+            ApiError::Hook(SyncHookError::Unavailable {
+                hook,
+                plugin,
+                handler,
+                reason,
+            }) => json!({
+                "error": "hook_unavailable", "message": message, "hook": hook,
+                "plugin": plugin, "handler": handler, "reason": reason,
+            }),
+            ApiError::Hook(_) => json!({"error": "internal_error", "message": message}),
+            ApiError::PluginError { plugin_id, message } => {
+                json!({"error": "plugin_error", "message": message, "plugin_id": plugin_id})
+            }
+            ApiError::Unauthenticated(_) => {
+                json!({"error": "not_authenticated", "message": message})
+            }
+            ApiError::Forbidden(_) => json!({"error": "permission_denied", "message": message}),
+            ApiError::NotFound(_) => json!({"error": "not_found", "message": message}),
+            ApiError::Conflict(_) => json!({"error": "conflict", "message": message}),
+            ApiError::RateLimited { retry_after_secs } => json!({
+                "error": "rate_limited", "message": message, "retry_after": retry_after_secs,
+            }),
+            ApiError::PluginUnavailable { plugin_id, .. } => {
+                json!({"error": "plugin_unavailable", "message": message, "plugin_id": plugin_id})
+            }
+            ApiError::PluginTimeout { plugin_id, .. } => {
+                json!({"error": "plugin_timeout", "message": message, "plugin_id": plugin_id})
+            }
+            ApiError::Internal(_) => {
+                json!({"error": "internal_error", "message": "internal error; see the host log"})
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let mut response = (status, Json(self.body())).into_response();
+        if let ApiError::RateLimited { retry_after_secs } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        response
+    }
+}

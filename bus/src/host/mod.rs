@@ -1,0 +1,209 @@
+//! The reference host: a thin HTTP layer (`/api/v2/…`) over the model store, with
+//! every write going through the synchronous hooks first and committing the model
+//! change and its event in one transaction (the outbox).
+//!
+//! | part | module |
+//! |---|---|
+//! | errors as JSON with the right status | [`error`] |
+//! | `Authorization: Token …` (tokens stored hashed), users and tokens | [`auth`] |
+//! | entities and entries: create, read, update, soft delete, restore, list | [`models`] |
+//! | plugin API routes `/api/v2/plugins/<id>/…` over request/reply | [`plugin_api`] |
+//! | plugin tasks as jobs, operation ids, job status and cancel | [`jobs`] |
+//!
+//! [`Host::start`] binds the address, loads the registry, checks
+//! `PLUGIN_OPERATION_ID_CONFIG` (refusing to start with every problem listed) and
+//! serves until [`Host::stop`].
+
+pub mod auth;
+pub mod error;
+pub mod jobs;
+pub mod models;
+pub mod plugin_api;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use axum::Router;
+use core_events::Subjects;
+use core_events::jobs::OperationIds;
+use core_events::store::Store;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::Registry;
+use crate::sync_hooks::SyncHooks;
+
+pub use error::ApiError;
+
+/// Default limit on a request body, in bytes.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// How the host is set up.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Address to serve on (port 0: any free port; see [`Host::addr`]).
+    pub listen: SocketAddr,
+    /// Model store URL (`sqlite://file.db`, `postgres://…`).
+    pub database_url: String,
+    /// Subject namespace.
+    pub subjects: Subjects,
+    /// `ENABLED_PLUGINS`, in order.
+    pub enabled_plugins: Vec<String>,
+    /// `PLUGIN_OPERATION_ID_CONFIG` (JSON; empty for none).
+    pub operation_id_config: String,
+    /// How long start-up waits for the plugins named in `PLUGIN_OPERATION_ID_CONFIG`
+    /// to register before checking it.
+    pub plugin_wait: Duration,
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// Requests per second each token may make to plugin API routes (429 beyond); 0: no limit.
+    pub plugin_rate_per_sec: u32,
+    /// Burst allowed above the rate.
+    pub plugin_rate_burst: u32,
+}
+
+impl HostConfig {
+    /// Defaults: port 8000 on localhost, SQLite file `pagoda.db`.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        HostConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            database_url: database_url.into(),
+            subjects: Subjects::default(),
+            enabled_plugins: Vec::new(),
+            operation_id_config: String::new(),
+            plugin_wait: Duration::from_secs(10),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            plugin_rate_per_sec: 50,
+            plugin_rate_burst: 100,
+        }
+    }
+}
+
+/// What every request handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct HostState {
+    inner: Arc<HostInner>,
+}
+
+/// The parts of [`HostState`].
+pub struct HostInner {
+    /// The model store.
+    pub store: Store,
+    /// The synchronous hooks client.
+    pub hooks: SyncHooks,
+    /// The live registry.
+    pub registry: Registry,
+    /// The NATS connection.
+    pub client: async_nats::Client,
+    /// JetStream on it.
+    pub js: jetstream::Context,
+    /// Subject namespace.
+    pub subjects: Subjects,
+    /// Operation ids of plugin tasks.
+    pub operation_ids: OperationIds,
+    /// The configuration the host was started with.
+    pub config: HostConfig,
+    /// Per-token rate limits on plugin API routes.
+    pub limiter: plugin_api::RateLimiter,
+}
+
+impl std::ops::Deref for HostState {
+    type Target = HostInner;
+    fn deref(&self) -> &HostInner {
+        &self.inner
+    }
+}
+
+impl std::fmt::Debug for HostState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostState").finish_non_exhaustive()
+    }
+}
+
+/// The whole `/api/v2` router.
+pub fn router(state: HostState) -> Router {
+    let max_body = state.config.max_body_bytes;
+    Router::new()
+        .merge(auth::routes())
+        .merge(models::routes())
+        .merge(plugin_api::routes())
+        .merge(jobs::routes())
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .fallback(|| async { ApiError::NotFound("no such API path".into()) })
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// Why the host did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostError {
+    /// `PLUGIN_OPERATION_ID_CONFIG` is wrong; every problem, with Pagoda's messages.
+    #[error("PLUGIN_OPERATION_ID_CONFIG is invalid:\n  {}", .0.join("\n  "))]
+    OperationIds(Vec<String>),
+    /// The model store failed.
+    #[error(transparent)]
+    Store(#[from] core_events::store::StoreError),
+    /// The registry could not be loaded.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    /// JetStream set-up failed.
+    #[error(transparent)]
+    Provision(#[from] crate::provision::ProvisionError),
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running host.
+#[derive(Debug)]
+pub struct Host {
+    addr: SocketAddr,
+    state: HostState,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Host {
+    /// Opens (and migrates) the store, provisions streams and buckets, loads the
+    /// registry, checks `PLUGIN_OPERATION_ID_CONFIG`, binds and serves.
+    ///
+    /// # Errors
+    ///
+    /// [`HostError`]: with [`HostError::OperationIds`] the host refuses to start.
+    pub async fn start(client: async_nats::Client, config: HostConfig) -> Result<Host, HostError> {
+        let _ = (client, config);
+        unimplemented!("host start-up")
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The shared state (store, hooks, registry).
+    pub fn state(&self) -> &HostState {
+        &self.state
+    }
+
+    /// A token that stops the host when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops serving and waits for in-flight requests.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
