@@ -120,6 +120,13 @@ enum Command {
         /// without it, events are published directly.
         #[arg(long, env = "HOOKBUS_DATABASE_URL")]
         database_url: Option<String>,
+        /// Write through the reference host at this URL instead (`hookbus host`;
+        /// needs --token): the sync hooks, a plugin API route and a plugin task show too.
+        #[arg(long, env = "HOOKBUS_HOST_URL", requires = "token")]
+        host_url: Option<String>,
+        /// An API token of a superuser of the host (`hookbus token create --superuser`).
+        #[arg(long, env = "HOOKBUS_TOKEN")]
+        token: Option<String>,
     },
     /// Show events live, filtered by hook and entity (readable lines or JSON lines).
     Tail(crate::ops_cmd::TailArgs),
@@ -274,13 +281,20 @@ pub(crate) async fn main() -> Result<ExitCode> {
             enabled_plugins,
             timeout_secs,
             database_url,
+            host_url,
+            token,
         } => {
+            let host = host_url.map(|url| crate::demo::HostTarget {
+                url,
+                token: token.unwrap_or_default(),
+            });
             crate::demo::run(
                 &client,
                 &subjects,
                 &parse_enabled_plugins(&enabled_plugins),
                 Duration::from_secs(timeout_secs),
                 database_url.as_deref(),
+                host,
             )
             .await?
         }

@@ -16,6 +16,8 @@ pub struct StreamSettings {
     pub duplicate_window: Duration,
     /// How long dead letters are kept.
     pub dlq_max_age: Duration,
+    /// How long audit events (admin actions) are kept.
+    pub audit_max_age: Duration,
     /// Stream replicas (1 for a single server, 3 in a cluster).
     pub replicas: usize,
     /// Largest event payload accepted, in bytes (the stream's `max_msg_size`).
@@ -29,6 +31,7 @@ impl Default for StreamSettings {
             events_max_bytes: -1,
             duplicate_window: Duration::from_secs(120),
             dlq_max_age: Duration::from_secs(30 * 24 * 3600),
+            audit_max_age: Duration::from_secs(365 * 24 * 3600),
             replicas: 1,
             max_event_bytes: 1024 * 1024,
         }

@@ -3,6 +3,7 @@
 //! | part | module |
 //! |---|---|
 //! | configuration and defaults | [`config`] |
+//! | the audit trail of admin actions (`PAGODA_AUDIT`) | [`audit`] |
 //! | stream and bucket provisioning | [`provision`] |
 //! | publishing events (`Nats-Msg-Id` = event id) | [`publish`] |
 //! | the live plugin registry and routing table | [`registry`] |
@@ -22,6 +23,7 @@
 //! commands.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod config;
 pub mod dispatch;
 pub mod dlq;

@@ -42,7 +42,7 @@ fn js_err(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> Provisio
 }
 
 /// The stream configurations the bus wants.
-pub fn stream_configs(subjects: &Subjects, settings: &StreamSettings) -> [stream::Config; 4] {
+pub fn stream_configs(subjects: &Subjects, settings: &StreamSettings) -> [stream::Config; 5] {
     [
         stream::Config {
             name: subjects.events_stream(),
@@ -90,6 +90,21 @@ pub fn stream_configs(subjects: &Subjects, settings: &StreamSettings) -> [stream
             storage: stream::StorageType::File,
             duplicate_window: settings.duplicate_window,
             num_replicas: settings.replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: subjects.audit_stream(),
+            description: Some(
+                "Pagoda audit trail: admin actions (DLQ replay and purge, registry changes, tokens)"
+                    .into(),
+            ),
+            subjects: vec![subjects.all_audit()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: settings.audit_max_age,
+            duplicate_window: settings.duplicate_window,
+            num_replicas: settings.replicas,
+            allow_direct: true,
             ..Default::default()
         },
     ]

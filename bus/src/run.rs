@@ -83,6 +83,16 @@ impl Bus {
         let health =
             crate::monitor::Health::new(client.clone(), &config, registry.clone(), metrics.clone());
         let mut others = vec![registry_task, status_task];
+        match crate::audit::watch_registry(
+            js.clone(),
+            config.subjects.clone(),
+            shutdown.child_token(),
+        )
+        .await
+        {
+            Ok(task) => others.push(task),
+            Err(e) => tracing::error!(error = %e, "cannot watch the registry for the audit trail"),
+        }
         others.push(health.spawn_responder(shutdown.child_token()).await?);
         others.push(health.spawn_monitor(shutdown.child_token()));
         let mut http_addr = None;

@@ -382,9 +382,20 @@ impl Subjects {
         format!("{}_jobs", self.prefix.replace(['.', '-'], "_"))
     }
 
-    /// Subject of audit events (admin actions): `pagoda.audit.<action>`.
+    /// Name of the stream of audit events (admin actions), e.g. `PAGODA_AUDIT`.
+    pub fn audit_stream(&self) -> String {
+        format!("{}_AUDIT", self.upper())
+    }
+
+    /// Subject of an audit event: `pagoda.audit.<action>` (`dlq.replay`,
+    /// `registry.update`, `token.create`, …).
     pub fn audit(&self, action: &str) -> String {
         format!("{}.audit.{action}", self.prefix)
+    }
+
+    /// All audit events (`pagoda.audit.>`).
+    pub fn all_audit(&self) -> String {
+        format!("{}.audit.>", self.prefix)
     }
 }
 

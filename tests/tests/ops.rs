@@ -369,6 +369,80 @@ async fn dlq_show_replay_to_that_handler_only_and_purge() {
     let output = run_cli(&server, &["dlq"]).await;
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(text(&output.stdout).contains("0 dead letter(s)"));
+
+    // The audit trail: both replays and the purge (the refused purge is not
+    // there), and the registrations of p and q seen by the bus.
+    let trail = audit_trail(&js).await;
+    let actions: Vec<(&str, &str)> = trail
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap(), e["target"].as_str().unwrap()))
+        .filter(|(a, _)| a.starts_with("dlq."))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("dlq.replay", &*format!("dead letters [{sx}]")),
+            ("dlq.replay", "plugin p"),
+            ("dlq.purge", "plugin p"),
+        ]
+    );
+    let purge = trail.iter().find(|e| e["action"] == "dlq.purge").unwrap();
+    assert_eq!(purge["details"]["purged"], 1);
+    assert_eq!(purge["type"], "pagoda.audit.dlq.purge");
+    assert!(!purge["actor"].as_str().unwrap().is_empty());
+    bus.stop().await.unwrap();
+}
+
+/// Every record of the audit stream, oldest first.
+async fn audit_trail(js: &async_nats::jetstream::Context) -> Vec<serde_json::Value> {
+    let mut stream = js.get_stream("PAGODA_AUDIT").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            out.push(serde_json::from_slice(&m.payload).unwrap());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn registry_changes_are_audited_once_per_change() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = async_nats::jetstream::new(client.clone());
+    // Two buses watch the registry: each change is recorded once.
+    let bus = start_bus(&client, config(&["p"])).await;
+    let bus2 = start_bus(&client, config(&["p"])).await;
+    let log = CallLog::default();
+    let mut p = TestPlugin::new("p", &log).handler("x", Hook::EntryAfterCreate, None, 10);
+    p.start(&client).await;
+    wait_registered(&bus, &["p"]).await;
+    let kv = js
+        .get_key_value(Subjects::default().registry_bucket())
+        .await
+        .unwrap();
+    kv.delete("plugins.p").await.unwrap();
+    assert_eventually!(
+        audit_trail(&js)
+            .await
+            .iter()
+            .any(|e| e["action"] == "registry.delete"),
+        WAIT
+    );
+    let trail = audit_trail(&js).await;
+    let registry: Vec<(&str, &str)> = trail
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap(), e["target"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        registry,
+        [("registry.update", "p"), ("registry.delete", "p")],
+        "{trail:#?}"
+    );
+    assert_eq!(trail[0]["details"]["handlers"], 1);
+    bus2.stop().await.unwrap();
     bus.stop().await.unwrap();
 }
 

@@ -25,6 +25,15 @@ async fn provisioning_twice_is_a_no_op() {
     assert!(js.get_key_value("pagoda_registry").await.is_ok());
     assert!(js.get_stream("PAGODA_DLQ").await.is_ok());
     assert!(js.get_stream("PAGODA_DEFERRED").await.is_ok());
+    assert!(js.get_key_value("pagoda_jobs").await.is_ok());
+    let mut jobs = js.get_stream("PAGODA_JOBS").await.unwrap();
+    let jobs = jobs.info().await.unwrap();
+    assert_eq!(jobs.config.subjects, ["pagoda.jobs.>"]);
+    assert_eq!(jobs.config.retention, stream::RetentionPolicy::WorkQueue);
+    let mut audit = js.get_stream("PAGODA_AUDIT").await.unwrap();
+    let audit = audit.info().await.unwrap();
+    assert_eq!(audit.config.subjects, ["pagoda.audit.>"]);
+    assert_eq!(audit.config.retention, stream::RetentionPolicy::Limits);
 }
 
 #[tokio::test]

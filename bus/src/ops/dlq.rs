@@ -176,6 +176,27 @@ pub async fn replay(
         pb.inc(1);
     }
     pb.finish_and_clear();
+    let target = if sel.seqs.is_empty() {
+        sel.filter.describe()
+    } else {
+        format!("dead letters {:?}", sel.seqs)
+    };
+    crate::audit::record_or_log(
+        &ops.js,
+        &ops.subjects,
+        &crate::audit::AuditEvent::new(
+            "dlq.replay",
+            crate::audit::cli_actor(),
+            target,
+            serde_json::json!({
+                "seqs": sel.seqs, "plugin": sel.filter.plugin, "handler": sel.filter.handler,
+                "all": sel.all, "replayed": letters.len(), "succeeded": summary.succeeded,
+                "failed": summary.failed, "skipped": summary.skipped,
+            }),
+        ),
+        None,
+    )
+    .await;
     writeln!(
         out,
         "replayed {}: {} ok (removed), {} failed (kept), {} skipped",
@@ -218,6 +239,20 @@ pub async fn purge(
     let purged = crate::dlq::purge(&ops.js, &ops.subjects, filter)
         .await
         .map_err(OpsError::nats("cannot purge the dead-letter stream"))?;
+    crate::audit::record_or_log(
+        &ops.js,
+        &ops.subjects,
+        &crate::audit::AuditEvent::new(
+            "dlq.purge",
+            crate::audit::cli_actor(),
+            filter.describe(),
+            serde_json::json!({
+                "plugin": filter.plugin, "handler": filter.handler, "purged": purged,
+            }),
+        ),
+        None,
+    )
+    .await;
     writeln!(
         out,
         "purged {purged} dead letter(s) of {}",
