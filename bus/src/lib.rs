@@ -9,6 +9,7 @@
 //! | the live plugin registry and routing table | [`registry`] |
 //! | the dispatcher (ordering, retries, dead letters, deferral) | [`dispatch`] |
 //! | the synchronous hooks (validate, before_*, get_attrs) over request/reply | [`sync_hooks`] |
+//! | metrics of sync-hook calls and plugin API routes (served by the host) | [`call_metrics`] |
 //! | reading, replaying and purging dead letters | [`dlq`] |
 //! | per-handler stats and the Prometheus export | [`metrics`] |
 //! | health report, degraded plugins and alerts | [`monitor`] |
@@ -24,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod call_metrics;
 pub mod config;
 pub mod dispatch;
 pub mod dlq;

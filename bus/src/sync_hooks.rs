@@ -157,6 +157,7 @@ fn join(errors: &[ValidationError]) -> String {
 pub struct SyncHooks {
     client: async_nats::Client,
     registry: Registry,
+    metrics: Option<Arc<crate::call_metrics::CallMetrics>>,
 }
 
 /// What one handler call gave.
@@ -169,7 +170,17 @@ impl SyncHooks {
     /// A client over a NATS connection and the live registry
     /// ([`Registry::start`], or [`crate::run::Bus::registry`]).
     pub fn new(client: async_nats::Client, registry: Registry) -> Self {
-        SyncHooks { client, registry }
+        SyncHooks {
+            client,
+            registry,
+            metrics: None,
+        }
+    }
+
+    /// Records every handler call (latency and outcome) in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::call_metrics::CallMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// `entry.validate`: every matching validator checks `entry` (the entry as it
@@ -545,6 +556,27 @@ impl SyncHooks {
         body: Bytes,
         traceparent: Option<&str>,
     ) -> Answer<R> {
+        let started = std::time::Instant::now();
+        let (answer, outcome) = self.call_once(route, body, traceparent).await;
+        if let Some(m) = &self.metrics {
+            m.sync_call(
+                route.hook.name(),
+                &route.plugin,
+                &route.handler,
+                outcome,
+                started.elapsed(),
+            );
+        }
+        answer
+    }
+
+    /// One call, with its outcome label for the metrics.
+    async fn call_once<R: DeserializeOwned + Default>(
+        &self,
+        route: &Route,
+        body: Bytes,
+        traceparent: Option<&str>,
+    ) -> (Answer<R>, &'static str) {
         let mut h = HeaderMap::new();
         h.insert(headers::HOOK, route.hook.name());
         h.insert(headers::PLUGIN, &*route.plugin);
@@ -573,22 +605,30 @@ impl SyncHooks {
                         .and_then(|h| h.get(headers::SERVICE_ERROR_CODE))
                         .and_then(|v| v.as_str().trim().parse::<u16>().ok())
                         .unwrap_or(codes::TRANSIENT);
-                    return Answer::NoAnswer(format!("handler error {code}: {text}"));
+                    return (
+                        Answer::NoAnswer(format!("handler error {code}: {text}")),
+                        "handler_error",
+                    );
                 }
                 match parse_reply::<R>(&reply.payload) {
-                    Ok(r) => Answer::Reply(r),
-                    Err(e) => Answer::NoAnswer(format!("bad reply: {e}")),
+                    Ok(r) => (Answer::Reply(r), "ok"),
+                    Err(e) => (Answer::NoAnswer(format!("bad reply: {e}")), "bad_reply"),
                 }
             }
-            Err(e) => Answer::NoAnswer(match e.kind() {
-                RequestErrorKind::NoResponders => {
-                    "no replica is running (no responders)".to_owned()
-                }
-                RequestErrorKind::TimedOut => {
-                    format!("no reply within {} ms", millis(route.timeout))
-                }
-                _ => format!("request failed: {e}"),
-            }),
+            Err(e) => match e.kind() {
+                RequestErrorKind::NoResponders => (
+                    Answer::NoAnswer("no replica is running (no responders)".to_owned()),
+                    "no_responders",
+                ),
+                RequestErrorKind::TimedOut => (
+                    Answer::NoAnswer(format!("no reply within {} ms", millis(route.timeout))),
+                    "timeout",
+                ),
+                _ => (
+                    Answer::NoAnswer(format!("request failed: {e}")),
+                    "request_failed",
+                ),
+            },
         }
     }
 }
