@@ -87,8 +87,13 @@ fn host_steps(host: &HostTarget) -> Vec<Step> {
     steps.push(Step::Write(
         "POST /api/v2/entities/ helloworld".into(),
         Box::pin(async move {
-            h.ok(&c, Method::POST, "/api/v2/entities/", Some(json!({"name": "helloworld"})))
-                .await?;
+            h.ok(
+                &c,
+                Method::POST,
+                "/api/v2/entities/",
+                Some(json!({"name": "helloworld"})),
+            )
+            .await?;
             Ok(())
         }),
     ));
@@ -221,7 +226,11 @@ fn host_steps(host: &HostTarget) -> Vec<Step> {
                     seen.push(status.clone());
                 }
                 if !matches!(status.as_str(), "PREPARING" | "PROCESSING") {
-                    return Ok(format!("job {id}: {} — {}", seen.join(" -> "), j["message"]));
+                    return Ok(format!(
+                        "job {id}: {} — {}",
+                        seen.join(" -> "),
+                        j["message"]
+                    ));
                 }
                 if Instant::now() > deadline {
                     bail!("job {id} did not finish within 30 s: {j}");
