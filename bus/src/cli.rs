@@ -56,6 +56,12 @@ enum Command {
         /// Objects dispatched in parallel.
         #[arg(long, env = "HOOKBUS_MAX_PARALLEL_OBJECTS", default_value_t = 256)]
         max_parallel_objects: usize,
+        /// Lease time of the dispatcher lease: of several `hookbus run`, one
+        /// dispatches and the others stand by; one takes over this long after the
+        /// active one died (5s, 2s, …).
+        #[arg(long, env = "HOOKBUS_LEASE_TTL", default_value = "5s",
+            value_parser = hookbus::config::parse_duration)]
+        lease_ttl: Duration,
         /// The host's database: when set, the bus migrates it and relays its outbox
         /// (sqlite://pagoda.db or postgres://user@host/db).
         #[arg(long, env = "HOOKBUS_DATABASE_URL")]
@@ -141,6 +147,89 @@ enum Command {
     ///
     /// Example: hookbus nats-config --enabled-plugins hello-world,audit-log > auth.conf
     NatsConfig(hookbus::nats_config::NatsConfigArgs),
+    /// Run the reference host: the /api/v2 HTTP API over the model store, every
+    /// write running the synchronous hooks first and committing its event in the
+    /// outbox, which the host relays to the stream itself (unless --no-relay).
+    ///
+    /// Examples:
+    ///   hookbus token create --user admin --superuser     # prints a key, once
+    ///   ENABLED_PLUGINS=hello-world hookbus host --listen 0.0.0.0:8000
+    ///   hookbus host --database-url postgres://pagoda@db/pagoda --no-relay
+    ///   curl -H "Authorization: Token $KEY" http://127.0.0.1:8000/api/v2/entities/
+    #[command(verbatim_doc_comment)]
+    Host(HostArgs),
+    /// API tokens of the reference host.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `hookbus host`.
+#[derive(Debug, clap::Args)]
+struct HostArgs {
+    /// Address to serve on.
+    #[arg(long, env = "HOOKBUS_HOST_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: std::net::SocketAddr,
+    /// The model store (sqlite://file or postgres://user@host/db); migrated at start.
+    #[arg(
+        long,
+        env = "HOOKBUS_DATABASE_URL",
+        default_value = "sqlite://pagoda.db"
+    )]
+    database_url: String,
+    /// Plugins whose hooks run, in tie-break order (Pagoda's ENABLED_PLUGINS).
+    #[arg(long, env = "ENABLED_PLUGINS", default_value = "")]
+    enabled_plugins: String,
+    /// Operation id ranges of plugin tasks, e.g. '{"hello-world": [5000, 5099]}';
+    /// checked at start (the host refuses to start with every problem listed).
+    #[arg(long, env = "PLUGIN_OPERATION_ID_CONFIG", default_value = "")]
+    operation_id_config: String,
+    /// How long start-up waits for the plugins named in PLUGIN_OPERATION_ID_CONFIG
+    /// to register: 10s, 1m, …
+    #[arg(long, env = "HOOKBUS_PLUGIN_WAIT", default_value = "10s",
+          value_parser = hookbus::config::parse_duration)]
+    plugin_wait: Duration,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, env = "HOOKBUS_MAX_BODY_BYTES", default_value_t = hookbus::host::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// Requests per second each token may make to plugin API routes (0: no limit).
+    #[arg(long, env = "HOOKBUS_PLUGIN_RATE", default_value_t = 50)]
+    plugin_rate: u32,
+    /// Burst allowed above --plugin-rate.
+    #[arg(long, env = "HOOKBUS_PLUGIN_BURST", default_value_t = 100)]
+    plugin_burst: u32,
+    /// Relay the outbox to the stream in this process (the default).
+    #[arg(long, overrides_with = "no_relay")]
+    relay: bool,
+    /// Leave the outbox to `hookbus run --database-url` (or `hookbus relay`).
+    #[arg(long, overrides_with = "relay")]
+    no_relay: bool,
+}
+
+/// `hookbus token …`.
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create an API token for a user (created if missing) and print its key, once.
+    /// Only a hash of the key is stored.
+    ///
+    /// Example: hookbus token create --user admin --superuser
+    Create {
+        /// The user's name.
+        #[arg(long)]
+        user: String,
+        /// Create the user as a superuser (when it does not exist yet).
+        #[arg(long)]
+        superuser: bool,
+        /// A label for the token.
+        #[arg(long, default_value = "cli")]
+        name: String,
+        /// The model store (sqlite://file or postgres://user@host/db).
+        #[arg(
+            long,
+            env = "HOOKBUS_DATABASE_URL",
+            default_value = "sqlite://pagoda.db"
+        )]
+        database_url: String,
+    },
 }
 
 pub(crate) async fn main() -> Result<ExitCode> {
@@ -149,6 +238,9 @@ pub(crate) async fn main() -> Result<ExitCode> {
     let subjects = Subjects::new(&cli.prefix)?;
     if let Command::NatsConfig(args) = &cli.command {
         return hookbus::nats_config::main(&subjects, args, println_out);
+    }
+    if let Command::Token(command) = &cli.command {
+        return token(command).await;
     }
     let options = hookbus::nats_config::with_credentials(
         async_nats::ConnectOptions::new(),
@@ -166,6 +258,7 @@ pub(crate) async fn main() -> Result<ExitCode> {
             enabled_plugins,
             ack_wait_secs,
             max_parallel_objects,
+            lease_ttl,
             database_url,
             retention,
             observe,
@@ -177,6 +270,7 @@ pub(crate) async fn main() -> Result<ExitCode> {
             };
             config.dispatcher.ack_wait = Duration::from_secs(ack_wait_secs.max(1));
             config.dispatcher.max_parallel_objects = max_parallel_objects.max(1);
+            config.streams.lease_ttl = lease_ttl.max(Duration::from_millis(400));
             retention.apply(&mut config.streams);
             observe.apply(&mut config)?;
             if config.enabled_plugins.is_empty() {
@@ -302,12 +396,74 @@ pub(crate) async fn main() -> Result<ExitCode> {
         Command::Registry(args) => crate::ops_cmd::registry(&client, &subjects, args).await?,
         Command::Dlq(args) => crate::ops_cmd::dlq(&client, &subjects, args).await?,
         Command::Health(args) => crate::ops_cmd::health(&client, &subjects, args).await?,
-        Command::NatsConfig(_) => ExitCode::SUCCESS,
+        Command::Host(args) => {
+            host(client.clone(), subjects, args).await?;
+            ExitCode::SUCCESS
+        }
+        Command::NatsConfig(_) | Command::Token(_) => ExitCode::SUCCESS,
     };
     if let Err(e) = client.drain().await {
         tracing::debug!(error = %e, "drain failed");
     }
     Ok(code)
+}
+
+/// `hookbus host`: serves until SIGTERM or Ctrl-C.
+async fn host(client: async_nats::Client, subjects: Subjects, args: HostArgs) -> Result<()> {
+    let mut config = hookbus::host::HostConfig::new(args.database_url);
+    config.listen = args.listen;
+    config.subjects = subjects;
+    config.enabled_plugins = parse_enabled_plugins(&args.enabled_plugins);
+    config.operation_id_config = args.operation_id_config;
+    config.plugin_wait = args.plugin_wait;
+    config.max_body_bytes = args.max_body_bytes.max(1);
+    config.plugin_rate_per_sec = args.plugin_rate;
+    config.plugin_rate_burst = args.plugin_burst;
+    config.relay = args.relay || !args.no_relay;
+    if config.enabled_plugins.is_empty() {
+        tracing::warn!("ENABLED_PLUGINS is empty: no plugin hook will run");
+    }
+    let host = hookbus::host::Host::start(client, config).await?;
+    tracing::info!(addr = %host.addr(), "host started");
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    host.stop().await;
+    Ok(())
+}
+
+/// `hookbus token create`: no NATS needed.
+async fn token(command: &TokenCommand) -> Result<ExitCode> {
+    let TokenCommand::Create {
+        user,
+        superuser,
+        name,
+        database_url,
+    } = command;
+    let store = hookbus::outbox_cmd::open_migrated(database_url).await?;
+    let found = store.user_by_name(user).await?;
+    let found = match found {
+        Some(u) => {
+            if *superuser && !u.is_superuser {
+                tracing::warn!(user = %u.username, "the user exists and is not a superuser; --superuser only applies when creating it");
+            }
+            u
+        }
+        None => {
+            let created = store
+                .create_user(&core_events::store::NewUser {
+                    username: user.clone(),
+                    is_superuser: *superuser,
+                    ..Default::default()
+                })
+                .await?;
+            tracing::info!(user = %created.username, superuser = created.is_superuser, "user created");
+            created
+        }
+    };
+    let (token, key) = store.create_token(found.id, name).await?;
+    tracing::info!(user = %found.username, token_id = token.id, "token created; the key is shown once");
+    println_out(&key);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Retention of the events stream (`hookbus run` and `hookbus provision`). A

@@ -18,6 +18,9 @@ pub struct StreamSettings {
     pub dlq_max_age: Duration,
     /// How long audit events (admin actions) are kept.
     pub audit_max_age: Duration,
+    /// Lease time of the dispatcher lease (the leases bucket's `max_age`): a
+    /// standby `hookbus run` takes over this long after the active one died.
+    pub lease_ttl: Duration,
     /// Stream replicas (1 for a single server, 3 in a cluster).
     pub replicas: usize,
     /// Largest event payload accepted, in bytes (the stream's `max_msg_size`).
@@ -32,6 +35,7 @@ impl Default for StreamSettings {
             duplicate_window: Duration::from_secs(120),
             dlq_max_age: Duration::from_secs(30 * 24 * 3600),
             audit_max_age: Duration::from_secs(365 * 24 * 3600),
+            lease_ttl: Duration::from_secs(5),
             replicas: 1,
             max_event_bytes: 1024 * 1024,
         }
@@ -60,6 +64,10 @@ pub struct DispatcherSettings {
     /// for `/metrics`, `<prefix>.bus.stats`, health and alerts. The bus-wide totals
     /// are always counted. Default on.
     pub metrics: bool,
+    /// Dispatch only while holding the lease `dispatcher` ([`crate::lease`]), so
+    /// that of several buses exactly one dispatches and the others stand by.
+    /// Default on.
+    pub lease: bool,
 }
 
 impl Default for DispatcherSettings {
@@ -72,6 +80,7 @@ impl Default for DispatcherSettings {
             shutdown_grace: Duration::from_secs(10),
             deferred_poll: Duration::from_millis(250),
             metrics: true,
+            lease: true,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! | publishing events (`Nats-Msg-Id` = event id) | [`publish`] |
 //! | the live plugin registry and routing table | [`registry`] |
 //! | the dispatcher (ordering, retries, dead letters, deferral) | [`dispatch`] |
+//! | leases: one active dispatcher among several buses | [`lease`] |
 //! | the synchronous hooks (validate, before_*, get_attrs) over request/reply | [`sync_hooks`] |
 //! | metrics of sync-hook calls and plugin API routes (served by the host) | [`call_metrics`] |
 //! | reading, replaying and purging dead letters | [`dlq`] |
@@ -31,6 +32,7 @@ pub mod dispatch;
 pub mod dlq;
 pub mod host;
 pub mod http;
+pub mod lease;
 pub mod metrics;
 pub mod monitor;
 pub mod nats_config;

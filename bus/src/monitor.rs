@@ -162,6 +162,10 @@ pub struct BusHealth {
     pub nats: String,
     /// The dispatcher takes events.
     pub dispatcher_running: bool,
+    /// `active` (this bus dispatches), `standby` (another bus holds the
+    /// dispatcher lease) or `stopped`.
+    #[serde(default)]
+    pub dispatcher_role: String,
     /// `ENABLED_PLUGINS`, in order.
     pub enabled_plugins: Vec<String>,
     /// Events of the stream not yet taken by the dispatcher.
@@ -265,7 +269,7 @@ impl Health {
     /// publishes.
     pub fn is_ok(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
-            && self.metrics.stats().is_running()
+            && (self.metrics.stats().is_running() || self.metrics.stats().is_standby())
             && self.metrics.relay_stats().is_none_or(|r| r.is_healthy())
     }
 
@@ -332,6 +336,7 @@ impl Health {
             }
             .to_owned(),
             dispatcher_running: stats.is_running(),
+            dispatcher_role: stats.role().to_owned(),
             enabled_plugins: self.enabled.clone(),
             pending: sampled.pending.load(Ordering::Relaxed),
             ack_pending: sampled.ack_pending.load(Ordering::Relaxed),

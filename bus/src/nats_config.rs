@@ -156,6 +156,7 @@ pub fn permissions(subjects: &Subjects, user: &User) -> Permissions {
     let events = subjects.events_stream();
     let bucket = subjects.registry_bucket();
     let jobs = jobs_stream(subjects);
+    let jobs_bucket = subjects.jobs_bucket();
     let inbox = format!("{}.>", inbox_prefix(&user.name));
     let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
     match &user.role {
@@ -170,10 +171,14 @@ pub fn permissions(subjects: &Subjects, user: &User) -> Permissions {
                 &format!("{p}.deferred.>"),
                 &format!("{p}.alerts.>"),
                 &format!("{p}.bus.>"),
+                // The audit trail (DLQ replay and purge, registry changes).
+                &format!("{p}.audit.>"),
                 "$JS.API.>",
                 "$JS.ACK.>",
                 "$JS.FC.>",
                 &format!("$KV.{bucket}.>"),
+                // The dispatcher lease (one active bus).
+                &format!("$KV.{}.>", subjects.leases_bucket()),
                 "$SRV.>",
             ]),
             publish_deny: vec![],
@@ -213,10 +218,15 @@ pub fn permissions(subjects: &Subjects, user: &User) -> Permissions {
                 &format!("$JS.API.CONSUMER.DELETE.{events}.*"),
                 &format!("$JS.API.CONSUMER.MSG.NEXT.{events}.*"),
                 &format!("{p}.bus.registry"),
-                // Jobs (planned, issue 4): its own durable consumer on the jobs stream.
-                &format!("$JS.API.CONSUMER.INFO.{jobs}.{id}"),
-                &format!("$JS.API.CONSUMER.MSG.NEXT.{jobs}.{id}"),
-                &format!("$JS.ACK.{jobs}.{id}.>"),
+                // Jobs: its own durable consumer `jobs-<id>` on the jobs stream
+                // (created with its own filter), and its own keys in the jobs bucket.
+                &format!("$JS.API.CONSUMER.CREATE.{jobs}.jobs-{id}.{p}.jobs.{id}.>"),
+                &format!("$JS.API.CONSUMER.INFO.{jobs}.jobs-{id}"),
+                &format!("$JS.API.CONSUMER.MSG.NEXT.{jobs}.jobs-{id}"),
+                &format!("$JS.ACK.{jobs}.jobs-{id}.>"),
+                &format!("$JS.API.STREAM.INFO.KV_{jobs_bucket}"),
+                &format!("$JS.API.DIRECT.GET.KV_{jobs_bucket}.$KV.{jobs_bucket}.{id}.>"),
+                &format!("$KV.{jobs_bucket}.{id}.>"),
             ]),
             // The bus's consumer is not a plugin's to read, change or delete.
             publish_deny: s(&[

@@ -236,7 +236,50 @@ async fn ensure_registry(
         "Pagoda plugin job states (key <plugin>.<job-id>)",
         settings,
     )
+    .await?;
+    ensure_leases(js, subjects, settings).await
+}
+
+/// The leases bucket: its `max_age` is the lease time, kept equal to the setting.
+async fn ensure_leases(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    settings: &StreamSettings,
+) -> Result<(), ProvisionError> {
+    let bucket = subjects.leases_bucket();
+    let err =
+        |what: String| move |e: async_nats::Error| ProvisionError::JetStream { what, source: e };
+    if js.get_key_value(&bucket).await.is_ok() {
+        let stream_name = format!("KV_{bucket}");
+        let mut stream = js
+            .get_stream(&stream_name)
+            .await
+            .map_err(|e| err(format!("stream info {stream_name}"))(e.into()))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| err(format!("stream info {stream_name}"))(e.into()))?;
+        if info.config.max_age != settings.lease_ttl {
+            let mut updated = info.config.clone();
+            updated.max_age = settings.lease_ttl;
+            js.update_stream(&updated)
+                .await
+                .map_err(|e| err(format!("update {stream_name}"))(e.into()))?;
+        }
+        return Ok(());
+    }
+    js.create_key_value(kv::Config {
+        bucket: bucket.clone(),
+        description: "Pagoda hook bus leases (one active dispatcher)".into(),
+        history: 1,
+        max_age: settings.lease_ttl,
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    })
     .await
+    .map_err(|e| err(format!("create bucket {bucket}"))(e.into()))?;
+    Ok(())
 }
 
 async fn ensure_bucket(

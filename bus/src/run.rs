@@ -124,14 +124,39 @@ impl Bus {
             }));
             tracing::info!("outbox relay started");
         }
-        let dispatcher = tokio::spawn(Dispatcher::run(
-            client,
-            config.subjects.clone(),
-            config.dispatcher.clone(),
-            registry.clone(),
-            stats.clone(),
-            shutdown.child_token(),
-        ));
+        let dispatcher = if config.dispatcher.lease {
+            let lease = crate::lease::Lease::open(
+                &js,
+                &config.subjects,
+                "dispatcher",
+                &holder_name(),
+                config.streams.lease_ttl,
+            )
+            .await
+            .map_err(|e| {
+                RunError::Provision(ProvisionError::JetStream {
+                    what: "open the leases bucket".into(),
+                    source: e,
+                })
+            })?;
+            tokio::spawn(dispatch_under_lease(
+                lease,
+                client,
+                config.clone(),
+                registry.clone(),
+                stats.clone(),
+                shutdown.child_token(),
+            ))
+        } else {
+            tokio::spawn(Dispatcher::run(
+                client,
+                config.subjects.clone(),
+                config.dispatcher.clone(),
+                registry.clone(),
+                stats.clone(),
+                shutdown.child_token(),
+            ))
+        };
         Ok(Bus {
             registry,
             stats,
@@ -200,6 +225,68 @@ pub async fn run(
         token.cancel();
     });
     bus.wait().await
+}
+
+/// A name for this process as a lease holder: host name, process id and a random part.
+fn holder_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "bus".to_owned());
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("{host}/{}/{}", std::process::id(), &id[id.len() - 8..])
+}
+
+/// Dispatches while this bus holds the dispatcher lease; stands by otherwise.
+/// A lost lease stops the dispatcher (unfinished events go back to the stream
+/// and to the next holder, after their ack wait) and this bus stands by again.
+async fn dispatch_under_lease(
+    lease: crate::lease::Lease,
+    client: async_nats::Client,
+    config: BusConfig,
+    registry: Registry,
+    stats: Arc<DispatchStats>,
+    shutdown: CancellationToken,
+) -> Result<(), DispatchError> {
+    let mut settings = config.dispatcher.clone();
+    // Unfinished events must be given up before the next holder sees them again.
+    settings.shutdown_grace = settings.shutdown_grace.min(settings.ack_wait / 3);
+    loop {
+        stats.set_standby(true);
+        let Some(held) = lease.acquire(&shutdown).await else {
+            stats.set_standby(false);
+            return Ok(());
+        };
+        stats.set_standby(false);
+        let run = shutdown.child_token();
+        let lost = held.lost();
+        let stop = run.clone();
+        let watcher = tokio::spawn(async move {
+            tokio::select! {
+                () = lost.cancelled() => stop.cancel(),
+                () = stop.cancelled() => {}
+            }
+        });
+        let result = Dispatcher::run(
+            client.clone(),
+            config.subjects.clone(),
+            settings.clone(),
+            registry.clone(),
+            stats.clone(),
+            run.clone(),
+        )
+        .await;
+        run.cancel();
+        let _ = watcher.await;
+        let was_lost = held.lost().is_cancelled();
+        held.release().await;
+        result?;
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        if was_lost {
+            tracing::warn!("dispatcher lease lost; standing by");
+        }
+    }
 }
 
 /// Answers `<prefix>.bus.registry` (the routing table as the bus sees it: plugins,

@@ -382,6 +382,11 @@ impl Subjects {
         format!("{}_jobs", self.prefix.replace(['.', '-'], "_"))
     }
 
+    /// Name of the KV bucket of leases (one active dispatcher), e.g. `pagoda_leases`.
+    pub fn leases_bucket(&self) -> String {
+        format!("{}_leases", self.prefix.replace(['.', '-'], "_"))
+    }
+
     /// Name of the stream of audit events (admin actions), e.g. `PAGODA_AUDIT`.
     pub fn audit_stream(&self) -> String {
         format!("{}_AUDIT", self.upper())

@@ -316,6 +316,74 @@ fn spawn_bus_process(server: &NatsServer, enabled: &str) -> Child {
         .unwrap()
 }
 
+/// The process id in the dispatcher lease (`host/pid/random`), if held.
+async fn lease_holder_pid(js: &jetstream::Context) -> Option<u32> {
+    let kv = js
+        .get_key_value(Subjects::default().leases_bucket())
+        .await
+        .ok()?;
+    let v = kv.get("dispatcher").await.ok()??;
+    String::from_utf8_lossy(&v).split('/').nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_bus_takes_over_when_the_active_one_is_killed() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = jetstream::new(client.clone());
+    let log = CallLog::default();
+    let spawn = || {
+        Command::new(hookbus_tests::hookbus_binary())
+            .arg("run")
+            .env("NATS_URL", server.url())
+            .env("ENABLED_PLUGINS", "p")
+            .env("HOOKBUS_ACK_WAIT_SECS", "2")
+            .env("HOOKBUS_LEASE_TTL", "1s")
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap()
+    };
+    let mut a = spawn();
+    assert_eventually!(lease_holder_pid(&js).await == Some(a.id()), WAIT);
+    let mut b = spawn();
+    let mut p = TestPlugin::new("p", &log).handler("h", Hook::EntryAfterCreate, None, 100);
+    p.set("h", Behaviour::Slow(Duration::from_millis(2)));
+    p.start(&client).await;
+    assert_eventually!(bus_process_routes_to(&client, "p").await, WAIT);
+    let publisher = publisher(&client);
+    for i in 0..400 {
+        publisher
+            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i % 10))
+            .await
+            .unwrap();
+    }
+    assert_eventually!(log.len() > 60, WAIT);
+    // Only the lease holder dispatches: kill it mid-stream.
+    assert_eq!(
+        lease_holder_pid(&js).await,
+        Some(a.id()),
+        "a still holds the lease"
+    );
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let at_kill = log.len();
+    assert!(at_kill < 400, "killed mid-stream ({at_kill} delivered)");
+    assert_eventually!(lease_holder_pid(&js).await == Some(b.id()), WAIT);
+    assert_eventually!(
+        log.all()
+            .iter()
+            .map(|c| c.event_id.clone())
+            .collect::<HashSet<_>>()
+            .len()
+            == 400,
+        WAIT
+    );
+    assert_in_order_per_object(&log, "p", 400);
+    b.kill().unwrap();
+    b.wait().unwrap();
+}
+
 /// Whether a bus running in another process has `plugin` enabled in its routing table.
 async fn bus_process_routes_to(client: &async_nats::Client, plugin: &str) -> bool {
     let Ok(Ok(reply)) = tokio::time::timeout(

@@ -85,12 +85,35 @@ pub struct DispatchStats {
     /// True while the dispatcher takes events.
     #[serde(skip)]
     running: std::sync::atomic::AtomicBool,
+    /// True while this bus waits for another one's dispatcher lease.
+    #[serde(skip)]
+    standby: std::sync::atomic::AtomicBool,
 }
 
 impl DispatchStats {
     /// True while the dispatcher takes events from its consumer.
     pub fn is_running(&self) -> bool {
         self.running.load(Ordering::Relaxed)
+    }
+
+    /// True while this bus stands by: another bus holds the dispatcher lease.
+    pub fn is_standby(&self) -> bool {
+        self.standby.load(Ordering::Relaxed)
+    }
+
+    /// `active`, `standby` or `stopped`.
+    pub fn role(&self) -> &'static str {
+        if self.is_running() {
+            "active"
+        } else if self.is_standby() {
+            "standby"
+        } else {
+            "stopped"
+        }
+    }
+
+    pub(crate) fn set_standby(&self, standby: bool) {
+        self.standby.store(standby, Ordering::Relaxed);
     }
 }
 
@@ -428,6 +451,21 @@ impl Dispatcher {
             )
             .await
             .map_err(|e| err("dispatcher consumer")(e.into()))?;
+        // Events another dispatcher took and did not finish (it crashed, or lost
+        // its lease) come back only after their ack wait; newer events of the same
+        // objects must not overtake them. Hold everything until they are back.
+        let mut hold = {
+            let mut consumer = consumer.clone();
+            let info = consumer
+                .info()
+                .await
+                .map_err(|e| err("dispatcher consumer info")(e.into()))?;
+            Hold::new(
+                u64::try_from(info.num_ack_pending).unwrap_or(0),
+                info.delivered.stream_sequence,
+                settings.ack_wait + Duration::from_secs(1),
+            )
+        };
         let tracker = TaskTracker::new();
         let ctx = Arc::new(Ctx {
             client,
@@ -462,8 +500,24 @@ impl Dispatcher {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
+                () = hold.expired() => {
+                    tracing::warn!(missing = hold.remaining,
+                        "events left unfinished by an earlier dispatcher did not all come back within the ack wait; dispatching the held events");
+                    for msg in hold.release() {
+                        dispatcher.accept(msg).await;
+                    }
+                }
                 next = messages.next() => match next {
-                    Some(Ok(msg)) => dispatcher.accept(msg).await,
+                    Some(Ok(msg)) => {
+                        if let Some(msg) = hold.offer(msg) {
+                            dispatcher.accept(msg).await;
+                        } else if hold.remaining == 0 {
+                            tracing::info!("unfinished events of an earlier dispatcher are back; dispatching in stream order");
+                            for msg in hold.release() {
+                                dispatcher.accept(msg).await;
+                            }
+                        }
+                    }
                     Some(Err(e)) => tracing::debug!(error = %e, "consumer stream hiccup"),
                     None => {
                         tracing::error!("consumer stream ended");
@@ -558,6 +612,66 @@ impl Dispatcher {
                 }
             }
         });
+    }
+}
+
+/// Events held at start-up until those an earlier dispatcher left unfinished
+/// are redelivered, so that per-object order holds across a crash or a take-over.
+struct Hold {
+    /// Unfinished events of the earlier dispatcher not yet back.
+    remaining: u64,
+    /// The last stream sequence delivered before this dispatcher started.
+    upto: u64,
+    deadline: Option<tokio::time::Instant>,
+    held: std::collections::BTreeMap<u64, jetstream::Message>,
+}
+
+impl Hold {
+    fn new(pending: u64, upto: u64, wait: Duration) -> Hold {
+        if pending > 0 {
+            tracing::info!(
+                pending,
+                upto,
+                "an earlier dispatcher left events unfinished; holding newer events until they are redelivered"
+            );
+        }
+        Hold {
+            remaining: pending,
+            upto,
+            deadline: (pending > 0).then(|| tokio::time::Instant::now() + wait),
+            held: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// The message back when nothing is held, else `None` (kept).
+    fn offer(&mut self, msg: jetstream::Message) -> Option<jetstream::Message> {
+        if self.deadline.is_none() {
+            return Some(msg);
+        }
+        let Ok(info) = msg.info() else {
+            return Some(msg);
+        };
+        let seq = info.stream_sequence;
+        // A second copy of a held event replaces the first (its reply subject is newer).
+        if self.held.insert(seq, msg).is_none() && seq <= self.upto {
+            self.remaining = self.remaining.saturating_sub(1);
+        }
+        None
+    }
+
+    /// Everything held, in stream order; holding ends.
+    fn release(&mut self) -> Vec<jetstream::Message> {
+        self.deadline = None;
+        self.remaining = 0;
+        std::mem::take(&mut self.held).into_values().collect()
+    }
+
+    /// Resolves when holding should end although not everything came back.
+    async fn expired(&self) {
+        match self.deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
     }
 }
 

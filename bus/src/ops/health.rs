@@ -96,11 +96,7 @@ pub async fn check(ops: &Ops) -> Result<HealthReport, OpsError> {
         problems.push(format!(
             "the bus is unhealthy: NATS {}, dispatcher {}",
             b.nats,
-            if b.dispatcher_running {
-                "running"
-            } else {
-                "not running"
-            }
+            role(b)
         ));
     }
     let enabled: Vec<String> = bus
@@ -218,11 +214,7 @@ pub fn render(
             "bus:    {}  NATS {}, dispatcher {}, backlog {} event(s) ({} not taken, {} in hand), {} acked since start",
             if b.is_ok() { "ok" } else { "UNHEALTHY" },
             b.nats,
-            if b.dispatcher_running {
-                "running"
-            } else {
-                "NOT RUNNING"
-            },
+            role(b),
             b.pending + b.ack_pending,
             b.pending,
             b.ack_pending,
@@ -299,4 +291,14 @@ pub fn render(
         }
     }
     Ok(())
+}
+
+/// The dispatcher's state in words: `running`, `standing by (another bus holds
+/// the lease)` or `NOT RUNNING`.
+fn role(b: &crate::monitor::BusHealth) -> &'static str {
+    match (b.dispatcher_running, b.dispatcher_role.as_str()) {
+        (true, _) => "running",
+        (false, "standby") => "standing by (another bus holds the lease)",
+        _ => "NOT RUNNING",
+    }
 }

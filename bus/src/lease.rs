@@ -1,0 +1,182 @@
+//! Leases: at most one holder of a named role at a time, with automatic
+//! take-over when the holder dies.
+//!
+//! A lease is a key in the KV bucket `<prefix>_leases` whose value names the
+//! holder. The bucket's `max_age` is the lease time: the server itself removes
+//! a key that was not renewed within it (no clocks are compared between
+//! machines). The holder renews by compare-and-set on the key's revision every
+//! quarter of the lease time; a standby tries to create the key as often, and
+//! wins once the key is gone (released on shutdown, or expired after a crash).
+//!
+//! A holder that cannot renew (it lost its NATS connection, or someone else holds
+//! the key now) gives the lease up ([`Held::lost`]) before the lease time is over,
+//! so two holders never act at once as long as the process is not paused for
+//! longer than a quarter of the lease time.
+//!
+//! The dispatcher takes the lease `dispatcher` before it consumes, so that of
+//! several `hookbus run` processes exactly one dispatches and the others stand by
+//! (`hookbus health` shows which).
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use core_events::Subjects;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A named lease in the leases bucket.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    kv: kv::Store,
+    key: String,
+    holder: String,
+    ttl: Duration,
+}
+
+/// A lease this process holds; renewed in the background until released or lost.
+#[derive(Debug)]
+pub struct Held {
+    lost: CancellationToken,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Lease {
+    /// The lease `key` for `holder` (a name unique per process), with the lease
+    /// time of the bucket (`ttl`, which `hookbus provision` sets as its `max_age`).
+    ///
+    /// # Errors
+    ///
+    /// When the bucket does not exist (run `hookbus provision`).
+    pub async fn open(
+        js: &jetstream::Context,
+        subjects: &Subjects,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Lease, async_nats::Error> {
+        let kv = js.get_key_value(subjects.leases_bucket()).await?;
+        Ok(Lease {
+            kv,
+            key: key.to_owned(),
+            holder: holder.to_owned(),
+            ttl,
+        })
+    }
+
+    fn every(&self) -> Duration {
+        (self.ttl / 4).max(Duration::from_millis(50))
+    }
+
+    /// Who holds the lease now, if anyone.
+    ///
+    /// # Errors
+    ///
+    /// When the bucket cannot be read.
+    pub async fn holder(&self) -> Result<Option<String>, async_nats::Error> {
+        Ok(self
+            .kv
+            .get(&self.key)
+            .await?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Waits until this process holds the lease, or `shutdown` (then `None`).
+    pub async fn acquire(&self, shutdown: &CancellationToken) -> Option<Held> {
+        let mut said = false;
+        loop {
+            match self
+                .kv
+                .create(&self.key, Bytes::from(self.holder.clone()))
+                .await
+            {
+                Ok(revision) => {
+                    tracing::info!(lease = %self.key, holder = %self.holder, "lease acquired");
+                    return Some(self.hold(revision));
+                }
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    if !said {
+                        let other = self.holder().await.ok().flatten().unwrap_or_default();
+                        tracing::info!(lease = %self.key, holder = %other,
+                            "lease held by another process; standing by");
+                        said = true;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %self.key, error = %e, "cannot take the lease; retrying")
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(self.every()) => {}
+            }
+        }
+    }
+
+    fn hold(&self, revision: u64) -> Held {
+        let lost = CancellationToken::new();
+        let stop = CancellationToken::new();
+        let lease = self.clone();
+        let (lost2, stop2) = (lost.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut revision = revision;
+            let mut renewed = Instant::now();
+            // Give up well before the server could expire the key.
+            let give_up = lease.ttl * 3 / 4;
+            loop {
+                tokio::select! {
+                    () = stop2.cancelled() => {
+                        // Release, only if still ours: a standby takes over at once.
+                        let _ = lease.kv.delete_expect_revision(&lease.key, Some(revision)).await;
+                        tracing::info!(lease = %lease.key, "lease released");
+                        return;
+                    }
+                    () = tokio::time::sleep(lease.every()) => {}
+                }
+                match tokio::time::timeout(
+                    lease.every(),
+                    lease
+                        .kv
+                        .update(&lease.key, Bytes::from(lease.holder.clone()), revision),
+                )
+                .await
+                {
+                    Ok(Ok(r)) => {
+                        revision = r;
+                        renewed = Instant::now();
+                    }
+                    Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        tracing::error!(lease = %lease.key, "lease taken by another process; giving it up");
+                        lost2.cancel();
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(lease = %lease.key, error = %e, "lease renewal failed");
+                    }
+                    Err(_) => tracing::warn!(lease = %lease.key, "lease renewal timed out"),
+                }
+                if renewed.elapsed() >= give_up {
+                    tracing::error!(lease = %lease.key, "lease not renewed in time; giving it up");
+                    lost2.cancel();
+                    return;
+                }
+            }
+        });
+        Held { lost, stop, task }
+    }
+}
+
+impl Held {
+    /// Cancelled when the lease is lost (not renewed in time, or taken over).
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
+    /// Stops renewing and releases the lease (if still held), so a standby takes
+    /// over at once.
+    pub async fn release(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
