@@ -84,6 +84,18 @@ const SCHEMAS: &[(&str, Generator)] = &[
     ("entity-get-attrs-reply.schema.json", || {
         schema_for!(sync::GetAttrsReply<core_events::EntityAttr>)
     }),
+    ("api-request.schema.json", || {
+        schema_for!(core_events::plugin_api::ApiRequest)
+    }),
+    ("api-response.schema.json", || {
+        schema_for!(core_events::plugin_api::ApiResponse)
+    }),
+    ("job-request.schema.json", || {
+        schema_for!(core_events::jobs::JobRequest)
+    }),
+    ("job-state.schema.json", || {
+        schema_for!(core_events::jobs::JobState)
+    }),
 ];
 
 /// Files in `schemas/` that are not generated.
