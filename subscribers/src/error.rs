@@ -218,6 +218,19 @@ pub enum ServeError {
         #[source]
         source: async_nats::jetstream::kv::PutError,
     },
+    /// The job worker of the plugin's tasks could not start: the jobs bucket or
+    /// stream is missing (is the bus up to date?) or unreadable, or the plugin's
+    /// consumer cannot be created (permissions).
+    #[error("could not start the job worker of plugin '{plugin}': could not {what}: {source}")]
+    Jobs {
+        /// The plugin id.
+        plugin: String,
+        /// What failed.
+        what: String,
+        /// What async-nats reported.
+        #[source]
+        source: async_nats::Error,
+    },
     /// The replay asked for in [`ServeOptions::replay`](crate::ServeOptions::replay)
     /// could not start or go on.
     #[error("replay failed: {0}")]

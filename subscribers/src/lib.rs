@@ -16,6 +16,8 @@
 //! | [`Plugin::serve`], [`ServeOptions`], [`RunningPlugin`] | serve and register; bounded concurrency; graceful shutdown | [`serve`] |
 //! | [`ReplayFrom`], [`ServeOptions::replay`], [`Plugin::replay`], [`replay::replay_events`] | rebuild state from the stored events, then go on live without a gap or a duplicate; raw replays | [`replay`] |
 //! | [`PluginBuilder::on_validate`], [`SyncContext`], [`SyncError`] | synchronous hooks (validate, before_*, get_attrs) over request/reply | [`sync`] |
+//! | [`PluginBuilder::api_route`], [`ApiContext`], [`ApiResponse`] | plugin API routes: HTTP requests under `/api/v2/plugins/<id>/…`, forwarded by the host over request/reply | [`api`] |
+//! | [`PluginBuilder::task`], [`TaskContext`], [`TaskOutcome`] | plugin tasks run as jobs: a JetStream work queue, state and cancel in the jobs bucket | [`task`] |
 //! | [`run_main`], [`run()`], [`RunConfig`] | the whole `main` of a plugin binary (env config, tracing, signals, drain) | [`run`](mod@run) |
 //!
 //! Delivery protocol: the request payload is the CloudEvents envelope
@@ -30,6 +32,11 @@
 //! Synchronous hooks (validate, before_*, get_attrs) are declared with their own
 //! builder methods ([`PluginBuilder::on_validate`], …, see [`sync`]): the request
 //! body is the hook's request and the reply carries the handler's decision.
+//!
+//! API routes ([`PluginBuilder::api_route`]) are endpoints of the same service on
+//! `<prefix>.api.<plugin-id>.<route>`: the request body is an [`ApiRequest`] and
+//! the reply an [`ApiResponse`]. Tasks ([`PluginBuilder::task`]) are run by a
+//! job worker the plugin serves beside its endpoints (see [`task`]).
 //!
 //! # Example
 //!
@@ -60,6 +67,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod context;
 pub mod error;
 pub mod plugin;
@@ -67,12 +75,16 @@ pub mod replay;
 pub mod run;
 pub mod serve;
 pub mod sync;
+pub mod task;
 
+pub use api::{ApiContext, ApiResult};
 pub use context::{EntityContext, EntryContext, EventContext};
+pub use core_events::jobs::{JobRequest, JobState, JobStatus};
+pub use core_events::plugin_api::{ApiRequest, ApiResponse};
 pub use core_events::sync::FieldError;
 pub use core_events::{
-    EntityEvent, EntryEvent, Envelope, EventId, HandlerSpec, Hook, HookKind, ManifestError,
-    ObjectKind, OnUnavailable, PluginManifest,
+    ApiRouteSpec, EntityEvent, EntryEvent, Envelope, EventId, HandlerSpec, Hook, HookKind,
+    ManifestError, ObjectKind, OnUnavailable, PluginManifest, TaskSpec,
 };
 pub use error::{HandlerError, HandlerErrorKind, ResultExt, ServeError};
 pub use plugin::{HandlerResult, IntoHook, Plugin, PluginBuilder};
@@ -80,3 +92,4 @@ pub use replay::{ReplayError, ReplayFrom, ReplayProgress};
 pub use run::{RunConfig, RunError, run, run_main};
 pub use serve::{RunningPlugin, ServeOptions};
 pub use sync::{SyncContext, SyncError, SyncResult};
+pub use task::{TaskContext, TaskOutcome, TaskResult};

@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use core_events::{
-    EntityEvent, EntryEvent, HandlerSpec, Hook, HookKind, ManifestError, ObjectKind,
-    PluginManifest, UnknownHook,
+    ApiRouteSpec, EntityEvent, EntryEvent, HandlerSpec, Hook, HookKind, ManifestError, ObjectKind,
+    PluginManifest, TaskSpec, UnknownHook,
 };
 
+use crate::api::ApiCall;
 use crate::context::EventContext;
 use crate::error::HandlerError;
+use crate::task::TaskCall;
 
 /// What a notification handler's future resolves to.
 pub type HandlerResult = Result<(), HandlerError>;
@@ -80,6 +82,10 @@ pub(crate) struct PluginInner {
     pub(crate) manifest_json: Bytes,
     /// `handlers[i]` serves `manifest.handlers[i]`.
     pub(crate) handlers: Vec<HandlerFn>,
+    /// `routes[i]` serves `manifest.api[i]`.
+    pub(crate) routes: Vec<ApiCall>,
+    /// `tasks[i]` runs `manifest.tasks[i]`.
+    pub(crate) tasks: Vec<TaskCall>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -101,6 +107,8 @@ impl Plugin {
         PluginBuilder {
             manifest: PluginManifest::new(id, name, version),
             handlers: Vec::new(),
+            routes: Vec::new(),
+            tasks: Vec::new(),
             problems: Vec::new(),
             current: Current::None,
         }
@@ -117,27 +125,37 @@ impl Plugin {
     }
 }
 
-/// Which handler the per-handler options (`entities`, `priority`, …) apply to.
+/// What the per-declaration options (`entities`, `priority`, `public`, …) apply
+/// to: the handler, API route or task declared last.
 #[derive(Debug, Clone, Copy)]
 enum Current {
-    /// No handler declared yet.
+    /// Nothing declared yet.
     None,
     /// The last declaration was rejected; its problem is already recorded.
     Rejected,
     /// The handler at this index.
     Handler(usize),
+    /// The API route at this index.
+    Route(usize),
+    /// The task at this index.
+    Task(usize),
 }
 
-/// Declares a plugin's metadata and handlers; [`PluginBuilder::build`] validates it.
+/// Declares a plugin's metadata, handlers, API routes and tasks;
+/// [`PluginBuilder::build`] validates it.
 ///
 /// Per-handler options ([`entities`](Self::entities), [`priority`](Self::priority),
 /// [`timeout`](Self::timeout), [`retry_backoff_ms`](Self::retry_backoff_ms)) apply
 /// to the handler declared last. Declaration order is manifest order, the last
-/// tie-breaker of dispatch order.
+/// tie-breaker of dispatch order. API routes ([`api_route`](Self::api_route)) and
+/// tasks ([`task`](Self::task)) have options of their own, applying to the route
+/// or task declared last.
 #[must_use = "a builder does nothing until build() is called"]
 pub struct PluginBuilder {
     manifest: PluginManifest,
     handlers: Vec<HandlerFn>,
+    routes: Vec<ApiCall>,
+    tasks: Vec<TaskCall>,
     problems: Vec<String>,
     current: Current,
 }
@@ -245,6 +263,12 @@ impl PluginBuilder {
         self
     }
 
+    /// Records a problem with an option, keeping what it applies to.
+    fn reject_option(mut self, problem: String) -> Self {
+        self.problems.push(problem);
+        self
+    }
+
     fn reject(mut self, problem: String) -> Self {
         self.problems.push(problem);
         self.current = Current::Rejected;
@@ -267,8 +291,81 @@ impl PluginBuilder {
             Current::None => self.problems.push(format!(
                 "{option}() was called before any handler was declared; handler options apply to the handler declared last"
             )),
+            Current::Route(_) | Current::Task(_) => {
+                let problem = format!(
+                    "{option}() applies to hook handlers; the last declaration is {}",
+                    self.current_label()
+                );
+                self.problems.push(problem);
+            }
         }
         self
+    }
+
+    /// Declares an API route (see [`crate::api`]).
+    pub(crate) fn push_route(mut self, spec: ApiRouteSpec, call: ApiCall) -> Self {
+        self.manifest.api.push(spec);
+        self.routes.push(call);
+        self.current = Current::Route(self.routes.len() - 1);
+        self
+    }
+
+    /// Applies an API route option to the route declared last.
+    pub(crate) fn with_current_route(
+        mut self,
+        option: &str,
+        apply: impl FnOnce(&mut ApiRouteSpec),
+    ) -> Self {
+        match self.current {
+            Current::Route(i) => apply(&mut self.manifest.api[i]),
+            Current::Rejected => {}
+            _ => {
+                let problem = format!(
+                    "{option}() applies to API routes (api_route); the last declaration is {}",
+                    self.current_label()
+                );
+                self.problems.push(problem);
+            }
+        }
+        self
+    }
+
+    /// Declares a task (see [`crate::task`]).
+    pub(crate) fn push_task(mut self, spec: TaskSpec, call: TaskCall) -> Self {
+        self.manifest.tasks.push(spec);
+        self.tasks.push(call);
+        self.current = Current::Task(self.tasks.len() - 1);
+        self
+    }
+
+    /// Applies a task option to the task declared last.
+    pub(crate) fn with_current_task(
+        mut self,
+        option: &str,
+        apply: impl FnOnce(&mut TaskSpec),
+    ) -> Self {
+        match self.current {
+            Current::Task(i) => apply(&mut self.manifest.tasks[i]),
+            Current::Rejected => {}
+            _ => {
+                let problem = format!(
+                    "{option}() applies to tasks (task); the last declaration is {}",
+                    self.current_label()
+                );
+                self.problems.push(problem);
+            }
+        }
+        self
+    }
+
+    /// What the options apply to now, for messages.
+    fn current_label(&self) -> String {
+        match self.current {
+            Current::None | Current::Rejected => "nothing".to_owned(),
+            Current::Handler(i) => format!("handler '{}'", self.manifest.handlers[i].name),
+            Current::Route(i) => format!("api route '{}'", self.manifest.api[i].name),
+            Current::Task(i) => format!("task '{}'", self.manifest.tasks[i].name),
+        }
     }
 
     /// Limits the last handler to these entity names (exact, case-sensitive).
@@ -287,11 +384,23 @@ impl PluginBuilder {
         self.with_current("priority", |spec| spec.priority = priority)
     }
 
-    /// How long the bus waits for the last handler to answer one delivery
-    /// (default 5 s; whole milliseconds).
+    /// How long the bus waits for the last handler to answer one delivery, or
+    /// the host for the last API route to answer one request (else HTTP 504);
+    /// default 5 s, whole milliseconds. For a task, see
+    /// [`task_timeout`](Self::task_timeout).
     pub fn timeout(self, timeout: Duration) -> Self {
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        self.with_current("timeout", |spec| spec.timeout_ms = ms)
+        match self.current {
+            Current::Route(_) => self.with_current_route("timeout", |spec| spec.timeout_ms = ms),
+            Current::Task(i) => {
+                let problem = format!(
+                    "timeout() applies to hook handlers and API routes; task '{}' takes task_timeout()",
+                    self.manifest.tasks[i].name
+                );
+                self.reject_option(problem)
+            }
+            _ => self.with_current("timeout", |spec| spec.timeout_ms = ms),
+        }
     }
 
     /// The last handler's retry schedule: the waits in milliseconds before each
@@ -318,13 +427,24 @@ impl PluginBuilder {
     /// [`ManifestError`] listing every problem: Pagoda's id/name/version messages
     /// ("Plugin ID is required", …), unknown hook names (with the valid names),
     /// hooks of the wrong object or kind, duplicate or malformed handler names, bad
-    /// entity filters, priorities, timeouts and retry schedules.
+    /// entity filters, priorities, timeouts and retry schedules; API routes with a
+    /// bad method, path or timeout, or the name of a handler (both are endpoints of
+    /// the plugin's one NATS service); tasks with a bad name or offset; options
+    /// given to the wrong kind of declaration.
     pub fn build(self) -> Result<Plugin, ManifestError> {
         let mut problems = match self.manifest.validate() {
             Ok(()) => Vec::new(),
             Err(e) => e.problems,
         };
         problems.extend(self.problems);
+        for route in &self.manifest.api {
+            if self.manifest.handlers.iter().any(|h| h.name == route.name) {
+                problems.push(format!(
+                    "api route '{}': the name is used by a handler; routes and handlers are endpoints of one NATS service and need distinct names",
+                    route.name
+                ));
+            }
+        }
         let manifest_json = if problems.is_empty() {
             match serde_json::to_vec(&self.manifest) {
                 Ok(json) => Bytes::from(json),
@@ -349,6 +469,8 @@ impl PluginBuilder {
                 manifest: self.manifest,
                 manifest_json,
                 handlers: self.handlers,
+                routes: self.routes,
+                tasks: self.tasks,
             }),
         })
     }

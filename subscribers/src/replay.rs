@@ -164,7 +164,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use core_events::protocol::{DeadLetter, FailedAttempt, headers};
 use core_events::{Envelope, EventId, HandlerSpec, Hook, SubjectError, Subjects};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -174,7 +174,7 @@ use tracing::{debug, error, info, warn};
 use crate::context::{self, DeliveryHeaders};
 use crate::error::{HandlerError, HandlerErrorKind};
 use crate::plugin::{HandlerFn, NotificationCall, Plugin};
-use crate::serve::{Slot, panic_text};
+use crate::serve::Slot;
 
 /// Where a replay starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -1060,18 +1060,7 @@ where
         delivery,
     )
     .map_err(HandlerError::permanent)?;
-    let guarded = std::panic::AssertUnwindSafe(f(ctx)).catch_unwind();
-    match tokio::time::timeout(slot.spec.timeout(), guarded).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(panic)) => Err(HandlerError::transient(format!(
-            "handler panicked: {}",
-            panic_text(panic.as_ref())
-        ))),
-        Err(_) => Err(HandlerError::transient(format!(
-            "handler timed out after {} ms",
-            slot.spec.timeout_ms
-        ))),
-    }
+    crate::serve::guarded(f(ctx), slot.spec.timeout()).await
 }
 
 impl Plugin {

@@ -1,8 +1,10 @@
-//! Serving a plugin: one NATS service, one endpoint per handler, registration in
-//! the registry bucket, bounded concurrency and graceful shutdown.
+//! Serving a plugin: one NATS service, one endpoint per handler and per API
+//! route, registration in the registry bucket, the job worker of its tasks,
+//! bounded concurrency and graceful shutdown.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,10 +24,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::api::RouteSlot;
 use crate::context::{self, EventContext};
 use crate::error::{HandlerError, ServeError, one_line};
 use crate::plugin::{HandlerFn, NotificationCall, Plugin};
 use crate::replay::{self, CatchUpGate, Live, ReplayError, ReplayFrom, ReplayProgress};
+use crate::task::{DEFAULT_TASK_CONCURRENCY, JobWorker};
 
 /// Default wait for the registry bucket to appear.
 pub const DEFAULT_REGISTRY_WAIT: Duration = Duration::from_secs(30);
@@ -45,7 +49,8 @@ pub struct ServeOptions {
     /// bucket name derive from its prefix (default `pagoda`).
     pub subjects: Subjects,
     /// How long to wait for the registry bucket, which the bus creates, before
-    /// giving up (default 30 s), so plugins may start before the bus.
+    /// giving up (default 30 s), so plugins may start before the bus; the job
+    /// worker of a plugin with tasks waits as long for the jobs stream and bucket.
     pub registry_wait: Duration,
     /// Most handler calls running at once in this process, over all handlers
     /// (default 64); further requests wait in the subscription buffer.
@@ -59,6 +64,10 @@ pub struct ServeOptions {
     /// With `replay`: how long to wait for the running bus to route to this
     /// plugin before replaying anyway (default 10 s).
     pub replay_bus_wait: Duration,
+    /// Most jobs of the plugin's tasks running at once (default 4): the
+    /// `max_ack_pending` of the jobs consumer the replicas share, so the limit
+    /// holds over all of them (see [`crate::task`]).
+    pub task_concurrency: usize,
 }
 
 impl Default for ServeOptions {
@@ -70,6 +79,7 @@ impl Default for ServeOptions {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             replay: None,
             replay_bus_wait: DEFAULT_REPLAY_BUS_WAIT,
+            task_concurrency: DEFAULT_TASK_CONCURRENCY,
         }
     }
 }
@@ -92,6 +102,8 @@ pub struct RunningPlugin {
     grace: Duration,
     /// The catch-up replay, when one was asked for.
     replay: Option<ReplayTask>,
+    /// The job worker, when the plugin has tasks.
+    jobs: Option<JobWorker>,
 }
 
 /// A plugin's catch-up replay, running beside its endpoints.
@@ -102,10 +114,14 @@ struct ReplayTask {
     handle: Option<JoinHandle<Result<ReplayProgress, ReplayError>>>,
 }
 
+/// What an endpoint does with one request it takes.
+type ServeCall = Arc<dyn Fn(Request) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
 impl Plugin {
-    /// Serves the plugin on `client`: starts the service and its endpoints, then
-    /// registers the manifest in the registry bucket (waiting for the bus to
-    /// create it). Call it once per replica; replicas share the work.
+    /// Serves the plugin on `client`: starts the service and its endpoints (hook
+    /// handlers and API routes), registers the manifest in the registry bucket
+    /// (waiting for the bus to create it), then starts the job worker when the
+    /// plugin has tasks. Call it once per replica; replicas share the work.
     ///
     /// # Errors
     ///
@@ -113,9 +129,12 @@ impl Plugin {
     /// the service; [`ServeError::RegistryMissing`] when the registry bucket does not
     /// appear within [`ServeOptions::registry_wait`]; [`ServeError::Registry`] and
     /// [`ServeError::Register`] when it cannot be read or written;
-    /// [`ServeError::Replay`] when [`ServeOptions::replay`] asks for a replay that
-    /// cannot start (a position the stream no longer holds, no events stream).
-    /// Nothing keeps running after an error.
+    /// [`ServeError::Jobs`] when the plugin has tasks and the jobs stream or bucket
+    /// does not appear within [`ServeOptions::registry_wait`], or the consumer
+    /// cannot be created; [`ServeError::Replay`] when
+    /// [`ServeOptions::replay`] asks for a replay that cannot start (a position the
+    /// stream no longer holds, no events stream). Nothing keeps running after an
+    /// error.
     ///
     /// With [`ServeOptions::replay`], it returns once the catch-up has started;
     /// [`RunningPlugin::wait_caught_up`] waits for its end.
@@ -145,31 +164,50 @@ impl Plugin {
                 source,
             })?;
 
-        let mut endpoints = Vec::with_capacity(manifest.handlers.len());
-        for (spec, handler) in manifest.handlers.iter().zip(&self.inner.handlers) {
-            let subject = options.subjects.handler(&manifest.id, &spec.name);
+        let mut endpoints: Vec<(Endpoint, ServeCall)> =
+            Vec::with_capacity(manifest.handlers.len() + manifest.api.len());
+        let handlers = manifest.handlers.iter().zip(&self.inner.handlers);
+        let routes = manifest.api.iter().zip(&self.inner.routes);
+        let declared = handlers
+            .map(|(spec, handler)| {
+                let subject = options.subjects.handler(&manifest.id, &spec.name);
+                let slot = Arc::new(Slot {
+                    plugin_id: plugin_id.clone(),
+                    handler_name: spec.name.as_str().into(),
+                    spec: spec.clone(),
+                    handler: handler.clone(),
+                    subject: subject.clone(),
+                    gate: gate.clone(),
+                });
+                let serve: ServeCall =
+                    Arc::new(move |request| Box::pin(handle(request, slot.clone())));
+                (&spec.name, subject, endpoint_metadata(spec), serve)
+            })
+            .chain(routes.map(|(spec, call)| {
+                let subject = options.subjects.api(&manifest.id, &spec.name);
+                let slot = Arc::new(RouteSlot {
+                    plugin_id: plugin_id.clone(),
+                    spec: spec.clone(),
+                    call: call.clone(),
+                    subject: subject.clone(),
+                });
+                let serve: ServeCall =
+                    Arc::new(move |request| Box::pin(crate::api::handle(request, slot.clone())));
+                (&spec.name, subject, route_metadata(spec), serve)
+            }));
+        for (name, subject, metadata, serve) in declared {
             let added = service
                 .endpoint_builder()
-                .name(&spec.name)
-                .metadata(endpoint_metadata(spec))
+                .name(name)
+                .metadata(metadata)
                 .add(&subject)
                 .await;
             match added {
-                Ok(endpoint) => endpoints.push((
-                    endpoint,
-                    Arc::new(Slot {
-                        plugin_id: plugin_id.clone(),
-                        handler_name: spec.name.as_str().into(),
-                        spec: spec.clone(),
-                        handler: handler.clone(),
-                        subject,
-                        gate: gate.clone(),
-                    }),
-                )),
+                Ok(endpoint) => endpoints.push((endpoint, serve)),
                 Err(source) => {
                     let _stopped = service.stop().await;
                     return Err(ServeError::AddEndpoint {
-                        handler: spec.name.clone(),
+                        handler: name.clone(),
                         subject,
                         source,
                     });
@@ -182,10 +220,10 @@ impl Plugin {
         let calls = TaskTracker::new();
         let endpoint_loops = endpoints
             .into_iter()
-            .map(|(endpoint, slot)| {
+            .map(|(endpoint, serve)| {
                 tokio::spawn(endpoint_loop(
                     endpoint,
-                    slot,
+                    serve,
                     limit.clone(),
                     calls.clone(),
                     stop_taking.clone(),
@@ -200,6 +238,7 @@ impl Plugin {
             calls,
             grace: options.shutdown_grace,
             replay: None,
+            jobs: None,
         };
         // The server must know the subscriptions before the bus sees the manifest.
         if let Err(e) = client.flush().await {
@@ -216,6 +255,23 @@ impl Plugin {
                 return Err(e);
             }
         };
+        if !manifest.tasks.is_empty() {
+            let worker = crate::task::start(
+                &client,
+                self,
+                &options.subjects,
+                options.task_concurrency,
+                options.registry_wait,
+            )
+            .await;
+            match worker {
+                Ok(worker) => running.jobs = Some(worker),
+                Err(e) => {
+                    running.abandon().await;
+                    return Err(e);
+                }
+            }
+        }
         if let (Some(from), Some(gate)) = (options.replay, gate) {
             match self
                 .start_catch_up(&client, &options, from, revision, gate)
@@ -232,6 +288,8 @@ impl Plugin {
             plugin = %manifest.id,
             version = %manifest.version,
             handlers = manifest.handlers.len(),
+            api_routes = manifest.api.len(),
+            tasks = manifest.tasks.len(),
             registry = %options.subjects.registry_bucket(),
             "plugin registered and serving"
         );
@@ -315,9 +373,14 @@ impl RunningPlugin {
         &self.plugin_id
     }
 
-    /// Handler calls running now.
+    /// Handler calls (hooks and API routes) running now.
     pub fn in_flight(&self) -> usize {
         self.calls.len()
+    }
+
+    /// Jobs of the plugin's tasks running now in this process.
+    pub fn jobs_in_flight(&self) -> usize {
+        self.jobs.as_ref().map_or(0, JobWorker::in_flight)
     }
 
     /// The catch-up replay's progress, live (`None` when
@@ -357,11 +420,13 @@ impl RunningPlugin {
         }
     }
 
-    /// Stops gracefully: stops taking requests (unsubscribes every endpoint),
-    /// runs the requests already received, waits for running handler calls to
-    /// reply, then stops the service. The manifest stays in the registry: the
-    /// plugin may come back and the bus keeps its deliveries. Afterwards the
-    /// caller may `drain()` the client.
+    /// Stops gracefully: stops taking requests (unsubscribes every endpoint) and
+    /// jobs, runs the requests already received, waits for running handler calls
+    /// to reply and for running jobs to finish, then stops the service. Jobs still
+    /// running after [`ServeOptions::shutdown_grace`] are stopped and handed back
+    /// to the queue at once, for another replica (tasks run at least once). The
+    /// manifest stays in the registry: the plugin may come back and the bus keeps
+    /// its deliveries. Afterwards the caller may `drain()` the client.
     ///
     /// # Errors
     ///
@@ -369,8 +434,16 @@ impl RunningPlugin {
     /// [`ServeOptions::shutdown_grace`]; they are left to finish on their own.
     pub async fn shutdown(mut self) -> Result<(), ServeError> {
         let deadline = Instant::now() + self.grace;
-        info!(plugin = %self.plugin_id, in_flight = self.calls.len(), "plugin shutting down");
+        info!(
+            plugin = %self.plugin_id,
+            in_flight = self.calls.len(),
+            jobs = self.jobs_in_flight(),
+            "plugin shutting down"
+        );
         self.stop_taking.cancel();
+        if let Some(jobs) = &self.jobs {
+            jobs.stop_pulling();
+        }
         if let Some(replay) = self.replay.as_mut() {
             replay.stop.cancel();
             if let Some(handle) = replay.handle.take()
@@ -389,6 +462,9 @@ impl RunningPlugin {
         }
         self.calls.close();
         let drained = tokio::time::timeout_at(deadline, self.calls.wait()).await;
+        if let Some(jobs) = self.jobs.as_mut() {
+            jobs.shutdown(&self.plugin_id, deadline).await;
+        }
         if let Some(service) = self.service.take() {
             // Stopping only signals tasks; it cannot fail in practice.
             if let Err(e) = service.stop().await {
@@ -413,6 +489,9 @@ impl RunningPlugin {
         if let Some(replay) = self.replay.take() {
             replay.stop.cancel();
         }
+        if let Some(jobs) = self.jobs.as_mut() {
+            jobs.abandon();
+        }
         for handle in self.endpoint_loops.drain(..) {
             handle.abort();
         }
@@ -427,6 +506,9 @@ impl Drop for RunningPlugin {
         self.stop_taking.cancel();
         if let Some(replay) = &self.replay {
             replay.stop.cancel();
+        }
+        if let Some(jobs) = &self.jobs {
+            jobs.stop_pulling();
         }
         if let Some(service) = self.service.take()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
@@ -447,6 +529,16 @@ fn endpoint_metadata(spec: &HandlerSpec) -> HashMap<String, String> {
         ("hook".to_owned(), spec.hook.name().to_owned()),
         ("priority".to_owned(), spec.priority.to_string()),
         ("entities".to_owned(), entities),
+        ("timeout_ms".to_owned(), spec.timeout_ms.to_string()),
+    ])
+}
+
+fn route_metadata(spec: &core_events::ApiRouteSpec) -> HashMap<String, String> {
+    HashMap::from([
+        ("kind".to_owned(), "api".to_owned()),
+        ("method".to_owned(), spec.method.clone()),
+        ("path".to_owned(), spec.path.clone()),
+        ("public".to_owned(), spec.public.to_string()),
         ("timeout_ms".to_owned(), spec.timeout_ms.to_string()),
     ])
 }
@@ -522,11 +614,18 @@ pub(crate) struct Slot {
 /// the requests already buffered.
 async fn endpoint_loop(
     mut endpoint: Endpoint,
-    slot: Arc<Slot>,
+    serve: ServeCall,
     limit: Arc<Semaphore>,
     calls: TaskTracker,
     stop: CancellationToken,
 ) {
+    let spawn = |request: Request, permit: Option<OwnedSemaphorePermit>| {
+        let call = serve(request);
+        calls.spawn(async move {
+            call.await;
+            drop(permit);
+        });
+    };
     loop {
         let request = tokio::select! {
             biased;
@@ -536,15 +635,13 @@ async fn endpoint_loop(
                 None => return,
             },
         };
-        let permit = acquire(&limit).await;
-        calls.spawn(handle(request, slot.clone(), permit));
+        spawn(request, acquire(&limit).await);
     }
     if let Err(e) = endpoint.stop().await {
-        debug!(subject = %slot.subject, error = %e, "unsubscribing the endpoint failed");
+        debug!(error = %e, "unsubscribing the endpoint failed");
     }
     while let Some(request) = endpoint.next().await {
-        let permit = acquire(&limit).await;
-        calls.spawn(handle(request, slot.clone(), permit));
+        spawn(request, acquire(&limit).await);
     }
 }
 
@@ -554,7 +651,7 @@ async fn acquire(limit: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
 }
 
 /// Runs one delivery and replies.
-async fn handle(request: Request, slot: Arc<Slot>, _permit: Option<OwnedSemaphorePermit>) {
+async fn handle(request: Request, slot: Arc<Slot>) {
     let span = tracing::info_span!(
         "hook.deliver",
         messaging.system = "nats",
@@ -571,29 +668,53 @@ async fn handle(request: Request, slot: Arc<Slot>, _permit: Option<OwnedSemaphor
             HandlerFn::Entity(f) => deliver(&slot, &request, f).await,
             HandlerFn::Sync(f) => crate::sync::serve_sync(&slot, &request, f).await,
         };
-        let response = match outcome {
-            Ok(body) => Ok(body),
-            Err(err) => {
-                let status = err.reply_text();
-                warn!(
-                    plugin = %slot.plugin_id,
-                    handler = %slot.handler_name,
-                    code = err.code(),
-                    error = %status,
-                    "handler failed"
-                );
-                Err(async_nats::service::error::Error {
-                    status,
-                    code: usize::from(err.code()),
-                })
-            }
-        };
-        if let Err(e) = request.respond(response).await {
-            warn!(error = %e, "could not send the reply");
+        if let Err(err) = &outcome {
+            warn!(
+                plugin = %slot.plugin_id,
+                handler = %slot.handler_name,
+                code = err.code(),
+                error = %err.reply_text(),
+                "handler failed"
+            );
         }
+        respond(&request, outcome).await;
     }
     .instrument(span)
     .await;
+}
+
+/// Replies with the body, or with a Services API error (`Nats-Service-Error`:
+/// the error's text and causes, `Nats-Service-Error-Code`: its code).
+pub(crate) async fn respond(request: &Request, outcome: Result<Bytes, HandlerError>) {
+    let response = outcome.map_err(|err| async_nats::service::error::Error {
+        status: err.reply_text(),
+        code: usize::from(err.code()),
+    });
+    if let Err(e) = request.respond(response).await {
+        warn!(error = %e, "could not send the reply");
+    }
+}
+
+/// Runs a handler's future in the current task with the handler guards: a
+/// panic, and a call running past `timeout` (then dropped), become transient
+/// errors.
+pub(crate) async fn guarded<T>(
+    call: impl Future<Output = Result<T, HandlerError>>,
+    timeout: Duration,
+) -> Result<T, HandlerError> {
+    use futures::FutureExt as _;
+    let call = std::panic::AssertUnwindSafe(call).catch_unwind();
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => Err(HandlerError::transient(format!(
+            "handler panicked: {}",
+            panic_text(panic.as_ref())
+        ))),
+        Err(_) => Err(HandlerError::transient(format!(
+            "handler timed out after {} ms",
+            timeout.as_millis()
+        ))),
+    }
 }
 
 /// Decodes the delivery, applies the entity filter and calls the handler in its

@@ -283,7 +283,6 @@ pub(crate) async fn serve_sync(
     request: &async_nats::service::Request,
     f: &SyncCall,
 ) -> Result<Bytes, HandlerError> {
-    use futures::FutureExt as _;
     let traceparent = request
         .message
         .headers
@@ -297,18 +296,7 @@ pub(crate) async fn serve_sync(
         handler: slot.handler_name.clone(),
         traceparent,
     };
-    let call = std::panic::AssertUnwindSafe(f(input)).catch_unwind();
-    match tokio::time::timeout(slot.spec.timeout(), call).await {
-        Err(_) => Err(HandlerError::transient(format!(
-            "handler timed out after {} ms",
-            slot.spec.timeout_ms
-        ))),
-        Ok(Ok(result)) => result,
-        Ok(Err(panic)) => Err(HandlerError::transient(format!(
-            "handler panicked: {}",
-            crate::serve::panic_text(panic.as_ref())
-        ))),
-    }
+    crate::serve::guarded(f(input), slot.spec.timeout()).await
 }
 
 #[cfg(test)]

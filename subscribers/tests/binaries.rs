@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use common::{
-    NatsServer, create_registry, deliver, delivery_headers, entity_event, entry_event, eventually,
-    service_error,
+    NatsServer, create_jobs, create_registry, deliver, delivery_headers, entity_event, entry_event,
+    eventually, job_state, queue_job, service_error, wait_job,
 };
 use core_events::Subjects;
 use pagoda_plugin_sdk::{Hook, PluginManifest};
@@ -47,6 +47,11 @@ impl Example {
             .expect("stdout still open")
     }
 
+    /// SIGKILL: the process dies at once, in the middle of whatever it does.
+    async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+
     /// SIGTERM, then waits for a clean exit.
     async fn terminate(mut self) {
         let pid = self.child.id().unwrap();
@@ -80,6 +85,7 @@ async fn hello_world_prints_one_line_per_delivery() {
     let server = NatsServer::start();
     let client = server.connect().await;
     let registry = create_registry(&client, "pagoda_registry").await;
+    create_jobs(&client).await;
     let mut hello = Example::spawn(
         env!("CARGO_BIN_EXE_hello-world"),
         &server,
@@ -140,6 +146,7 @@ async fn hello_world_answers_its_synchronous_hooks() {
     let server = NatsServer::start();
     let client = server.connect().await;
     let registry = create_registry(&client, "pagoda_registry").await;
+    create_jobs(&client).await;
     let hello = Example::spawn(env!("CARGO_BIN_EXE_hello-world"), &server, &[]);
     let manifest = registered(&registry, "hello-world").await;
     for (name, hook) in [
@@ -331,4 +338,240 @@ async fn flaky_fails_transiently_or_permanently() {
         );
         flaky.terminate().await;
     }
+}
+
+fn greet_request(query: &[(&str, &str)]) -> Vec<u8> {
+    let request = pagoda_plugin_sdk::ApiRequest {
+        route: "greet".into(),
+        method: "GET".into(),
+        path: "/greet/".into(),
+        query: query
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        headers: Default::default(),
+        body: serde_json::Value::Null,
+        user: Some(core_events::User {
+            id: 1,
+            username: "admin".into(),
+            email: String::new(),
+            first_name: String::new(),
+            last_name: String::new(),
+            is_active: true,
+            is_superuser: true,
+            date_joined: chrono::Utc::now(),
+        }),
+    };
+    serde_json::to_vec(&request).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_world_greets_over_its_api_route_and_counts_in_its_task() {
+    use core_events::jobs::{JobState, JobStatus};
+    use pagoda_plugin_sdk::ApiResponse;
+    use serde_json::json;
+
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let registry = create_registry(&client, "pagoda_registry").await;
+    let jobs = create_jobs(&client).await;
+    let mut hello = Example::spawn(env!("CARGO_BIN_EXE_hello-world"), &server, &[]);
+    let manifest = registered(&registry, "hello-world").await;
+    assert_eq!(manifest.api.len(), 1);
+    assert_eq!(
+        (
+            manifest.api[0].name.as_str(),
+            manifest.api[0].method.as_str(),
+            manifest.api[0].path.as_str()
+        ),
+        ("greet", "GET", "/greet")
+    );
+    assert!(!manifest.api[0].public);
+    assert_eq!(manifest.tasks.len(), 1);
+    assert_eq!(
+        (manifest.tasks[0].name.as_str(), manifest.tasks[0].offset),
+        ("count", 0)
+    );
+
+    // The API route.
+    let subject = Subjects::default().api("hello-world", "greet");
+    let greet = |query: &[(&str, &str)]| {
+        let (client, subject, body) = (client.clone(), subject.clone(), greet_request(query));
+        async move { client.request(subject, body.into()).await.unwrap() }
+    };
+    let reply = greet(&[]).await;
+    assert_eq!(
+        ApiResponse::parse(&reply.payload).unwrap().body,
+        json!({"message": "Hello, admin!", "plugin": "hello-world"})
+    );
+    let reply = greet(&[("name", "Ada")]).await;
+    assert_eq!(
+        ApiResponse::parse(&reply.payload).unwrap().body["message"],
+        "Hello, Ada!"
+    );
+    let reply = greet(&[("fail", "true")]).await;
+    assert_eq!(
+        service_error(&reply),
+        Some(("400".to_owned(), "greeting failed on purpose".to_owned()))
+    );
+
+    // The task: done, warning, error.
+    let wait = Duration::from_secs(10);
+    let final_state = |s: &JobState| s.status.is_final();
+    let p = JobStatus::Preparing;
+    queue_job(
+        &client,
+        &jobs,
+        "hello-world",
+        "count",
+        1,
+        json!({"to": 3, "delay_ms": 10}),
+        p,
+    )
+    .await;
+    let state = wait_job(&jobs, "hello-world", 1, wait, final_state).await;
+    assert_eq!(
+        (state.status, state.message.as_str()),
+        (JobStatus::Done, "counted to 3")
+    );
+    assert_eq!(hello.line().await, "[hello-world] count job=1 counted to 3");
+    queue_job(
+        &client,
+        &jobs,
+        "hello-world",
+        "count",
+        2,
+        json!({"to": 0}),
+        p,
+    )
+    .await;
+    let state = wait_job(&jobs, "hello-world", 2, wait, final_state).await;
+    assert_eq!(
+        (state.status, state.message.as_str()),
+        (JobStatus::Warning, "nothing to count")
+    );
+    queue_job(
+        &client,
+        &jobs,
+        "hello-world",
+        "count",
+        3,
+        json!({"fail": true}),
+        p,
+    )
+    .await;
+    let state = wait_job(&jobs, "hello-world", 3, wait, final_state).await;
+    assert_eq!(
+        (state.status, state.message.as_str()),
+        (JobStatus::Error, "asked to fail")
+    );
+    queue_job(
+        &client,
+        &jobs,
+        "hello-world",
+        "count",
+        4,
+        json!({"to": "ten"}),
+        p,
+    )
+    .await;
+    let state = wait_job(&jobs, "hello-world", 4, wait, final_state).await;
+    assert_eq!(state.status, JobStatus::Error);
+    assert!(
+        state.message.contains("job parameters are not valid"),
+        "{}",
+        state.message
+    );
+
+    // Cancelled while counting: it stops promptly; the job stays CANCELED.
+    queue_job(
+        &client,
+        &jobs,
+        "hello-world",
+        "count",
+        5,
+        json!({"to": 1000, "delay_ms": 20}),
+        p,
+    )
+    .await;
+    let running = wait_job(&jobs, "hello-world", 5, wait, |s| {
+        s.message.starts_with("counted 2 ")
+    })
+    .await;
+    assert_eq!(running.status, JobStatus::Processing);
+    let (revision, state) = job_state(&jobs, "hello-world", 5).await.unwrap();
+    let canceled = JobState {
+        status: JobStatus::Canceled,
+        message: "cancelled".into(),
+        ..state
+    };
+    jobs.update(
+        JobState::key("hello-world", 5),
+        serde_json::to_vec(&canceled).unwrap().into(),
+        revision,
+    )
+    .await
+    .unwrap();
+    // Skip the lines of jobs 2-4, then the cancelled count's own line.
+    let mut line = hello.line().await;
+    while !line.starts_with("[hello-world] count job=5 ") {
+        line = hello.line().await;
+    }
+    assert!(
+        line.starts_with("[hello-world] count job=5 cancelled after "),
+        "{line}"
+    );
+    let (_, state) = job_state(&jobs, "hello-world", 5).await.unwrap();
+    assert_eq!(state.status, JobStatus::Canceled);
+    hello.terminate().await;
+}
+
+/// A worker killed in the middle of a task: the job is redelivered after the
+/// ack wait (30 s) to the next worker, which runs it again to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_was_killed_finishes_on_the_next_one() {
+    use core_events::jobs::JobStatus;
+    use serde_json::json;
+
+    let server = NatsServer::start();
+    let client = server.connect().await;
+    let registry = create_registry(&client, "pagoda_registry").await;
+    let jobs = create_jobs(&client).await;
+    let hello = Example::spawn(env!("CARGO_BIN_EXE_hello-world"), &server, &[]);
+    registered(&registry, "hello-world").await;
+    let params = json!({"to": 30, "delay_ms": 100});
+    queue_job(
+        &client,
+        &jobs,
+        "hello-world",
+        "count",
+        7,
+        params,
+        JobStatus::Preparing,
+    )
+    .await;
+    let wait = Duration::from_secs(10);
+    wait_job(&jobs, "hello-world", 7, wait, |s| {
+        s.message.starts_with("counted 2 ")
+    })
+    .await;
+    hello.kill().await;
+
+    let mut again = Example::spawn(env!("CARGO_BIN_EXE_hello-world"), &server, &[]);
+    // Restarted from the beginning once the message comes back (ack wait 30 s).
+    let restarted = wait_job(&jobs, "hello-world", 7, Duration::from_secs(45), |s| {
+        s.message == "restarted" || s.message == "counted 1 of 30"
+    })
+    .await;
+    assert_eq!(restarted.status, JobStatus::Processing);
+    let state = wait_job(&jobs, "hello-world", 7, wait, |s| s.status.is_final()).await;
+    assert_eq!(
+        (state.status, state.message.as_str()),
+        (JobStatus::Done, "counted to 30")
+    );
+    assert_eq!(
+        again.line().await,
+        "[hello-world] count job=7 counted to 30"
+    );
+    again.terminate().await;
 }

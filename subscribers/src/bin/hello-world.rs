@@ -7,20 +7,114 @@
 //! default; `add_greeting` (`entry.get_attrs`) appends a computed `greeting`
 //! attribute.
 //!
+//! An API route, `greet` (`GET /api/v2/plugins/hello-world/greet`, authenticated
+//! users): `{"message": "Hello, <username>!", "plugin": "hello-world"}`;
+//! `?name=X` greets X; `?fail=true` answers a plugin error "greeting failed on
+//! purpose".
+//!
+//! A task, `count` (operation-id offset 0), params `{"to": N (10), "delay_ms": M
+//! (100), "fail": bool}`: counts 1..=N, one step every M ms, recording progress
+//! and checking for a cancel at each step; ends DONE "counted to N", WARNING
+//! "nothing to count" when N is 0, ERROR "asked to fail" when `fail` is true.
+//! Prints `[hello-world] count job=<id> <message>` when it ends.
+//!
 //! Environment: see [`pagoda_plugin_sdk::RunConfig`]; `HELLO_PRIORITY` (default
 //! 100) sets every handler's priority, to show dispatch ordering.
 // The greppable stdout lines are this program's output, on purpose.
 #![allow(clippy::print_stdout)]
 
+use std::time::Duration;
+
 use anyhow::Context as _;
 use core_events::{AttrType, Attribute, ObjectRef};
-use pagoda_plugin_sdk::{EventContext, FieldError, Hook, Plugin};
+use pagoda_plugin_sdk::{
+    ApiContext, ApiResponse, ApiResult, EventContext, FieldError, HandlerError, Hook, Plugin,
+    TaskContext, TaskOutcome, TaskResult,
+};
+use serde::Deserialize;
 
 /// The note `fill_note` gives an entry created without one.
 const DEFAULT_NOTE: &str = "created with hello-world";
 
 fn print_delivery<D>(ctx: &EventContext<D>) {
     println!("[hello-world] {}", ctx.describe());
+}
+
+/// `GET /greet`: greets the user, or `?name=`.
+async fn greet(ctx: ApiContext) -> ApiResult {
+    if ctx.query("fail") == Some("true") {
+        return Err(HandlerError::permanent("greeting failed on purpose"));
+    }
+    let name = ctx
+        .query("name")
+        .map(str::to_owned)
+        .or_else(|| ctx.user().map(|u| u.username.clone()))
+        .unwrap_or_else(|| "world".to_owned());
+    Ok(ApiResponse::ok(serde_json::json!({
+        "message": format!("Hello, {name}!"),
+        "plugin": "hello-world",
+    })))
+}
+
+/// Parameters of the `count` task.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct CountParams {
+    /// Count from 1 to this.
+    to: u64,
+    /// Milliseconds per step.
+    delay_ms: u64,
+    /// Fail instead of counting.
+    fail: bool,
+}
+
+impl Default for CountParams {
+    fn default() -> Self {
+        CountParams {
+            to: 10,
+            delay_ms: 100,
+            fail: false,
+        }
+    }
+}
+
+/// The `count` task: counts to `to`, a step every `delay_ms`, and stops early
+/// when the job is cancelled.
+async fn count(ctx: TaskContext) -> TaskResult {
+    let outcome = count_steps(&ctx).await;
+    let message = match &outcome {
+        Ok(TaskOutcome::Done(m) | TaskOutcome::Warning(m)) => m.clone(),
+        Err(e) => e.to_string(),
+    };
+    println!("[hello-world] count job={} {message}", ctx.job_id());
+    outcome
+}
+
+async fn count_steps(ctx: &TaskContext) -> TaskResult {
+    let params: CountParams = if ctx.params().is_null() {
+        CountParams::default()
+    } else {
+        ctx.params_as()?
+    };
+    if params.fail {
+        return Err(HandlerError::permanent("asked to fail"));
+    }
+    if params.to == 0 {
+        return Ok(TaskOutcome::warning("nothing to count"));
+    }
+    let step = Duration::from_millis(params.delay_ms);
+    for n in 1..=params.to {
+        tokio::select! {
+            () = ctx.cancelled() => return Ok(TaskOutcome::done(format!("cancelled after {}", n - 1))),
+            () = tokio::time::sleep(step) => {}
+        }
+        if ctx.is_canceled().await {
+            return Ok(TaskOutcome::done(format!("cancelled after {}", n - 1)));
+        }
+        ctx.progress(format!("counted {n} of {}", params.to))
+            .await?;
+    }
+    Ok(TaskOutcome::done(format!("counted to {}", params.to)))
 }
 
 fn plugin(priority: i32) -> Result<Plugin, pagoda_plugin_sdk::ManifestError> {
@@ -94,6 +188,9 @@ fn plugin(priority: i32) -> Result<Plugin, pagoda_plugin_sdk::ManifestError> {
             Ok(attrs)
         })
         .priority(priority)
+        .api_route("greet", "GET", "/greet", greet)
+        .task("count", 0, count)
+        .task_description("Counts to `to` (10), one step every `delay_ms` (100)")
         .build()
 }
 

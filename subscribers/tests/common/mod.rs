@@ -282,3 +282,112 @@ pub async fn until_nobody_answers(client: &async_nats::Client, subject: &str) {
     )
     .await;
 }
+
+/// Creates the jobs work-queue stream and the jobs bucket, as the bus would;
+/// gives the bucket.
+pub async fn create_jobs(client: &async_nats::Client) -> kv::Store {
+    let js = jetstream::new(client.clone());
+    let subjects = core_events::Subjects::default();
+    js.create_stream(jetstream::stream::Config {
+        name: subjects.jobs_stream(),
+        subjects: vec![subjects.all_jobs()],
+        retention: jetstream::stream::RetentionPolicy::WorkQueue,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.create_key_value(kv::Config {
+        bucket: subjects.jobs_bucket(),
+        history: 5,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Queues a job as the host does: creates its state (`status`), then publishes
+/// the request into the jobs stream (`Nats-Msg-Id: job-<id>`).
+pub async fn queue_job(
+    client: &async_nats::Client,
+    jobs: &kv::Store,
+    plugin: &str,
+    task: &str,
+    job_id: i64,
+    params: serde_json::Value,
+    status: core_events::jobs::JobStatus,
+) {
+    use core_events::jobs::{JobRequest, JobState};
+    let state = JobState {
+        job_id,
+        plugin: plugin.to_owned(),
+        task: task.to_owned(),
+        status,
+        message: String::new(),
+        updated_at: Utc::now(),
+    };
+    jobs.create(
+        JobState::key(plugin, job_id),
+        serde_json::to_vec(&state).unwrap().into(),
+    )
+    .await
+    .unwrap();
+    let request = JobRequest {
+        job_id,
+        plugin: plugin.to_owned(),
+        task: task.to_owned(),
+        operation: 5000,
+        params,
+        user: Some(user()),
+        created_at: Utc::now(),
+    };
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Msg-Id", format!("job-{job_id}").as_str());
+    jetstream::new(client.clone())
+        .publish_with_headers(
+            core_events::Subjects::default().job(plugin, task),
+            h,
+            serde_json::to_vec(&request).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// A job's state and its revision.
+pub async fn job_state(
+    jobs: &kv::Store,
+    plugin: &str,
+    job_id: i64,
+) -> Option<(u64, core_events::jobs::JobState)> {
+    let entry = jobs
+        .entry(core_events::jobs::JobState::key(plugin, job_id))
+        .await
+        .unwrap()?;
+    Some((
+        entry.revision,
+        serde_json::from_slice(&entry.value).unwrap(),
+    ))
+}
+
+/// Waits (up to `timeout`) for a job's state to satisfy `done`.
+pub async fn wait_job(
+    jobs: &kv::Store,
+    plugin: &str,
+    job_id: i64,
+    timeout: Duration,
+    done: impl Fn(&core_events::jobs::JobState) -> bool,
+) -> core_events::jobs::JobState {
+    let done = &done;
+    eventually(
+        &format!("job {job_id} of {plugin} to reach the expected state"),
+        timeout,
+        || async move {
+            job_state(jobs, plugin, job_id)
+                .await
+                .map(|(_, s)| s)
+                .filter(done)
+        },
+    )
+    .await
+}

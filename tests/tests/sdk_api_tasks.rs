@@ -1,0 +1,185 @@
+//! The SDK's API routes and job worker with least-privilege NATS users
+//! (`hookbus nats-config`): a plugin serves its routes and runs its jobs with
+//! only its own permissions, and cannot take or read another plugin's jobs.
+//! (The SDK side itself is tested in subscribers/tests/api_tasks.rs.)
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use common::*;
+use core_events::Subjects;
+use core_events::jobs::{JobRequest, JobState, JobStatus};
+use hookbus::nats_config::{self, Passwords};
+use hookbus_tests::{NatsServer, assert_eventually, init_tracing};
+use pagoda_plugin_sdk::{ApiRequest, ApiResponse, Plugin, ServeOptions, TaskOutcome};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn password(user: &str) -> String {
+    format!("pw-{user}-secret")
+}
+
+async fn start_server(plugins: &[&str]) -> NatsServer {
+    let plugins: Vec<String> = plugins.iter().map(|s| (*s).to_owned()).collect();
+    let mut map = BTreeMap::new();
+    for user in nats_config::users(&plugins).unwrap() {
+        map.insert(user.name.clone(), password(&user.name));
+    }
+    let conf =
+        nats_config::render(&Subjects::default(), &plugins, &Passwords::Literal(map)).unwrap();
+    NatsServer::start_with_config(&conf).await
+}
+
+/// A client of `user`, and the server errors (permission violations) it gets.
+async fn connect(
+    server: &NatsServer,
+    user: &str,
+) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let options = nats_config::with_credentials(
+        async_nats::ConnectOptions::new(),
+        Some(user),
+        Some(&password(user)),
+    )
+    .event_callback(move |event| {
+        let tx = tx.clone();
+        async move {
+            if let async_nats::Event::ServerError(e) = event {
+                let _ = tx.send(e.to_string());
+            }
+        }
+    });
+    (options.connect(server.url()).await.unwrap(), rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_serves_routes_and_runs_jobs_with_its_own_permissions() {
+    init_tracing();
+    let server = start_server(&["alpha", "beta"]).await;
+    let (bus_client, _) = connect(&server, nats_config::BUS_USER).await;
+    let bus = start_bus(&bus_client, &["alpha", "beta"]).await;
+
+    let (alpha, mut alpha_errors) = connect(&server, "alpha").await;
+    let plugin = Plugin::builder("alpha", "Alpha", "1.0.0")
+        .api_route("hello", "GET", "/hello", |ctx| async move {
+            Ok(ApiResponse::ok(serde_json::json!({ "path": ctx.path() })))
+        })
+        .task("work", 0, |ctx| async move {
+            ctx.progress("working").await?;
+            Ok(TaskOutcome::done(format!("job {} done", ctx.job_id())))
+        })
+        .build()
+        .unwrap();
+    let running = plugin
+        .serve(alpha.clone(), ServeOptions::default())
+        .await
+        .unwrap();
+    wait_registered(&bus, &["alpha"]).await;
+
+    // The host calls the route and queues a job with its own credentials (the
+    // worker creates the job's state when the host has not).
+    let (host, mut host_errors) = connect(&server, nats_config::HOST_USER).await;
+    let request = ApiRequest {
+        route: "hello".into(),
+        method: "GET".into(),
+        path: "/hello".into(),
+        query: BTreeMap::new(),
+        headers: BTreeMap::new(),
+        body: serde_json::Value::Null,
+        user: None,
+    };
+    let reply = host
+        .request(
+            Subjects::default().api("alpha", "hello"),
+            serde_json::to_vec(&request).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ApiResponse::parse(&reply.payload).unwrap().body["path"],
+        "/hello"
+    );
+    let job = JobRequest {
+        job_id: 1,
+        plugin: "alpha".into(),
+        task: "work".into(),
+        operation: 5000,
+        params: serde_json::Value::Null,
+        user: None,
+        created_at: chrono::Utc::now(),
+    };
+    jetstream::new(host.clone())
+        .publish(
+            Subjects::default().job("alpha", "work"),
+            serde_json::to_vec(&job).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    // The plugin reads its own job's state.
+    let jobs = jetstream::new(alpha.clone())
+        .get_key_value(Subjects::default().jobs_bucket())
+        .await
+        .unwrap();
+    let state = || {
+        let jobs = jobs.clone();
+        async move {
+            let bytes = jobs.get(JobState::key("alpha", 1)).await.ok()??;
+            serde_json::from_slice::<JobState>(&bytes).ok()
+        }
+    };
+    assert_eventually!(
+        state()
+            .await
+            .is_some_and(|s| s.status == JobStatus::Done && s.message == "job 1 done"),
+        WAIT,
+        "job 1 done: {:?}",
+        state().await
+    );
+    assert!(alpha_errors.try_recv().is_err(), "no violation for alpha");
+    assert!(host_errors.try_recv().is_err(), "no violation for the host");
+
+    // It cannot take beta's jobs, nor read beta's job states.
+    let js = jetstream::new(alpha.clone());
+    let stolen = js
+        .create_consumer_on_stream(
+            pull::Config {
+                durable_name: Some("jobs-beta".into()),
+                filter_subject: Subjects::default().plugin_jobs("beta"),
+                ..Default::default()
+            },
+            "PAGODA_JOBS",
+        )
+        .await;
+    assert!(stolen.is_err(), "alpha created beta's jobs consumer");
+    let peek =
+        tokio::time::timeout(Duration::from_secs(3), jobs.get(JobState::key("beta", 1))).await;
+    assert!(
+        !matches!(peek, Ok(Ok(_))),
+        "alpha read a key of beta in the jobs bucket: {peek:?}"
+    );
+    let violation = tokio::time::timeout(WAIT, async {
+        while let Some(e) = alpha_errors.recv().await {
+            if e.to_lowercase().contains("permissions violation") {
+                return e;
+            }
+        }
+        String::new()
+    })
+    .await
+    .expect("a permissions violation for alpha");
+    assert!(
+        violation.contains("PAGODA_JOBS") || violation.contains("pagoda_jobs"),
+        "{violation}"
+    );
+
+    running.shutdown().await.unwrap();
+    bus.stop().await.unwrap();
+}
