@@ -4,20 +4,47 @@
 //!
 //! A job's life (the contract between the host and the SDK worker):
 //!
-//!
-//! - Manifest: `tasks: [{name, offset, description, cancellable (default true), timeout_secs (0 = none)}]` (core_events::manifest::TaskSpec). Operation id = range start (from the host's PLUGIN_OPERATION_ID_CONFIG) + offset (core_events::jobs::OperationIds).
-//! - Host starts a job: inserts a row in table `jobs` (status PREPARING=1), then `kv.create("<plugin>.<job_id>", JobState{status: PREPARING, ..})` in bucket `pagoda_jobs` (Subjects::jobs_bucket), then publishes a `JobRequest` JSON to `pagoda.jobs.<plugin>.<task>` (Subjects::job) with header `Nats-Msg-Id: job-<id>` into stream PAGODA_JOBS (work queue) and waits for the ack. Response 201 with the job.
-//! - SDK worker (in the plugin process): durable pull consumer named `jobs-<plugin>` on stream PAGODA_JOBS, filter `pagoda.jobs.<plugin>.>` (Subjects::plugin_jobs), explicit ack, ack_wait 30 s, max_ack_pending = the plugin's task concurrency (default 4). Per message:
+//! - Manifest: `tasks: [{name, offset, description, cancellable (default true), timeout_secs (0 =
+//!   none)}]` (core_events::manifest::TaskSpec). Operation id = range start (from the host's
+//!   PLUGIN_OPERATION_ID_CONFIG) + offset (core_events::jobs::OperationIds).
+//! - Host starts a job: inserts a row in table `jobs` (status PREPARING=1), then
+//!   `kv.create("<plugin>.<job_id>", JobState{status: PREPARING, ..})` in bucket `pagoda_jobs`
+//!   (Subjects::jobs_bucket), then publishes a `JobRequest` JSON to `pagoda.jobs.<plugin>.<task>`
+//!   (Subjects::job) with header `Nats-Msg-Id: job-<id>` into stream PAGODA_JOBS (work queue) and
+//!   waits for the ack. Response 201 with the job.
+//! - SDK worker (in the plugin process): durable pull consumer named `jobs-<plugin>` on stream
+//!   PAGODA_JOBS, filter `pagoda.jobs.<plugin>.>` (Subjects::plugin_jobs), explicit ack, ack_wait
+//!   30 s, max_ack_pending = the plugin's task concurrency (default 4). Per message:
 //!   1. Parse JobRequest; unreadable → `term` it and log an error.
-//!   2. Read the KV entry `<plugin>.<job_id>`; if absent create it PREPARING. If its status is final (CANCELED, DONE, ERROR, WARNING, TIMEOUT) → ack the message, do not run.
-//!   3. Compare-and-set (kv.update with the entry's revision) to PROCESSING (message "started"); on a revision conflict re-read and go back to 2 (a CANCELED written meanwhile wins).
-//!   4. Run the task handler with a TaskContext: `request()` (JobRequest), `params()`, `user()`, `is_canceled().await` (reads the KV entry: status == CANCELED), `cancelled()` (a future that resolves when the job is cancelled: KV watch of the key), `progress(msg).await` (CAS: status stays PROCESSING, message = msg, updated_at = now). While the handler runs the worker sends in-progress acks (`AckKind::Progress`) every 10 s and a heartbeat (CAS updated_at) every 10 s.
-//!   5. Finish: handler `Ok(TaskOutcome::Done(msg))` → DONE, `Ok(TaskOutcome::Warning(msg))` → WARNING, `Err(e)` → ERROR with the error text, a panic → ERROR "task panicked: …". Written by CAS; if the entry became CANCELED meanwhile it stays CANCELED (never overwrite a final status: JobStatus::can_become). Then ack the message (double_ack).
-//!   6. A task name the plugin does not declare → ERROR "plugin '<id>' has no task '<task>'", ack.
-//!   7. A worker killed mid-task: the message is redelivered after ack_wait; state is PROCESSING; the next worker CASes PROCESSING again (message "restarted") and runs the task again (at-least-once: tasks should be idempotent; documented).
-//! - Host mirrors the KV bucket into the `jobs` table (watch with history from the start, so nothing is missed across host restarts), only moving forward (JobStatus::can_become). `GET /api/v2/jobs/<id>/` answers from the KV entry for plugin jobs (fresh) merged with the row.
-//! - Cancel: `POST /api/v2/jobs/<id>/cancel/`: PREPARING → CANCELED (the worker then skips it); PROCESSING and the task is cancellable → CANCELED (the running task sees it via is_canceled()/cancelled() and should stop; whatever it returns afterwards, the status stays CANCELED); PROCESSING and not cancellable → 409; final → 409 "job <id> already finished (<STATUS>)". All by CAS on the KV entry, then the row.
-//! - Host timeout sweeper: a PROCESSING job whose task has timeout_secs > 0 and whose updated_at is older than that → CAS TIMEOUT (message "no heartbeat for N s").
+//!   2. Read the KV entry `<plugin>.<job_id>`; if absent create it PREPARING. If its status is final
+//!      (CANCELED, DONE, ERROR, WARNING, TIMEOUT) → ack the message, do not run.
+//!   3. Compare-and-set (kv.update with the entry's revision) to PROCESSING (message "started"); on
+//!      a revision conflict re-read and go back to 2 (a CANCELED written meanwhile wins).
+//!   4. Run the task handler with a TaskContext: `request()` (JobRequest), `params()`, `user()`,
+//!      `is_canceled().await` (reads the KV entry: status == CANCELED), `cancelled()` (a future that
+//!      resolves when the job is cancelled; the SDK reads the key every second, so a plugin needs
+//!      no rights on other plugins' keys), `progress(msg).await` (CAS: status
+//!      stays PROCESSING, message = msg, updated_at = now). While the handler runs the worker sends
+//!      in-progress acks (`AckKind::Progress`) every 10 s and a heartbeat (CAS updated_at) every 10
+//!      s.
+//!   5. Finish: handler `Ok(TaskOutcome::Done(msg))` → DONE, `Ok(TaskOutcome::Warning(msg))` →
+//!      WARNING, `Err(e)` → ERROR with the error text, a panic → ERROR "task panicked: …". Written
+//!      by CAS; if the entry became CANCELED meanwhile it stays CANCELED (never overwrite a final
+//!      status: JobStatus::can_become). Then ack the message (double_ack).
+//!   6. A task name the plugin does not declare → ERROR `plugin '<id>' has no task '<task>'`, ack.
+//!   7. A worker killed mid-task: the message is redelivered after ack_wait; state is PROCESSING;
+//!      the next worker CASes PROCESSING again (message "restarted") and runs the task again
+//!      (at-least-once: tasks should be idempotent; documented).
+//! - Host mirrors the KV bucket into the `jobs` table (watch with history from the start, so
+//!   nothing is missed across host restarts), only moving forward (JobStatus::can_become). `GET
+//!   /api/v2/jobs/<id>/` answers from the KV entry for plugin jobs (fresh) merged with the row.
+//! - Cancel: `POST /api/v2/jobs/<id>/cancel/`: PREPARING → CANCELED (the worker then skips it);
+//!   PROCESSING and the task is cancellable → CANCELED (the running task sees it via
+//!   is_canceled()/cancelled() and should stop; whatever it returns afterwards, the status stays
+//!   CANCELED); PROCESSING and not cancellable → 409; final → 409 `job <id> already finished
+//!   (<STATUS>)`. All by CAS on the KV entry, then the row.
+//! - Host timeout sweeper: a PROCESSING job whose task has timeout_secs > 0 and whose updated_at
+//!   is older than that → CAS TIMEOUT (message "no heartbeat for N s").
 
 use std::collections::BTreeMap;
 
@@ -165,6 +192,63 @@ impl JobState {
     pub fn key(plugin: &str, job_id: i64) -> String {
         format!("{plugin}.{job_id}")
     }
+}
+
+/// A job as the host's API shows it (`GET /api/v2/jobs/<id>/`): the row of table
+/// `jobs`, for plugin jobs merged with the fresher state in the jobs bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Job {
+    /// The job id.
+    pub id: i64,
+    /// The operation id (Pagoda's `operation`; range start + the task's offset for plugin tasks).
+    pub operation: i64,
+    /// The plugin whose task this is (`None` for a core job).
+    pub plugin_id: Option<String>,
+    /// The task name.
+    pub task: String,
+    /// Parameters the job was started with.
+    pub params: serde_json::Value,
+    /// Pagoda's numeric status code (see [`JobStatus::code`]).
+    pub status: i32,
+    /// The status's name (`PREPARING`, `DONE`, …).
+    pub status_name: String,
+    /// The last message (a progress note, the result, or the error).
+    pub message: String,
+    /// Who started it (`None` when the user no longer exists or for system jobs).
+    pub user: Option<crate::model::ObjectRef>,
+    /// When it was created.
+    pub created_time: DateTime<Utc>,
+    /// When its state last changed.
+    pub updated_time: DateTime<Utc>,
+}
+
+impl Job {
+    /// The status as a [`JobStatus`] (`None` only for a code written by hand).
+    pub fn job_status(&self) -> Option<JobStatus> {
+        JobStatus::from_code(i64::from(self.status))
+    }
+
+    /// Sets the status (code and name) and the message.
+    pub fn set_status(&mut self, status: JobStatus, message: impl Into<String>) {
+        self.status = status.code();
+        self.status_name = status.name().to_owned();
+        self.message = message.into();
+    }
+}
+
+/// What a new job is created from (it starts PREPARING).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    /// The user starting it.
+    pub user_id: Option<i64>,
+    /// Its operation id.
+    pub operation: i64,
+    /// The plugin (`None` for a core job).
+    pub plugin_id: Option<String>,
+    /// The task name.
+    pub task: String,
+    /// Its parameters.
+    pub params: serde_json::Value,
 }
 
 /// Operation ids of plugin tasks, as assigned from `PLUGIN_OPERATION_ID_CONFIG`.

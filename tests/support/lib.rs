@@ -7,6 +7,7 @@
 //! | polling with a timeout instead of sleeping | [`wait_until`], [`wait_for`], [`assert_eventually!`] |
 //! | tracing output captured per test | [`init_tracing`] |
 //! | a free TCP port on 127.0.0.1 | [`free_port`] |
+//! | the reference host in-process, with a superuser, a normal user and their tokens | [`host::TestHost`] |
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -23,6 +24,7 @@
 
 pub mod bench;
 pub mod db;
+pub mod host;
 pub use db::TestDb;
 
 use std::fs::{File, OpenOptions};

@@ -1,14 +1,43 @@
 //! Authentication (`Authorization: Token <key>`, keys stored as SHA-256 hashes),
 //! and the users and tokens endpoints.
 //!
-//! (skeleton: filled in by the host work)
+//! A key is hashed and looked up once; the user is then kept in [`TokenCache`]
+//! for [`TOKEN_CACHE_TTL`], so most requests cost no database read. Revoking a
+//! token through this host drops it from the cache at once; a token revoked by
+//! another process stops working within the TTL.
+//!
+//! | route | who | what |
+//! |---|---|---|
+//! | `GET /api/v2/users/me/` | any user | the caller |
+//! | `GET /api/v2/users/` | superuser | users (`?limit=&offset=`) |
+//! | `POST /api/v2/users/` | superuser | create a user |
+//! | `GET /api/v2/tokens/` | any user | own tokens (a superuser may pass `?user_id=`) |
+//! | `POST /api/v2/tokens/` | any user | create a token; the key is in the reply, once |
+//! | `DELETE /api/v2/tokens/<id>/` | owner or superuser | revoke |
 
-use axum::Router;
-use axum::extract::FromRequestParts;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::response::IntoResponse;
+use axum::routing::{delete, get};
+use axum::{Json, Router};
 use core_events::User;
+use core_events::store::{ApiToken, NewUser, hash_key};
+use serde_json::{Value, json};
 
+use super::models::{Body, Page, Params, parse_id};
 use super::{ApiError, HostState};
+
+/// How long a key's user is cached after a database lookup.
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(5);
+
+/// Most keys the cache holds; it is cleared when full (a flood of bad keys is
+/// not cached at all: only keys that authenticate are).
+const TOKEN_CACHE_MAX: usize = 10_000;
 
 /// The authenticated user of a request (401 `not_authenticated` without a valid token).
 #[derive(Debug, Clone)]
@@ -22,6 +51,63 @@ pub struct AuthUser {
 /// The authenticated user, if the request has a valid token (an invalid one is still 401).
 #[derive(Debug, Clone)]
 pub struct MaybeUser(pub Option<AuthUser>);
+
+/// Users of recently seen keys, by key hash, each kept for [`TOKEN_CACHE_TTL`].
+#[derive(Debug, Default)]
+pub struct TokenCache {
+    entries: Mutex<HashMap<String, (AuthUser, Instant)>>,
+}
+
+impl TokenCache {
+    fn get(&self, hash: &str) -> Option<AuthUser> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(hash)
+            .filter(|(_, at)| at.elapsed() < TOKEN_CACHE_TTL)
+            .map(|(user, _)| user.clone())
+    }
+
+    fn put(&self, hash: String, user: AuthUser) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= TOKEN_CACHE_MAX {
+            entries.retain(|_, (_, at)| at.elapsed() < TOKEN_CACHE_TTL);
+            if entries.len() >= TOKEN_CACHE_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(hash, (user, Instant::now()));
+    }
+
+    /// Forgets a token (after it is revoked) so its key stops working at once.
+    pub fn forget_token(&self, token_id: i64) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|_, (user, _)| user.token_id != token_id);
+    }
+
+    /// Forgets every token of a user.
+    pub fn forget_user(&self, user_id: i64) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|_, (user, _)| user.user.id != user_id);
+    }
+}
+
+impl AuthUser {
+    /// 403 unless the user is a superuser.
+    ///
+    /// # Errors
+    ///
+    /// [`ApiError::Forbidden`] naming `what` needs a superuser.
+    pub fn require_superuser(&self, what: &str) -> Result<(), ApiError> {
+        if self.user.is_superuser {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "{what} needs a superuser; user '{}' is not one",
+                self.user.username
+            )))
+        }
+    }
+}
 
 impl FromRequestParts<HostState> for AuthUser {
     type Rejection = ApiError;
@@ -46,11 +132,161 @@ impl FromRequestParts<HostState> for MaybeUser {
         parts: &mut Parts,
         state: &HostState,
     ) -> Result<Self, Self::Rejection> {
-        let _ = (parts, state);
-        Ok(MaybeUser(None))
+        let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
+            return Ok(MaybeUser(None));
+        };
+        let key = header
+            .to_str()
+            .ok()
+            .and_then(|h| {
+                let (scheme, key) = h.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("token").then(|| key.trim())
+            })
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| {
+                ApiError::Unauthenticated(
+                    "malformed Authorization header: expected 'Token <key>'".into(),
+                )
+            })?;
+        authenticate(state, key).await.map(|u| MaybeUser(Some(u)))
     }
+}
+
+/// The user of `key`, from the cache or the store.
+async fn authenticate(state: &HostState, key: &str) -> Result<AuthUser, ApiError> {
+    let hash = hash_key(key);
+    if let Some(user) = state.tokens.get(&hash) {
+        return Ok(user);
+    }
+    let found = state.store.user_by_key(key).await?;
+    let Some(found) = found else {
+        return Err(ApiError::Unauthenticated(
+            "invalid token: unknown or revoked".into(),
+        ));
+    };
+    if !found.user.is_active {
+        return Err(ApiError::Unauthenticated(format!(
+            "user '{}' is inactive",
+            found.user.username
+        )));
+    }
+    let user = AuthUser {
+        user: found.user,
+        token_id: found.token_id,
+    };
+    state.tokens.put(hash, user.clone());
+    // Recorded at most once per cache period; a failure only loses the timestamp.
+    let store = state.store.clone();
+    let token_id = user.token_id;
+    tokio::spawn(async move {
+        if let Err(e) = store.touch_token(token_id).await {
+            tracing::debug!(error = %e, token_id, "cannot record token use");
+        }
+    });
+    Ok(user)
 }
 
 pub(crate) fn routes() -> Router<HostState> {
     Router::new()
+        .route("/api/v2/users/me/", get(me))
+        .route("/api/v2/users/", get(list_users).post(create_user))
+        .route("/api/v2/tokens/", get(list_tokens).post(create_token))
+        .route("/api/v2/tokens/{id}/", delete(revoke_token))
+}
+
+async fn me(auth: AuthUser) -> Json<User> {
+    Json(auth.user)
+}
+
+async fn list_users(
+    State(state): State<HostState>,
+    auth: AuthUser,
+    Params(query): Params,
+) -> Result<Json<Value>, ApiError> {
+    auth.require_superuser("listing users")?;
+    let page = Page::from_query(&query)?;
+    let users = state.store.list_users(page.limit, page.offset).await?;
+    Ok(Json(page.wrap(users)))
+}
+
+async fn create_user(
+    State(state): State<HostState>,
+    auth: AuthUser,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    auth.require_superuser("creating users")?;
+    let mut f = body.fields();
+    let new = NewUser {
+        username: f.required("username").unwrap_or_default(),
+        email: f.optional("email").unwrap_or_default(),
+        first_name: f.optional("first_name").unwrap_or_default(),
+        last_name: f.optional("last_name").unwrap_or_default(),
+        is_superuser: f.optional("is_superuser").unwrap_or_default(),
+    };
+    f.finish()?;
+    let user = state.store.create_user(&new).await?;
+    Ok((StatusCode::CREATED, Json(user)))
+}
+
+async fn list_tokens(
+    State(state): State<HostState>,
+    auth: AuthUser,
+    Params(query): Params,
+) -> Result<Json<Value>, ApiError> {
+    let user_id = match query.get("user_id") {
+        Some(id) => {
+            let id = parse_id("user_id", id)?;
+            if id != auth.user.id {
+                auth.require_superuser("listing another user's tokens")?;
+            }
+            id
+        }
+        None => auth.user.id,
+    };
+    let tokens = state.store.tokens_of(user_id).await?;
+    Ok(Json(json!({ "count": tokens.len(), "results": tokens })))
+}
+
+async fn create_token(
+    State(state): State<HostState>,
+    auth: AuthUser,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let mut f = body.fields();
+    let name: String = f.optional("name").unwrap_or_default();
+    let user_id: Option<i64> = f.optional("user_id");
+    f.finish()?;
+    let user_id = match user_id {
+        Some(id) if id != auth.user.id => {
+            auth.require_superuser("creating a token for another user")?;
+            id
+        }
+        _ => auth.user.id,
+    };
+    let (token, key) = state.store.create_token(user_id, &name).await?;
+    Ok((StatusCode::CREATED, Json(token_with_key(&token, &key))))
+}
+
+fn token_with_key(token: &ApiToken, key: &str) -> Value {
+    let mut v = serde_json::to_value(token).unwrap_or_else(|_| json!({}));
+    if let Some(o) = v.as_object_mut() {
+        o.insert("key".into(), Value::String(key.to_owned()));
+    }
+    v
+}
+
+async fn revoke_token(
+    State(state): State<HostState>,
+    auth: AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<ApiToken>, ApiError> {
+    let id = parse_id("token id", &id)?;
+    let token = state.store.token(id).await?;
+    if token.user_id != auth.user.id && !auth.user.is_superuser {
+        // Someone else's token is as good as none to a normal user.
+        return Err(ApiError::NotFound(format!("token {id} not found")));
+    }
+    let token = state.store.revoke_token(id).await?;
+    state.tokens.forget_token(id);
+    Ok(Json(token))
 }

@@ -10,6 +10,7 @@
 //! | 401 | `not_authenticated` | no or an unknown token |
 //! | 403 | `permission_denied` | the user may not do this |
 //! | 404 | `not_found` | no such object, plugin or route |
+//! | 405 | `method_not_allowed` | the path exists, the method does not |
 //! | 409 | `conflict` | a name is taken, or the state does not allow it |
 //! | 413 | `payload_too_large` | the body is over the limit |
 //! | 429 | `rate_limited` | too many requests (`Retry-After`) |
@@ -51,9 +52,18 @@ pub enum ApiError {
     /// 404.
     #[error("{0}")]
     NotFound(String),
+    /// 405: the path exists, the method does not.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// 409.
     #[error("{0}")]
     Conflict(String),
+    /// 413 `payload_too_large`: the body is over the host's limit (bytes).
+    #[error("request body is larger than the limit of {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: usize,
+    },
     /// 429 with `Retry-After` seconds.
     #[error("rate limit exceeded; retry after {retry_after_secs} s")]
     RateLimited {
@@ -105,6 +115,8 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PluginTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -149,6 +161,12 @@ impl ApiError {
             ApiError::Forbidden(_) => json!({"error": "permission_denied", "message": message}),
             ApiError::NotFound(_) => json!({"error": "not_found", "message": message}),
             ApiError::Conflict(_) => json!({"error": "conflict", "message": message}),
+            ApiError::MethodNotAllowed(_) => {
+                json!({"error": "method_not_allowed", "message": message})
+            }
+            ApiError::TooLarge { limit } => {
+                json!({"error": "payload_too_large", "message": message, "limit": limit})
+            }
             ApiError::RateLimited { retry_after_secs } => json!({
                 "error": "rate_limited", "message": message, "retry_after": retry_after_secs,
             }),

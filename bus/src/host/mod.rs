@@ -62,6 +62,11 @@ pub struct HostConfig {
     pub plugin_rate_per_sec: u32,
     /// Burst allowed above the rate.
     pub plugin_rate_burst: u32,
+    /// Run the outbox relay in this process (default). Off when `hookbus run
+    /// --database-url` relays the same database instead; two relays are safe too.
+    pub relay: bool,
+    /// Retention and limits of the streams the host provisions.
+    pub streams: crate::config::StreamSettings,
 }
 
 impl HostConfig {
@@ -77,6 +82,8 @@ impl HostConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             plugin_rate_per_sec: 50,
             plugin_rate_burst: 100,
+            relay: true,
+            streams: crate::config::StreamSettings::default(),
         }
     }
 }
@@ -107,6 +114,11 @@ pub struct HostInner {
     pub config: HostConfig,
     /// Per-token rate limits on plugin API routes.
     pub limiter: plugin_api::RateLimiter,
+    /// Recently seen token keys (by hash) and their users, so a request costs no
+    /// database read.
+    pub tokens: auth::TokenCache,
+    /// Entities recently read for entry writes.
+    pub entities: models::EntityCache,
 }
 
 impl std::ops::Deref for HostState {
@@ -131,7 +143,8 @@ pub fn router(state: HostState) -> Router {
         .merge(plugin_api::routes())
         .merge(jobs::routes())
         .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .fallback(|| async { ApiError::NotFound("no such API path".into()) })
+        .fallback(models::no_route)
+        .method_not_allowed_fallback(models::no_method)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
@@ -180,8 +193,97 @@ impl Host {
     ///
     /// [`HostError`]: with [`HostError::OperationIds`] the host refuses to start.
     pub async fn start(client: async_nats::Client, config: HostConfig) -> Result<Host, HostError> {
-        let _ = (client, config);
-        unimplemented!("host start-up")
+        let store = Store::connect(&config.database_url).await?;
+        store.migrate().await?;
+        let js = jetstream::new(client.clone());
+        crate::provision::provision(&js, &config.subjects, &config.streams).await?;
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let (registry, registry_task) = Registry::start(
+            &js,
+            config.subjects.clone(),
+            config.enabled_plugins.clone(),
+            shutdown.child_token(),
+        )
+        .await?;
+        tasks.push(registry_task);
+        let operation_ids = match jobs::operation_ids(&registry, &config).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                shutdown.cancel();
+                return Err(e);
+            }
+        };
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(source) => {
+                shutdown.cancel();
+                return Err(HostError::Bind {
+                    addr: config.listen,
+                    source,
+                });
+            }
+        };
+        let addr = listener.local_addr().map_err(|source| HostError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        if config.relay {
+            let settings =
+                crate::relay::RelaySettings::for_deployment(store.backend(), &config.streams);
+            let relay = crate::relay::Relay::new(
+                store.clone(),
+                js.clone(),
+                config.subjects.clone(),
+                settings,
+            );
+            let token = shutdown.child_token();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = relay.run(token).await {
+                    tracing::error!(error = %e, "outbox relay stopped");
+                }
+            }));
+        }
+        let limiter =
+            plugin_api::RateLimiter::new(config.plugin_rate_per_sec, config.plugin_rate_burst);
+        let state = HostState {
+            inner: Arc::new(HostInner {
+                hooks: SyncHooks::new(client.clone(), registry.clone()),
+                store,
+                registry,
+                client,
+                js,
+                subjects: config.subjects.clone(),
+                operation_ids,
+                limiter,
+                tokens: auth::TokenCache::default(),
+                entities: models::EntityCache::default(),
+                config,
+            }),
+        };
+        let app = router(state.clone());
+        let token = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            // With connection info, so anonymous calls of public plugin routes are
+            // rate-limited per client IP.
+            let served = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(token.cancelled_owned())
+            .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }));
+        tasks.extend(jobs::spawn_background(state.clone(), shutdown.clone()));
+        tracing::info!(%addr, relay = state.config.relay, "host serving /api/v2");
+        Ok(Host {
+            addr,
+            state,
+            shutdown,
+            tasks,
+        })
     }
 
     /// The bound address.

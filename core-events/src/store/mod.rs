@@ -20,9 +20,11 @@
 //! # Ok(()) }
 //! ```
 
+mod jobs;
 mod load;
 pub mod outbox;
 mod rebuild;
+mod tokens;
 mod values;
 mod write;
 
@@ -35,8 +37,10 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 use tokio::sync::Notify;
 
+pub use jobs::MAX_JOB_PAGE;
 pub use outbox::{Backlog, OutboxRow};
 pub use rebuild::{Applied, ModelSnapshot};
+pub use tokens::{ApiToken, TOKEN_PREFIX, TokenUser, hash_key, new_key};
 pub use write::{AttrChange, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, NewUser};
 
 use crate::model::User;

@@ -1,0 +1,264 @@
+//! API tokens of the reference host, and listing users.
+//!
+//! A token's key is shown once, when it is created; the store keeps only its
+//! SHA-256 hash (`api_tokens.key_hash`), so a leaked database does not leak keys.
+//! A request's key is hashed and looked up by hash ([`Store::user_by_key`]).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{Store, StoreError, format_time, load, now, parse_time};
+use crate::model::User;
+
+/// Prefix of every key, so a key is recognisable in logs and secret scanners.
+pub const TOKEN_PREFIX: &str = "hb_";
+
+/// An API token, without its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiToken {
+    /// Token id.
+    pub id: i64,
+    /// The user it authenticates.
+    pub user_id: i64,
+    /// A label chosen by its owner.
+    pub name: String,
+    /// When it was created.
+    pub created_time: DateTime<Utc>,
+    /// When it was last used (updated at most every few seconds per token).
+    pub last_used_time: Option<DateTime<Utc>>,
+    /// False once revoked.
+    pub is_active: bool,
+}
+
+/// A user found by a token key, with the token that matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenUser {
+    /// The user (active or not: callers refuse inactive users).
+    pub user: User,
+    /// The matching token's id.
+    pub token_id: i64,
+}
+
+/// The SHA-256 hash (lower-case hex) of a key: what `api_tokens.key_hash` holds.
+pub fn hash_key(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+        out.push(char::from_digit(u32::from(b & 0xf), 16).unwrap_or('0'));
+    }
+    out
+}
+
+/// A new random key: `hb_` and 64 hex digits (two v4 UUIDs, 244 random bits).
+pub fn new_key() -> String {
+    format!(
+        "{TOKEN_PREFIX}{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+const TOKEN_COLUMNS: &str =
+    "id, user_id, name, created_time, last_used_time, is_active FROM api_tokens";
+
+/// A flag: BOOLEAN on PostgreSQL, 0/1 INTEGER on SQLite.
+fn flag(row: &AnyRow, column: &str) -> Result<bool, sqlx::Error> {
+    match row.try_get::<bool, _>(column) {
+        Ok(b) => Ok(b),
+        Err(_) => row.try_get::<i64, _>(column).map(|v| v != 0),
+    }
+}
+
+fn token_from_row(row: &AnyRow) -> Result<ApiToken, StoreError> {
+    Ok(ApiToken {
+        id: row.try_get("id")?,
+        user_id: row.try_get("user_id")?,
+        name: row.try_get("name")?,
+        created_time: parse_time(&row.try_get::<String, _>("created_time")?)?,
+        last_used_time: row
+            .try_get::<Option<String>, _>("last_used_time")?
+            .map(|t| parse_time(&t))
+            .transpose()?,
+        is_active: flag(row, "is_active")?,
+    })
+}
+
+impl Store {
+    /// Creates a token for user `user_id`; returns it with its key, which is not
+    /// stored and cannot be read again.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for no such user; [`StoreError::Invalid`] for a
+    /// name over 200 characters.
+    pub async fn create_token(
+        &self,
+        user_id: i64,
+        name: &str,
+    ) -> Result<(ApiToken, String), StoreError> {
+        if name.chars().count() > 200 {
+            return Err(StoreError::Invalid(vec![
+                "token name is longer than 200 characters".into(),
+            ]));
+        }
+        self.user(user_id).await?;
+        let key = new_key();
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(
+            "INSERT INTO api_tokens (user_id, key_hash, name, created_time, is_active) \
+             VALUES ($1, $2, $3, $4, TRUE) RETURNING id",
+        )
+        .bind(user_id)
+        .bind(hash_key(&key))
+        .bind(name)
+        .bind(format_time(&now()))
+        .fetch_one(&mut *tx)
+        .await?;
+        let id: i64 = row.try_get(0)?;
+        let token = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {TOKEN_COLUMNS} WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let token = token_from_row(&token)?;
+        tx.commit().await?;
+        Ok((token, key))
+    }
+
+    /// The user an active token's key authenticates, or `None` for an unknown or
+    /// revoked key. Looks the key up by its hash.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Db`] when the database fails.
+    pub async fn user_by_key(&self, key: &str) -> Result<Option<TokenUser>, StoreError> {
+        let row = sqlx::query(
+            "SELECT t.id AS token_id, u.id, u.username, u.email, u.first_name, u.last_name, \
+             u.is_active, u.is_superuser, u.date_joined \
+             FROM api_tokens t JOIN users u ON u.id = t.user_id \
+             WHERE t.key_hash = $1 AND t.is_active = TRUE",
+        )
+        .bind(hash_key(key))
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        Ok(Some(TokenUser {
+            user: load::user_from_row(&row)?,
+            token_id: row.try_get("token_id")?,
+        }))
+    }
+
+    /// Records that token `id` was used now.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Db`] when the database fails.
+    pub async fn touch_token(&self, id: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE api_tokens SET last_used_time = $2 WHERE id = $1")
+            .bind(id)
+            .bind(format_time(&now()))
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// A token by id (active or revoked).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] when there is none.
+    pub async fn token(&self, id: i64) -> Result<ApiToken, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {TOKEN_COLUMNS} WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            what: "token",
+            id: id.to_string(),
+        })?;
+        token_from_row(&row)
+    }
+
+    /// A user's tokens by id (revoked ones too, marked inactive).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Db`] when the database fails.
+    pub async fn tokens_of(&self, user_id: i64) -> Result<Vec<ApiToken>, StoreError> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {TOKEN_COLUMNS} WHERE user_id = $1 ORDER BY id"
+        )))
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(token_from_row)
+        .collect()
+    }
+
+    /// Revokes token `id`: its key no longer authenticates. Revoking a revoked
+    /// token is a no-op.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] when there is no such token.
+    pub async fn revoke_token(&self, id: i64) -> Result<ApiToken, StoreError> {
+        let n = sqlx::query("UPDATE api_tokens SET is_active = FALSE WHERE id = $1")
+            .bind(id)
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "token",
+                id: id.to_string(),
+            });
+        }
+        self.token(id).await
+    }
+
+    /// Users by id, `limit` from `offset`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Db`] when the database fails.
+    pub async fn list_users(&self, limit: i64, offset: i64) -> Result<Vec<User>, StoreError> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {} ORDER BY id LIMIT $1 OFFSET $2",
+            load::USER_COLUMNS
+        )))
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(load::user_from_row)
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_random_and_hashed_as_hex() {
+        let a = new_key();
+        let b = new_key();
+        assert_ne!(a, b);
+        assert!(a.starts_with(TOKEN_PREFIX) && a.len() == 3 + 64, "{a}");
+        assert_eq!(
+            hash_key("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,966 @@
+//! The reference host end to end: real HTTP (reqwest), a real nats-server, SDK
+//! plugins in-process, SQLite and PostgreSQL.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use core_events::store::{Backend, outbox};
+use core_events::{AttrType, Attribute, Envelope, ObjectRef, OnUnavailable};
+use futures::StreamExt;
+use hookbus_tests::host::TestHost;
+use hookbus_tests::{NatsServer, TestDb, assert_eventually};
+use pagoda_plugin_sdk::{
+    FieldError, Plugin, PluginBuilder, RunningPlugin, ServeOptions, SyncError,
+};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn backends() -> [Backend; 2] {
+    [Backend::Sqlite, Backend::Postgres]
+}
+
+struct Setup {
+    host: TestHost,
+    client: async_nats::Client,
+    running: Vec<RunningPlugin>,
+    // Dropped last: the host and plugins need them until then.
+    _db: TestDb,
+    _nats: NatsServer,
+}
+
+impl Setup {
+    async fn stop(self) {
+        for p in self.running {
+            let _ = p.shutdown().await;
+        }
+        self.host.stop().await;
+    }
+}
+
+/// A host with `plugins` served and registered (ENABLED_PLUGINS = their ids in order).
+async fn setup(backend: Backend, plugins: Vec<PluginBuilder>) -> Setup {
+    setup_with(backend, plugins, |_| {}).await
+}
+
+async fn setup_with(
+    backend: Backend,
+    plugins: Vec<PluginBuilder>,
+    configure: impl FnOnce(&mut hookbus::host::HostConfig),
+) -> Setup {
+    let nats = NatsServer::start().await;
+    let db = TestDb::new(backend).await;
+    let plugins: Vec<Plugin> = plugins.into_iter().map(|p| p.build().unwrap()).collect();
+    let ids: Vec<String> = plugins.iter().map(|p| p.id().to_owned()).collect();
+    let host = TestHost::start_with(&nats, &db, |c| {
+        c.enabled_plugins = ids.clone();
+        configure(c);
+    })
+    .await;
+    let client = nats.connect().await;
+    let mut running = Vec::new();
+    for p in plugins {
+        running.push(
+            p.serve(client.clone(), ServeOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    host.wait_registered(&id_refs).await;
+    Setup {
+        host,
+        client,
+        running,
+        _db: db,
+        _nats: nats,
+    }
+}
+
+/// Sends a request and returns the status, the JSON body and the skipped-hooks header.
+async fn call(req: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    let r = req.send().await.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    let body = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("response {status} is not JSON ({e}): {text}"));
+    (status, body)
+}
+
+async fn create_entity(host: &TestHost, body: Value) -> Value {
+    let (status, e) = call(host.as_admin(Method::POST, "/api/v2/entities/").json(&body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{e}");
+    e
+}
+
+fn customer() -> Value {
+    json!({
+        "name": "customer",
+        "note": "people",
+        "attrs": [
+            {"name": "phone", "type": "string"},
+            {"name": "age", "type": 256},
+        ],
+    })
+}
+
+/// Every event in the events stream, in stream order.
+async fn stream_events(client: &async_nats::Client) -> Vec<Envelope<Value>> {
+    let js = jetstream::new(client.clone());
+    let mut stream = js.get_stream("PAGODA_EVENTS").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    if last == 0 {
+        return out;
+    }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    while let Some(m) = messages.next().await {
+        let m = m.unwrap();
+        let seq = m.info().unwrap().stream_sequence;
+        out.push(serde_json::from_slice(&m.payload).unwrap());
+        if seq >= last {
+            break;
+        }
+    }
+    out
+}
+
+/// The event types in the stream, once the outbox is empty and the stream has `n`.
+async fn events_once(s: &Setup, n: usize) -> Vec<Envelope<Value>> {
+    let store = s.host.store().clone();
+    let client = s.client.clone();
+    assert_eventually!(
+        outbox::backlog(store.pool()).await.unwrap().rows == 0
+            && stream_events(&client).await.len() >= n,
+        WAIT,
+        "the stream did not get {n} events"
+    );
+    stream_events(&s.client).await
+}
+
+/// The events about one object (`entry/<id>`, `entity/<id>`), in stream order.
+fn of(events: &[Envelope<Value>], subject: &str) -> Vec<Envelope<Value>> {
+    events
+        .iter()
+        .filter(|e| e.subject == subject)
+        .cloned()
+        .collect()
+}
+
+fn types(events: &[Envelope<Value>]) -> Vec<String> {
+    events.iter().map(|e| e.event_type.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_entry_is_not_stored_emits_no_event_and_lists_every_validators_error() {
+    for backend in backends() {
+        let phone = Plugin::builder("phone-check", "Phone", "1.0.0")
+            .on_validate("phone", |ctx| async move {
+                let e = &ctx.request.entry;
+                let mut errors = Vec::new();
+                if !e.attrs.contains_key("phone") {
+                    errors.push(FieldError::field("phone", "phone is required"));
+                }
+                if e.name.starts_with("bad") {
+                    errors.push(FieldError::general("bad names are not allowed"));
+                }
+                Ok(errors)
+            })
+            .priority(10);
+        let age = Plugin::builder("age-check", "Age", "1.0.0")
+            .on_validate("adult", |ctx| async move {
+                let age = ctx.request.entry.attrs.get("age").and_then(Value::as_f64);
+                Ok(match age {
+                    Some(a) if a >= 18.0 => vec![],
+                    _ => vec![FieldError::field("age", "must be 18 or older")],
+                })
+            })
+            .priority(20);
+        let s = setup(backend, vec![age, phone]).await;
+        let entity = create_entity(&s.host, customer()).await;
+        let path = format!("/api/v2/entities/{}/entries/", entity["id"]);
+
+        let (status, body) = call(
+            s.host
+                .as_user(Method::POST, &path)
+                .json(&json!({"name": "bad one", "attrs": {"age": 3}})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{backend:?}: {body}");
+        assert_eq!(body["error"], "validation_error");
+        assert_eq!(
+            body["errors"],
+            json!([
+                {"plugin": "phone-check", "handler": "phone", "field": "phone", "message": "phone is required"},
+                {"plugin": "phone-check", "handler": "phone", "field": null, "message": "bad names are not allowed"},
+                {"plugin": "age-check", "handler": "adult", "field": "age", "message": "must be 18 or older"},
+            ]),
+            "{backend:?}"
+        );
+
+        // Nothing stored.
+        let (status, list) = call(s.host.as_user(Method::GET, &path)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(list["results"], json!([]), "{backend:?}");
+
+        // A good entry after it: the stream has the entity's event and the good
+        // entry's, never one for the rejected entry.
+        let (status, good) = call(
+            s.host
+                .as_user(Method::POST, &path)
+                .json(&json!({"name": "good", "attrs": {"age": 30, "phone": "555"}})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{good}");
+        let events = events_once(&s, 2).await;
+        let mut all = types(&events);
+        all.sort();
+        assert_eq!(
+            all,
+            ["pagoda.entity.after_create", "pagoda.entry.after_create"],
+            "{backend:?}"
+        );
+        let good_events = of(&events, &format!("entry/{}", good["id"]));
+        assert_eq!(good_events[0].data["entry"]["name"], "good");
+        assert!(
+            !events
+                .iter()
+                .any(|e| e.data.to_string().contains("bad one")),
+            "{backend:?}: the rejected entry emitted an event"
+        );
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_create_chain_stores_both_plugins_changes_in_priority_order() {
+    for backend in backends() {
+        // Enabled first, but runs second: priority decides.
+        let second = Plugin::builder("second", "Second", "1.0.0")
+            .on_before_create_entry("append", |ctx| async move {
+                let mut draft = ctx.request.data;
+                draft.note.push_str("+second");
+                draft
+                    .attrs
+                    .insert("phone".into(), json!(draft.note.clone()));
+                Ok(draft)
+            })
+            .priority(20);
+        let first = Plugin::builder("first", "First", "1.0.0")
+            .on_before_create_entry("set", |ctx| async move {
+                let mut draft = ctx.request.data;
+                assert_eq!(ctx.request.user.unwrap().username, "user");
+                draft.note = "first".into();
+                draft.name = draft.name.to_uppercase();
+                Ok(draft)
+            })
+            .priority(10);
+        let s = setup(backend, vec![second, first]).await;
+        let entity = create_entity(&s.host, customer()).await;
+        let path = format!("/api/v2/entities/{}/entries/", entity["id"]);
+        let (status, entry) = call(
+            s.host
+                .as_user(Method::POST, &path)
+                .json(&json!({"name": "acme", "note": "client"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{backend:?}: {entry}");
+        assert_eq!(entry["name"], "ACME");
+        assert_eq!(entry["note"], "first+second");
+
+        let id = entry["id"].as_i64().unwrap();
+        let stored = s.host.store().entry(id).await.unwrap();
+        assert_eq!(stored.name, "ACME", "{backend:?}");
+        assert_eq!(stored.note, "first+second");
+        let phone = stored.attrs.iter().find(|a| a.name == "phone").unwrap();
+        assert_eq!(phone.value, "first+second");
+        let events = events_once(&s, 2).await;
+        let created = of(&events, &format!("entry/{id}"));
+        assert_eq!(created[0].data["entry"]["note"], "first+second");
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_validator_gets_503_with_the_reason_or_is_skipped_never_hangs() {
+    for backend in backends() {
+        let strict = Plugin::builder("strict", "Strict", "1.0.0")
+            .on_validate("v", |_ctx| async move { Ok(vec![]) });
+        let lenient = Plugin::builder("lenient", "Lenient", "1.0.0")
+            .on_validate("v", |_ctx| async move { Ok(vec![]) })
+            .on_unavailable(OnUnavailable::Skip);
+        let stuck = Plugin::builder("stuck", "Stuck", "1.0.0")
+            .on_before_create_entry("hangs", |ctx| async move {
+                if ctx.request.data.name.starts_with("hang") {
+                    std::future::pending::<()>().await;
+                }
+                Ok(ctx.request.data)
+            })
+            .timeout(Duration::from_millis(300));
+        let mut s = setup(backend, vec![strict, lenient, stuck]).await;
+        let entity = create_entity(&s.host, customer()).await;
+        let path = format!("/api/v2/entities/{}/entries/", entity["id"]);
+        let post = |name: &str| {
+            s.host
+                .as_user(Method::POST, &path)
+                .json(&json!({ "name": name }))
+        };
+
+        // A before-hook that never answers: 503 within its timeout.
+        let started = Instant::now();
+        let (status, body) = call(post("hang")).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["error"], "hook_unavailable");
+        assert_eq!(
+            (body["plugin"].as_str(), body["handler"].as_str()),
+            (Some("stuck"), Some("hangs"))
+        );
+        assert_eq!(body["hook"], "entry.before_create");
+        assert!(
+            body["reason"].as_str().unwrap().contains("300 ms"),
+            "{body}"
+        );
+
+        // The blocking validator stopped: 503 naming it, nothing stored.
+        let strict = s.running.remove(0);
+        strict.shutdown().await.unwrap();
+        let started = Instant::now();
+        let (status, body) = call(post("while-strict-is-down")).await;
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{backend:?}: {body}"
+        );
+        assert_eq!(body["plugin"], "strict");
+        assert_eq!(body["hook"], "entry.validate");
+        assert!(
+            body["reason"].as_str().unwrap().contains("no responders"),
+            "{body}"
+        );
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("strict/v is unavailable"),
+            "{body}"
+        );
+        let (_, list) = call(s.host.as_user(Method::GET, &path)).await;
+        assert_eq!(list["count"], 0, "{list}");
+
+        // Strict back, the lenient one (skip) down: the write succeeds and says so.
+        let strict_again = Plugin::builder("strict", "Strict", "1.0.0")
+            .on_validate("v", |_ctx| async move { Ok(vec![]) })
+            .build()
+            .unwrap();
+        s.running.push(
+            strict_again
+                .serve(s.client.clone(), ServeOptions::default())
+                .await
+                .unwrap(),
+        );
+        let lenient = s.running.remove(0);
+        lenient.shutdown().await.unwrap();
+        let r = post("while-lenient-is-down").send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        assert_eq!(
+            r.headers()[hookbus::host::models::SKIPPED_HEADER],
+            "lenient/v"
+        );
+        let entry: Value = r.json().await.unwrap();
+        assert_eq!(entry["name"], "while-lenient-is-down");
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_and_errors_are_json_with_the_right_status() {
+    for backend in backends() {
+        let s = setup_with(backend, vec![], |c| c.max_body_bytes = 4096).await;
+        let h = &s.host;
+
+        // 401: no header, a bad key, a malformed header; /healthz needs none.
+        let (status, body) = call(h.client.get(h.url("/api/v2/entities/"))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["error"], "not_authenticated");
+        let (status, _) = call(h.request(Method::GET, "/api/v2/entities/", "hb_nope")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = call(
+            h.client
+                .get(h.url("/api/v2/users/me/"))
+                .header("Authorization", "Bearer x"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = call(h.client.get(h.url("/api/v2/no/such/path/"))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let r = h.client.get(h.url("/healthz")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+
+        // Users and tokens.
+        let (status, me) = call(h.as_user(Method::GET, "/api/v2/users/me/")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(me["username"], "user");
+        let (status, body) = call(h.as_user(Method::GET, "/api/v2/users/")).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(body["error"], "permission_denied");
+        let (status, users) = call(h.as_admin(Method::GET, "/api/v2/users/")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(users["count"], 2);
+        let (status, token) = call(
+            h.as_user(Method::POST, "/api/v2/tokens/")
+                .json(&json!({"name": "laptop"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{token}");
+        let key = token["key"].as_str().unwrap().to_owned();
+        assert!(key.starts_with("hb_"));
+        let (status, me) = call(h.request(Method::GET, "/api/v2/users/me/", &key)).await;
+        assert_eq!(
+            (status, me["username"].as_str()),
+            (StatusCode::OK, Some("user"))
+        );
+        // Stored hashed: the key is nowhere in the table.
+        let stored: Vec<String> = sqlx::query_scalar("SELECT key_hash FROM api_tokens")
+            .fetch_all(h.store().pool())
+            .await
+            .unwrap();
+        assert!(stored.iter().all(|k| !k.contains(&key[3..])), "{stored:?}");
+        assert!(stored.contains(&core_events::store::hash_key(&key)));
+        let (_, list) = call(h.as_user(Method::GET, "/api/v2/tokens/")).await;
+        assert_eq!(list["count"], 2, "{list}");
+        assert!(
+            list.to_string().find(&key).is_none(),
+            "listing shows no key"
+        );
+        // A normal user cannot revoke the admin's token; revoking one's own works at once.
+        let (status, _) = call(h.as_user(Method::DELETE, &format!("/api/v2/tokens/{}/", 1))).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, revoked) = call(h.request(
+            Method::DELETE,
+            &format!("/api/v2/tokens/{}/", token["id"]),
+            &key,
+        ))
+        .await;
+        assert_eq!(status, StatusCode::OK, "{revoked}");
+        assert_eq!(revoked["is_active"], false);
+        let (status, _) = call(h.request(Method::GET, "/api/v2/users/me/", &key)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+        // 403: entity writes need a superuser.
+        let (status, body) = call(
+            h.as_user(Method::POST, "/api/v2/entities/")
+                .json(&customer()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(
+            body["message"].as_str().unwrap().contains("superuser"),
+            "{body}"
+        );
+        let entity = create_entity(h, customer()).await;
+        let entries = format!("/api/v2/entities/{}/entries/", entity["id"]);
+
+        // 404.
+        let (status, body) = call(h.as_user(Method::GET, "/api/v2/entries/999999/")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"], "not_found");
+        let (status, _) = call(
+            h.as_user(Method::POST, "/api/v2/entities/999999/entries/")
+                .json(&json!({"name": "x"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, _) = call(h.as_user(Method::GET, "/api/v2/no/such/path/")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+
+        // 409: a duplicate entry name.
+        let (status, _) = call(
+            h.as_user(Method::POST, &entries)
+                .json(&json!({"name": "dup"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let (status, body) = call(
+            h.as_user(Method::POST, &entries)
+                .json(&json!({"name": "dup"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{backend:?}: {body}");
+        assert_eq!(body["error"], "conflict");
+        assert!(body["message"].as_str().unwrap().contains("dup"), "{body}");
+        let (status, _) = call(
+            h.as_admin(Method::POST, "/api/v2/entities/")
+                .json(&customer()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CONFLICT);
+
+        // 400: every problem of a malformed body, each naming its field.
+        let (status, body) = call(
+            h.as_user(Method::POST, &entries)
+                .json(&json!({"name": 5, "note": ["x"], "attrs": "phone", "colour": "red"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "invalid_input");
+        let errors: Vec<String> = serde_json::from_value(body["errors"].clone()).unwrap();
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        for field in ["'name'", "'note'", "'attrs'", "'colour'"] {
+            assert!(
+                errors.iter().any(|e| e.contains(field)),
+                "{field} not named: {errors:?}"
+            );
+        }
+        let (status, body) = call(
+            h.as_admin(Method::POST, "/api/v2/entities/")
+                .json(&json!({"name": "x", "attrs": [{"name": "a", "type": "colour"}, {"type": 2, "is_mandatory": "yes"}]})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let text = body["errors"].to_string();
+        assert!(
+            text.contains("attrs[0].type") && text.contains("unknown attribute type"),
+            "{text}"
+        );
+        assert!(
+            text.contains("attrs[1].name") && text.contains("attrs[1].is_mandatory"),
+            "{text}"
+        );
+        let (status, body) = call(
+            h.as_user(Method::POST, &entries)
+                .header("Content-Type", "application/json")
+                .body("{\"name\": "),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["errors"][0]
+                .as_str()
+                .unwrap()
+                .contains("not valid JSON"),
+            "{body}"
+        );
+        // A value of the wrong type for its attribute (the store's check).
+        let (status, body) = call(
+            h.as_user(Method::POST, &entries)
+                .json(&json!({"name": "n", "attrs": {"age": "old"}})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["errors"][0]
+                .as_str()
+                .unwrap()
+                .contains("'age' is number"),
+            "{body}"
+        );
+        let (status, body) = call(h.as_user(Method::GET, &format!("{entries}?limit=5000"))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["errors"][0].as_str().unwrap().contains("limit"),
+            "{body}"
+        );
+
+        // 413: over the body limit, as JSON.
+        let big = "x".repeat(8192);
+        let (status, body) = call(
+            h.as_user(Method::POST, &entries)
+                .json(&json!({"name": "big", "note": big})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(body["error"], "payload_too_large");
+        assert_eq!(body["limit"], 4096);
+
+        // 405 as JSON.
+        let (status, body) = call(h.as_user(Method::DELETE, "/api/v2/entities/")).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+        s.stop().await;
+    }
+}
+
+fn computed(entry_name: &str) -> Attribute {
+    Attribute {
+        id: 0,
+        name: "name_length".into(),
+        attr_type: AttrType::NUMBER,
+        schema: ObjectRef {
+            id: 0,
+            name: "name_length".into(),
+        },
+        value: json!(entry_name.len()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_delete_restore_fire_their_before_hooks_and_after_events() {
+    for backend in backends() {
+        let guard = Plugin::builder("guard", "Guard", "1.0.0")
+            .on_before_update_entry("stamp", |ctx| async move {
+                let mut changes = ctx.request.data;
+                if changes.note.as_deref() == Some("forbidden") {
+                    return Err(SyncError::reject("that note is forbidden"));
+                }
+                if let Some(note) = &mut changes.note {
+                    note.push_str(" (checked)");
+                }
+                Ok(changes)
+            })
+            .on_before_delete_entry("keep_pinned", |ctx| async move {
+                if ctx.request.entry.unwrap().note.starts_with("pinned") {
+                    return Err(SyncError::reject("pinned entries stay"));
+                }
+                Ok(())
+            })
+            .on_before_restore_entry("no_restore_on_sunday", |ctx| async move {
+                if ctx.request.entry.unwrap().name == "sunday" {
+                    return Err(SyncError::reject("not today"));
+                }
+                Ok(())
+            })
+            .on_before_delete_entity("keep_customer", |ctx| async move {
+                if ctx.request.entity.name == "customer" {
+                    return Err(SyncError::reject("customer is in use"));
+                }
+                Ok(())
+            })
+            .on_before_create_entity("note", |ctx| async move {
+                let mut new = ctx.request.data;
+                new.note = format!("{} (guarded)", new.note);
+                Ok(new)
+            })
+            .on_get_entity_attrs("mark", |ctx| async move {
+                let mut attrs = ctx.request.attrs;
+                for a in &mut attrs {
+                    a.note = format!("seen by {}", ctx.request.user.as_ref().unwrap().username);
+                }
+                Ok(attrs)
+            })
+            .on_get_entry_attrs("length", |ctx| async move {
+                let mut attrs = ctx.request.attrs;
+                attrs.push(computed(&ctx.request.entry.unwrap().name));
+                Ok(attrs)
+            })
+            .on_validate("no_x", |ctx| async move {
+                Ok(if ctx.request.entry.name.contains('x') {
+                    vec![FieldError::field("name", "no x, please")]
+                } else {
+                    vec![]
+                })
+            });
+        let s = setup(backend, vec![guard]).await;
+        let h = &s.host;
+        let entity = create_entity(h, customer()).await;
+        assert_eq!(entity["note"], "people (guarded)");
+        let (status, e) =
+            call(h.as_admin(Method::GET, &format!("/api/v2/entities/{}/", entity["id"]))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(e["attrs"][1]["type"], 256);
+        // entity.get_attrs ran over the definitions; the store is unchanged.
+        assert_eq!(e["attrs"][0]["note"], "seen by admin", "{e}");
+        let stored = h.store().entity(e["id"].as_i64().unwrap()).await.unwrap();
+        assert_eq!(stored.attrs[0].note, "");
+        let entries = format!("/api/v2/entities/{}/entries/", entity["id"]);
+        let (_, entry) = call(
+            h.as_user(Method::POST, &entries)
+                .json(&json!({"name": "acme", "note": "pinned"})),
+        )
+        .await;
+        let path = format!("/api/v2/entries/{}/", entry["id"]);
+
+        // get_attrs adds a computed attribute on GET.
+        let (status, got) = call(h.as_user(Method::GET, &path)).await;
+        assert_eq!(status, StatusCode::OK);
+        let attrs = got["attrs"].as_array().unwrap();
+        assert_eq!(attrs.last().unwrap()["name"], "name_length", "{got}");
+        assert_eq!(attrs.last().unwrap()["value"], 4);
+
+        // Update: the before-hook changes it, a veto blocks, the validator checks the merged entry.
+        let (status, updated) = call(
+            h.as_user(Method::PATCH, &path)
+                .json(&json!({"note": "pinned again", "attrs": {"age": 40}})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{updated}");
+        assert_eq!(updated["note"], "pinned again (checked)");
+        let (status, body) = call(
+            h.as_user(Method::PUT, &path)
+                .json(&json!({"note": "forbidden"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            (body["error"].as_str(), body["handler"].as_str()),
+            (Some("rejected"), Some("stamp"))
+        );
+        let (status, body) = call(
+            h.as_user(Method::PATCH, &path)
+                .json(&json!({"name": "xerox"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "validation_error", "{body}");
+
+        // Delete: vetoed while pinned, then allowed.
+        let (status, body) = call(h.as_user(Method::DELETE, &path)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["reason"], "pinned entries stay");
+        assert_eq!(body["hook"], "entry.before_delete");
+        let (status, _) = call(
+            h.as_user(Method::PATCH, &path)
+                .json(&json!({"note": "free"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, deleted) = call(h.as_user(Method::DELETE, &path)).await;
+        assert_eq!(status, StatusCode::OK, "{deleted}");
+        assert_eq!(deleted["is_active"], false);
+        let (status, _) = call(h.as_user(Method::DELETE, &path)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (_, list) = call(h.as_user(Method::GET, &entries)).await;
+        assert_eq!(list["count"], 0);
+        let (_, list) =
+            call(h.as_user(Method::GET, &format!("{entries}?include_deleted=true"))).await;
+        assert_eq!(list["count"], 1);
+
+        // Restore: allowed; one named "sunday" is vetoed.
+        let (status, restored) = call(h.as_user(Method::POST, &format!("{path}restore/"))).await;
+        assert_eq!(status, StatusCode::OK, "{restored}");
+        assert_eq!(restored["is_active"], true);
+        let (_, sunday) = call(
+            h.as_user(Method::POST, &entries)
+                .json(&json!({"name": "sunday"})),
+        )
+        .await;
+        let sunday_path = format!("/api/v2/entries/{}/", sunday["id"]);
+        let (status, _) = call(h.as_user(Method::DELETE, &sunday_path)).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, body) = call(h.as_user(Method::POST, &format!("{sunday_path}restore/"))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["reason"], "not today");
+
+        // Entity delete: vetoed by entity.before_delete.
+        let (status, body) = call(h.as_admin(
+            Method::DELETE,
+            &format!("/api/v2/entities/{}/", entity["id"]),
+        ))
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["hook"], "entity.before_delete");
+
+        let events = events_once(&s, 8).await;
+        assert_eq!(events.len(), 8, "{backend:?}: {:?}", types(&events));
+        let acme = of(&events, &format!("entry/{}", entry["id"]));
+        assert_eq!(
+            types(&acme),
+            [
+                "pagoda.entry.after_create",
+                "pagoda.entry.after_update",
+                "pagoda.entry.after_update",
+                "pagoda.entry.after_delete",
+                "pagoda.entry.after_restore",
+            ],
+            "{backend:?}"
+        );
+        assert_eq!(acme[1].pagodaactor.as_deref(), Some("user"));
+        assert_eq!(acme[1].data["entry"]["note"], "pinned again (checked)");
+        let sunday = of(&events, &format!("entry/{}", sunday["id"]));
+        assert_eq!(
+            types(&sunday),
+            ["pagoda.entry.after_create", "pagoda.entry.after_delete"]
+        );
+        let entity_events = of(&events, &format!("entity/{}", entity["id"]));
+        assert_eq!(types(&entity_events), ["pagoda.entity.after_create"]);
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entity_update_and_restore_go_through_hooks_and_the_store() {
+    let upper = Plugin::builder("upper", "Upper", "1.0.0").on_before_update_entity(
+        "upper",
+        |ctx| async move {
+            let mut changes = ctx.request.data;
+            changes.name = changes.name.map(|n| n.to_uppercase());
+            Ok(changes)
+        },
+    );
+    let s = setup(Backend::Sqlite, vec![upper]).await;
+    let h = &s.host;
+    let entity = create_entity(
+        h,
+        json!({"name": "product", "attrs": [{"name": "price", "type": "number"}]}),
+    )
+    .await;
+    let path = format!("/api/v2/entities/{}/", entity["id"]);
+    let (status, e) = call(h.as_admin(Method::PATCH, &path).json(&json!({
+        "name": "item",
+        "attrs": [{"name": "colour", "type": "string"}, {"id": entity["attrs"][0]["id"], "is_mandatory": true}],
+    })))
+    .await;
+    assert_eq!(status, StatusCode::OK, "{e}");
+    assert_eq!(e["name"], "ITEM");
+    assert_eq!(e["attrs"].as_array().unwrap().len(), 2);
+    assert_eq!(e["attrs"][0]["is_mandatory"], true);
+    let (status, _) = call(h.as_user(Method::PATCH, &path).json(&json!({"name": "x"}))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, deleted) = call(h.as_admin(Method::DELETE, &path)).await;
+    assert_eq!(
+        (status, deleted["is_active"].as_bool()),
+        (StatusCode::OK, Some(false))
+    );
+    let (_, list) = call(h.as_user(Method::GET, "/api/v2/entities/")).await;
+    assert_eq!(list["count"], 0);
+    let (status, restored) = call(h.as_admin(Method::POST, &format!("{path}restore/"))).await;
+    assert_eq!(
+        (status, restored["is_active"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
+    let events = events_once(&s, 4).await;
+    assert_eq!(
+        types(&events),
+        [
+            "pagoda.entity.after_create",
+            "pagoda.entity.after_update",
+            "pagoda.entity.after_delete",
+            "pagoda.entity.after_update",
+        ]
+    );
+    // The store's own check still applies: a mandatory attribute without a value.
+    let (status, body) = call(
+        h.as_user(Method::POST, &format!("{path}entries/"))
+            .json(&json!({"name": "thing"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["errors"].to_string().contains("mandatory"), "{body}");
+    s.stop().await;
+}
+
+/// Environment variables the `hookbus` child processes must not inherit.
+const HOST_ENV: [&str; 8] = [
+    "HOOKBUS_DATABASE_URL",
+    "HOOKBUS_HOST_LISTEN",
+    "ENABLED_PLUGINS",
+    "PLUGIN_OPERATION_ID_CONFIG",
+    "NATS_URL",
+    "NATS_USER",
+    "NATS_PASSWORD",
+    "PAGODA_SUBJECT_PREFIX",
+];
+
+fn hookbus() -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(hookbus_tests::hookbus_binary());
+    for v in HOST_ENV {
+        c.env_remove(v);
+    }
+    c.kill_on_drop(true);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hookbus_token_create_and_hookbus_host_serve_the_api() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::sqlite();
+
+    // Bootstrap an administrator: the key is printed once, on stdout.
+    let out = hookbus()
+        .args(["token", "create", "--user", "root", "--superuser"])
+        .args(["--database-url", db.url()])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("hb_") && key.len() == 67, "{key}");
+
+    let port = hookbus_tests::free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = hookbus()
+        .args(["host", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--database-url", db.url(), "--nats-url", &nats.url()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    assert_eventually!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::OK),
+        Duration::from_secs(30),
+        "hookbus host did not serve /healthz"
+    );
+    let auth = format!("Token {key}");
+    let (status, me) = call(
+        http.get(format!("{base}/api/v2/users/me/"))
+            .header("Authorization", &auth),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (me["username"].as_str(), me["is_superuser"].as_bool()),
+        (Some("root"), Some(true))
+    );
+    let (status, _) = call(
+        http.post(format!("{base}/api/v2/entities/"))
+            .header("Authorization", &auth)
+            .json(&customer()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    // Its relay (on by default) publishes the event.
+    let js = jetstream::new(nats.connect().await);
+    assert_eventually!(
+        hookbus_tests::stream_len(&js, "PAGODA_EVENTS").await == 1,
+        WAIT
+    );
+    // SIGTERM: a clean exit.
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    // A wrong PLUGIN_OPERATION_ID_CONFIG: exit non-zero with every problem on stderr.
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        hookbus()
+            .args(["host", "--listen", "127.0.0.1:0", "--plugin-wait", "1s"])
+            .args(["--database-url", db.url(), "--nats-url", &nats.url()])
+            .env(
+                "PLUGIN_OPERATION_ID_CONFIG",
+                r#"{"ghost": [5000, 5099], "other": [1, 2]}"#,
+            )
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("PLUGIN_OPERATION_ID_CONFIG is invalid"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("'ghost'") && stderr.contains("'other'"),
+        "{stderr}"
+    );
+}
