@@ -8,7 +8,7 @@
 //! | user | may publish | may subscribe |
 //! |---|---|---|
 //! | the bus (`hookbus`) | events, hook requests, dead letters, deferred, alerts, `<prefix>.bus.>`, the JetStream API, acks, its registry bucket, `$SRV.>` | `<prefix>.bus.>`, its own inbox |
-//! | the host (`pagoda-host`) | events, hook / API / job requests, bus status requests, the jobs stream's API | its own inbox |
+//! | the host (`pagoda-host`) | events, hook / API / job requests, bus status requests, audit records, the JetStream API except deleting or purging and except the consumers of the bus's and plugins' streams, the jobs bucket (not the registry) | its own inbox |
 //! | plugin `<id>` | its own registry key, the events stream's read API (no `dispatcher`), `<prefix>.bus.registry`, its own jobs consumer | its endpoints `<prefix>.hooks.<id>.*`, its API routes `<prefix>.api.<id>.>`, its `$SRV` verbs, its own inbox |
 //!
 //! Every user gets `allow_responses`, so a service replies to the requests it
@@ -34,7 +34,7 @@ use core_events::subject::check_token_name;
 
 /// Default user name of the bus.
 pub const BUS_USER: &str = "hookbus";
-/// Default user name of the host (the reference Pagoda core; planned).
+/// Default user name of the host (the reference Pagoda core, `hookbus host`).
 pub const HOST_USER: &str = "pagoda-host";
 
 /// What a user is for: decides its permissions.
@@ -139,23 +139,14 @@ pub fn password_env_var(user: &str) -> String {
     )
 }
 
-/// Name of the planned jobs work-queue stream (issue 4), e.g. `PAGODA_JOBS`.
-pub fn jobs_stream(subjects: &Subjects) -> String {
-    format!(
-        "{}_JOBS",
-        subjects
-            .prefix()
-            .replace(['.', '-'], "_")
-            .to_ascii_uppercase()
-    )
-}
-
 /// The permissions of `user` in the deployment of `subjects`.
 pub fn permissions(subjects: &Subjects, user: &User) -> Permissions {
     let p = subjects.prefix();
     let events = subjects.events_stream();
     let bucket = subjects.registry_bucket();
-    let jobs = jobs_stream(subjects);
+    let jobs = subjects.jobs_stream();
+    let dlq = subjects.dlq_stream();
+    let deferred = subjects.deferred_stream();
     let jobs_bucket = subjects.jobs_bucket();
     let inbox = format!("{}.>", inbox_prefix(&user.name));
     let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
@@ -186,19 +177,35 @@ pub fn permissions(subjects: &Subjects, user: &User) -> Permissions {
         },
         Role::Host => Permissions {
             publish_allow: s(&[
+                // Its relay publishes events; sync hooks, plugin API routes, jobs,
+                // bus status requests, audit records (tokens).
                 &format!("{p}.events.>"),
                 &format!("{p}.hooks.>"),
                 &format!("{p}.api.>"),
                 &format!("{p}.jobs.>"),
                 &format!("{p}.bus.>"),
-                "$JS.API.INFO",
-                &format!("$JS.API.STREAM.INFO.{events}"),
-                &format!("$JS.API.STREAM.*.{jobs}"),
+                &format!("{p}.audit.>"),
+                // Provisioning at start, the registry and jobs watches, job states.
+                "$JS.API.>",
+                &format!("$KV.{jobs_bucket}.>"),
+            ]),
+            // Never: delete or purge a stream or message, or touch the consumers of
+            // the events, dead-letter, deferred and jobs streams (the bus's and the
+            // plugins'); never write the registry (plugins register themselves).
+            publish_deny: s(&[
+                "$JS.API.STREAM.DELETE.>",
+                "$JS.API.STREAM.PURGE.>",
+                "$JS.API.STREAM.MSG.DELETE.>",
+                &format!("$JS.API.CONSUMER.*.{events}"),
+                &format!("$JS.API.CONSUMER.*.{events}.>"),
+                &format!("$JS.API.CONSUMER.*.{dlq}"),
+                &format!("$JS.API.CONSUMER.*.{dlq}.>"),
+                &format!("$JS.API.CONSUMER.*.{deferred}"),
+                &format!("$JS.API.CONSUMER.*.{deferred}.>"),
                 &format!("$JS.API.CONSUMER.*.{jobs}"),
                 &format!("$JS.API.CONSUMER.*.{jobs}.>"),
-                &format!("$JS.ACK.{jobs}.>"),
+                &format!("$KV.{bucket}.>"),
             ]),
-            publish_deny: vec![],
             subscribe_allow: s(&[&inbox]),
         },
         Role::Plugin(id) => Permissions {
@@ -313,7 +320,7 @@ pub fn render(
         };
         let role = match &user.role {
             Role::Bus => "the bus".to_owned(),
-            Role::Host => "the host (planned)".to_owned(),
+            Role::Host => "the host".to_owned(),
             Role::Plugin(id) => format!("plugin {id}"),
         };
         let _ = writeln!(out, "    # {role}");

@@ -183,3 +183,114 @@ async fn a_plugin_serves_routes_and_runs_jobs_with_its_own_permissions() {
     running.shutdown().await.unwrap();
     bus.stop().await.unwrap();
 }
+
+/// The reference host with the `pagoda-host` user and an SDK plugin with its own
+/// user: an entity and an entry written through the host (sync hooks, the outbox
+/// relayed by the host), a plugin API route, a task run to DONE as a job — and
+/// no permission violation on either side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_runs_with_its_own_permissions() {
+    init_tracing();
+    let server = start_server(&["alpha"]).await;
+    let (bus_client, mut bus_errors) = connect(&server, nats_config::BUS_USER).await;
+    let bus = start_bus(&bus_client, &["alpha"]).await;
+    let (alpha, mut alpha_errors) = connect(&server, "alpha").await;
+    let plugin = Plugin::builder("alpha", "Alpha", "1.0.0")
+        .on_validate("names", |ctx| async move {
+            if ctx.request.entry.name.contains("bad") {
+                return Ok(vec![pagoda_plugin_sdk::FieldError::field(
+                    "name",
+                    "no bad names",
+                )]);
+            }
+            Ok(Vec::new())
+        })
+        .api_route("hello", "GET", "/hello", |ctx| async move {
+            let who = ctx.user().map(|u| u.username.clone()).unwrap_or_default();
+            Ok(ApiResponse::ok(serde_json::json!({ "user": who })))
+        })
+        .task("work", 0, |ctx| async move {
+            ctx.progress("working").await?;
+            Ok(TaskOutcome::done(format!("job {} done", ctx.job_id())))
+        })
+        .build()
+        .unwrap();
+    let running = plugin
+        .serve(alpha.clone(), ServeOptions::default())
+        .await
+        .unwrap();
+    wait_registered(&bus, &["alpha"]).await;
+
+    let (host_client, mut host_errors) = connect(&server, nats_config::HOST_USER).await;
+    let db = hookbus_tests::db::TestDb::sqlite();
+    let mut config = hookbus::host::HostConfig::new(db.url());
+    config.listen = ([127, 0, 0, 1], 0).into();
+    config.enabled_plugins = vec!["alpha".into()];
+    config.operation_id_config = r#"{"alpha": [5000, 5099]}"#.into();
+    let host = hookbus::host::Host::start(host_client, config).await.unwrap();
+    let (_, token) =
+        hookbus_tests::host::user_with_token(&host.state().store, "admin", true).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", host.addr());
+    let call = |method: reqwest::Method, path: &str, body: Option<serde_json::Value>| {
+        let mut req = http
+            .request(method, format!("{base}{path}"))
+            .header("Authorization", format!("Token {token}"));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<serde_json::Value>().await.unwrap_or_default())
+        }
+    };
+    let (status, entity) = call(
+        reqwest::Method::POST,
+        "/api/v2/entities/",
+        Some(serde_json::json!({"name": "customer"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{entity}");
+    let entries = format!("/api/v2/entities/{}/entries/", entity["id"]);
+    let (status, body) = call(
+        reqwest::Method::POST,
+        &entries,
+        Some(serde_json::json!({"name": "bad name"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = call(
+        reqwest::Method::POST,
+        &entries,
+        Some(serde_json::json!({"name": "ACME"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    // The host's relay publishes both events.
+    let js = jetstream::new(bus_client.clone());
+    assert_eventually!(stream_len(&js, "PAGODA_EVENTS").await == 2, WAIT);
+
+    let (status, body) = call(reqwest::Method::GET, "/api/v2/plugins/alpha/hello", None).await;
+    assert_eq!((status, &body["user"]), (200, &serde_json::json!("admin")));
+    let (status, job) = call(
+        reqwest::Method::POST,
+        "/api/v2/plugins/alpha/tasks/work/",
+        Some(serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(status, 201, "{job}");
+    let path = format!("/api/v2/jobs/{}/", job["id"]);
+    assert_eventually!(
+        call(reqwest::Method::GET, &path, None).await.1["status_name"] == "DONE",
+        WAIT,
+        "job: {}",
+        call(reqwest::Method::GET, &path, None).await.1
+    );
+    assert!(host_errors.try_recv().is_err(), "no violation for the host");
+    assert!(alpha_errors.try_recv().is_err(), "no violation for alpha");
+    assert!(bus_errors.try_recv().is_err(), "no violation for the bus");
+    host.stop().await;
+    running.shutdown().await.unwrap();
+    bus.stop().await.unwrap();
+}
