@@ -6,17 +6,22 @@
 #      (unless NATS_URL is set: then that server is used);
 #   3. starts the bus (`hookbus run`) and the example plugins hello-world,
 #      audit-log and flaky, each one's output prefixed with its name;
-#   4. runs `hookbus demo`, which publishes a few events, waits for the handlers
-#      and prints a summary;
-#   5. stops everything it started and removes its temp dir (also on Ctrl-C or
+#   4. creates an admin API token and starts the reference host (`hookbus host`)
+#      on a SQLite model store, relaying its outbox to the stream;
+#   5. runs `hookbus demo` against the host's HTTP API: writes that run the
+#      synchronous hooks (a validator that rejects, a before_create that fills a
+#      default) and commit their events, which the bus dispatches in priority
+#      order; a read through get_attrs; a plugin API route; a plugin task as a job;
+#   6. stops everything it started and removes its temp dir (also on Ctrl-C or
 #      on failure).
 #
 #   ./demo.sh            # run the demo and stop
 #   ./demo.sh --keep     # keep everything running after the demo, until Ctrl-C,
-#                        # to look around with the `nats` CLI
+#                        # to look around with the `nats` CLI and curl
 #
 # Environment: NATS_URL (use this server instead of starting one),
-# RUST_LOG (default error: only the handler lines and dead letters show), ENABLED_PLUGINS (default hello-world,audit-log,flaky).
+# RUST_LOG (default error: only the handler lines and dead letters show),
+# ENABLED_PLUGINS (default hello-world,audit-log,flaky).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 # shellcheck source=tests/setup/ensure-tools.sh
@@ -173,40 +178,54 @@ fi
 # --- 3. the bus and the plugins ------------------------------------------------
 
 export AUDIT_LOG_PATH="${AUDIT_LOG_PATH:-$WORK/audit.jsonl}"
-# The model store (SQLite): the demo writes changes there, the bus relays its outbox.
-export HOOKBUS_DATABASE_URL="${HOOKBUS_DATABASE_URL:-sqlite://$WORK/pagoda.db}"
-say "starting the bus: hookbus run (ENABLED_PLUGINS=$ENABLED_PLUGINS, database $HOOKBUS_DATABASE_URL)"
-start hookbus "$BIN/hookbus" run
+say "starting the bus: hookbus run (ENABLED_PLUGINS=$ENABLED_PLUGINS)"
+start hookbus "$BIN/hookbus" run --http-addr off
 for plugin in "${PLUGINS[@]}"; do
     say "starting plugin $plugin"
     start "$plugin" "$BIN/$plugin"
 done
 
-# Wait until the bus reports healthy, when this build has `hookbus health`.
-if "$BIN/hookbus" health --help >/dev/null 2>&1; then
-    deadline=$((SECONDS + 30))
-    until "$BIN/hookbus" health >/dev/null 2>&1; do
-        for name in hookbus "${PLUGINS[@]}"; do
-            running "$name" || die "$name exited during start-up (see its output above)"
-        done
-        if [ "$SECONDS" -ge "$deadline" ]; then
-            echo "demo.sh: WARNING: 'hookbus health' is not healthy after 30 s; running the demo anyway" >&2
-            break
-        fi
-        sleep 0.2
+# Wait until the bus reports healthy.
+deadline=$((SECONDS + 30))
+until "$BIN/hookbus" health >/dev/null 2>&1; do
+    for name in hookbus "${PLUGINS[@]}"; do
+        running "$name" || die "$name exited during start-up (see its output above)"
     done
-fi
-for name in hookbus "${PLUGINS[@]}"; do
-    running "$name" || die "$name exited during start-up (see its output above)"
+    if [ "$SECONDS" -ge "$deadline" ]; then
+        echo "demo.sh: WARNING: 'hookbus health' is not healthy after 30 s; going on anyway" >&2
+        break
+    fi
+    sleep 0.2
 done
 
-# --- 4. the demo ---------------------------------------------------------------
+# --- 4. the reference host -------------------------------------------------------
 
-say "running: hookbus demo"
-"$BIN/hookbus" demo 2>&1 | sed -u "s/^/$(colour demo)[demo]$([ -t 1 ] && printf '\033[0m') /"
+# The model store (SQLite): the host writes every change with its event in the
+# outbox and relays it to the stream.
+export HOOKBUS_DATABASE_URL="${HOOKBUS_DATABASE_URL:-sqlite://$WORK/pagoda.db}"
+# hello-world's task `count` (offset 0) gets operation id 5000.
+default_ops='{"hello-world": [5000, 5099]}'
+export PLUGIN_OPERATION_ID_CONFIG="${PLUGIN_OPERATION_ID_CONFIG:-$default_ops}"
+say "creating an admin API token: hookbus token create --user admin --superuser"
+TOKEN="$("$BIN/hookbus" token create --user admin --superuser)"
+host_port="$(free_port)"
+export HOOKBUS_HOST_URL="http://127.0.0.1:$host_port"
+say "starting the reference host: hookbus host at $HOOKBUS_HOST_URL (database $HOOKBUS_DATABASE_URL)"
+start host "$BIN/hookbus" host --listen "127.0.0.1:$host_port"
+deadline=$((SECONDS + 30))
+until healthz "$host_port"; do
+    running host || die "the host exited during start-up (see its output above)"
+    [ "$SECONDS" -lt "$deadline" ] || die "the host did not answer /healthz within 30 s"
+    sleep 0.1
+done
+
+# --- 5. the demo ---------------------------------------------------------------
+
+say "running: hookbus demo --host-url $HOOKBUS_HOST_URL"
+HOOKBUS_TOKEN="$TOKEN" "$BIN/hookbus" demo 2>&1 | sed -u "s/^/$(colour demo)[demo]$([ -t 1 ] && printf '\033[0m') /"
 
 if [ "$KEEP" = 1 ]; then
-    say "everything is still running (NATS_URL=$NATS_URL); Ctrl-C stops it"
+    say "everything is still running (NATS_URL=$NATS_URL, host $HOOKBUS_HOST_URL, token $TOKEN); Ctrl-C stops it"
     wait
 fi
 say "demo finished"
