@@ -287,7 +287,7 @@ async fn bench(smoke: bool) {
             continue;
         }
         throughput(backend, n, rounds).await;
-        latency(backend, lat).await;
+        Box::pin(latency(backend, lat)).await;
     }
 }
 
