@@ -2,7 +2,12 @@
 //!
 //! `cargo bench -p hookbus-tests --bench host` (knobs: `BENCH_HOST_REQUESTS`,
 //! creations per database, default 20 000; `BENCH_HOST_CLIENTS`, concurrent
-//! clients, default 32; `BENCH_HOST_DB`, `sqlite` or `postgres` for one only).
+//! clients, default 32; `BENCH_HOST_DB`, `sqlite` or `postgres` for one only;
+//! `BENCH_HOST_BASELINE=1` also runs `store_create`, the same creations straight
+//! through `Store::create_entry` with as many tasks (no HTTP, no hooks, no relay),
+//! the ceiling the database sets; `BENCH_HOST_RELAY=0` runs the host without its
+//! relay and relays the outbox after the run; `BENCH_HOST_VALIDATOR=0` leaves the
+//! validator disabled, so no hook is called).
 //!
 //! Setup, per database: a fresh `nats-server`, a fresh database, the host
 //! in-process ([`TestHost`]: `Host::start` on 127.0.0.1:0 with its outbox relay),
@@ -73,8 +78,12 @@ async fn run(backend: Backend, requests: usize, clients: usize) {
     // BENCH_HOST_RELAY=0: no relay in the host (to see what relaying costs); the
     // outbox is then relayed after the run, before `drain_ms` is measured.
     let relay = std::env::var("BENCH_HOST_RELAY").map_or(true, |v| v != "0");
+    // BENCH_HOST_VALIDATOR=0: the validator is not enabled (no NATS round trip).
+    let validate = std::env::var("BENCH_HOST_VALIDATOR").map_or(true, |v| v != "0");
     let host = TestHost::start_with(&nats, &db, |c| {
-        c.enabled_plugins = vec!["bench-validator".into()];
+        if validate {
+            c.enabled_plugins = vec!["bench-validator".into()];
+        }
         c.relay = relay;
     })
     .await;
@@ -93,7 +102,9 @@ async fn run(backend: Backend, requests: usize, clients: usize) {
         .serve(plugin_client.clone(), ServeOptions::default())
         .await
         .unwrap();
-    host.wait_registered(&["bench-validator"]).await;
+    if validate {
+        host.wait_registered(&["bench-validator"]).await;
+    }
 
     let entity: serde_json::Value = host
         .as_admin(reqwest::Method::POST, "/api/v2/entities/")

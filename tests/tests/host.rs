@@ -507,6 +507,33 @@ async fn auth_and_errors_are_json_with_the_right_status() {
         .await;
         assert_eq!(status, StatusCode::CONFLICT);
 
+        // Lists are paged.
+        for name in ["p2", "p3"] {
+            let (status, _) = call(
+                h.as_user(Method::POST, &entries)
+                    .json(&json!({ "name": name })),
+            )
+            .await;
+            assert_eq!(status, StatusCode::CREATED);
+        }
+        let (_, page) = call(h.as_user(Method::GET, &format!("{entries}?limit=2"))).await;
+        assert_eq!(
+            (page["count"].as_i64(), page["next_offset"].as_i64()),
+            (Some(2), Some(2)),
+            "{page}"
+        );
+        assert_eq!(page["results"][0]["name"], "dup");
+        let (_, page) = call(h.as_user(Method::GET, &format!("{entries}?limit=2&offset=2"))).await;
+        assert_eq!(page["count"], 1, "{page}");
+        assert_eq!(page["results"][0]["name"], "p3");
+        assert!(page["next_offset"].is_null(), "{page}");
+        let (_, page) = call(h.as_user(Method::GET, "/api/v2/entities/?limit=1")).await;
+        assert_eq!(
+            (page["count"].as_i64(), page["next_offset"].as_i64()),
+            (Some(1), None),
+            "{page}"
+        );
+
         // 400: every problem of a malformed body, each naming its field.
         let (status, body) = call(
             h.as_user(Method::POST, &entries)
@@ -551,6 +578,15 @@ async fn auth_and_errors_are_json_with_the_right_status() {
                 .unwrap()
                 .contains("not valid JSON"),
             "{body}"
+        );
+        let (status, body) = call(h.as_user(Method::POST, &entries)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["errors"], json!(["field 'name' is required"]));
+        let (status, body) = call(h.as_user(Method::POST, &entries).json(&json!([1]))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            body["errors"],
+            json!(["the body must be a JSON object, not an array"])
         );
         // A value of the wrong type for its attribute (the store's check).
         let (status, body) = call(
@@ -789,6 +825,12 @@ async fn update_delete_restore_fire_their_before_hooks_and_after_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entity_update_and_restore_go_through_hooks_and_the_store() {
+    for backend in backends() {
+        entity_update_and_restore(backend).await;
+    }
+}
+
+async fn entity_update_and_restore(backend: Backend) {
     let upper = Plugin::builder("upper", "Upper", "1.0.0").on_before_update_entity(
         "upper",
         |ctx| async move {
@@ -797,7 +839,7 @@ async fn entity_update_and_restore_go_through_hooks_and_the_store() {
             Ok(changes)
         },
     );
-    let s = setup(Backend::Sqlite, vec![upper]).await;
+    let s = setup(backend, vec![upper]).await;
     let h = &s.host;
     let entity = create_entity(
         h,

@@ -266,6 +266,13 @@ impl Host {
         tasks.push(tokio::spawn(async move {
             // With connection info, so anonymous calls of public plugin routes are
             // rate-limited per client IP.
+            // No Nagle: a response's last segment must not wait for the client's
+            // delayed ACK.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                }
+            });
             let served = axum::serve(
                 listener,
                 app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -113,9 +113,8 @@ impl FromRequest<HostState> for Body {
             }
         })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(ApiError::Invalid(vec![
-                "the body is empty; send a JSON object".into(),
-            ]));
+            // No body is an empty object: required fields are then reported by name.
+            return Ok(Body(Map::new()));
         }
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(map)) => Ok(Body(map)),
@@ -402,18 +401,6 @@ impl Page {
             "results": results,
         })
     }
-
-    /// Slices a full list to this page.
-    fn slice<T: Serialize>(&self, all: Vec<T>) -> Value {
-        let total = all.len();
-        let start = usize::try_from(self.offset)
-            .unwrap_or(usize::MAX)
-            .min(total);
-        let len = usize::try_from(self.limit).unwrap_or(usize::MAX);
-        let page: Vec<T> = all.into_iter().skip(start).take(len).collect();
-        let more = start + page.len() < total;
-        self.wrap_more(page, Some(more))
-    }
 }
 
 fn include_deleted(query: &HashMap<String, String>) -> Result<bool, ApiError> {
@@ -543,8 +530,11 @@ async fn list_entities(
     Params(query): Params,
 ) -> Result<Json<Value>, ApiError> {
     let page = Page::from_query(&query)?;
-    let all = state.store.list_entities(include_deleted(&query)?).await?;
-    Ok(Json(page.slice(all)))
+    let found = state
+        .store
+        .entities_page(include_deleted(&query)?, page.limit, page.offset)
+        .await?;
+    Ok(Json(page.wrap_more(found.items, Some(found.more))))
 }
 
 async fn referral(state: &HostState, f: &mut Fields) -> Vec<ObjectRef> {
@@ -720,11 +710,11 @@ async fn list_entries(
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id("entity id", &id)?;
     let page = Page::from_query(&query)?;
-    let all = state
+    let found = state
         .store
-        .list_entries(id, include_deleted(&query)?)
+        .entries_page(id, include_deleted(&query)?, page.limit, page.offset)
         .await?;
-    Ok(Json(page.slice(all)))
+    Ok(Json(page.wrap_more(found.items, Some(found.more))))
 }
 
 async fn create_entry(

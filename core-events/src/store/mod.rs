@@ -40,7 +40,7 @@ use tokio::sync::Notify;
 pub use jobs::MAX_JOB_PAGE;
 pub use outbox::{Backlog, OutboxRow};
 pub use rebuild::{Applied, ModelSnapshot};
-pub use tokens::{ApiToken, TOKEN_PREFIX, TokenUser, hash_key, new_key};
+pub use tokens::{ApiToken, ListPage, TOKEN_PREFIX, TokenUser, hash_key, new_key};
 pub use write::{AttrChange, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, NewUser};
 
 use crate::model::User;

@@ -1,4 +1,5 @@
-//! API tokens of the reference host, and listing users.
+//! API tokens of the reference host, and the paged lists it serves (users,
+//! entities, entries: at most `limit` objects read per call).
 //!
 //! A token's key is shown once, when it is created; the store keeps only its
 //! SHA-256 hash (`api_tokens.key_hash`), so a leaked database does not leak keys.
@@ -11,7 +12,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{Store, StoreError, format_time, load, now, parse_time};
-use crate::model::User;
+use crate::model::{Entity, Entry, User};
 
 /// Prefix of every key, so a key is recognisable in logs and secret scanners.
 pub const TOKEN_PREFIX: &str = "hb_";
@@ -244,6 +245,114 @@ impl Store {
         .map(load::user_from_row)
         .collect()
     }
+}
+
+/// One page of a list: the objects and whether more follow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListPage<T> {
+    /// The objects, by id.
+    pub items: Vec<T>,
+    /// True when objects follow this page.
+    pub more: bool,
+}
+
+impl Store {
+    /// Entities by id, `limit` from `offset` (active only unless `include_deleted`).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Db`] when the database fails.
+    pub async fn entities_page(
+        &self,
+        include_deleted: bool,
+        limit: i64,
+        offset: i64,
+    ) -> Result<ListPage<Entity>, StoreError> {
+        let sql = if include_deleted {
+            "SELECT id FROM entities ORDER BY id LIMIT $1 OFFSET $2"
+        } else {
+            "SELECT id FROM entities WHERE is_active ORDER BY id LIMIT $1 OFFSET $2"
+        };
+        let mut conn = self.pool.acquire().await?;
+        let ids = page_ids(
+            &mut conn,
+            sqlx::query(sql),
+            &[limit.saturating_add(1), offset],
+        )
+        .await?;
+        let more = ids.len() > usize::try_from(limit).unwrap_or(usize::MAX);
+        let mut items = Vec::new();
+        for id in ids
+            .into_iter()
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+        {
+            if let Some(e) = load::entity(&mut conn, id, false).await? {
+                items.push(e);
+            }
+        }
+        Ok(ListPage { items, more })
+    }
+
+    /// Entries of an entity by id, `limit` from `offset` (active only unless
+    /// `include_deleted`).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] when the entity does not exist.
+    pub async fn entries_page(
+        &self,
+        entity_id: i64,
+        include_deleted: bool,
+        limit: i64,
+        offset: i64,
+    ) -> Result<ListPage<Entry>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let entity = load::entity(&mut conn, entity_id, false)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "entity",
+                id: entity_id.to_string(),
+            })?;
+        let sql = if include_deleted {
+            "SELECT id FROM entries WHERE entity_id = $1 ORDER BY id LIMIT $2 OFFSET $3"
+        } else {
+            "SELECT id FROM entries WHERE entity_id = $1 AND is_active ORDER BY id LIMIT $2 OFFSET $3"
+        };
+        let ids = page_ids(
+            &mut conn,
+            sqlx::query(sql),
+            &[entity_id, limit.saturating_add(1), offset],
+        )
+        .await?;
+        let more = ids.len() > usize::try_from(limit).unwrap_or(usize::MAX);
+        let mut items = Vec::new();
+        for id in ids
+            .into_iter()
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+        {
+            if let Some(e) = load::entry_of(&mut conn, id, &entity).await? {
+                items.push(e);
+            }
+        }
+        Ok(ListPage { items, more })
+    }
+}
+
+/// Ids of one page (the query reads one more than the page's limit, to know
+/// whether more follow), with `args` bound in order.
+async fn page_ids(
+    conn: &mut sqlx::AnyConnection,
+    mut query: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,
+    args: &[i64],
+) -> Result<Vec<i64>, StoreError> {
+    for a in args {
+        query = query.bind(*a);
+    }
+    let rows = query.fetch_all(&mut *conn).await?;
+    Ok(rows
+        .iter()
+        .map(|r| r.try_get::<i64, _>(0))
+        .collect::<Result<_, _>>()?)
 }
 
 #[cfg(test)]
