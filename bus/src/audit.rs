@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `dlq.replay`, `dlq.purge` | `hookbus dlq replay` / `purge` (who: `NATS_USER`, else the OS user) |
 //! | `registry.update`, `registry.delete` | the bus, watching the registry bucket (who: the plugin id, or `operator` for a delete) |
-//! | `token.create`, `token.revoke` | the host's `/api/v2/tokens/` and `hookbus token create` |
+//! | `token.create`, `token.revoke` | the host's `/api/v2/tokens/` (not `hookbus token create`, which needs no NATS) |
 //!
 //! Each event is a CloudEvents-style JSON record ([`AuditEvent`]) with a UUIDv7
 //! id, published with `Nats-Msg-Id` = a key of the action, so that two processes

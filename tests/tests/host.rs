@@ -457,6 +457,24 @@ async fn auth_and_errors_are_json_with_the_right_status() {
         assert_eq!(revoked["is_active"], false);
         let (status, _) = call(h.request(Method::GET, "/api/v2/users/me/", &key)).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
+        // Both are in the audit trail, by the user who did them.
+        let mut audit = h.state().js.get_stream("PAGODA_AUDIT").await.unwrap();
+        let last = audit.info().await.unwrap().state.last_sequence;
+        let mut trail = Vec::new();
+        for seq in 1..=last {
+            let m = audit.get_raw_message(seq).await.unwrap();
+            trail.push(serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap());
+        }
+        let of_token: Vec<(&str, &str)> = trail
+            .iter()
+            .filter(|e| e["details"]["token_id"] == token["id"])
+            .map(|e| (e["action"].as_str().unwrap(), e["actor"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            of_token,
+            [("token.create", "user"), ("token.revoke", "user")],
+            "{trail:?}"
+        );
 
         // 403: entity writes need a superuser.
         let (status, body) = call(

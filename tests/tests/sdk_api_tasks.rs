@@ -227,9 +227,10 @@ async fn the_host_runs_with_its_own_permissions() {
     config.listen = ([127, 0, 0, 1], 0).into();
     config.enabled_plugins = vec!["alpha".into()];
     config.operation_id_config = r#"{"alpha": [5000, 5099]}"#.into();
-    let host = hookbus::host::Host::start(host_client, config).await.unwrap();
-    let (_, token) =
-        hookbus_tests::host::user_with_token(&host.state().store, "admin", true).await;
+    let host = hookbus::host::Host::start(host_client, config)
+        .await
+        .unwrap();
+    let (_, token) = hookbus_tests::host::user_with_token(&host.state().store, "admin", true).await;
     let http = reqwest::Client::new();
     let base = format!("http://{}", host.addr());
     let call = |method: reqwest::Method, path: &str, body: Option<serde_json::Value>| {
@@ -242,7 +243,10 @@ async fn the_host_runs_with_its_own_permissions() {
         async move {
             let resp = req.send().await.unwrap();
             let status = resp.status().as_u16();
-            (status, resp.json::<serde_json::Value>().await.unwrap_or_default())
+            (
+                status,
+                resp.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
         }
     };
     let (status, entity) = call(

@@ -264,7 +264,31 @@ async fn create_token(
         _ => auth.user.id,
     };
     let (token, key) = state.store.create_token(user_id, &name).await?;
+    audit(
+        &state,
+        "token.create",
+        &auth,
+        &token,
+        json!({"token_id": token.id, "user_id": user_id, "name": name}),
+    )
+    .await;
     Ok((StatusCode::CREATED, Json(token_with_key(&token, &key))))
+}
+
+/// Records a token action in the audit trail (`PAGODA_AUDIT`); a failure is logged.
+async fn audit(state: &HostState, action: &str, auth: &AuthUser, token: &ApiToken, details: Value) {
+    crate::audit::record_or_log(
+        &state.js,
+        &state.subjects,
+        &crate::audit::AuditEvent::new(
+            action,
+            auth.user.username.clone(),
+            format!("token {} of user {}", token.id, token.user_id),
+            details,
+        ),
+        None,
+    )
+    .await;
 }
 
 fn token_with_key(token: &ApiToken, key: &str) -> Value {
@@ -288,5 +312,13 @@ async fn revoke_token(
     }
     let token = state.store.revoke_token(id).await?;
     state.tokens.forget_token(id);
+    audit(
+        &state,
+        "token.revoke",
+        &auth,
+        &token,
+        json!({"token_id": token.id, "user_id": token.user_id}),
+    )
+    .await;
     Ok(Json(token))
 }
