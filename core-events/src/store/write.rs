@@ -2,6 +2,7 @@
 //! event in the outbox.
 
 use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -13,7 +14,7 @@ use super::{
 };
 use crate::envelope::{EntityEvent, EntryEvent, Envelope};
 use crate::hook::Hook;
-use crate::model::{AttrType, Entity, Entry, ObjectRef, User};
+use crate::model::{AttrType, Attribute, Entity, Entry, ObjectRef, User};
 use crate::subject::check_entity_name;
 
 use super::Store;
@@ -687,7 +688,8 @@ impl Store {
             }
         }
         invalid(problems)?;
-        let t = format_time(&now());
+        let created = now();
+        let t = format_time(&created);
         let (uid, uname) = user_ref(ctx.user.as_ref());
         let row = sqlx::query(
             "INSERT INTO entries (entity_id, name, note, is_active, created_time, \
@@ -699,7 +701,7 @@ impl Store {
         .bind(&new.note)
         .bind(&t)
         .bind(uid)
-        .bind(uname)
+        .bind(uname.clone())
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| {
@@ -711,10 +713,42 @@ impl Store {
             })
         })?;
         let id: i64 = row.try_get(0)?;
-        upsert_values(&mut tx, id, &values).await?;
-        let entry = load::entry_of(&mut tx, id, &entity)
-            .await?
-            .ok_or_else(|| not_found("entry", id))?;
+        // The entry as stored, built here rather than read back: a new entry has
+        // exactly these values (one statement for all of them).
+        let value_ids = insert_new_values(&mut tx, id, &values).await?;
+        let entry = Entry {
+            id,
+            name: new.name.clone(),
+            note: new.note.clone(),
+            is_active: true,
+            schema: ObjectRef {
+                id: entity.id,
+                name: entity.name.clone(),
+            },
+            created_time: created,
+            created_user: uid.map(|id| ObjectRef {
+                id,
+                name: uname.unwrap_or_default(),
+            }),
+            updated_time: created,
+            attrs: entity
+                .attrs
+                .iter()
+                .filter_map(|attr| {
+                    let (_, value) = values.iter().find(|(a, _)| *a == attr.id)?;
+                    Some(Attribute {
+                        id: *value_ids.get(&attr.id)?,
+                        name: attr.name.clone(),
+                        attr_type: attr.attr_type,
+                        schema: ObjectRef {
+                            id: attr.id,
+                            name: attr.name.clone(),
+                        },
+                        value: value.clone(),
+                    })
+                })
+                .collect(),
+        };
         self.emit_entry(&mut tx, Hook::EntryAfterCreate, &entity, &entry, None, ctx)
             .await?;
         self.commit(tx).await?;
@@ -979,6 +1013,34 @@ fn check_values(
         }
     }
     out
+}
+
+/// Inserts the values of a new entry in one statement; returns each value's row
+/// id by attribute id.
+async fn insert_new_values(
+    conn: &mut AnyConnection,
+    entry_id: i64,
+    values: &[(i64, Value)],
+) -> Result<std::collections::HashMap<i64, i64>, StoreError> {
+    if values.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let mut sql = String::from("INSERT INTO attribute_values (entry_id, attr_id, value) VALUES ");
+    for i in 0..values.len() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        let _ = write!(sql, "($1, ${}, ${})", 2 * i + 2, 2 * i + 3);
+    }
+    sql.push_str(" RETURNING id, attr_id");
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(entry_id);
+    for (attr_id, value) in values {
+        q = q.bind(*attr_id).bind(value.to_string());
+    }
+    let rows = q.fetch_all(&mut *conn).await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get::<i64, _>("attr_id")?, r.try_get::<i64, _>("id")?)))
+        .collect()
 }
 
 async fn upsert_values(
