@@ -63,6 +63,10 @@ pub struct RelaySettings {
     /// Largest payload the events stream takes (`StreamSettings::max_event_bytes`);
     /// a larger row is dead-lettered instead of being retried forever.
     pub max_payload_bytes: usize,
+    /// How long published rows may wait to be deleted together when fewer than a
+    /// batch are waiting: under a trickle of writes, one delete per row would
+    /// double the writes the database takes (on SQLite, its single writer).
+    pub delete_linger: Duration,
 }
 
 impl RelaySettings {
@@ -89,6 +93,7 @@ impl RelaySettings {
             backoff_max: Duration::from_secs(5),
             backlog_interval: Duration::from_secs(1),
             max_payload_bytes: 1024 * 1024,
+            delete_linger: Duration::from_millis(20),
         }
     }
 }
@@ -217,6 +222,7 @@ impl Relay {
             fetching: FuturesUnordered::new(),
             deleting: FuturesUnordered::new(),
             acked: Vec::new(),
+            acked_since: None,
             deleted_during_read: Vec::new(),
             resetting: false,
             backoff: self.settings.backoff_min,
@@ -240,15 +246,26 @@ impl Relay {
                 state.start_fetch();
             }
             let batch = self.settings.batch_size;
+            if state.acked.is_empty() {
+                state.acked_since = None;
+            } else if state.acked_since.is_none() {
+                state.acked_since = Some(Instant::now());
+            }
+            let linger_over = state.acked_since.map(|t| t + self.settings.delete_linger);
             if state.deleting.is_empty()
                 && (state.acked.len() >= batch
-                    || (!state.acked.is_empty() && state.in_flight.is_empty()))
+                    || (state.in_flight.is_empty()
+                        && linger_over.is_some_and(|t| t <= Instant::now())))
             {
                 state.start_delete();
+                state.acked_since = None;
             }
-            let wait_until = state
+            let mut wait_until = state
                 .retry_at
                 .map_or(next_poll, |t| t.max(next_poll.min(t)));
+            if let (Some(t), true) = (state.acked_since, state.deleting.is_empty()) {
+                wait_until = wait_until.min(t + self.settings.delete_linger);
+            }
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
@@ -427,6 +444,8 @@ struct State<'a> {
     deleting: FuturesUnordered<BoxFuture<'static, Deleted>>,
     /// Acknowledged ids to delete.
     acked: Vec<i64>,
+    /// Since when `acked` has not been empty.
+    acked_since: Option<Instant>,
     /// Deleted while a read was running (which may still return them): released
     /// from `held` once that read is handled.
     deleted_during_read: Vec<i64>,
