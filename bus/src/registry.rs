@@ -182,9 +182,14 @@ impl RoutingTable {
 
     /// True when `plugin` is registered and enabled.
     pub fn is_enabled(&self, plugin: &str) -> bool {
+        self.enabled_plugin(plugin).is_some()
+    }
+
+    /// The entry of `plugin` when it is registered and enabled.
+    pub fn enabled_plugin(&self, plugin: &str) -> Option<&PluginEntry> {
         self.plugins
             .get(plugin)
-            .is_some_and(|p| p.enabled_rank.is_some())
+            .filter(|p| p.enabled_rank.is_some())
     }
 }
 

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -16,51 +15,13 @@ use common::*;
 use core_events::{Hook, Subjects};
 use futures::StreamExt;
 use hookbus::Publisher;
-use hookbus::nats_config::{self, Passwords};
-use hookbus_tests::{NatsServer, assert_eventually, init_tracing};
+use hookbus::nats_config;
+use hookbus_tests::{assert_eventually, init_tracing};
 use pagoda_plugin_sdk::replay::{ReplayOptions, replay_events};
 use pagoda_plugin_sdk::{Plugin, ServeOptions};
 use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn password(user: &str) -> String {
-    format!("pw-{user}-secret")
-}
-
-async fn start_server(plugins: &[&str]) -> NatsServer {
-    let plugins: Vec<String> = plugins.iter().map(|s| (*s).to_owned()).collect();
-    let mut map = BTreeMap::new();
-    for user in nats_config::users(&plugins).unwrap() {
-        map.insert(user.name.clone(), password(&user.name));
-    }
-    let conf =
-        nats_config::render(&Subjects::default(), &plugins, &Passwords::Literal(map)).unwrap();
-    NatsServer::start_with_config(&conf).await
-}
-
-/// A client of `user`, and the server errors (permission violations) it gets.
-async fn connect(
-    server: &NatsServer,
-    user: &str,
-) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let options = nats_config::with_credentials(
-        async_nats::ConnectOptions::new(),
-        Some(user),
-        Some(&password(user)),
-    )
-    .event_callback(move |event| {
-        let tx = tx.clone();
-        async move {
-            if let async_nats::Event::ServerError(e) = event {
-                let _ = tx.send(e.to_string());
-            }
-        }
-    });
-    let client = options.connect(server.url()).await.unwrap();
-    (client, rx)
-}
 
 /// Waits for a permission violation naming `subject`.
 async fn expect_violation(errors: &mut mpsc::UnboundedReceiver<String>, subject: &str) {

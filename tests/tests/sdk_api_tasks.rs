@@ -13,49 +13,11 @@ use async_nats::jetstream::{self, consumer::pull};
 use common::*;
 use core_events::Subjects;
 use core_events::jobs::{JobRequest, JobState, JobStatus};
-use hookbus::nats_config::{self, Passwords};
-use hookbus_tests::{NatsServer, assert_eventually, init_tracing};
+use hookbus::nats_config;
+use hookbus_tests::{assert_eventually, init_tracing};
 use pagoda_plugin_sdk::{ApiRequest, ApiResponse, Plugin, ServeOptions, TaskOutcome};
-use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn password(user: &str) -> String {
-    format!("pw-{user}-secret")
-}
-
-async fn start_server(plugins: &[&str]) -> NatsServer {
-    let plugins: Vec<String> = plugins.iter().map(|s| (*s).to_owned()).collect();
-    let mut map = BTreeMap::new();
-    for user in nats_config::users(&plugins).unwrap() {
-        map.insert(user.name.clone(), password(&user.name));
-    }
-    let conf =
-        nats_config::render(&Subjects::default(), &plugins, &Passwords::Literal(map)).unwrap();
-    NatsServer::start_with_config(&conf).await
-}
-
-/// A client of `user`, and the server errors (permission violations) it gets.
-async fn connect(
-    server: &NatsServer,
-    user: &str,
-) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let options = nats_config::with_credentials(
-        async_nats::ConnectOptions::new(),
-        Some(user),
-        Some(&password(user)),
-    )
-    .event_callback(move |event| {
-        let tx = tx.clone();
-        async move {
-            if let async_nats::Event::ServerError(e) = event {
-                let _ = tx.send(e.to_string());
-            }
-        }
-    });
-    (options.connect(server.url()).await.unwrap(), rx)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_serves_routes_and_runs_jobs_with_its_own_permissions() {

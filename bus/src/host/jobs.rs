@@ -388,11 +388,7 @@ async fn start_task(
         .check(RateKey::Token(token_id))
         .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
     let table = state.registry.table();
-    let Some(entry) = table
-        .plugins()
-        .get(&plugin)
-        .filter(|_| table.is_enabled(&plugin))
-    else {
+    let Some(entry) = table.enabled_plugin(&plugin) else {
         return Err(ApiError::NotFound(format!(
             "plugin '{plugin}' is not registered or not enabled"
         )));

@@ -189,11 +189,7 @@ async fn try_forward(
         .into_response());
     }
     let table = state.registry.table();
-    let Some(entry) = table
-        .plugins()
-        .get(&plugin)
-        .filter(|_| table.is_enabled(&plugin))
-    else {
+    let Some(entry) = table.enabled_plugin(&plugin) else {
         return Err(ApiError::NotFound(format!(
             "plugin '{plugin}' is not registered or not enabled"
         ))

@@ -264,3 +264,47 @@ pub async fn dead_letters(js: &jetstream::Context) -> Vec<(String, serde_json::V
         .map(|l| (l.subject, l.body))
         .collect()
 }
+
+/// The password of `user` in tests with generated NATS users.
+pub fn password(user: &str) -> String {
+    format!("pw-{user}-secret")
+}
+
+/// A nats-server with the `authorization` block `hookbus nats-config` generates
+/// for `plugins` (literal passwords: [`password`]).
+pub async fn start_server(plugins: &[&str]) -> hookbus_tests::NatsServer {
+    use hookbus::nats_config::{self, Passwords};
+    let plugins: Vec<String> = plugins.iter().map(|s| (*s).to_owned()).collect();
+    let mut map = std::collections::BTreeMap::new();
+    for user in nats_config::users(&plugins).unwrap() {
+        map.insert(user.name.clone(), password(&user.name));
+    }
+    let conf =
+        nats_config::render(&Subjects::default(), &plugins, &Passwords::Literal(map)).unwrap();
+    hookbus_tests::NatsServer::start_with_config(&conf).await
+}
+
+/// A client of `user`, and the server errors (permission violations) it gets.
+pub async fn connect(
+    server: &hookbus_tests::NatsServer,
+    user: &str,
+) -> (
+    async_nats::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let options = hookbus::nats_config::with_credentials(
+        async_nats::ConnectOptions::new(),
+        Some(user),
+        Some(&password(user)),
+    )
+    .event_callback(move |event| {
+        let tx = tx.clone();
+        async move {
+            if let async_nats::Event::ServerError(e) = event {
+                let _ = tx.send(e.to_string());
+            }
+        }
+    });
+    (options.connect(server.url()).await.unwrap(), rx)
+}
