@@ -689,6 +689,45 @@ pub async fn stream_len(js: &async_nats::jetstream::Context, stream: &str) -> u6
         .messages
 }
 
+/// Every event in the events stream, in stream order.
+///
+/// # Panics
+///
+/// When the stream cannot be read or holds something that is not JSON.
+pub async fn stream_events(
+    client: &async_nats::Client,
+) -> Vec<core_events::Envelope<serde_json::Value>> {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = js
+        .get_stream("PAGODA_EVENTS")
+        .await
+        .expect("the events stream exists");
+    let last = stream
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence;
+    let mut out = Vec::new();
+    if last == 0 {
+        return out;
+    }
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .expect("an ordered consumer");
+    let mut messages = consumer.messages().await.expect("consumer messages");
+    while let Some(m) = futures::StreamExt::next(&mut messages).await {
+        let m = m.expect("a stored event");
+        let seq = m.info().expect("JetStream metadata").stream_sequence;
+        out.push(serde_json::from_slice(&m.payload).expect("an event in JSON"));
+        if seq >= last {
+            break;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

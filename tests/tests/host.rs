@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use core_events::store::{Backend, outbox};
 use core_events::{AttrType, Attribute, Envelope, ObjectRef, OnUnavailable};
-use futures::StreamExt;
 use hookbus_tests::host::TestHost;
-use hookbus_tests::{NatsServer, TestDb, assert_eventually};
+use hookbus_tests::{NatsServer, TestDb, assert_eventually, stream_events};
 use pagoda_plugin_sdk::{
     FieldError, Plugin, PluginBuilder, RunningPlugin, ServeOptions, SyncError,
 };
@@ -104,31 +103,6 @@ fn customer() -> Value {
             {"name": "age", "type": 256},
         ],
     })
-}
-
-/// Every event in the events stream, in stream order.
-async fn stream_events(client: &async_nats::Client) -> Vec<Envelope<Value>> {
-    let js = jetstream::new(client.clone());
-    let mut stream = js.get_stream("PAGODA_EVENTS").await.unwrap();
-    let last = stream.info().await.unwrap().state.last_sequence;
-    let mut out = Vec::new();
-    if last == 0 {
-        return out;
-    }
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    while let Some(m) = messages.next().await {
-        let m = m.unwrap();
-        let seq = m.info().unwrap().stream_sequence;
-        out.push(serde_json::from_slice(&m.payload).unwrap());
-        if seq >= last {
-            break;
-        }
-    }
-    out
 }
 
 /// The event types in the stream, once the outbox is empty and the stream has `n`.

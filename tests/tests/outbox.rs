@@ -21,7 +21,7 @@ use core_events::{AttrType, Envelope, Hook, Subjects, sample};
 use futures::StreamExt;
 use hookbus::config::StreamSettings;
 use hookbus::relay::{Relay, RelaySettings, RelayStats};
-use hookbus_tests::{NatsServer, TestDb, wait_until};
+use hookbus_tests::{NatsServer, TestDb, stream_events, wait_until};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -55,31 +55,6 @@ async fn start_relay(store: &Store, client: &async_nats::Client) -> RunningRelay
     let token = stop.clone();
     let task = tokio::spawn(async move { relay.run(token).await.unwrap() });
     RunningRelay { stop, task, stats }
-}
-
-/// Every event in the events stream, in stream order.
-async fn stream_events(client: &async_nats::Client) -> Vec<Envelope<Value>> {
-    let js = jetstream::new(client.clone());
-    let stream = js.get_stream("PAGODA_EVENTS").await.unwrap();
-    let last = stream.cached_info().state.last_sequence;
-    let mut out = Vec::new();
-    if last == 0 {
-        return out;
-    }
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    while let Some(m) = messages.next().await {
-        let m = m.unwrap();
-        let seq = m.info().unwrap().stream_sequence;
-        out.push(serde_json::from_slice(&m.payload).unwrap());
-        if seq >= last {
-            break;
-        }
-    }
-    out
 }
 
 async fn outbox_rows(store: &Store) -> i64 {
