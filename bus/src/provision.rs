@@ -125,7 +125,7 @@ pub async fn provision(
     for wanted in stream_configs(subjects, settings) {
         ensure_stream(js, wanted).await?;
     }
-    ensure_registry(js, subjects, settings).await?;
+    ensure_buckets(js, subjects, settings).await?;
     Ok(())
 }
 
@@ -218,92 +218,87 @@ async fn ensure_stream(
     }
 }
 
-async fn ensure_registry(
+async fn ensure_buckets(
     js: &jetstream::Context,
     subjects: &Subjects,
     settings: &StreamSettings,
 ) -> Result<(), ProvisionError> {
+    let bucket = |bucket: String, description: &str, history: i64| kv::Config {
+        bucket,
+        description: description.into(),
+        history,
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    };
     ensure_bucket(
         js,
-        subjects.registry_bucket(),
-        "Pagoda hook bus plugin registry",
-        settings,
+        bucket(
+            subjects.registry_bucket(),
+            "Pagoda hook bus plugin registry",
+            5,
+        ),
+        false,
     )
     .await?;
     ensure_bucket(
         js,
-        subjects.jobs_bucket(),
-        "Pagoda plugin job states (key <plugin>.<job-id>)",
-        settings,
+        bucket(
+            subjects.jobs_bucket(),
+            "Pagoda plugin job states (key <plugin>.<job-id>)",
+            5,
+        ),
+        false,
     )
     .await?;
-    ensure_leases(js, subjects, settings).await
+    // The leases bucket's max_age is the lease time, kept equal to the setting.
+    ensure_bucket(
+        js,
+        kv::Config {
+            max_age: settings.lease_ttl,
+            ..bucket(
+                subjects.leases_bucket(),
+                "Pagoda hook bus leases (one active dispatcher)",
+                1,
+            )
+        },
+        true,
+    )
+    .await
 }
 
-/// The leases bucket: its `max_age` is the lease time, kept equal to the setting.
-async fn ensure_leases(
+/// Creates the bucket `wanted` describes when it is missing; with
+/// `keep_max_age`, an existing one gets its `max_age`.
+async fn ensure_bucket(
     js: &jetstream::Context,
-    subjects: &Subjects,
-    settings: &StreamSettings,
+    wanted: kv::Config,
+    keep_max_age: bool,
 ) -> Result<(), ProvisionError> {
-    let bucket = subjects.leases_bucket();
-    let err =
-        |what: String| move |e: async_nats::Error| ProvisionError::JetStream { what, source: e };
+    let bucket = wanted.bucket.clone();
     if js.get_key_value(&bucket).await.is_ok() {
-        let stream_name = format!("KV_{bucket}");
-        let mut stream = js
-            .get_stream(&stream_name)
-            .await
-            .map_err(|e| err(format!("stream info {stream_name}"))(e.into()))?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| err(format!("stream info {stream_name}"))(e.into()))?;
-        if info.config.max_age != settings.lease_ttl {
-            let mut updated = info.config.clone();
-            updated.max_age = settings.lease_ttl;
-            js.update_stream(&updated)
+        if keep_max_age {
+            let name = format!("KV_{bucket}");
+            let mut stream = js
+                .get_stream(&name)
                 .await
-                .map_err(|e| err(format!("update {stream_name}"))(e.into()))?;
+                .map_err(|e| js_err(format!("stream info {name}"))(e.into()))?;
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| js_err(format!("stream info {name}"))(e.into()))?;
+            if info.config.max_age != wanted.max_age {
+                let mut updated = info.config.clone();
+                updated.max_age = wanted.max_age;
+                js.update_stream(&updated)
+                    .await
+                    .map_err(|e| js_err(format!("update {name}"))(e.into()))?;
+            }
         }
         return Ok(());
     }
-    js.create_key_value(kv::Config {
-        bucket: bucket.clone(),
-        description: "Pagoda hook bus leases (one active dispatcher)".into(),
-        history: 1,
-        max_age: settings.lease_ttl,
-        storage: stream::StorageType::File,
-        num_replicas: settings.replicas,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| err(format!("create bucket {bucket}"))(e.into()))?;
-    Ok(())
-}
-
-async fn ensure_bucket(
-    js: &jetstream::Context,
-    bucket: String,
-    description: &str,
-    settings: &StreamSettings,
-) -> Result<(), ProvisionError> {
-    if js.get_key_value(&bucket).await.is_ok() {
-        return Ok(());
-    }
-    js.create_key_value(kv::Config {
-        bucket: bucket.clone(),
-        description: description.into(),
-        history: 5,
-        storage: stream::StorageType::File,
-        num_replicas: settings.replicas,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| ProvisionError::JetStream {
-        what: format!("create bucket {bucket}"),
-        source: e.into(),
-    })?;
+    js.create_key_value(wanted)
+        .await
+        .map_err(|e| js_err(format!("create bucket {bucket}"))(e.into()))?;
     tracing::info!(bucket = %bucket, "created bucket");
     Ok(())
 }

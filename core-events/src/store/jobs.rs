@@ -4,7 +4,7 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Store, StoreError, format_time, now, parse_time};
+use super::{Store, StoreError, format_time, not_found, now, parse_time};
 use crate::jobs::{Job, JobStatus, NewJob};
 use crate::model::ObjectRef;
 
@@ -45,13 +45,6 @@ fn job_from_row(row: &AnyRow) -> Result<Job, StoreError> {
     };
     job.set_status(status, row.try_get::<String, _>("message")?);
     Ok(job)
-}
-
-fn not_found(id: i64) -> StoreError {
-    StoreError::NotFound {
-        what: "job",
-        id: id.to_string(),
-    }
 }
 
 impl Store {
@@ -102,7 +95,7 @@ impl Store {
         .as_ref()
         .map(job_from_row)
         .transpose()?
-        .ok_or_else(|| not_found(id))
+        .ok_or_else(|| not_found("job", id))
     }
 
     /// Jobs newest first: those of `user_id`, or everyone's with `None`; at most

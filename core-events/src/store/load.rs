@@ -242,15 +242,33 @@ pub(super) async fn entries_of(
     entity: &Entity,
     include_deleted: bool,
 ) -> Result<Vec<Entry>, StoreError> {
-    let sql = if include_deleted {
-        format!("SELECT {ENTRY_COLUMNS} WHERE entity_id = $1 ORDER BY id")
+    entries_page_of(conn, entity, include_deleted, None).await
+}
+
+/// Entries of an entity (active only, or all), by id; with `page` =
+/// `(limit, offset)` only those.
+pub(super) async fn entries_page_of(
+    conn: &mut AnyConnection,
+    entity: &Entity,
+    include_deleted: bool,
+    page: Option<(i64, i64)>,
+) -> Result<Vec<Entry>, StoreError> {
+    let active = if include_deleted {
+        ""
     } else {
-        format!("SELECT {ENTRY_COLUMNS} WHERE entity_id = $1 AND is_active ORDER BY id")
+        " AND is_active"
     };
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(entity.id)
-        .fetch_all(&mut *conn)
-        .await?;
+    let limit = if page.is_some() {
+        " LIMIT $2 OFFSET $3"
+    } else {
+        ""
+    };
+    let sql = format!("SELECT {ENTRY_COLUMNS} WHERE entity_id = $1{active} ORDER BY id{limit}");
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(entity.id);
+    if let Some((limit, offset)) = page {
+        query = query.bind(limit).bind(offset);
+    }
+    let rows = query.fetch_all(&mut *conn).await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         let mut entry = entry_from_row(row, entity)?;

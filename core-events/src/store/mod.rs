@@ -264,6 +264,14 @@ fn sqlite_pool(max: u32) -> AnyPoolOptions {
         })
 }
 
+/// [`StoreError::NotFound`] for `what` (`entity`, `entry`, `job`, …) with this id.
+pub(crate) fn not_found(what: &'static str, id: i64) -> StoreError {
+    StoreError::NotFound {
+        what,
+        id: id.to_string(),
+    }
+}
+
 /// Now, to the microsecond (what the store keeps), so a snapshot equals its row.
 pub(crate) fn now() -> DateTime<Utc> {
     let t = Utc::now();

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Store, StoreError, format_time, load, now, parse_time};
+use super::{Store, StoreError, format_time, load, not_found, now, parse_time};
 use crate::model::{Entity, Entry, User};
 
 /// Prefix of every key, so a key is recognisable in logs and secret scanners.
@@ -182,10 +182,7 @@ impl Store {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?
-        .ok_or_else(|| StoreError::NotFound {
-            what: "token",
-            id: id.to_string(),
-        })?;
+        .ok_or_else(|| not_found("token", id))?;
         token_from_row(&row)
     }
 
@@ -219,10 +216,7 @@ impl Store {
             .await?
             .rows_affected();
         if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "token",
-                id: id.to_string(),
-            });
+            return Err(not_found("token", id));
         }
         self.token(id).await
     }
@@ -309,31 +303,16 @@ impl Store {
         let mut conn = self.pool.acquire().await?;
         let entity = load::entity(&mut conn, entity_id, false)
             .await?
-            .ok_or_else(|| StoreError::NotFound {
-                what: "entity",
-                id: entity_id.to_string(),
-            })?;
-        let sql = if include_deleted {
-            "SELECT id FROM entries WHERE entity_id = $1 ORDER BY id LIMIT $2 OFFSET $3"
-        } else {
-            "SELECT id FROM entries WHERE entity_id = $1 AND is_active ORDER BY id LIMIT $2 OFFSET $3"
-        };
-        let ids = page_ids(
+            .ok_or_else(|| not_found("entity", entity_id))?;
+        let mut items = load::entries_page_of(
             &mut conn,
-            sqlx::query(sql),
-            &[entity_id, limit.saturating_add(1), offset],
+            &entity,
+            include_deleted,
+            Some((limit.saturating_add(1), offset)),
         )
         .await?;
-        let more = ids.len() > usize::try_from(limit).unwrap_or(usize::MAX);
-        let mut items = Vec::new();
-        for id in ids
-            .into_iter()
-            .take(usize::try_from(limit).unwrap_or(usize::MAX))
-        {
-            if let Some(e) = load::entry_of(&mut conn, id, &entity).await? {
-                items.push(e);
-            }
-        }
+        let more = items.len() > usize::try_from(limit).unwrap_or(usize::MAX);
+        items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         Ok(ListPage { items, more })
     }
 }

@@ -10,7 +10,8 @@ use serde_json::Value;
 use sqlx::{AnyConnection, Row};
 
 use super::{
-    StoreError, WriteContext, format_time, is_unique_violation, load, now, outbox, values,
+    StoreError, WriteContext, format_time, is_unique_violation, load, not_found, now, outbox,
+    values,
 };
 use crate::envelope::{EntityEvent, EntryEvent, Envelope};
 use crate::hook::Hook;
@@ -220,13 +221,6 @@ fn conflict_on_unique(e: sqlx::Error, message: impl FnOnce() -> String) -> Store
         StoreError::Conflict(message())
     } else {
         StoreError::Db(e)
-    }
-}
-
-fn not_found(what: &'static str, id: i64) -> StoreError {
-    StoreError::NotFound {
-        what,
-        id: id.to_string(),
     }
 }
 
