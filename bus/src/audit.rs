@@ -6,6 +6,7 @@
 //! | `dlq.replay`, `dlq.purge` | `hookbus dlq replay` / `purge` (who: `NATS_USER`, else the OS user) |
 //! | `registry.update`, `registry.delete` | the bus, watching the registry bucket (who: the plugin id, or `operator` for a delete) |
 //! | `token.create`, `token.revoke` | the host's `/api/v2/tokens/` (not `hookbus token create`, which needs no NATS) |
+//! | `user.update`, `user.deactivate` | the host's `PUT`/`PATCH`/`DELETE /api/v2/users/<id>/` (a change is recorded only when something changed) |
 //!
 //! Each event is a CloudEvents-style JSON record ([`AuditEvent`]) with a UUIDv7
 //! id, published with `Nats-Msg-Id` = a key of the action, so that two processes
@@ -33,7 +34,8 @@ pub struct AuditEvent {
     pub kind: String,
     /// When it happened.
     pub time: DateTime<Utc>,
-    /// `dlq.replay`, `dlq.purge`, `registry.update`, `registry.delete`, `token.create`, `token.revoke`.
+    /// `dlq.replay`, `dlq.purge`, `registry.update`, `registry.delete`, `token.create`,
+    /// `token.revoke`, `user.update`, `user.deactivate`.
     pub action: String,
     /// Who did it: a user name, a NATS user, a plugin id.
     pub actor: String,

@@ -62,6 +62,13 @@ enum Command {
         #[arg(long, env = "HOOKBUS_LEASE_TTL", default_value = "5s",
             value_parser = hookbus::config::parse_duration)]
         lease_ttl: Duration,
+        /// Partitions of the events (by object), each dispatched by one bus at a
+        /// time: several `hookbus run --partitions 4` share the partitions and take
+        /// over a dead one's. Every bus needs the same number. 1: one bus dispatches,
+        /// the others stand by.
+        #[arg(long, env = "HOOKBUS_PARTITIONS", default_value_t = 1,
+            value_parser = clap::value_parser!(u32).range(1..=1024))]
+        partitions: u32,
         /// The host's database: when set, the bus migrates it and relays its outbox
         /// (sqlite://pagoda.db or postgres://user@host/db).
         #[arg(long, env = "HOOKBUS_DATABASE_URL")]
@@ -259,6 +266,7 @@ pub(crate) async fn main() -> Result<ExitCode> {
             ack_wait_secs,
             max_parallel_objects,
             lease_ttl,
+            partitions,
             database_url,
             retention,
             observe,
@@ -271,6 +279,7 @@ pub(crate) async fn main() -> Result<ExitCode> {
             config.dispatcher.ack_wait = Duration::from_secs(ack_wait_secs.max(1));
             config.dispatcher.max_parallel_objects = max_parallel_objects.max(1);
             config.streams.lease_ttl = lease_ttl.max(Duration::from_millis(400));
+            config.dispatcher.partitions = partitions;
             retention.apply(&mut config.streams);
             observe.apply(&mut config)?;
             if config.enabled_plugins.is_empty() {

@@ -68,6 +68,12 @@ pub struct DispatcherSettings {
     /// that of several buses exactly one dispatches and the others stand by.
     /// Default on.
     pub lease: bool,
+    /// Partitions of the events (by object, [`core_events::object_partition`]), each
+    /// dispatched by one bus at a time: several buses share the partitions, each
+    /// taking its fair share of their leases, and take over a dead one's. Every bus
+    /// needs the same number. 1 (the default): one bus dispatches everything and the
+    /// others stand by. Needs [`DispatcherSettings::lease`].
+    pub partitions: u32,
 }
 
 impl Default for DispatcherSettings {
@@ -81,6 +87,7 @@ impl Default for DispatcherSettings {
             deferred_poll: Duration::from_millis(250),
             metrics: true,
             lease: true,
+            partitions: 1,
         }
     }
 }

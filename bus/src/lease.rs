@@ -82,20 +82,75 @@ impl Lease {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
+    /// The same bucket and holder, another key.
+    pub fn with_key(&self, key: &str) -> Lease {
+        Lease {
+            key: key.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// The name this process holds leases under.
+    pub fn holder_name(&self) -> &str {
+        &self.holder
+    }
+
+    /// The key of this lease.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// How often the holder renews and a standby tries again (a quarter of the
+    /// lease time).
+    pub fn interval(&self) -> Duration {
+        self.every()
+    }
+
+    /// Live keys of the bucket (held leases) that start with `prefix`, sorted.
+    ///
+    /// # Errors
+    ///
+    /// When the bucket cannot be read.
+    pub async fn live_keys(&self, prefix: &str) -> Result<Vec<String>, async_nats::Error> {
+        use futures::TryStreamExt;
+        let mut keys: Vec<String> = self
+            .kv
+            .keys()
+            .await?
+            .try_filter(|k| std::future::ready(k.starts_with(prefix)))
+            .try_collect()
+            .await?;
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// One attempt to take the lease: `Ok(None)` when another process holds it.
+    ///
+    /// # Errors
+    ///
+    /// When the bucket cannot be written.
+    pub async fn try_acquire(&self) -> Result<Option<Held>, async_nats::Error> {
+        match self
+            .kv
+            .create(&self.key, Bytes::from(self.holder.clone()))
+            .await
+        {
+            Ok(revision) => {
+                tracing::info!(lease = %self.key, holder = %self.holder, "lease acquired");
+                Ok(Some(self.hold(revision)))
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Waits until this process holds the lease, or `shutdown` (then `None`).
     pub async fn acquire(&self, shutdown: &CancellationToken) -> Option<Held> {
         let mut said = false;
         loop {
-            match self
-                .kv
-                .create(&self.key, Bytes::from(self.holder.clone()))
-                .await
-            {
-                Ok(revision) => {
-                    tracing::info!(lease = %self.key, holder = %self.holder, "lease acquired");
-                    return Some(self.hold(revision));
-                }
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+            match self.try_acquire().await {
+                Ok(Some(held)) => return Some(held),
+                Ok(None) => {
                     if !said {
                         let other = self.holder().await.ok().flatten().unwrap_or_default();
                         tracing::info!(lease = %self.key, holder = %other,

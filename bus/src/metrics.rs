@@ -483,30 +483,34 @@ impl Metrics {
         })
     }
 
-    /// Reads the dispatcher consumer and the events stream head from NATS.
+    /// Reads the dispatcher consumers (one per partition) and the events stream
+    /// head from NATS: pending is the most any of them has not taken yet, ack
+    /// pending their sum.
     ///
     /// # Errors
     ///
-    /// When the consumer or stream cannot be read.
+    /// When a consumer or the stream cannot be read.
     pub async fn sample(
         &self,
         js: &async_nats::jetstream::Context,
         subjects: &core_events::Subjects,
-        consumer: &str,
+        consumers: &[String],
     ) -> Result<(), async_nats::Error> {
         let mut stream = js.get_stream(subjects.events_stream()).await?;
         let last = stream.info().await?.state.last_sequence;
         self.sampled.stream_last_seq.store(last, Ordering::Relaxed);
-        let mut c: async_nats::jetstream::consumer::PullConsumer =
-            stream.get_consumer(consumer).await?;
-        let info = c.info().await?;
+        let (mut pending, mut ack_pending) = (0, 0);
+        for consumer in consumers {
+            let mut c: async_nats::jetstream::consumer::PullConsumer =
+                stream.get_consumer(consumer).await?;
+            let info = c.info().await?;
+            pending = info.num_pending.max(pending);
+            ack_pending += u64::try_from(info.num_ack_pending).unwrap_or(0);
+        }
+        self.sampled.pending.store(pending, Ordering::Relaxed);
         self.sampled
-            .pending
-            .store(info.num_pending, Ordering::Relaxed);
-        self.sampled.ack_pending.store(
-            u64::try_from(info.num_ack_pending).unwrap_or(0),
-            Ordering::Relaxed,
-        );
+            .ack_pending
+            .store(ack_pending, Ordering::Relaxed);
         Ok(())
     }
 

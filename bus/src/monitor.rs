@@ -166,6 +166,12 @@ pub struct BusHealth {
     /// dispatcher lease) or `stopped`.
     #[serde(default)]
     pub dispatcher_role: String,
+    /// Number of partitions the events are dispatched in (1: not partitioned).
+    #[serde(default)]
+    pub partitions: u32,
+    /// The partitions this bus dispatches now (when partitioned).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dispatcher_partitions: Vec<u32>,
     /// `ENABLED_PLUGINS`, in order.
     pub enabled_plugins: Vec<String>,
     /// Events of the stream not yet taken by the dispatcher.
@@ -218,7 +224,8 @@ pub struct Health {
     client: async_nats::Client,
     js: jetstream::Context,
     subjects: Subjects,
-    consumer: String,
+    consumers: Vec<String>,
+    partitions: u32,
     enabled: Vec<String>,
     registry: Registry,
     metrics: Arc<Metrics>,
@@ -239,7 +246,16 @@ impl Health {
             js: jetstream::new(client.clone()),
             client,
             subjects: config.subjects.clone(),
-            consumer: config.dispatcher.consumer.clone(),
+            consumers: {
+                let count = config.dispatcher.partitions.max(1);
+                (0..count)
+                    .map(|index| {
+                        crate::dispatch::Partition { index, count }
+                            .consumer(&config.dispatcher.consumer)
+                    })
+                    .collect()
+            },
+            partitions: config.dispatcher.partitions.max(1),
             enabled: config.enabled_plugins.clone(),
             registry,
             metrics,
@@ -258,7 +274,7 @@ impl Health {
     pub async fn sample(&self) {
         if let Err(e) = self
             .metrics
-            .sample(&self.js, &self.subjects, &self.consumer)
+            .sample(&self.js, &self.subjects, &self.consumers)
             .await
         {
             tracing::debug!(error = %e, "could not sample the dispatcher consumer");
@@ -337,6 +353,8 @@ impl Health {
             .to_owned(),
             dispatcher_running: stats.is_running(),
             dispatcher_role: stats.role().to_owned(),
+            partitions: self.partitions,
+            dispatcher_partitions: stats.partitions(),
             enabled_plugins: self.enabled.clone(),
             pending: sampled.pending.load(Ordering::Relaxed),
             ack_pending: sampled.ack_pending.load(Ordering::Relaxed),

@@ -289,6 +289,10 @@ async fn ensure_bucket(
             if info.config.max_age != wanted.max_age {
                 let mut updated = info.config.clone();
                 updated.max_age = wanted.max_age;
+                // The server refuses a duplicate window longer than max_age.
+                if !wanted.max_age.is_zero() {
+                    updated.duplicate_window = updated.duplicate_window.min(wanted.max_age);
+                }
                 js.update_stream(&updated)
                     .await
                     .map_err(|e| js_err(format!("update {name}"))(e.into()))?;

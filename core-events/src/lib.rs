@@ -34,4 +34,4 @@ pub use manifest::{
     ApiRouteSpec, HandlerSpec, ManifestError, OnUnavailable, PluginManifest, TaskSpec,
 };
 pub use model::{AttrType, Attribute, Entity, EntityAttr, Entry, ObjectRef, User};
-pub use subject::{ObjectKey, SubjectError, Subjects};
+pub use subject::{ObjectKey, SubjectError, Subjects, object_partition};

@@ -346,9 +346,28 @@ impl Subjects {
         format!("{}.deferred.{plugin}", self.prefix)
     }
 
+    /// The subject of a plugin's deferred deliveries taken by the dispatcher of one
+    /// partition: `pagoda.deferred.<plugin>.<tag>` (`tag` e.g. `p1of4`; see
+    /// [`object_partition`]). Without a tag, [`Subjects::deferred`].
+    pub fn deferred_in(&self, plugin: &str, tag: Option<&str>) -> String {
+        match tag {
+            Some(tag) => format!("{}.deferred.{plugin}.{tag}", self.prefix),
+            None => self.deferred(plugin),
+        }
+    }
+
     /// All deferred deliveries (`pagoda.deferred.>`).
     pub fn all_deferred(&self) -> String {
         format!("{}.deferred.>", self.prefix)
+    }
+
+    /// The plugin a deferred delivery's subject names (`pagoda.deferred.<plugin>`
+    /// or `pagoda.deferred.<plugin>.<partition tag>`).
+    pub fn plugin_of_deferred<'s>(&self, subject: &'s str) -> Option<&'s str> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".deferred.")?;
+        rest.split('.').next().filter(|p| !p.is_empty())
     }
 
     /// The service endpoint subject of a plugin API route: `pagoda.api.<plugin>.<route>`.
@@ -404,6 +423,22 @@ impl Subjects {
     }
 }
 
+/// The partition of an object among `count` partitions (`0..count`): FNV-1a
+/// (64-bit) of its `Pagoda-Object` header value (e.g. `entry/42`), modulo `count`.
+/// Every dispatcher of a partitioned bus computes it the same way, and so can any
+/// other tool; `count` 0 or 1 is one partition, 0.
+pub fn object_partition(object: &str, count: u32) -> u32 {
+    if count <= 1 {
+        return 0;
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in object.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    u32::try_from(hash % u64::from(count)).unwrap_or(0)
+}
+
 /// The object an event is about; events about one object are dispatched in stream order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey {
@@ -411,6 +446,13 @@ pub struct ObjectKey {
     pub kind: ObjectKind,
     /// The object's id.
     pub id: i64,
+}
+
+impl ObjectKey {
+    /// This object's partition among `count` ([`object_partition`]).
+    pub fn partition(&self, count: u32) -> u32 {
+        object_partition(&self.to_string(), count)
+    }
 }
 
 impl fmt::Display for ObjectKey {
@@ -442,6 +484,49 @@ impl std::str::FromStr for ObjectKey {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        // Fixed values: other tools compute the same partition from the header.
+        assert_eq!(
+            object_partition("entry/1", 4),
+            object_partition("entry/1", 4)
+        );
+        assert_eq!(object_partition("entry/42", 1), 0);
+        assert_eq!(object_partition("entry/42", 0), 0);
+        let fnv = |s: &str| {
+            s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            })
+        };
+        assert_eq!(
+            u64::from(object_partition("entry/42", 7)),
+            fnv("entry/42") % 7
+        );
+        let key = ObjectKey {
+            kind: ObjectKind::Entity,
+            id: 3,
+        };
+        assert_eq!(key.partition(4), object_partition("entity/3", 4));
+        let mut counts = [0u32; 4];
+        for id in 0..4000 {
+            counts[object_partition(&format!("entry/{id}"), 4) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (800..=1200).contains(&c)),
+            "4000 entries spread over 4 partitions: {counts:?}"
+        );
+    }
+
+    #[test]
+    fn deferred_subjects_name_their_plugin() {
+        let s = Subjects::default();
+        assert_eq!(s.plugin_of_deferred(&s.deferred("audit")), Some("audit"));
+        let tagged = s.deferred_in("audit", Some("p1of4"));
+        assert_eq!(tagged, "pagoda.deferred.audit.p1of4");
+        assert_eq!(s.plugin_of_deferred(&tagged), Some("audit"));
+        assert_eq!(s.plugin_of_deferred("other.deferred.audit"), None);
+    }
 
     #[test]
     fn plain_names_stay_readable() {

@@ -28,6 +28,15 @@
 //! per-handler metrics on and off (`DispatcherSettings::metrics`), alternating
 //! order per round: `bench: scenario=metrics_overhead on_eps=… off_eps=… diff_pct=…`
 //! (diff_pct = how much slower metrics on is, in percent of off).
+//!
+//! Scale-out: `cargo bench -p hookbus-tests --bench dispatch -- --partitions 4
+//! --dispatchers 2` runs the bus side as that many buses in this process, each
+//! with `DispatcherSettings::partitions` = 4, which share the partitions (two
+//! each) and dispatch at once; the raw side is the same single loop. The lines
+//! say `partitions=4 dispatchers=2`. Both sides are then clocked from the first
+//! delivery to `p1` to the last ack (`clock=first_delivery`), so the buses'
+//! start-up (announcing themselves and dividing the partitions, one lease
+//! interval) is not counted as dispatch time; the metrics comparison is skipped.
 #![allow(
     clippy::unwrap_used,
     clippy::print_stdout,
@@ -291,6 +300,36 @@ impl World {
     }
 }
 
+/// How the bus side is laid out: `--partitions N --dispatchers D`.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    partitions: u32,
+    dispatchers: usize,
+}
+
+impl Layout {
+    fn from_args() -> Layout {
+        let args: Vec<String> = std::env::args().collect();
+        let value = |name: &str| {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
+                .map(|v| {
+                    v.parse::<u32>()
+                        .unwrap_or_else(|_| panic!("{name} wants a number, got '{v}'"))
+                })
+        };
+        Layout {
+            partitions: value("--partitions").unwrap_or(1).max(1),
+            dispatchers: value("--dispatchers").unwrap_or(1).max(1) as usize,
+        }
+    }
+
+    fn is_single(self) -> bool {
+        self.partitions == 1 && self.dispatchers == 1
+    }
+}
+
 /// What one side measured in one round.
 struct Measured {
     eps: f64,
@@ -317,35 +356,71 @@ async fn wait_acked(n: u64, acked: impl Fn() -> u64) -> Result<(), u64> {
     }
 }
 
-async fn run_bus(world: &World, n: u64, metrics: bool) -> (Duration, Cpu) {
-    let client = world.server.connect().await;
+async fn run_bus(world: &World, n: u64, metrics: bool, layout: Layout) -> (Duration, Cpu) {
     let mut config = BusConfig {
         enabled_plugins: PLUGINS.iter().map(|(p, _)| (*p).to_owned()).collect(),
         ..Default::default()
     };
     config.dispatcher.metrics = metrics;
+    config.dispatcher.partitions = layout.partitions;
+    if !layout.is_single() {
+        // The buses divide the partitions after one lease interval (a quarter of this).
+        config.streams.lease_ttl = Duration::from_secs(1);
+    }
+    let mut clients = Vec::new();
+    for _ in 0..layout.dispatchers {
+        clients.push(world.server.connect().await);
+    }
     let cpu0 = cpu_now(&world.server);
     let t0 = Instant::now();
-    let bus = Bus::start(client, config).await.unwrap();
-    bus.registry
-        .wait_for(Duration::from_secs(10), |t| {
-            PLUGINS.iter().all(|(p, _)| t.is_enabled(p))
-        })
-        .await
-        .unwrap_or_else(|()| panic!("plugins not registered in time"));
-    let stats = bus.stats.clone();
-    if let Err(a) = wait_acked(n, || stats.events_acked.get()).await {
+    let buses = futures::future::join_all(
+        clients
+            .into_iter()
+            .map(|client| Bus::start(client, config.clone())),
+    )
+    .await;
+    let buses: Vec<Bus> = buses.into_iter().map(Result::unwrap).collect();
+    for bus in &buses {
+        bus.registry
+            .wait_for(Duration::from_secs(10), |t| {
+                PLUGINS.iter().all(|(p, _)| t.is_enabled(p))
+            })
+            .await
+            .unwrap_or_else(|()| panic!("plugins not registered in time"));
+    }
+    let stats: Vec<_> = buses.iter().map(|b| b.stats.clone()).collect();
+    let sum =
+        |f: fn(&hookbus::dispatch::DispatchStats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
+    if let Err(a) = wait_acked(n, || sum(|s| s.events_acked.get())).await {
         panic!("bus side acked only {a} of {n} events in {SIDE_TIMEOUT:?}");
     }
     let elapsed = t0.elapsed();
     let cpu = cpu_since(&world.server, &cpu0);
-    assert_eq!(stats.failed_attempts.get(), 0, "no handler attempt failed");
     assert_eq!(
-        stats.delivered.get(),
-        3 * n,
-        "every handler got every event"
+        sum(|s| s.failed_attempts.get()),
+        0,
+        "no handler attempt failed"
     );
-    bus.stop().await.unwrap();
+    assert_eq!(
+        sum(|s| s.delivered.get()),
+        3 * n,
+        "every handler got every event once"
+    );
+    if layout.dispatchers > 1 {
+        for s in &stats {
+            assert!(
+                s.events_acked.get() > 0,
+                "every bus dispatched a share ({:?})",
+                stats
+                    .iter()
+                    .map(|s| s.events_acked.get())
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
+    for bus in buses {
+        bus.stop().await.unwrap();
+    }
     (elapsed, cpu)
 }
 
@@ -481,14 +556,31 @@ async fn measure(
     subjects: &Subjects,
     events: &[EncodedEvent],
     index: &Arc<HashMap<String, usize>>,
+    layout: Layout,
 ) -> Measured {
     let n = events.len() as u64;
     let world = World::new(subjects, events, index).await;
-    let (elapsed, cpu) = match side {
-        Side::Bus => run_bus(&world, n, true).await,
-        Side::BusNoMetrics => run_bus(&world, n, false).await,
+    let started = Instant::now();
+    let (mut elapsed, cpu) = match side {
+        Side::Bus => run_bus(&world, n, true, layout).await,
+        Side::BusNoMetrics => run_bus(&world, n, false, layout).await,
         Side::Raw => run_raw(&world, subjects, n).await,
     };
+    if !layout.is_single() {
+        // Clock from the first delivery to p1 (see the module docs).
+        let first_ns = world
+            .marks
+            .first
+            .iter()
+            .map(|m| m.load(Ordering::Relaxed))
+            .filter(|&m| m > 0)
+            .min()
+            .unwrap_or(1)
+            - 1;
+        let first = world.marks.base + Duration::from_nanos(first_ns);
+        let done = started + elapsed;
+        elapsed = done.saturating_duration_since(first.max(started));
+    }
     let (chain, missing) = world.marks.chain_us();
     assert_eq!(
         missing,
@@ -523,17 +615,35 @@ async fn bench(smoke: bool) {
     let rounds = env_usize("BENCH_ROUNDS", default_rounds);
     let subjects = Subjects::default();
     let (events, index) = build_events(&subjects, n);
+    let layout = Layout::from_args();
+    if smoke {
+        // The smoke run also runs two partitioned buses once.
+        let split = Layout {
+            partitions: 4,
+            dispatchers: 2,
+        };
+        measure(Side::Bus, &subjects, &events, &index, split).await;
+        println!("smoke: dispatch bench with 4 partitions over 2 buses ran {n} events");
+    }
+    let shape = if layout.is_single() {
+        String::new()
+    } else {
+        format!(
+            " partitions={} dispatchers={} clock=first_delivery",
+            layout.partitions, layout.dispatchers
+        )
+    };
 
     let mut bus = Vec::with_capacity(rounds);
     let mut raw = Vec::with_capacity(rounds);
     for round in 1..=rounds {
         for side in [Side::Bus, Side::Raw] {
-            let m = measure(side, &subjects, &events, &index).await;
+            let m = measure(side, &subjects, &events, &index, layout).await;
             if smoke {
                 println!("smoke: dispatch bench side={} ran {n} events", side.name());
             } else {
                 println!(
-                    "bench: scenario=dispatch_round side={} round={round} eps={:.0} p99_us={:.0} p50_us={:.0} elapsed_ms={} cpu_us_per_event={:.1} server_cpu_us_per_event={:.1}",
+                    "bench: scenario=dispatch_round{shape} side={} round={round} eps={:.0} p99_us={:.0} p50_us={:.0} elapsed_ms={} cpu_us_per_event={:.1} server_cpu_us_per_event={:.1}",
                     side.name(),
                     m.eps,
                     m.p99_us,
@@ -559,12 +669,14 @@ async fn bench(smoke: bool) {
     let raw_cpu = med(&raw, |m| m.cpu_us_per_event);
     if !smoke {
         println!(
-            "bench: scenario=dispatch events={n} rounds={rounds} bus_eps={bus_eps:.0} raw_eps={raw_eps:.0} ratio={:.3} bus_p99_us={bus_p99:.0} raw_p99_us={raw_p99:.0} p99_ratio={:.3} bus_cpu_us_per_event={bus_cpu:.1} raw_cpu_us_per_event={raw_cpu:.1}",
+            "bench: scenario=dispatch{shape} events={n} rounds={rounds} bus_eps={bus_eps:.0} raw_eps={raw_eps:.0} ratio={:.3} bus_p99_us={bus_p99:.0} raw_p99_us={raw_p99:.0} p99_ratio={:.3} bus_cpu_us_per_event={bus_cpu:.1} raw_cpu_us_per_event={raw_cpu:.1}",
             bus_eps / raw_eps,
             bus_p99 / raw_p99
         );
     }
-    metrics_overhead(smoke, n, rounds, &subjects, &events, &index).await;
+    if layout.is_single() {
+        metrics_overhead(smoke, n, rounds, &subjects, &events, &index).await;
+    }
 }
 
 /// The bus with per-handler metrics on and off, alternating which goes first per
@@ -587,7 +699,7 @@ async fn metrics_overhead(
             [Side::BusNoMetrics, Side::Bus]
         };
         for side in order {
-            let m = measure(side, subjects, events, index).await;
+            let m = measure(side, subjects, events, index, Layout::from_args()).await;
             if smoke {
                 println!("smoke: metrics bench side={} ran {n} events", side.name());
             } else {

@@ -221,11 +221,26 @@ async fn a_failing_handler_is_isolated_and_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_plugin_gets_everything_later_in_order_and_blocks_no_one() {
+    Box::pin(stopped_plugin_case(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_plugin_gets_everything_later_with_partitions_too() {
+    Box::pin(stopped_plugin_case(4)).await;
+}
+
+/// A plugin stops and comes back; the bus dispatches in `partitions` partitions
+/// (all held by this one bus, each with its own deferred queue).
+async fn stopped_plugin_case(partitions: u32) {
     init_tracing();
     let server = NatsServer::start().await;
     let client = server.connect().await;
     let log = CallLog::default();
-    let bus = start_bus(&client, &["steady", "flappy"]).await;
+    let mut config = test_config(&["steady", "flappy"]);
+    config.dispatcher.partitions = partitions;
+    let bus = hookbus::run::Bus::start(client.clone(), config)
+        .await
+        .unwrap();
     let mut steady =
         TestPlugin::new("steady", &log).handler("h", Hook::EntryAfterUpdate, None, 200);
     let mut flappy =
@@ -257,6 +272,24 @@ async fn a_stopped_plugin_gets_everything_later_in_order_and_blocks_no_one() {
     );
     assert!(log.of("flappy").len() < 100);
     assert_eventually!(bus.stats.deferred.get() > 0, WAIT);
+    if partitions > 1 {
+        // Deferred deliveries wait in per-partition queues.
+        let js = jetstream::new(client.clone());
+        let stream = js
+            .get_stream(Subjects::default().deferred_stream())
+            .await
+            .unwrap();
+        let mut subjects = stream
+            .info_with_subjects("pagoda.deferred.flappy.>")
+            .await
+            .unwrap();
+        let mut tagged = 0;
+        while let Some(Ok((subject, _))) = futures::StreamExt::next(&mut subjects).await {
+            assert!(subject.ends_with(&format!("of{partitions}")), "{subject}");
+            tagged += 1;
+        }
+        assert!(tagged > 0, "deferred deliveries are kept per partition");
+    }
     flappy.start(&client).await;
     assert_eventually!(
         log.of("flappy")
@@ -382,6 +415,117 @@ async fn a_standby_bus_takes_over_when_the_active_one_is_killed() {
     assert_in_order_per_object(&log, "p", 400);
     b.kill().unwrap();
     b.wait().unwrap();
+}
+
+/// The process ids holding the leases of partitions `0..count`, in order (`None`
+/// where free).
+async fn partition_holders(js: &jetstream::Context, count: u32) -> Vec<Option<u32>> {
+    let Ok(kv) = js.get_key_value(Subjects::default().leases_bucket()).await else {
+        return vec![None; count as usize];
+    };
+    let mut out = Vec::new();
+    for i in 0..count {
+        let pid = match kv.get(format!("dispatcher.p{i}of{count}")).await {
+            Ok(Some(v)) => String::from_utf8_lossy(&v)
+                .split('/')
+                .nth(1)
+                .and_then(|p| p.parse().ok()),
+            _ => None,
+        };
+        out.push(pid);
+    }
+    out
+}
+
+/// True when every partition is held and each of `pids` holds `each` of them.
+fn split_evenly(holders: &[Option<u32>], pids: &[u32], each: usize) -> bool {
+    holders.iter().all(Option::is_some)
+        && pids
+            .iter()
+            .all(|pid| holders.iter().filter(|h| **h == Some(*pid)).count() == each)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_spread_over_buses_and_move_when_one_dies_or_joins() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = jetstream::new(client.clone());
+    let log = CallLog::default();
+    let spawn = || {
+        Command::new(hookbus_tests::hookbus_binary())
+            .arg("run")
+            .env("NATS_URL", server.url())
+            .env("ENABLED_PLUGINS", "p")
+            .env("HOOKBUS_ACK_WAIT_SECS", "2")
+            .env("HOOKBUS_LEASE_TTL", "1s")
+            .env("HOOKBUS_PARTITIONS", "4")
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap()
+    };
+    let mut a = spawn();
+    let b = spawn();
+    // Two buses, four partitions: two each, both dispatching.
+    assert_eventually!(
+        split_evenly(&partition_holders(&js, 4).await, &[a.id(), b.id()], 2),
+        WAIT
+    );
+    let holders = partition_holders(&js, 4).await;
+    let mut p = TestPlugin::new("p", &log).handler("h", Hook::EntryAfterCreate, None, 100);
+    p.set("h", Behaviour::Slow(Duration::from_millis(2)));
+    p.start(&client).await;
+    assert_eventually!(bus_process_routes_to(&client, "p").await, WAIT);
+    let publisher = publisher(&client);
+    for i in 0..400 {
+        publisher
+            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i % 20))
+            .await
+            .unwrap();
+    }
+    // Both buses deliver: events of partitions held by each have arrived.
+    let delivered_by = |pid: u32| {
+        log.of("p").iter().any(|c| {
+            let part = core_events::object_partition(&c.object, 4) as usize;
+            holders[part] == Some(pid)
+        })
+    };
+    assert_eventually!(delivered_by(a.id()) && delivered_by(b.id()), WAIT);
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let at_kill = log.len();
+    assert!(at_kill < 400, "killed mid-stream ({at_kill} delivered)");
+    // b takes a's partitions after the lease time and finishes everything, in order.
+    assert_eventually!(
+        split_evenly(&partition_holders(&js, 4).await, &[b.id()], 4),
+        WAIT
+    );
+    let distinct = |log: &CallLog| {
+        log.all()
+            .iter()
+            .map(|c| c.event_id.clone())
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    assert_eventually!(distinct(&log) == 400, WAIT);
+    // A bus that joins gets its share, handed over by b while events flow.
+    let c = spawn();
+    for i in 400..600 {
+        publisher
+            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i % 20))
+            .await
+            .unwrap();
+    }
+    assert_eventually!(
+        split_evenly(&partition_holders(&js, 4).await, &[b.id(), c.id()], 2),
+        WAIT
+    );
+    assert_eventually!(distinct(&log) == 600, WAIT);
+    assert_in_order_per_object(&log, "p", 600);
+    for mut bus in [b, c] {
+        bus.kill().unwrap();
+        bus.wait().unwrap();
+    }
 }
 
 /// Whether a bus running in another process has `plugin` enabled in its routing table.

@@ -130,3 +130,27 @@ async fn retention_changes_update_the_existing_events_stream() {
     assert_eq!(info.config.max_age, Duration::ZERO);
     assert_eq!(info.config.max_bytes, -1);
 }
+
+#[tokio::test]
+async fn a_shorter_lease_time_updates_the_leases_bucket() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.connect().await);
+    let subjects = Subjects::default();
+    provision(&js, &subjects, &StreamSettings::default())
+        .await
+        .unwrap();
+    // From the default 5 s down to 1 s: the bucket's duplicate window (5 s) must
+    // shrink with it, or the server refuses the update.
+    let short = StreamSettings {
+        lease_ttl: std::time::Duration::from_secs(1),
+        ..StreamSettings::default()
+    };
+    provision(&js, &subjects, &short).await.unwrap();
+    let mut stream = js
+        .get_stream(format!("KV_{}", subjects.leases_bucket()))
+        .await
+        .unwrap();
+    let config = stream.info().await.unwrap().config.clone();
+    assert_eq!(config.max_age, std::time::Duration::from_secs(1));
+    assert!(config.duplicate_window <= config.max_age);
+}

@@ -71,7 +71,7 @@ impl Ctx {
             headers::MSG_ID,
             format!("{}.{}.{}.deferred", event.id, route.plugin, route.handler).as_str(),
         );
-        let subject = self.subjects.deferred(&route.plugin);
+        let subject = self.deferred_subject(&route.plugin);
         let (counter, created) = self.deferrals.counter(&route.plugin);
         self.publish_until_acked(&subject, h, event.payload.clone())
             .await?;
@@ -91,6 +91,12 @@ impl Ctx {
         Ok(())
     }
 
+    /// This dispatcher's deferred queue for `plugin` (one per partition).
+    fn deferred_subject(&self, plugin: &str) -> String {
+        self.subjects
+            .deferred_in(plugin, self.partition.tag().as_deref())
+    }
+
     /// Starts drainers for plugins that already have deferred deliveries (after a restart).
     pub(crate) async fn resume_deferred(self: &Arc<Self>) -> Result<(), async_nats::Error> {
         let mut stream = self.js.get_stream(self.subjects.deferred_stream()).await?;
@@ -101,12 +107,12 @@ impl Ctx {
         // Each waiting message names its plugin in its subject; count per plugin.
         let mut per_plugin: HashMap<String, u64> = HashMap::new();
         let info = stream
-            .info_with_subjects(self.subjects.all_deferred())
+            .info_with_subjects(self.deferred_subject("*"))
             .await?;
         let mut subjects = info;
         while let Some(item) = subjects.next().await {
             let (subject, count) = item?;
-            if let Some(plugin) = subject.rsplit('.').next() {
+            if let Some(plugin) = self.subjects.plugin_of_deferred(&subject) {
                 *per_plugin.entry(plugin.to_owned()).or_default() += count as u64;
             }
         }
@@ -141,13 +147,16 @@ impl Ctx {
 
     async fn drain(&self, plugin: &str, counter: &AtomicU64) -> Result<(), DrainError> {
         let stream = self.js.get_stream(self.subjects.deferred_stream()).await?;
-        let name = format!("deferred-{plugin}");
+        let name = match self.partition.tag() {
+            Some(tag) => format!("deferred-{plugin}-{tag}"),
+            None => format!("deferred-{plugin}"),
+        };
         let consumer: jetstream::consumer::Consumer<pull::Config> = stream
             .get_or_create_consumer(
                 &name,
                 pull::Config {
                     durable_name: Some(name.clone()),
-                    filter_subject: self.subjects.deferred(plugin),
+                    filter_subject: self.deferred_subject(plugin),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: self.settings.ack_wait,
                     max_ack_pending: 1,

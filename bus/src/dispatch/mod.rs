@@ -82,9 +82,12 @@ pub struct DispatchStats {
     pub handlers: crate::metrics::HandlerStatsMap,
     /// Per plugin: deferred deliveries, replicas, degraded.
     pub plugins: crate::metrics::PluginStatsMap,
-    /// True while the dispatcher takes events.
+    /// Dispatchers of this bus taking events (one per partition it holds).
     #[serde(skip)]
-    running: std::sync::atomic::AtomicBool,
+    running: std::sync::atomic::AtomicUsize,
+    /// The partitions this bus dispatches now (empty when not partitioned).
+    #[serde(skip)]
+    partitions: std::sync::Mutex<std::collections::BTreeSet<u32>>,
     /// True while this bus waits for another one's dispatcher lease.
     #[serde(skip)]
     standby: std::sync::atomic::AtomicBool,
@@ -93,7 +96,37 @@ pub struct DispatchStats {
 impl DispatchStats {
     /// True while the dispatcher takes events from its consumer.
     pub fn is_running(&self) -> bool {
-        self.running.load(Ordering::Relaxed)
+        self.running.load(Ordering::Relaxed) > 0
+    }
+
+    /// The partitions this bus dispatches now, when the bus is partitioned
+    /// ([`crate::config::DispatcherSettings::partitions`]).
+    pub fn partitions(&self) -> Vec<u32> {
+        self.partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    fn set_running(&self, partition: Partition, running: bool) {
+        if running {
+            self.running.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.running.fetch_sub(1, Ordering::Relaxed);
+        }
+        if !partition.is_all() {
+            let mut owned = self
+                .partitions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if running {
+                owned.insert(partition.index);
+            } else {
+                owned.remove(&partition.index);
+            }
+        }
     }
 
     /// True while this bus stands by: another bus holds the dispatcher lease.
@@ -114,6 +147,57 @@ impl DispatchStats {
 
     pub(crate) fn set_standby(&self, standby: bool) {
         self.standby.store(standby, Ordering::Relaxed);
+    }
+}
+
+/// The share of the events one dispatcher takes: the objects whose
+/// [`core_events::object_partition`] among `count` is `index`. `count` 1 is
+/// everything ([`Partition::ALL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Partition {
+    /// This partition, `0..count`.
+    pub index: u32,
+    /// Number of partitions.
+    pub count: u32,
+}
+
+impl Partition {
+    /// One partition: every event.
+    pub const ALL: Partition = Partition { index: 0, count: 1 };
+
+    /// True for [`Partition::ALL`].
+    pub fn is_all(self) -> bool {
+        self.count <= 1
+    }
+
+    /// `p<index>of<count>`, or `None` for [`Partition::ALL`]: names this partition's
+    /// consumer, lease and deferred queues.
+    pub fn tag(self) -> Option<String> {
+        (!self.is_all()).then(|| format!("p{}of{}", self.index, self.count))
+    }
+
+    /// The durable consumer of this partition on the events stream: `base`, or
+    /// `<base>-p<index>of<count>`.
+    pub fn consumer(self, base: &str) -> String {
+        match self.tag() {
+            Some(tag) => format!("{base}-{tag}"),
+            None => base.to_owned(),
+        }
+    }
+
+    /// True when the object of this `Pagoda-Object` value (`entry/42`) is in this
+    /// partition.
+    pub fn owns(self, object: &str) -> bool {
+        self.is_all() || core_events::object_partition(object, self.count) == self.index
+    }
+}
+
+impl std::fmt::Display for Partition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.tag() {
+            Some(tag) => f.write_str(&tag),
+            None => f.write_str("all"),
+        }
     }
 }
 
@@ -229,6 +313,7 @@ pub(crate) struct Ctx {
     tracker: TaskTracker,
     stats: Arc<DispatchStats>,
     deferrals: Deferrals,
+    partition: Partition,
 }
 
 impl Ctx {
@@ -429,18 +514,49 @@ impl Dispatcher {
         stats: Arc<DispatchStats>,
         shutdown: CancellationToken,
     ) -> Result<(), DispatchError> {
+        Self::run_partition(
+            client,
+            subjects,
+            settings,
+            registry,
+            stats,
+            Partition::ALL,
+            shutdown,
+        )
+        .await
+    }
+
+    /// [`Dispatcher::run`] for one partition: its own durable consumer on the
+    /// events stream (which reads every event and acks the other partitions'
+    /// at once) and its own deferred queues.
+    ///
+    /// # Errors
+    ///
+    /// [`DispatchError`] when the consumer cannot be created or read.
+    pub async fn run_partition(
+        client: async_nats::Client,
+        subjects: Subjects,
+        settings: DispatcherSettings,
+        registry: Registry,
+        stats: Arc<DispatchStats>,
+        partition: Partition,
+        shutdown: CancellationToken,
+    ) -> Result<(), DispatchError> {
         let js = jetstream::new(client.clone());
+        let name = partition.consumer(&settings.consumer);
         let err = |what| move |e: async_nats::Error| DispatchError { what, source: e };
         let stream = js
             .get_stream(subjects.events_stream())
             .await
             .map_err(|e| err("events stream")(e.into()))?;
+        let deliver_policy = first_delivery(&stream, &settings.consumer, partition).await;
         let consumer = stream
             .get_or_create_consumer(
-                &settings.consumer,
+                &name,
                 pull::Config {
-                    durable_name: Some(settings.consumer.clone()),
-                    description: Some("Pagoda hook bus dispatcher".into()),
+                    durable_name: Some(name.clone()),
+                    description: Some(format!("Pagoda hook bus dispatcher, partition {partition}")),
+                    deliver_policy,
                     filter_subject: subjects.all_events(),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: settings.ack_wait,
@@ -477,6 +593,7 @@ impl Dispatcher {
             tracker: tracker.clone(),
             stats,
             deferrals: Deferrals::default(),
+            partition,
         });
         if let Err(e) = ctx.resume_deferred().await {
             tracing::warn!(error = %e, "could not read deferred deliveries at start; they resume with the next deferral");
@@ -495,8 +612,8 @@ impl Dispatcher {
             .messages()
             .await
             .map_err(|e| err("consumer messages")(e.into()))?;
-        tracing::info!(consumer = %settings.consumer, "dispatcher running");
-        ctx.stats.running.store(true, Ordering::Relaxed);
+        tracing::info!(consumer = %name, %partition, "dispatcher running");
+        ctx.stats.set_running(partition, true);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -509,7 +626,13 @@ impl Dispatcher {
                 }
                 next = messages.next() => match next {
                     Some(Ok(msg)) => {
-                        if let Some(msg) = hold.offer(msg) {
+                        if !partition.is_all() && !dispatcher.takes(&msg, &mut hold).await {
+                            if hold.deadline.is_some() && hold.remaining == 0 {
+                                for msg in hold.release() {
+                                    dispatcher.accept(msg).await;
+                                }
+                            }
+                        } else if let Some(msg) = hold.offer(msg) {
                             dispatcher.accept(msg).await;
                         } else if hold.remaining == 0 {
                             tracing::info!("unfinished events of an earlier dispatcher are back; dispatching in stream order");
@@ -526,7 +649,10 @@ impl Dispatcher {
                 }
             }
         }
-        ctx.stats.running.store(false, Ordering::Relaxed);
+        ctx.stats.set_running(partition, false);
+        // Give back what the consumer already sent and nobody started on, so the
+        // next holder of this partition gets it at once rather than after the ack wait.
+        give_back(&mut messages, &mut hold).await;
         drop(messages);
         keepalive.abort();
         tracker.close();
@@ -537,6 +663,35 @@ impl Dispatcher {
             tracing::warn!("shutdown grace period over; unfinished events will be redelivered");
         }
         Ok(())
+    }
+
+    /// For a partitioned dispatcher: true when `msg` is about an object of its
+    /// partition; else acks it at once (another partition's dispatcher takes it)
+    /// and returns false. An event without a readable object goes to partition 0,
+    /// which moves it to the dead-letter stream.
+    async fn takes(&self, msg: &jetstream::Message, hold: &mut Hold) -> bool {
+        let partition = self.ctx.partition;
+        let ours = match msg.headers.as_ref().and_then(|h| h.get(headers::OBJECT)) {
+            Some(object) => partition.owns(object.as_str()),
+            None => match object_from_payload(&msg.payload) {
+                Ok(object) => partition.owns(&object.to_string()),
+                Err(_) => partition.index == 0,
+            },
+        };
+        if ours {
+            return true;
+        }
+        if let Some(reply) = &msg.reply {
+            let _ = self
+                .ctx
+                .client
+                .publish(reply.clone(), Bytes::from_static(b"+ACK"))
+                .await;
+        }
+        if let Ok(info) = msg.info() {
+            hold.skipped(info.stream_sequence);
+        }
+        false
     }
 
     async fn accept(&self, msg: jetstream::Message) {
@@ -659,6 +814,14 @@ impl Hold {
         None
     }
 
+    /// An event of another partition went by (and was acked): it no longer counts
+    /// as one to wait for.
+    fn skipped(&mut self, seq: u64) {
+        if self.deadline.is_some() && seq <= self.upto && !self.held.contains_key(&seq) {
+            self.remaining = self.remaining.saturating_sub(1);
+        }
+    }
+
     /// Everything held, in stream order; holding ends.
     fn release(&mut self) -> Vec<jetstream::Message> {
         self.deadline = None;
@@ -672,6 +835,69 @@ impl Hold {
             Some(d) => tokio::time::sleep_until(d).await,
             None => std::future::pending().await,
         }
+    }
+}
+
+/// Where a partition's new consumer starts. A fresh system starts at the
+/// beginning of the stream. When the bus switches to partitions (or to another
+/// number of them), a new partition consumer starts where the dispatcher
+/// consumers that exist left off: after the lowest ack floor among them, so
+/// nothing is skipped (a few events may be delivered again: delivery is
+/// at-least-once).
+async fn first_delivery(
+    stream: &jetstream::stream::Stream,
+    base: &str,
+    partition: Partition,
+) -> jetstream::consumer::DeliverPolicy {
+    use jetstream::consumer::DeliverPolicy;
+    let name = partition.consumer(base);
+    if stream.consumer_info(&name).await.is_ok() {
+        return DeliverPolicy::All;
+    }
+    let mut names = stream.consumer_names();
+    let mut floor: Option<u64> = None;
+    while let Some(Ok(other)) = names.next().await {
+        let ours = other == base || other.starts_with(&format!("{base}-p"));
+        if !ours || other == name {
+            continue;
+        }
+        if let Ok(info) = stream.consumer_info(&other).await {
+            let f = info.ack_floor.stream_sequence;
+            floor = Some(floor.map_or(f, |x| x.min(f)));
+        }
+    }
+    match floor {
+        Some(f) if f > 0 => {
+            tracing::info!(consumer = %name, from = f + 1,
+                "new partition consumer starts where the existing dispatcher consumers left off");
+            DeliverPolicy::ByStartSequence {
+                start_sequence: f + 1,
+            }
+        }
+        _ => DeliverPolicy::All,
+    }
+}
+
+/// After the dispatcher stopped taking events: gives back (a nak with a short
+/// delay) every message still buffered in the consumer stream, those that arrive
+/// within a short quiet period, and the held ones, so the next holder of the
+/// partition gets them within the delay rather than after the ack wait. The delay
+/// keeps them from coming straight back to this dispatcher's own pull.
+async fn give_back(messages: &mut jetstream::consumer::pull::Stream, hold: &mut Hold) {
+    use jetstream::AckKind;
+    let delay = Some(Duration::from_millis(300));
+    for msg in hold.release() {
+        let _ = msg.ack_with(AckKind::Nak(delay)).await;
+    }
+    let quiet = Duration::from_millis(50);
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(
+        until.min(tokio::time::Instant::now() + quiet),
+        messages.next(),
+    )
+    .await
+    {
+        let _ = msg.ack_with(AckKind::Nak(delay)).await;
     }
 }
 

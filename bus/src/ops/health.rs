@@ -65,7 +65,7 @@ async fn deferred_counts(ops: &Ops) -> BTreeMap<String, u64> {
         return out;
     };
     while let Some(Ok((subject, n))) = subjects.next().await {
-        if let Some(p) = subject.rsplit('.').next() {
+        if let Some(p) = ops.subjects.plugin_of_deferred(&subject) {
             *out.entry(p.to_owned()).or_default() += u64::try_from(n).unwrap_or(0);
         }
     }
@@ -293,12 +293,16 @@ pub fn render(
     Ok(())
 }
 
-/// The dispatcher's state in words: `running`, `standing by (another bus holds
-/// the lease)` or `NOT RUNNING`.
-fn role(b: &crate::monitor::BusHealth) -> &'static str {
+/// The dispatcher's state in words: `running`, `running partitions 0, 2 of 4`,
+/// `standing by (other buses hold the dispatcher leases)` or `NOT RUNNING`.
+fn role(b: &crate::monitor::BusHealth) -> String {
     match (b.dispatcher_running, b.dispatcher_role.as_str()) {
-        (true, _) => "running",
-        (false, "standby") => "standing by (another bus holds the lease)",
-        _ => "NOT RUNNING",
+        (true, _) if b.partitions > 1 => {
+            let held: Vec<String> = b.dispatcher_partitions.iter().map(u32::to_string).collect();
+            format!("running partitions {} of {}", held.join(", "), b.partitions)
+        }
+        (true, _) => "running".to_owned(),
+        (false, "standby") => "standing by (other buses hold the dispatcher leases)".to_owned(),
+        _ => "NOT RUNNING".to_owned(),
     }
 }
