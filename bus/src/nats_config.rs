@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | the bus (`hookbus`) | events, hook requests, dead letters, deferred, alerts, `<prefix>.bus.>`, the JetStream API, acks, its registry bucket, `$SRV.>` | `<prefix>.bus.>`, its own inbox |
 //! | the host (`pagoda-host`) | events, hook / API / job requests, bus status requests, audit records, the JetStream API except deleting or purging and except the consumers of the bus's and plugins' streams, the jobs bucket (not the registry) | its own inbox |
-//! | plugin `<id>` | its own registry key, the events stream's read API (no `dispatcher`), `<prefix>.bus.registry`, its own jobs consumer | its endpoints `<prefix>.hooks.<id>.*`, its API routes `<prefix>.api.<id>.>`, its `$SRV` verbs, its own inbox |
+//! | plugin `<id>` | its own registry key, the events stream's read API (not the `dispatcher` consumers, one per partition: `--partitions`), `<prefix>.bus.registry`, its own jobs consumer | its endpoints `<prefix>.hooks.<id>.*`, its API routes `<prefix>.api.<id>.>`, its `$SRV` verbs, its own inbox |
 //!
 //! Every user gets `allow_responses`, so a service replies to the requests it
 //! receives without a publish permission on reply subjects. Inboxes are per
@@ -139,8 +139,10 @@ pub fn password_env_var(user: &str) -> String {
     )
 }
 
-/// The permissions of `user` in the deployment of `subjects`.
-pub fn permissions(subjects: &Subjects, user: &User) -> Permissions {
+/// The permissions of `user` in the deployment of `subjects`, whose buses
+/// dispatch in `partitions` partitions (`hookbus run --partitions`; 1 when not
+/// partitioned).
+pub fn permissions(subjects: &Subjects, user: &User, partitions: u32) -> Permissions {
     let p = subjects.prefix();
     let events = subjects.events_stream();
     let bucket = subjects.registry_bucket();
@@ -235,12 +237,18 @@ pub fn permissions(subjects: &Subjects, user: &User) -> Permissions {
                 &format!("$JS.API.DIRECT.GET.KV_{jobs_bucket}.$KV.{jobs_bucket}.{id}.>"),
                 &format!("$KV.{jobs_bucket}.{id}.>"),
             ]),
-            // The bus's consumer is not a plugin's to read, change or delete.
-            publish_deny: s(&[
-                &format!("$JS.API.CONSUMER.*.{events}.dispatcher"),
-                &format!("$JS.API.CONSUMER.*.{events}.dispatcher.>"),
-                &format!("$JS.API.CONSUMER.MSG.NEXT.{events}.dispatcher"),
-            ]),
+            // The bus's consumers (one per partition) are not a plugin's to read,
+            // change or delete.
+            publish_deny: dispatcher_consumers(partitions)
+                .iter()
+                .flat_map(|name| {
+                    [
+                        format!("$JS.API.CONSUMER.*.{events}.{name}"),
+                        format!("$JS.API.CONSUMER.*.{events}.{name}.>"),
+                        format!("$JS.API.CONSUMER.MSG.NEXT.{events}.{name}"),
+                    ]
+                })
+                .collect(),
             subscribe_allow: s(&[
                 &format!("{p}.hooks.{id}.*"),
                 &format!("{p}.api.{id}.>"),
@@ -253,6 +261,15 @@ pub fn permissions(subjects: &Subjects, user: &User) -> Permissions {
             ]),
         },
     }
+}
+
+/// The names of the bus's dispatcher consumers on the events stream.
+fn dispatcher_consumers(partitions: u32) -> Vec<String> {
+    let base = crate::config::DispatcherSettings::default().consumer;
+    let count = partitions.max(1);
+    (0..count)
+        .map(|index| crate::dispatch::Partition { index, count }.consumer(&base))
+        .collect()
 }
 
 /// Random passwords (32 hex digits from the OS) for every user.
@@ -295,6 +312,7 @@ pub fn render(
     subjects: &Subjects,
     plugins: &[String],
     passwords: &Passwords,
+    partitions: u32,
 ) -> Result<String, NatsConfigError> {
     let users = users(plugins)?;
     let mut out = String::new();
@@ -311,7 +329,7 @@ pub fn render(
     let _ = writeln!(out, "authorization {{");
     let _ = writeln!(out, "  users = [");
     for user in &users {
-        let perms = permissions(subjects, user);
+        let perms = permissions(subjects, user, partitions);
         let password = match passwords {
             Passwords::Literal(map) if map.contains_key(&user.name) => {
                 quote(map.get(&user.name).map(String::as_str).unwrap_or_default())
@@ -372,6 +390,10 @@ pub struct NatsConfigArgs {
     /// random passwords written into the file and listed on stderr.
     #[arg(long, default_value = "env", value_parser = ["env", "generate"])]
     pub passwords: String,
+    /// The buses' `--partitions`: each partition's dispatcher consumer is denied to
+    /// plugins.
+    #[arg(long, env = "HOOKBUS_PARTITIONS", default_value_t = 1)]
+    pub partitions: u32,
 }
 
 /// `hookbus nats-config`: writes the block with `out` (one call).
@@ -397,7 +419,7 @@ pub fn main(
     } else {
         Passwords::EnvRefs
     };
-    out(render(subjects, &plugins, &passwords)?.trim_end());
+    out(render(subjects, &plugins, &passwords, args.partitions)?.trim_end());
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -492,7 +514,7 @@ mod tests {
             name: "a".to_owned(),
             role: Role::Plugin("a".to_owned()),
         };
-        let perms = permissions(&subjects, &user);
+        let perms = permissions(&subjects, &user, 1);
         assert!(!perms.publish_allow.iter().any(|s| s.contains(".events.")));
         assert!(
             perms
@@ -507,5 +529,11 @@ mod tests {
                 .contains(&"$JS.API.CONSUMER.MSG.NEXT.PAGODA_EVENTS.dispatcher".to_owned())
         );
         assert!(perms.subscribe_allow.contains(&"_INBOX_a.>".to_owned()));
+        // With partitions, every partition's consumer is denied.
+        let perms = permissions(&subjects, &user, 4);
+        for i in 0..4 {
+            let next = format!("$JS.API.CONSUMER.MSG.NEXT.PAGODA_EVENTS.dispatcher-p{i}of4");
+            assert!(perms.publish_deny.contains(&next), "{next}");
+        }
     }
 }

@@ -37,7 +37,7 @@ fn compose_plugins(compose: &Value) -> Vec<String> {
 fn auth_conf_matches_the_generator() {
     let plugins = compose_plugins(&compose());
     let expected =
-        nats_config::render(&Subjects::default(), &plugins, &Passwords::EnvRefs).unwrap();
+        nats_config::render(&Subjects::default(), &plugins, &Passwords::EnvRefs, 1).unwrap();
     let path = docker_dir().join("nats/auth.conf");
     if std::env::var_os("UPDATE_DOCKER").is_some() {
         std::fs::write(&path, &expected).unwrap();

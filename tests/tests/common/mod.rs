@@ -280,7 +280,7 @@ pub async fn start_server(plugins: &[&str]) -> hookbus_tests::NatsServer {
         map.insert(user.name.clone(), password(&user.name));
     }
     let conf =
-        nats_config::render(&Subjects::default(), &plugins, &Passwords::Literal(map)).unwrap();
+        nats_config::render(&Subjects::default(), &plugins, &Passwords::Literal(map), 1).unwrap();
     hookbus_tests::NatsServer::start_with_config(&conf).await
 }
 
