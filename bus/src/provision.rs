@@ -175,7 +175,11 @@ async fn ensure_stream(
                     differences: diffs.join("; "),
                 });
             }
-            if have.max_age != wanted.max_age || have.max_bytes != wanted.max_bytes {
+            // 0 and -1 both mean unlimited (the server reports -1).
+            let unlimited = |b: i64| if b <= 0 { -1 } else { b };
+            if have.max_age != wanted.max_age
+                || unlimited(have.max_bytes) != unlimited(wanted.max_bytes)
+            {
                 // Retention is the bus's setting: apply it (both limits are
                 // editable on a live stream). Lowering them removes older events now.
                 let mut updated = have.clone();
