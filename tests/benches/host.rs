@@ -5,7 +5,9 @@
 //! clients, default 32; `BENCH_HOST_DB`, `sqlite` or `postgres` for one only;
 //! `BENCH_HOST_BASELINE=1` also runs `store_create`, the same creations straight
 //! through `Store::create_entry` with as many tasks (no HTTP, no hooks, no relay),
-//! the ceiling the database sets; `BENCH_HOST_RELAY=0` runs the host without its
+//! each its own transaction, and `store_group_create`, the same through the host's
+//! group commit (`EntryWriter`, `Store::create_entries`): the ceilings the database
+//! sets; `BENCH_HOST_RELAY=0` runs the host without its
 //! relay and relays the outbox after the run; `BENCH_HOST_VALIDATOR=0` leaves the
 //! validator disabled, so no hook is called).
 //!
@@ -20,7 +22,8 @@
 //! another, as the normal user with a token, until `BENCH_HOST_REQUESTS` have been
 //! sent; every answer must be 201. Each creation runs the whole write path: token
 //! check, `entry.before_create` (no handler), `entry.validate` over NATS to the
-//! plugin, one transaction with the entry and its event in the outbox. After the
+//! plugin, a transaction with the entry and its event in the outbox (shared with
+//! the creations queued with it: group commit). After the
 //! last answer the bench waits until the relay has emptied the outbox into the
 //! stream (`drain_ms`), and checks the stream holds every event.
 //!
@@ -40,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use core_events::AttrType;
 use core_events::store::{Backend, NewAttr, NewEntity, NewEntry, NewUser, WriteContext, outbox};
+use hookbus::host::writer::EntryWriter;
 use hookbus_tests::bench::{env_usize, percentile};
 use hookbus_tests::host::TestHost;
 use hookbus_tests::{NatsServer, TestDb, stream_len};
@@ -200,7 +204,9 @@ async fn run(backend: Backend, requests: usize, clients: usize) {
 }
 
 /// The same creations straight through the store (no HTTP, no hooks, no relay):
-/// the ceiling the database sets.
+/// the ceiling the database sets; one at a time (`store_create`, each its own
+/// transaction) and group-committed (`store_group_create`, through the host's
+/// [`EntryWriter`]).
 async fn store_baseline(backend: Backend, requests: usize, clients: usize) {
     let db = TestDb::new(backend).await;
     let store = db.store().await;
@@ -224,42 +230,53 @@ async fn store_baseline(backend: Backend, requests: usize, clients: usize) {
         )
         .await
         .unwrap();
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let (next, store, ctx) = (next.clone(), store.clone(), ctx.clone());
-            tokio::spawn(async move {
-                let mut lat = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= requests {
-                        break;
+    for scenario in ["store_create", "store_group_create"] {
+        let writer = Arc::new(EntryWriter::start(store.clone()));
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| {
+                let (next, store, ctx) = (next.clone(), store.clone(), ctx.clone());
+                let writer = writer.clone();
+                tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= requests {
+                            break;
+                        }
+                        let t = Instant::now();
+                        let new = NewEntry::named(&format!("{scenario}-{i}"))
+                            .value("phone", json!("+81 3 0000 0000"))
+                            .value("age", json!(42));
+                        if scenario == "store_create" {
+                            store.create_entry(entity.id, &new, &ctx).await.unwrap();
+                        } else {
+                            writer
+                                .create_entry(entity.id, new, (*ctx).clone())
+                                .await
+                                .unwrap();
+                        }
+                        lat.push(t.elapsed().as_secs_f64() * 1e3);
                     }
-                    let t = Instant::now();
-                    let new = NewEntry::named(&format!("entry-{i}"))
-                        .value("phone", json!("+81 3 0000 0000"))
-                        .value("age", json!(42));
-                    store.create_entry(entity.id, &new, &ctx).await.unwrap();
-                    lat.push(t.elapsed().as_secs_f64() * 1e3);
-                }
-                lat
+                    lat
+                })
             })
-        })
-        .collect();
-    let mut lat = Vec::with_capacity(requests);
-    for t in tasks {
-        lat.extend(t.await.unwrap());
+            .collect();
+        let mut lat = Vec::with_capacity(requests);
+        for t in tasks {
+            lat.extend(t.await.unwrap());
+        }
+        report(
+            scenario,
+            backend,
+            requests,
+            clients,
+            started.elapsed(),
+            lat,
+            "",
+        );
     }
-    report(
-        "store_create",
-        backend,
-        requests,
-        clients,
-        started.elapsed(),
-        lat,
-        "",
-    );
 }
 
 #[allow(clippy::cast_precision_loss)]

@@ -998,3 +998,488 @@ async fn hookbus_token_create_and_hookbus_host_serve_the_api() {
         "{stderr}"
     );
 }
+
+/// Every record of the host's audit stream, oldest first.
+async fn audit_records(h: &TestHost) -> Vec<Value> {
+    let mut audit = h.state().js.get_stream("PAGODA_AUDIT").await.unwrap();
+    let last = audit.info().await.unwrap().state.last_sequence;
+    let mut trail = Vec::new();
+    for seq in 1..=last {
+        let m = audit.get_raw_message(seq).await.unwrap();
+        trail.push(serde_json::from_slice::<Value>(&m.payload).unwrap());
+    }
+    trail
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_are_changed_and_deactivated_by_superusers_and_tokens_follow_at_once() {
+    for backend in backends() {
+        users_change_and_deactivate(backend).await;
+    }
+}
+
+async fn users_change_and_deactivate(backend: Backend) {
+    let s = setup(backend, vec![]).await;
+    let h = &s.host;
+    let user_path = format!("/api/v2/users/{}/", h.user.id);
+    let admin_path = format!("/api/v2/users/{}/", h.admin.id);
+
+    // Read: a superuser any user, a user itself only.
+    let (status, u) = call(h.as_admin(Method::GET, &user_path)).await;
+    assert_eq!(
+        (status, u["username"].as_str()),
+        (StatusCode::OK, Some("user"))
+    );
+    let (status, u) = call(h.as_user(Method::GET, &user_path)).await;
+    assert_eq!(
+        (status, u["id"].as_i64()),
+        (StatusCode::OK, Some(h.user.id))
+    );
+    let (status, body) = call(h.as_user(Method::GET, &admin_path)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["error"], "permission_denied");
+    let (status, body) = call(h.as_admin(Method::GET, "/api/v2/users/999999/")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"], "not_found");
+    let (status, body) = call(h.as_admin(Method::GET, "/api/v2/users/abc/")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    // Change: superusers only; 404, 400 (every problem), 409 for a taken name.
+    let (status, body) = call(
+        h.as_user(Method::PUT, &user_path)
+            .json(&json!({"is_superuser": true})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["error"], "permission_denied");
+    let (status, body) = call(h.as_user(Method::DELETE, &admin_path)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, body) = call(
+        h.as_admin(Method::PUT, "/api/v2/users/999999/")
+            .json(&json!({"email": "x@example.com"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = call(h.as_admin(Method::DELETE, "/api/v2/users/999999/")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = call(
+        h.as_admin(Method::PUT, &user_path)
+            .json(&json!({"is_superuser": "yes", "password": "x"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"], "invalid_input");
+    assert_eq!(body["errors"].as_array().unwrap().len(), 2, "{body}");
+    let (status, body) = call(
+        h.as_admin(Method::PUT, &user_path)
+            .json(&json!({"username": " "})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = call(
+        h.as_admin(Method::PUT, &user_path)
+            .json(&json!({"username": "admin"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "conflict");
+
+    // The user's key is cached by now; a change shows at once all the same.
+    let (status, _) = call(h.as_user(Method::GET, "/api/v2/users/")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, changed) = call(h.as_admin(Method::PUT, &user_path).json(&json!({
+        "username": "alice", "email": "alice@example.com", "first_name": "Alice",
+        "is_superuser": true,
+    })))
+    .await;
+    assert_eq!(status, StatusCode::OK, "{changed}");
+    assert_eq!(
+        (
+            changed["username"].as_str(),
+            changed["email"].as_str(),
+            changed["first_name"].as_str(),
+            changed["last_name"].as_str(),
+            changed["is_superuser"].as_bool(),
+            changed["is_active"].as_bool(),
+        ),
+        (
+            Some("alice"),
+            Some("alice@example.com"),
+            Some("Alice"),
+            Some(""),
+            Some(true),
+            Some(true)
+        )
+    );
+    assert_eq!(changed["date_joined"], u["date_joined"]);
+    let (status, me) = call(h.as_user(Method::GET, "/api/v2/users/me/")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (me["username"].as_str(), me["is_superuser"].as_bool()),
+        (Some("alice"), Some(true))
+    );
+    let (status, _) = call(h.as_user(Method::GET, "/api/v2/users/")).await;
+    assert_eq!(status, StatusCode::OK);
+    // PATCH is the same partial change; nothing to change is no change.
+    let (status, same) = call(h.as_admin(Method::PATCH, &user_path).json(&json!({}))).await;
+    assert_eq!(
+        (status, same["username"].as_str()),
+        (StatusCode::OK, Some("alice"))
+    );
+    let (status, demoted) = call(
+        h.as_admin(Method::PATCH, &user_path)
+            .json(&json!({"is_superuser": false})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{demoted}");
+    let (status, _) = call(h.as_user(Method::GET, "/api/v2/users/")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "demotion shows at once");
+
+    // The last active superuser can be neither demoted nor deactivated.
+    let (status, body) = call(
+        h.as_admin(Method::PUT, &admin_path)
+            .json(&json!({"is_superuser": false})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("last active superuser"),
+        "{body}"
+    );
+    let (status, body) = call(
+        h.as_admin(Method::PUT, &admin_path)
+            .json(&json!({"is_active": false})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = call(h.as_admin(Method::DELETE, &admin_path)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("deactivated"),
+        "{body}"
+    );
+    let (status, me) = call(h.as_admin(Method::GET, "/api/v2/users/me/")).await;
+    assert_eq!(
+        (
+            status,
+            me["is_superuser"].as_bool(),
+            me["is_active"].as_bool()
+        ),
+        (StatusCode::OK, Some(true), Some(true))
+    );
+
+    // Deactivate: the user's keys (cached ones too) stop working at once.
+    let (_, second) = call(
+        h.as_admin(Method::POST, "/api/v2/tokens/")
+            .json(&json!({"name": "second", "user_id": h.user.id})),
+    )
+    .await;
+    let second_key = second["key"].as_str().unwrap().to_owned();
+    for key in [&h.user_token, &second_key] {
+        let (status, _) = call(h.request(Method::GET, "/api/v2/users/me/", key)).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (status, gone) = call(h.as_admin(Method::DELETE, &user_path)).await;
+    assert_eq!(status, StatusCode::OK, "{gone}");
+    assert_eq!(gone["is_active"], false);
+    for key in [&h.user_token, &second_key] {
+        let (status, body) = call(h.request(Method::GET, "/api/v2/users/me/", key)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("inactive"),
+            "{body}"
+        );
+    }
+    let (status, body) = call(h.as_admin(Method::DELETE, &user_path)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "already inactive: {body}");
+    let (_, users) = call(h.as_admin(Method::GET, "/api/v2/users/")).await;
+    assert_eq!(users["count"], 2, "a deactivated user is kept: {users}");
+    // Reactivated, its keys work again (the tokens were never revoked).
+    let (status, back) = call(
+        h.as_admin(Method::PUT, &user_path)
+            .json(&json!({"is_active": true, "is_superuser": true})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{back}");
+    let (status, _) = call(h.as_user(Method::GET, "/api/v2/users/me/")).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // With another active superuser, one may demote itself; that one is then the last.
+    let (status, body) = call(
+        h.as_admin(Method::PUT, &admin_path)
+            .json(&json!({"is_superuser": false})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _) = call(h.as_admin(Method::GET, "/api/v2/users/")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = call(h.as_user(Method::DELETE, &user_path)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+
+    // The audit trail: every change and deactivation, by whom, with what changed.
+    let trail = audit_records(h).await;
+    let of_users: Vec<(&str, &str, &str)> = trail
+        .iter()
+        .filter(|e| e["action"].as_str().unwrap().starts_with("user."))
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap(),
+                e["actor"].as_str().unwrap(),
+                e["target"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let user_target = format!("user {}", h.user.id);
+    let admin_target = format!("user {}", h.admin.id);
+    assert_eq!(
+        of_users,
+        [
+            ("user.update", "admin", user_target.as_str()),
+            ("user.update", "admin", user_target.as_str()),
+            ("user.deactivate", "admin", user_target.as_str()),
+            ("user.update", "admin", user_target.as_str()),
+            ("user.update", "admin", admin_target.as_str()),
+        ],
+        "{backend:?}: {trail:?}"
+    );
+    let first = trail.iter().find(|e| e["action"] == "user.update").unwrap();
+    assert_eq!(
+        first["details"]["changes"],
+        json!({
+            "username": {"from": "user", "to": "alice"},
+            "email": {"from": "user@example.com", "to": "alice@example.com"},
+            "first_name": {"from": "", "to": "Alice"},
+            "is_superuser": {"from": false, "to": true},
+        })
+    );
+    assert_eq!(first["type"], "pagoda.audit.user.update");
+    let deactivated = trail
+        .iter()
+        .find(|e| e["action"] == "user.deactivate")
+        .unwrap();
+    assert_eq!(deactivated["details"]["user_id"], h.user.id);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_list_runs_get_attrs_for_every_entry_concurrently() {
+    for backend in backends() {
+        entry_list_runs_get_attrs(backend).await;
+    }
+}
+
+async fn entry_list_runs_get_attrs(backend: Backend) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (in_flight2, most2) = (Arc::clone(&in_flight), Arc::clone(&most));
+    let calc = Plugin::builder("calc", "Calc", "1.0.0").on_get_entry_attrs("length", move |ctx| {
+        let (in_flight, most) = (Arc::clone(&in_flight2), Arc::clone(&most2));
+        async move {
+            let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            // Some work, so that calls of one page overlap.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            let mut attrs = ctx.request.attrs;
+            attrs.push(computed(&ctx.request.entry.unwrap().name));
+            Ok(attrs)
+        }
+    });
+    let lenient = Plugin::builder("lenient", "Lenient", "1.0.0")
+        .on_get_entry_attrs("extra", |ctx| async move { Ok(ctx.request.attrs) });
+    let strict = Plugin::builder("strict", "Strict", "1.0.0")
+        .on_get_entry_attrs("must", |ctx| async move { Ok(ctx.request.attrs) })
+        .on_unavailable(OnUnavailable::Block);
+    let mut s = setup(backend, vec![calc, lenient, strict]).await;
+    let entity = create_entity(&s.host, customer()).await;
+    let entries = format!("/api/v2/entities/{}/entries/", entity["id"]);
+    let names: Vec<String> = (0..40).map(|i| format!("e{}", "x".repeat(i))).collect();
+    for name in &names {
+        let (status, body) = call(
+            s.host
+                .as_user(Method::POST, &entries)
+                .json(&json!({"name": name, "attrs": {"age": 1}})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
+    // Every entry of the page, in order, with the computed attribute after its own.
+    let r = s
+        .host
+        .as_user(Method::GET, &format!("{entries}?limit=35"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        r.headers()
+            .get(hookbus::host::models::SKIPPED_HEADER)
+            .is_none()
+    );
+    let page: Value = r.json().await.unwrap();
+    assert_eq!(
+        (page["count"].as_i64(), page["next_offset"].as_i64()),
+        (Some(35), Some(35))
+    );
+    let results = page["results"].as_array().unwrap();
+    for (entry, name) in results.iter().zip(&names) {
+        assert_eq!(entry["name"], name.as_str());
+        let attrs = entry["attrs"].as_array().unwrap();
+        let last = attrs.last().unwrap();
+        assert_eq!(
+            (last["name"].as_str(), last["value"].as_u64()),
+            (Some("name_length"), Some(name.len() as u64)),
+            "{backend:?}: {entry}"
+        );
+        assert!(attrs.iter().any(|a| a["name"] == "age" && a["value"] == 1));
+    }
+    // The same as a single read gives.
+    let (_, one) = call(s.host.as_user(
+        Method::GET,
+        &format!("/api/v2/entries/{}/", results[3]["id"]),
+    ))
+    .await;
+    assert_eq!(one, results[3]);
+    // Concurrently, and bounded.
+    let most = most.load(Ordering::SeqCst);
+    assert!(
+        (2..=hookbus::host::models::LIST_GET_ATTRS_CONCURRENCY).contains(&most),
+        "{most} get_attrs calls at once"
+    );
+    // The stored entries are unchanged; the last page has the rest.
+    let (_, rest) = call(s.host.as_user(Method::GET, &format!("{entries}?offset=35"))).await;
+    assert_eq!(
+        (rest["count"].as_i64(), rest["next_offset"].as_i64()),
+        (Some(5), None)
+    );
+    assert_eq!(
+        rest["results"][4]["attrs"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()["name"],
+        "name_length"
+    );
+    let stored = s
+        .host
+        .store()
+        .entry(results[0]["id"].as_i64().unwrap())
+        .await
+        .unwrap();
+    assert!(stored.attrs.iter().all(|a| a.name != "name_length"));
+
+    // A skip handler without a replica is left out and named once.
+    let lenient = s.running.remove(1);
+    lenient.shutdown().await.unwrap();
+    let r = s.host.as_user(Method::GET, &entries).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.headers()[hookbus::host::models::SKIPPED_HEADER],
+        "lenient/extra"
+    );
+    let page: Value = r.json().await.unwrap();
+    assert_eq!(page["count"], 40);
+    assert_eq!(
+        page["results"][39]["attrs"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()["name"],
+        "name_length"
+    );
+
+    // A blocking one: the list is 503 naming it, as a single read is.
+    let strict = s.running.remove(1);
+    strict.shutdown().await.unwrap();
+    let started = Instant::now();
+    let (status, body) = call(s.host.as_user(Method::GET, &entries)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{backend:?}: {body}"
+    );
+    assert_eq!(
+        (
+            body["error"].as_str(),
+            body["plugin"].as_str(),
+            body["hook"].as_str()
+        ),
+        (
+            Some("hook_unavailable"),
+            Some("strict"),
+            Some("entry.get_attrs")
+        )
+    );
+    let (status, single) = call(s.host.as_user(
+        Method::GET,
+        &format!("/api/v2/entries/{}/", results[0]["id"]),
+    ))
+    .await;
+    assert_eq!(
+        (status, &single["plugin"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &body["plugin"])
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_demotions_always_leave_one_active_superuser() {
+    for backend in backends() {
+        let s = setup(backend, vec![]).await;
+        let store = s.host.store().clone();
+        let mut ids = vec![s.host.admin.id];
+        for i in 0..5 {
+            let (u, _) =
+                hookbus_tests::host::user_with_token(&store, &format!("root{i}"), true).await;
+            ids.push(u.id);
+        }
+        // Every superuser demoted or deactivated at once: all but one go through.
+        let tasks: Vec<_> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .update_user(id, move |u| {
+                            if i % 2 == 0 {
+                                u.is_superuser = false;
+                            } else {
+                                u.is_active = false;
+                            }
+                        })
+                        .await
+                })
+            })
+            .collect();
+        let mut refused = Vec::new();
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => {}
+                Err(core_events::store::StoreError::Conflict(m)) => refused.push(m),
+                Err(e) => panic!("{backend:?}: {e}"),
+            }
+        }
+        assert_eq!(refused.len(), 1, "{backend:?}: {refused:?}");
+        assert!(refused[0].contains("last active superuser"), "{refused:?}");
+        let users = store.list_users(100, 0).await.unwrap();
+        let admins = users
+            .iter()
+            .filter(|u| u.is_active && u.is_superuser)
+            .count();
+        assert_eq!(admins, 1, "{backend:?}: {users:?}");
+        s.stop().await;
+    }
+}

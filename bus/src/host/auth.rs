@@ -3,20 +3,26 @@
 //!
 //! A key is hashed and looked up once; the user is then kept in [`TokenCache`]
 //! for [`TOKEN_CACHE_TTL`], so most requests cost no database read. Revoking a
-//! token through this host drops it from the cache at once; a token revoked by
-//! another process stops working within the TTL.
+//! token, or changing or deactivating a user, through this host drops it from
+//! the cache at once (a lookup that raced the change is not cached either); a
+//! token revoked or a user deactivated by another process stops working within
+//! the TTL.
 //!
 //! | route | who | what |
 //! |---|---|---|
 //! | `GET /api/v2/users/me/` | any user | the caller |
 //! | `GET /api/v2/users/` | superuser | users (`?limit=&offset=`) |
 //! | `POST /api/v2/users/` | superuser | create a user |
+//! | `GET /api/v2/users/<id>/` | superuser, or the user itself | a user |
+//! | `PUT`/`PATCH /api/v2/users/<id>/` | superuser | change a user (audited `user.update`) |
+//! | `DELETE /api/v2/users/<id>/` | superuser | deactivate a user (audited `user.deactivate`) |
 //! | `GET /api/v2/tokens/` | any user | own tokens (a superuser may pass `?user_id=`) |
 //! | `POST /api/v2/tokens/` | any user | create a token; the key is in the reply, once |
 //! | `DELETE /api/v2/tokens/<id>/` | owner or superuser | revoke |
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequestParts, Path, State};
@@ -53,12 +59,22 @@ pub struct AuthUser {
 pub struct MaybeUser(pub Option<AuthUser>);
 
 /// Users of recently seen keys, by key hash, each kept for [`TOKEN_CACHE_TTL`].
+///
+/// Every `forget_*` bumps a generation; a lookup started before it (which may
+/// have read the user as it was) is then not cached, so a revoke or a user
+/// change is never undone by a request that raced it.
 #[derive(Debug, Default)]
 pub struct TokenCache {
     entries: Mutex<HashMap<String, (AuthUser, Instant)>>,
+    generation: AtomicU64,
 }
 
 impl TokenCache {
+    /// The generation to pass to [`put`](Self::put): read before the database lookup.
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     fn get(&self, hash: &str) -> Option<AuthUser> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries
@@ -67,8 +83,12 @@ impl TokenCache {
             .map(|(user, _)| user.clone())
     }
 
-    fn put(&self, hash: String, user: AuthUser) {
+    /// Caches `user` unless something was forgotten since `generation` was read.
+    fn put(&self, hash: String, user: AuthUser, generation: u64) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if self.generation.load(Ordering::Acquire) != generation {
+            return;
+        }
         if entries.len() >= TOKEN_CACHE_MAX {
             entries.retain(|_, (_, at)| at.elapsed() < TOKEN_CACHE_TTL);
             if entries.len() >= TOKEN_CACHE_MAX {
@@ -81,12 +101,14 @@ impl TokenCache {
     /// Forgets a token (after it is revoked) so its key stops working at once.
     pub fn forget_token(&self, token_id: i64) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
         entries.retain(|_, (user, _)| user.token_id != token_id);
     }
 
-    /// Forgets every token of a user.
+    /// Forgets every token of a user (after the user changed).
     pub fn forget_user(&self, user_id: i64) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
         entries.retain(|_, (user, _)| user.user.id != user_id);
     }
 }
@@ -158,6 +180,7 @@ async fn authenticate(state: &HostState, key: &str) -> Result<AuthUser, ApiError
     if let Some(user) = state.tokens.get(&hash) {
         return Ok(user);
     }
+    let generation = state.tokens.generation();
     let found = state.store.user_by_key(key).await?;
     let Some(found) = found else {
         return Err(ApiError::Unauthenticated(
@@ -174,7 +197,7 @@ async fn authenticate(state: &HostState, key: &str) -> Result<AuthUser, ApiError
         user: found.user,
         token_id: found.token_id,
     };
-    state.tokens.put(hash, user.clone());
+    state.tokens.put(hash, user.clone(), generation);
     // Recorded at most once per cache period; a failure only loses the timestamp.
     let store = state.store.clone();
     let token_id = user.token_id;
@@ -190,6 +213,13 @@ pub(crate) fn routes() -> Router<HostState> {
     Router::new()
         .route("/api/v2/users/me/", get(me))
         .route("/api/v2/users/", get(list_users).post(create_user))
+        .route(
+            "/api/v2/users/{id}/",
+            get(get_user)
+                .put(update_user)
+                .patch(update_user)
+                .delete(deactivate_user),
+        )
         .route("/api/v2/tokens/", get(list_tokens).post(create_token))
         .route("/api/v2/tokens/{id}/", delete(revoke_token))
 }
@@ -226,6 +256,145 @@ async fn create_user(
     f.finish()?;
     let user = state.store.create_user(&new).await?;
     Ok((StatusCode::CREATED, Json(user)))
+}
+
+async fn get_user(
+    State(state): State<HostState>,
+    auth: AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<User>, ApiError> {
+    let id = parse_id("user id", &id)?;
+    if id != auth.user.id {
+        auth.require_superuser("reading another user")?;
+    }
+    Ok(Json(state.store.user(id).await?))
+}
+
+/// `PUT`/`PATCH /api/v2/users/<id>/`: a partial change; absent fields stay.
+async fn update_user(
+    State(state): State<HostState>,
+    auth: AuthUser,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<User>, ApiError> {
+    auth.require_superuser("changing a user")?;
+    let id = parse_id("user id", &id)?;
+    let mut f = body.fields();
+    let username: Option<String> = f.optional("username");
+    let email: Option<String> = f.optional("email");
+    let first_name: Option<String> = f.optional("first_name");
+    let last_name: Option<String> = f.optional("last_name");
+    let is_superuser: Option<bool> = f.optional("is_superuser");
+    let is_active: Option<bool> = f.optional("is_active");
+    f.finish()?;
+    let (before, after) = state
+        .store
+        .update_user(id, move |u| {
+            if let Some(v) = username {
+                u.username = v;
+            }
+            if let Some(v) = email {
+                u.email = v;
+            }
+            if let Some(v) = first_name {
+                u.first_name = v;
+            }
+            if let Some(v) = last_name {
+                u.last_name = v;
+            }
+            if let Some(v) = is_superuser {
+                u.is_superuser = v;
+            }
+            if let Some(v) = is_active {
+                u.is_active = v;
+            }
+        })
+        .await?;
+    let changes = user_changes(&before, &after);
+    if !changes.is_empty() {
+        // Its cached tokens carry the old user (name, superuser, active).
+        state.tokens.forget_user(id);
+        audit_user(
+            &state,
+            "user.update",
+            &auth,
+            &after,
+            json!({"user_id": id, "username": after.username, "changes": changes}),
+        )
+        .await;
+    }
+    Ok(Json(after))
+}
+
+/// `DELETE /api/v2/users/<id>/`: deactivates the user (soft: the row and its
+/// tokens stay, its keys stop authenticating at once; `PUT {"is_active": true}`
+/// brings it back).
+async fn deactivate_user(
+    State(state): State<HostState>,
+    auth: AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<User>, ApiError> {
+    auth.require_superuser("deactivating a user")?;
+    let id = parse_id("user id", &id)?;
+    if !state.store.user(id).await?.is_active {
+        return Err(ApiError::NotFound(format!(
+            "active user {id} not found (it is already inactive)"
+        )));
+    }
+    let (before, after) = state.store.update_user(id, |u| u.is_active = false).await?;
+    state.tokens.forget_user(id);
+    if before.is_active {
+        audit_user(
+            &state,
+            "user.deactivate",
+            &auth,
+            &after,
+            json!({"user_id": id, "username": after.username}),
+        )
+        .await;
+    }
+    Ok(Json(after))
+}
+
+/// The fields that differ: `{field: {"from": …, "to": …}}`.
+fn user_changes(before: &User, after: &User) -> serde_json::Map<String, Value> {
+    let mut out = serde_json::Map::new();
+    let mut field = |name: &str, from: Value, to: Value| {
+        if from != to {
+            out.insert(name.to_owned(), json!({"from": from, "to": to}));
+        }
+    };
+    field("username", json!(before.username), json!(after.username));
+    field("email", json!(before.email), json!(after.email));
+    field(
+        "first_name",
+        json!(before.first_name),
+        json!(after.first_name),
+    );
+    field("last_name", json!(before.last_name), json!(after.last_name));
+    field(
+        "is_superuser",
+        json!(before.is_superuser),
+        json!(after.is_superuser),
+    );
+    field("is_active", json!(before.is_active), json!(after.is_active));
+    out
+}
+
+/// Records a user action in the audit trail (`PAGODA_AUDIT`); a failure is logged.
+async fn audit_user(state: &HostState, action: &str, auth: &AuthUser, user: &User, details: Value) {
+    crate::audit::record_or_log(
+        &state.js,
+        &state.subjects,
+        &crate::audit::AuditEvent::new(
+            action,
+            auth.user.username.clone(),
+            format!("user {}", user.id),
+            details,
+        ),
+        None,
+    )
+    .await;
 }
 
 async fn list_tokens(
@@ -321,4 +490,51 @@ async fn revoke_token(
     )
     .await;
     Ok(Json(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth_user(user_id: i64, token_id: i64) -> AuthUser {
+        AuthUser {
+            user: User {
+                id: user_id,
+                username: format!("u{user_id}"),
+                email: String::new(),
+                first_name: String::new(),
+                last_name: String::new(),
+                is_active: true,
+                is_superuser: false,
+                date_joined: chrono::Utc::now(),
+            },
+            token_id,
+        }
+    }
+
+    #[test]
+    fn forgetting_drops_cached_users_and_lookups_that_raced_it() {
+        let cache = TokenCache::default();
+        let g = cache.generation();
+        cache.put("a".into(), auth_user(1, 10), g);
+        cache.put("b".into(), auth_user(2, 20), g);
+        assert_eq!(cache.get("a").map(|u| u.token_id), Some(10));
+
+        // A lookup that started before the user changed is not cached.
+        let before = cache.generation();
+        cache.forget_user(1);
+        assert!(cache.get("a").is_none());
+        assert_eq!(cache.get("b").map(|u| u.token_id), Some(20));
+        cache.put("a".into(), auth_user(1, 10), before);
+        assert!(
+            cache.get("a").is_none(),
+            "a stale lookup must not be cached"
+        );
+        cache.put("a".into(), auth_user(1, 10), cache.generation());
+        assert!(cache.get("a").is_some());
+
+        cache.forget_token(20);
+        assert!(cache.get("b").is_none());
+        assert!(cache.get("a").is_some());
+    }
 }

@@ -19,6 +19,7 @@ pub mod error;
 pub mod jobs;
 pub mod models;
 pub mod plugin_api;
+pub mod writer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -119,6 +120,8 @@ pub struct HostInner {
     pub tokens: auth::TokenCache,
     /// Entities recently read for entry writes.
     pub entities: models::EntityCache,
+    /// Group commit of entry creations.
+    pub entry_writer: writer::EntryWriter,
 }
 
 impl std::ops::Deref for HostState {
@@ -249,6 +252,7 @@ impl Host {
         let state = HostState {
             inner: Arc::new(HostInner {
                 hooks: SyncHooks::new(client.clone(), registry.clone()),
+                entry_writer: writer::EntryWriter::start(store.clone()),
                 store,
                 registry,
                 client,

@@ -6,6 +6,8 @@
 //! writes the model change and its event in one transaction → `201`/`200` with
 //! the object. Handlers that gave no answer and whose manifest says
 //! `on_unavailable: skip` are named in the [`SKIPPED_HEADER`] response header.
+//! Entry creations are group-committed: concurrent ones share one transaction
+//! ([`super::writer`]), each answered as if written alone.
 //!
 //! | route | who | hooks |
 //! |---|---|---|
@@ -15,7 +17,7 @@
 //! | `PUT`/`PATCH /api/v2/entities/<id>/` | superuser | `entity.before_update` → `entity.after_update` |
 //! | `DELETE /api/v2/entities/<id>/` | superuser | `entity.before_delete` → `entity.after_delete` |
 //! | `POST /api/v2/entities/<id>/restore/` | superuser | → `entity.after_update` |
-//! | `GET /api/v2/entities/<id>/entries/` | any user | — |
+//! | `GET /api/v2/entities/<id>/entries/` | any user | `entry.get_attrs` per entry |
 //! | `POST /api/v2/entities/<id>/entries/` | any user | `entry.before_create` → `entry.validate` → `entry.after_create` |
 //! | `GET /api/v2/entries/<id>/` | any user | `entry.get_attrs` |
 //! | `PUT`/`PATCH /api/v2/entries/<id>/` | any user | `entry.before_update` → `entry.validate` → `entry.after_update` |
@@ -702,19 +704,79 @@ async fn restore_entity(
 // ---------------------------------------------------------------------------
 // Entries
 
+/// How many entries of a list page run their `entry.get_attrs` chain at once.
+pub const LIST_GET_ATTRS_CONCURRENCY: usize = 32;
+
 async fn list_entries(
     State(state): State<HostState>,
-    _auth: AuthUser,
+    auth: AuthUser,
+    headers: HeaderMap,
     Path(id): Path<String>,
     Params(query): Params,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = parse_id("entity id", &id)?;
     let page = Page::from_query(&query)?;
     let found = state
         .store
         .entries_page(id, include_deleted(&query)?, page.limit, page.offset)
         .await?;
-    Ok(Json(page.wrap_more(found.items, Some(found.more))))
+    let ctx = context(&auth, &headers);
+    let (items, skipped) = entries_get_attrs(&state, found.items, &ctx).await?;
+    Ok(respond(
+        StatusCode::OK,
+        &page.wrap_more(items, Some(found.more)),
+        &skipped,
+    ))
+}
+
+/// Runs the `entry.get_attrs` chain over each entry of a list page, as
+/// [`get_entry`] does for one: [`LIST_GET_ATTRS_CONCURRENCY`] entries at a
+/// time, in page order. A blocking handler without an answer fails the whole
+/// page (503); skipped handlers are named once each. Without any handler for
+/// the entity the entries are returned as read.
+async fn entries_get_attrs(
+    state: &HostState,
+    entries: Vec<Entry>,
+    ctx: &WriteContext,
+) -> Result<(Vec<Entry>, Vec<Skipped>), ApiError> {
+    use futures::{StreamExt, TryStreamExt};
+
+    let Some(first) = entries.first() else {
+        return Ok((entries, Vec::new()));
+    };
+    // Every entry of a page is of one entity, so one look at the routes will do.
+    let any_handler = state
+        .registry
+        .table()
+        .matching(core_events::Hook::EntryGetAttrs, &first.schema.name)
+        .next()
+        .is_some();
+    if !any_handler {
+        return Ok((entries, Vec::new()));
+    }
+    let outcomes: Vec<(Entry, Vec<Skipped>)> = futures::stream::iter(entries)
+        .map(|mut entry| async move {
+            let out = state.hooks.get_entry_attrs(&entry, ctx).await?;
+            entry.attrs = out.value;
+            Ok::<_, ApiError>((entry, out.skipped))
+        })
+        .buffered(LIST_GET_ATTRS_CONCURRENCY)
+        .try_collect()
+        .await?;
+    let mut items = Vec::with_capacity(outcomes.len());
+    let mut skipped: Vec<Skipped> = Vec::new();
+    for (entry, entry_skipped) in outcomes {
+        items.push(entry);
+        for s in entry_skipped {
+            if !skipped
+                .iter()
+                .any(|k| k.plugin == s.plugin && k.handler == s.handler)
+            {
+                skipped.push(s);
+            }
+        }
+    }
+    Ok((items, skipped))
 }
 
 async fn create_entry(
@@ -742,7 +804,11 @@ async fn create_entry(
     let draft = before.value;
     let validated = state.hooks.validate(&entity, &draft, None, &ctx).await?;
     skipped.extend(validated.skipped);
-    let entry = state.store.create_entry(entity.id, &draft, &ctx).await?;
+    // Written with the creations queued with it, in one transaction (group commit).
+    let entry = state
+        .entry_writer
+        .create_entry(entity.id, draft, ctx)
+        .await?;
     Ok(respond(StatusCode::CREATED, &entry, &skipped))
 }
 

@@ -20,6 +20,7 @@
 //! # Ok(()) }
 //! ```
 
+mod batch;
 mod jobs;
 mod load;
 pub mod outbox;
@@ -37,6 +38,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 use tokio::sync::Notify;
 
+pub use batch::NewEntryInput;
 pub use jobs::MAX_JOB_PAGE;
 pub use outbox::{Backlog, OutboxRow};
 pub use rebuild::{Applied, ModelSnapshot};

@@ -81,6 +81,55 @@ pub async fn insert_envelope<D: serde::Serialize>(
     Ok(())
 }
 
+/// Inserts events in the caller's transaction with one statement (in the
+/// order given, so their ids follow it).
+///
+/// # Errors
+///
+/// As [`insert_envelope`].
+pub async fn insert_envelopes<D: serde::Serialize>(
+    conn: &mut AnyConnection,
+    envs: &[Envelope<D>],
+) -> Result<(), StoreError> {
+    if envs.is_empty() {
+        return Ok(());
+    }
+    let mut sql = String::from(
+        "INSERT INTO hookbus_outbox (event_id, hook, entity, object, traceparent, payload) VALUES ",
+    );
+    for i in 0..envs.len() {
+        let p = 6 * i;
+        let _ = write!(
+            sql,
+            "{}(${}, ${}, ${}, ${}, ${}, ${})",
+            if i == 0 { "" } else { ", " },
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4,
+            p + 5,
+            p + 6
+        );
+    }
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+    for env in envs {
+        let payload = serde_json::to_string(env)
+            .map_err(|e| StoreError::Invalid(vec![format!("event cannot be serialized: {e}")]))?;
+        let hook = env.hook().ok_or_else(|| {
+            StoreError::Invalid(vec![format!("unknown event type '{}'", env.event_type)])
+        })?;
+        q = q
+            .bind(env.id.to_string())
+            .bind(hook.name())
+            .bind(env.pagodaentity.clone())
+            .bind(env.subject.clone())
+            .bind(env.traceparent.clone())
+            .bind(payload);
+    }
+    q.execute(&mut *conn).await?;
+    Ok(())
+}
+
 const ROW_COLUMNS: &str =
     "id, event_id, hook, entity, object, traceparent, payload, created_at FROM hookbus_outbox";
 

@@ -1,5 +1,6 @@
-//! API tokens of the reference host, and the paged lists it serves (users,
-//! entities, entries: at most `limit` objects read per call).
+//! API tokens of the reference host, user changes ([`Store::update_user`]),
+//! and the paged lists it serves (users, entities, entries: at most `limit`
+//! objects read per call).
 //!
 //! A token's key is shown once, when it is created; the store keeps only its
 //! SHA-256 hash (`api_tokens.key_hash`), so a leaked database does not leak keys.
@@ -11,7 +12,9 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Store, StoreError, format_time, load, not_found, now, parse_time};
+use super::{
+    Backend, Store, StoreError, format_time, is_unique_violation, load, not_found, now, parse_time,
+};
 use crate::model::{Entity, Entry, User};
 
 /// Prefix of every key, so a key is recognisable in logs and secret scanners.
@@ -62,6 +65,10 @@ pub fn new_key() -> String {
         uuid::Uuid::new_v4().simple()
     )
 }
+
+/// Key of the PostgreSQL advisory lock that serialises user changes
+/// ([`Store::update_user`]): "hookuser" in ASCII.
+const USERS_LOCK: i64 = 0x686f_6f6b_7573_6572;
 
 const TOKEN_COLUMNS: &str =
     "id, user_id, name, created_time, last_used_time, is_active FROM api_tokens";
@@ -219,6 +226,98 @@ impl Store {
             return Err(not_found("token", id));
         }
         self.token(id).await
+    }
+
+    /// Changes user `id` to what `change` makes of it, in one transaction, and
+    /// returns the user before and after. `change` may set the username, e-mail,
+    /// names, `is_active` and `is_superuser`; the id and `date_joined` are kept.
+    /// Nothing is written when nothing changed.
+    ///
+    /// A change that would leave no active superuser (deactivating or demoting
+    /// the last one) is refused. On PostgreSQL user changes take a transaction
+    /// lock, so two concurrent demotions cannot each count the other as the
+    /// remaining superuser; on SQLite writes are serial anyway.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] for no such user; [`StoreError::Invalid`] for an
+    /// empty username; [`StoreError::Conflict`] when the username is taken or the
+    /// user is the last active superuser.
+    pub async fn update_user<F>(&self, id: i64, change: F) -> Result<(User, User), StoreError>
+    where
+        F: FnOnce(&mut User) + Send,
+    {
+        let mut tx = self.begin().await?;
+        if self.backend() == Backend::Postgres {
+            sqlx::query("SELECT COUNT(*) FROM (SELECT pg_advisory_xact_lock($1)) AS l")
+                .bind(USERS_LOCK)
+                .fetch_one(&mut *tx)
+                .await?;
+        }
+        let before = load::user(&mut tx, id)
+            .await?
+            .ok_or_else(|| not_found("user", id))?;
+        let mut after = before.clone();
+        change(&mut after);
+        after.id = before.id;
+        after.date_joined = before.date_joined;
+        if after.username.trim().is_empty() {
+            return Err(StoreError::Invalid(vec![
+                "username must not be empty".into(),
+            ]));
+        }
+        if after == before {
+            tx.commit().await?;
+            return Ok((before, after));
+        }
+        let was_admin = before.is_active && before.is_superuser;
+        if was_admin && !(after.is_active && after.is_superuser) {
+            let others: i64 = sqlx::query(
+                "SELECT COUNT(*) FROM users \
+                 WHERE is_active = TRUE AND is_superuser = TRUE AND id <> $1",
+            )
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+            if others == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "user '{}' is the last active superuser: it cannot be {}; \
+                     make another user an active superuser first",
+                    before.username,
+                    if after.is_active {
+                        "demoted"
+                    } else {
+                        "deactivated"
+                    }
+                )));
+            }
+        }
+        sqlx::query(
+            "UPDATE users SET username = $2, email = $3, first_name = $4, last_name = $5, \
+             is_active = $6, is_superuser = $7 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(&after.username)
+        .bind(&after.email)
+        .bind(&after.first_name)
+        .bind(&after.last_name)
+        .bind(after.is_active)
+        .bind(after.is_superuser)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("user '{}' already exists", after.username))
+            } else {
+                StoreError::Db(e)
+            }
+        })?;
+        let after = load::user(&mut tx, id)
+            .await?
+            .ok_or_else(|| not_found("user", id))?;
+        tx.commit().await?;
+        Ok((before, after))
     }
 
     /// Users by id, `limit` from `offset`.

@@ -1,7 +1,7 @@
 //! The write operations: each is one transaction with the model change and its
 //! event in the outbox.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 
 use schemars::JsonSchema;
@@ -224,7 +224,7 @@ fn conflict_on_unique(e: sqlx::Error, message: impl FnOnce() -> String) -> Store
     }
 }
 
-fn user_ref(user: Option<&User>) -> (Option<i64>, Option<String>) {
+pub(super) fn user_ref(user: Option<&User>) -> (Option<i64>, Option<String>) {
     (user.map(|u| u.id), user.map(|u| u.username.clone()))
 }
 
@@ -665,23 +665,12 @@ impl Store {
         ctx: &WriteContext,
     ) -> Result<Entry, StoreError> {
         let mut tx = self.begin().await?;
-        let entity = load::entity(&mut tx, entity_id, false)
+        let entity = super::batch::entities_with_attrs(&mut tx, &[entity_id])
             .await?
+            .remove(&entity_id)
             .filter(|e| e.is_active)
             .ok_or_else(|| not_found("entity", entity_id))?;
-        let mut problems = Vec::new();
-        check_name("entry", &new.name, &mut problems);
-        let mut values = check_values(&entity, &new.attrs, &mut problems);
-        for attr in &entity.attrs {
-            if !new.attrs.contains_key(&attr.name) {
-                if let Some(d) = attr.default_value.clone().filter(|d| !d.is_null()) {
-                    values.push((attr.id, d));
-                } else if attr.is_mandatory {
-                    problems.push(format!("attribute '{}' is mandatory", attr.name));
-                }
-            }
-        }
-        invalid(problems)?;
+        let values = check_new_entry(&entity, new)?;
         let created = now();
         let t = format_time(&created);
         let (uid, uname) = user_ref(ctx.user.as_ref());
@@ -695,54 +684,29 @@ impl Store {
         .bind(&new.note)
         .bind(&t)
         .bind(uid)
-        .bind(uname.clone())
+        .bind(uname)
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| {
-            conflict_on_unique(e, || {
-                format!(
-                    "entry '{}' already exists in entity '{}'",
-                    new.name, entity.name
-                )
-            })
+            if is_unique_violation(&e) {
+                entry_conflict(&new.name, &entity.name)
+            } else {
+                StoreError::Db(e)
+            }
         })?;
         let id: i64 = row.try_get(0)?;
         // The entry as stored, built here rather than read back: a new entry has
         // exactly these values (one statement for all of them).
         let value_ids = insert_new_values(&mut tx, id, &values).await?;
-        let entry = Entry {
+        let entry = new_entry_snapshot(
             id,
-            name: new.name.clone(),
-            note: new.note.clone(),
-            is_active: true,
-            schema: ObjectRef {
-                id: entity.id,
-                name: entity.name.clone(),
-            },
-            created_time: created,
-            created_user: uid.map(|id| ObjectRef {
-                id,
-                name: uname.unwrap_or_default(),
-            }),
-            updated_time: created,
-            attrs: entity
-                .attrs
-                .iter()
-                .filter_map(|attr| {
-                    let (_, value) = values.iter().find(|(a, _)| *a == attr.id)?;
-                    Some(Attribute {
-                        id: *value_ids.get(&attr.id)?,
-                        name: attr.name.clone(),
-                        attr_type: attr.attr_type,
-                        schema: ObjectRef {
-                            id: attr.id,
-                            name: attr.name.clone(),
-                        },
-                        value: value.clone(),
-                    })
-                })
-                .collect(),
-        };
+            new,
+            &entity,
+            created,
+            ctx.user.as_ref(),
+            &values,
+            &value_ids,
+        );
         self.emit_entry(&mut tx, Hook::EntryAfterCreate, &entity, &entry, None, ctx)
             .await?;
         self.commit(tx).await?;
@@ -1009,15 +973,90 @@ fn check_values(
     out
 }
 
+/// Checks a new entry against its entity: its name, its values, the mandatory
+/// attributes; returns `(attr id, value)` to store, defaults included.
+pub(super) fn check_new_entry(
+    entity: &Entity,
+    new: &NewEntry,
+) -> Result<Vec<(i64, Value)>, StoreError> {
+    let mut problems = Vec::new();
+    check_name("entry", &new.name, &mut problems);
+    let mut values = check_values(entity, &new.attrs, &mut problems);
+    for attr in &entity.attrs {
+        if !new.attrs.contains_key(&attr.name) {
+            if let Some(d) = attr.default_value.clone().filter(|d| !d.is_null()) {
+                values.push((attr.id, d));
+            } else if attr.is_mandatory {
+                problems.push(format!("attribute '{}' is mandatory", attr.name));
+            }
+        }
+    }
+    invalid(problems)?;
+    Ok(values)
+}
+
+/// The conflict of a new entry whose name an active entry of the entity has.
+pub(super) fn entry_conflict(name: &str, entity: &str) -> StoreError {
+    StoreError::Conflict(format!(
+        "entry '{name}' already exists in entity '{entity}'"
+    ))
+}
+
+/// A new entry as stored: `values` by attribute id, `value_ids` their row ids
+/// by attribute id.
+pub(super) fn new_entry_snapshot(
+    id: i64,
+    new: &NewEntry,
+    entity: &Entity,
+    created: chrono::DateTime<chrono::Utc>,
+    user: Option<&User>,
+    values: &[(i64, Value)],
+    value_ids: &HashMap<i64, i64>,
+) -> Entry {
+    Entry {
+        id,
+        name: new.name.clone(),
+        note: new.note.clone(),
+        is_active: true,
+        schema: ObjectRef {
+            id: entity.id,
+            name: entity.name.clone(),
+        },
+        created_time: created,
+        created_user: user.map(|u| ObjectRef {
+            id: u.id,
+            name: u.username.clone(),
+        }),
+        updated_time: created,
+        attrs: entity
+            .attrs
+            .iter()
+            .filter_map(|attr| {
+                let (_, value) = values.iter().find(|(a, _)| *a == attr.id)?;
+                Some(Attribute {
+                    id: *value_ids.get(&attr.id)?,
+                    name: attr.name.clone(),
+                    attr_type: attr.attr_type,
+                    schema: ObjectRef {
+                        id: attr.id,
+                        name: attr.name.clone(),
+                    },
+                    value: value.clone(),
+                })
+            })
+            .collect(),
+    }
+}
+
 /// Inserts the values of a new entry in one statement; returns each value's row
 /// id by attribute id.
 async fn insert_new_values(
     conn: &mut AnyConnection,
     entry_id: i64,
     values: &[(i64, Value)],
-) -> Result<std::collections::HashMap<i64, i64>, StoreError> {
+) -> Result<HashMap<i64, i64>, StoreError> {
     if values.is_empty() {
-        return Ok(std::collections::HashMap::new());
+        return Ok(HashMap::new());
     }
     let mut sql = String::from("INSERT INTO attribute_values (entry_id, attr_id, value) VALUES ");
     for i in 0..values.len() {
