@@ -176,3 +176,20 @@ pub async fn user_with_token(store: &Store, username: &str, superuser: bool) -> 
         .unwrap_or_else(|e| panic!("cannot create a token for {username}: {e}"));
     (user, key)
 }
+
+/// Sends a request; returns its status and JSON body (panics, with the text,
+/// when the body is not JSON).
+pub async fn call(req: RequestBuilder) -> (reqwest::StatusCode, serde_json::Value) {
+    let r = req
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("request failed: {e}"));
+    let status = r.status();
+    let text = r
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("response {status} has no body: {e}"));
+    let body = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("response {status} is not JSON ({e}): {text}"));
+    (status, body)
+}

@@ -349,6 +349,21 @@ fn spawn_bus_process(server: &NatsServer, enabled: &str) -> Child {
         .unwrap()
 }
 
+/// A `hookbus run` process for plugin `p` with a 1 s lease time, a 2 s ack wait
+/// and `partitions` partitions.
+fn spawn_leased_bus(server: &NatsServer, partitions: u32) -> Child {
+    Command::new(hookbus_tests::hookbus_binary())
+        .arg("run")
+        .env("NATS_URL", server.url())
+        .env("ENABLED_PLUGINS", "p")
+        .env("HOOKBUS_ACK_WAIT_SECS", "2")
+        .env("HOOKBUS_LEASE_TTL", "1s")
+        .env("HOOKBUS_PARTITIONS", partitions.to_string())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap()
+}
+
 /// The process id in the dispatcher lease (`host/pid/random`), if held.
 async fn lease_holder_pid(js: &jetstream::Context) -> Option<u32> {
     let kv = js
@@ -366,17 +381,7 @@ async fn a_standby_bus_takes_over_when_the_active_one_is_killed() {
     let client = server.connect().await;
     let js = jetstream::new(client.clone());
     let log = CallLog::default();
-    let spawn = || {
-        Command::new(hookbus_tests::hookbus_binary())
-            .arg("run")
-            .env("NATS_URL", server.url())
-            .env("ENABLED_PLUGINS", "p")
-            .env("HOOKBUS_ACK_WAIT_SECS", "2")
-            .env("HOOKBUS_LEASE_TTL", "1s")
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap()
-    };
+    let spawn = || spawn_leased_bus(&server, 1);
     let mut a = spawn();
     assert_eventually!(lease_holder_pid(&js).await == Some(a.id()), WAIT);
     let mut b = spawn();
@@ -452,18 +457,7 @@ async fn partitions_spread_over_buses_and_move_when_one_dies_or_joins() {
     let client = server.connect().await;
     let js = jetstream::new(client.clone());
     let log = CallLog::default();
-    let spawn = || {
-        Command::new(hookbus_tests::hookbus_binary())
-            .arg("run")
-            .env("NATS_URL", server.url())
-            .env("ENABLED_PLUGINS", "p")
-            .env("HOOKBUS_ACK_WAIT_SECS", "2")
-            .env("HOOKBUS_LEASE_TTL", "1s")
-            .env("HOOKBUS_PARTITIONS", "4")
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap()
-    };
+    let spawn = || spawn_leased_bus(&server, 4);
     let mut a = spawn();
     let b = spawn();
     // Two buses, four partitions: two each, both dispatching.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use core_events::store::{Backend, outbox};
 use core_events::{AttrType, Attribute, Envelope, ObjectRef, OnUnavailable};
-use hookbus_tests::host::TestHost;
+use hookbus_tests::host::{TestHost, call};
 use hookbus_tests::{NatsServer, TestDb, assert_eventually, stream_events};
 use pagoda_plugin_sdk::{
     FieldError, Plugin, PluginBuilder, RunningPlugin, ServeOptions, SyncError,
@@ -76,16 +76,6 @@ async fn setup_with(
         _db: db,
         _nats: nats,
     }
-}
-
-/// Sends a request and returns the status, the JSON body and the skipped-hooks header.
-async fn call(req: reqwest::RequestBuilder) -> (StatusCode, Value) {
-    let r = req.send().await.unwrap();
-    let status = r.status();
-    let text = r.text().await.unwrap();
-    let body = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("response {status} is not JSON ({e}): {text}"));
-    (status, body)
 }
 
 async fn create_entity(host: &TestHost, body: Value) -> Value {

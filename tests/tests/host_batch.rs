@@ -12,7 +12,7 @@ use core_events::store::{
     Backend, NewAttr, NewEntity, NewEntry, NewEntryInput, NewUser, StoreError, WriteContext, outbox,
 };
 use core_events::{AttrType, Envelope, Hook};
-use hookbus_tests::host::TestHost;
+use hookbus_tests::host::{TestHost, call};
 use hookbus_tests::{NatsServer, TestDb, assert_eventually, stream_events};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -251,15 +251,6 @@ async fn a_batch_answers_each_input_as_if_created_alone_in_order() {
         store.close().await;
         alone.close().await;
     }
-}
-
-async fn call(req: reqwest::RequestBuilder) -> (StatusCode, Value) {
-    let r = req.send().await.unwrap();
-    let status = r.status();
-    let text = r.text().await.unwrap();
-    let body = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("response {status} is not JSON ({e}): {text}"));
-    (status, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
