@@ -76,14 +76,27 @@ impl NatsServer {
             let mut child = Command::new(&bin)
                 .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
                 .arg(store.path())
+                // Written by the server once it listens: proves that this process,
+                // not another test's server on a reused port, took the port.
+                .arg("--ports_file_dir")
+                .arg(store.path())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot run {}: {e}; {INSTALL_HINT}", bin.display()));
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let ports_file = format!("_{}.ports", child.id());
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                let ours = std::fs::read_dir(store.path()).is_ok_and(|entries| {
+                    entries
+                        .flatten()
+                        .any(|e| e.file_name().to_string_lossy().ends_with(&ports_file))
+                });
+                if ours
+                    && matches!(child.try_wait(), Ok(None))
+                    && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                {
                     return NatsServer {
                         child,
                         port,
