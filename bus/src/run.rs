@@ -252,6 +252,33 @@ struct PartitionRun {
     task: JoinHandle<Result<(), DispatchError>>,
 }
 
+impl PartitionRun {
+    /// Waits for the dispatcher to end (its lease is then released) and logs a
+    /// failure; the partition is free to be taken again.
+    async fn finish(self, partition: u32) {
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(partition, error = %e, "partition dispatcher failed"),
+            Err(e) => tracing::error!(partition, error = %e, "partition dispatcher panicked"),
+        }
+    }
+}
+
+/// Keeps this bus announced in the leases bucket (`members.<holder>`): takes
+/// the key again when it was lost.
+async fn announce(member: &crate::lease::Lease, presence: &mut Option<crate::lease::Held>) {
+    if presence.as_ref().is_some_and(|h| !h.lost().is_cancelled()) {
+        return;
+    }
+    if let Some(old) = presence.take() {
+        old.release().await;
+    }
+    match member.try_acquire().await {
+        Ok(h) => *presence = h,
+        Err(e) => tracing::warn!(error = %e, "cannot announce this bus in the leases bucket"),
+    }
+}
+
 /// Everything a partition's dispatcher needs, shared by all of them.
 #[derive(Clone)]
 struct DispatchParts {
@@ -346,10 +373,7 @@ async fn dispatch_under_lease(
     if count > 1 {
         // Announce this bus, then let buses started together see each other before
         // taking partitions (the first tick of an interval is immediate).
-        match member.try_acquire().await {
-            Ok(h) => presence = h,
-            Err(e) => tracing::warn!(error = %e, "cannot announce this bus in the leases bucket"),
-        }
+        announce(&member, &mut presence).await;
         tick.tick().await;
         tokio::select! {
             () = shutdown.cancelled() => {}
@@ -370,28 +394,10 @@ async fn dispatch_under_lease(
             .collect();
         for p in ended {
             if let Some(r) = running.remove(&p) {
-                match r.task.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::error!(partition = p, error = %e, "partition dispatcher failed; it will be taken again")
-                    }
-                    Err(e) => {
-                        tracing::error!(partition = p, error = %e, "partition dispatcher panicked")
-                    }
-                }
+                r.finish(p).await;
             }
         }
-        if presence.as_ref().is_none_or(|h| h.lost().is_cancelled()) {
-            if let Some(old) = presence.take() {
-                old.release().await;
-            }
-            match member.try_acquire().await {
-                Ok(h) => presence = h,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot announce this bus in the leases bucket")
-                }
-            }
-        }
+        announce(&member, &mut presence).await;
         let keys = match lease.live_keys("").await {
             Ok(k) => k,
             Err(e) => {
@@ -436,7 +442,7 @@ async fn dispatch_under_lease(
                     "giving a partition back to balance the buses"
                 );
                 r.stop.cancel();
-                let _ = r.task.await;
+                r.finish(p).await;
             }
         }
         // Take free partitions up to the share, the preferred first.
@@ -464,13 +470,9 @@ async fn dispatch_under_lease(
         }
         stats.set_standby(running.is_empty());
     }
-    for (_, r) in std::mem::take(&mut running) {
+    for (p, r) in std::mem::take(&mut running) {
         r.stop.cancel();
-        match r.task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "partition dispatcher failed"),
-            Err(e) => tracing::error!(error = %e, "partition dispatcher panicked"),
-        }
+        r.finish(p).await;
     }
     if let Some(h) = presence {
         h.release().await;

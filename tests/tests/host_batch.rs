@@ -24,6 +24,17 @@ fn backends() -> [Backend; 2] {
 }
 
 /// The outbox rows' payloads, in id order.
+/// The entity both stores of the batch test create: a phone, and an age with a default.
+fn customer_entity() -> NewEntity {
+    NewEntity::named("customer")
+        .attr(NewAttr::new("phone", AttrType::STRING))
+        .attr({
+            let mut a = NewAttr::new("age", AttrType::NUMBER);
+            a.default_value = Some(json!(7));
+            a
+        })
+}
+
 async fn outbox_events(store: &core_events::store::Store) -> Vec<Envelope<Value>> {
     outbox::fetch(store.pool(), &Default::default(), 10_000)
         .await
@@ -49,19 +60,7 @@ async fn a_batch_answers_each_input_as_if_created_alone_in_order() {
             user: Some(user.clone()),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
         };
-        let customer = store
-            .create_entity(
-                &NewEntity::named("customer")
-                    .attr(NewAttr::new("phone", AttrType::STRING))
-                    .attr({
-                        let mut a = NewAttr::new("age", AttrType::NUMBER);
-                        a.default_value = Some(json!(7));
-                        a
-                    }),
-                &ctx,
-            )
-            .await
-            .unwrap();
+        let customer = store.create_entity(&customer_entity(), &ctx).await.unwrap();
         let shop = store
             .create_entity(
                 &NewEntity::named("shop").attr({
@@ -133,16 +132,7 @@ async fn a_batch_answers_each_input_as_if_created_alone_in_order() {
             (
                 customer.id,
                 alone
-                    .create_entity(
-                        &NewEntity::named("customer")
-                            .attr(NewAttr::new("phone", AttrType::STRING))
-                            .attr({
-                                let mut a = NewAttr::new("age", AttrType::NUMBER);
-                                a.default_value = Some(json!(7));
-                                a
-                            }),
-                        &ctx,
-                    )
+                    .create_entity(&customer_entity(), &ctx)
                     .await
                     .unwrap()
                     .id,

@@ -626,19 +626,12 @@ impl Dispatcher {
                 }
                 next = messages.next() => match next {
                     Some(Ok(msg)) => {
-                        if !partition.is_all() && !dispatcher.takes(&msg, &mut hold).await {
-                            if hold.deadline.is_some() && hold.remaining == 0 {
-                                for msg in hold.release() {
-                                    dispatcher.accept(msg).await;
-                                }
-                            }
-                        } else if let Some(msg) = hold.offer(msg) {
+                        let ours = partition.is_all() || dispatcher.takes(&msg, &mut hold).await;
+                        if ours && let Some(msg) = hold.offer(msg) {
                             dispatcher.accept(msg).await;
-                        } else if hold.remaining == 0 {
-                            tracing::info!("unfinished events of an earlier dispatcher are back; dispatching in stream order");
-                            for msg in hold.release() {
-                                dispatcher.accept(msg).await;
-                            }
+                        }
+                        for msg in hold.all_back() {
+                            dispatcher.accept(msg).await;
                         }
                     }
                     Some(Err(e)) => tracing::debug!(error = %e, "consumer stream hiccup"),
@@ -820,6 +813,18 @@ impl Hold {
         if self.deadline.is_some() && seq <= self.upto && !self.held.contains_key(&seq) {
             self.remaining = self.remaining.saturating_sub(1);
         }
+    }
+
+    /// Everything held, in stream order, once every unfinished event is back
+    /// (holding ends); nothing otherwise.
+    fn all_back(&mut self) -> Vec<jetstream::Message> {
+        if self.deadline.is_none() || self.remaining > 0 {
+            return Vec::new();
+        }
+        tracing::info!(
+            "unfinished events of an earlier dispatcher are back; dispatching in stream order"
+        );
+        self.release()
     }
 
     /// Everything held, in stream order; holding ends.
