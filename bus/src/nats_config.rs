@@ -8,7 +8,7 @@
 //! | user | may publish | may subscribe |
 //! |---|---|---|
 //! | the bus (`hookbus`) | events, hook requests, dead letters, deferred, alerts, `<prefix>.bus.>`, the JetStream API, acks, its registry bucket, `$SRV.>` | `<prefix>.bus.>`, its own inbox |
-//! | the host (`pagoda-host`) | events, hook / API / job requests, bus status requests, audit records, the JetStream API except deleting or purging and except the consumers of the bus's and plugins' streams, the jobs bucket (not the registry) | its own inbox |
+//! | the host (`pagoda-host`) | events, hook / API / job requests, bus status requests, audit records, cache notices to other hosts, the JetStream API except deleting or purging and except the consumers of the bus's and plugins' streams, the jobs bucket (not the registry) | other hosts' cache notices, its own inbox |
 //! | plugin `<id>` | its own registry key, the events stream's read API (not the `dispatcher` consumers, one per partition: `--partitions`), `<prefix>.bus.registry`, its own jobs consumer | its endpoints `<prefix>.hooks.<id>.*`, its API routes `<prefix>.api.<id>.>`, its `$SRV` verbs, its own inbox |
 //!
 //! Every user gets `allow_responses`, so a service replies to the requests it
@@ -187,6 +187,8 @@ pub fn permissions(subjects: &Subjects, user: &User, partitions: u32) -> Permiss
                 &format!("{p}.jobs.>"),
                 &format!("{p}.bus.>"),
                 &format!("{p}.audit.>"),
+                // Cache notices to the other host processes.
+                &subjects.host_forget(),
                 // Provisioning at start, the registry and jobs watches, job states.
                 "$JS.API.>",
                 &format!("$KV.{jobs_bucket}.>"),
@@ -208,7 +210,7 @@ pub fn permissions(subjects: &Subjects, user: &User, partitions: u32) -> Permiss
                 &format!("$JS.API.CONSUMER.*.{jobs}.>"),
                 &format!("$KV.{bucket}.>"),
             ]),
-            subscribe_allow: s(&[&inbox]),
+            subscribe_allow: s(&[&subjects.host_forget(), &inbox]),
         },
         Role::Plugin(id) => Permissions {
             publish_allow: s(&[

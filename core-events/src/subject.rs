@@ -401,6 +401,12 @@ impl Subjects {
         format!("{}_jobs", self.prefix.replace(['.', '-'], "_"))
     }
 
+    /// Where host processes tell each other to drop cached tokens, users and
+    /// entities after a change (core NATS), e.g. `pagoda.host.forget`.
+    pub fn host_forget(&self) -> String {
+        format!("{}.host.forget", self.prefix)
+    }
+
     /// Name of the KV bucket of leases (one active dispatcher), e.g. `pagoda_leases`.
     pub fn leases_bucket(&self) -> String {
         format!("{}_leases", self.prefix.replace(['.', '-'], "_"))

@@ -32,10 +32,16 @@
 //! Scale-out: `cargo bench -p hookbus-tests --bench dispatch -- --partitions 4
 //! --dispatchers 2` runs the bus side as that many buses in this process, each
 //! with `DispatcherSettings::partitions` = 4, which share the partitions (two
-//! each) and dispatch at once; the raw side is the same single loop. The lines
-//! say `partitions=4 dispatchers=2`. Both sides are then clocked from the first
-//! delivery to `p1` to the last ack (`clock=first_delivery`), so the buses'
-//! start-up (announcing themselves and dividing the partitions, one lease
+//! each) and dispatch at once. The raw side is then its hand-written equivalent:
+//! as many connections, one durable consumer per partition, each acking the
+//! other partitions' events at once (the subject carries no object id, so the
+//! server cannot filter them; by `object_partition` of `Pagoda-Object`, as the
+//! bus) and dispatching its own through per-entry lanes as above. A third side,
+//! `raw_single`, is the single raw loop on the same machine, so the cost of the
+//! layout itself shows: the summary adds `raw_single_eps` and `ratio_to_single`.
+//! The lines say `partitions=4 dispatchers=2`. All sides are then clocked from
+//! the first delivery to `p1` to the last ack (`clock=first_delivery`), so the
+//! buses' start-up (announcing themselves and dividing the partitions, one lease
 //! interval) is not counted as dispatch time; the metrics comparison is skipped.
 #![allow(
     clippy::unwrap_used,
@@ -182,6 +188,9 @@ enum Side {
     Raw,
     /// The bus with per-handler metrics off (`DispatcherSettings::metrics`).
     BusNoMetrics,
+    /// The single raw loop, when the bus side is partitioned: what one
+    /// unpartitioned consumer does on the same machine.
+    RawSingle,
 }
 
 impl Side {
@@ -190,6 +199,7 @@ impl Side {
             Side::Bus => "bus",
             Side::Raw => "raw",
             Side::BusNoMetrics => "bus_no_metrics",
+            Side::RawSingle => "raw_single",
         }
     }
 }
@@ -308,6 +318,11 @@ struct Layout {
 }
 
 impl Layout {
+    const SINGLE: Layout = Layout {
+        partitions: 1,
+        dispatchers: 1,
+    };
+
     fn from_args() -> Layout {
         let args: Vec<String> = std::env::args().collect();
         let value = |name: &str| {
@@ -432,9 +447,12 @@ fn cpu_since(server: &NatsServer, before: &Cpu) -> Cpu {
     }
 }
 
-async fn run_raw(world: &World, subjects: &Subjects, n: u64) -> (Duration, Cpu) {
+async fn run_raw(world: &World, subjects: &Subjects, n: u64, layout: Layout) -> (Duration, Cpu) {
     let settings = DispatcherSettings::default();
-    let client = world.server.connect().await;
+    let mut clients = Vec::with_capacity(layout.dispatchers);
+    for _ in 0..layout.dispatchers {
+        clients.push(world.server.connect().await);
+    }
     let routes: Arc<[(String, String, String)]> = PLUGINS
         .iter()
         .map(|(p, _)| {
@@ -445,18 +463,72 @@ async fn run_raw(world: &World, subjects: &Subjects, n: u64) -> (Duration, Cpu) 
             )
         })
         .collect();
-    let acked = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
+    let counts = RawCounts::default();
 
     let cpu0 = cpu_now(&world.server);
     let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for partition in 0..layout.partitions {
+        let client = clients[partition as usize % clients.len()].clone();
+        tasks.extend(
+            raw_partition(
+                client,
+                subjects,
+                &settings,
+                &routes,
+                &counts,
+                (partition, layout.partitions),
+            )
+            .await,
+        );
+    }
+    if let Err(a) = wait_acked(n, || counts.acked.load(Ordering::Relaxed)).await {
+        panic!("raw side acked only {a} of {n} events in {SIDE_TIMEOUT:?}");
+    }
+    let elapsed = t0.elapsed();
+    let cpu = cpu_since(&world.server, &cpu0);
+    for t in tasks {
+        t.abort();
+    }
+    assert_eq!(
+        counts.failed.load(Ordering::Relaxed),
+        0,
+        "no raw request failed"
+    );
+    (elapsed, cpu)
+}
+
+/// What the raw side's tasks count: events acked after dispatch, failed requests.
+#[derive(Default, Clone)]
+struct RawCounts {
+    acked: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+}
+
+/// One raw consumer: for partition `i` of `count` (> 1), a durable consumer of
+/// its own that acks the other partitions' events at once (what a hand-written
+/// partitioned dispatcher has to do, since the subject has no object id), and
+/// dispatches its own through per-entry lanes. Returns its tasks.
+async fn raw_partition(
+    client: async_nats::Client,
+    subjects: &Subjects,
+    settings: &DispatcherSettings,
+    routes: &Arc<[(String, String, String)]>,
+    counts: &RawCounts,
+    (index, count): (u32, u32),
+) -> Vec<JoinHandle<()>> {
     let js = jetstream::new(client.clone());
     let stream = js.get_stream(subjects.events_stream()).await.unwrap();
+    let name = if count > 1 {
+        format!("raw-p{index}of{count}")
+    } else {
+        "raw".to_owned()
+    };
     let consumer = stream
         .get_or_create_consumer(
-            "raw",
+            &name,
             pull::Config {
-                durable_name: Some("raw".into()),
+                durable_name: Some(name.clone()),
                 filter_subject: subjects.all_events(),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: settings.ack_wait,
@@ -479,14 +551,13 @@ async fn run_raw(world: &World, subjects: &Subjects, n: u64) -> (Duration, Cpu) 
     // One lane per entry (first seen, first assigned), at most max_parallel_objects.
     let lanes_n = settings.max_parallel_objects.max(1);
     let mut lanes: Vec<mpsc::UnboundedSender<jetstream::Message>> = Vec::with_capacity(lanes_n);
-    let mut tasks = Vec::with_capacity(lanes_n);
+    let mut tasks = Vec::with_capacity(lanes_n + 1);
     for _ in 0..lanes_n {
         let (tx, mut rx) = mpsc::unbounded_channel::<jetstream::Message>();
         lanes.push(tx);
         let client = client.clone();
         let routes = routes.clone();
-        let acked = acked.clone();
-        let failed = failed.clone();
+        let counts = counts.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(msg) = rx.recv().await {
                 let (seq, delivered) = msg
@@ -512,16 +583,16 @@ async fn run_raw(world: &World, subjects: &Subjects, n: u64) -> (Duration, Cpu) 
                         Err(_) => false,
                     };
                     if !ok {
-                        failed.fetch_add(1, Ordering::Relaxed);
+                        counts.failed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 if msg.ack().await.is_ok() {
-                    acked.fetch_add(1, Ordering::Relaxed);
+                    counts.acked.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }));
     }
-    let reader = tokio::spawn(async move {
+    tasks.push(tokio::spawn(async move {
         let mut assigned: HashMap<String, usize> = HashMap::new();
         while let Some(next) = messages.next().await {
             let Ok(msg) = next else { continue };
@@ -531,24 +602,18 @@ async fn run_raw(world: &World, subjects: &Subjects, n: u64) -> (Duration, Cpu) 
                 .and_then(|h| h.get(headers::OBJECT))
                 .map(|v| v.as_str().to_owned())
                 .unwrap_or_default();
+            if core_events::object_partition(&key, count) != index {
+                let _ = msg.ack().await;
+                continue;
+            }
             let next_lane = assigned.len() % lanes_n;
             let lane = *assigned.entry(key).or_insert(next_lane);
             if lanes[lane].send(msg).is_err() {
                 break;
             }
         }
-    });
-    if let Err(a) = wait_acked(n, || acked.load(Ordering::Relaxed)).await {
-        panic!("raw side acked only {a} of {n} events in {SIDE_TIMEOUT:?}");
-    }
-    let elapsed = t0.elapsed();
-    let cpu = cpu_since(&world.server, &cpu0);
-    reader.abort();
-    for t in tasks {
-        t.abort();
-    }
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "no raw request failed");
-    (elapsed, cpu)
+    }));
+    tasks
 }
 
 async fn measure(
@@ -564,7 +629,8 @@ async fn measure(
     let (mut elapsed, cpu) = match side {
         Side::Bus => run_bus(&world, n, true, layout).await,
         Side::BusNoMetrics => run_bus(&world, n, false, layout).await,
-        Side::Raw => run_raw(&world, subjects, n).await,
+        Side::Raw => run_raw(&world, subjects, n, layout).await,
+        Side::RawSingle => run_raw(&world, subjects, n, Layout::SINGLE).await,
     };
     if !layout.is_single() {
         // Clock from the first delivery to p1 (see the module docs).
@@ -636,8 +702,14 @@ async fn bench(smoke: bool) {
 
     let mut bus = Vec::with_capacity(rounds);
     let mut raw = Vec::with_capacity(rounds);
+    let mut raw_single = Vec::with_capacity(rounds);
+    let sides: &[Side] = if layout.is_single() {
+        &[Side::Bus, Side::Raw]
+    } else {
+        &[Side::Bus, Side::Raw, Side::RawSingle]
+    };
     for round in 1..=rounds {
-        for side in [Side::Bus, Side::Raw] {
+        for &side in sides {
             let m = measure(side, &subjects, &events, &index, layout).await;
             if smoke {
                 println!("smoke: dispatch bench side={} ran {n} events", side.name());
@@ -656,6 +728,7 @@ async fn bench(smoke: bool) {
             match side {
                 Side::Bus => bus.push(m),
                 Side::Raw | Side::BusNoMetrics => raw.push(m),
+                Side::RawSingle => raw_single.push(m),
             }
         }
     }
@@ -667,9 +740,19 @@ async fn bench(smoke: bool) {
     let raw_p99 = med(&raw, |m| m.p99_us);
     let bus_cpu = med(&bus, |m| m.cpu_us_per_event);
     let raw_cpu = med(&raw, |m| m.cpu_us_per_event);
+    // Partitioned: also the single raw loop, so the cost of the layout itself shows.
+    let single = if raw_single.is_empty() {
+        String::new()
+    } else {
+        let single_eps = med(&raw_single, |m| m.eps);
+        format!(
+            " raw_single_eps={single_eps:.0} ratio_to_single={:.3}",
+            bus_eps / single_eps
+        )
+    };
     if !smoke {
         println!(
-            "bench: scenario=dispatch{shape} events={n} rounds={rounds} bus_eps={bus_eps:.0} raw_eps={raw_eps:.0} ratio={:.3} bus_p99_us={bus_p99:.0} raw_p99_us={raw_p99:.0} p99_ratio={:.3} bus_cpu_us_per_event={bus_cpu:.1} raw_cpu_us_per_event={raw_cpu:.1}",
+            "bench: scenario=dispatch{shape} events={n} rounds={rounds} bus_eps={bus_eps:.0} raw_eps={raw_eps:.0} ratio={:.3} bus_p99_us={bus_p99:.0} raw_p99_us={raw_p99:.0} p99_ratio={:.3} bus_cpu_us_per_event={bus_cpu:.1} raw_cpu_us_per_event={raw_cpu:.1}{single}",
             bus_eps / raw_eps,
             bus_p99 / raw_p99
         );

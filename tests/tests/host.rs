@@ -690,6 +690,16 @@ async fn update_delete_restore_fire_their_before_hooks_and_after_events() {
         assert_eq!(e["attrs"][0]["note"], "seen by admin", "{e}");
         let stored = h.store().entity(e["id"].as_i64().unwrap()).await.unwrap();
         assert_eq!(stored.attrs[0].note, "");
+        // The entity list runs it too, on every entity of the page.
+        let (status, list) = call(h.as_user(Method::GET, "/api/v2/entities/")).await;
+        assert_eq!(status, StatusCode::OK);
+        let listed = list["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == entity["id"])
+            .unwrap_or_else(|| panic!("the entity is listed: {list}"));
+        assert_eq!(listed["attrs"][0]["note"], "seen by user", "{list}");
         let entries = format!("/api/v2/entities/{}/entries/", entity["id"]);
         let (_, entry) = call(
             h.as_user(Method::POST, &entries)
@@ -1472,4 +1482,95 @@ async fn concurrent_demotions_always_leave_one_active_superuser() {
         assert_eq!(admins, 1, "{backend:?}: {users:?}");
         s.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_or_a_user_deactivated_through_one_host_stops_working_on_the_others() {
+    for backend in backends() {
+        token_and_user_changes_reach_other_hosts(backend).await;
+    }
+}
+
+async fn token_and_user_changes_reach_other_hosts(backend: Backend) {
+    let s = setup(backend, vec![]).await;
+    let a = &s.host;
+    // A second host process on the same database and NATS.
+    let mut config = hookbus::host::HostConfig::new(s._db.url());
+    config.listen = ([127, 0, 0, 1], 0).into();
+    config.plugin_wait = Duration::from_secs(1);
+    let b = hookbus::host::Host::start(s._nats.connect().await, config)
+        .await
+        .unwrap();
+    let me_on_b = |key: &str| {
+        a.client
+            .get(format!("http://{}/api/v2/users/me/", b.addr()))
+            .header("Authorization", format!("Token {key}"))
+    };
+    // Well before B's cache entries would expire on their own.
+    let soon = hookbus::host::auth::TOKEN_CACHE_TTL / 3;
+
+    // A token B has cached, revoked through A.
+    let (status, token) = call(
+        a.as_user(Method::POST, "/api/v2/tokens/")
+            .json(&json!({"name": "laptop"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{backend:?} {token}");
+    let key = token["key"].as_str().unwrap().to_owned();
+    assert_eq!(call(me_on_b(&key)).await.0, StatusCode::OK, "{backend:?}");
+    assert_eq!(
+        call(me_on_b(&a.user_token)).await.0,
+        StatusCode::OK,
+        "{backend:?}"
+    );
+    let (status, body) = call(a.as_user(
+        Method::DELETE,
+        &format!("/api/v2/tokens/{}/", token["id"]),
+    ))
+    .await;
+    assert_eq!(status, StatusCode::OK, "{backend:?} {body}");
+    assert_eventually!(
+        call(me_on_b(&key)).await.0 == StatusCode::UNAUTHORIZED,
+        soon,
+        "{backend:?}: B still takes the token revoked through A"
+    );
+    // The user's other token still works on B.
+    assert_eq!(
+        call(me_on_b(&a.user_token)).await.0,
+        StatusCode::OK,
+        "{backend:?}"
+    );
+
+    // The user deactivated through A: B refuses their remaining token too.
+    let (status, body) = call(a.as_admin(
+        Method::DELETE,
+        &format!("/api/v2/users/{}/", a.user.id),
+    ))
+    .await;
+    assert_eq!(status, StatusCode::OK, "{backend:?} {body}");
+    assert_eventually!(
+        call(me_on_b(&a.user_token)).await.0 == StatusCode::UNAUTHORIZED,
+        soon,
+        "{backend:?}: B still takes the token of a user deactivated through A"
+    );
+
+    // A notice that is not one is ignored; B stays up and keeps serving.
+    s.client
+        .publish("pagoda.host.forget", "not json".into())
+        .await
+        .unwrap();
+    s.client.flush().await.unwrap();
+    assert_eq!(
+        call(
+            a.client
+                .get(format!("http://{}/api/v2/users/me/", b.addr()))
+                .header("Authorization", format!("Token {}", a.admin_token))
+        )
+        .await
+        .0,
+        StatusCode::OK,
+        "{backend:?}"
+    );
+    b.stop().await;
+    s.stop().await;
 }

@@ -3,10 +3,10 @@
 //!
 //! A key is hashed and looked up once; the user is then kept in [`TokenCache`]
 //! for [`TOKEN_CACHE_TTL`], so most requests cost no database read. Revoking a
-//! token, or changing or deactivating a user, through this host drops it from
-//! the cache at once (a lookup that raced the change is not cached either); a
-//! token revoked or a user deactivated by another process stops working within
-//! the TTL.
+//! token, or changing or deactivating a user, drops it from the cache at once
+//! (a lookup that raced the change is not cached either), in this host and, by
+//! a notice over NATS ([`super::forget`]), in every other host process; one
+//! that missed the notice drops it within the TTL.
 //!
 //! | route | who | what |
 //! |---|---|---|
@@ -313,7 +313,7 @@ async fn update_user(
     let changes = user_changes(&before, &after);
     if !changes.is_empty() {
         // Its cached tokens carry the old user (name, superuser, active).
-        state.tokens.forget_user(id);
+        state.forget(super::forget::Forget::User(id)).await;
         audit_user(
             &state,
             "user.update",
@@ -342,7 +342,7 @@ async fn deactivate_user(
         )));
     }
     let (before, after) = state.store.update_user(id, |u| u.is_active = false).await?;
-    state.tokens.forget_user(id);
+    state.forget(super::forget::Forget::User(id)).await;
     if before.is_active {
         audit_user(
             &state,
@@ -480,7 +480,7 @@ async fn revoke_token(
         return Err(ApiError::NotFound(format!("token {id} not found")));
     }
     let token = state.store.revoke_token(id).await?;
-    state.tokens.forget_token(id);
+    state.forget(super::forget::Forget::Token(id)).await;
     audit(
         &state,
         "token.revoke",

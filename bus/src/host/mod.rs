@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod forget;
 pub mod jobs;
 pub mod models;
 pub mod plugin_api;
@@ -122,6 +123,8 @@ pub struct HostInner {
     pub entities: models::EntityCache,
     /// Group commit of entry creations.
     pub entry_writer: writer::EntryWriter,
+    /// This host process (a UUID), so it ignores its own cache notices.
+    pub instance: String,
 }
 
 impl std::ops::Deref for HostState {
@@ -177,6 +180,9 @@ pub enum HostError {
         #[source]
         source: std::io::Error,
     },
+    /// The subscription to other hosts' cache notices failed.
+    #[error("cannot subscribe to the other hosts' cache notices: {0}")]
+    Notices(#[from] async_nats::SubscribeError),
 }
 
 /// A running host.
@@ -262,9 +268,17 @@ impl Host {
                 limiter,
                 tokens: auth::TokenCache::default(),
                 entities: models::EntityCache::default(),
+                instance: uuid::Uuid::now_v7().to_string(),
                 config,
             }),
         };
+        match forget::listen(state.clone(), shutdown.child_token()).await {
+            Ok(task) => tasks.push(task),
+            Err(e) => {
+                shutdown.cancel();
+                return Err(e.into());
+            }
+        }
         let app = router(state.clone());
         let token = shutdown.clone();
         tasks.push(tokio::spawn(async move {

@@ -447,15 +447,15 @@ fn respond<T: Serialize>(status: StatusCode, value: &T, skipped: &[Skipped]) -> 
     response
 }
 
-/// How long an entity read for an entry write is reused (entity writes through
-/// this host drop it at once).
+/// How long an entity read for an entry write is reused (entity writes drop it
+/// at once, in every host: [`super::forget`]).
 pub const ENTITY_CACHE_TTL: Duration = Duration::from_secs(2);
 
 /// Active entities recently read for entry writes, so creating an entry does not
 /// read its entity twice. The store re-reads the entity inside the write's
 /// transaction, so values are always checked against the entity as it is; only
-/// what hooks see may lag an entity change made by another process by at most
-/// [`ENTITY_CACHE_TTL`].
+/// what hooks see may lag an entity change made by another host process that
+/// did not reach this one by NATS ([`super::forget`]) by at most [`ENTITY_CACHE_TTL`].
 #[derive(Debug, Default)]
 pub struct EntityCache {
     entries: Mutex<HashMap<i64, (Arc<Entity>, Instant)>>,
@@ -528,15 +528,22 @@ async fn entry_and_entity(
 
 async fn list_entities(
     State(state): State<HostState>,
-    _auth: AuthUser,
+    auth: AuthUser,
+    headers: HeaderMap,
     Params(query): Params,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let page = Page::from_query(&query)?;
     let found = state
         .store
         .entities_page(include_deleted(&query)?, page.limit, page.offset)
         .await?;
-    Ok(Json(page.wrap_more(found.items, Some(found.more))))
+    let ctx = context(&auth, &headers);
+    let (items, skipped) = entities_get_attrs(&state, found.items, &ctx).await?;
+    Ok(respond(
+        StatusCode::OK,
+        &page.wrap_more(items, Some(found.more)),
+        &skipped,
+    ))
 }
 
 async fn referral(state: &HostState, f: &mut Fields) -> Vec<ObjectRef> {
@@ -667,7 +674,7 @@ async fn update_entity(
         .before_update_entity(&entity, changes, &ctx)
         .await?;
     let entity = state.store.update_entity(id, &out.value, &ctx).await?;
-    state.entities.forget(id);
+    state.forget(super::forget::Forget::Entity(id)).await;
     Ok(respond(StatusCode::OK, &entity, &out.skipped))
 }
 
@@ -683,7 +690,7 @@ async fn delete_entity(
     let ctx = context(&auth, &headers);
     let out = state.hooks.before_delete_entity(&entity, &ctx).await?;
     let entity = state.store.delete_entity(id, &ctx).await?;
-    state.entities.forget(id);
+    state.forget(super::forget::Forget::Entity(id)).await;
     Ok(respond(StatusCode::OK, &entity, &out.skipped))
 }
 
@@ -697,7 +704,7 @@ async fn restore_entity(
     let id = parse_id("entity id", &id)?;
     let ctx = context(&auth, &headers);
     let entity = state.store.restore_entity(id, &ctx).await?;
-    state.entities.forget(id);
+    state.forget(super::forget::Forget::Entity(id)).await;
     Ok(respond(StatusCode::OK, &entity, &[]))
 }
 
@@ -730,44 +737,81 @@ async fn list_entries(
 }
 
 /// Runs the `entry.get_attrs` chain over each entry of a list page, as
-/// [`get_entry`] does for one: [`LIST_GET_ATTRS_CONCURRENCY`] entries at a
-/// time, in page order. A blocking handler without an answer fails the whole
-/// page (503); skipped handlers are named once each. Without any handler for
-/// the entity the entries are returned as read.
+/// [`get_entry`] does for one (see [`page_get_attrs`]).
 async fn entries_get_attrs(
     state: &HostState,
     entries: Vec<Entry>,
     ctx: &WriteContext,
 ) -> Result<(Vec<Entry>, Vec<Skipped>), ApiError> {
+    // Every entry of a page is of one entity, so one look at the routes will do.
+    let any_handler = entries.first().is_some_and(|first| {
+        state
+            .registry
+            .table()
+            .matching(core_events::Hook::EntryGetAttrs, &first.schema.name)
+            .next()
+            .is_some()
+    });
+    page_get_attrs(entries, any_handler, |mut entry| async move {
+        let out = state.hooks.get_entry_attrs(&entry, ctx).await?;
+        entry.attrs = out.value;
+        Ok((entry, out.skipped))
+    })
+    .await
+}
+
+/// Runs the `entity.get_attrs` chain over each entity of a list page, as
+/// [`get_entity`] does for one (see [`page_get_attrs`]).
+async fn entities_get_attrs(
+    state: &HostState,
+    entities: Vec<Entity>,
+    ctx: &WriteContext,
+) -> Result<(Vec<Entity>, Vec<Skipped>), ApiError> {
+    let any_handler = {
+        let table = state.registry.table();
+        entities.iter().any(|e| {
+            table
+                .matching(core_events::Hook::EntityGetAttrs, &e.name)
+                .next()
+                .is_some()
+        })
+    };
+    page_get_attrs(entities, any_handler, |mut entity| async move {
+        let out = state.hooks.get_entity_attrs(&entity, ctx).await?;
+        entity.attrs = out.value;
+        Ok((entity, out.skipped))
+    })
+    .await
+}
+
+/// Runs `run` (a `get_attrs` chain) over each item of a list page:
+/// [`LIST_GET_ATTRS_CONCURRENCY`] items at a time, in page order. A blocking
+/// handler without an answer fails the whole page (503); skipped handlers are
+/// named once each. Without `any_handler` the items are returned as read.
+async fn page_get_attrs<T, F, Fut>(
+    items: Vec<T>,
+    any_handler: bool,
+    run: F,
+) -> Result<(Vec<T>, Vec<Skipped>), ApiError>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = Result<(T, Vec<Skipped>), ApiError>>,
+{
     use futures::{StreamExt, TryStreamExt};
 
-    let Some(first) = entries.first() else {
-        return Ok((entries, Vec::new()));
-    };
-    // Every entry of a page is of one entity, so one look at the routes will do.
-    let any_handler = state
-        .registry
-        .table()
-        .matching(core_events::Hook::EntryGetAttrs, &first.schema.name)
-        .next()
-        .is_some();
-    if !any_handler {
-        return Ok((entries, Vec::new()));
+    if !any_handler || items.is_empty() {
+        return Ok((items, Vec::new()));
     }
-    let outcomes: Vec<(Entry, Vec<Skipped>)> = futures::stream::iter(entries)
-        .map(|mut entry| async move {
-            let out = state.hooks.get_entry_attrs(&entry, ctx).await?;
-            entry.attrs = out.value;
-            Ok::<_, ApiError>((entry, out.skipped))
-        })
+    let outcomes: Vec<(T, Vec<Skipped>)> = futures::stream::iter(items)
+        .map(run)
         .buffered(LIST_GET_ATTRS_CONCURRENCY)
         .try_collect()
         .await?;
-    let mut items = Vec::with_capacity(outcomes.len());
+    let mut out = Vec::with_capacity(outcomes.len());
     let mut skipped: Vec<Skipped> = Vec::new();
-    for (entry, entry_skipped) in outcomes {
-        items.push(entry);
-        for s in entry_skipped {
+    for (item, item_skipped) in outcomes {
+        out.push(item);
+        for s in item_skipped {
             if !skipped
                 .iter()
                 .any(|k| k.plugin == s.plugin && k.handler == s.handler)
@@ -776,7 +820,7 @@ async fn entries_get_attrs(
             }
         }
     }
-    Ok((items, skipped))
+    Ok((out, skipped))
 }
 
 async fn create_entry(

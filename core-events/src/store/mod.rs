@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyPool, Connection, Executor};
 use tokio::sync::Notify;
 
 pub use batch::NewEntryInput;
@@ -162,11 +162,7 @@ impl Store {
                 (pool, writer)
             }
             Backend::Postgres => {
-                let pool = AnyPoolOptions::new()
-                    .max_connections(16)
-                    .acquire_timeout(Duration::from_secs(30))
-                    .connect_with(options)
-                    .await?;
+                let pool = pool_options(16).connect_with(options).await?;
                 (pool.clone(), pool)
             }
         };
@@ -250,20 +246,37 @@ impl Store {
     }
 }
 
-fn sqlite_pool(max: u32) -> AnyPoolOptions {
+/// How long a pooled connection may sit idle before it is pinged when taken
+/// (a connection in steady use is not: a ping per acquire is a round trip per
+/// transaction, and a broken busy connection fails its statement and is dropped).
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
+
+fn pool_options(max: u32) -> AnyPoolOptions {
     AnyPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(30))
-        .after_connect(|conn, _meta| {
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
             Box::pin(async move {
-                conn.execute(
-                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                     PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
-                )
-                .await?;
-                Ok(())
+                if meta.idle_for > PING_WHEN_IDLE_FOR {
+                    conn.ping().await?;
+                }
+                Ok(true)
             })
         })
+}
+
+fn sqlite_pool(max: u32) -> AnyPoolOptions {
+    pool_options(max).after_connect(|conn, _meta| {
+        Box::pin(async move {
+            conn.execute(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                     PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+            )
+            .await?;
+            Ok(())
+        })
+    })
 }
 
 /// [`StoreError::NotFound`] for `what` (`entity`, `entry`, `job`, …) with this id.
