@@ -1523,11 +1523,8 @@ async fn token_and_user_changes_reach_other_hosts(backend: Backend) {
         StatusCode::OK,
         "{backend:?}"
     );
-    let (status, body) = call(a.as_user(
-        Method::DELETE,
-        &format!("/api/v2/tokens/{}/", token["id"]),
-    ))
-    .await;
+    let (status, body) =
+        call(a.as_user(Method::DELETE, &format!("/api/v2/tokens/{}/", token["id"]))).await;
     assert_eq!(status, StatusCode::OK, "{backend:?} {body}");
     assert_eventually!(
         call(me_on_b(&key)).await.0 == StatusCode::UNAUTHORIZED,
@@ -1542,11 +1539,8 @@ async fn token_and_user_changes_reach_other_hosts(backend: Backend) {
     );
 
     // The user deactivated through A: B refuses their remaining token too.
-    let (status, body) = call(a.as_admin(
-        Method::DELETE,
-        &format!("/api/v2/users/{}/", a.user.id),
-    ))
-    .await;
+    let (status, body) =
+        call(a.as_admin(Method::DELETE, &format!("/api/v2/users/{}/", a.user.id))).await;
     assert_eq!(status, StatusCode::OK, "{backend:?} {body}");
     assert_eventually!(
         call(me_on_b(&a.user_token)).await.0 == StatusCode::UNAUTHORIZED,
