@@ -12,6 +12,7 @@ use async_nats::jetstream;
 use common::*;
 use core_events::{Hook, Subjects};
 use hookbus::Publisher;
+use hookbus::run::Bus;
 use hookbus_tests::{NatsServer, assert_eventually, init_tracing};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -791,4 +792,98 @@ async fn the_bus_answers_status_requests() {
             .contains("unknown status subject 'pagoda.bus.nope'")
     );
     bus.stop().await.unwrap();
+}
+
+/// Two buses that both dispatch the same consumer, as when one lost its lease
+/// and has not noticed yet (here: leases off). On NATS 2.11 and newer the
+/// consumer is pinned to one of them, so only it dispatches (order per object
+/// holds); when it stops it unpins and the other takes over at once, long before
+/// the pin would time out. A consumer made without pinning (by an older bus) is
+/// made pinned. On 2.10 the consumer has no priority group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_dispatcher_on_a_pinned_consumer_stands_by() {
+    use async_nats::jetstream::consumer::PriorityPolicy;
+    use hookbus::dispatch::{PIN_GROUP, PIN_TIMEOUT, supports_pinning};
+
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let log = CallLog::default();
+    let mut config = test_config(&["p"]);
+    config.dispatcher.lease = false;
+    // The consumer as a bus without pinning made it: the first bus makes it pinned.
+    let js = jetstream::new(client.clone());
+    hookbus::provision::provision(&js, &config.subjects, &config.streams)
+        .await
+        .unwrap();
+    js.get_stream(Subjects::default().events_stream())
+        .await
+        .unwrap()
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("dispatcher".into()),
+            filter_subject: Subjects::default().all_events(),
+            ack_wait: config.dispatcher.ack_wait,
+            max_ack_pending: 2048,
+            max_deliver: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let a = Bus::start(server.connect().await, config.clone())
+        .await
+        .unwrap();
+    let b = Bus::start(server.connect().await, config).await.unwrap();
+    let mut p = TestPlugin::new("p", &log).handler("h", Hook::EntryAfterCreate, None, 100);
+    p.set("h", Behaviour::Slow(Duration::from_millis(1)));
+    p.start(&client).await;
+    wait_registered(&a, &["p"]).await;
+    wait_registered(&b, &["p"]).await;
+    let publisher = publisher(&client);
+    for i in 0..200 {
+        publisher
+            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i % 10))
+            .await
+            .unwrap();
+    }
+    let acked = |bus: &Bus| bus.stats.events_acked.get();
+    assert_eventually!(acked(&a) + acked(&b) == 200, WAIT);
+
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_stream(Subjects::default().events_stream())
+        .await
+        .unwrap()
+        .get_consumer("dispatcher")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap().clone();
+    if !supports_pinning(&client) {
+        assert_eq!(info.config.priority_policy, PriorityPolicy::None);
+        assert!(info.config.priority_groups.is_empty());
+        a.stop().await.unwrap();
+        b.stop().await.unwrap();
+        return;
+    }
+    assert_eq!(info.config.priority_policy, PriorityPolicy::PinnedClient);
+    assert_eq!(info.config.priority_groups, vec![PIN_GROUP.to_owned()]);
+    let (na, nb) = (acked(&a), acked(&b));
+    assert!(
+        na == 0 || nb == 0,
+        "one dispatcher is pinned and dispatches everything: a {na}, b {nb}"
+    );
+    assert_in_order_per_object(&log, "p", 200);
+
+    let (active, standby) = if na > 0 { (a, b) } else { (b, a) };
+    active.stop().await.unwrap();
+    for i in 0..50 {
+        publisher
+            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i % 10))
+            .await
+            .unwrap();
+    }
+    assert_eventually!(
+        acked(&standby) == 50,
+        PIN_TIMEOUT / 3,
+        "the standby took over at once (unpinned when the active one stopped)"
+    );
+    standby.stop().await.unwrap();
 }

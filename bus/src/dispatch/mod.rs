@@ -11,6 +11,12 @@
 //!   point means redelivery, never loss.
 //! - The dispatcher reads only the subject and headers of an event; the payload
 //!   goes to handlers untouched.
+//! - On NATS 2.11 and newer the dispatcher consumers are pinned-client consumers
+//!   (priority group [`PIN_GROUP`]): the server delivers to one pull client at a
+//!   time, so even two buses that both believe they hold a partition's lease (one
+//!   that lost it and has not noticed yet) never dispatch it at once. A dispatcher
+//!   unpins when it starts (taking over from a dead holder at once) and when it
+//!   stops (handing over at once); the KV lease still decides who runs.
 
 mod deferred;
 pub(crate) mod deliver;
@@ -20,6 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::PriorityPolicy;
 use async_nats::jetstream::{self, consumer::pull};
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
@@ -483,6 +490,24 @@ impl Lanes {
     }
 }
 
+/// The priority group of the dispatcher consumers on NATS 2.11 and newer
+/// ([`pull::Config::priority_groups`], pinned client).
+pub const PIN_GROUP: &str = "dispatch";
+
+/// How long the server keeps a dispatcher pinned after its last pull; only
+/// matters when a holder died without unpinning and the next one's unpin failed.
+pub const PIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether the connected server has pinned-client consumers (NATS 2.11 or newer).
+pub fn supports_pinning(client: &async_nats::Client) -> bool {
+    let version = client.server_info().version;
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (2, 11)
+}
+
 /// A running dispatcher.
 pub struct Dispatcher {
     ctx: Arc<Ctx>,
@@ -550,23 +575,41 @@ impl Dispatcher {
             .await
             .map_err(|e| err("events stream")(e.into()))?;
         let deliver_policy = first_delivery(&stream, &settings.consumer, partition).await;
-        let consumer = stream
-            .get_or_create_consumer(
-                &name,
-                pull::Config {
-                    durable_name: Some(name.clone()),
-                    description: Some(format!("Pagoda hook bus dispatcher, partition {partition}")),
-                    deliver_policy,
-                    filter_subject: subjects.all_events(),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: settings.ack_wait,
-                    max_ack_pending: i64::try_from(settings.max_in_flight).unwrap_or(i64::MAX),
-                    max_deliver: -1,
-                    ..Default::default()
-                },
-            )
+        let pinning = supports_pinning(&client);
+        let config = pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some(format!("Pagoda hook bus dispatcher, partition {partition}")),
+            deliver_policy,
+            filter_subject: subjects.all_events(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: settings.ack_wait,
+            max_ack_pending: i64::try_from(settings.max_in_flight).unwrap_or(i64::MAX),
+            max_deliver: -1,
+            priority_groups: if pinning {
+                vec![PIN_GROUP.to_owned()]
+            } else {
+                Vec::new()
+            },
+            priority_policy: if pinning {
+                PriorityPolicy::PinnedClient
+            } else {
+                PriorityPolicy::None
+            },
+            priority_timeout: if pinning { PIN_TIMEOUT } else { Duration::ZERO },
+            ..Default::default()
+        };
+        let mut consumer = stream
+            .get_or_create_consumer(&name, config.clone())
             .await
             .map_err(|e| err("dispatcher consumer")(e.into()))?;
+        let pinned = pinned_consumer(&stream, &mut consumer, config).await;
+        if pinned {
+            // Whoever is pinned no longer holds this partition's lease (it died, or
+            // lost it): take over at once rather than after its pin times out.
+            if let Err(e) = stream.unpin_consumer(&name, PIN_GROUP).await {
+                tracing::debug!(error = %e, consumer = %name, "unpin at start");
+            }
+        }
         // Events another dispatcher took and did not finish (it crashed, or lost
         // its lease) come back only after their ack wait; newer events of the same
         // objects must not overtake them. Hold everything until they are back.
@@ -604,15 +647,21 @@ impl Dispatcher {
             permits: Arc::new(Semaphore::new(settings.max_parallel_objects.max(1))),
         };
         let keepalive = tokio::spawn(keep_alive(dispatcher.lanes.clone(), ctx.clone()));
-        let mut messages = consumer
+        let pull = consumer
             .stream()
             .max_messages_per_batch(settings.max_in_flight.clamp(1, 512))
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
+            .heartbeat(Duration::from_secs(5));
+        // A pinned client keeps its pin by pulling: expire pulls well within the pin timeout.
+        let pull = if pinned {
+            pull.expires(PIN_TIMEOUT / 3).group(PIN_GROUP)
+        } else {
+            pull.expires(Duration::from_secs(30))
+        };
+        let mut messages = pull
             .messages()
             .await
             .map_err(|e| err("consumer messages")(e.into()))?;
-        tracing::info!(consumer = %name, %partition, "dispatcher running");
+        tracing::info!(consumer = %name, %partition, pinned, "dispatcher running");
         ctx.stats.set_running(partition, true);
         loop {
             tokio::select! {
@@ -647,6 +696,12 @@ impl Dispatcher {
         // next holder of this partition gets it at once rather than after the ack wait.
         give_back(&mut messages, &mut hold).await;
         drop(messages);
+        if pinned {
+            // The next holder is pinned at once rather than after the pin timeout.
+            if let Err(e) = stream.unpin_consumer(&name, PIN_GROUP).await {
+                tracing::debug!(error = %e, consumer = %name, "unpin at stop");
+            }
+        }
         keepalive.abort();
         tracker.close();
         if tokio::time::timeout(settings.shutdown_grace, tracker.wait())
@@ -880,6 +935,35 @@ async fn first_delivery(
             }
         }
         _ => DeliverPolicy::All,
+    }
+}
+
+/// Whether `consumer` is (now) a pinned-client consumer. One made before the
+/// server had pinning (or by an older bus) is updated to `config` when the server
+/// has it; should that fail, it is used as it is (the lease alone decides).
+async fn pinned_consumer(
+    stream: &jetstream::stream::Stream,
+    consumer: &mut jetstream::consumer::Consumer<pull::Config>,
+    config: pull::Config,
+) -> bool {
+    let is_pinned = |c: &jetstream::consumer::Config| {
+        c.priority_policy == PriorityPolicy::PinnedClient && !c.priority_groups.is_empty()
+    };
+    if is_pinned(&consumer.cached_info().config)
+        || config.priority_policy != PriorityPolicy::PinnedClient
+    {
+        return is_pinned(&consumer.cached_info().config);
+    }
+    match stream.update_consumer(config).await {
+        Ok(updated) => {
+            *consumer = updated;
+            is_pinned(&consumer.cached_info().config)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, consumer = ?consumer.cached_info().name,
+                "cannot make the dispatcher consumer a pinned-client one; the lease alone keeps a second bus from dispatching");
+            false
+        }
     }
 }
 
