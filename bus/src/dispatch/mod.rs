@@ -500,7 +500,11 @@ pub const PIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Whether the connected server has pinned-client consumers (NATS 2.11 or newer).
 pub fn supports_pinning(client: &async_nats::Client) -> bool {
-    let version = client.server_info().version;
+    version_has_pinning(&client.server_info().version)
+}
+
+/// Whether a nats-server version (`2.11.0`, `2.12.1-RC.2`) is 2.11 or newer.
+fn version_has_pinning(version: &str) -> bool {
     let mut parts = version
         .split(|c: char| !c.is_ascii_digit())
         .map(|n| n.parse::<u32>().unwrap_or(0));
@@ -1025,5 +1029,26 @@ async fn ack(ctx: &Ctx, lanes: &Lanes, seq: u64) {
             tracing::warn!(seq, error = %e, "ack failed; the event will be redelivered");
         }
         ctx.stats.events_acked.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_has_pinning;
+
+    #[test]
+    fn pinning_from_nats_server_2_11_on() {
+        for (version, pinned) in [
+            ("2.9.10", false),
+            ("2.10.26", false),
+            ("2.11.0", true),
+            ("2.12.1-RC.2", true),
+            ("2.15.1", true),
+            ("3.0.0", true),
+            ("", false),
+            ("garbage", false),
+        ] {
+            assert_eq!(version_has_pinning(version), pinned, "{version}");
+        }
     }
 }
