@@ -105,11 +105,14 @@ async fn plugin_cannot_act_as_bus_host_or_other_plugin() {
         .await
         .unwrap();
     expect_violation(&mut errors, "$JS.API.CONSUMER.MSG.NEXT.PAGODA_JOBS.beta").await;
-    // Touch the bus's dispatcher consumer, dead letters, deferred deliveries.
+    // Touch the bus's dispatcher consumer (or unpin it), dead letters, deferred deliveries.
     for subject in [
         "$JS.API.CONSUMER.DELETE.PAGODA_EVENTS.dispatcher",
         "$JS.API.CONSUMER.MSG.NEXT.PAGODA_EVENTS.dispatcher",
+        "$JS.API.CONSUMER.UNPIN.PAGODA_EVENTS.dispatcher",
         "$JS.API.STREAM.PURGE.PAGODA_EVENTS",
+        // Nor tell the hosts to drop cached tokens.
+        "pagoda.host.forget",
         "pagoda.dlq.beta.h",
         "pagoda.deferred.beta",
         "pagoda.alerts.beta.degraded",

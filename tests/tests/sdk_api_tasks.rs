@@ -218,6 +218,14 @@ async fn the_host_runs_with_its_own_permissions() {
     )
     .await;
     assert_eq!(status, 201, "{entity}");
+    // An entity change tells the other hosts (pagoda.host.forget) with its permissions.
+    let (status, body) = call(
+        reqwest::Method::PATCH,
+        &format!("/api/v2/entities/{}/", entity["id"]),
+        Some(serde_json::json!({"note": "people"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
     let entries = format!("/api/v2/entities/{}/entries/", entity["id"]);
     let (status, body) = call(
         reqwest::Method::POST,
@@ -233,9 +241,9 @@ async fn the_host_runs_with_its_own_permissions() {
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    // The host's relay publishes both events.
+    // The host's relay publishes the three events.
     let js = jetstream::new(bus_client.clone());
-    assert_eventually!(stream_len(&js, "PAGODA_EVENTS").await == 2, WAIT);
+    assert_eventually!(stream_len(&js, "PAGODA_EVENTS").await == 3, WAIT);
 
     let (status, body) = call(reqwest::Method::GET, "/api/v2/plugins/alpha/hello", None).await;
     assert_eq!((status, &body["user"]), (200, &serde_json::json!("admin")));
