@@ -799,7 +799,8 @@ async fn the_bus_answers_status_requests() {
 /// consumer is pinned to one of them, so only it dispatches (order per object
 /// holds); when it stops it unpins and the other takes over at once, long before
 /// the pin would time out. A consumer made without pinning (by an older bus) is
-/// made pinned. On 2.10 the consumer has no priority group.
+/// made pinned. On 2.10 the consumer has no priority group (and two lease-less
+/// buses are not run: the lease alone keeps the second out there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_dispatcher_on_a_pinned_consumer_stands_by() {
     use async_nats::jetstream::consumer::PriorityPolicy;
@@ -822,6 +823,11 @@ async fn a_second_dispatcher_on_a_pinned_consumer_stands_by() {
         .create_consumer(jetstream::consumer::pull::Config {
             durable_name: Some("dispatcher".into()),
             filter_subject: Subjects::default().all_events(),
+            // Not what a bus would choose today: the update keeps it (a start
+            // cannot be changed on an existing consumer).
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: 1,
+            },
             ack_wait: config.dispatcher.ack_wait,
             max_ack_pending: 2048,
             max_deliver: -1,
@@ -832,12 +838,34 @@ async fn a_second_dispatcher_on_a_pinned_consumer_stands_by() {
     let a = Bus::start(server.connect().await, config.clone())
         .await
         .unwrap();
+    let dispatcher_consumer = || async {
+        let mut consumer: jetstream::consumer::PullConsumer = js
+            .get_stream(Subjects::default().events_stream())
+            .await
+            .unwrap()
+            .get_consumer("dispatcher")
+            .await
+            .unwrap();
+        consumer.info().await.unwrap().config.clone()
+    };
+    if !supports_pinning(&client) {
+        // 2.10: no priority groups; the lease alone keeps a second bus out (two
+        // lease-less buses on one consumer are not supported there).
+        assert_eventually!(a.stats.is_running(), WAIT);
+        let config = dispatcher_consumer().await;
+        assert_eq!(config.priority_policy, PriorityPolicy::None);
+        assert!(config.priority_groups.is_empty());
+        a.stop().await.unwrap();
+        return;
+    }
     let b = Bus::start(server.connect().await, config).await.unwrap();
     let mut p = TestPlugin::new("p", &log).handler("h", Hook::EntryAfterCreate, None, 100);
     p.set("h", Behaviour::Slow(Duration::from_millis(1)));
     p.start(&client).await;
     wait_registered(&a, &["p"]).await;
     wait_registered(&b, &["p"]).await;
+    // Both pull (each unpinned once at its start) before any event flows.
+    assert_eventually!(a.stats.is_running() && b.stats.is_running(), WAIT);
     let publisher = publisher(&client);
     for i in 0..200 {
         publisher
@@ -848,23 +876,9 @@ async fn a_second_dispatcher_on_a_pinned_consumer_stands_by() {
     let acked = |bus: &Bus| bus.stats.events_acked.get();
     assert_eventually!(acked(&a) + acked(&b) == 200, WAIT);
 
-    let mut consumer: jetstream::consumer::PullConsumer = js
-        .get_stream(Subjects::default().events_stream())
-        .await
-        .unwrap()
-        .get_consumer("dispatcher")
-        .await
-        .unwrap();
-    let info = consumer.info().await.unwrap().clone();
-    if !supports_pinning(&client) {
-        assert_eq!(info.config.priority_policy, PriorityPolicy::None);
-        assert!(info.config.priority_groups.is_empty());
-        a.stop().await.unwrap();
-        b.stop().await.unwrap();
-        return;
-    }
-    assert_eq!(info.config.priority_policy, PriorityPolicy::PinnedClient);
-    assert_eq!(info.config.priority_groups, vec![PIN_GROUP.to_owned()]);
+    let info = dispatcher_consumer().await;
+    assert_eq!(info.priority_policy, PriorityPolicy::PinnedClient);
+    assert_eq!(info.priority_groups, vec![PIN_GROUP.to_owned()]);
     let (na, nb) = (acked(&a), acked(&b));
     assert!(
         na == 0 || nb == 0,

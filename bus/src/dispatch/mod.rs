@@ -943,22 +943,36 @@ async fn first_delivery(
 }
 
 /// Whether `consumer` is (now) a pinned-client consumer. One made before the
-/// server had pinning (or by an older bus) is updated to `config` when the server
-/// has it; should that fail, it is used as it is (the lease alone decides).
+/// server had pinning (or by an older bus) gets `wanted`'s priority settings,
+/// and keeps the rest of its configuration (where it starts, above all), when
+/// the server has pinning; should that fail, it is used as it is (the lease
+/// alone decides).
 async fn pinned_consumer(
     stream: &jetstream::stream::Stream,
     consumer: &mut jetstream::consumer::Consumer<pull::Config>,
-    config: pull::Config,
+    wanted: pull::Config,
 ) -> bool {
+    use jetstream::consumer::FromConsumer;
+
     let is_pinned = |c: &jetstream::consumer::Config| {
         c.priority_policy == PriorityPolicy::PinnedClient && !c.priority_groups.is_empty()
     };
-    if is_pinned(&consumer.cached_info().config)
-        || config.priority_policy != PriorityPolicy::PinnedClient
-    {
-        return is_pinned(&consumer.cached_info().config);
+    let current = consumer.cached_info().config.clone();
+    if is_pinned(&current) || wanted.priority_policy != PriorityPolicy::PinnedClient {
+        return is_pinned(&current);
     }
-    match stream.update_consumer(config).await {
+    let mut config = current;
+    config.priority_groups = wanted.priority_groups;
+    config.priority_policy = wanted.priority_policy;
+    config.priority_timeout = wanted.priority_timeout;
+    let updated = match pull::Config::try_from_consumer_config(config) {
+        Ok(c) => stream
+            .update_consumer(c)
+            .await
+            .map_err(async_nats::Error::from),
+        Err(e) => Err(e),
+    };
+    match updated {
         Ok(updated) => {
             *consumer = updated;
             is_pinned(&consumer.cached_info().config)
