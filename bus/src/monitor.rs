@@ -172,6 +172,10 @@ pub struct BusHealth {
     /// The partitions this bus dispatches now (when partitioned).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dispatcher_partitions: Vec<u32>,
+    /// The dispatcher's consumers are pinned-client ones (NATS 2.11+): the
+    /// server delivers to this bus only.
+    #[serde(default)]
+    pub dispatcher_pinned: bool,
     /// `ENABLED_PLUGINS`, in order.
     pub enabled_plugins: Vec<String>,
     /// Events of the stream not yet taken by the dispatcher.
@@ -355,6 +359,7 @@ impl Health {
             dispatcher_role: stats.role().to_owned(),
             partitions: self.partitions,
             dispatcher_partitions: stats.partitions(),
+            dispatcher_pinned: stats.is_pinned(),
             enabled_plugins: self.enabled.clone(),
             pending: sampled.pending.load(Ordering::Relaxed),
             ack_pending: sampled.ack_pending.load(Ordering::Relaxed),

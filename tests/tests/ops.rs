@@ -558,6 +558,12 @@ async fn metrics_and_healthz() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["status"], "ok");
     assert_eq!(v["dispatcher_running"], true);
+    // Pinned-client consumers on NATS 2.11+, not on 2.10.
+    assert_eq!(
+        v["dispatcher_pinned"],
+        hookbus::dispatch::supports_pinning(&client),
+        "{body}"
+    );
     assert_eq!(
         v["plugins"]["m"]["last_error"],
         "handler error 400: test failure 400"

@@ -92,6 +92,9 @@ pub struct DispatchStats {
     /// Dispatchers of this bus taking events (one per partition it holds).
     #[serde(skip)]
     running: std::sync::atomic::AtomicUsize,
+    /// Of those, the ones on a pinned-client consumer (NATS 2.11+).
+    #[serde(skip)]
+    pinned: std::sync::atomic::AtomicUsize,
     /// The partitions this bus dispatches now (empty when not partitioned).
     #[serde(skip)]
     partitions: std::sync::Mutex<std::collections::BTreeSet<u32>>,
@@ -117,11 +120,20 @@ impl DispatchStats {
             .collect()
     }
 
-    fn set_running(&self, partition: Partition, running: bool) {
-        if running {
-            self.running.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.running.fetch_sub(1, Ordering::Relaxed);
+    /// True while the dispatcher runs on pinned-client consumers (NATS 2.11+:
+    /// the server, too, delivers to one bus at a time).
+    pub fn is_pinned(&self) -> bool {
+        self.pinned.load(Ordering::Relaxed) > 0
+    }
+
+    fn set_running(&self, partition: Partition, running: bool, pinned: bool) {
+        let counters = [Some(&self.running), pinned.then_some(&self.pinned)];
+        for counter in counters.into_iter().flatten() {
+            if running {
+                counter.fetch_add(1, Ordering::Relaxed);
+            } else {
+                counter.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         if !partition.is_all() {
             let mut owned = self
@@ -666,7 +678,7 @@ impl Dispatcher {
             .await
             .map_err(|e| err("consumer messages")(e.into()))?;
         tracing::info!(consumer = %name, %partition, pinned, "dispatcher running");
-        ctx.stats.set_running(partition, true);
+        ctx.stats.set_running(partition, true, pinned);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -695,7 +707,7 @@ impl Dispatcher {
                 }
             }
         }
-        ctx.stats.set_running(partition, false);
+        ctx.stats.set_running(partition, false, pinned);
         // Give back what the consumer already sent and nobody started on, so the
         // next holder of this partition gets it at once rather than after the ack wait.
         give_back(&mut messages, &mut hold).await;

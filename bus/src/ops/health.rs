@@ -293,15 +293,21 @@ pub fn render(
     Ok(())
 }
 
-/// The dispatcher's state in words: `running`, `running partitions 0, 2 of 4`,
+/// The dispatcher's state in words: `running`, `running partitions 0, 2 of 4`
+/// (with ` (pinned)` on pinned-client consumers),
 /// `standing by (other buses hold the dispatcher leases)` or `NOT RUNNING`.
 fn role(b: &crate::monitor::BusHealth) -> String {
+    let pinned = if b.dispatcher_pinned { " (pinned)" } else { "" };
     match (b.dispatcher_running, b.dispatcher_role.as_str()) {
         (true, _) if b.partitions > 1 => {
             let held: Vec<String> = b.dispatcher_partitions.iter().map(u32::to_string).collect();
-            format!("running partitions {} of {}", held.join(", "), b.partitions)
+            format!(
+                "running partitions {} of {}{pinned}",
+                held.join(", "),
+                b.partitions
+            )
         }
-        (true, _) => "running".to_owned(),
+        (true, _) => format!("running{pinned}"),
         (false, "standby") => "standing by (other buses hold the dispatcher leases)".to_owned(),
         _ => "NOT RUNNING".to_owned(),
     }
