@@ -17,6 +17,16 @@ use hookbus_tests::{NatsServer, assert_eventually, init_tracing};
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Publishes one `hook` event about each entry id of `ids` (entity `customer`), in order.
+async fn publish_entries(publisher: &Publisher, hook: Hook, ids: impl IntoIterator<Item = i64>) {
+    for id in ids {
+        publisher
+            .publish(&entry_event(hook, "customer", id))
+            .await
+            .unwrap();
+    }
+}
+
 fn publisher(client: &async_nats::Client) -> Publisher {
     Publisher::new(jetstream::new(client.clone()), Subjects::default())
 }
@@ -250,20 +260,10 @@ async fn stopped_plugin_case(partitions: u32) {
     flappy.start(&client).await;
     wait_registered(&bus, &["steady", "flappy"]).await;
     let publisher = publisher(&client);
-    for i in 0..40 {
-        publisher
-            .publish(&entry_event(Hook::EntryAfterUpdate, "customer", i % 5))
-            .await
-            .unwrap();
-    }
+    publish_entries(&publisher, Hook::EntryAfterUpdate, (0..40).map(|i| i % 5)).await;
     assert_eventually!(log.of("steady").len() == 40, WAIT);
     flappy.stop();
-    for i in 40..100 {
-        publisher
-            .publish(&entry_event(Hook::EntryAfterUpdate, "customer", i % 5))
-            .await
-            .unwrap();
-    }
+    publish_entries(&publisher, Hook::EntryAfterUpdate, (40..100).map(|i| i % 5)).await;
     // The other plugin is never held up by the absent one.
     assert_eventually!(
         log.of("steady").len() == 100,
@@ -292,15 +292,7 @@ async fn stopped_plugin_case(partitions: u32) {
         assert!(tagged > 0, "deferred deliveries are kept per partition");
     }
     flappy.start(&client).await;
-    assert_eventually!(
-        log.of("flappy")
-            .iter()
-            .map(|c| c.event_id.clone())
-            .collect::<HashSet<_>>()
-            .len()
-            == 100,
-        WAIT
-    );
+    assert_eventually!(CallLog::distinct_events(&log.of("flappy")) == 100, WAIT);
     assert_in_order_per_object(&log, "flappy", 100);
     assert_in_order_per_object(&log, "steady", 100);
     bus.stop().await.unwrap();
@@ -319,18 +311,12 @@ async fn two_replicas_share_the_work_exactly_once() {
     r.start(&client2).await;
     wait_registered(&bus, &["r"]).await;
     let publisher = publisher(&client);
-    for i in 0..200 {
-        publisher
-            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i))
-            .await
-            .unwrap();
-    }
+    publish_entries(&publisher, Hook::EntryAfterCreate, 0..200).await;
     assert_eventually!(log.len() >= 200, WAIT);
     assert_eventually!(bus.stats.events_acked.get() == 200, WAIT);
     let calls = log.all();
-    let ids: HashSet<_> = calls.iter().map(|c| c.event_id.clone()).collect();
     assert_eq!(calls.len(), 200, "no delivery handled twice");
-    assert_eq!(ids.len(), 200);
+    assert_eq!(CallLog::distinct_events(&calls), 200);
     let by_replica = |n| calls.iter().filter(|c| c.replica == n).count();
     assert!(
         by_replica(0) > 0 && by_replica(1) > 0,
@@ -365,14 +351,19 @@ fn spawn_leased_bus(server: &NatsServer, partitions: u32) -> Child {
         .unwrap()
 }
 
-/// The process id in the dispatcher lease (`host/pid/random`), if held.
-async fn lease_holder_pid(js: &jetstream::Context) -> Option<u32> {
+/// The process id holding lease `key` (its value is `host/pid/random`), if held.
+async fn lease_holder(js: &jetstream::Context, key: &str) -> Option<u32> {
     let kv = js
         .get_key_value(Subjects::default().leases_bucket())
         .await
         .ok()?;
-    let v = kv.get("dispatcher").await.ok()??;
+    let v = kv.get(key).await.ok()??;
     String::from_utf8_lossy(&v).split('/').nth(1)?.parse().ok()
+}
+
+/// The process id in the dispatcher lease, if held.
+async fn lease_holder_pid(js: &jetstream::Context) -> Option<u32> {
+    lease_holder(js, "dispatcher").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,12 +382,7 @@ async fn a_standby_bus_takes_over_when_the_active_one_is_killed() {
     p.start(&client).await;
     assert_eventually!(bus_process_routes_to(&client, "p").await, WAIT);
     let publisher = publisher(&client);
-    for i in 0..400 {
-        publisher
-            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i % 10))
-            .await
-            .unwrap();
-    }
+    publish_entries(&publisher, Hook::EntryAfterCreate, (0..400).map(|i| i % 10)).await;
     assert_eventually!(log.len() > 60, WAIT);
     // Only the lease holder dispatches: kill it mid-stream.
     assert_eq!(
@@ -409,15 +395,7 @@ async fn a_standby_bus_takes_over_when_the_active_one_is_killed() {
     let at_kill = log.len();
     assert!(at_kill < 400, "killed mid-stream ({at_kill} delivered)");
     assert_eventually!(lease_holder_pid(&js).await == Some(b.id()), WAIT);
-    assert_eventually!(
-        log.all()
-            .iter()
-            .map(|c| c.event_id.clone())
-            .collect::<HashSet<_>>()
-            .len()
-            == 400,
-        WAIT
-    );
+    assert_eventually!(CallLog::distinct_events(&log.all()) == 400, WAIT);
     assert_in_order_per_object(&log, "p", 400);
     b.kill().unwrap();
     b.wait().unwrap();
@@ -426,19 +404,9 @@ async fn a_standby_bus_takes_over_when_the_active_one_is_killed() {
 /// The process ids holding the leases of partitions `0..count`, in order (`None`
 /// where free).
 async fn partition_holders(js: &jetstream::Context, count: u32) -> Vec<Option<u32>> {
-    let Ok(kv) = js.get_key_value(Subjects::default().leases_bucket()).await else {
-        return vec![None; count as usize];
-    };
     let mut out = Vec::new();
     for i in 0..count {
-        let pid = match kv.get(format!("dispatcher.p{i}of{count}")).await {
-            Ok(Some(v)) => String::from_utf8_lossy(&v)
-                .split('/')
-                .nth(1)
-                .and_then(|p| p.parse().ok()),
-            _ => None,
-        };
-        out.push(pid);
+        out.push(lease_holder(js, &format!("dispatcher.p{i}of{count}")).await);
     }
     out
 }
@@ -472,12 +440,7 @@ async fn partitions_spread_over_buses_and_move_when_one_dies_or_joins() {
     p.start(&client).await;
     assert_eventually!(bus_process_routes_to(&client, "p").await, WAIT);
     let publisher = publisher(&client);
-    for i in 0..400 {
-        publisher
-            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i % 20))
-            .await
-            .unwrap();
-    }
+    publish_entries(&publisher, Hook::EntryAfterCreate, (0..400).map(|i| i % 20)).await;
     // Both buses deliver: events of partitions held by each have arrived.
     let delivered_by = |pid: u32| {
         log.of("p").iter().any(|c| {
@@ -495,27 +458,20 @@ async fn partitions_spread_over_buses_and_move_when_one_dies_or_joins() {
         split_evenly(&partition_holders(&js, 4).await, &[b.id()], 4),
         WAIT
     );
-    let distinct = |log: &CallLog| {
-        log.all()
-            .iter()
-            .map(|c| c.event_id.clone())
-            .collect::<HashSet<_>>()
-            .len()
-    };
-    assert_eventually!(distinct(&log) == 400, WAIT);
+    assert_eventually!(CallLog::distinct_events(&log.all()) == 400, WAIT);
     // A bus that joins gets its share, handed over by b while events flow.
     let c = spawn();
-    for i in 400..600 {
-        publisher
-            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i % 20))
-            .await
-            .unwrap();
-    }
+    publish_entries(
+        &publisher,
+        Hook::EntryAfterCreate,
+        (400..600).map(|i| i % 20),
+    )
+    .await;
     assert_eventually!(
         split_evenly(&partition_holders(&js, 4).await, &[b.id(), c.id()], 2),
         WAIT
     );
-    assert_eventually!(distinct(&log) == 600, WAIT);
+    assert_eventually!(CallLog::distinct_events(&log.all()) == 600, WAIT);
     assert_in_order_per_object(&log, "p", 600);
     for mut bus in [b, c] {
         bus.kill().unwrap();
@@ -562,27 +518,14 @@ async fn dispatcher_killed_mid_stream_loses_nothing() {
     let probe = entry_event(Hook::EntryAfterCreate, "customer", 999);
     publisher.publish(&probe).await.unwrap();
     assert_eventually!(log.len() >= 1, WAIT);
-    for i in 0..300 {
-        publisher
-            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i % 10))
-            .await
-            .unwrap();
-    }
+    publish_entries(&publisher, Hook::EntryAfterCreate, (0..300).map(|i| i % 10)).await;
     assert_eventually!(log.len() > 60, WAIT);
     bus.kill().unwrap();
     bus.wait().unwrap();
     let at_kill = log.len();
     assert!(at_kill < 301, "killed mid-stream");
     let mut bus = spawn_bus_process(&server, "p");
-    assert_eventually!(
-        log.all()
-            .iter()
-            .map(|c| c.event_id.clone())
-            .collect::<HashSet<_>>()
-            .len()
-            == 301,
-        WAIT
-    );
+    assert_eventually!(CallLog::distinct_events(&log.all()) == 301, WAIT);
     assert_in_order_per_object(&log, "p", 301);
     bus.kill().unwrap();
     bus.wait().unwrap();
@@ -600,12 +543,7 @@ async fn nats_server_killed_mid_stream_loses_nothing() {
     p.start(&client).await;
     wait_registered(&bus, &["p"]).await;
     let publisher = publisher(&client);
-    for i in 0..150 {
-        publisher
-            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i % 10))
-            .await
-            .unwrap();
-    }
+    publish_entries(&publisher, Hook::EntryAfterCreate, (0..150).map(|i| i % 10)).await;
     assert_eventually!(log.len() > 20, WAIT);
     server.kill();
     server.restart().await;
@@ -622,19 +560,10 @@ async fn nats_server_killed_mid_stream_loses_nothing() {
         }
     }
     assert_eventually!(
-        log.all()
-            .iter()
-            .map(|c| c.event_id.clone())
-            .collect::<HashSet<_>>()
-            .len()
-            >= 300,
+        CallLog::distinct_events(&log.all()) >= 300,
         Duration::from_secs(60),
         "got {} distinct events",
-        log.all()
-            .iter()
-            .map(|c| c.event_id.clone())
-            .collect::<HashSet<_>>()
-            .len()
+        CallLog::distinct_events(&log.all())
     );
     let js = jetstream::new(client.clone());
     assert_eq!(
@@ -867,12 +796,7 @@ async fn a_second_dispatcher_on_a_pinned_consumer_stands_by() {
     // Both pull (each unpinned once at its start) before any event flows.
     assert_eventually!(a.stats.is_running() && b.stats.is_running(), WAIT);
     let publisher = publisher(&client);
-    for i in 0..200 {
-        publisher
-            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i % 10))
-            .await
-            .unwrap();
-    }
+    publish_entries(&publisher, Hook::EntryAfterCreate, (0..200).map(|i| i % 10)).await;
     let acked = |bus: &Bus| bus.stats.events_acked.get();
     assert_eventually!(acked(&a) + acked(&b) == 200, WAIT);
 
@@ -888,12 +812,7 @@ async fn a_second_dispatcher_on_a_pinned_consumer_stands_by() {
 
     let (active, standby) = if na > 0 { (a, b) } else { (b, a) };
     active.stop().await.unwrap();
-    for i in 0..50 {
-        publisher
-            .publish(&entry_event(Hook::EntryAfterCreate, "customer", i % 10))
-            .await
-            .unwrap();
-    }
+    publish_entries(&publisher, Hook::EntryAfterCreate, (0..50).map(|i| i % 10)).await;
     assert_eventually!(
         acked(&standby) == 50,
         PIN_TIMEOUT / 3,

@@ -81,6 +81,15 @@ impl CallLog {
             .count()
     }
 
+    /// How many different events `calls` are about (redeliveries count once).
+    pub fn distinct_events(calls: &[Call]) -> usize {
+        calls
+            .iter()
+            .map(|c| c.event_id.as_str())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    }
+
     fn push(&self, call: Call) {
         self.0.lock().unwrap().push(call);
     }
