@@ -13,7 +13,7 @@ use core_events::Subjects;
 use core_events::jobs::{JobState, JobStatus};
 use core_events::store::Backend;
 use hookbus::config::StreamSettings;
-use hookbus_tests::host::TestHost;
+use hookbus_tests::host::{TestHost, call};
 use hookbus_tests::{NatsServer, TestDb, poll_for};
 use pagoda_plugin_sdk::{HandlerError, Plugin, RunningPlugin, ServeOptions, TaskOutcome};
 use reqwest::{Method, StatusCode};
@@ -130,23 +130,13 @@ async fn setup(backend: Backend, serve: bool) -> Setup {
     }
 }
 
-async fn json_of(response: reqwest::Response) -> (StatusCode, Value) {
-    let status = response.status();
-    let text = response.text().await.unwrap();
-    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, value)
-}
-
 async fn start(host: &TestHost, task: &str, params: Value) -> Value {
-    let (status, job) = json_of(
+    let (status, job) = call(
         host.as_user(
             Method::POST,
             &format!("/api/v2/plugins/{PLUGIN}/tasks/{task}/"),
         )
-        .json(&params)
-        .send()
-        .await
-        .unwrap(),
+        .json(&params),
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{job}");
@@ -156,13 +146,7 @@ async fn start(host: &TestHost, task: &str, params: Value) -> Value {
 }
 
 async fn get_job(host: &TestHost, id: i64) -> Value {
-    let (status, job) = json_of(
-        host.as_user(Method::GET, &format!("/api/v2/jobs/{id}/"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, job) = call(host.as_user(Method::GET, &format!("/api/v2/jobs/{id}/"))).await;
     assert_eq!(status, StatusCode::OK, "{job}");
     job
 }
@@ -234,13 +218,7 @@ async fn tasks_run_to_done_and_error_and_are_listed(backend: Backend) {
 
     // The list: the user's jobs, newest first; the superuser sees them too,
     // another user none of them.
-    let (status, list) = json_of(
-        host.as_user(Method::GET, "/api/v2/jobs/")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, list) = call(host.as_user(Method::GET, "/api/v2/jobs/")).await;
     assert_eq!(status, StatusCode::OK, "{list}");
     let ids: Vec<i64> = list["results"]
         .as_array()
@@ -250,13 +228,7 @@ async fn tasks_run_to_done_and_error_and_are_listed(backend: Backend) {
         .collect();
     assert_eq!(ids, [bad["id"].as_i64().unwrap(), failed_id, id]);
     assert_eq!(list["results"][2]["status_name"], "DONE");
-    let (_, list) = json_of(
-        host.as_admin(Method::GET, "/api/v2/jobs/?limit=2&offset=1")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (_, list) = call(host.as_admin(Method::GET, "/api/v2/jobs/?limit=2&offset=1")).await;
     let ids: Vec<i64> = list["results"]
         .as_array()
         .unwrap()
@@ -264,23 +236,11 @@ async fn tasks_run_to_done_and_error_and_are_listed(backend: Backend) {
         .map(|j| j["id"].as_i64().unwrap())
         .collect();
     assert_eq!(ids, [failed_id, id]);
-    let (status, _) = json_of(
-        host.as_user(Method::GET, "/api/v2/jobs/?limit=-1")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = call(host.as_user(Method::GET, "/api/v2/jobs/?limit=-1")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
     let (other, token) = hookbus_tests::host::user_with_token(host.store(), "other", false).await;
-    let (status, list) = json_of(
-        host.request(Method::GET, "/api/v2/jobs/", &token)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, list) = call(host.request(Method::GET, "/api/v2/jobs/", &token)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         list["results"],
@@ -288,31 +248,15 @@ async fn tasks_run_to_done_and_error_and_are_listed(backend: Backend) {
         "{} sees no jobs",
         other.username
     );
-    let (status, body) = json_of(
-        host.request(Method::GET, &format!("/api/v2/jobs/{id}/"), &token)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) =
+        call(host.request(Method::GET, &format!("/api/v2/jobs/{id}/"), &token)).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-    let (status, _) = json_of(
-        host.as_admin(Method::GET, &format!("/api/v2/jobs/{id}/"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = call(host.as_admin(Method::GET, &format!("/api/v2/jobs/{id}/"))).await;
     assert_eq!(status, StatusCode::OK);
 
     // Finished jobs cannot be cancelled.
-    let (status, body) = json_of(
-        host.as_user(Method::POST, &format!("/api/v2/jobs/{id}/cancel/"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) =
+        call(host.as_user(Method::POST, &format!("/api/v2/jobs/{id}/cancel/"))).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["message"], format!("job {id} already finished (DONE)"));
 
@@ -321,42 +265,23 @@ async fn tasks_run_to_done_and_error_and_are_listed(backend: Backend) {
         ("/api/v2/plugins/worker/tasks/nope/", StatusCode::NOT_FOUND),
         ("/api/v2/plugins/nobody/tasks/count/", StatusCode::NOT_FOUND),
     ] {
-        let (status, body) = json_of(
-            host.as_user(Method::POST, path)
-                .json(&json!(null))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (status, body) = call(host.as_user(Method::POST, path).json(&json!(null))).await;
         assert_eq!(status, want, "{path}: {body}");
     }
-    let (status, _) = json_of(
+    let (status, _) = call(
         host.client
-            .post(host.url("/api/v2/plugins/worker/tasks/count/"))
-            .send()
-            .await
-            .unwrap(),
+            .post(host.url("/api/v2/plugins/worker/tasks/count/")),
     )
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, body) = json_of(
+    let (status, body) = call(
         host.as_user(Method::POST, "/api/v2/plugins/worker/tasks/count/")
             .header("Content-Type", "application/json")
-            .body("{nope")
-            .send()
-            .await
-            .unwrap(),
+            .body("{nope"),
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    let (status, _) = json_of(
-        host.as_user(Method::GET, "/api/v2/jobs/999999/")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = call(host.as_user(Method::GET, "/api/v2/jobs/999999/")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     assert_eq!(s.runs.count.load(Ordering::SeqCst), 2);
@@ -388,13 +313,8 @@ async fn a_running_task_is_cancelled(backend: Backend) {
     wait_status(host, id, JobStatus::Processing).await;
     assert_eq!(s.runs.long_started.load(Ordering::SeqCst), 1);
 
-    let (status, body) = json_of(
-        host.as_user(Method::POST, &format!("/api/v2/jobs/{id}/cancel/"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) =
+        call(host.as_user(Method::POST, &format!("/api/v2/jobs/{id}/cancel/"))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status_name"], "CANCELED");
     assert_eq!(body["message"], "canceled by user");
@@ -432,13 +352,8 @@ async fn a_running_task_is_cancelled(backend: Backend) {
     wait_row(host, id, JobStatus::Canceled).await;
 
     // Cancelling again: already finished.
-    let (status, body) = json_of(
-        host.as_user(Method::POST, &format!("/api/v2/jobs/{id}/cancel/"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) =
+        call(host.as_user(Method::POST, &format!("/api/v2/jobs/{id}/cancel/"))).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(
         body["message"],
@@ -449,13 +364,8 @@ async fn a_running_task_is_cancelled(backend: Backend) {
     let stubborn = start(host, "stubborn", Value::Null).await;
     let sid = stubborn["id"].as_i64().unwrap();
     wait_status(host, sid, JobStatus::Processing).await;
-    let (status, body) = json_of(
-        host.as_user(Method::POST, &format!("/api/v2/jobs/{sid}/cancel/"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) =
+        call(host.as_user(Method::POST, &format!("/api/v2/jobs/{sid}/cancel/"))).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert!(
         body["message"]
@@ -468,13 +378,8 @@ async fn a_running_task_is_cancelled(backend: Backend) {
 
     // Somebody else's job: 403.
     let (_, token) = hookbus_tests::host::user_with_token(host.store(), "other", false).await;
-    let (status, _) = json_of(
-        host.request(Method::POST, &format!("/api/v2/jobs/{sid}/cancel/"), &token)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) =
+        call(host.request(Method::POST, &format!("/api/v2/jobs/{sid}/cancel/"), &token)).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 
     if let Some(r) = s.running {
@@ -499,13 +404,8 @@ async fn a_job_cancelled_while_queued_never_runs() {
     let host = &s.host;
     let job = start(host, "count", json!([5])).await;
     let id = job["id"].as_i64().unwrap();
-    let (status, body) = json_of(
-        host.as_user(Method::POST, &format!("/api/v2/jobs/{id}/cancel/"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) =
+        call(host.as_user(Method::POST, &format!("/api/v2/jobs/{id}/cancel/"))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status_name"], "CANCELED");
 
@@ -542,15 +442,12 @@ async fn a_plugin_without_an_operation_id_range_cannot_start_tasks() {
         .unwrap();
     let host = TestHost::start(&server, &db, &[PLUGIN]).await;
     host.wait_registered(&[PLUGIN]).await;
-    let (status, body) = json_of(
+    let (status, body) = call(
         host.as_user(
             Method::POST,
             &format!("/api/v2/plugins/{PLUGIN}/tasks/count/"),
         )
-        .json(&json!([1]))
-        .send()
-        .await
-        .unwrap(),
+        .json(&json!([1])),
     )
     .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
@@ -562,15 +459,10 @@ async fn a_plugin_without_an_operation_id_range_cannot_start_tasks() {
         "{body}"
     );
     // The path is the task route's: other methods are refused, not forwarded.
-    let (status, _) = json_of(
-        host.as_user(
-            Method::GET,
-            &format!("/api/v2/plugins/{PLUGIN}/tasks/count/"),
-        )
-        .send()
-        .await
-        .unwrap(),
-    )
+    let (status, _) = call(host.as_user(
+        Method::GET,
+        &format!("/api/v2/plugins/{PLUGIN}/tasks/count/"),
+    ))
     .await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     running.shutdown().await.unwrap();
@@ -614,12 +506,9 @@ async fn a_raw_worker_takes_a_job_and_a_silent_one_times_out() {
     .await;
     host.wait_registered(&["raw-worker"]).await;
 
-    let (status, job) = json_of(
+    let (status, job) = call(
         host.as_user(Method::POST, "/api/v2/plugins/raw-worker/tasks/slowpoke/")
-            .json(&json!({"size": 3}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&json!({"size": 3})),
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{job}");
