@@ -131,35 +131,20 @@ async fn run(backend: Backend, requests: usize, clients: usize) {
         create(&warm, &target, 1_000_000_000 + i).await;
     }
 
-    let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let next = next.clone();
-            let target = target.clone();
-            tokio::spawn(async move {
-                let client = reqwest::Client::builder()
-                    .pool_max_idle_per_host(1)
-                    .build()
-                    .unwrap();
-                let mut lat = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= requests {
-                        break;
-                    }
-                    let t = Instant::now();
-                    create(&client, &target, i).await;
-                    lat.push(t.elapsed().as_secs_f64() * 1e3);
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut lat = Vec::with_capacity(requests);
-    for t in tasks {
-        lat.extend(t.await.unwrap());
-    }
+    let lat = drive(clients, requests, || {
+        // Each client its own keep-alive connection.
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .build()
+            .unwrap();
+        let target = target.clone();
+        move |i| {
+            let (client, target) = (client.clone(), target.clone());
+            async move { create(&client, &target, i).await }
+        }
+    })
+    .await;
     let elapsed = started.elapsed();
     let answered = Instant::now();
     let js = async_nats::jetstream::new(plugin_client.clone());
@@ -232,41 +217,28 @@ async fn store_baseline(backend: Backend, requests: usize, clients: usize) {
         .unwrap();
     for scenario in ["store_create", "store_group_create"] {
         let writer = Arc::new(EntryWriter::start(store.clone()));
-        let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
-        let tasks: Vec<_> = (0..clients)
-            .map(|_| {
-                let (next, store, ctx) = (next.clone(), store.clone(), ctx.clone());
-                let writer = writer.clone();
-                tokio::spawn(async move {
-                    let mut lat = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= requests {
-                            break;
-                        }
-                        let t = Instant::now();
-                        let new = NewEntry::named(&format!("{scenario}-{i}"))
-                            .value("phone", json!("+81 3 0000 0000"))
-                            .value("age", json!(42));
-                        if scenario == "store_create" {
-                            store.create_entry(entity.id, &new, &ctx).await.unwrap();
-                        } else {
-                            writer
-                                .create_entry(entity.id, new, (*ctx).clone())
-                                .await
-                                .unwrap();
-                        }
-                        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        let lat = drive(clients, requests, || {
+            let (store, ctx, writer) = (store.clone(), ctx.clone(), writer.clone());
+            let entity = entity.id;
+            move |i| {
+                let (store, ctx, writer) = (store.clone(), ctx.clone(), writer.clone());
+                async move {
+                    let new = NewEntry::named(&format!("{scenario}-{i}"))
+                        .value("phone", json!("+81 3 0000 0000"))
+                        .value("age", json!(42));
+                    if scenario == "store_create" {
+                        store.create_entry(entity, &new, &ctx).await.unwrap();
+                    } else {
+                        writer
+                            .create_entry(entity, new, (*ctx).clone())
+                            .await
+                            .unwrap();
                     }
-                    lat
-                })
-            })
-            .collect();
-        let mut lat = Vec::with_capacity(requests);
-        for t in tasks {
-            lat.extend(t.await.unwrap());
-        }
+                }
+            }
+        })
+        .await;
         report(
             scenario,
             backend,
@@ -277,6 +249,42 @@ async fn store_baseline(backend: Backend, requests: usize, clients: usize) {
             "",
         );
     }
+}
+
+/// Sends `requests` operations from `clients` concurrent tasks, each task doing
+/// its next one when the last is answered; returns every latency in ms.
+/// `new_client` makes a task's operation (`op(i)` does operation `i`).
+async fn drive<C, F, Fut>(clients: usize, requests: usize, new_client: C) -> Vec<f64>
+where
+    C: Fn() -> F,
+    F: FnMut(usize) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let next = next.clone();
+            let mut op = new_client();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= requests {
+                        break;
+                    }
+                    let t = Instant::now();
+                    op(i).await;
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat = Vec::with_capacity(requests);
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    lat
 }
 
 #[allow(clippy::cast_precision_loss)]
