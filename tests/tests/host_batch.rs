@@ -23,7 +23,6 @@ fn backends() -> [Backend; 2] {
     [Backend::Sqlite, Backend::Postgres]
 }
 
-/// The outbox rows' payloads, in id order.
 /// The entity both stores of the batch test create: a phone, and an age with a default.
 fn customer_entity() -> NewEntity {
     NewEntity::named("customer")
@@ -35,6 +34,16 @@ fn customer_entity() -> NewEntity {
         })
 }
 
+/// Its second entity: a mandatory city.
+fn shop_entity() -> NewEntity {
+    NewEntity::named("shop").attr({
+        let mut a = NewAttr::new("city", AttrType::STRING);
+        a.is_mandatory = true;
+        a
+    })
+}
+
+/// The outbox rows' payloads, in id order.
 async fn outbox_events(store: &core_events::store::Store) -> Vec<Envelope<Value>> {
     outbox::fetch(store.pool(), &Default::default(), 10_000)
         .await
@@ -61,17 +70,7 @@ async fn a_batch_answers_each_input_as_if_created_alone_in_order() {
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
         };
         let customer = store.create_entity(&customer_entity(), &ctx).await.unwrap();
-        let shop = store
-            .create_entity(
-                &NewEntity::named("shop").attr({
-                    let mut a = NewAttr::new("city", AttrType::STRING);
-                    a.is_mandatory = true;
-                    a
-                }),
-                &ctx,
-            )
-            .await
-            .unwrap();
+        let shop = store.create_entity(&shop_entity(), &ctx).await.unwrap();
         let gone = store
             .create_entity(&NewEntity::named("gone"), &ctx)
             .await
@@ -139,18 +138,7 @@ async fn a_batch_answers_each_input_as_if_created_alone_in_order() {
             ),
             (
                 shop.id,
-                alone
-                    .create_entity(
-                        &NewEntity::named("shop").attr({
-                            let mut a = NewAttr::new("city", AttrType::STRING);
-                            a.is_mandatory = true;
-                            a
-                        }),
-                        &ctx,
-                    )
-                    .await
-                    .unwrap()
-                    .id,
+                alone.create_entity(&shop_entity(), &ctx).await.unwrap().id,
             ),
         ];
         let g = alone
