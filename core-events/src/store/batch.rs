@@ -10,8 +10,13 @@ use serde_json::Value;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::write::{NewEntry, check_new_entry, entry_conflict, new_entry_snapshot, user_ref};
-use super::{StoreError, WriteContext, format_time, not_found, now, outbox, parse_time};
+use super::write::{
+    NewEntry, check_new_entry, entry_conflict, insert_values, new_entry_snapshot, user_ref,
+};
+use super::{
+    ROWS_PER_STATEMENT, StoreError, WriteContext, format_time, not_found, now, outbox, parse_time,
+    values_rows,
+};
 use crate::envelope::{EntryEvent, Envelope};
 use crate::hook::Hook;
 use crate::model::{AttrType, Entity, EntityAttr, Entry, ObjectRef};
@@ -28,10 +33,6 @@ pub struct NewEntryInput {
     /// Who creates it and the request's trace.
     pub ctx: WriteContext,
 }
-
-/// Rows per multi-row statement, so no statement nears the databases' limits on
-/// bound parameters (32 766 on SQLite, 65 535 on PostgreSQL).
-const ROWS_PER_STATEMENT: usize = 1000;
 
 /// An input that passed the checks: its index and its values by attribute id.
 struct Ready {
@@ -111,24 +112,12 @@ impl Store {
         // conflict), the others are returned with their ids.
         let mut entry_ids: HashMap<(i64, String), i64> = HashMap::with_capacity(ready.len());
         for chunk in ready.chunks(ROWS_PER_STATEMENT) {
-            let mut sql = String::from(
-                "INSERT INTO entries (entity_id, name, note, is_active, created_time, \
-                 created_user_id, created_user, updated_time) VALUES ",
+            let sql = format!(
+                "INSERT INTO entries (entity_id, name, note, created_user_id, created_user, \
+                 is_active, created_time, updated_time) VALUES {} \
+                 ON CONFLICT DO NOTHING RETURNING id, entity_id, name",
+                values_rows(chunk.len(), 5, 2, ", TRUE, $1, $1")
             );
-            for i in 0..chunk.len() {
-                let p = 5 * i;
-                let _ = write!(
-                    sql,
-                    "{}(${}, ${}, ${}, TRUE, $1, ${}, ${}, $1)",
-                    if i == 0 { "" } else { ", " },
-                    p + 2,
-                    p + 3,
-                    p + 4,
-                    p + 5,
-                    p + 6
-                );
-            }
-            sql.push_str(" ON CONFLICT DO NOTHING RETURNING id, entity_id, name");
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .persistent(false)
                 .bind(&t);
@@ -166,32 +155,7 @@ impl Store {
             .iter()
             .flat_map(|(r, id)| r.values.iter().map(move |(a, v)| (*id, *a, v)))
             .collect();
-        let mut value_ids: HashMap<(i64, i64), i64> = HashMap::with_capacity(rows.len());
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let mut sql =
-                String::from("INSERT INTO attribute_values (entry_id, attr_id, value) VALUES ");
-            for i in 0..chunk.len() {
-                let _ = write!(
-                    sql,
-                    "{}(${}, ${}, ${})",
-                    if i == 0 { "" } else { ", " },
-                    3 * i + 1,
-                    3 * i + 2,
-                    3 * i + 3
-                );
-            }
-            sql.push_str(" RETURNING id, entry_id, attr_id");
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
-            for (entry_id, attr_id, value) in chunk {
-                q = q.bind(*entry_id).bind(*attr_id).bind(value.to_string());
-            }
-            for row in q.fetch_all(&mut *tx).await? {
-                value_ids.insert(
-                    (row.try_get("entry_id")?, row.try_get("attr_id")?),
-                    row.try_get("id")?,
-                );
-            }
-        }
+        let value_ids = insert_values(&mut tx, &rows, false).await?;
 
         // The entries as stored, and their events, all in one statement.
         let mut envelopes = Vec::with_capacity(inserted.len());

@@ -279,6 +279,33 @@ fn sqlite_pool(max: u32) -> AnyPoolOptions {
     })
 }
 
+/// Rows per multi-row statement, so no statement nears the databases' limits on
+/// bound parameters (32 766 on SQLite, 65 535 on PostgreSQL).
+pub(crate) const ROWS_PER_STATEMENT: usize = 1000;
+
+/// The rows of a multi-row `VALUES`: `rows` rows of `width` parameters each,
+/// numbered on from `$first`, each row ending in `tail` (constants or shared
+/// parameters, e.g. `", TRUE, $1"`): `($1, $2), ($3, $4)`.
+pub(crate) fn values_rows(rows: usize, width: usize, first: usize, tail: &str) -> String {
+    use std::fmt::Write as _;
+
+    let mut out = String::new();
+    for r in 0..rows {
+        out.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..width {
+            let _ = write!(
+                out,
+                "{}${}",
+                if c == 0 { "" } else { ", " },
+                first + r * width + c
+            );
+        }
+        out.push_str(tail);
+        out.push(')');
+    }
+    out
+}
+
 /// [`StoreError::NotFound`] for `what` (`entity`, `entry`, `job`, …) with this id.
 pub(crate) fn not_found(what: &'static str, id: i64) -> StoreError {
     StoreError::NotFound {
@@ -310,5 +337,20 @@ pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
             d.is_unique_violation() || d.message().contains("UNIQUE constraint failed")
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::values_rows;
+
+    #[test]
+    fn values_rows_number_the_parameters_row_by_row() {
+        assert_eq!(values_rows(2, 3, 1, ""), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(
+            values_rows(2, 2, 2, ", TRUE, $1"),
+            "($2, $3, TRUE, $1), ($4, $5, TRUE, $1)"
+        );
+        assert_eq!(values_rows(0, 3, 1, ""), "");
     }
 }

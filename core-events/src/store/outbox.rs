@@ -61,24 +61,7 @@ pub async fn insert_envelope<D: serde::Serialize>(
     conn: &mut AnyConnection,
     env: &Envelope<D>,
 ) -> Result<(), StoreError> {
-    let payload = serde_json::to_string(env)
-        .map_err(|e| StoreError::Invalid(vec![format!("event cannot be serialized: {e}")]))?;
-    let hook = env.hook().ok_or_else(|| {
-        StoreError::Invalid(vec![format!("unknown event type '{}'", env.event_type)])
-    })?;
-    sqlx::query(
-        "INSERT INTO hookbus_outbox (event_id, hook, entity, object, traceparent, payload) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(env.id.to_string())
-    .bind(hook.name())
-    .bind(&env.pagodaentity)
-    .bind(&env.subject)
-    .bind(env.traceparent.as_deref())
-    .bind(payload)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    insert_envelopes(conn, std::slice::from_ref(env)).await
 }
 
 /// Inserts events in the caller's transaction with one statement (in the
@@ -94,24 +77,12 @@ pub async fn insert_envelopes<D: serde::Serialize>(
     if envs.is_empty() {
         return Ok(());
     }
-    let mut sql = String::from(
-        "INSERT INTO hookbus_outbox (event_id, hook, entity, object, traceparent, payload) VALUES ",
+    let sql = format!(
+        "INSERT INTO hookbus_outbox (event_id, hook, entity, object, traceparent, payload) VALUES {}",
+        super::values_rows(envs.len(), 6, 1, "")
     );
-    for i in 0..envs.len() {
-        let p = 6 * i;
-        let _ = write!(
-            sql,
-            "{}(${}, ${}, ${}, ${}, ${}, ${})",
-            if i == 0 { "" } else { ", " },
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5,
-            p + 6
-        );
-    }
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
+    // One event's statement is always the same: keep it prepared.
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(envs.len() == 1);
     for env in envs {
         let payload = serde_json::to_string(env)
             .map_err(|e| StoreError::Invalid(vec![format!("event cannot be serialized: {e}")]))?;

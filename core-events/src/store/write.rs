@@ -2,7 +2,6 @@
 //! event in the outbox.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt::Write as _;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -697,7 +696,12 @@ impl Store {
         let id: i64 = row.try_get(0)?;
         // The entry as stored, built here rather than read back: a new entry has
         // exactly these values (one statement for all of them).
-        let value_ids = insert_new_values(&mut tx, id, &values).await?;
+        let rows: Vec<(i64, i64, &Value)> = values.iter().map(|(a, v)| (id, *a, v)).collect();
+        let value_ids: HashMap<i64, i64> = insert_values(&mut tx, &rows, true)
+            .await?
+            .into_iter()
+            .map(|((_, attr_id), value_id)| (attr_id, value_id))
+            .collect();
         let entry = new_entry_snapshot(
             id,
             new,
@@ -1048,32 +1052,34 @@ pub(super) fn new_entry_snapshot(
     }
 }
 
-/// Inserts the values of a new entry in one statement; returns each value's row
-/// id by attribute id.
-async fn insert_new_values(
+/// Inserts attribute values `(entry id, attribute id, value)`, one statement per
+/// [`ROWS_PER_STATEMENT`](super::ROWS_PER_STATEMENT) rows; returns each value's
+/// row id by (entry id, attribute id). `prepared` keeps the statements prepared
+/// (a single entry's values: one statement per number of values).
+pub(super) async fn insert_values(
     conn: &mut AnyConnection,
-    entry_id: i64,
-    values: &[(i64, Value)],
-) -> Result<HashMap<i64, i64>, StoreError> {
-    if values.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let mut sql = String::from("INSERT INTO attribute_values (entry_id, attr_id, value) VALUES ");
-    for i in 0..values.len() {
-        if i > 0 {
-            sql.push_str(", ");
+    rows: &[(i64, i64, &Value)],
+    prepared: bool,
+) -> Result<HashMap<(i64, i64), i64>, StoreError> {
+    let mut ids = HashMap::with_capacity(rows.len());
+    for chunk in rows.chunks(super::ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO attribute_values (entry_id, attr_id, value) VALUES {} \
+             RETURNING id, entry_id, attr_id",
+            super::values_rows(chunk.len(), 3, 1, "")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(prepared);
+        for (entry_id, attr_id, value) in chunk {
+            q = q.bind(*entry_id).bind(*attr_id).bind(value.to_string());
         }
-        let _ = write!(sql, "($1, ${}, ${})", 2 * i + 2, 2 * i + 3);
+        for row in q.fetch_all(&mut *conn).await? {
+            ids.insert(
+                (row.try_get("entry_id")?, row.try_get("attr_id")?),
+                row.try_get("id")?,
+            );
+        }
     }
-    sql.push_str(" RETURNING id, attr_id");
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(entry_id);
-    for (attr_id, value) in values {
-        q = q.bind(*attr_id).bind(value.to_string());
-    }
-    let rows = q.fetch_all(&mut *conn).await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get::<i64, _>("attr_id")?, r.try_get::<i64, _>("id")?)))
-        .collect()
+    Ok(ids)
 }
 
 async fn upsert_values(
