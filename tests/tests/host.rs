@@ -921,24 +921,47 @@ async fn hookbus_token_create_and_hookbus_host_serve_the_api() {
     let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert!(key.starts_with("hb_") && key.len() == 67, "{key}");
 
-    let port = hookbus_tests::free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut child = hookbus()
-        .args(["host", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--database-url", db.url(), "--nats-url", &nats.url()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // A port found free can be taken by a parallel test's server (a nats-server
+    // monitor also answers /healthz) before the host binds it; the host then
+    // exits, and is started again on another port.
     let http = reqwest::Client::new();
-    assert_eventually!(
-        http.get(format!("{base}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == StatusCode::OK),
-        Duration::from_secs(30),
-        "hookbus host did not serve /healthz"
-    );
+    let mut tries = 0;
+    let (mut child, base) = loop {
+        tries += 1;
+        let port = hookbus_tests::free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let mut child = hookbus()
+            .args(["host", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--database-url", db.url(), "--nats-url", &nats.url()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // The host's own answer is `ok`.
+            let answer = match http.get(format!("{base}/healthz")).send().await {
+                Ok(r) if r.status() == StatusCode::OK => r.text().await.unwrap_or_default(),
+                _ => String::new(),
+            };
+            if answer == "ok" {
+                break;
+            }
+            let exited = child.try_wait().unwrap().is_some();
+            assert!(
+                Instant::now() < deadline,
+                "hookbus host did not serve /healthz"
+            );
+            if exited {
+                assert!(tries < 5, "hookbus host exited at start {tries} times");
+                break;
+            }
+            tokio::time::sleep(hookbus_tests::POLL_INTERVAL).await;
+        }
+        if child.try_wait().unwrap().is_none() {
+            break (child, base);
+        }
+    };
     let auth = format!("Token {key}");
     let (status, me) = call(
         http.get(format!("{base}/api/v2/users/me/"))
