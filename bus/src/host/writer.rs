@@ -14,11 +14,9 @@
 //! PostgreSQL a second writer mostly wrote single creations while the first
 //! wrote a batch, and measured no faster).
 
-use std::sync::Arc;
-
 use core_events::Entry;
 use core_events::store::{NewEntry, NewEntryInput, Store, StoreError, WriteContext};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 /// Most creations written in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -28,8 +26,8 @@ const QUEUE: usize = 4 * MAX_BATCH;
 
 type Reply = oneshot::Sender<Result<Entry, StoreError>>;
 
-/// The queue of entry creations and its writer tasks. The tasks end when the
-/// last [`EntryWriter`] is dropped.
+/// The queue of entry creations and its writer task, which ends when the last
+/// [`EntryWriter`] is dropped.
 #[derive(Debug)]
 pub struct EntryWriter {
     queue: mpsc::Sender<(NewEntryInput, Reply)>,
@@ -38,16 +36,8 @@ pub struct EntryWriter {
 impl EntryWriter {
     /// Starts the writer task of `store` (on the current Tokio runtime).
     pub fn start(store: Store) -> EntryWriter {
-        EntryWriter::with_workers(store, 1)
-    }
-
-    /// Starts `workers` writer tasks (at least one) sharing the queue.
-    pub fn with_workers(store: Store, workers: usize) -> EntryWriter {
         let (queue, rx) = mpsc::channel(QUEUE);
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..workers.max(1) {
-            tokio::spawn(write_batches(store.clone(), Arc::clone(&rx)));
-        }
+        tokio::spawn(write_batches(store, rx));
         EntryWriter { queue }
     }
 
@@ -80,21 +70,18 @@ fn stopped() -> StoreError {
     StoreError::Db(sqlx::Error::PoolClosed)
 }
 
-/// One writer: takes what is queued (waiting for the first), writes it, answers.
-async fn write_batches(store: Store, rx: Arc<Mutex<mpsc::Receiver<(NewEntryInput, Reply)>>>) {
+/// The writer: takes what is queued (waiting for the first), writes it, answers.
+async fn write_batches(store: Store, mut rx: mpsc::Receiver<(NewEntryInput, Reply)>) {
+    let mut taken = Vec::with_capacity(MAX_BATCH);
     let mut inputs = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
     loop {
-        {
-            let mut rx = rx.lock().await;
-            let mut taken = Vec::with_capacity(MAX_BATCH);
-            if rx.recv_many(&mut taken, MAX_BATCH).await == 0 {
-                return;
-            }
-            for (input, reply) in taken {
-                inputs.push(input);
-                replies.push(reply);
-            }
+        if rx.recv_many(&mut taken, MAX_BATCH).await == 0 {
+            return;
+        }
+        for (input, reply) in taken.drain(..) {
+            inputs.push(input);
+            replies.push(reply);
         }
         let started = std::time::Instant::now();
         let results = store.create_entries(&inputs).await;
