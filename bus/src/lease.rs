@@ -65,10 +65,6 @@ impl Lease {
         })
     }
 
-    fn every(&self) -> Duration {
-        (self.ttl / 4).max(Duration::from_millis(50))
-    }
-
     /// Who holds the lease now, if anyone.
     ///
     /// # Errors
@@ -103,7 +99,7 @@ impl Lease {
     /// How often the holder renews and a standby tries again (a quarter of the
     /// lease time).
     pub fn interval(&self) -> Duration {
-        self.every()
+        (self.ttl / 4).max(Duration::from_millis(50))
     }
 
     /// Live keys of the bucket (held leases) that start with `prefix`, sorted.
@@ -164,7 +160,7 @@ impl Lease {
             }
             tokio::select! {
                 () = shutdown.cancelled() => return None,
-                () = tokio::time::sleep(self.every()) => {}
+                () = tokio::time::sleep(self.interval()) => {}
             }
         }
     }
@@ -187,10 +183,10 @@ impl Lease {
                         tracing::info!(lease = %lease.key, "lease released");
                         return;
                     }
-                    () = tokio::time::sleep(lease.every()) => {}
+                    () = tokio::time::sleep(lease.interval()) => {}
                 }
                 match tokio::time::timeout(
-                    lease.every(),
+                    lease.interval(),
                     lease
                         .kv
                         .update(&lease.key, Bytes::from(lease.holder.clone()), revision),
