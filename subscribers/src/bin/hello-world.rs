@@ -108,11 +108,14 @@ async fn count_steps(ctx: &TaskContext) -> TaskResult {
             () = ctx.cancelled() => return Ok(TaskOutcome::done(format!("cancelled after {}", n - 1))),
             () = tokio::time::sleep(step) => {}
         }
-        if ctx.is_canceled().await {
-            return Ok(TaskOutcome::done(format!("cancelled after {}", n - 1)));
+        // A cancel can land between the wait and this write: `progress` then
+        // writes nothing and fails, and the job is cancelled, not failed.
+        if let Err(e) = ctx.progress(format!("counted {n} of {}", params.to)).await {
+            if ctx.is_canceled().await {
+                return Ok(TaskOutcome::done(format!("cancelled after {}", n - 1)));
+            }
+            return Err(e);
         }
-        ctx.progress(format!("counted {n} of {}", params.to))
-            .await?;
     }
     Ok(TaskOutcome::done(format!("counted to {}", params.to)))
 }
