@@ -12,8 +12,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_nats::service::Info;
 use common::{
-    NatsServer, create_jobs, create_registry, eventually, job_state, queue_job, service_error,
-    wait_job,
+    NatsServer, cancel_job, create_jobs, create_registry, eventually, job_state, queue_job,
+    service_error, wait_job,
 };
 use core_events::Subjects;
 use core_events::jobs::{JobState, JobStatus};
@@ -426,24 +426,10 @@ async fn a_cancel_reaches_the_running_task_and_wins() {
     )
     .await;
     assert_eq!(rx.recv().await, Some(Seen::Started(10)));
-    let (revision, state) = {
-        let state = wait_job(&jobs, WORKER, 10, WAIT, |s| s.message == "waiting").await;
-        assert_eq!(state.status, JobStatus::Processing);
-        job_state(&jobs, WORKER, 10).await.unwrap()
-    };
+    let state = wait_job(&jobs, WORKER, 10, WAIT, |s| s.message == "waiting").await;
+    assert_eq!(state.status, JobStatus::Processing);
     // The host cancels by compare-and-set.
-    let canceled = JobState {
-        status: JobStatus::Canceled,
-        message: "cancelled by admin".into(),
-        ..state
-    };
-    jobs.update(
-        JobState::key(WORKER, 10),
-        serde_json::to_vec(&canceled).unwrap().into(),
-        revision,
-    )
-    .await
-    .unwrap();
+    cancel_job(&jobs, WORKER, 10, "cancelled by admin").await;
     let seen = tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
         .expect("the task sees the cancel within 5 s");

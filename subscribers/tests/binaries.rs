@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use common::{
-    NatsServer, create_jobs, create_registry, deliver, delivery_headers, entity_event, entry_event,
-    eventually, job_state, queue_job, service_error, wait_job,
+    NatsServer, cancel_job, create_jobs, create_registry, deliver, delivery_headers, entity_event,
+    entry_event, eventually, job_state, queue_job, service_error, wait_job,
 };
 use core_events::Subjects;
 use pagoda_plugin_sdk::{Hook, PluginManifest};
@@ -499,29 +499,7 @@ async fn hello_world_greets_over_its_api_route_and_counts_in_its_task() {
     })
     .await;
     assert_eq!(running.status, JobStatus::Processing);
-    // Cancel as the host does: compare-and-set, again when a progress note
-    // landed in between.
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let (revision, state) = job_state(&jobs, "hello-world", 5).await.unwrap();
-        let canceled = JobState {
-            status: JobStatus::Canceled,
-            message: "cancelled".into(),
-            ..state
-        };
-        let key = JobState::key("hello-world", 5);
-        let value = serde_json::to_vec(&canceled).unwrap().into();
-        match jobs.update(key, value, revision).await {
-            Ok(_) => break,
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                assert_eq!(
-                    e.kind(),
-                    async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision
-                );
-            }
-            Err(e) => panic!("cannot cancel job 5: {e}"),
-        }
-    }
+    cancel_job(&jobs, "hello-world", 5, "cancelled").await;
     // Skip the lines of jobs 2-4, then the cancelled count's own line.
     let mut line = hello.line().await;
     while !line.starts_with("[hello-world] count job=5 ") {

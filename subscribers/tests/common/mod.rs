@@ -383,6 +383,35 @@ pub async fn job_state(
     ))
 }
 
+/// Cancels a job as the host does: a compare-and-set to CANCELED with
+/// `message`, tried again while a progress note or a heartbeat of the worker
+/// lands in between (for up to 10 s).
+pub async fn cancel_job(jobs: &kv::Store, plugin: &str, job_id: i64, message: &str) {
+    use core_events::jobs::{JobState, JobStatus};
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (revision, state) = job_state(jobs, plugin, job_id)
+            .await
+            .unwrap_or_else(|| panic!("job {job_id} of {plugin} has no state"));
+        let canceled = JobState {
+            status: JobStatus::Canceled,
+            message: message.to_owned(),
+            ..state
+        };
+        let value = serde_json::to_vec(&canceled).unwrap().into();
+        match jobs
+            .update(JobState::key(plugin, job_id), value, revision)
+            .await
+        {
+            Ok(_) => return,
+            Err(e)
+                if e.kind() == kv::UpdateErrorKind::WrongLastRevision
+                    && tokio::time::Instant::now() < deadline => {}
+            Err(e) => panic!("cannot cancel job {job_id} of {plugin}: {e}"),
+        }
+    }
+}
+
 /// Waits (up to `timeout`) for a job's state to satisfy `done`.
 pub async fn wait_job(
     jobs: &kv::Store,
