@@ -200,8 +200,14 @@ async fn a_batch_answers_each_input_as_if_created_alone_in_order() {
                 .all(|e| e.created_time == created[0].created_time),
             "{created:?}"
         );
+        // Ids ascend in input order, and so do their events in the outbox, as
+        // when created one by one.
+        assert!(created.windows(2).all(|w| w[0].id < w[1].id), "{created:?}");
         let events = outbox_events(&store).await;
         assert_eq!(events.len(), before + created.len());
+        let order: Vec<String> = events[before..].iter().map(|e| e.subject.clone()).collect();
+        let want: Vec<String> = created.iter().map(|e| format!("entry/{}", e.id)).collect();
+        assert_eq!(order, want);
         for entry in &created {
             assert_eq!(&store.entry(entry.id).await.unwrap(), *entry);
             let mine: Vec<_> = events

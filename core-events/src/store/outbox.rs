@@ -84,21 +84,47 @@ pub async fn insert_envelopes<D: serde::Serialize>(
     // One event's statement is always the same: keep it prepared.
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(envs.len() == 1);
     for env in envs {
-        let payload = serde_json::to_string(env)
-            .map_err(|e| StoreError::Invalid(vec![format!("event cannot be serialized: {e}")]))?;
-        let hook = env.hook().ok_or_else(|| {
-            StoreError::Invalid(vec![format!("unknown event type '{}'", env.event_type)])
-        })?;
+        let row = envelope_row(env)?;
         q = q
-            .bind(env.id.to_string())
-            .bind(hook.name())
-            .bind(env.pagodaentity.clone())
-            .bind(env.subject.clone())
-            .bind(env.traceparent.clone())
-            .bind(payload);
+            .bind(row.event_id)
+            .bind(row.hook)
+            .bind(row.entity)
+            .bind(row.object)
+            .bind(row.traceparent)
+            .bind(row.payload);
     }
     q.execute(&mut *conn).await?;
     Ok(())
+}
+
+/// The columns of an event's outbox row (but its id and time).
+pub(super) struct EnvelopeRow {
+    pub event_id: String,
+    pub hook: &'static str,
+    pub entity: String,
+    pub object: String,
+    pub traceparent: Option<String>,
+    pub payload: String,
+}
+
+/// An event's outbox row: its envelope serialized, and the columns the relay
+/// reads without parsing it.
+pub(super) fn envelope_row<D: serde::Serialize>(
+    env: &Envelope<D>,
+) -> Result<EnvelopeRow, StoreError> {
+    let payload = serde_json::to_string(env)
+        .map_err(|e| StoreError::Invalid(vec![format!("event cannot be serialized: {e}")]))?;
+    let hook = env.hook().ok_or_else(|| {
+        StoreError::Invalid(vec![format!("unknown event type '{}'", env.event_type)])
+    })?;
+    Ok(EnvelopeRow {
+        event_id: env.id.to_string(),
+        hook: hook.name(),
+        entity: env.pagodaentity.clone(),
+        object: env.subject.clone(),
+        traceparent: env.traceparent.clone(),
+        payload,
+    })
 }
 
 const ROW_COLUMNS: &str =
