@@ -37,6 +37,10 @@
     unreachable_pub
 )]
 
+/// The allocator of the `hookbus` binary, whose host this runs in-process.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
