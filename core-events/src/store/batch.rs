@@ -1,7 +1,9 @@
-//! Group commit of entry creations: many [`NewEntryInput`]s written in one
-//! transaction with a few multi-row statements (the entities with their
-//! attributes, all the entries, all their values, all their events), each input
-//! getting the answer [`Store::create_entry`] would have given it.
+//! Group commit of entry creations: many [`NewEntryInput`]s written together,
+//! each input getting the answer [`Store::create_entry`] would have given it. On
+//! SQLite, one transaction with a few multi-row statements (the entities with
+//! their attributes, all the entries, all their values, all their events); on
+//! PostgreSQL, three round trips (the entities, the new ids, one statement that
+//! inserts everything).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -48,10 +50,12 @@ impl Store {
     ///
     /// An input that fails (no active entity, invalid values, a name taken, also
     /// by an earlier input of the batch) fails alone: the others are still
-    /// created. The entities are read with their attributes in one query; all
-    /// entries, all their values and all their events are inserted with one
-    /// statement each (per 1 000 rows). Should the batch's transaction fail for
-    /// another reason, every input is retried alone, so each gets its own answer.
+    /// created. The entities are read with their attributes in one query. On
+    /// SQLite all entries, all their values and all their events are then
+    /// inserted with one statement each (per 1 000 rows); on PostgreSQL the new
+    /// ids are read from their sequences and one statement inserts the three.
+    /// Should the batch's write fail for another reason before its commit, every
+    /// input is retried alone, so each gets its own answer.
     pub async fn create_entries(&self, inputs: &[NewEntryInput]) -> Vec<Result<Entry, StoreError>> {
         match inputs {
             [] => Vec::new(),
