@@ -744,14 +744,8 @@ async fn entries_get_attrs(
     ctx: &WriteContext,
 ) -> Result<(Vec<Entry>, Vec<Skipped>), ApiError> {
     // Every entry of a page is of one entity, so one look at the routes will do.
-    let any_handler = entries.first().is_some_and(|first| {
-        state
-            .registry
-            .table()
-            .matching(core_events::Hook::EntryGetAttrs, &first.schema.name)
-            .next()
-            .is_some()
-    });
+    let first = entries.first().map(|e| e.schema.name.as_str());
+    let any_handler = any_route(state, core_events::Hook::EntryGetAttrs, first);
     page_get_attrs(entries, any_handler, |mut entry| async move {
         let out = state.hooks.get_entry_attrs(&entry, ctx).await?;
         entry.attrs = out.value;
@@ -767,21 +761,27 @@ async fn entities_get_attrs(
     entities: Vec<Entity>,
     ctx: &WriteContext,
 ) -> Result<(Vec<Entity>, Vec<Skipped>), ApiError> {
-    let any_handler = {
-        let table = state.registry.table();
-        entities.iter().any(|e| {
-            table
-                .matching(core_events::Hook::EntityGetAttrs, &e.name)
-                .next()
-                .is_some()
-        })
-    };
+    let names = entities.iter().map(|e| e.name.as_str());
+    let any_handler = any_route(state, core_events::Hook::EntityGetAttrs, names);
     page_get_attrs(entities, any_handler, |mut entity| async move {
         let out = state.hooks.get_entity_attrs(&entity, ctx).await?;
         entity.attrs = out.value;
         Ok((entity, out.skipped))
     })
     .await
+}
+
+/// Whether a handler of `hook` in the routing table matches any of the entity
+/// `names`.
+fn any_route<'a>(
+    state: &HostState,
+    hook: core_events::Hook,
+    names: impl IntoIterator<Item = &'a str>,
+) -> bool {
+    let table = state.registry.table();
+    names
+        .into_iter()
+        .any(|name| table.matching(hook, name).next().is_some())
 }
 
 /// Runs `run` (a `get_attrs` chain) over each item of a list page:

@@ -131,16 +131,7 @@ impl Store {
         }
 
         // Their values, all in one statement.
-        let rows: Vec<(i64, i64, &Value)> = inserted
-            .iter()
-            .flat_map(|(k, id)| {
-                batch.ready[*k]
-                    .values
-                    .iter()
-                    .map(move |(a, v)| (*id, *a, v))
-            })
-            .collect();
-        let value_ids = insert_values(&mut tx, &rows, false).await?;
+        let value_ids = insert_values(&mut tx, &batch.value_rows(&inserted), false).await?;
 
         // The entries as stored, and their events, all in one statement.
         let envelopes = batch.created(self, inputs, &entities, &inserted, &value_ids);
@@ -176,21 +167,18 @@ impl Store {
             return Ok(batch.answers(inputs, &entities));
         }
         let n_values: usize = batch.ready.iter().map(|r| r.values.len()).sum();
-        let (entry_ids, mut new_value_ids) =
+        let (entry_ids, new_value_ids) =
             pg_next_ids(&mut conn, batch.ready.len(), n_values).await?;
         let inserted: Vec<(usize, i64)> = entry_ids.into_iter().enumerate().collect();
         let mut value_ids = HashMap::with_capacity(n_values);
         let mut values = Vec::with_capacity(n_values);
-        for (k, id) in &inserted {
-            for (attr, value) in &batch.ready[*k].values {
-                let value_id = new_value_ids.next().ok_or_else(|| {
-                    StoreError::Db(sqlx::Error::Protocol("too few value ids".into()))
-                })?;
-                value_ids.insert((*id, *attr), value_id);
-                values.push(serde_json::json!({
-                    "id": value_id, "entry_id": id, "attr_id": attr, "value": value.to_string(),
-                }));
-            }
+        for ((entry_id, attr_id, value), id) in
+            batch.value_rows(&inserted).into_iter().zip(new_value_ids)
+        {
+            value_ids.insert((entry_id, attr_id), id);
+            values.push(serde_json::json!({
+                "id": id, "entry_id": entry_id, "attr_id": attr_id, "value": value.to_string(),
+            }));
         }
         let entries: Vec<Value> = inserted
             .iter()
@@ -249,13 +237,13 @@ impl Store {
         .iter()
         .map(|row| row.try_get("id"))
         .collect::<Result<_, _>>()?;
-        // Taken names: not written, a conflict.
-        let taken: Vec<(usize, i64)> = inserted
-            .iter()
-            .filter(|(_, id)| !written.contains(id))
-            .copied()
-            .collect();
-        batch.conflicts(inputs, &entities, &taken);
+        // Taken names: not written, so answered as conflicts.
+        batch.not_written(
+            inserted
+                .iter()
+                .filter(|(_, id)| !written.contains(id))
+                .map(|(k, _)| *k),
+        );
         if !written.is_empty() {
             self.outbox_written.notify_one();
         }
@@ -269,7 +257,7 @@ async fn pg_next_ids(
     conn: &mut AnyConnection,
     entries: usize,
     values: usize,
-) -> Result<(Vec<i64>, std::vec::IntoIter<i64>), StoreError> {
+) -> Result<(Vec<i64>, Vec<i64>), StoreError> {
     let rows = sqlx::query(
         "SELECT 0 AS kind, nextval('entries_id_seq'::regclass) AS id \
          FROM generate_series(1, $1) \
@@ -300,7 +288,7 @@ async fn pg_next_ids(
     }
     entry_ids.sort_unstable();
     value_ids.sort_unstable();
-    Ok((entry_ids, value_ids.into_iter()))
+    Ok((entry_ids, value_ids))
 }
 
 /// The distinct entity ids of the inputs, in order.
@@ -393,19 +381,20 @@ impl Batch {
         envelopes
     }
 
-    /// The entries `taken` (`ready` index, id) were not written: their name is
-    /// taken.
-    fn conflicts(
-        &mut self,
-        inputs: &[NewEntryInput],
-        entities: &HashMap<i64, Entity>,
-        taken: &[(usize, i64)],
-    ) {
-        for (k, _) in taken {
-            let input = &inputs[self.ready[*k].index];
-            let entity = &entities[&input.entity_id];
-            self.results[self.ready[*k].index] =
-                Some(Err(entry_conflict(&input.entry.name, &entity.name)));
+    /// The rows `(entry id, attribute id, value)` of the values of the entries
+    /// `inserted` (`ready` index, entry id), in that order.
+    fn value_rows(&self, inserted: &[(usize, i64)]) -> Vec<(i64, i64, &Value)> {
+        inserted
+            .iter()
+            .flat_map(|(k, id)| self.ready[*k].values.iter().map(move |(a, v)| (*id, *a, v)))
+            .collect()
+    }
+
+    /// The entries at these `ready` indexes were not written after all (their
+    /// name is taken): [`answers`](Self::answers) names them conflicts.
+    fn not_written(&mut self, ready: impl Iterator<Item = usize>) {
+        for k in ready {
+            self.results[self.ready[k].index] = None;
         }
     }
 
