@@ -204,9 +204,12 @@ impl Side {
     }
 }
 
-/// One side's world: a fresh server with streams, responders and the events.
+/// One side's world: a fresh server with streams, responders and (once
+/// [`World::publish`]ed) the events.
 struct World {
     server: NatsServer,
+    js: jetstream::Context,
+    subjects: Subjects,
     marks: Arc<Marks>,
     responders: Vec<JoinHandle<()>>,
     /// Requests answered by each responder.
@@ -277,7 +280,19 @@ impl World {
                 .unwrap();
         }
 
-        // Pre-publish, many acks in flight.
+        World {
+            server,
+            js,
+            subjects: subjects.clone(),
+            marks,
+            responders,
+            answered,
+        }
+    }
+
+    /// Publishes the events, many acks in flight, and checks the stream holds them.
+    async fn publish(&self, events: &[EncodedEvent]) {
+        let (js, subjects) = (&self.js, &self.subjects);
         let publisher = Publisher::new(js.clone(), subjects.clone());
         for chunk in events.chunks(PUBLISH_BATCH) {
             let mut acks = Vec::with_capacity(chunk.len());
@@ -288,18 +303,12 @@ impl World {
                 ack.await.unwrap();
             }
         }
-        let stored = hookbus_tests::stream_len(&js, &subjects.events_stream()).await;
+        let stored = hookbus_tests::stream_len(js, &subjects.events_stream()).await;
         assert_eq!(
             stored,
             events.len() as u64,
             "events stream holds every event"
         );
-        World {
-            server,
-            marks,
-            responders,
-            answered,
-        }
     }
 
     fn finish(mut self) {
@@ -371,7 +380,17 @@ async fn wait_acked(n: u64, acked: impl Fn() -> u64) -> Result<(), u64> {
     }
 }
 
-async fn run_bus(world: &World, n: u64, metrics: bool, layout: Layout) -> (Duration, Cpu) {
+/// Runs the bus side over `events`. With several buses the events are published
+/// only once the buses have divided the partitions (the clock then starts at the
+/// first delivery, see [`measure`]): published before, they may all be
+/// dispatched by the first bus before the second takes its share.
+async fn run_bus(
+    world: &World,
+    events: &[EncodedEvent],
+    metrics: bool,
+    layout: Layout,
+) -> (Duration, Cpu) {
+    let n = events.len() as u64;
     let mut config = BusConfig {
         enabled_plugins: PLUGINS.iter().map(|(p, _)| (*p).to_owned()).collect(),
         ..Default::default()
@@ -386,7 +405,7 @@ async fn run_bus(world: &World, n: u64, metrics: bool, layout: Layout) -> (Durat
     for _ in 0..layout.dispatchers {
         clients.push(world.server.connect().await);
     }
-    let cpu0 = cpu_now(&world.server);
+    let mut cpu0 = cpu_now(&world.server);
     let t0 = Instant::now();
     let buses = futures::future::join_all(
         clients
@@ -404,6 +423,20 @@ async fn run_bus(world: &World, n: u64, metrics: bool, layout: Layout) -> (Durat
             .unwrap_or_else(|()| panic!("plugins not registered in time"));
     }
     let stats: Vec<_> = buses.iter().map(|b| b.stats.clone()).collect();
+    if layout.dispatchers > 1 {
+        let share = layout.partitions as usize / layout.dispatchers;
+        let deadline = Instant::now() + SIDE_TIMEOUT;
+        while !stats.iter().all(|s| s.partitions().len() >= share) {
+            assert!(
+                Instant::now() < deadline,
+                "the buses did not divide the partitions in {SIDE_TIMEOUT:?}: {:?}",
+                stats.iter().map(|s| s.partitions()).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        world.publish(events).await;
+        cpu0 = cpu_now(&world.server);
+    }
     let sum =
         |f: fn(&hookbus::dispatch::DispatchStats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
     if let Err(a) = wait_acked(n, || sum(|s| s.events_acked.get())).await {
@@ -625,10 +658,15 @@ async fn measure(
 ) -> Measured {
     let n = events.len() as u64;
     let world = World::new(subjects, events, index).await;
+    let bus = matches!(side, Side::Bus | Side::BusNoMetrics);
+    if !(bus && layout.dispatchers > 1) {
+        // Pre-published; several buses publish once they divided the partitions.
+        world.publish(events).await;
+    }
     let started = Instant::now();
     let (mut elapsed, cpu) = match side {
-        Side::Bus => run_bus(&world, n, true, layout).await,
-        Side::BusNoMetrics => run_bus(&world, n, false, layout).await,
+        Side::Bus => run_bus(&world, events, true, layout).await,
+        Side::BusNoMetrics => run_bus(&world, events, false, layout).await,
         Side::Raw => run_raw(&world, subjects, n, layout).await,
         Side::RawSingle => run_raw(&world, subjects, n, Layout::SINGLE).await,
     };
