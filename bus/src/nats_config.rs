@@ -265,13 +265,19 @@ pub fn permissions(subjects: &Subjects, user: &User, partitions: u32) -> Permiss
     }
 }
 
-/// The names of the bus's dispatcher consumers on the events stream.
+/// The names of the bus's dispatcher consumers on the events stream: those of
+/// `partitions` partitions, and always the unpartitioned one (a bus started
+/// without `--partitions` must stay out of a plugin's reach too).
 fn dispatcher_consumers(partitions: u32) -> Vec<String> {
     let base = crate::config::DispatcherSettings::default().consumer;
     let count = partitions.max(1);
-    (0..count)
+    let mut names: Vec<String> = (0..count)
         .map(|index| crate::dispatch::Partition { index, count }.consumer(&base))
-        .collect()
+        .collect();
+    if !names.contains(&base) {
+        names.insert(0, base);
+    }
+    names
 }
 
 /// Random passwords (32 hex digits from the OS) for every user.

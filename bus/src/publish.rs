@@ -62,7 +62,9 @@ impl EncodedEvent {
         let object = envelope
             .object()
             .filter(|o| o.kind == hook.object())
-            .ok_or_else(|| PublishError::BadObject(envelope.subject.clone()))?;
+            .ok_or_else(|| {
+                PublishError::BadObject(envelope.subject.clone().unwrap_or_else(|| "(none)".into()))
+            })?;
         let payload = Bytes::from(serde_json::to_vec(envelope)?);
         Self::from_parts(
             subjects,

@@ -63,14 +63,22 @@ pub struct Envelope<D = serde_json::Value> {
     /// `pagoda.<object>.<action>`, e.g. `pagoda.entry.after_create`.
     #[serde(rename = "type")]
     pub event_type: String,
-    /// When the change happened.
-    pub time: DateTime<Utc>,
-    /// The object the event is about: `entry/<id>` or `entity/<id>`.
-    pub subject: String,
-    /// Always `application/json`.
-    pub datacontenttype: String,
-    /// Identifies the JSON Schema of `data` (see `schemas/`).
-    pub dataschema: String,
+    /// When the change happened. Optional (CloudEvents); every event this bus
+    /// makes has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<DateTime<Utc>>,
+    /// The object the event is about: `entry/<id>` or `entity/<id>`. Optional
+    /// (CloudEvents); when absent, readers take the object from the
+    /// `Pagoda-Object` header or from `data` ([`Envelope::object`] for typed
+    /// events). Every event this bus makes has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// `application/json` when present. Optional (CloudEvents: JSON is implied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datacontenttype: Option<String>,
+    /// Identifies the JSON Schema of `data` (see `schemas/`). Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataschema: Option<String>,
     /// Extension: the name of the entity concerned (the entry's entity for entry hooks).
     pub pagodaentity: String,
     /// Extension: the user who made the change, by username.
@@ -107,14 +115,16 @@ impl<D> Envelope<D> {
             id: EventId::new(),
             source: source.into(),
             event_type: hook.event_type(),
-            time: Utc::now(),
-            subject: object.to_string(),
-            datacontenttype: "application/json".to_owned(),
-            dataschema: match hook.object() {
-                ObjectKind::Entry => ENTRY_EVENT_SCHEMA,
-                ObjectKind::Entity => ENTITY_EVENT_SCHEMA,
-            }
-            .to_owned(),
+            time: Some(Utc::now()),
+            subject: Some(object.to_string()),
+            datacontenttype: Some("application/json".to_owned()),
+            dataschema: Some(
+                match hook.object() {
+                    ObjectKind::Entry => ENTRY_EVENT_SCHEMA,
+                    ObjectKind::Entity => ENTITY_EVENT_SCHEMA,
+                }
+                .to_owned(),
+            ),
             pagodaentity: entity.into(),
             pagodaactor: None,
             pagodaseq: None,
@@ -128,9 +138,10 @@ impl<D> Envelope<D> {
         Hook::from_event_type(&self.event_type)
     }
 
-    /// The object, from `subject`; `None` when it is not `entry/<id>` or `entity/<id>`.
+    /// The object, from `subject`; `None` when it is absent or not
+    /// `entry/<id>` or `entity/<id>`.
     pub fn object(&self) -> Option<ObjectKey> {
-        self.subject.parse().ok()
+        self.subject.as_deref()?.parse().ok()
     }
 }
 
@@ -147,6 +158,15 @@ impl Envelope<EntryEvent> {
         env.pagodaactor = actor;
         env
     }
+
+    /// The object: from `subject`, else the entry in `data` (`subject` is
+    /// optional).
+    pub fn object_key(&self) -> ObjectKey {
+        self.object().unwrap_or(ObjectKey {
+            kind: ObjectKind::Entry,
+            id: self.data.entry.id,
+        })
+    }
 }
 
 impl Envelope<EntityEvent> {
@@ -162,6 +182,58 @@ impl Envelope<EntityEvent> {
         env.pagodaactor = actor;
         env
     }
+
+    /// The object: from `subject`, else the entity in `data` (`subject` is
+    /// optional).
+    pub fn object_key(&self) -> ObjectKey {
+        self.object().unwrap_or(ObjectKey {
+            kind: ObjectKind::Entity,
+            id: self.data.entity.id,
+        })
+    }
+}
+
+/// The object of a serialized event whose `subject` may be absent: its
+/// `subject` when present, else the id in `data` (`data.entry.id` for entry
+/// hooks, `data.entity.id` for entity hooks; `kind` says which).
+///
+/// # Errors
+///
+/// A sentence saying what is missing or malformed.
+pub fn object_of_event(kind: ObjectKind, payload: &[u8]) -> Result<ObjectKey, String> {
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(default)]
+        subject: Option<String>,
+        #[serde(default)]
+        data: Option<DataProbe>,
+    }
+    #[derive(Deserialize)]
+    struct DataProbe {
+        #[serde(default)]
+        entry: Option<IdProbe>,
+        #[serde(default)]
+        entity: Option<IdProbe>,
+    }
+    #[derive(Deserialize)]
+    struct IdProbe {
+        id: i64,
+    }
+    let probe: Probe = serde_json::from_slice(payload)
+        .map_err(|e| format!("the payload is not a readable event: {e}"))?;
+    if let Some(subject) = probe.subject {
+        return subject.parse();
+    }
+    let data = probe.data.as_ref();
+    let id = match kind {
+        ObjectKind::Entry => data.and_then(|d| d.entry.as_ref()),
+        ObjectKind::Entity => data.and_then(|d| d.entity.as_ref()),
+    }
+    .map(|p| p.id)
+    .ok_or_else(|| {
+        format!("the event has no 'subject' and no 'data.{kind}.id' to take its object from")
+    })?;
+    Ok(ObjectKey { kind, id })
 }
 
 /// Payload of every entry notification (`entry.after_create`, `after_update`,

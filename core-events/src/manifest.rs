@@ -34,16 +34,23 @@ pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
 /// A plugin and its handlers, as registered in the registry bucket.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = require_identity)]
 pub struct PluginManifest {
     /// Plugin id: letters, digits, `-` and `_`. Also the NATS service name and the
     /// queue group of its endpoints.
+    // Defaulted for serde so that a missing one is reported by `validate` with
+    // the others; required in the schema (`require_identity`), as the bus
+    // requires it.
     #[serde(default)]
+    #[schemars(length(min = 1))]
     pub id: String,
     /// Human-readable name.
     #[serde(default)]
+    #[schemars(length(min = 1))]
     pub name: String,
     /// Semantic version (`1.2.3`), as the NATS Services API requires.
     #[serde(default)]
+    #[schemars(length(min = 1))]
     pub version: String,
     /// What the plugin does.
     #[serde(default)]
@@ -61,6 +68,16 @@ pub struct PluginManifest {
     /// Tasks the host can start as jobs; each gets the operation id `range start + offset`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<TaskSpec>,
+}
+
+/// The manifest schema's `required`: `id`, `name` and `version`, which
+/// [`PluginManifest::validate`] requires (serde defaults them only so that every
+/// missing one is reported together).
+fn require_identity(schema: &mut schemars::Schema) {
+    schema.insert(
+        "required".to_owned(),
+        serde_json::json!(["id", "name", "version"]),
+    );
 }
 
 /// HTTP methods a plugin API route may declare.

@@ -14,7 +14,9 @@ ENABLED_PLUGINS to dispatch to it. See docs/protocol.md for the protocol and
 docs/writing-a-plugin.md for a walkthrough of this file.
 
 Environment: NATS_URL (default nats://127.0.0.1:4222), PAGODA_SUBJECT_PREFIX
-(default pagoda).
+(default pagoda), NATS_USER and NATS_PASSWORD (the plugin's user from
+`hookbus nats-config`; its inbox prefix is then `_INBOX_<user>`, as the
+generated permissions require).
 """
 
 import asyncio
@@ -174,7 +176,13 @@ async def register(nc):
 
 async def main():
     url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
-    nc = await nats.connect(url, name=f"pagoda-plugin {PLUGIN_ID}")
+    options = {"name": f"pagoda-plugin {PLUGIN_ID}"}
+    user = os.environ.get("NATS_USER")
+    if user:
+        # The generated permissions let a user read replies only on its own inbox.
+        options.update(user=user, password=os.environ.get("NATS_PASSWORD", ""),
+                       inbox_prefix=f"_INBOX_{user}")
+    nc = await nats.connect(url, **options)
     endpoints = {"greet": Stats("greet")}
 
     async def on_greet(msg):

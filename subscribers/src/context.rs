@@ -66,9 +66,10 @@ impl<D> EventContext<D> {
         &self.event.pagodaentity
     }
 
-    /// The object the event is about, as `entry/42` or `entity/7`.
+    /// The object the event is about, as `entry/42` or `entity/7` (from the
+    /// envelope's `subject`, else the `Pagoda-Object` header, else `data`).
     pub fn object(&self) -> &str {
-        &self.event.subject
+        self.event.subject.as_deref().unwrap_or_default()
     }
 
     /// True when this is a retry of a delivery that failed before.
@@ -101,6 +102,8 @@ pub(crate) struct DeliveryHeaders {
     pub(crate) hook: Option<String>,
     pub(crate) replay: bool,
     pub(crate) traceparent: Option<String>,
+    /// `Pagoda-Object`: the object, for an event without `subject`.
+    pub(crate) object: Option<String>,
 }
 
 impl DeliveryHeaders {
@@ -148,6 +151,7 @@ impl DeliveryHeaders {
             hook: text(headers::HOOK),
             replay,
             traceparent: text(headers::TRACEPARENT),
+            object: text(headers::OBJECT),
         })
     }
 }
@@ -236,6 +240,18 @@ pub(crate) fn decode_delivery<D: DeserializeOwned>(
     }
     if let Some(seq) = delivery.stream_seq {
         event.pagodaseq = Some(seq);
+    }
+    // `subject` is optional: the object then comes from the delivery's
+    // Pagoda-Object header, else from the ids in `data`.
+    if event.subject.is_none() {
+        event.subject = match delivery.object {
+            Some(object) => Some(object),
+            None => Some(
+                core_events::envelope::object_of_event(hook.object(), payload)
+                    .map_err(|e| format!("payload of '{hook}': {e}"))?
+                    .to_string(),
+            ),
+        };
     }
     let traceparent = delivery.traceparent.or_else(|| event.traceparent.clone());
     Ok(EventContext {

@@ -909,6 +909,7 @@ impl Runner {
                 hook: None,
                 replay: true,
                 traceparent: event.header(headers::TRACEPARENT).map(str::to_owned),
+                object: event.header(headers::OBJECT).map(str::to_owned),
             };
             let result = match &slot.handler {
                 HandlerFn::Entry(f) => call(slot, f, &event.payload, delivery).await,

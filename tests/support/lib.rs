@@ -23,10 +23,13 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod consistency;
 pub mod db;
+pub mod deploy;
 pub mod host;
 pub use db::TestDb;
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io::{Read, Seek, SeekFrom};
@@ -347,17 +350,54 @@ pub struct NatsServer {
     dir: TempDir,
     /// Config file passed with `-c`, when started with one.
     config: Option<PathBuf>,
+    /// The generated users of the production profile (`None`: an open server,
+    /// or one with a config of the test's own).
+    auth: Option<Mutex<BTreeSet<String>>>,
 }
 
 impl NatsServer {
-    /// Starts a server with JetStream and waits until it is ready.
+    /// Starts a server with JetStream in the **production profile** and waits
+    /// until it is ready: the limits `docker/nats/nats-server.conf` ships
+    /// (`max_payload`, `max_pending`, the JetStream store limits) and the users
+    /// and permissions `hookbus nats-config` generates, as deployed. Clients
+    /// connect as their own user: [`connect_as`](NatsServer::connect_as) with
+    /// [`BUS_USER`], [`HOST_USER`] or a plugin id (plugin users are added with
+    /// [`allow_plugins`](NatsServer::allow_plugins), or up front with
+    /// [`start_for`](NatsServer::start_for)); [`connect`](NatsServer::connect) is
+    /// the test's own view, the operator with every right (as an operator's `nats`
+    /// CLI). A test that needs a server without users says so:
+    /// [`start_open`](NatsServer::start_open).
     ///
     /// # Panics
     ///
     /// When no suitable `nats-server` is found, when it does not start, or when
     /// it is not ready within [`READY_TIMEOUT`] (with the tail of its log).
     pub async fn start() -> NatsServer {
-        Self::start_inner(None).await
+        Self::start_for(&[]).await
+    }
+
+    /// [`start`](NatsServer::start) with users for `plugins` from the start.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](NatsServer::start); also for a plugin id the generator refuses.
+    pub async fn start_for(plugins: &[&str]) -> NatsServer {
+        let plugins: BTreeSet<String> = plugins.iter().map(|p| (*p).to_owned()).collect();
+        let conf = production_conf(&plugins);
+        let mut server = Self::start_inner(Some(&conf)).await;
+        server.auth = Some(Mutex::new(plugins));
+        server
+    }
+
+    /// Starts a server with JetStream, the production limits and **no users**:
+    /// anyone may do anything. Only for tests whose subject is not the deployment
+    /// (the harness itself, the generator's own tests, benchmarks' raw baselines).
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](NatsServer::start).
+    pub async fn start_open() -> NatsServer {
+        Self::start_inner(Some(&production_limits())).await
     }
 
     /// Starts a server with a config file holding `conf` (written to
@@ -370,6 +410,124 @@ impl NatsServer {
     /// As [`start`](NatsServer::start); also when the file cannot be written.
     pub async fn start_with_config(conf: &str) -> NatsServer {
         Self::start_inner(Some(conf)).await
+    }
+
+    /// Adds the generated users of `plugins` to a production-profile server
+    /// (rewrites its config and reloads it, as an operator does after `hookbus
+    /// nats-config`), and waits until they can connect. Ids it already has are
+    /// skipped. Does nothing on an open server.
+    ///
+    /// A reload makes nats-server forget the reply permissions
+    /// (`allow_responses`) of requests its clients hold: a plugin answering
+    /// requests in flight then gets "Permissions Violation" on those answers,
+    /// and their senders time out and retry. So a test that adds a user while
+    /// others answer a burst declares the users up front instead
+    /// ([`start_for`](NatsServer::start_for)); docs/deploy.md says the same to
+    /// operators.
+    ///
+    /// # Panics
+    ///
+    /// When the reload fails or a new user cannot connect within [`READY_TIMEOUT`].
+    pub async fn allow_plugins(&self, plugins: &[&str]) {
+        let Some(auth) = &self.auth else { return };
+        let conf = {
+            let mut users = auth
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let before = users.len();
+            users.extend(plugins.iter().map(|p| (*p).to_owned()));
+            if users.len() == before {
+                return;
+            }
+            production_conf(&users)
+        };
+        self.write_config(&conf);
+        let pid = self
+            .pid()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .and_then(rustix::process::Pid::from_raw)
+            .expect("the server runs");
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP)
+            .unwrap_or_else(|e| panic!("cannot signal nats-server to reload: {e}"));
+        for plugin in plugins {
+            let connected = poll_until(READY_TIMEOUT, || async {
+                Box::pin(self.connect_options(plugin).connect(self.url()))
+                    .await
+                    .is_ok()
+            })
+            .await;
+            assert!(
+                connected,
+                "plugin user {plugin} cannot connect after the reload; the log:\n{}",
+                std::fs::read_to_string(self.log_path())
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| !l.contains("authentication error"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+
+    /// A client of plugin `id`, as the plugin itself connects: its user is added
+    /// first ([`allow_plugins`](NatsServer::allow_plugins)).
+    ///
+    /// # Panics
+    ///
+    /// As [`allow_plugins`](NatsServer::allow_plugins) and
+    /// [`connect_as`](NatsServer::connect_as).
+    pub async fn plugin_client(&self, id: &str) -> async_nats::Client {
+        self.allow_plugins(&[id]).await;
+        self.connect_as(id).await
+    }
+
+    /// Whether clients need a user (the production profile).
+    pub fn has_users(&self) -> bool {
+        self.auth.is_some()
+    }
+
+    /// The password of `user` on a production-profile server.
+    pub fn password(user: &str) -> String {
+        format!("pw-{user}-secret")
+    }
+
+    /// The environment a child process needs to connect as `user`
+    /// (`NATS_URL`, `NATS_USER`, `NATS_PASSWORD`, as `hookbus` and the SDK read
+    /// them); only `NATS_URL` on an open server.
+    pub fn env_for(&self, user: &str) -> Vec<(&'static str, String)> {
+        let mut env = vec![("NATS_URL", self.url())];
+        if self.has_users() {
+            env.push(("NATS_USER", user.to_owned()));
+            env.push(("NATS_PASSWORD", Self::password(user)));
+        }
+        env
+    }
+
+    /// Connect options for `user`: its password and its inbox prefix
+    /// (`_INBOX_<user>`) on a production-profile server; plain options on an
+    /// open one.
+    pub fn connect_options(&self, user: &str) -> async_nats::ConnectOptions {
+        if self.has_users() {
+            hookbus::nats_config::with_credentials(
+                async_nats::ConnectOptions::new(),
+                Some(user),
+                Some(&Self::password(user)),
+            )
+        } else {
+            async_nats::ConnectOptions::new()
+        }
+    }
+
+    /// Connects as `user` (the bus, the host or a plugin added with
+    /// [`allow_plugins`](NatsServer::allow_plugins)).
+    ///
+    /// # Panics
+    ///
+    /// When the connection fails (a wrong or unknown user among others).
+    pub async fn connect_as(&self, user: &str) -> async_nats::Client {
+        Box::pin(self.connect_options(user).connect(self.url()))
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {} as {user}: {e}", self.url()))
     }
 
     async fn start_inner(conf: Option<&str>) -> NatsServer {
@@ -389,6 +547,7 @@ impl NatsServer {
             monitor_port: 0,
             dir,
             config,
+            auth: None,
         };
         for attempt in 1..=START_ATTEMPTS {
             server.port = free_port();
@@ -480,15 +639,15 @@ impl NatsServer {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Connects a client to the server (no retry on the first connection).
+    /// Connects the test's own client (no retry on the first connection): the
+    /// operator, with every right, on a production-profile server; anonymous on
+    /// an open one.
     ///
     /// # Panics
     ///
     /// When the connection fails.
     pub async fn connect(&self) -> async_nats::Client {
-        async_nats::connect(self.url())
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.url()))
+        self.connect_as(OPERATOR_USER).await
     }
 
     /// Kills the server with SIGKILL (a crash: nothing is flushed) and waits for
@@ -524,6 +683,21 @@ impl NatsServer {
         let _ = child.wait();
     }
 
+    /// Writes `text` to the config file, with this server's name first (a name
+    /// on the command line would make every reload fail: nats-server refuses to
+    /// reload a changed `server_name`).
+    fn write_config(&self, text: &str) {
+        let Some(path) = &self.config else { return };
+        let body: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("server_name"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let named = format!("server_name: \"hookbus-test-{}\"\n{body}", self.port);
+        std::fs::write(path, named)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    }
+
     /// Spawns the process with this server's ports, store dir and config.
     fn spawn(&mut self) {
         let binary = nats_server_binary();
@@ -538,15 +712,20 @@ impl NatsServer {
             .unwrap_or_else(|e| panic!("cannot open {}: {e}", log_path.display()));
         let mut command = Command::new(&binary);
         if let Some(config) = &self.config {
+            let text = std::fs::read_to_string(config)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", config.display()));
+            self.write_config(&text);
             command.arg("-c").arg(config);
+        } else {
+            command
+                .arg("--name")
+                .arg(format!("hookbus-test-{}", self.port));
         }
         command
             .args(["-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
             .args(["-m"])
             .arg(self.monitor_port.to_string())
-            .arg("--name")
-            .arg(format!("hookbus-test-{}", self.port))
             .arg("-js")
             .arg("-sd")
             .arg(self.store_dir())
@@ -611,6 +790,76 @@ impl Drop for NatsServer {
         // while it is removed.
         self.kill();
     }
+}
+
+/// The test's own user on a production-profile server: every right, as an
+/// operator with the `nats` CLI. Components never connect as it.
+pub const OPERATOR_USER: &str = "operator";
+
+/// The bus's generated user.
+pub const BUS_USER: &str = hookbus::nats_config::BUS_USER;
+
+/// The host's generated user.
+pub const HOST_USER: &str = hookbus::nats_config::HOST_USER;
+
+/// Dispatcher partitions the generated plugin permissions cover (each
+/// partition's dispatcher consumer is denied to plugins).
+const PROFILE_PARTITIONS: u32 = 16;
+
+/// The limits of `docker/nats/nats-server.conf`, as deployed: its settings less
+/// what the harness sets itself (name, addresses, store dir) and the `include`
+/// of the deployment's users.
+///
+/// # Panics
+///
+/// When the file cannot be read.
+pub fn production_limits() -> String {
+    let path = workspace_root().join("docker/nats/nats-server.conf");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.lines()
+        .filter(|line| {
+            let key = line.trim_start();
+            !["server_name", "listen", "http", "store_dir", "include"]
+                .iter()
+                .any(|k| key.starts_with(k))
+        })
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
+
+/// The production profile's config: [`production_limits`] and the
+/// `authorization` block `hookbus nats-config` generates for `plugins`, with the
+/// [`OPERATOR_USER`] added.
+fn production_conf(plugins: &BTreeSet<String>) -> String {
+    use hookbus::nats_config::{self, Passwords};
+    let plugins: Vec<String> = plugins.iter().cloned().collect();
+    let users = nats_config::users(&plugins)
+        .unwrap_or_else(|e| panic!("hookbus nats-config refuses {plugins:?}: {e}"));
+    let passwords = users
+        .iter()
+        .map(|u| (u.name.clone(), NatsServer::password(&u.name)))
+        .collect();
+    let auth = nats_config::render(
+        &core_events::Subjects::default(),
+        &plugins,
+        &Passwords::Literal(passwords),
+        PROFILE_PARTITIONS,
+    )
+    .unwrap_or_else(|e| panic!("hookbus nats-config refuses {plugins:?}: {e}"));
+    let operator = format!(
+        "  users = [\n    # the test itself (an operator's `nats` CLI): every right\n    {{ user: \"{OPERATOR_USER}\", password: \"{}\" }}\n",
+        NatsServer::password(OPERATOR_USER)
+    );
+    assert!(
+        auth.contains("  users = [\n"),
+        "unexpected nats-config output:\n{auth}"
+    );
+    format!(
+        "{}\n{}",
+        production_limits(),
+        auth.replacen("  users = [\n", &operator, 1)
+    )
 }
 
 /// Why a server did not become ready.
@@ -726,6 +975,30 @@ pub async fn stream_events(
         }
     }
     out
+}
+
+/// Serving an SDK plugin the way it is deployed: connected as its own user.
+pub trait ServeOn {
+    /// Adds the plugin's user to `server` ([`NatsServer::allow_plugins`]),
+    /// connects as it and serves the plugin with `options`.
+    fn serve_on(
+        &self,
+        server: &NatsServer,
+        options: pagoda_plugin_sdk::ServeOptions,
+    ) -> impl Future<
+        Output = Result<pagoda_plugin_sdk::RunningPlugin, pagoda_plugin_sdk::ServeError>,
+    > + Send;
+}
+
+impl ServeOn for pagoda_plugin_sdk::Plugin {
+    async fn serve_on(
+        &self,
+        server: &NatsServer,
+        options: pagoda_plugin_sdk::ServeOptions,
+    ) -> Result<pagoda_plugin_sdk::RunningPlugin, pagoda_plugin_sdk::ServeError> {
+        let client = server.plugin_client(self.id()).await;
+        self.serve(client, options).await
+    }
 }
 
 #[cfg(test)]

@@ -66,7 +66,7 @@ async fn seed_scenario_runs_handlers_in_priority_order() {
     let server = NatsServer::start().await;
     let client = server.connect().await;
     let log = CallLog::default();
-    let bus = start_bus(&client, &["a", "d", "b", "c"]).await;
+    let bus = start_bus(&server, &["a", "d", "b", "c"]).await;
     let mut plugins = vec![
         TestPlugin::new("a", &log).handler("h", Hook::EntryAfterCreate, Some(&["customer"]), 50),
         TestPlugin::new("b", &log).handler("h", Hook::EntryAfterCreate, None, 100),
@@ -74,7 +74,7 @@ async fn seed_scenario_runs_handlers_in_priority_order() {
         TestPlugin::new("d", &log).handler("h", Hook::EntryAfterCreate, None, 100),
     ];
     for p in &mut plugins {
-        p.start(&client).await;
+        p.start(&server).await;
     }
     wait_registered(&bus, &["a", "b", "c", "d"]).await;
 
@@ -94,7 +94,7 @@ async fn seed_scenario_runs_handlers_in_priority_order() {
     let mut config = test_config(&["a", "b", "d", "c"]);
     config.dispatcher.consumer = "dispatcher-2".into();
     let log_before = log.len();
-    let bus = hookbus::run::Bus::start(client.clone(), config)
+    let bus = hookbus::run::Bus::start(server.connect_as(hookbus_tests::BUS_USER).await, config)
         .await
         .unwrap();
     // The new consumer starts from the stream's beginning: both events again.
@@ -114,7 +114,7 @@ async fn entity_hooks_honour_entity_filters() {
     let server = NatsServer::start().await;
     let client = server.connect().await;
     let log = CallLog::default();
-    let bus = start_bus(&client, &["e"]).await;
+    let bus = start_bus(&server, &["e"]).await;
     let mut p = TestPlugin::new("e", &log)
         .handler(
             "only_customer",
@@ -123,7 +123,7 @@ async fn entity_hooks_honour_entity_filters() {
             100,
         )
         .handler("all", Hook::EntityAfterDelete, None, 100);
-    p.start(&client).await;
+    p.start(&server).await;
     wait_registered(&bus, &["e"]).await;
     let publisher = publisher(&client);
     publisher
@@ -163,7 +163,7 @@ async fn a_failing_handler_is_isolated_and_dead_lettered() {
     let client = server.connect().await;
     let js = jetstream::new(client.clone());
     let log = CallLog::default();
-    let bus = start_bus(&client, &["good1", "bad", "good2"]).await;
+    let bus = start_bus(&server, &["good1", "bad", "good2"]).await;
     let mut good1 = TestPlugin::new("good1", &log).handler("h", Hook::EntryAfterCreate, None, 10);
     let mut bad = TestPlugin::new("bad", &log)
         .handler("transient", Hook::EntryAfterCreate, None, 20)
@@ -174,7 +174,7 @@ async fn a_failing_handler_is_isolated_and_dead_lettered() {
     bad.set("permanent", Behaviour::Fail(422));
     bad.set("garbage", Behaviour::Garbage);
     for p in [&mut good1, &mut bad, &mut good2] {
-        p.start(&client).await;
+        p.start(&server).await;
     }
     wait_registered(&bus, &["good1", "bad", "good2"]).await;
     let event = entry_event(Hook::EntryAfterCreate, "customer", 7);
@@ -249,15 +249,15 @@ async fn stopped_plugin_case(partitions: u32) {
     let log = CallLog::default();
     let mut config = test_config(&["steady", "flappy"]);
     config.dispatcher.partitions = partitions;
-    let bus = hookbus::run::Bus::start(client.clone(), config)
+    let bus = hookbus::run::Bus::start(server.connect_as(hookbus_tests::BUS_USER).await, config)
         .await
         .unwrap();
     let mut steady =
         TestPlugin::new("steady", &log).handler("h", Hook::EntryAfterUpdate, None, 200);
     let mut flappy =
         TestPlugin::new("flappy", &log).handler("h", Hook::EntryAfterUpdate, None, 100);
-    steady.start(&client).await;
-    flappy.start(&client).await;
+    steady.start(&server).await;
+    flappy.start(&server).await;
     wait_registered(&bus, &["steady", "flappy"]).await;
     let publisher = publisher(&client);
     publish_entries(&publisher, Hook::EntryAfterUpdate, (0..40).map(|i| i % 5)).await;
@@ -291,7 +291,7 @@ async fn stopped_plugin_case(partitions: u32) {
         }
         assert!(tagged > 0, "deferred deliveries are kept per partition");
     }
-    flappy.start(&client).await;
+    flappy.start(&server).await;
     assert_eventually!(CallLog::distinct_events(&log.of("flappy")) == 100, WAIT);
     assert_in_order_per_object(&log, "flappy", 100);
     assert_in_order_per_object(&log, "steady", 100);
@@ -303,12 +303,12 @@ async fn two_replicas_share_the_work_exactly_once() {
     init_tracing();
     let server = NatsServer::start().await;
     let client = server.connect().await;
-    let client2 = server.connect().await;
     let log = CallLog::default();
-    let bus = start_bus(&client, &["r"]).await;
+    let bus = start_bus(&server, &["r"]).await;
     let mut r = TestPlugin::new("r", &log).handler("h", Hook::EntryAfterCreate, None, 100);
-    r.start(&client).await;
-    r.start(&client2).await;
+    // Two replicas, each on its own connection.
+    r.start(&server).await;
+    r.start(&server).await;
     wait_registered(&bus, &["r"]).await;
     let publisher = publisher(&client);
     publish_entries(&publisher, Hook::EntryAfterCreate, 0..200).await;
@@ -328,7 +328,7 @@ async fn two_replicas_share_the_work_exactly_once() {
 fn spawn_bus_process(server: &NatsServer, enabled: &str) -> Child {
     Command::new(hookbus_tests::hookbus_binary())
         .arg("run")
-        .env("NATS_URL", server.url())
+        .envs(server.env_for(hookbus_tests::BUS_USER))
         .env("ENABLED_PLUGINS", enabled)
         .env("HOOKBUS_ACK_WAIT_SECS", "2")
         .env("RUST_LOG", "warn")
@@ -341,7 +341,7 @@ fn spawn_bus_process(server: &NatsServer, enabled: &str) -> Child {
 fn spawn_leased_bus(server: &NatsServer, partitions: u32) -> Child {
     Command::new(hookbus_tests::hookbus_binary())
         .arg("run")
-        .env("NATS_URL", server.url())
+        .envs(server.env_for(hookbus_tests::BUS_USER))
         .env("ENABLED_PLUGINS", "p")
         .env("HOOKBUS_ACK_WAIT_SECS", "2")
         .env("HOOKBUS_LEASE_TTL", "1s")
@@ -379,7 +379,7 @@ async fn a_standby_bus_takes_over_when_the_active_one_is_killed() {
     let mut b = spawn();
     let mut p = TestPlugin::new("p", &log).handler("h", Hook::EntryAfterCreate, None, 100);
     p.set("h", Behaviour::Slow(Duration::from_millis(2)));
-    p.start(&client).await;
+    p.start(&server).await;
     assert_eventually!(bus_process_routes_to(&client, "p").await, WAIT);
     let publisher = publisher(&client);
     publish_entries(&publisher, Hook::EntryAfterCreate, (0..400).map(|i| i % 10)).await;
@@ -437,7 +437,7 @@ async fn partitions_spread_over_buses_and_move_when_one_dies_or_joins() {
     let holders = partition_holders(&js, 4).await;
     let mut p = TestPlugin::new("p", &log).handler("h", Hook::EntryAfterCreate, None, 100);
     p.set("h", Behaviour::Slow(Duration::from_millis(2)));
-    p.start(&client).await;
+    p.start(&server).await;
     assert_eventually!(bus_process_routes_to(&client, "p").await, WAIT);
     let publisher = publisher(&client);
     publish_entries(&publisher, Hook::EntryAfterCreate, (0..400).map(|i| i % 20)).await;
@@ -510,7 +510,7 @@ async fn dispatcher_killed_mid_stream_loses_nothing() {
     );
     let mut p = TestPlugin::new("p", &log).handler("h", Hook::EntryAfterCreate, None, 100);
     p.set("h", Behaviour::Slow(Duration::from_millis(2)));
-    p.start(&client).await;
+    p.start(&server).await;
     let publisher = publisher(&client);
     // Registration reaches the bus process asynchronously: ask its routing table
     // until it routes to `p`, so that the probe below cannot be routed to no one.
@@ -537,10 +537,10 @@ async fn nats_server_killed_mid_stream_loses_nothing() {
     let mut server = NatsServer::start().await;
     let client = server.connect().await;
     let log = CallLog::default();
-    let bus = start_bus(&client, &["p"]).await;
+    let bus = start_bus(&server, &["p"]).await;
     let mut p = TestPlugin::new("p", &log).handler("h", Hook::EntryAfterCreate, None, 100);
     p.set("h", Behaviour::Slow(Duration::from_millis(2)));
-    p.start(&client).await;
+    p.start(&server).await;
     wait_registered(&bus, &["p"]).await;
     let publisher = publisher(&client);
     publish_entries(&publisher, Hook::EntryAfterCreate, (0..150).map(|i| i % 10)).await;
@@ -581,7 +581,7 @@ async fn bad_input_gets_clear_errors_and_the_rest_keeps_working() {
     let client = server.connect().await;
     let js = jetstream::new(client.clone());
     let log = CallLog::default();
-    let bus = start_bus(&client, &["good", "typo", "broken"]).await;
+    let bus = start_bus(&server, &["good", "typo", "broken"]).await;
     let kv = registry(&js).await;
     kv.put("plugins.broken", "{not json".into()).await.unwrap();
     kv.put(
@@ -600,7 +600,7 @@ async fn bad_input_gets_clear_errors_and_the_rest_keeps_working() {
     let mut good = TestPlugin::new("good", &log)
         .handler("any", Hook::EntryAfterCreate, None, 100)
         .handler("hostile", Hook::EntryAfterCreate, Some(&hostile), 50);
-    good.start(&client).await;
+    good.start(&server).await;
     wait_registered(&bus, &["good"]).await;
     bus.registry
         .wait_for(WAIT, |t| t.rejected().len() == 3)
@@ -692,9 +692,9 @@ async fn the_bus_answers_status_requests() {
     let server = NatsServer::start().await;
     let client = server.connect().await;
     let log = CallLog::default();
-    let bus = start_bus(&client, &["s"]).await;
+    let bus = start_bus(&server, &["s"]).await;
     let mut p = TestPlugin::new("s", &log).handler("h", Hook::EntryAfterCreate, None, 100);
-    p.start(&client).await;
+    p.start(&server).await;
     wait_registered(&bus, &["s"]).await;
     publisher(&client)
         .publish(&entry_event(Hook::EntryAfterCreate, "customer", 1))
@@ -764,9 +764,12 @@ async fn a_second_dispatcher_on_a_pinned_consumer_stands_by() {
         })
         .await
         .unwrap();
-    let a = Bus::start(server.connect().await, config.clone())
-        .await
-        .unwrap();
+    let a = Bus::start(
+        server.connect_as(hookbus_tests::BUS_USER).await,
+        config.clone(),
+    )
+    .await
+    .unwrap();
     let dispatcher_consumer = || async {
         let mut consumer: jetstream::consumer::PullConsumer = js
             .get_stream(Subjects::default().events_stream())
@@ -787,10 +790,12 @@ async fn a_second_dispatcher_on_a_pinned_consumer_stands_by() {
         a.stop().await.unwrap();
         return;
     }
-    let b = Bus::start(server.connect().await, config).await.unwrap();
+    let b = Bus::start(server.connect_as(hookbus_tests::BUS_USER).await, config)
+        .await
+        .unwrap();
     let mut p = TestPlugin::new("p", &log).handler("h", Hook::EntryAfterCreate, None, 100);
     p.set("h", Behaviour::Slow(Duration::from_millis(1)));
-    p.start(&client).await;
+    p.start(&server).await;
     wait_registered(&a, &["p"]).await;
     wait_registered(&b, &["p"]).await;
     // Both pull (each unpinned once at its start) before any event flows.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use core_events::store::{Backend, outbox};
 use core_events::{AttrType, Attribute, Envelope, ObjectRef, OnUnavailable};
+use hookbus_tests::ServeOn;
 use hookbus_tests::host::{TestHost, call};
 use hookbus_tests::{NatsServer, TestDb, assert_eventually, stream_events};
 use pagoda_plugin_sdk::{
@@ -61,11 +62,7 @@ async fn setup_with(
     let client = nats.connect().await;
     let mut running = Vec::new();
     for p in plugins {
-        running.push(
-            p.serve(client.clone(), ServeOptions::default())
-                .await
-                .unwrap(),
-        );
+        running.push(p.serve_on(&nats, ServeOptions::default()).await.unwrap());
     }
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     host.wait_registered(&id_refs).await;
@@ -112,7 +109,7 @@ async fn events_once(s: &Setup, n: usize) -> Vec<Envelope<Value>> {
 fn of(events: &[Envelope<Value>], subject: &str) -> Vec<Envelope<Value>> {
     events
         .iter()
-        .filter(|e| e.subject == subject)
+        .filter(|e| e.subject.as_deref() == Some(subject))
         .cloned()
         .collect()
 }
@@ -330,7 +327,7 @@ async fn stopped_validator_gets_503_with_the_reason_or_is_skipped_never_hangs() 
             .unwrap();
         s.running.push(
             strict_again
-                .serve(s.client.clone(), ServeOptions::default())
+                .serve_on(&s._nats, ServeOptions::default())
                 .await
                 .unwrap(),
         );
@@ -932,7 +929,8 @@ async fn hookbus_token_create_and_hookbus_host_serve_the_api() {
         let base = format!("http://127.0.0.1:{port}");
         let mut child = hookbus()
             .args(["host", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--database-url", db.url(), "--nats-url", &nats.url()])
+            .args(["--database-url", db.url()])
+            .envs(nats.env_for(hookbus_tests::HOST_USER))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -1000,7 +998,8 @@ async fn hookbus_token_create_and_hookbus_host_serve_the_api() {
         Duration::from_secs(60),
         hookbus()
             .args(["host", "--listen", "127.0.0.1:0", "--plugin-wait", "1s"])
-            .args(["--database-url", db.url(), "--nats-url", &nats.url()])
+            .args(["--database-url", db.url()])
+            .envs(nats.env_for(hookbus_tests::HOST_USER))
             .env(
                 "PLUGIN_OPERATION_ID_CONFIG",
                 r#"{"ghost": [5000, 5099], "other": [1, 2]}"#,
@@ -1521,7 +1520,7 @@ async fn token_and_user_changes_reach_other_hosts(backend: Backend) {
     let mut config = hookbus::host::HostConfig::new(s._db.url());
     config.listen = ([127, 0, 0, 1], 0).into();
     config.plugin_wait = Duration::from_secs(1);
-    let b = hookbus::host::Host::start(s._nats.connect().await, config)
+    let b = hookbus::host::Host::start(s._nats.connect_as(hookbus_tests::HOST_USER).await, config)
         .await
         .unwrap();
     let me_on_b = |key: &str| {

@@ -13,6 +13,7 @@ use core_events::Subjects;
 use core_events::jobs::{JobState, JobStatus};
 use core_events::store::Backend;
 use hookbus::config::StreamSettings;
+use hookbus_tests::ServeOn;
 use hookbus_tests::host::{TestHost, call};
 use hookbus_tests::{NatsServer, TestDb, poll_for};
 use pagoda_plugin_sdk::{HandlerError, Plugin, RunningPlugin, ServeOptions, TaskOutcome};
@@ -105,7 +106,7 @@ async fn setup(backend: Backend, serve: bool) -> Setup {
     let runs = Arc::new(Runs::default());
     let plugin = worker(runs.clone());
     let running = plugin
-        .serve(client.clone(), ServeOptions::default())
+        .serve_on(&server, ServeOptions::default())
         .await
         .unwrap();
     let running = if serve {
@@ -410,9 +411,8 @@ async fn a_job_cancelled_while_queued_never_runs() {
     assert_eq!(body["status_name"], "CANCELED");
 
     // Now a worker comes: it takes the message, sees CANCELED, and skips it.
-    let client = s._server.connect().await;
     let running = worker(s.runs.clone())
-        .serve(client.clone(), ServeOptions::default())
+        .serve_on(&s._server, ServeOptions::default())
         .await
         .unwrap();
     // A second job, queued after the cancelled one, runs: once it is DONE the
@@ -437,7 +437,7 @@ async fn a_plugin_without_an_operation_id_range_cannot_start_tasks() {
     let client = server.connect().await;
     provision(&client).await;
     let running = worker(Arc::new(Runs::default()))
-        .serve(client.clone(), ServeOptions::default())
+        .serve_on(&server, ServeOptions::default())
         .await
         .unwrap();
     let host = TestHost::start(&server, &db, &[PLUGIN]).await;

@@ -17,6 +17,7 @@ use core_events::protocol::headers;
 use core_events::{PluginManifest, Subjects};
 use futures::StreamExt;
 use hookbus::config::StreamSettings;
+use hookbus_tests::ServeOn;
 use hookbus_tests::host::TestHost;
 use hookbus_tests::{NatsServer, TestDb, free_port, hookbus_binary, poll_until};
 use pagoda_plugin_sdk::{ApiResponse as SdkResponse, HandlerError, Plugin, ServeOptions};
@@ -109,7 +110,7 @@ async fn sdk_routes_are_forwarded_with_authentication_and_plugin_failures_mapped
     let calls = Arc::new(AtomicUsize::new(0));
     let plugin = greeter(calls.clone());
     let running = plugin
-        .serve(client.clone(), ServeOptions::default())
+        .serve_on(&server, ServeOptions::default())
         .await
         .unwrap();
     // `hidden` is registered but not in ENABLED_PLUGINS.
@@ -433,7 +434,7 @@ async fn plugin_routes_are_rate_limited_per_token() {
     let client = server.connect().await;
     provision(&client).await;
     let running = greeter(Arc::new(AtomicUsize::new(0)))
-        .serve(client.clone(), ServeOptions::default())
+        .serve_on(&server, ServeOptions::default())
         .await
         .unwrap();
     let host = TestHost::start_with(&server, &db, |c| {
@@ -533,7 +534,7 @@ async fn run_host(server: &NatsServer, db: &TestDb, config: &str) -> (Option<i32
     let port = free_port();
     let mut child = tokio::process::Command::new(hookbus_binary())
         .arg("host")
-        .env("NATS_URL", server.url())
+        .envs(server.env_for(hookbus_tests::HOST_USER))
         .env("HOOKBUS_DATABASE_URL", db.url())
         .env("HOOKBUS_HOST_LISTEN", format!("127.0.0.1:{port}"))
         .env("ENABLED_PLUGINS", "a,b,c")
@@ -662,9 +663,12 @@ async fn start_up_waits_for_configured_plugins_then_checks_them() {
     };
 
     let started = Instant::now();
-    let err = Host::start(client.clone(), config("ghost", r#"{"ghost": [300, 310]}"#))
-        .await
-        .unwrap_err();
+    let err = Host::start(
+        server.connect_as(hookbus_tests::HOST_USER).await,
+        config("ghost", r#"{"ghost": [300, 310]}"#),
+    )
+    .await
+    .unwrap_err();
     let waited = started.elapsed();
     let HostError::OperationIds(problems) = &err else {
         panic!("expected OperationIds, got {err}");
@@ -691,7 +695,9 @@ async fn start_up_waits_for_configured_plugins_then_checks_them() {
     let mut c = config("late", r#"{"late": [700, 799]}"#);
     c.plugin_wait = Duration::from_secs(10);
     let started = Instant::now();
-    let host = Host::start(client.clone(), c).await.unwrap();
+    let host = Host::start(server.connect_as(hookbus_tests::HOST_USER).await, c)
+        .await
+        .unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));
     late.await.unwrap();
     assert_eq!(host.state().operation_ids.get("late", "t"), Some(704));

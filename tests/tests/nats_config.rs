@@ -59,7 +59,7 @@ async fn plugin_cannot_act_as_bus_host_or_other_plugin() {
     init_tracing();
     let server = start_server(&["alpha", "beta"]).await;
     let (bus_client, _) = connect(&server, nats_config::BUS_USER).await;
-    let bus = start_bus(&bus_client, &["alpha", "beta"]).await;
+    let bus = start_bus_on(&bus_client, &["alpha", "beta"]).await;
     let (alpha, mut errors) = connect(&server, "alpha").await;
     let js = jetstream::new(alpha.clone());
 
@@ -159,7 +159,7 @@ async fn bus_sdk_plugin_host_and_replay_work_with_their_own_permissions() {
     init_tracing();
     let server = start_server(&["alpha", "beta"]).await;
     let (bus_client, mut bus_errors) = connect(&server, nats_config::BUS_USER).await;
-    let bus = start_bus(&bus_client, &["alpha", "beta"]).await;
+    let bus = start_bus_on(&bus_client, &["alpha", "beta"]).await;
 
     // The real SDK with the plugin's credentials: serves, registers, replies.
     let (alpha, mut alpha_errors) = connect(&server, "alpha").await;

@@ -17,6 +17,7 @@ use hookbus::config::BusConfig;
 use hookbus::monitor::{AlertEvent, AlertKind, AlertState};
 use hookbus::ops::{self, Ops};
 use hookbus::run::Bus;
+use hookbus_tests::ServeOn;
 use hookbus_tests::{NatsServer, assert_eventually, init_tracing, wait_for};
 use pagoda_plugin_sdk::{EntryContext, Plugin, RunningPlugin, ServeOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,7 +28,7 @@ const WAIT: Duration = Duration::from_secs(20);
 async fn run_cli(server: &NatsServer, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(hookbus_tests::hookbus_binary());
     cmd.args(args)
-        .env("NATS_URL", server.url())
+        .envs(server.env_for(hookbus_tests::BUS_USER))
         .env("RUST_LOG", "warn")
         .env_remove("PAGODA_SUBJECT_PREFIX")
         .stdout(Stdio::piped())
@@ -46,8 +47,10 @@ fn config(enabled: &[&str]) -> BusConfig {
     c
 }
 
-async fn start_bus(client: &async_nats::Client, config: BusConfig) -> Bus {
-    Bus::start(client.clone(), config).await.unwrap()
+async fn start_bus(server: &NatsServer, config: BusConfig) -> Bus {
+    Bus::start(server.connect_as(hookbus_tests::BUS_USER).await, config)
+        .await
+        .unwrap()
 }
 
 /// A Services API plugin (the SDK) with one handler per `(name, priority, entities)`.
@@ -68,7 +71,7 @@ fn sdk_plugin(id: &str, handlers: &[(&str, i32, Option<&[&str]>)]) -> Plugin {
 
 async fn serve(plugin: &Plugin, server: &NatsServer) -> RunningPlugin {
     plugin
-        .serve(server.connect().await, ServeOptions::default())
+        .serve_on(server, ServeOptions::default())
         .await
         .unwrap()
 }
@@ -175,7 +178,7 @@ async fn registry_ls_shows_effective_order_and_replicas() {
     init_tracing();
     let server = NatsServer::start().await;
     let client = server.connect().await;
-    let bus = start_bus(&client, config(&["b", "a"])).await;
+    let bus = start_bus(&server, config(&["b", "a"])).await;
     let a = sdk_plugin("a", &[("h", 100, Some(&["customer"]))]);
     let b = sdk_plugin("b", &[("h", 100, None), ("g", 10, None)]);
     let c = sdk_plugin("c", &[("h", 1, None)]);
@@ -248,7 +251,7 @@ async fn dlq_show_replay_to_that_handler_only_and_purge() {
     let server = NatsServer::start().await;
     let client = server.connect().await;
     let js = async_nats::jetstream::new(client.clone());
-    let bus = start_bus(&client, config(&["p", "q"])).await;
+    let bus = start_bus(&server, config(&["p", "q"])).await;
     let log = CallLog::default();
     let mut p = TestPlugin::new("p", &log)
         .handler("x", Hook::EntryAfterCreate, None, 10)
@@ -256,8 +259,8 @@ async fn dlq_show_replay_to_that_handler_only_and_purge() {
     let mut q = TestPlugin::new("q", &log).handler("z", Hook::EntryAfterCreate, None, 30);
     p.set("x", Behaviour::Fail(500));
     p.set("y", Behaviour::Fail(500));
-    p.start(&client).await;
-    q.start(&client).await;
+    p.start(&server).await;
+    q.start(&server).await;
     wait_registered(&bus, &["p", "q"]).await;
     Publisher::new(js.clone(), Subjects::default())
         .publish(&entry_event(Hook::EntryAfterCreate, "customer", 7))
@@ -413,11 +416,11 @@ async fn registry_changes_are_audited_once_per_change() {
     let client = server.connect().await;
     let js = async_nats::jetstream::new(client.clone());
     // Two buses watch the registry: each change is recorded once.
-    let bus = start_bus(&client, config(&["p"])).await;
-    let bus2 = start_bus(&client, config(&["p"])).await;
+    let bus = start_bus(&server, config(&["p"])).await;
+    let bus2 = start_bus(&server, config(&["p"])).await;
     let log = CallLog::default();
     let mut p = TestPlugin::new("p", &log).handler("x", Hook::EntryAfterCreate, None, 10);
-    p.start(&client).await;
+    p.start(&server).await;
     wait_registered(&bus, &["p"]).await;
     let kv = js
         .get_key_value(Subjects::default().registry_bucket())
@@ -450,8 +453,7 @@ async fn registry_changes_are_audited_once_per_change() {
 async fn health_exit_code_follows_replicas() {
     init_tracing();
     let server = NatsServer::start().await;
-    let client = server.connect().await;
-    let bus = start_bus(&client, config(&["h1"])).await;
+    let bus = start_bus(&server, config(&["h1"])).await;
     let plugin = sdk_plugin("h1", &[("h", 100, None)]);
     let running = serve(&plugin, &server).await;
     wait_registered(&bus, &["h1"]).await;
@@ -518,14 +520,14 @@ async fn metrics_and_healthz() {
     let js = async_nats::jetstream::new(client.clone());
     let mut c = config(&["m"]);
     c.http_addr = Some("127.0.0.1:0".parse().unwrap());
-    let bus = start_bus(&client, c).await;
+    let bus = start_bus(&server, c).await;
     let addr = bus.http_addr().unwrap();
     let log = CallLog::default();
     let mut m = TestPlugin::new("m", &log)
         .handler("ok", Hook::EntryAfterCreate, None, 10)
         .handler("bad", Hook::EntryAfterCreate, None, 20);
     m.set("bad", Behaviour::Fail(400));
-    m.start(&client).await;
+    m.start(&server).await;
     wait_registered(&bus, &["m"]).await;
     let publisher = Publisher::new(js.clone(), Subjects::default());
     for i in 0..3 {
@@ -579,10 +581,10 @@ async fn metrics_can_be_switched_off() {
     let js = async_nats::jetstream::new(client.clone());
     let mut c = config(&["m"]);
     c.dispatcher.metrics = false;
-    let bus = start_bus(&client, c).await;
+    let bus = start_bus(&server, c).await;
     let log = CallLog::default();
     let mut m = TestPlugin::new("m", &log).handler("ok", Hook::EntryAfterCreate, None, 10);
-    m.start(&client).await;
+    m.start(&server).await;
     wait_registered(&bus, &["m"]).await;
     Publisher::new(js, Subjects::default())
         .publish(&entry_event(Hook::EntryAfterCreate, "customer", 1))
@@ -629,7 +631,7 @@ async fn no_replica_alert_fires_once_and_resolves_once() {
     let server = NatsServer::start().await;
     let client = server.connect().await;
     let alerts = alert_log(&client).await;
-    let bus = start_bus(&client, config(&["al"])).await;
+    let bus = start_bus(&server, config(&["al"])).await;
     let plugin = sdk_plugin("al", &[("h", 100, None)]);
     let running = serve(&plugin, &server).await;
     wait_registered(&bus, &["al"]).await;
@@ -675,13 +677,13 @@ async fn continuously_failing_plugin_is_degraded_and_keeps_its_deliveries() {
     let alerts = alert_log(&client).await;
     let mut c = config(&["d"]);
     c.monitor.degraded_after = Duration::from_millis(300);
-    let bus = start_bus(&client, c).await;
+    let bus = start_bus(&server, c).await;
     let log = CallLog::default();
     let mut d = TestPlugin::new("d", &log).handler("h", Hook::EntryAfterCreate, None, 10);
     // Fails for about 1.5 s: long enough to be degraded.
     d.manifest.handlers[0].retry_backoff_ms = vec![150; 10];
     d.set("h", Behaviour::Fail(500));
-    d.start(&client).await;
+    d.start(&server).await;
     wait_registered(&bus, &["d"]).await;
     Publisher::new(js.clone(), Subjects::default())
         .publish(&entry_event(Hook::EntryAfterCreate, "customer", 1))

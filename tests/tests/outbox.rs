@@ -41,12 +41,18 @@ impl RunningRelay {
     }
 }
 
-async fn start_relay(store: &Store, client: &async_nats::Client) -> RunningRelay {
-    let js = jetstream::new(client.clone());
+/// A relay as the host runs it: provisioned by the operator, relaying as the
+/// host's own user.
+async fn start_relay(store: &Store, nats: &NatsServer) -> RunningRelay {
     let subjects = Subjects::default();
-    hookbus::provision::provision(&js, &subjects, &StreamSettings::default())
-        .await
-        .unwrap();
+    hookbus::provision::provision(
+        &jetstream::new(nats.connect().await),
+        &subjects,
+        &StreamSettings::default(),
+    )
+    .await
+    .unwrap();
+    let js = jetstream::new(nats.connect_as(hookbus_tests::HOST_USER).await);
     let mut settings = RelaySettings::for_backend(store.backend());
     settings.backoff_max = Duration::from_millis(500);
     let relay = Relay::new(store.clone(), js, subjects, settings);
@@ -81,7 +87,7 @@ async fn every_write_emits_its_event_once_in_order_on_both_databases() {
         let client = nats.connect().await;
         let db = TestDb::new(backend).await;
         let store = db.store().await;
-        let relay = start_relay(&store, &client).await;
+        let relay = start_relay(&store, &nats).await;
         let ctx = WriteContext::default();
 
         let entity = store
@@ -202,7 +208,7 @@ async fn rolled_back_transaction_publishes_nothing_committed_one_exactly_once() 
         let client = nats.connect().await;
         let db = TestDb::new(backend).await;
         let store = db.store().await;
-        let relay = start_relay(&store, &client).await;
+        let relay = start_relay(&store, &nats).await;
 
         let rolled_back = sample::entry_event(Hook::EntryAfterCreate, "customer", 1);
         let mut tx = store.begin().await.unwrap();
@@ -220,7 +226,7 @@ async fn rolled_back_transaction_publishes_nothing_committed_one_exactly_once() 
         wait_drained(&store, &client, 1).await;
         relay.shutdown().await;
         // A second relay over the same (now empty) outbox adds nothing.
-        let again = start_relay(&store, &client).await;
+        let again = start_relay(&store, &nats).await;
         again.shutdown().await;
         let ids: Vec<String> = stream_events(&client)
             .await
@@ -236,15 +242,15 @@ async fn row_inserted_with_plain_sql_is_published_and_dispatched() {
     for backend in backends() {
         let nats = NatsServer::start().await;
         let client = nats.connect().await;
-        let bus = start_bus(&client, &["listener"]).await;
+        let bus = start_bus(&nats, &["listener"]).await;
         let log = CallLog::default();
         let mut plugin =
             TestPlugin::new("listener", &log).handler("h", Hook::EntryAfterCreate, None, 100);
-        plugin.start(&client).await;
+        plugin.start(&nats).await;
         wait_registered(&bus, &["listener"]).await;
         let db = TestDb::new(backend).await;
         let store = db.store().await;
-        let relay = start_relay(&store, &client).await;
+        let relay = start_relay(&store, &nats).await;
 
         // What a host in another language does (docs/outbox.md), with its own client.
         let event = sample::entry_event(Hook::EntryAfterCreate, "顧客 list", 77);
@@ -277,7 +283,7 @@ async fn unpublishable_row_is_dead_lettered_and_the_rest_flows() {
     let client = nats.connect().await;
     let db = TestDb::sqlite();
     let store = db.store().await;
-    let relay = start_relay(&store, &client).await;
+    let relay = start_relay(&store, &nats).await;
     sqlx::query(
         "INSERT INTO hookbus_outbox (event_id, hook, entity, object, payload) \
          VALUES ('not-a-uuid', 'entry.after_craete', 'x', 'entry/1', '{')",
@@ -356,8 +362,12 @@ fn assert_complete_and_ordered(events: &[Envelope<Value>], n: usize) {
     let mut next: BTreeMap<String, u64> = BTreeMap::new();
     for e in events {
         let k: u64 = e.data["entry"]["note"].as_str().unwrap().parse().unwrap();
-        let expected = next.entry(e.subject.clone()).or_insert(0);
-        assert_eq!(k, *expected, "object {} out of order", e.subject);
+        let object = e
+            .subject
+            .clone()
+            .expect("every relayed event has a subject");
+        let expected = next.entry(object.clone()).or_insert(0);
+        assert_eq!(k, *expected, "object {object} out of order");
         *expected += 1;
     }
 }
@@ -382,7 +392,7 @@ fn spawn_relay_process(nats: &NatsServer, db: &TestDb) -> RelayProcess {
     RelayProcess(
         Command::new(hookbus_tests::hookbus_binary())
             .args(["relay", "--database-url", db.url()])
-            .env("NATS_URL", nats.url())
+            .envs(nats.env_for(hookbus_tests::HOST_USER))
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -439,7 +449,7 @@ async fn nats_down_during_a_burst_loses_and_duplicates_nothing() {
         let client = nats.connect().await;
         let db = TestDb::new(backend).await;
         let store = db.store().await;
-        let relay = start_relay(&store, &client).await;
+        let relay = start_relay(&store, &nats).await;
         let writer = tokio::spawn(burst(store.clone(), 50, N));
         let js = jetstream::new(client.clone());
         wait_until(WAIT, || async {
@@ -481,13 +491,12 @@ async fn two_relays_on_one_database_never_duplicate_or_reorder() {
     for backend in backends() {
         let nats = NatsServer::start().await;
         let client = nats.connect().await;
-        let other_client = nats.connect().await;
         let db = TestDb::new(backend).await;
         let store = db.store().await;
         // The second relay has its own pool, like a second process.
         let other_store = Store::connect(db.url()).await.unwrap();
-        let a = start_relay(&store, &client).await;
-        let b = start_relay(&other_store, &other_client).await;
+        let a = start_relay(&store, &nats).await;
+        let b = start_relay(&other_store, &nats).await;
         burst(store.clone(), 40, N).await;
         other_store.outbox_written().notify_one();
         wait_drained(&store, &client, u64::try_from(N).unwrap()).await;
@@ -505,13 +514,13 @@ async fn bus_with_a_database_relays_its_outbox_and_reports_the_relay() {
     let db = TestDb::sqlite();
     let mut config = common::test_config(&["listener"]);
     config.database_url = Some(db.url().to_owned());
-    let bus = hookbus::run::Bus::start(client.clone(), config)
+    let bus = hookbus::run::Bus::start(nats.connect_as(hookbus_tests::BUS_USER).await, config)
         .await
         .unwrap();
     let log = CallLog::default();
     let mut plugin =
         TestPlugin::new("listener", &log).handler("h", Hook::EntityAfterCreate, None, 100);
-    plugin.start(&client).await;
+    plugin.start(&nats).await;
     wait_registered(&bus, &["listener"]).await;
 
     // The host is another process: its own store on the same file (the relay
@@ -558,7 +567,7 @@ async fn relay_that_cannot_read_its_database_makes_the_bus_unhealthy_and_alerts_
         .subscribe("pagoda.alerts._relay.backlog")
         .await
         .unwrap();
-    let bus = hookbus::run::Bus::start(client.clone(), config)
+    let bus = hookbus::run::Bus::start(nats.connect_as(hookbus_tests::BUS_USER).await, config)
         .await
         .unwrap();
     wait_until(WAIT, || async { bus.health.report().is_ok() }).await;

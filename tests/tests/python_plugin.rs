@@ -1,6 +1,7 @@
 //! The Python example plugin (`docs/examples/python_plugin.py`) against a real
 //! nats-server and an in-process bus: it registers, receives an event and prints
-//! its line. Skipped (with a notice) when `python3` or `nats-py` is missing.
+//! its line. Runs under the production profile, as the plugin's own NATS user. Fails when
+//! no Python with nats-py is found (`tests/setup/ensure-tools.sh` installs one).
 #![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
 
 mod common;
@@ -19,15 +20,29 @@ use tokio::process::Command;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-/// True when `python3 -c 'import nats'` succeeds.
-fn nats_py_available() -> bool {
-    std::process::Command::new("python3")
+/// The Python to run the plugin with: `HOOKBUS_PYTHON` (set by
+/// `tests/setup/ensure-tools.sh`, which installs nats-py into `.tools/pyvenv`),
+/// else `.tools/pyvenv/bin/python`. The test fails, never skips, when it has no
+/// nats-py: CI must run it.
+fn python() -> std::path::PathBuf {
+    let python = std::env::var_os("HOOKBUS_PYTHON")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".tools/pyvenv/bin/python"));
+    let ok = std::process::Command::new(&python)
         .args(["-c", "import nats"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success())
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{} has no nats-py: run `source tests/setup/ensure-tools.sh` (./test.sh does), \
+         which installs it into .tools/pyvenv, or set HOOKBUS_PYTHON",
+        python.display()
+    );
+    python
 }
 
 /// Reads `pipe` line by line in a task; the lines so far are in the returned vector.
@@ -48,23 +63,18 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_plugin_receives_events() {
-    if !nats_py_available() {
-        println!(
-            "SKIPPED python_example_plugin_receives_events: `python3 -c 'import nats'` failed; \
-             install nats-py (pip install 'nats-py>=2,<3') to run it"
-        );
-        return;
-    }
+    let python = python();
     init_tracing();
     let server = NatsServer::start().await;
     let client = server.connect().await;
-    let bus = start_bus(&client, &["py-hello"]).await;
+    let bus = start_bus(&server, &["py-hello"]).await;
 
+    server.allow_plugins(&["py-hello"]).await;
     let script = workspace_root().join("docs/examples/python_plugin.py");
-    let mut child = Command::new("python3")
+    let mut child = Command::new(&python)
         .arg("-u")
         .arg(&script)
-        .env("NATS_URL", server.url())
+        .envs(server.env_for("py-hello"))
         .env_remove("PAGODA_SUBJECT_PREFIX")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -17,6 +17,7 @@ use common::*;
 use core_events::{EntryEvent, Envelope, Hook, Subjects};
 use futures::TryStreamExt;
 use hookbus::Publisher;
+use hookbus_tests::ServeOn;
 use hookbus_tests::{NatsServer, assert_eventually, init_tracing};
 use pagoda_plugin_sdk::replay::{ReplayError, ReplayFrom, ReplayOptions, replay_events};
 use pagoda_plugin_sdk::{EntryContext, HandlerError, Plugin, ServeError, ServeOptions};
@@ -135,12 +136,14 @@ async fn publish_range(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaying_subscriber_ends_with_the_state_of_a_live_one() {
     init_tracing();
-    let server = NatsServer::start().await;
+    // Both users up front: a reload while live-a answers a burst would drop its
+    // pending reply permissions (see NatsServer::allow_plugins).
+    let server = NatsServer::start_for(&["live-a", "replay-b"]).await;
     let client = server.connect().await;
-    let bus = start_bus(&client, &["live-a", "replay-b"]).await;
+    let bus = start_bus(&server, &["live-a", "replay-b"]).await;
     let live = Record::default();
     let running_a = recorder("live-a", &live, None)
-        .serve(server.connect().await, options(None))
+        .serve_on(&server, options(None))
         .await
         .unwrap();
     wait_registered(&bus, &["live-a"]).await;
@@ -164,7 +167,7 @@ async fn a_replaying_subscriber_ends_with_the_state_of_a_live_one() {
     };
     let replayed = Record::default();
     let running_b = recorder("replay-b", &replayed, None)
-        .serve(server.connect().await, options(Some(ReplayFrom::Start)))
+        .serve_on(&server, options(Some(ReplayFrom::Start)))
         .await
         .unwrap();
     let progress = tokio::time::timeout(WAIT, running_b.wait_caught_up())
@@ -353,7 +356,7 @@ async fn replays_start_at_a_sequence_or_a_time_filtered_by_hook_and_entity() {
         .unwrap()
         .unwrap();
     assert_eq!(next.stream_seq, later.sequence);
-    assert_eq!(next.envelope().unwrap().subject, "entry/5");
+    assert_eq!(next.envelope().unwrap().subject.as_deref(), Some("entry/5"));
 
     // A plugin's own handlers over the stored events: its entity filter applies.
     let record = Record::default();
@@ -442,11 +445,11 @@ async fn a_replay_before_the_oldest_retained_event_says_so() {
     assert_eq!(collect(&js, from(ReplayFrom::Start)).await, at);
 
     // A plugin asking for it does not start.
-    let _bus = start_bus(&client, &["late"]).await;
+    let _bus = start_bus(&server, &["late"]).await;
     let record = Record::default();
     let served = recorder("late", &record, None)
-        .serve(
-            server.connect().await,
+        .serve_on(
+            &server,
             ServeOptions {
                 replay_bus_wait: Duration::from_millis(200),
                 ..options(Some(ReplayFrom::Sequence(1)))
@@ -537,7 +540,7 @@ async fn hookbus_replay(server: &NatsServer, args: &[&str]) -> (bool, String, St
     command
         .arg("replay")
         .args(args)
-        .env("NATS_URL", server.url())
+        .envs(server.env_for(hookbus_tests::BUS_USER))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null());
     let out = tokio::task::spawn_blocking(move || command.output())
@@ -658,10 +661,7 @@ async fn hookbus_replay_prints_json_lines_and_redelivers_to_a_handler() {
         .entities(["customer"])
         .build()
         .unwrap();
-    let running = plugin
-        .serve(server.connect().await, options(None))
-        .await
-        .unwrap();
+    let running = plugin.serve_on(&server, options(None)).await.unwrap();
     let (ok, stdout, stderr) =
         hookbus_replay(&server, &["--to-plugin", "redo", "--handler", "created"]).await;
     assert!(!ok, "a failed re-delivery makes the exit status non-zero");

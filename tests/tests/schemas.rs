@@ -403,6 +403,39 @@ fn synchronous_hook_examples_validate() {
     );
 }
 
+/// What docs/protocol.md calls optional is optional for every consumer: an event
+/// without `time`, `subject`, `datacontenttype` and `dataschema` (as a foreign
+/// host may publish it) validates against the schemas, is read by the SDK's
+/// types, and gives its object from `data`.
+#[test]
+fn an_event_without_its_optional_attributes_is_valid_everywhere() {
+    let mut event = serde_json::to_value(Envelope::entry(
+        core_events::Hook::EntryAfterCreate,
+        "/pagoda/test",
+        sample_entry_event(),
+    ))
+    .unwrap();
+    for optional in ["time", "subject", "datacontenttype", "dataschema"] {
+        event.as_object_mut().unwrap().remove(optional);
+    }
+    assert_valid("envelope.schema.json", &event);
+    assert_valid("entry-event.schema.json", &event);
+    let typed: Envelope<core_events::EntryEvent> = serde_json::from_value(event.clone()).unwrap();
+    assert_eq!(typed.time, None);
+    assert_eq!(
+        typed.object_key().to_string(),
+        format!("entry/{}", typed.data.entry.id)
+    );
+    assert_eq!(
+        core_events::envelope::object_of_event(
+            core_events::hook::ObjectKind::Entry,
+            event.to_string().as_bytes()
+        )
+        .unwrap(),
+        typed.object_key()
+    );
+}
+
 #[test]
 fn schemas_reject_malformed_payloads() {
     let mut event = serde_json::to_value(Envelope::entry(
@@ -418,6 +451,17 @@ fn schemas_reject_malformed_payloads() {
     event["id"] = serde_json::json!(core_events::EventId::new());
     event["time"] = serde_json::json!("yesterday");
     assert!(!validator("envelope.schema.json").is_valid(&event));
+
+    // Required by the schema exactly where the bus requires it.
+    let empty = serde_json::json!({});
+    assert!(!validator("plugin-manifest.schema.json").is_valid(&empty));
+    assert!(
+        PluginManifest::from_json(b"{}").is_err(),
+        "the bus refuses it too"
+    );
+    let minimal = serde_json::json!({"id": "x", "name": "X", "version": "1.0.0"});
+    assert_valid("plugin-manifest.schema.json", &minimal);
+    PluginManifest::from_json(minimal.to_string().as_bytes()).unwrap();
 
     let manifest =
         serde_json::json!({"id": "x", "handlers": [{"name": "h", "hook": "entry.no_such_hook"}]});

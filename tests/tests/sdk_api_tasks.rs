@@ -24,7 +24,7 @@ async fn a_plugin_serves_routes_and_runs_jobs_with_its_own_permissions() {
     init_tracing();
     let server = start_server(&["alpha", "beta"]).await;
     let (bus_client, _) = connect(&server, nats_config::BUS_USER).await;
-    let bus = start_bus(&bus_client, &["alpha", "beta"]).await;
+    let bus = start_bus_on(&bus_client, &["alpha", "beta"]).await;
 
     let (alpha, mut alpha_errors) = connect(&server, "alpha").await;
     let plugin = Plugin::builder("alpha", "Alpha", "1.0.0")
@@ -155,7 +155,7 @@ async fn the_host_runs_with_its_own_permissions() {
     init_tracing();
     let server = start_server(&["alpha"]).await;
     let (bus_client, mut bus_errors) = connect(&server, nats_config::BUS_USER).await;
-    let bus = start_bus(&bus_client, &["alpha"]).await;
+    let bus = start_bus_on(&bus_client, &["alpha"]).await;
     let (alpha, mut alpha_errors) = connect(&server, "alpha").await;
     let plugin = Plugin::builder("alpha", "Alpha", "1.0.0")
         .on_validate("names", |ctx| async move {

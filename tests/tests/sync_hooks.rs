@@ -12,6 +12,7 @@ use core_events::store::{NewEntity, NewEntry, WriteContext};
 use core_events::{AttrType, Attribute, Hook, ObjectRef, OnUnavailable, sample};
 use hookbus::run::Bus;
 use hookbus::sync_hooks::{SyncHookError, SyncHooks, ValidationError};
+use hookbus_tests::ServeOn;
 use hookbus_tests::{NatsServer, assert_eventually, init_tracing};
 use pagoda_plugin_sdk::{
     FieldError, Plugin, PluginBuilder, RunningPlugin, ServeOptions, SyncError,
@@ -29,19 +30,22 @@ async fn setup(enabled: &[&str], plugins: Vec<PluginBuilder>) -> Setup {
     init_tracing();
     let server = NatsServer::start().await;
     let client = server.connect().await;
-    let bus = common::start_bus(&client, enabled).await;
+    let bus = common::start_bus(&server, enabled).await;
     let mut running = Vec::new();
     for p in plugins {
         let plugin = p.build().unwrap();
         running.push(
             plugin
-                .serve(client.clone(), ServeOptions::default())
+                .serve_on(&server, ServeOptions::default())
                 .await
                 .unwrap(),
         );
     }
     common::wait_registered(&bus, enabled).await;
-    let hooks = SyncHooks::new(client.clone(), bus.registry.clone());
+    let hooks = SyncHooks::new(
+        server.connect_as(hookbus_tests::HOST_USER).await,
+        bus.registry.clone(),
+    );
     Setup {
         _server: server,
         client,
@@ -377,7 +381,7 @@ async fn a_validator_that_does_not_answer_blocks_or_is_skipped_never_hangs() {
         .build()
         .unwrap();
     let _strict = strict_again
-        .serve(s.client.clone(), ServeOptions::default())
+        .serve_on(&s._server, ServeOptions::default())
         .await
         .unwrap();
     let out = s

@@ -254,7 +254,14 @@ impl EventMeta {
         let headers = msg.headers.clone().unwrap_or_default();
         let object = match headers.get(core_events::protocol::headers::OBJECT) {
             Some(v) => v.as_str().parse::<ObjectKey>()?,
-            None => object_from_payload(&msg.payload)?,
+            None => core_events::envelope::object_of_event(hook.object(), &msg.payload).map_err(
+                |e| {
+                    format!(
+                        "no {} header, and {e}",
+                        core_events::protocol::headers::OBJECT
+                    )
+                },
+            )?,
         };
         if object.kind != hook.object() {
             return Err(format!(
@@ -308,17 +315,6 @@ impl EventMeta {
             payload: msg.payload.clone(),
         })
     }
-}
-
-fn object_from_payload(payload: &[u8]) -> Result<ObjectKey, String> {
-    #[derive(serde::Deserialize)]
-    struct Subject {
-        subject: String,
-    }
-    let s: Subject = serde_json::from_slice(payload).map_err(|e| {
-        format!("no Pagoda-Object header, and the payload has no readable 'subject': {e}")
-    })?;
-    s.subject.parse()
 }
 
 /// State shared by every task of one dispatcher.
@@ -737,7 +733,14 @@ impl Dispatcher {
         let partition = self.ctx.partition;
         let ours = match msg.headers.as_ref().and_then(|h| h.get(headers::OBJECT)) {
             Some(object) => partition.owns(object.as_str()),
-            None => match object_from_payload(&msg.payload) {
+            None => match self
+                .ctx
+                .subjects
+                .parse_event(&msg.subject)
+                .map_err(|e| e.to_string())
+                .and_then(|(hook, _)| {
+                    core_events::envelope::object_of_event(hook.object(), &msg.payload)
+                }) {
                 Ok(object) => partition.owns(&object.to_string()),
                 Err(_) => partition.index == 0,
             },

@@ -121,7 +121,15 @@ pub(super) fn envelope_row<D: serde::Serialize>(
         event_id: env.id.to_string(),
         hook: hook.name(),
         entity: env.pagodaentity.clone(),
-        object: env.subject.clone(),
+        object: env
+            .object()
+            .ok_or_else(|| {
+                StoreError::Invalid(vec![format!(
+                    "event subject {:?} is not 'entry/<id>' or 'entity/<id>'",
+                    env.subject
+                )])
+            })?
+            .to_string(),
         traceparent: env.traceparent.clone(),
         payload,
     })

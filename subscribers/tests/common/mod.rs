@@ -239,7 +239,9 @@ pub fn delivery_headers<D>(
 ) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(headers::MSG_ID, env.id.to_string().as_str());
-    h.insert(headers::OBJECT, env.subject.as_str());
+    if let Some(object) = &env.subject {
+        h.insert(headers::OBJECT, object.as_str());
+    }
     if let Some(hook) = env.hook() {
         h.insert(headers::HOOK, hook.name());
     }

@@ -34,7 +34,19 @@ pub fn test_config(enabled: &[&str]) -> BusConfig {
     config
 }
 
-pub async fn start_bus(client: &async_nats::Client, enabled: &[&str]) -> Bus {
+/// Starts an in-process bus connected as the bus's own user ([`hookbus_tests::BUS_USER`]).
+pub async fn start_bus(server: &hookbus_tests::NatsServer, enabled: &[&str]) -> Bus {
+    Bus::start(
+        server.connect_as(hookbus_tests::BUS_USER).await,
+        test_config(enabled),
+    )
+    .await
+    .unwrap()
+}
+
+/// Starts an in-process bus on `client` (a client of the bus's user the test
+/// made itself, e.g. to watch its permission errors).
+pub async fn start_bus_on(client: &async_nats::Client, enabled: &[&str]) -> Bus {
     Bus::start(client.clone(), test_config(enabled))
         .await
         .unwrap()
@@ -148,8 +160,11 @@ impl TestPlugin {
         self.behaviour.lock().unwrap().insert(handler.to_owned(), b);
     }
 
-    /// Starts one more replica (subscriptions first), then registers the manifest.
-    pub async fn start(&mut self, client: &async_nats::Client) {
+    /// Starts one more replica (subscriptions first), connected as the plugin's
+    /// own user (added to the server's users first), then registers the manifest.
+    pub async fn start(&mut self, server: &hookbus_tests::NatsServer) {
+        server.allow_plugins(&[self.manifest.id.as_str()]).await;
+        let client = &server.connect_as(&self.manifest.id).await;
         let replica = self.replicas.len();
         let mut tasks = Vec::new();
         for h in &self.manifest.handlers {
@@ -276,21 +291,12 @@ pub async fn dead_letters(js: &jetstream::Context) -> Vec<(String, serde_json::V
 
 /// The password of `user` in tests with generated NATS users.
 pub fn password(user: &str) -> String {
-    format!("pw-{user}-secret")
+    hookbus_tests::NatsServer::password(user)
 }
 
-/// A nats-server with the `authorization` block `hookbus nats-config` generates
-/// for `plugins` (literal passwords: [`password`]).
+/// A production-profile nats-server with users for `plugins` from the start.
 pub async fn start_server(plugins: &[&str]) -> hookbus_tests::NatsServer {
-    use hookbus::nats_config::{self, Passwords};
-    let plugins: Vec<String> = plugins.iter().map(|s| (*s).to_owned()).collect();
-    let mut map = std::collections::BTreeMap::new();
-    for user in nats_config::users(&plugins).unwrap() {
-        map.insert(user.name.clone(), password(&user.name));
-    }
-    let conf =
-        nats_config::render(&Subjects::default(), &plugins, &Passwords::Literal(map), 1).unwrap();
-    hookbus_tests::NatsServer::start_with_config(&conf).await
+    hookbus_tests::NatsServer::start_for(plugins).await
 }
 
 /// A client of `user`, and the server errors (permission violations) it gets.
@@ -302,12 +308,7 @@ pub async fn connect(
     tokio::sync::mpsc::UnboundedReceiver<String>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let options = hookbus::nats_config::with_credentials(
-        async_nats::ConnectOptions::new(),
-        Some(user),
-        Some(&password(user)),
-    )
-    .event_callback(move |event| {
+    let options = server.connect_options(user).event_callback(move |event| {
         let tx = tx.clone();
         async move {
             if let async_nats::Event::ServerError(e) = event {
