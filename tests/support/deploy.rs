@@ -167,6 +167,18 @@ fn hookbus(args: &[&str]) -> Command {
     command
 }
 
+/// The command of example plugin `id`, as its own user; files it keeps (the
+/// audit-log journal) go in the server's temp dir.
+fn plugin_command(nats: &NatsServer, id: &str) -> Command {
+    let mut command = Command::new(workspace_binary(id));
+    command
+        .envs(nats.env_for(id))
+        .env("RUST_LOG", "info")
+        .env("AUDIT_LOG_PATH", nats.dir().join(format!("{id}.jsonl")))
+        .env_remove("PAGODA_SUBJECT_PREFIX");
+    command
+}
+
 impl Deployment {
     /// Starts everything on `db` with `plugins` (example binaries of
     /// `subscribers/src/bin`) enabled in that order, and waits until the host
@@ -242,11 +254,7 @@ impl Deployment {
         let mut running = Vec::new();
         for id in plugins {
             let mut command = Command::new(workspace_binary(id));
-            command
-                .envs(nats.env_for(id))
-                .env("RUST_LOG", "info")
-                .env_remove("PAGODA_SUBJECT_PREFIX");
-            running.push(Process::spawn(id, command));
+            running.push(Process::spawn(id, plugin_command(&nats, id)));
         }
         let deployment = Deployment {
             nats,
@@ -325,13 +333,8 @@ impl Deployment {
             .position(|p| p.name == id)
             .unwrap_or_else(|| panic!("no plugin {id} in this deployment"));
         let _ = self.plugins[index].child.kill().await;
-        let mut command = Command::new(workspace_binary(id));
-        command
-            .envs(self.nats.env_for(id))
-            .env("RUST_LOG", "info")
-            .env_remove("PAGODA_SUBJECT_PREFIX");
         let old = self.plugins[index].lines.clone();
-        let mut fresh = Process::spawn(id, command);
+        let mut fresh = Process::spawn(id, plugin_command(&self.nats, id));
         // Keep one record of everything the plugin printed, before and after.
         let before = old
             .lock()
