@@ -253,7 +253,6 @@ impl Deployment {
 
         let mut running = Vec::new();
         for id in plugins {
-            let mut command = Command::new(workspace_binary(id));
             running.push(Process::spawn(id, plugin_command(&nats, id)));
         }
         let deployment = Deployment {
