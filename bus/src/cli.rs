@@ -370,12 +370,14 @@ pub(crate) async fn main() -> Result<ExitCode> {
             let mut streams = hookbus::config::StreamSettings::default();
             retention.apply(&mut streams);
             hookbus::provision::provision(&js, &subjects, &streams).await?;
+            let stream_names: Vec<String> = hookbus::provision::stream_configs(&subjects, &streams)
+                .into_iter()
+                .map(|c| c.name)
+                .collect();
             println_out(&format!(
-                "ok: streams {}, {}, {} and bucket {} are ready",
-                subjects.events_stream(),
-                subjects.dlq_stream(),
-                subjects.deferred_stream(),
-                subjects.registry_bucket()
+                "ok: streams {} and buckets {} are ready",
+                stream_names.join(", "),
+                hookbus::provision::bucket_names(&subjects).join(", ")
             ));
             ExitCode::SUCCESS
         }

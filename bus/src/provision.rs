@@ -41,6 +41,16 @@ fn js_err(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> Provisio
     move |source| ProvisionError::JetStream { what, source }
 }
 
+/// The KV buckets [`provision`] creates: the registry, the job states and the
+/// leases.
+pub fn bucket_names(subjects: &Subjects) -> [String; 3] {
+    [
+        subjects.registry_bucket(),
+        subjects.jobs_bucket(),
+        subjects.leases_bucket(),
+    ]
+}
+
 /// The stream configurations the bus wants.
 pub fn stream_configs(subjects: &Subjects, settings: &StreamSettings) -> [stream::Config; 5] {
     [

@@ -733,3 +733,29 @@ fn every_ops_command_has_help_with_examples() {
         assert!(help.contains("Examples:"), "{cmd:?}: {help}");
     }
 }
+
+/// `hookbus provision` names every stream and bucket that exists after it ran:
+/// what it says is what it creates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hookbus_provision_names_everything_it_creates() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let out = run_cli(&server, &["provision"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let js = async_nats::jetstream::new(server.connect().await);
+    let mut names = js.stream_names();
+    let mut created = Vec::new();
+    while let Some(name) = futures::StreamExt::next(&mut names).await {
+        created.push(name.unwrap());
+    }
+    assert!(created.len() >= 8, "{created:?}");
+    for stream in created {
+        let said = stream.strip_prefix("KV_").unwrap_or(&stream);
+        assert!(stdout.contains(said), "{stream} exists but is not named: {stdout}");
+    }
+}
