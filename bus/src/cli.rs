@@ -202,11 +202,11 @@ struct HostArgs {
     /// (after it opens, and between kept-alive requests: also the idle timeout);
     /// the connection is closed beyond.
     #[arg(long, env = "HOOKBUS_HTTP_HEADER_TIMEOUT", default_value = "30s",
-          value_parser = hookbus::config::parse_duration)]
+          value_parser = positive_duration)]
     http_header_timeout: Duration,
     /// Longest pause in a request body (408 request_timeout beyond).
     #[arg(long, env = "HOOKBUS_HTTP_BODY_TIMEOUT", default_value = "30s",
-          value_parser = hookbus::config::parse_duration)]
+          value_parser = positive_duration)]
     http_body_timeout: Duration,
     /// Most HTTP connections open at once (lowered to fit `ulimit -n`); more wait
     /// to be accepted.
@@ -224,6 +224,14 @@ struct HostArgs {
     /// Leave the outbox to `hookbus run --database-url` (or `hookbus relay`).
     #[arg(long, overrides_with = "relay")]
     no_relay: bool,
+}
+
+/// A duration (as [`hookbus::config::parse_duration`]) that is not 0.
+fn positive_duration(value: &str) -> Result<Duration, String> {
+    match hookbus::config::parse_duration(value)? {
+        d if d.is_zero() => Err("must be more than 0".into()),
+        d => Ok(d),
+    }
 }
 
 /// `hookbus token …`.
@@ -440,12 +448,6 @@ async fn host(client: async_nats::Client, subjects: Subjects, args: HostArgs) ->
     config.operation_id_config = args.operation_id_config;
     config.plugin_wait = args.plugin_wait;
     config.max_body_bytes = args.max_body_bytes.max(1);
-    for (flag, value) in [
-        ("--http-header-timeout", args.http_header_timeout),
-        ("--http-body-timeout", args.http_body_timeout),
-    ] {
-        anyhow::ensure!(!value.is_zero(), "{flag} must be more than 0");
-    }
     config.http = hookbus::host::HttpSettings {
         header_timeout: args.http_header_timeout,
         body_timeout: args.http_body_timeout,

@@ -613,3 +613,24 @@ async fn host_metrics(backend: Backend) {
         }
     }
 }
+
+/// `hookbus host` refuses a zero timeout at once, naming the flag (no NATS or
+/// database needed to find out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hookbus_host_refuses_zero_http_timeouts() {
+    for flag in ["--http-header-timeout", "--http-body-timeout"] {
+        let out = tokio::process::Command::new(hookbus_tests::hookbus_binary())
+            .args(["host", flag, "0s", "--nats-url", "nats://127.0.0.1:1"])
+            .env_remove("HOOKBUS_HTTP_HEADER_TIMEOUT")
+            .env_remove("HOOKBUS_HTTP_BODY_TIMEOUT")
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains("must be more than 0"),
+            "{flag}: {stderr}"
+        );
+    }
+}

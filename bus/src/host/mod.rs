@@ -168,7 +168,13 @@ pub fn router(state: HostState) -> Router {
             state.clone(),
             server::guard,
         ))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(
+            // A span per request (method, URI); failures are logged where they
+            // happen (ApiError), not again here.
+            tower_http::trace::TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ),
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             server::observe,
