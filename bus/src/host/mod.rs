@@ -289,7 +289,10 @@ impl Host {
             inner: Arc::new(HostInner {
                 hooks: SyncHooks::new(client.clone(), registry.clone())
                     .with_metrics(Arc::clone(&metrics)),
-                entry_writer: writer::EntryWriter::start(store.clone(), Arc::clone(&metrics)),
+                entry_writer: writer::EntryWriter::with_metrics(
+                    store.clone(),
+                    Arc::clone(&metrics),
+                ),
                 store,
                 registry,
                 client,

@@ -38,9 +38,13 @@ pub struct EntryWriter {
 }
 
 impl EntryWriter {
-    /// Starts the writer task of `store` (on the current Tokio runtime); it
-    /// records each batch's size in `metrics`.
-    pub fn start(store: Store, metrics: Arc<CallMetrics>) -> EntryWriter {
+    /// Starts the writer task of `store` (on the current Tokio runtime).
+    pub fn start(store: Store) -> EntryWriter {
+        EntryWriter::with_metrics(store, Arc::new(CallMetrics::new()))
+    }
+
+    /// As [`EntryWriter::start`], recording each batch's size in `metrics`.
+    pub fn with_metrics(store: Store, metrics: Arc<CallMetrics>) -> EntryWriter {
         let (queue, rx) = mpsc::channel(QUEUE);
         tokio::spawn(write_batches(store, rx, metrics));
         EntryWriter { queue }
