@@ -194,9 +194,8 @@ async fn try_forward(
     request: axum::extract::Request,
     called: &mut Option<(String, String)>,
 ) -> Result<Response, Response> {
-    let state = state.clone();
     let (mut parts, body) = request.into_parts();
-    let Path(params) = Path::<HashMap<String, String>>::from_request_parts(&mut parts, &state)
+    let Path(params) = Path::<HashMap<String, String>>::from_request_parts(&mut parts, state)
         .await
         .map_err(IntoResponse::into_response)?;
     let plugin = params.get("plugin").cloned().unwrap_or_default();
@@ -226,7 +225,7 @@ async fn try_forward(
     drop(table);
     *called = Some((plugin.clone(), route.name.clone()));
 
-    let MaybeUser(user) = MaybeUser::from_request_parts(&mut parts, &state)
+    let MaybeUser(user) = MaybeUser::from_request_parts(&mut parts, state)
         .await
         .map_err(IntoResponse::into_response)?;
     if user.is_none() && !route.public {

@@ -131,15 +131,18 @@ pub(crate) async fn serve(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(settings.header_timeout);
-    let mut at_limit = false;
+    // The limit is logged when reached, at most once a minute.
+    let mut warned: Option<Instant> = None;
     loop {
-        if slots.available_permits() == 0 && !at_limit {
+        if slots.available_permits() == 0
+            && warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            warned = Some(Instant::now());
             tracing::warn!(
                 limit,
                 "HTTP connection limit reached: new connections wait to be accepted"
             );
         }
-        at_limit = slots.available_permits() == 0;
         let slot = tokio::select! {
             slot = Arc::clone(&slots).acquire_owned() => match slot {
                 Ok(slot) => slot,
