@@ -351,4 +351,43 @@ mod tests {
         assert_eq!(connection_limit(1024, None), 1024);
         assert_eq!(connection_limit(0, None), 1);
     }
+
+    async fn converted(status: StatusCode, text: &'static str) -> (StatusCode, serde_json::Value) {
+        let response = (status, [(header::ALLOW, "GET")], text).into_response();
+        let json = as_json(response, 4096).await;
+        let status = json.status();
+        assert_eq!(json.headers()[header::CONTENT_TYPE], "application/json");
+        assert_eq!(
+            json.headers()[header::ALLOW],
+            "GET",
+            "other headers are kept"
+        );
+        let bytes = axum::body::to_bytes(json.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_http_layers_errors_get_the_json_shape_and_keep_their_status() {
+        let (status, body) = converted(StatusCode::BAD_REQUEST, "Invalid URL: bad `id`").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "invalid_input");
+        assert_eq!(body["errors"], serde_json::json!(["Invalid URL: bad `id`"]));
+        let (status, body) =
+            converted(StatusCode::PAYLOAD_TOO_LARGE, "length limit exceeded").await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            (body["error"].as_str(), body["limit"].as_u64()),
+            (Some("payload_too_large"), Some(4096))
+        );
+        let (status, body) = converted(StatusCode::UNSUPPORTED_MEDIA_TYPE, "Expected JSON").await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(body["error"], "unsupported_media_type");
+        assert_eq!(body["message"], "Expected JSON");
+        let (status, body) = converted(StatusCode::BAD_GATEWAY, "").await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert_eq!(body["error"], "internal_error");
+        assert_eq!(body["message"], "internal error; see the host log");
+    }
 }
