@@ -114,12 +114,13 @@ pub(crate) async fn serve(
     metrics: Arc<CallMetrics>,
     shutdown: CancellationToken,
 ) {
-    let limit = connection_limit(settings.max_connections, open_files_limit());
+    let open_files = open_files_limit();
+    let limit = connection_limit(settings.max_connections, open_files);
     if limit < settings.max_connections {
         tracing::warn!(
             configured = settings.max_connections,
             limit,
-            open_files = open_files_limit(),
+            open_files,
             "HTTP connection limit lowered to fit the open-files limit (raise it with ulimit -n)"
         );
     }
