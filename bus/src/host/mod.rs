@@ -150,8 +150,8 @@ impl std::fmt::Debug for HostState {
 }
 
 /// The whole `/api/v2` router, with `/healthz` and `/metrics`; every request
-/// passes [`server::observe`] (metrics), a request span and [`server::guard`]
-/// (body timeout, JSON errors).
+/// passes the layers of [`server`]: metrics, a request span, the body timeout and
+/// the HTTP layer's errors as JSON.
 pub fn router(state: HostState) -> Router {
     let max_body = state.config.max_body_bytes;
     Router::new()
