@@ -198,6 +198,20 @@ struct HostArgs {
     /// Largest request body in bytes (413 beyond).
     #[arg(long, env = "HOOKBUS_MAX_BODY_BYTES", default_value_t = hookbus::host::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
+    /// Longest wait for a request header, from when the connection waits for one
+    /// (after it opens, and between kept-alive requests: also the idle timeout);
+    /// the connection is closed beyond.
+    #[arg(long, env = "HOOKBUS_HTTP_HEADER_TIMEOUT", default_value = "30s",
+          value_parser = positive_duration)]
+    http_header_timeout: Duration,
+    /// Longest pause in a request body (408 request_timeout beyond).
+    #[arg(long, env = "HOOKBUS_HTTP_BODY_TIMEOUT", default_value = "30s",
+          value_parser = positive_duration)]
+    http_body_timeout: Duration,
+    /// Most HTTP connections open at once (lowered to fit `ulimit -n`); more wait
+    /// to be accepted.
+    #[arg(long, env = "HOOKBUS_HTTP_MAX_CONNECTIONS", default_value_t = hookbus::host::server::DEFAULT_MAX_CONNECTIONS)]
+    http_max_connections: usize,
     /// Requests per second each token may make to plugin API routes (0: no limit).
     #[arg(long, env = "HOOKBUS_PLUGIN_RATE", default_value_t = 50)]
     plugin_rate: u32,
@@ -210,6 +224,14 @@ struct HostArgs {
     /// Leave the outbox to `hookbus run --database-url` (or `hookbus relay`).
     #[arg(long, overrides_with = "relay")]
     no_relay: bool,
+}
+
+/// A duration (as [`hookbus::config::parse_duration`]) that is not 0.
+fn positive_duration(value: &str) -> Result<Duration, String> {
+    match hookbus::config::parse_duration(value)? {
+        d if d.is_zero() => Err("must be more than 0".into()),
+        d => Ok(d),
+    }
 }
 
 /// `hookbus token …`.
@@ -428,6 +450,11 @@ async fn host(client: async_nats::Client, subjects: Subjects, args: HostArgs) ->
     config.operation_id_config = args.operation_id_config;
     config.plugin_wait = args.plugin_wait;
     config.max_body_bytes = args.max_body_bytes.max(1);
+    config.http = hookbus::host::HttpSettings {
+        header_timeout: args.http_header_timeout,
+        body_timeout: args.http_body_timeout,
+        max_connections: args.http_max_connections,
+    };
     config.plugin_rate_per_sec = args.plugin_rate;
     config.plugin_rate_burst = args.plugin_burst;
     config.relay = args.relay || !args.no_relay;

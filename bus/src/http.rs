@@ -55,11 +55,13 @@ async fn healthz(State(health): State<Health>) -> impl IntoResponse {
 
 async fn metrics(State(health): State<Health>) -> impl IntoResponse {
     health.sample().await;
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        health.metrics().encode(),
-    )
+    metrics_response(health.metrics().encode())
+}
+
+/// The `Content-Type` of `/metrics` (the text [`prometheus_client`] encodes).
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A `/metrics` answer (the bus's and the reference host's).
+pub(crate) fn metrics_response(text: String) -> axum::response::Response {
+    ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response()
 }

@@ -406,6 +406,23 @@ pub struct RelayGauges {
     pub oldest_row_age_seconds: Gauge<f64, AtomicU64>,
 }
 
+impl RelayGauges {
+    /// Registers the gauges in `registry` (the bus's, or the reference host's
+    /// when it relays in-process).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "hookbus_relay_backlog_rows",
+            "Outbox rows not yet published by the relay",
+            self.backlog_rows.clone(),
+        );
+        registry.register(
+            "hookbus_relay_oldest_row_age_seconds",
+            "Age of the oldest unpublished outbox row in seconds",
+            self.oldest_row_age_seconds.clone(),
+        );
+    }
+}
+
 /// The bus's metrics: the dispatcher's stats, values sampled from NATS, and a
 /// Prometheus registry that exports them.
 #[derive(Debug)]
@@ -467,18 +484,7 @@ impl Metrics {
     pub fn relay(&self) -> &RelayGauges {
         self.relay.get_or_init(|| {
             let gauges = RelayGauges::default();
-            self.with_registry(|r| {
-                r.register(
-                    "hookbus_relay_backlog_rows",
-                    "Outbox rows not yet published by the relay",
-                    gauges.backlog_rows.clone(),
-                );
-                r.register(
-                    "hookbus_relay_oldest_row_age_seconds",
-                    "Age of the oldest unpublished outbox row in seconds",
-                    gauges.oldest_row_age_seconds.clone(),
-                );
-            });
+            self.with_registry(|r| gauges.register(r));
             gauges
         })
     }

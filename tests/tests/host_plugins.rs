@@ -391,7 +391,8 @@ async fn a_raw_protocol_plugin_answers_and_bad_replies_are_refused() {
             .unwrap(),
     )
     .await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(body["error"], "plugin_bad_reply", "{body}");
     assert!(
         body["message"].as_str().unwrap().contains("status 99"),
         "{body}"

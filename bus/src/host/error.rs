@@ -1,5 +1,11 @@
 //! API errors: JSON bodies `{"error": <code>, "message": …, …}` with the right
-//! HTTP status.
+//! HTTP status. Every error the host answers has this shape (`Content-Type:
+//! application/json`): the handlers' own, and those of the HTTP layer (a body
+//! over the limit, an unreadable path or query, a body timeout), which
+//! [`super::server`] turns into it. Only a request the HTTP parser cannot read
+//! at all (a malformed request line or header: 400, 431, 414) gets a bare status
+//! line from hyper before the connection closes, and a connection whose request
+//! header does not arrive in time is closed without an answer.
 //!
 //! | status | `error` | when |
 //! |---|---|---|
@@ -11,9 +17,13 @@
 //! | 403 | `permission_denied` | the user may not do this |
 //! | 404 | `not_found` | no such object, plugin or route |
 //! | 405 | `method_not_allowed` | the path exists, the method does not |
+//! | 408 | `request_timeout` | the request body stopped arriving for the body timeout (`timeout_ms`); the connection is closed |
 //! | 409 | `conflict` | a name is taken, or the state does not allow it |
-//! | 413 | `payload_too_large` | the body is over the limit |
+//! | 413 | `payload_too_large` | the body is over the limit (`limit`) |
+//! | 415, … | the status's reason in snake case (`unsupported_media_type`) | another error of the HTTP layer |
 //! | 429 | `rate_limited` | too many requests (`Retry-After`) |
+//! | 500 | `internal_error` | the store or NATS failed (logged; the message is generic) |
+//! | 502 | `plugin_bad_reply` | a plugin API route's reply cannot be answered: not an `ApiResponse`, a status outside 200–599, a body with 204/205/304 (`plugin_id`, `reason`) |
 //! | 503 | `hook_unavailable` / `plugin_unavailable` | a blocking hook's plugin, or a route's plugin, has no replica or failed to answer |
 //! | 504 | `plugin_timeout` | a plugin API route did not answer in time |
 
@@ -78,6 +88,20 @@ pub enum ApiError {
         /// Why.
         message: String,
     },
+    /// 502 `plugin_bad_reply`: a plugin API route's reply cannot be answered.
+    #[error("plugin {plugin_id} answered an invalid reply: {reason}")]
+    PluginBadReply {
+        /// The plugin.
+        plugin_id: String,
+        /// What is wrong with the reply.
+        reason: String,
+    },
+    /// 408 `request_timeout`: the request body stopped arriving.
+    #[error("the request body did not arrive: nothing was received for {timeout_ms} ms")]
+    RequestTimeout {
+        /// The body timeout.
+        timeout_ms: u64,
+    },
     /// 504 `plugin_timeout`.
     #[error("plugin {plugin_id} did not answer within {timeout_ms} ms")]
     PluginTimeout {
@@ -119,6 +143,8 @@ impl ApiError {
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PluginTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::PluginBadReply { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -176,6 +202,13 @@ impl ApiError {
             ApiError::PluginTimeout { plugin_id, .. } => {
                 json!({"error": "plugin_timeout", "message": message, "plugin_id": plugin_id})
             }
+            ApiError::PluginBadReply { plugin_id, reason } => json!({
+                "error": "plugin_bad_reply", "message": message, "plugin_id": plugin_id,
+                "reason": reason,
+            }),
+            ApiError::RequestTimeout { timeout_ms } => {
+                json!({"error": "request_timeout", "message": message, "timeout_ms": timeout_ms})
+            }
             ApiError::Internal(_) => {
                 json!({"error": "internal_error", "message": "internal error; see the host log"})
             }
@@ -190,10 +223,19 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %self, "request failed");
         }
         let mut response = (status, Json(self.body())).into_response();
-        if let ApiError::RateLimited { retry_after_secs } = self {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        match self {
+            ApiError::RateLimited { retry_after_secs } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            // The rest of the body is not read: the connection cannot carry another request.
+            ApiError::RequestTimeout { .. } => {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }

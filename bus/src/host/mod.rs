@@ -9,6 +9,7 @@
 //! | entities and entries: create, read, update, soft delete, restore, list | [`models`] |
 //! | plugin API routes `/api/v2/plugins/<id>/…` over request/reply | [`plugin_api`] |
 //! | plugin tasks as jobs, operation ids, job status and cancel | [`jobs`] |
+//! | the HTTP server: connection limit, header and body timeouts, JSON errors of the HTTP layer, `/metrics` | [`server`] |
 //!
 //! [`Host::start`] binds the address, loads the registry, checks
 //! `PLUGIN_OPERATION_ID_CONFIG` (refusing to start with every problem listed) and
@@ -20,6 +21,7 @@ pub mod forget;
 pub mod jobs;
 pub mod models;
 pub mod plugin_api;
+pub mod server;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -34,10 +36,12 @@ use core_events::store::Store;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::call_metrics::CallMetrics;
 use crate::registry::Registry;
 use crate::sync_hooks::SyncHooks;
 
 pub use error::ApiError;
+pub use server::HttpSettings;
 
 /// Default limit on a request body, in bytes.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -60,6 +64,8 @@ pub struct HostConfig {
     pub plugin_wait: Duration,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// Timeouts and the connection limit of the HTTP server.
+    pub http: HttpSettings,
     /// Requests per second each token may make to plugin API routes (429 beyond); 0: no limit.
     pub plugin_rate_per_sec: u32,
     /// Burst allowed above the rate.
@@ -82,6 +88,7 @@ impl HostConfig {
             operation_id_config: String::new(),
             plugin_wait: Duration::from_secs(10),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            http: HttpSettings::default(),
             plugin_rate_per_sec: 50,
             plugin_rate_burst: 100,
             relay: true,
@@ -125,6 +132,8 @@ pub struct HostInner {
     pub entry_writer: writer::EntryWriter,
     /// This host process (a UUID), so it ignores its own cache notices.
     pub instance: String,
+    /// The metrics served on `/metrics`.
+    pub metrics: Arc<CallMetrics>,
 }
 
 impl std::ops::Deref for HostState {
@@ -140,7 +149,9 @@ impl std::fmt::Debug for HostState {
     }
 }
 
-/// The whole `/api/v2` router.
+/// The whole `/api/v2` router, with `/healthz` and `/metrics`; every request
+/// passes the layers of [`server`]: metrics, a request span, the body timeout and
+/// the HTTP layer's errors as JSON.
 pub fn router(state: HostState) -> Router {
     let max_body = state.config.max_body_bytes;
     Router::new()
@@ -149,9 +160,25 @@ pub fn router(state: HostState) -> Router {
         .merge(plugin_api::routes())
         .merge(jobs::routes())
         .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route("/metrics", axum::routing::get(server::metrics))
         .fallback(models::no_route)
         .method_not_allowed_fallback(models::no_method)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            server::guard,
+        ))
+        .layer(
+            // A span per request (method, URI); failures are logged where they
+            // happen (ApiError), not again here.
+            tower_http::trace::TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            server::observe,
+        ))
         .with_state(state)
 }
 
@@ -237,6 +264,7 @@ impl Host {
             addr: config.listen,
             source,
         })?;
+        let mut metrics = CallMetrics::new();
         if config.relay {
             let settings =
                 crate::relay::RelaySettings::for_deployment(store.backend(), &config.streams);
@@ -245,7 +273,8 @@ impl Host {
                 js.clone(),
                 config.subjects.clone(),
                 settings,
-            );
+            )
+            .with_gauges(metrics.relay_gauges());
             let token = shutdown.child_token();
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = relay.run(token).await {
@@ -255,10 +284,15 @@ impl Host {
         }
         let limiter =
             plugin_api::RateLimiter::new(config.plugin_rate_per_sec, config.plugin_rate_burst);
+        let metrics = Arc::new(metrics);
         let state = HostState {
             inner: Arc::new(HostInner {
-                hooks: SyncHooks::new(client.clone(), registry.clone()),
-                entry_writer: writer::EntryWriter::start(store.clone()),
+                hooks: SyncHooks::new(client.clone(), registry.clone())
+                    .with_metrics(Arc::clone(&metrics)),
+                entry_writer: writer::EntryWriter::with_metrics(
+                    store.clone(),
+                    Arc::clone(&metrics),
+                ),
                 store,
                 registry,
                 client,
@@ -269,6 +303,7 @@ impl Host {
                 tokens: auth::TokenCache::default(),
                 entities: models::EntityCache::default(),
                 instance: uuid::Uuid::now_v7().to_string(),
+                metrics: Arc::clone(&metrics),
                 config,
             }),
         };
@@ -280,27 +315,13 @@ impl Host {
             }
         }
         let app = router(state.clone());
-        let token = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            // With connection info, so anonymous calls of public plugin routes are
-            // rate-limited per client IP.
-            // No Nagle: a response's last segment must not wait for the client's
-            // delayed ACK.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-                }
-            });
-            let served = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(token.cancelled_owned())
-            .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        }));
+        tasks.push(tokio::spawn(server::serve(
+            listener,
+            app,
+            state.config.http,
+            metrics,
+            shutdown.clone(),
+        )));
         tasks.extend(jobs::spawn_background(state.clone(), shutdown.clone()));
         tracing::info!(%addr, relay = state.config.relay, "host serving /api/v2");
         Ok(Host {

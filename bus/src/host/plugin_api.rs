@@ -19,11 +19,18 @@
 //! 5. sends an [`ApiRequest`] to `<prefix>.api.<plugin-id>.<route>` and waits up to
 //!    the route's `timeout_ms`: no responders → 503 `plugin_unavailable`, no
 //!    reply → 504 `plugin_timeout`, a `Nats-Service-Error` reply → 400
-//!    `plugin_error` with its text, a reply [`ApiResponse::parse`] rejects → 503
-//!    `plugin_unavailable` naming the problem;
-//! 6. answers with the reply's status, its headers (hop-by-hop ones and
+//!    `plugin_error` with its text;
+//! 6. checks the reply: one [`ApiResponse::parse`] rejects, a status outside
+//!    200–599 (HTTP cannot answer 1xx as a final status) or a body with 204,
+//!    205 or 304 (which have none) → 502 `plugin_bad_reply` naming the plugin and
+//!    the reason;
+//! 7. answers with the reply's status, its headers (hop-by-hop ones and
 //!    `content-length` dropped) and its body as JSON (`null`: no body; a string
 //!    body with a non-JSON `content-type` set by the plugin is sent as that text).
+//!
+//! Every call of a declared route is counted in the host's metrics
+//! (`hookbus_plugin_api_requests_total` by plugin, route and status, and its
+//! latency).
 //!
 //! See `docs/plugin-api-and-jobs.md`.
 
@@ -164,17 +171,31 @@ pub(crate) fn error_response(status: StatusCode, code: &str, message: String) ->
 }
 
 async fn forward(State(state): State<HostState>, request: axum::extract::Request) -> Response {
-    match try_forward(state, request).await {
+    let started = Instant::now();
+    let mut called = None;
+    let response = match try_forward(&state, request, &mut called).await {
         Ok(response) | Err(response) => response,
+    };
+    if let Some((plugin, route)) = called {
+        state.metrics.api_call(
+            &plugin,
+            &route,
+            response.status().as_u16(),
+            started.elapsed(),
+        );
     }
+    response
 }
 
+/// Forwards the request; sets `called` to the plugin and route name once the
+/// route is found.
 async fn try_forward(
-    state: HostState,
+    state: &HostState,
     request: axum::extract::Request,
+    called: &mut Option<(String, String)>,
 ) -> Result<Response, Response> {
     let (mut parts, body) = request.into_parts();
-    let Path(params) = Path::<HashMap<String, String>>::from_request_parts(&mut parts, &state)
+    let Path(params) = Path::<HashMap<String, String>>::from_request_parts(&mut parts, state)
         .await
         .map_err(IntoResponse::into_response)?;
     let plugin = params.get("plugin").cloned().unwrap_or_default();
@@ -202,8 +223,9 @@ async fn try_forward(
         .into_response());
     };
     drop(table);
+    *called = Some((plugin.clone(), route.name.clone()));
 
-    let MaybeUser(user) = MaybeUser::from_request_parts(&mut parts, &state)
+    let MaybeUser(user) = MaybeUser::from_request_parts(&mut parts, state)
         .await
         .map_err(IntoResponse::into_response)?;
     if user.is_none() && !route.public {
@@ -293,15 +315,40 @@ async fn try_forward(
         }
         .into_response());
     }
-    let answer = ApiResponse::parse(&reply.payload).map_err(|problem| {
-        tracing::warn!(plugin = %plugin, route = %route.name, %problem, "bad plugin API reply");
-        ApiError::PluginUnavailable {
+    let bad_reply = |reason: String| {
+        tracing::warn!(plugin = %plugin, route = %route.name, %reason, "bad plugin API reply");
+        ApiError::PluginBadReply {
             plugin_id: plugin.clone(),
-            message: format!("its reply is invalid: {problem}"),
+            reason,
         }
         .into_response()
-    })?;
-    Ok(into_http(&plugin, answer))
+    };
+    let answer = ApiResponse::parse(&reply.payload).map_err(bad_reply)?;
+    let status = reply_status(&answer).map_err(bad_reply)?;
+    Ok(into_http(&plugin, status, answer))
+}
+
+/// The HTTP status of a plugin's reply, if HTTP can answer it: a final status
+/// (200–599), without a body for 204, 205 and 304.
+///
+/// # Errors
+///
+/// The reason it cannot.
+fn reply_status(answer: &ApiResponse) -> Result<StatusCode, String> {
+    let code = answer.status;
+    if !(200..=599).contains(&code) {
+        return Err(format!(
+            "status {code} is not a final HTTP status (200-599; 1xx are interim)"
+        ));
+    }
+    let status =
+        StatusCode::from_u16(code).map_err(|e| format!("status {code} is not valid: {e}"))?;
+    if matches!(code, 204 | 205 | 304) && !answer.body.is_null() {
+        return Err(format!(
+            "status {code} has no body, and the reply has one (send \"body\": null)"
+        ));
+    }
+    Ok(status)
 }
 
 /// Reads the request body within `limit` bytes and turns it into the JSON value
@@ -364,9 +411,8 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Valu
     }
 }
 
-/// The HTTP response for a plugin's reply.
-fn into_http(plugin: &str, answer: ApiResponse) -> Response {
-    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+/// The HTTP response for a plugin's reply (its status checked by [`reply_status`]).
+fn into_http(plugin: &str, status: StatusCode, answer: ApiResponse) -> Response {
     let mut out_headers = HeaderMap::new();
     for (name, value) in &answer.headers {
         let lower = name.to_ascii_lowercase();
@@ -405,6 +451,7 @@ fn into_http(plugin: &str, answer: ApiResponse) -> Response {
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = out_headers;
+    response.extensions_mut().insert(super::server::PluginReply);
     response
 }
 
@@ -437,10 +484,30 @@ mod tests {
         answer
             .headers
             .insert("Transfer-Encoding".into(), "chunked".into());
-        let r = into_http("p", answer);
+        let status = reply_status(&answer).unwrap();
+        let r = into_http("p", status, answer);
         assert_eq!(r.status(), StatusCode::CREATED);
         assert_eq!(r.headers()["x-custom"], "1");
         assert!(r.headers().get("transfer-encoding").is_none());
         assert_eq!(r.headers()["content-type"], "application/json");
+    }
+
+    #[test]
+    fn replies_http_cannot_answer_are_refused_with_the_reason() {
+        for (status, body) in [(100, Value::Null), (101, json!("x")), (99, Value::Null)] {
+            let answer = ApiResponse::with_status(status, body);
+            let reason = reply_status(&answer).unwrap_err();
+            assert!(reason.contains(&status.to_string()), "{reason}");
+        }
+        for status in [204, 205, 304] {
+            let reason =
+                reply_status(&ApiResponse::with_status(status, json!({"a": 1}))).unwrap_err();
+            assert!(reason.contains("no body"), "{reason}");
+            assert!(reply_status(&ApiResponse::with_status(status, Value::Null)).is_ok());
+        }
+        assert_eq!(
+            reply_status(&ApiResponse::with_status(599, Value::Null)),
+            Ok(StatusCode::from_u16(599).unwrap())
+        );
     }
 }

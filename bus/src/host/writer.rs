@@ -14,9 +14,13 @@
 //! PostgreSQL a second writer mostly wrote single creations while the first
 //! wrote a batch, and measured no faster).
 
+use std::sync::Arc;
+
 use core_events::Entry;
 use core_events::store::{NewEntry, NewEntryInput, Store, StoreError, WriteContext};
 use tokio::sync::{mpsc, oneshot};
+
+use crate::call_metrics::CallMetrics;
 
 /// Most creations written in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -36,8 +40,13 @@ pub struct EntryWriter {
 impl EntryWriter {
     /// Starts the writer task of `store` (on the current Tokio runtime).
     pub fn start(store: Store) -> EntryWriter {
+        EntryWriter::with_metrics(store, Arc::new(CallMetrics::new()))
+    }
+
+    /// As [`EntryWriter::start`], recording each batch's size in `metrics`.
+    pub fn with_metrics(store: Store, metrics: Arc<CallMetrics>) -> EntryWriter {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_batches(store, rx));
+        tokio::spawn(write_batches(store, rx, metrics));
         EntryWriter { queue }
     }
 
@@ -71,7 +80,11 @@ fn stopped() -> StoreError {
 }
 
 /// The writer: takes what is queued (waiting for the first), writes it, answers.
-async fn write_batches(store: Store, mut rx: mpsc::Receiver<(NewEntryInput, Reply)>) {
+async fn write_batches(
+    store: Store,
+    mut rx: mpsc::Receiver<(NewEntryInput, Reply)>,
+    metrics: Arc<CallMetrics>,
+) {
     let mut taken = Vec::with_capacity(MAX_BATCH);
     let mut inputs = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
@@ -83,6 +96,7 @@ async fn write_batches(store: Store, mut rx: mpsc::Receiver<(NewEntryInput, Repl
             inputs.push(input);
             replies.push(reply);
         }
+        metrics.entry_batch(inputs.len());
         let started = std::time::Instant::now();
         let results = store.create_entries(&inputs).await;
         tracing::trace!(
