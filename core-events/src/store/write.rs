@@ -241,6 +241,17 @@ fn check_attr_type(name: &str, t: AttrType, problems: &mut Vec<String>) {
     }
 }
 
+/// Checks an attribute's `default_value` exactly as an explicit value of the
+/// attribute is checked (it is stored in every entry created without one).
+fn check_default(name: &str, t: AttrType, default: Option<&Value>, problems: &mut Vec<String>) {
+    if t.name().is_none() {
+        return; // reported by check_attr_type
+    }
+    if let Some(problem) = default.and_then(|d| values::check_typed(name, t, d)) {
+        problems.push(format!("default_value: {problem}"));
+    }
+}
+
 async fn insert_attr(
     conn: &mut AnyConnection,
     entity_id: i64,
@@ -412,6 +423,7 @@ impl Store {
         for a in &new.attrs {
             check_name("attribute", &a.name, &mut problems);
             check_attr_type(&a.name, a.attr_type, &mut problems);
+            check_default(&a.name, a.attr_type, a.default_value.as_ref(), &mut problems);
             if !seen.insert(a.name.as_str()) {
                 problems.push(format!("attribute '{}' is defined twice", a.name));
             }
@@ -475,6 +487,10 @@ impl Store {
                         ));
                         continue;
                     };
+                    if !c.is_deleted {
+                        let name = c.name.as_deref().unwrap_or(&old.name);
+                        check_default(name, old.attr_type, c.default_value.as_ref(), &mut problems);
+                    }
                     if c.is_deleted {
                         names.remove(&old.name);
                     } else if let Some(n) = c.name.as_ref().filter(|n| **n != old.name) {
@@ -489,6 +505,7 @@ impl Store {
                     (Some(n), Some(t)) => {
                         check_name("attribute", n, &mut problems);
                         check_attr_type(n, t, &mut problems);
+                        check_default(n, t, c.default_value.as_ref(), &mut problems);
                         if !names.insert(n.clone()) {
                             problems.push(format!("attribute '{n}' already exists"));
                         }
