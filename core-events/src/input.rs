@@ -148,16 +148,22 @@ impl State {
         }
     }
 
-    /// The field a too-deep value is reported under: its path cut after the
-    /// last key among its first three steps (`attrs[0].default_value`,
-    /// `attrs.colour`, `params`), not the whole descent.
+    /// The field a too-deep value is reported under: its path cut after its
+    /// second key, three steps at most (`attrs[0].default_value`,
+    /// `attrs.colour`), not the whole descent.
     fn field_of_deep(&self) -> String {
-        let head = &self.path[..self.path.len().min(3)];
-        let cut = head
-            .iter()
-            .rposition(|s| matches!(s, Seg::Key(_)))
-            .map_or(head.len(), |i| i + 1);
-        Self::render(&head[..cut])
+        let mut keys = 0;
+        let mut cut = 0;
+        for seg in self.path.iter().take(3) {
+            cut += 1;
+            if matches!(seg, Seg::Key(_)) {
+                keys += 1;
+                if keys == 2 {
+                    break;
+                }
+            }
+        }
+        Self::render(&self.path[..cut])
     }
 }
 
@@ -341,6 +347,10 @@ mod tests {
         assert!(matches!(e, InputError::TooDeep { .. }), "{e}");
         let e = parse_strict(br#"{"attrs": {"colour": [[[[1]]]]}}"#, 4).unwrap_err();
         assert!(e.to_string().starts_with("field 'attrs.colour' "), "{e}");
+        let e = parse_strict(br#"{"attrs": {"colour": {"x": {"y": 1}}}}"#, 3).unwrap_err();
+        assert!(e.to_string().starts_with("field 'attrs.colour' "), "{e}");
+        let e = parse_strict(b"[[[[1]]]]", 2).unwrap_err();
+        assert!(e.to_string().starts_with("field '[0][0]' "), "{e}");
     }
 
     #[test]
