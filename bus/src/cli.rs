@@ -330,7 +330,9 @@ pub(crate) async fn main() -> Result<ExitCode> {
             .await?;
             bar.finish_and_clear();
             for (seq, why) in &report.unreadable {
-                eprintln!("hookbus: rebuild: event seq={seq} cannot be read and was not applied: {why}");
+                eprintln!(
+                    "hookbus: rebuild: event seq={seq} cannot be read and was not applied: {why}"
+                );
             }
             let unreadable = report.unreadable.len();
             println_out(&format!(

@@ -126,13 +126,23 @@ async fn request_bodies_are_read_strictly(backend: Backend) {
         r#"{"name": "dup", "attrs": {"o": 1, "o": 2}}"#,
     )
     .await;
-    assert_invalid("duplicate value", status, &body, "field 'attrs.o' is given twice");
+    assert_invalid(
+        "duplicate value",
+        status,
+        &body,
+        "field 'attrs.o' is given twice",
+    );
 
     // NUL in every text field: 400 naming it, nothing stored (PostgreSQL's
     // text cannot hold it, SQLite would: both refuse it alike).
     let nul = "a\u{0}b";
     let cases: Vec<(Method, String, Value, &str)> = vec![
-        (Method::POST, "/api/v2/entities/".into(), json!({"name": nul}), "name"),
+        (
+            Method::POST,
+            "/api/v2/entities/".into(),
+            json!({"name": nul}),
+            "name",
+        ),
         (
             Method::POST,
             "/api/v2/entities/".into(),
@@ -170,7 +180,12 @@ async fn request_bodies_are_read_strictly(backend: Backend) {
             json!({"note": nul}),
             "note",
         ),
-        (Method::POST, "/api/v2/users/".into(), json!({"username": nul}), "username"),
+        (
+            Method::POST,
+            "/api/v2/users/".into(),
+            json!({"username": nul}),
+            "username",
+        ),
         (
             Method::POST,
             "/api/v2/users/".into(),
@@ -189,7 +204,12 @@ async fn request_bodies_are_read_strictly(backend: Backend) {
             json!({"last_name": nul}),
             "last_name",
         ),
-        (Method::POST, "/api/v2/tokens/".into(), json!({"name": nul}), "name"),
+        (
+            Method::POST,
+            "/api/v2/tokens/".into(),
+            json!({"name": nul}),
+            "name",
+        ),
     ];
     for (method, p, body, field) in cases {
         let what = format!("{backend:?}: NUL in {field} of {method} {p}");
@@ -210,13 +230,17 @@ async fn request_bodies_are_read_strictly(backend: Backend) {
         let (status, body) = call(h.as_admin(Method::DELETE, &p)).await;
         assert_invalid(&p, status, &body, "entry id '");
         assert!(
-            body["errors"][0].as_str().unwrap().contains("is not a positive integer"),
+            body["errors"][0]
+                .as_str()
+                .unwrap()
+                .contains("is not a positive integer"),
             "{body}"
         );
     }
     let (status, body) = call(h.as_admin(Method::GET, "/api/v2/entities/%201/")).await;
     assert_invalid("entity id", status, &body, "entity id ' 1'");
-    let (_, still) = call(h.as_user(Method::GET, &format!("/api/v2/entries/{}/", entry["id"]))).await;
+    let (_, still) =
+        call(h.as_user(Method::GET, &format!("/api/v2/entries/{}/", entry["id"]))).await;
     assert_eq!(still["is_active"], true, "{still}");
 
     h.stop().await;

@@ -423,7 +423,12 @@ impl Store {
         for a in &new.attrs {
             check_name("attribute", &a.name, &mut problems);
             check_attr_type(&a.name, a.attr_type, &mut problems);
-            check_default(&a.name, a.attr_type, a.default_value.as_ref(), &mut problems);
+            check_default(
+                &a.name,
+                a.attr_type,
+                a.default_value.as_ref(),
+                &mut problems,
+            );
             if !seen.insert(a.name.as_str()) {
                 problems.push(format!("attribute '{}' is defined twice", a.name));
             }
