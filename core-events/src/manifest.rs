@@ -40,7 +40,7 @@ pub const MAX_PLUGIN_ID_LEN: usize = 64;
 #[serde(deny_unknown_fields)]
 pub struct PluginManifest {
     /// Plugin id: letters, digits, `-` and `_`, at most 64 characters
-    /// ([`MAX_PLUGIN_ID_LEN`]). Also the NATS service name and the queue group of
+    /// (`MAX_PLUGIN_ID_LEN`). Also the NATS service name and the queue group of
     /// its endpoints.
     #[serde(default)]
     #[schemars(length(max = 64))]

@@ -423,3 +423,67 @@ async fn revoking_a_token_or_deactivating_a_user_twice_answers_the_same_and_reco
         revoking_and_deactivating_twice(backend).await;
     }
 }
+
+/// The store holds names and notes to the same rule (what a `before_*` hook
+/// hands back does not pass through the host's body reader): a NUL is
+/// `StoreError::Invalid` naming the field on both databases, not a database
+/// error on one and stored on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_refuses_nul_characters_alike_on_both_backends() {
+    use core_events::store::{EntityChanges, NewEntity, NewEntry, StoreError, WriteContext};
+
+    for backend in backends() {
+        let db = TestDb::new(backend).await;
+        let store = db.store().await;
+        let ctx = WriteContext::default();
+        let invalid = |r: Result<_, StoreError>, needle: &str| match r {
+            Err(StoreError::Invalid(problems)) => assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "{backend:?}: {problems:?}"
+            ),
+            Err(other) => panic!("{backend:?}: {needle}: {other}"),
+            Ok(_) => panic!("{backend:?}: {needle}: accepted"),
+        };
+        invalid(
+            store
+                .create_entity(&NewEntity::named("a\0b"), &ctx)
+                .await
+                .map(|_| ()),
+            "entity name contains a NUL character",
+        );
+        let entity = store
+            .create_entity(&NewEntity::named("fine"), &ctx)
+            .await
+            .unwrap();
+        invalid(
+            store
+                .update_entity(
+                    entity.id,
+                    &EntityChanges {
+                        note: Some("x\0".into()),
+                        ..Default::default()
+                    },
+                    &ctx,
+                )
+                .await
+                .map(|_| ()),
+            "entity note contains a NUL character",
+        );
+        let mut entry = NewEntry::named("e");
+        entry.note = "\0".into();
+        invalid(
+            store
+                .create_entry(entity.id, &entry, &ctx)
+                .await
+                .map(|_| ()),
+            "entry note contains a NUL character",
+        );
+        assert!(
+            store
+                .list_entries(entity.id, true)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+}

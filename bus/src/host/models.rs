@@ -141,7 +141,7 @@ pub fn read_json(bytes: &[u8], what: &str) -> Result<Value, ApiError> {
     parse_strict(bytes, MAX_JSON_DEPTH).map_err(|e| {
         ApiError::Invalid(vec![match e {
             InputError::Syntax(e) => format!("{what} is not valid JSON: {e}"),
-            other if what == "the body" => other.to_string(),
+            other if what.ends_with("body") => other.to_string(),
             other => format!("{what}: {other}"),
         }])
     })

@@ -204,6 +204,19 @@ fn check_name(what: &str, name: &str, problems: &mut Vec<String>) {
         problems.push(format!("{what} name is required"));
     } else if let Err(e) = check_entity_name(name) {
         problems.push(format!("{what} name: {e}"));
+    } else {
+        check_text(&format!("{what} name"), name, problems);
+    }
+}
+
+/// Text may not hold a NUL character: PostgreSQL's text cannot, and SQLite is
+/// held to the same rule (the host refuses it in request bodies already; this
+/// catches what a `before_*` hook hands back).
+fn check_text(what: &str, text: &str, problems: &mut Vec<String>) {
+    if text.contains('\0') {
+        problems.push(format!(
+            "{what} contains a NUL character (\\u0000), which text may not contain"
+        ));
     }
 }
 
@@ -419,9 +432,11 @@ impl Store {
     ) -> Result<Entity, StoreError> {
         let mut problems = Vec::new();
         check_name("entity", &new.name, &mut problems);
+        check_text("entity note", &new.note, &mut problems);
         let mut seen = HashSet::new();
         for a in &new.attrs {
             check_name("attribute", &a.name, &mut problems);
+            check_text("attribute note", &a.note, &mut problems);
             check_attr_type(&a.name, a.attr_type, &mut problems);
             check_default(
                 &a.name,
@@ -481,8 +496,14 @@ impl Store {
         if let Some(name) = &changes.name {
             check_name("entity", name, &mut problems);
         }
+        if let Some(note) = &changes.note {
+            check_text("entity note", note, &mut problems);
+        }
         let mut names: HashSet<String> = previous.attrs.iter().map(|a| a.name.clone()).collect();
         for c in &changes.attrs {
+            if let Some(note) = &c.note {
+                check_text("attribute note", note, &mut problems);
+            }
             match c.id {
                 Some(aid) => {
                     let Some(old) = previous.attrs.iter().find(|a| a.id == aid) else {
@@ -758,6 +779,9 @@ impl Store {
         if let Some(name) = &changes.name {
             check_name("entry", name, &mut problems);
         }
+        if let Some(note) = &changes.note {
+            check_text("entry note", note, &mut problems);
+        }
         let values = check_values(&entity, &changes.attrs, &mut problems);
         for attr in entity.attrs.iter().filter(|a| a.is_mandatory) {
             if changes.attrs.get(&attr.name).is_some_and(Value::is_null) {
@@ -1007,6 +1031,7 @@ pub(super) fn check_new_entry(
 ) -> Result<Vec<(i64, Value)>, StoreError> {
     let mut problems = Vec::new();
     check_name("entry", &new.name, &mut problems);
+    check_text("entry note", &new.note, &mut problems);
     let mut values = check_values(entity, &new.attrs, &mut problems);
     for attr in &entity.attrs {
         if !new.attrs.contains_key(&attr.name) {
