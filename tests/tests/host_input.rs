@@ -342,6 +342,32 @@ async fn default_values_are_checked_like_explicit_values(backend: Backend) {
         .map(|a| &a["value"])
         .collect();
     assert_eq!(values, [&json!(7), &json!("2026-12-04")], "{entry}");
+
+    // A bad default stored before defaults were checked is refused like an
+    // explicit value, never copied into a new entry.
+    sqlx::query("UPDATE entity_attrs SET default_value = $1 WHERE id = $2")
+        .bind("\"NaN-text\"")
+        .bind(n_id)
+        .execute(h.store().pool())
+        .await
+        .unwrap();
+    let (status, body) = call(
+        h.as_user(Method::POST, &format!("/api/v2/entities/{id}/entries/"))
+            .json(&json!({"name": "z"})),
+    )
+    .await;
+    assert_invalid(
+        "stored bad default",
+        status,
+        &body,
+        "default_value: attribute 'n' is number and takes a number; got \"NaN-text\"",
+    );
+    let (status, entry) = call(
+        h.as_user(Method::POST, &format!("/api/v2/entities/{id}/entries/"))
+            .json(&json!({"name": "z", "attrs": {"n": 1}})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{backend:?}: {entry}");
     h.stop().await;
 }
 

@@ -1036,7 +1036,14 @@ pub(super) fn check_new_entry(
     for attr in &entity.attrs {
         if !new.attrs.contains_key(&attr.name) {
             if let Some(d) = attr.default_value.clone().filter(|d| !d.is_null()) {
-                values.push((attr.id, d));
+                // A default stored before defaults were checked may not fit:
+                // refused like an explicit value, never copied into the entry.
+                match values::check(attr, &d) {
+                    None => values.push((attr.id, d)),
+                    Some(problem) => problems.push(format!(
+                        "default_value: {problem} (give a value, or change the attribute's default)"
+                    )),
+                }
             } else if attr.is_mandatory {
                 problems.push(format!("attribute '{}' is mandatory", attr.name));
             }
