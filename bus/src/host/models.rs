@@ -98,7 +98,8 @@ pub(crate) async fn no_method() -> ApiError {
 
 /// A JSON object request body. Every way it can be wrong is a JSON error: 413
 /// `payload_too_large` over the limit, 400 `invalid_input` for a body that is not
-/// a JSON object.
+/// a JSON object, or that nests too deep, repeats a key or holds a NUL character
+/// ([`read_json`]).
 #[derive(Debug)]
 pub struct Body(pub Map<String, Value>);
 
