@@ -247,7 +247,8 @@ async fn rebuilt_store_equals_the_original_after_thousands_of_random_writes() {
 /// serde_json's 128; the host refuses such input now, but a stream may hold
 /// one) between two good ones: `hookbus rebuild` applies the good ones and
 /// names the bad one by its sequence; `hookbus replay` and the SDK's
-/// `replay_events` give all three.
+/// `replay_events` give all three; a plugin's `replay` runs its handler on the
+/// good ones and dead-letters the bad one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_event_does_not_stop_a_rebuild_or_a_replay() {
     use core_events::{EntityAttr, Hook, sample};
@@ -353,4 +354,33 @@ async fn an_unreadable_event_does_not_stop_a_rebuild_or_a_replay() {
     .collect()
     .await;
     assert_eq!(replayed, [1, 2, 3]);
+
+    // A plugin's replay: its handler gets the two good events; the bad one,
+    // which it cannot decode, is dead-lettered and the replay goes on.
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<u64>>> = std::sync::Arc::default();
+    let record = seen.clone();
+    let plugin = pagoda_plugin_sdk::Plugin::builder("rebuilder", "Rebuilder", "1.0.0")
+        .on_entity(Hook::EntityAfterCreate, "created", move |ctx| {
+            let record = record.clone();
+            async move {
+                record.lock().unwrap().push(ctx.stream_seq);
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap();
+    let done = plugin
+        .replay(
+            &client,
+            &subjects,
+            pagoda_plugin_sdk::replay::ReplayFrom::Start,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.events, done.dead_lettered, done.replayed_through),
+        (3, 1, 3),
+        "{done:?}"
+    );
+    assert_eq!(*seen.lock().unwrap(), [1, 3]);
 }
