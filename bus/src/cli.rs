@@ -351,15 +351,32 @@ pub(crate) async fn main() -> Result<ExitCode> {
             )
             .await?;
             bar.finish_and_clear();
+            for (seq, why) in &report.unreadable {
+                eprintln!(
+                    "hookbus: rebuild: event seq={seq} cannot be read and was not applied: {why}"
+                );
+            }
+            let unreadable = report.unreadable.len();
             println_out(&format!(
-                "ok: applied {} events ({} entity, {} entry, {} skipped) to {}",
-                report.events,
+                "{}: applied {} events ({} entity, {} entry, {} skipped{}) to {}",
+                if unreadable == 0 { "ok" } else { "incomplete" },
+                report.events - unreadable as u64,
                 report.entity_events,
                 report.entry_events,
                 report.skipped,
+                if unreadable == 0 {
+                    String::new()
+                } else {
+                    format!("; {unreadable} unreadable, see above")
+                },
                 hookbus::outbox_cmd::redact(&database_url)
             ));
-            ExitCode::SUCCESS
+            // Every other event is applied; the status says some were not.
+            if unreadable == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Command::Migrate { database_url } => {
             hookbus::outbox_cmd::open_migrated(&database_url).await?;

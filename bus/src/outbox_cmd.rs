@@ -77,7 +77,7 @@ mod tests {
 }
 
 /// What a rebuild did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rebuilt {
     /// Events read from the stream.
     pub events: u64,
@@ -87,12 +87,17 @@ pub struct Rebuilt {
     pub entry_events: u64,
     /// Events that are not model changes.
     pub skipped: u64,
+    /// Events that could not be read, each with its stream sequence and why;
+    /// nothing of them was applied, and the rebuild went on past them.
+    pub unreadable: Vec<(u64, String)>,
 }
 
 /// Rebuilds the model store at `url` from the events stream: every event from
 /// the first, applied in stream order, into an empty store (see
 /// `core_events::store` on why the result equals the original). `progress` is
-/// called with (events done, events in the stream) every batch.
+/// called with (events done, events in the stream) every batch. An event that
+/// cannot be read is logged with its sequence, listed in
+/// [`Rebuilt::unreadable`], and the rebuild goes on.
 ///
 /// # Errors
 ///
@@ -132,20 +137,26 @@ pub async fn rebuild(
     let total = events.total_at_start();
     store.begin_rebuild().await?;
     let mut report = Rebuilt::default();
-    let mut batch: Vec<bytes::Bytes> = Vec::with_capacity(500);
+    let mut batch: Vec<(u64, bytes::Bytes)> = Vec::with_capacity(500);
     loop {
         let next = events.next().await;
         let done = next.is_none();
         if let Some(event) = next {
-            batch.push(event?.payload);
+            let event = event?;
+            batch.push((event.stream_seq, event.payload));
         }
         if batch.len() == 500 || (done && !batch.is_empty()) {
-            let slices: Vec<&[u8]> = batch.iter().map(|b| b.as_ref()).collect();
-            for applied in store.apply_events(&slices).await? {
+            let slices: Vec<&[u8]> = batch.iter().map(|(_, b)| b.as_ref()).collect();
+            let applied = store.apply_events(&slices).await?;
+            for ((seq, _), applied) in batch.iter().zip(applied) {
                 match applied {
                     core_events::store::Applied::Entity(_) => report.entity_events += 1,
                     core_events::store::Applied::Entry(_) => report.entry_events += 1,
-                    _ => report.skipped += 1,
+                    core_events::store::Applied::Unreadable(why) => {
+                        tracing::error!(seq, error = %why, "rebuild: event cannot be read; skipped");
+                        report.unreadable.push((*seq, why));
+                    }
+                    core_events::store::Applied::Skipped(_) => report.skipped += 1,
                 }
             }
             report.events += batch.len() as u64;

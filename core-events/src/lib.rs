@@ -14,10 +14,12 @@
 //! | the model store and the transactional outbox (sqlx: SQLite, PostgreSQL) | [`store`] |
 //! | plugin API routes: the forwarded request and the plugin's reply | [`plugin_api`] |
 //! | plugin tasks as jobs: statuses, queue message, state, operation ids | [`jobs`] |
+//! | limits on user-supplied JSON (nesting depth), the strict reader of request bodies | [`input`] |
 #![forbid(unsafe_code)]
 
 pub mod envelope;
 pub mod hook;
+pub mod input;
 pub mod jobs;
 pub mod manifest;
 pub mod model;

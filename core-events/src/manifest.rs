@@ -30,19 +30,24 @@ pub const MAX_RETRIES: usize = 32;
 pub const MAX_BACKOFF_MS: u64 = 3_600_000;
 /// Largest manifest accepted, in bytes.
 pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
+/// Longest plugin id, in characters (ASCII). The id becomes a NATS service
+/// name, part of consumer and user names, of subjects and of KV keys; 64 keeps
+/// every one of them well inside NATS's limits (255 for a consumer name).
+pub const MAX_PLUGIN_ID_LEN: usize = 64;
 
 /// A plugin and its handlers, as registered in the registry bucket.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(transform = require_identity)]
 pub struct PluginManifest {
-    /// Plugin id: letters, digits, `-` and `_`. Also the NATS service name and the
-    /// queue group of its endpoints.
+    /// Plugin id: letters, digits, `-` and `_`, at most 64 characters
+    /// (`MAX_PLUGIN_ID_LEN`). Also the NATS service name and the queue group of
+    /// its endpoints.
     // Defaulted for serde so that a missing one is reported by `validate` with
     // the others; required in the schema (`require_identity`), as the bus
     // requires it.
     #[serde(default)]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 64))]
     pub id: String,
     /// Human-readable name.
     #[serde(default)]
@@ -377,6 +382,11 @@ impl PluginManifest {
                 "Plugin ID must contain only alphanumeric characters, hyphens, and underscores"
                     .to_owned(),
             );
+        } else if self.id.len() > MAX_PLUGIN_ID_LEN {
+            problems.push(format!(
+                "Plugin ID is {} characters long; at most {MAX_PLUGIN_ID_LEN} are allowed",
+                self.id.len()
+            ));
         }
         if self.name.trim().is_empty() {
             problems.push("Plugin name is required".to_owned());
@@ -684,6 +694,27 @@ mod tests {
             err.to_string()
                 .contains("on_unavailable applies to synchronous hooks only"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn plugin_ids_are_limited_in_length() {
+        let manifest = |id: &str| {
+            PluginManifest::from_json(
+                format!(r#"{{"id":"{id}","name":"P","version":"1.0.0"}}"#).as_bytes(),
+            )
+        };
+        assert!(manifest(&"p".repeat(MAX_PLUGIN_ID_LEN)).is_ok());
+        let err = manifest(&"p".repeat(300)).unwrap_err();
+        assert_eq!(
+            err.problems,
+            ["Plugin ID is 300 characters long; at most 64 are allowed"]
+        );
+        // The schema shows the same limit.
+        let schema = serde_json::to_value(schemars::schema_for!(PluginManifest)).unwrap();
+        assert_eq!(
+            schema["properties"]["id"]["maxLength"],
+            serde_json::json!(MAX_PLUGIN_ID_LEN)
         );
     }
 

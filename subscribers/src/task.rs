@@ -18,7 +18,10 @@
 //! at once (default 4, over all replicas: it is the consumer's
 //! `max_ack_pending`). For each queued [`JobRequest`]:
 //!
-//! 1. an unreadable request is terminated (never redelivered) and logged;
+//! 1. an unreadable request is terminated (never redelivered) and logged; when
+//!    it still names a job of this plugin (its `job_id`, `plugin` and `task` are
+//!    readable: say, its parameters nest deeper than serde_json's 128 levels),
+//!    that job ends in ERROR with the reason;
 //! 2. the job's state (key `<plugin-id>.<job-id>` in bucket `<prefix>_jobs`) is read,
 //!    or created PREPARING when missing; a job already final (CANCELED, DONE,
 //!    ERROR, WARNING, TIMEOUT) is acknowledged and not run;
@@ -630,10 +633,7 @@ async fn run_job(
     );
     async {
         let settle = match serde_json::from_slice::<JobRequest>(&message.payload) {
-            Err(e) => {
-                error!(error = %e, "job request is not a JobRequest; terminated");
-                Settle::Term
-            }
+            Err(e) => worker.unreadable(&message.payload, &e).await,
             Ok(request) if request.plugin != worker.plugin.id() => {
                 error!(for_plugin = %request.plugin, "job request is for another plugin; terminated");
                 Settle::Term
@@ -665,7 +665,64 @@ async fn run_job(
     .await;
 }
 
+/// The parts of a job request that name its job, read even when the rest of
+/// the request cannot be (serde_json skips the other fields without a depth
+/// limit).
+#[derive(serde::Deserialize)]
+struct JobHead {
+    job_id: i64,
+    plugin: String,
+    task: String,
+}
+
 impl Worker {
+    /// A job request that is not a readable [`JobRequest`] (its parameters nest
+    /// deeper than serde_json reads, a field has the wrong type): when it still
+    /// names a job of this plugin, that job ends in ERROR with the reason, so it
+    /// does not stay PREPARING; the message is terminated either way.
+    async fn unreadable(&self, payload: &[u8], e: &serde_json::Error) -> Settle {
+        let reason = format!("the job request cannot be read: {e}");
+        let head = match serde_json::from_slice::<JobHead>(payload) {
+            Ok(head) if head.plugin == self.plugin.id() => head,
+            _ => {
+                error!(error = %e, "job request is not a JobRequest; terminated");
+                return Settle::Term;
+            }
+        };
+        let span = tracing::Span::current();
+        span.record("job_id", head.job_id);
+        span.record("task", head.task.as_str());
+        let job = JobCell::new(
+            self.kv.clone(),
+            &JobRequest {
+                job_id: head.job_id,
+                plugin: head.plugin,
+                task: head.task,
+                operation: 0,
+                params: serde_json::Value::Null,
+                user: None,
+                created_at: Utc::now(),
+            },
+        );
+        let written = job
+            .update(|cur| {
+                cur.status
+                    .can_become(JobStatus::Error)
+                    .then(|| changed(cur, JobStatus::Error, reason.clone()))
+            })
+            .await;
+        match written {
+            Ok(stored) => {
+                error!(error = %e, status = %stored.status, "job request cannot be read; the job ends in ERROR and its message is terminated");
+                Settle::Term
+            }
+            Err(state) => {
+                error!(error = %e, state_error = %state, "job request cannot be read and the job state cannot be written; the job is handed back");
+                Settle::Nak(Some(STATE_RETRY))
+            }
+        }
+    }
+
     /// Claims the job, runs its task and writes the outcome.
     async fn run(
         &self,

@@ -97,6 +97,25 @@ proptest! {
         }
     }
 
+    // --- the host's strict body reader ---------------------------------------
+
+    #[test]
+    fn strict_reader_takes_what_serde_json_takes(value in json_value()) {
+        // No NUL, no duplicate key, a few levels: read exactly as serde_json reads it.
+        let text = serde_json::to_vec(&value).unwrap();
+        let strict = core_events::input::parse_strict(&text, core_events::input::MAX_JSON_DEPTH);
+        prop_assert_eq!(strict.unwrap(), value);
+    }
+
+    #[test]
+    fn strict_reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let strict = core_events::input::parse_strict(&bytes, 4);
+        if let Ok(v) = strict {
+            prop_assert!(core_events::input::json_depth(&v) <= 4);
+            prop_assert_eq!(Some(v), serde_json::from_slice::<serde_json::Value>(&bytes).ok());
+        }
+    }
+
     // --- envelope ------------------------------------------------------------
 
     #[test]

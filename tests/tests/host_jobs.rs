@@ -710,3 +710,104 @@ async fn a_new_database_with_an_old_jobs_bucket_still_runs_jobs() {
     }
     host.stop().await;
 }
+
+/// `n` nested arrays around `1`, as JSON text.
+fn nested_arrays(n: usize) -> String {
+    format!("{}1{}", "[".repeat(n), "]".repeat(n))
+}
+
+/// Task parameters nesting deeper than `MAX_JSON_DEPTH` are refused with a 400;
+/// a job request a worker cannot read (here: parameters 200 levels deep, past
+/// serde_json's 128, published by hand) ends the job in ERROR with the reason
+/// instead of leaving it PREPARING.
+async fn unreadable_job_requests_end_in_error(backend: Backend) {
+    use core_events::input::MAX_JSON_DEPTH;
+    use core_events::jobs::{JobRequest, NewJob};
+
+    let s = setup(backend, true).await;
+    let host = &s.host;
+    for depth in [MAX_JSON_DEPTH + 1, 127] {
+        let (status, body) = call(
+            host.as_user(
+                Method::POST,
+                &format!("/api/v2/plugins/{PLUGIN}/tasks/count/"),
+            )
+            .header("Content-Type", "application/json")
+            .body(nested_arrays(depth)),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{backend:?} {depth}: {body}"
+        );
+        assert_eq!(body["error"], "invalid_input");
+        let text = body["errors"][0].as_str().unwrap();
+        assert!(
+            text.starts_with("the task parameters: field '[0][0][0]' nests arrays and objects deeper than 32 levels"),
+            "{text}"
+        );
+    }
+    let (status, body) = call(
+        host.as_user(
+            Method::POST,
+            &format!("/api/v2/plugins/{PLUGIN}/tasks/count/"),
+        )
+        .header("Content-Type", "application/json")
+        .body(nested_arrays(MAX_JSON_DEPTH)),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "{backend:?} at the limit: {body}"
+    );
+
+    // A request no worker can read, for a job that exists.
+    let job = host
+        .store()
+        .create_job(&NewJob {
+            user_id: Some(host.user.id),
+            operation: 5000,
+            plugin_id: Some(PLUGIN.into()),
+            task: "count".into(),
+            params: Value::Null,
+        })
+        .await
+        .unwrap();
+    let request = serde_json::to_string(&JobRequest {
+        job_id: job.id,
+        plugin: PLUGIN.into(),
+        task: "count".into(),
+        operation: 5000,
+        params: json!("PARAMS"),
+        user: None,
+        created_at: job.created_time,
+    })
+    .unwrap()
+    .replace("\"PARAMS\"", &nested_arrays(200));
+    let js = jetstream::new(host.state().client.clone());
+    js.publish(Subjects::default().job(PLUGIN, "count"), request.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let failed = wait_status(host, job.id, JobStatus::Error).await;
+    let message = failed["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("the job request cannot be read: recursion limit exceeded"),
+        "{backend:?}: {failed}"
+    );
+    wait_row(host, job.id, JobStatus::Error).await;
+    if let Some(r) = s.running {
+        r.shutdown().await.unwrap();
+    }
+    s.host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_job_requests_end_in_error_on_both_backends() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        Box::pin(unreadable_job_requests_end_in_error(backend)).await;
+    }
+}

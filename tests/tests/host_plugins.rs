@@ -232,6 +232,22 @@ async fn sdk_routes_are_forwarded_with_authentication_and_plugin_failures_mapped
         body["message"].as_str().unwrap().contains("not valid JSON"),
         "{body}"
     );
+    // Read like every request body: nesting past the limit is refused by field.
+    let (status, body) = json_of(
+        host.as_user(Method::POST, "/api/v2/plugins/greeter/echo/ada")
+            .header("Content-Type", "application/json")
+            .body(format!(r#"{{"a": {}1{}}}"#, "[".repeat(40), "]".repeat(40)))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        body["errors"][0].as_str().unwrap(),
+        "field 'a[0][0]' nests arrays and objects deeper than 32 levels (the limit, counting the whole document as level 1)",
+        "{body}"
+    );
 
     // Oversized body: 413 before anything is forwarded. (The host does not read
     // the rest, so it closes that connection: a client of its own.)

@@ -242,3 +242,145 @@ async fn rebuilt_store_equals_the_original_after_thousands_of_random_writes() {
         assert!(again.unwrap_err().to_string().contains("not empty"));
     }
 }
+
+/// One event no reader can take (an attribute default 200 levels deep, past
+/// serde_json's 128; the host refuses such input now, but a stream may hold
+/// one) between two good ones: `hookbus rebuild` applies the good ones and
+/// names the bad one by its sequence; `hookbus replay` and the SDK's
+/// `replay_events` give all three; a plugin's `replay` runs its handler on the
+/// good ones and dead-letters the bad one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_event_does_not_stop_a_rebuild_or_a_replay() {
+    use core_events::{EntityAttr, Hook, sample};
+    use futures::StreamExt;
+
+    let nats = NatsServer::start().await;
+    let client = nats.connect().await;
+    let js = jetstream::new(client.clone());
+    let subjects = Subjects::default();
+    hookbus::provision::provision(&js, &subjects, &StreamSettings::default())
+        .await
+        .unwrap();
+    let mut bad = sample::entity_event(Hook::EntityAfterCreate, 2, "bad");
+    bad.data.entity.attrs = vec![EntityAttr {
+        id: 1,
+        name: "o".into(),
+        attr_type: AttrType::OBJECT,
+        is_mandatory: false,
+        referral: vec![],
+        index: 0,
+        is_summarized: false,
+        is_delete_in_chain: false,
+        note: String::new(),
+        default_value: Some(json!("DEEP")),
+        is_active: true,
+    }];
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let events = [
+        (
+            "good",
+            serde_json::to_string(&sample::entity_event(Hook::EntityAfterCreate, 1, "good"))
+                .unwrap(),
+        ),
+        (
+            "bad",
+            serde_json::to_string(&bad)
+                .unwrap()
+                .replace("\"DEEP\"", &deep),
+        ),
+        (
+            "later",
+            serde_json::to_string(&sample::entity_event(Hook::EntityAfterCreate, 3, "later"))
+                .unwrap(),
+        ),
+    ];
+    for (name, payload) in events {
+        let subject = subjects.event(Hook::EntityAfterCreate, name).unwrap();
+        js.publish(subject, payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let db = TestDb::new(backend).await;
+        let report = hookbus::outbox_cmd::rebuild(&js, &subjects, db.url(), false, |_, _| {})
+            .await
+            .unwrap();
+        assert_eq!((report.events, report.entity_events), (3, 2), "{backend:?}");
+        assert_eq!(report.unreadable.len(), 1, "{backend:?}: {report:?}");
+        let (seq, why) = &report.unreadable[0];
+        assert_eq!(*seq, 2);
+        assert!(why.contains("recursion limit exceeded"), "{why}");
+        let names: Vec<String> = db
+            .store()
+            .await
+            .list_entities(true)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, ["good", "later"], "{backend:?}");
+    }
+
+    let mut out = Vec::new();
+    let summary = hookbus::replay_cmd::run(
+        &client,
+        &subjects,
+        &hookbus::replay_cmd::ReplayCommand {
+            from: pagoda_plugin_sdk::replay::ReplayFrom::Start,
+            hooks: vec![],
+            entities: vec![],
+            follow: false,
+            target: hookbus::replay_cmd::Target::Stdout,
+            progress: false,
+        },
+        &mut out,
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.events, 3);
+    assert_eq!(String::from_utf8(out).unwrap().lines().count(), 3);
+    let replayed: Vec<u64> = pagoda_plugin_sdk::replay::replay_events(
+        &js,
+        &subjects,
+        pagoda_plugin_sdk::replay::ReplayOptions::default(),
+    )
+    .await
+    .unwrap()
+    .map(|e| e.unwrap().stream_seq)
+    .collect()
+    .await;
+    assert_eq!(replayed, [1, 2, 3]);
+
+    // A plugin's replay: its handler gets the two good events; the bad one,
+    // which it cannot decode, is dead-lettered and the replay goes on.
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<u64>>> = std::sync::Arc::default();
+    let record = seen.clone();
+    let plugin = pagoda_plugin_sdk::Plugin::builder("rebuilder", "Rebuilder", "1.0.0")
+        .on_entity(Hook::EntityAfterCreate, "created", move |ctx| {
+            let record = record.clone();
+            async move {
+                record.lock().unwrap().push(ctx.stream_seq);
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap();
+    let done = plugin
+        .replay(
+            &client,
+            &subjects,
+            pagoda_plugin_sdk::replay::ReplayFrom::Start,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.events, done.dead_lettered, done.replayed_through),
+        (3, 1, 3),
+        "{done:?}"
+    );
+    assert_eq!(*seen.lock().unwrap(), [1, 3]);
+}

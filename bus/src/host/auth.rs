@@ -328,7 +328,8 @@ async fn update_user(
 
 /// `DELETE /api/v2/users/<id>/`: deactivates the user (soft: the row and its
 /// tokens stay, its keys stop authenticating at once; `PUT {"is_active": true}`
-/// brings it back).
+/// brings it back). Idempotent, like revoking a token: deactivating an
+/// inactive user answers 200 with the user and records nothing.
 async fn deactivate_user(
     State(state): State<HostState>,
     auth: AuthUser,
@@ -336,14 +337,9 @@ async fn deactivate_user(
 ) -> Result<Json<User>, ApiError> {
     auth.require_superuser("deactivating a user")?;
     let id = parse_id("user id", &id)?;
-    if !state.store.user(id).await?.is_active {
-        return Err(ApiError::NotFound(format!(
-            "active user {id} not found (it is already inactive)"
-        )));
-    }
     let (before, after) = state.store.update_user(id, |u| u.is_active = false).await?;
-    state.forget(super::forget::Forget::User(id)).await;
     if before.is_active {
+        state.forget(super::forget::Forget::User(id)).await;
         audit_user(
             &state,
             "user.deactivate",
@@ -479,16 +475,19 @@ async fn revoke_token(
         // Someone else's token is as good as none to a normal user.
         return Err(ApiError::NotFound(format!("token {id} not found")));
     }
-    let token = state.store.revoke_token(id).await?;
-    state.forget(super::forget::Forget::Token(id)).await;
-    audit(
-        &state,
-        "token.revoke",
-        &auth,
-        &token,
-        json!({"token_id": token.id, "user_id": token.user_id}),
-    )
-    .await;
+    let (token, revoked) = state.store.revoke_token_once(id).await?;
+    // Revoking a revoked token answers the same, and records nothing.
+    if revoked {
+        state.forget(super::forget::Forget::Token(id)).await;
+        audit(
+            &state,
+            "token.revoke",
+            &auth,
+            &token,
+            json!({"token_id": token.id, "user_id": token.user_id}),
+        )
+        .await;
+    }
     Ok(Json(token))
 }
 

@@ -425,9 +425,7 @@ async fn start_task(
     let params: Value = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::Invalid(vec![format!("the task parameters are not valid JSON: {e}")])
-        })?
+        super::models::read_json(&body, "the task parameters")?
     };
     let job = state
         .store

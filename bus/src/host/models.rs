@@ -98,7 +98,8 @@ pub(crate) async fn no_method() -> ApiError {
 
 /// A JSON object request body. Every way it can be wrong is a JSON error: 413
 /// `payload_too_large` over the limit, 400 `invalid_input` for a body that is not
-/// a JSON object.
+/// a JSON object, or that nests too deep, repeats a key or holds a NUL character
+/// ([`read_json`]).
 #[derive(Debug)]
 pub struct Body(pub Map<String, Value>);
 
@@ -118,17 +119,33 @@ impl FromRequest<HostState> for Body {
             // No body is an empty object: required fields are then reported by name.
             return Ok(Body(Map::new()));
         }
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => Ok(Body(map)),
-            Ok(other) => Err(ApiError::Invalid(vec![format!(
+        match read_json(&bytes, "the body")? {
+            Value::Object(map) => Ok(Body(map)),
+            other => Err(ApiError::Invalid(vec![format!(
                 "the body must be a JSON object, not {}",
                 kind(&other)
             )])),
-            Err(e) => Err(ApiError::Invalid(vec![format!(
-                "the body is not valid JSON: {e}"
-            )])),
         }
     }
+}
+
+/// Reads a JSON request body strictly (see [`core_events::input`]): nesting
+/// deeper than [`MAX_JSON_DEPTH`](core_events::input::MAX_JSON_DEPTH), a key
+/// given twice and a NUL character are 400 `invalid_input` naming the field;
+/// `what` names the document in a syntax error.
+///
+/// # Errors
+///
+/// [`ApiError::Invalid`] with the problem.
+pub fn read_json(bytes: &[u8], what: &str) -> Result<Value, ApiError> {
+    use core_events::input::{InputError, MAX_JSON_DEPTH, parse_strict};
+    parse_strict(bytes, MAX_JSON_DEPTH).map_err(|e| {
+        ApiError::Invalid(vec![match e {
+            InputError::Syntax(e) => format!("{what} is not valid JSON: {e}"),
+            other if what.ends_with("body") => other.to_string(),
+            other => format!("{what}: {other}"),
+        }])
+    })
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -335,15 +352,17 @@ impl<S: Send + Sync> FromRequestParts<S> for Params {
     }
 }
 
-/// An id from a path or query: a positive integer.
+/// An id from a path or query: a positive integer, in decimal digits only
+/// (spaces or a sign are refused, not trimmed).
 ///
 /// # Errors
 ///
 /// [`ApiError::Invalid`] naming `what` for anything else.
 pub fn parse_id(what: &str, s: &str) -> Result<i64, ApiError> {
-    s.trim()
-        .parse::<i64>()
-        .ok()
+    // Digits only: no spaces (`%20%201`), no sign.
+    Some(s)
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|s| s.parse::<i64>().ok())
         .filter(|n| *n > 0)
         .ok_or_else(|| ApiError::Invalid(vec![format!("{what} '{s}' is not a positive integer")]))
 }

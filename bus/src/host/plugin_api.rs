@@ -394,10 +394,8 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Valu
         .to_ascii_lowercase();
     let essence = content_type.split(';').next().unwrap_or_default().trim();
     if essence == "application/json" || essence.ends_with("+json") {
-        serde_json::from_slice(&bytes).map_err(|e| {
-            ApiError::Invalid(vec![format!("the request body is not valid JSON: {e}")])
-                .into_response()
-        })
+        // Strictly, like every request body: depth limit, no duplicate keys, no NUL.
+        super::models::read_json(&bytes, "the request body").map_err(IntoResponse::into_response)
     } else {
         String::from_utf8(bytes.to_vec())
             .map(Value::String)

@@ -30,6 +30,10 @@ pub enum Applied {
     Entry(i64),
     /// Not a model change (say, an event of another kind); nothing to do.
     Skipped(String),
+    /// Not a readable event (not JSON, not an envelope, its data not the
+    /// hook's, or nesting deeper than serde_json reads): nothing applied, and
+    /// the rest of the batch goes on. Why, naming the event.
+    Unreadable(String),
 }
 
 /// Everything the events determine, for comparing two stores.
@@ -126,17 +130,23 @@ impl Store {
         Ok(())
     }
 
-    /// Applies a batch of events (envelope JSON each) in one transaction, in order.
+    /// Applies a batch of events (envelope JSON each) in one transaction, in
+    /// order. An event that cannot be read is [`Applied::Unreadable`] and the
+    /// others are applied: one bad event never stops a rebuild.
     ///
     /// # Errors
     ///
-    /// [`StoreError::Invalid`] naming the event that is not a readable envelope
-    /// (nothing of the batch is applied); [`StoreError::Db`] when the database fails.
+    /// [`StoreError::Db`] when the database fails (nothing of the batch is applied).
     pub async fn apply_events(&self, events: &[&[u8]]) -> Result<Vec<Applied>, StoreError> {
         let mut tx = self.begin().await?;
         let mut out = Vec::with_capacity(events.len());
         for bytes in events {
-            out.push(apply(&mut tx, bytes).await?);
+            // Reading fails before anything of the event is written, so the
+            // transaction goes on.
+            out.push(match apply(&mut tx, bytes).await {
+                Err(StoreError::Invalid(problems)) => Applied::Unreadable(problems.join("; ")),
+                other => other?,
+            });
         }
         tx.commit().await?;
         Ok(out)

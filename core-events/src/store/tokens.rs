@@ -217,15 +217,23 @@ impl Store {
     ///
     /// [`StoreError::NotFound`] when there is no such token.
     pub async fn revoke_token(&self, id: i64) -> Result<ApiToken, StoreError> {
-        let n = sqlx::query("UPDATE api_tokens SET is_active = FALSE WHERE id = $1")
+        self.revoke_token_once(id).await.map(|(token, _)| token)
+    }
+
+    /// As [`revoke_token`](Self::revoke_token), and whether this call revoked it
+    /// (false: it was revoked already). Of concurrent calls exactly one revokes.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`] when there is no such token.
+    pub async fn revoke_token_once(&self, id: i64) -> Result<(ApiToken, bool), StoreError> {
+        let n = sqlx::query("UPDATE api_tokens SET is_active = FALSE WHERE id = $1 AND is_active")
             .bind(id)
             .execute(&self.writer)
             .await?
             .rows_affected();
-        if n == 0 {
-            return Err(not_found("token", id));
-        }
-        self.token(id).await
+        // Not found, or revoked already.
+        Ok((self.token(id).await?, n > 0))
     }
 
     /// Changes user `id` to what `change` makes of it, in one transaction, and

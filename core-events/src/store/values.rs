@@ -2,6 +2,7 @@
 
 use serde_json::Value;
 
+use crate::input::{MAX_JSON_DEPTH, json_depth};
 use crate::model::{AttrType, EntityAttr};
 
 /// `None` when `value` fits the attribute's type, else what is wrong.
@@ -11,16 +12,29 @@ use crate::model::{AttrType, EntityAttr};
 /// bool; number a number. References (object, group, role, select) take an id,
 /// a name, or `{"id": …, "name": …}`; named_object takes
 /// `{"name": …, "id": …}`. Array types take an array of their element type.
+///
+/// A value nesting deeper than [`MAX_JSON_DEPTH`] is refused too (one a
+/// `before_*` hook handed back, say: request bodies are limited already).
 pub(super) fn check(attr: &EntityAttr, value: &Value) -> Option<String> {
+    check_typed(&attr.name, attr.attr_type, value)
+}
+
+/// [`check`] for an attribute named `name` of type `t` (one not stored yet:
+/// a new attribute's `default_value` is checked with this).
+pub(super) fn check_typed(name: &str, t: AttrType, value: &Value) -> Option<String> {
     if value.is_null() {
         return None;
     }
-    let t = attr.attr_type;
+    let depth = json_depth(value);
+    if depth > MAX_JSON_DEPTH {
+        return Some(format!(
+            "attribute '{name}': the value nests {depth} levels of arrays and objects; at most {MAX_JSON_DEPTH} are allowed"
+        ));
+    }
     let type_name = t.name().unwrap_or("unknown");
     let fail = |expected: &str| {
         Some(format!(
-            "attribute '{}' is {type_name} and takes {expected}; got {}",
-            attr.name,
+            "attribute '{name}' is {type_name} and takes {expected}; got {}",
             short(value)
         ))
     };

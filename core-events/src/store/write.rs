@@ -204,6 +204,19 @@ fn check_name(what: &str, name: &str, problems: &mut Vec<String>) {
         problems.push(format!("{what} name is required"));
     } else if let Err(e) = check_entity_name(name) {
         problems.push(format!("{what} name: {e}"));
+    } else {
+        check_text(&format!("{what} name"), name, problems);
+    }
+}
+
+/// Text may not hold a NUL character: PostgreSQL's text cannot, and SQLite is
+/// held to the same rule (the host refuses it in request bodies already; this
+/// catches what a `before_*` hook hands back).
+fn check_text(what: &str, text: &str, problems: &mut Vec<String>) {
+    if text.contains('\0') {
+        problems.push(format!(
+            "{what} contains a NUL character (\\u0000), which text may not contain"
+        ));
     }
 }
 
@@ -238,6 +251,17 @@ fn check_attr_type(name: &str, t: AttrType, problems: &mut Vec<String>) {
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
+    }
+}
+
+/// Checks an attribute's `default_value` exactly as an explicit value of the
+/// attribute is checked (it is stored in every entry created without one).
+fn check_default(name: &str, t: AttrType, default: Option<&Value>, problems: &mut Vec<String>) {
+    if t.name().is_none() {
+        return; // reported by check_attr_type
+    }
+    if let Some(problem) = default.and_then(|d| values::check_typed(name, t, d)) {
+        problems.push(format!("default_value: {problem}"));
     }
 }
 
@@ -408,10 +432,18 @@ impl Store {
     ) -> Result<Entity, StoreError> {
         let mut problems = Vec::new();
         check_name("entity", &new.name, &mut problems);
+        check_text("entity note", &new.note, &mut problems);
         let mut seen = HashSet::new();
         for a in &new.attrs {
             check_name("attribute", &a.name, &mut problems);
+            check_text("attribute note", &a.note, &mut problems);
             check_attr_type(&a.name, a.attr_type, &mut problems);
+            check_default(
+                &a.name,
+                a.attr_type,
+                a.default_value.as_ref(),
+                &mut problems,
+            );
             if !seen.insert(a.name.as_str()) {
                 problems.push(format!("attribute '{}' is defined twice", a.name));
             }
@@ -464,8 +496,14 @@ impl Store {
         if let Some(name) = &changes.name {
             check_name("entity", name, &mut problems);
         }
+        if let Some(note) = &changes.note {
+            check_text("entity note", note, &mut problems);
+        }
         let mut names: HashSet<String> = previous.attrs.iter().map(|a| a.name.clone()).collect();
         for c in &changes.attrs {
+            if let Some(note) = &c.note {
+                check_text("attribute note", note, &mut problems);
+            }
             match c.id {
                 Some(aid) => {
                     let Some(old) = previous.attrs.iter().find(|a| a.id == aid) else {
@@ -475,6 +513,10 @@ impl Store {
                         ));
                         continue;
                     };
+                    if !c.is_deleted {
+                        let name = c.name.as_deref().unwrap_or(&old.name);
+                        check_default(name, old.attr_type, c.default_value.as_ref(), &mut problems);
+                    }
                     if c.is_deleted {
                         names.remove(&old.name);
                     } else if let Some(n) = c.name.as_ref().filter(|n| **n != old.name) {
@@ -489,6 +531,7 @@ impl Store {
                     (Some(n), Some(t)) => {
                         check_name("attribute", n, &mut problems);
                         check_attr_type(n, t, &mut problems);
+                        check_default(n, t, c.default_value.as_ref(), &mut problems);
                         if !names.insert(n.clone()) {
                             problems.push(format!("attribute '{n}' already exists"));
                         }
@@ -735,6 +778,9 @@ impl Store {
         let mut problems = Vec::new();
         if let Some(name) = &changes.name {
             check_name("entry", name, &mut problems);
+        }
+        if let Some(note) = &changes.note {
+            check_text("entry note", note, &mut problems);
         }
         let values = check_values(&entity, &changes.attrs, &mut problems);
         for attr in entity.attrs.iter().filter(|a| a.is_mandatory) {
@@ -985,11 +1031,19 @@ pub(super) fn check_new_entry(
 ) -> Result<Vec<(i64, Value)>, StoreError> {
     let mut problems = Vec::new();
     check_name("entry", &new.name, &mut problems);
+    check_text("entry note", &new.note, &mut problems);
     let mut values = check_values(entity, &new.attrs, &mut problems);
     for attr in &entity.attrs {
         if !new.attrs.contains_key(&attr.name) {
             if let Some(d) = attr.default_value.clone().filter(|d| !d.is_null()) {
-                values.push((attr.id, d));
+                // A default stored before defaults were checked may not fit:
+                // refused like an explicit value, never copied into the entry.
+                match values::check(attr, &d) {
+                    None => values.push((attr.id, d)),
+                    Some(problem) => problems.push(format!(
+                        "default_value: {problem} (give a value, or change the attribute's default)"
+                    )),
+                }
             } else if attr.is_mandatory {
                 problems.push(format!("attribute '{}' is mandatory", attr.name));
             }
