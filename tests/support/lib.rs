@@ -577,9 +577,19 @@ impl NatsServer {
     /// (for instance when another process took the port meanwhile).
     pub async fn restart(&mut self) {
         self.kill();
-        self.spawn();
-        if let Err(reason) = self.wait_ready().await {
-            self.fail(reason);
+        // Another test's process may have been handed the freed port meanwhile
+        // (a `free_port` probe, a host trying it): try again while it holds it.
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            self.spawn();
+            match self.wait_ready().await {
+                Ok(()) => return,
+                Err(NotReady::PortTaken) if Instant::now() < deadline => {
+                    self.kill();
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(reason) => self.fail(reason),
+            }
         }
     }
 

@@ -115,8 +115,5 @@ fn every_relative_link_and_anchor_resolves() {
 fn slugs_follow_github() {
     assert_eq!(slug(" The event envelope"), "the-event-envelope");
     assert_eq!(slug(" `hookbus health`"), "hookbus-health");
-    assert_eq!(
-        slug(" A NATS cluster of three"),
-        "a-nats-cluster-of-three"
-    );
+    assert_eq!(slug(" A NATS cluster of three"), "a-nats-cluster-of-three");
 }

@@ -756,6 +756,9 @@ async fn hookbus_provision_names_everything_it_creates() {
     assert!(created.len() >= 8, "{created:?}");
     for stream in created {
         let said = stream.strip_prefix("KV_").unwrap_or(&stream);
-        assert!(stdout.contains(said), "{stream} exists but is not named: {stdout}");
+        assert!(
+            stdout.contains(said),
+            "{stream} exists but is not named: {stdout}"
+        );
     }
 }

@@ -62,6 +62,46 @@ async fn every_committed_change_reaches_its_plugins_with_no_permission_violation
             .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 
+        // Bad input: each refused with a 400 naming what is wrong, nothing
+        // committed (the ledger check below finds any event it made).
+        let deep = (0..40).fold(json!("x"), |inner, _| json!([inner]));
+        let bad_inputs = [
+            (
+                "/api/v2/entities/".to_owned(),
+                json!({"name": "deep", "attrs": [{"name": "d", "type": "string", "default_value": deep}]}),
+                "nest",
+            ),
+            (
+                "/api/v2/entities/".to_owned(),
+                json!({"name": "typed", "attrs": [{"name": "n", "type": "number", "default_value": "NaN-text"}]}),
+                "default_value",
+            ),
+            (
+                format!("/api/v2/entities/{entity_id}/entries/"),
+                json!({"name": "nul\u{0}name"}),
+                "name",
+            ),
+        ];
+        for (path, body, names) in bad_inputs {
+            let (status, answer) = d.post(&path, body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {answer}");
+            assert!(
+                answer.to_string().contains(names),
+                "{path}: the error names {names}: {answer}"
+            );
+        }
+        let (status, answer) = crate_call(
+            d.request(
+                reqwest::Method::POST,
+                &format!("/api/v2/entities/{entity_id}/entries/"),
+            )
+            .header("content-type", "application/json")
+            .body(r#"{"name": "twice", "name": "again"}"#),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert!(answer.to_string().contains("twice"), "{answer}");
+
         // An update and a delete of the first entry.
         let first = entries[0];
         let (status, body) = crate_call(
