@@ -12,7 +12,7 @@
 //! | 404 | `not_found` | no such object, plugin or route |
 //! | 405 | `method_not_allowed` | the path exists, the method does not |
 //! | 409 | `conflict` | a name is taken, or the state does not allow it |
-//! | 413 | `payload_too_large` | the body is over the limit |
+//! | 413 | `payload_too_large` | the body is over the limit (`limit`); or the change's event, or a synchronous hook's request, would be larger than NATS takes (`size`, `limit`): nothing is written |
 //! | 429 | `rate_limited` | too many requests (`Retry-After`) |
 //! | 503 | `hook_unavailable` / `plugin_unavailable` | a blocking hook's plugin, or a route's plugin, has no replica or failed to answer |
 //! | 504 | `plugin_timeout` | a plugin API route did not answer in time |
@@ -64,6 +64,17 @@ pub enum ApiError {
         /// The limit.
         limit: usize,
     },
+    /// 413 `payload_too_large`: the change's event would be larger than the
+    /// event bus takes; nothing was written.
+    #[error("{message}")]
+    EventTooLarge {
+        /// What is too large, with both sizes.
+        message: String,
+        /// Its size, bytes.
+        size: usize,
+        /// The limit, bytes.
+        limit: usize,
+    },
     /// 429 with `Retry-After` seconds.
     #[error("rate limit exceeded; retry after {retry_after_secs} s")]
     RateLimited {
@@ -97,6 +108,11 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             StoreError::Conflict(m) => ApiError::Conflict(m),
             StoreError::Invalid(problems) => ApiError::Invalid(problems),
+            StoreError::EventTooLarge { size, limit, .. } => ApiError::EventTooLarge {
+                message: e.to_string(),
+                size,
+                limit,
+            },
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -110,6 +126,9 @@ impl ApiError {
             ApiError::Hook(SyncHookError::Unavailable { .. })
             | ApiError::PluginUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Hook(SyncHookError::Encode { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Hook(SyncHookError::TooLarge { .. }) | ApiError::EventTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::Hook(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -151,6 +170,12 @@ impl ApiError {
                 "error": "hook_unavailable", "message": message, "hook": hook,
                 "plugin": plugin, "handler": handler, "reason": reason,
             }),
+            ApiError::Hook(SyncHookError::TooLarge {
+                hook, size, limit, ..
+            }) => json!({
+                "error": "payload_too_large", "message": message, "hook": hook,
+                "size": size, "limit": limit,
+            }),
             ApiError::Hook(_) => json!({"error": "internal_error", "message": message}),
             ApiError::PluginError { plugin_id, message } => {
                 json!({"error": "plugin_error", "message": message, "plugin_id": plugin_id})
@@ -167,6 +192,9 @@ impl ApiError {
             ApiError::TooLarge { limit } => {
                 json!({"error": "payload_too_large", "message": message, "limit": limit})
             }
+            ApiError::EventTooLarge { size, limit, .. } => json!({
+                "error": "payload_too_large", "message": message, "size": size, "limit": limit,
+            }),
             ApiError::RateLimited { retry_after_secs } => json!({
                 "error": "rate_limited", "message": message, "retry_after": retry_after_secs,
             }),

@@ -282,6 +282,11 @@ pub fn password(user: &str) -> String {
 /// A nats-server with the `authorization` block `hookbus nats-config` generates
 /// for `plugins` (literal passwords: [`password`]).
 pub async fn start_server(plugins: &[&str]) -> hookbus_tests::NatsServer {
+    start_server_with(plugins, "").await
+}
+
+/// As [`start_server`], with more server configuration (`max_payload: …`).
+pub async fn start_server_with(plugins: &[&str], extra: &str) -> hookbus_tests::NatsServer {
     use hookbus::nats_config::{self, Passwords};
     let plugins: Vec<String> = plugins.iter().map(|s| (*s).to_owned()).collect();
     let mut map = std::collections::BTreeMap::new();
@@ -290,7 +295,7 @@ pub async fn start_server(plugins: &[&str]) -> hookbus_tests::NatsServer {
     }
     let conf =
         nats_config::render(&Subjects::default(), &plugins, &Passwords::Literal(map), 1).unwrap();
-    hookbus_tests::NatsServer::start_with_config(&conf).await
+    hookbus_tests::NatsServer::start_with_config(&format!("{extra}\n{conf}")).await
 }
 
 /// A client of `user`, and the server errors (permission violations) it gets.
