@@ -404,6 +404,9 @@ pub struct RelayGauges {
     /// `hookbus_relay_oldest_row_age_seconds`: age of the oldest unpublished row
     /// (0 when the outbox is empty).
     pub oldest_row_age_seconds: Gauge<f64, AtomicU64>,
+    /// `hookbus_relay_parked_rows`: rows the relay can neither publish nor
+    /// dead-letter, kept in the outbox for a later try.
+    pub parked_rows: Gauge,
 }
 
 /// The bus's metrics: the dispatcher's stats, values sampled from NATS, and a
@@ -477,6 +480,11 @@ impl Metrics {
                     "hookbus_relay_oldest_row_age_seconds",
                     "Age of the oldest unpublished outbox row in seconds",
                     gauges.oldest_row_age_seconds.clone(),
+                );
+                r.register(
+                    "hookbus_relay_parked_rows",
+                    "Outbox rows the relay can neither publish nor dead-letter, kept for a later try",
+                    gauges.parked_rows.clone(),
                 );
             });
             gauges

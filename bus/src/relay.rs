@@ -195,7 +195,9 @@ struct Ready {
     event: EncodedEvent,
 }
 
-type Outcome = (i64, Arc<str>, Result<bool, String>);
+/// A publish's result: duplicate or not, or why it failed and whether for good
+/// (the message is larger than the server or the stream takes).
+type Outcome = (i64, Arc<str>, Result<bool, (String, bool)>);
 
 impl Relay {
     /// A relay of `store`'s outbox into the events stream of `subjects`.
@@ -257,6 +259,7 @@ impl Relay {
             deleting: FuturesUnordered::new(),
             dead: FuturesUnordered::new(),
             parked: HashMap::new(),
+            rejected: HashMap::new(),
             acked: Vec::new(),
             acked_since: None,
             deleted_during_read: Vec::new(),
@@ -414,6 +417,7 @@ impl Relay {
                     .store(b.oldest_age_us / 1000, Ordering::Relaxed);
                 if let Some(g) = &self.gauges {
                     g.backlog_rows.set(b.rows);
+                    g.parked_rows.set(self.stats.parked.load(Ordering::Relaxed));
                     g.oldest_row_age_seconds.set(b.oldest_age_us as f64 / 1e6);
                 }
                 if !self.stats.healthy.load(Ordering::Relaxed) && b.rows > 0 {
@@ -580,6 +584,9 @@ struct State<'a> {
     /// Unpublishable rows whose dead letter failed, by id: held (not read again)
     /// until their retry time.
     parked: HashMap<i64, Parked>,
+    /// Rows the stream refused for good (too large), by id, with the reason:
+    /// dead-lettered when read again.
+    rejected: HashMap<i64, String>,
     /// Acknowledged ids to delete.
     acked: Vec<i64>,
     /// Since when `acked` has not been empty.
@@ -674,7 +681,11 @@ impl State<'_> {
             if self.held.contains(&row.id) {
                 continue;
             }
-            let ready = match self.relay.prepare(&row) {
+            let prepared = match self.rejected.remove(&row.id) {
+                Some(error) => Err(error),
+                None => self.relay.prepare(&row),
+            };
+            let ready = match prepared {
                 Ok(event) if self.parked.remove(&row.id).is_some() => {
                     // Publishable after all (a larger max_payload since).
                     self.relay.stats.parked.fetch_sub(1, Ordering::Relaxed);
@@ -728,7 +739,15 @@ impl State<'_> {
             .await;
         let fut: BoxFuture<'static, Outcome> = match sent {
             Ok(ack) => Box::pin(settle_ack(id, object, ack)),
-            Err(e) => Box::pin(std::future::ready((id, object, Err(e.to_string())))),
+            Err(e) => {
+                let permanent =
+                    e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded;
+                Box::pin(std::future::ready((
+                    id,
+                    object,
+                    Err((e.to_string(), permanent)),
+                )))
+            }
         };
         self.in_flight.push(fut);
     }
@@ -759,8 +778,12 @@ impl State<'_> {
                     }
                 }
             }
-            Err(error) => {
-                if self.relay.stats.healthy.swap(false, Ordering::Relaxed) {
+            Err((error, permanent)) => {
+                if permanent {
+                    // Read again after the reset, and dead-lettered instead of sent.
+                    tracing::warn!(outbox_id = id, %error, "outbox relay: the stream refuses this row for good");
+                    self.rejected.insert(id, error);
+                } else if self.relay.stats.healthy.swap(false, Ordering::Relaxed) {
                     tracing::warn!(%error, "outbox relay: publish failed; backing off and retrying");
                 }
                 self.held.remove(&id);
@@ -846,7 +869,14 @@ impl State<'_> {
 }
 
 async fn settle_ack(id: i64, object: Arc<str>, ack: PublishAckFuture) -> Outcome {
-    let result = ack.await.map(|a| a.duplicate).map_err(|e| e.to_string());
+    let result = ack.await.map(|a| a.duplicate).map_err(|e| {
+        let text = e.to_string();
+        // JetStream's "message size exceeds maximum allowed" (the stream's
+        // max_msg_size was lowered since the relay read it).
+        let permanent = e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
+            || text.contains("error code 10054");
+        (text, permanent)
+    });
     (id, object, result)
 }
 

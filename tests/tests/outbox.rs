@@ -614,18 +614,25 @@ async fn row_that_cannot_even_be_dead_lettered_is_kept_and_the_rest_flows() {
         let admin = jetstream::new(connect("admin").await.unwrap());
         let db = TestDb::new(backend).await;
         let store = db.store().await;
+        let subjects = Subjects::default();
+        hookbus::provision::provision(
+            &jetstream::new(relay_client.clone()),
+            &subjects,
+            &StreamSettings::default(),
+        )
+        .await
+        .unwrap();
         // A failed dead letter is known once its ack times out.
         let js = jetstream::ContextBuilder::new()
-            .ack_timeout(Duration::from_millis(300))
+            .timeout(Duration::from_millis(500))
+            .ack_timeout(Duration::from_millis(500))
             .build(relay_client);
-        let subjects = Subjects::default();
-        hookbus::provision::provision(&js, &subjects, &StreamSettings::default())
-            .await
-            .unwrap();
         let mut settings = RelaySettings::for_backend(backend);
         settings.backoff_min = Duration::from_millis(100);
         settings.backoff_max = Duration::from_millis(300);
-        let relay = Relay::new(store.clone(), js, subjects, settings);
+        let metrics = hookbus::metrics::Metrics::new(Arc::default());
+        let relay =
+            Relay::new(store.clone(), js, subjects, settings).with_gauges(metrics.relay().clone());
         let stats = relay.stats();
         let stop = CancellationToken::new();
         let task = tokio::spawn(relay.run(stop.clone()));
@@ -663,6 +670,10 @@ async fn row_that_cannot_even_be_dead_lettered_is_kept_and_the_rest_flows() {
         assert_eq!(stats.invalid.load(Ordering::Relaxed), 0);
         assert_eq!(stats.published.load(Ordering::Relaxed), 3);
         assert_eq!(stats.to_json()["parked"], 1);
+        wait_until(WAIT, || async {
+            metrics.encode().contains("hookbus_relay_parked_rows 1")
+        })
+        .await;
         stop.cancel();
         task.await.unwrap().unwrap();
     }
@@ -802,4 +813,88 @@ async fn relay_binary_names_the_missing_columns_of_a_wrong_outbox_table() {
         text.contains("no column event_id, hook, entity, object, traceparent, created_at"),
         "{text}"
     );
+}
+
+/// A batch of creations (the host's group commit) with one event larger than
+/// the store's limit: that creation alone is refused and leaves nothing; the
+/// others are written with their events.
+#[tokio::test]
+async fn batch_with_an_event_too_large_refuses_only_that_creation() {
+    for backend in backends() {
+        let db = TestDb::new(backend).await;
+        let store = db.store().await.with_max_event_bytes(4096);
+        let ctx = WriteContext::default();
+        let entity = store
+            .create_entity(&NewEntity::named("customer"), &ctx)
+            .await
+            .unwrap();
+        let input = |name: &str, note: usize| core_events::store::NewEntryInput {
+            entity_id: entity.id,
+            entry: NewEntry {
+                note: "x".repeat(note),
+                ..NewEntry::named(name)
+            },
+            ctx: ctx.clone(),
+        };
+        let results = store
+            .create_entries(&[input("a", 10), input("b", 5000), input("c", 10)])
+            .await;
+        assert!(results[0].is_ok(), "{backend:?}: {:?}", results[0]);
+        assert!(
+            matches!(&results[1], Err(StoreError::EventTooLarge { size, limit: 4096, hook })
+                if *size > 4096 && hook == "entry.after_create"),
+            "{backend:?}: {:?}",
+            results[1].as_ref().map(|e| &e.name)
+        );
+        assert!(results[2].is_ok(), "{backend:?}: {:?}", results[2]);
+        let names: Vec<String> = store
+            .list_entries(entity.id, true)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, ["a", "c"], "{backend:?}");
+        // The entity's event and those of a and c.
+        assert_eq!(outbox_rows(&store).await, 3, "{backend:?}");
+    }
+}
+
+/// A row the stream refuses for good (its largest message was lowered after the
+/// relay started) is dead-lettered when the publish fails, not retried forever,
+/// and the rows behind it are published.
+#[tokio::test]
+async fn row_the_stream_refuses_for_good_is_dead_lettered_and_the_rest_flows() {
+    let nats = NatsServer::start().await;
+    let client = nats.connect().await;
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    let relay = start_relay(&store, &client).await;
+    let js = jetstream::new(client.clone());
+    let mut stream = js.get_stream("PAGODA_EVENTS").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_message_size = 8 * 1024;
+    js.update_stream(config).await.unwrap();
+
+    let mut big = sample::entry_event(Hook::EntryAfterCreate, "customer", 1);
+    big.data.entry.note = "x".repeat(20_000);
+    for event in [
+        big.clone(),
+        sample::entry_event(Hook::EntryAfterCreate, "customer", 2),
+    ] {
+        let mut tx = store.begin().await.unwrap();
+        outbox::insert_envelope(&mut tx, &event).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    store.outbox_written().notify_one();
+    wait_drained(&store, &client, 1).await;
+    let letters = hookbus::dlq::list(&js, &Subjects::default(), Some("_relay"))
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].body["event_id"], big.id.to_string());
+    let error = letters[0].body["error"].as_str().unwrap();
+    assert!(error.contains("maximum"), "{error}");
+    assert_eq!(hookbus_tests::stream_len(&js, "PAGODA_EVENTS").await, 1);
+    relay.shutdown().await;
 }
