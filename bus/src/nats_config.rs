@@ -511,6 +511,21 @@ mod tests {
     }
 
     #[test]
+    fn host_may_dead_letter_its_relays_rows_and_nothing_else() {
+        let user = User {
+            name: HOST_USER.to_owned(),
+            role: Role::Host,
+        };
+        let perms = permissions(&Subjects::default(), &user, 1);
+        let dlq: Vec<&String> = perms
+            .publish_allow
+            .iter()
+            .filter(|s| s.starts_with("pagoda.dlq."))
+            .collect();
+        assert_eq!(dlq, ["pagoda.dlq._relay.invalid"]);
+    }
+
+    #[test]
     fn env_var_names() {
         assert_eq!(password_env_var("hello-world"), "NATS_PASSWORD_HELLO_WORLD");
         assert_eq!(inbox_prefix("flaky"), "_INBOX_flaky");

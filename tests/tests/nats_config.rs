@@ -388,6 +388,11 @@ async fn host_relay_dead_letters_a_bad_row_under_its_own_user_and_the_rest_flows
     if let Ok(e) = host_errors.try_recv() {
         panic!("the host's relay got a server error: {e}");
     }
+    // Only its relay's dead letters: not a plugin's.
+    host.publish("pagoda.dlq.alpha.h", Bytes::new())
+        .await
+        .unwrap();
+    expect_violation(&mut host_errors, "pagoda.dlq.alpha.h").await;
 }
 
 /// Under the generated users and a server `max_payload` of 256 KiB, on both
