@@ -186,6 +186,8 @@ pub struct Relay {
     gauges: Option<crate::metrics::RelayGauges>,
     /// The events stream's largest message, read at start.
     stream_max: AtomicU64,
+    /// The connection (its `max_payload`, from the server's `INFO`).
+    client: async_nats::Client,
 }
 
 /// A row ready to send.
@@ -208,14 +210,23 @@ impl Relay {
         settings: RelaySettings,
     ) -> Self {
         let stream_max = AtomicU64::new(settings.max_payload_bytes as u64);
+        let client = js.client();
+        // Healthy until shown otherwise (a failed check, read or publish), so the
+        // bus does not report a relay that has not run yet as failing.
+        let stats = RelayStats {
+            healthy: AtomicBool::new(true),
+            database_ok: AtomicBool::new(true),
+            ..RelayStats::default()
+        };
         Relay {
             store,
             js,
             subjects,
             settings,
-            stats: Arc::new(RelayStats::default()),
+            stats: Arc::new(stats),
             gauges: None,
             stream_max,
+            client,
         }
     }
 
@@ -405,7 +416,7 @@ impl Relay {
     /// server's `max_payload` or the stream's largest message.
     fn message_limit(&self) -> usize {
         let stream = usize::try_from(self.stream_max.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
-        self.js.client().max_payload().min(stream)
+        self.client.max_payload().min(stream)
     }
 
     async fn measure_backlog(&self) {

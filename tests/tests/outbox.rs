@@ -870,6 +870,13 @@ async fn row_the_stream_refuses_for_good_is_dead_lettered_and_the_rest_flows() {
     let db = TestDb::sqlite();
     let store = db.store().await;
     let relay = start_relay(&store, &client).await;
+    // The relay runs (it has read the stream's limits) once it published a first row.
+    let first = sample::entry_event(Hook::EntryAfterCreate, "customer", 3);
+    let mut tx = store.begin().await.unwrap();
+    outbox::insert_envelope(&mut tx, &first).await.unwrap();
+    tx.commit().await.unwrap();
+    store.outbox_written().notify_one();
+    wait_drained(&store, &client, 1).await;
     let js = jetstream::new(client.clone());
     let mut stream = js.get_stream("PAGODA_EVENTS").await.unwrap();
     let mut config = stream.info().await.unwrap().config.clone();
@@ -887,7 +894,7 @@ async fn row_the_stream_refuses_for_good_is_dead_lettered_and_the_rest_flows() {
         tx.commit().await.unwrap();
     }
     store.outbox_written().notify_one();
-    wait_drained(&store, &client, 1).await;
+    wait_drained(&store, &client, 2).await;
     let letters = hookbus::dlq::list(&js, &Subjects::default(), Some("_relay"))
         .await
         .unwrap();
@@ -895,6 +902,6 @@ async fn row_the_stream_refuses_for_good_is_dead_lettered_and_the_rest_flows() {
     assert_eq!(letters[0].body["event_id"], big.id.to_string());
     let error = letters[0].body["error"].as_str().unwrap();
     assert!(error.contains("maximum"), "{error}");
-    assert_eq!(hookbus_tests::stream_len(&js, "PAGODA_EVENTS").await, 1);
+    assert_eq!(hookbus_tests::stream_len(&js, "PAGODA_EVENTS").await, 2);
     relay.shutdown().await;
 }
