@@ -69,8 +69,8 @@ enum Command {
         #[arg(long, env = "HOOKBUS_PARTITIONS", default_value_t = 1,
             value_parser = clap::value_parser!(u32).range(1..=1024))]
         partitions: u32,
-        /// The host's database: when set, the bus migrates it and relays its outbox
-        /// (sqlite://pagoda.db or postgres://user@host/db).
+        /// The host's database: when set, the bus relays its outbox, creating no
+        /// table (it waits for hookbus_outbox; sqlite://pagoda.db or postgres://user@host/db).
         #[arg(long, env = "HOOKBUS_DATABASE_URL")]
         database_url: Option<String>,
         #[command(flatten)]
@@ -78,7 +78,7 @@ enum Command {
         #[command(flatten)]
         observe: crate::ops_cmd::ObserveArgs,
     },
-    /// Create or upgrade the model store and outbox tables.
+    /// Create or upgrade the reference host's tables (users, entities, entries, …) and the outbox table.
     ///
     /// Example: hookbus migrate --database-url sqlite://pagoda.db
     Migrate {
@@ -99,6 +99,8 @@ enum Command {
     },
     /// Run only the outbox relay (the bus's `run` includes it when given a database).
     ///
+    /// It creates no table: it waits for hookbus_outbox (created by `migrate` or
+    /// by the host with the DDL of docs/outbox.md) and checks its columns.
     /// Two relays on one database are safe: neither publishes an event twice or
     /// out of order. Example: hookbus relay --database-url postgres://pagoda@db/pagoda
     Relay {

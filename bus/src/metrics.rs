@@ -404,6 +404,9 @@ pub struct RelayGauges {
     /// `hookbus_relay_oldest_row_age_seconds`: age of the oldest unpublished row
     /// (0 when the outbox is empty).
     pub oldest_row_age_seconds: Gauge<f64, AtomicU64>,
+    /// `hookbus_relay_parked_rows`: rows the relay can neither publish nor
+    /// dead-letter, kept in the outbox for a later try.
+    pub parked_rows: Gauge,
 }
 
 impl RelayGauges {
@@ -419,6 +422,11 @@ impl RelayGauges {
             "hookbus_relay_oldest_row_age_seconds",
             "Age of the oldest unpublished outbox row in seconds",
             self.oldest_row_age_seconds.clone(),
+        );
+        registry.register(
+            "hookbus_relay_parked_rows",
+            "Outbox rows the relay can neither publish nor dead-letter, kept for a later try",
+            self.parked_rows.clone(),
         );
     }
 }

@@ -8,7 +8,7 @@
 //! | user | may publish | may subscribe |
 //! |---|---|---|
 //! | the bus (`hookbus`) | events, hook requests, dead letters, deferred, alerts, `<prefix>.bus.>`, the JetStream API, acks, its registry bucket, `$SRV.>` | `<prefix>.bus.>`, its own inbox |
-//! | the host (`pagoda-host`) | events, hook / API / job requests, bus status requests, audit records, cache notices to other hosts, the JetStream API except deleting or purging and except the consumers of the bus's and plugins' streams, the jobs bucket (not the registry) | other hosts' cache notices, its own inbox |
+//! | the host (`pagoda-host`) | events, its relay's dead letters (`<prefix>.dlq._relay.invalid`, nothing else of the dead-letter stream), hook / API / job requests, bus status requests, audit records, cache notices to other hosts, the JetStream API except deleting or purging and except the consumers of the bus's and plugins' streams, the jobs bucket (not the registry) | other hosts' cache notices, its own inbox |
 //! | plugin `<id>` | its own registry key, the events stream's read API (not the `dispatcher` consumers, one per partition: `--partitions`), `<prefix>.bus.registry`, its own jobs consumer | its endpoints `<prefix>.hooks.<id>.*`, its API routes `<prefix>.api.<id>.>`, its `$SRV` verbs, its own inbox |
 //!
 //! Every user gets `allow_responses`, so a service replies to the requests it
@@ -36,6 +36,11 @@ use core_events::subject::check_token_name;
 pub const BUS_USER: &str = "hookbus";
 /// Default user name of the host (the reference Pagoda core, `hookbus host`).
 pub const HOST_USER: &str = "pagoda-host";
+
+/// The dead-letter subject's plugin and handler tokens of the outbox rows the
+/// relay cannot publish (`<prefix>.dlq._relay.invalid`): the host's relay may
+/// publish there.
+pub const RELAY_DLQ: (&str, &str) = ("_relay", "invalid");
 
 /// What a user is for: decides its permissions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,9 +184,11 @@ pub fn permissions(subjects: &Subjects, user: &User, partitions: u32) -> Permiss
         },
         Role::Host => Permissions {
             publish_allow: s(&[
-                // Its relay publishes events; sync hooks, plugin API routes, jobs,
-                // bus status requests, audit records (tokens).
+                // Its relay publishes events, and dead-letters the outbox rows it
+                // cannot publish; sync hooks, plugin API routes, jobs, bus status
+                // requests, audit records (tokens).
                 &format!("{p}.events.>"),
+                &subjects.dead_letter(RELAY_DLQ.0, RELAY_DLQ.1),
                 &format!("{p}.hooks.>"),
                 &format!("{p}.api.>"),
                 &format!("{p}.jobs.>"),
@@ -507,6 +514,21 @@ mod tests {
             users(&[BUS_USER.to_owned()]),
             Err(NatsConfigError::Duplicate(_))
         ));
+    }
+
+    #[test]
+    fn host_may_dead_letter_its_relays_rows_and_nothing_else() {
+        let user = User {
+            name: HOST_USER.to_owned(),
+            role: Role::Host,
+        };
+        let perms = permissions(&Subjects::default(), &user, 1);
+        let dlq: Vec<&String> = perms
+            .publish_allow
+            .iter()
+            .filter(|s| s.starts_with("pagoda.dlq."))
+            .collect();
+        assert_eq!(dlq, ["pagoda.dlq._relay.invalid"]);
     }
 
     #[test]

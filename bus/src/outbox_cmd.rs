@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::StreamSettings;
 use crate::relay::{Relay, RelaySettings};
 
-/// Opens the store at `url` and applies the migrations.
+/// Opens the store at `url` and applies the migrations (`hookbus migrate`): the
+/// reference host's tables (`users`, `entities`, `entity_attrs`, `entries`,
+/// `attribute_values`, `api_tokens`, `jobs`) and the outbox `hookbus_outbox`.
 ///
 /// # Errors
 ///
@@ -29,9 +31,14 @@ pub async fn open_migrated(url: &str) -> Result<Store> {
 /// Runs the outbox relay of the store at `url` until `shutdown` (provisioning
 /// the streams first, so it can start before the bus).
 ///
+/// It creates no table and runs no migration: it needs only `hookbus_outbox`,
+/// whoever created it (`hookbus migrate`, or a host with the DDL of
+/// `docs/outbox.md`), waits until it exists and checks its columns.
+///
 /// # Errors
 ///
-/// When the database cannot be opened or the streams cannot be provisioned.
+/// When the database cannot be opened, the streams cannot be provisioned, or
+/// the outbox table lacks columns of the contract.
 pub async fn relay(
     client: async_nats::Client,
     subjects: Subjects,
@@ -39,7 +46,9 @@ pub async fn relay(
     url: &str,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let store = open_migrated(url).await?;
+    let store = Store::connect(url)
+        .await
+        .with_context(|| format!("cannot open the database {}", redact(url)))?;
     let js = jetstream::new(client);
     crate::provision::provision(&js, &subjects, streams).await?;
     let settings = RelaySettings::for_deployment(store.backend(), streams);

@@ -113,6 +113,64 @@ fn is_header_safe(value: &str) -> bool {
     value.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
 }
 
+/// Bytes kept for headers under the size limit of an event's envelope: the
+/// event's own headers (`Nats-Msg-Id`, `Pagoda-Object`, `Pagoda-Hook`,
+/// `Pagoda-Entity` with an entity name of up to 1,024 bytes encoded into at most
+/// 3,072, `traceparent`) and those the bus adds when it delivers it to a handler
+/// (stream sequence, attempt, plugin and handler names).
+pub const HEADER_ROOM: usize = 8 * 1024;
+
+/// The size NATS counts for a header block (`NATS/1.0` line, one line per value,
+/// blank line), which `max_payload` and a stream's largest message include.
+pub fn headers_len(h: &HeaderMap) -> usize {
+    let lines: usize = h
+        .iter()
+        .map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values
+                .iter()
+                .map(|v| name.len() + 2 + v.as_str().len() + 2)
+                .sum::<usize>()
+        })
+        .sum();
+    "NATS/1.0\r\n".len() + lines + 2
+}
+
+/// The largest message (headers and payload) the events stream takes over this
+/// connection: the server's `max_payload` (from the connection's `INFO`) or the
+/// events stream's largest message (`max_msg_size`), whichever is smaller.
+///
+/// # Errors
+///
+/// When the events stream cannot be read (not provisioned, no permission).
+pub async fn message_limit(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+) -> Result<usize, jetstream::context::GetStreamError> {
+    let stream = js.get_stream(subjects.events_stream()).await?;
+    let stream_max = usize::try_from(stream.cached_info().config.max_message_size)
+        .ok()
+        .filter(|m| *m > 0)
+        .unwrap_or(usize::MAX);
+    Ok(js.client().max_payload().min(stream_max))
+}
+
+/// The largest event envelope a host may write: [`message_limit`] less
+/// [`HEADER_ROOM`]. A write whose event is larger is refused before it commits
+/// (`core_events::store::Store::with_max_event_bytes`).
+///
+/// # Errors
+///
+/// As [`message_limit`].
+pub async fn event_limit(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+) -> Result<usize, jetstream::context::GetStreamError> {
+    Ok(message_limit(js, subjects)
+        .await?
+        .saturating_sub(HEADER_ROOM))
+}
+
 /// Publishes events into the events stream.
 #[derive(Debug, Clone)]
 pub struct Publisher {

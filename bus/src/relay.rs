@@ -22,8 +22,17 @@
 //!   commit, and a short poll finds other writers' rows.
 //!
 //! A row that cannot be published (unknown hook, bad object key, a payload that
-//! is not JSON, an entity name too long for a subject) is moved to the dead-letter
-//! stream under `<prefix>.dlq._relay.invalid` with the reason, then deleted.
+//! is not JSON, an entity name too long for a subject, a message larger than the
+//! server's `max_payload` or the events stream's largest message) is moved to the
+//! dead-letter stream under `<prefix>.dlq._relay.invalid` with the reason, then
+//! deleted. Never does such a row hold up the rows behind it: should even the
+//! dead letter fail (NATS down, no permission), the row stays in the outbox, is
+//! set aside (counted in [`RelayStats::parked`], logged) and tried again after a
+//! back-off of its own, while the other rows flow.
+//!
+//! The relay creates no table: it waits until `hookbus_outbox` exists (created
+//! by `hookbus migrate` or by the host with the DDL of `docs/outbox.md`) and
+//! checks that it has the contract's columns ([`outbox::check_table`]).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -60,8 +69,11 @@ pub struct RelaySettings {
     pub backoff_max: Duration,
     /// How often the backlog (rows, oldest age) is measured.
     pub backlog_interval: Duration,
-    /// Largest payload the events stream takes (`StreamSettings::max_event_bytes`);
-    /// a larger row is dead-lettered instead of being retried forever.
+    /// Largest message the events stream takes when its configuration cannot be
+    /// read at start (`StreamSettings::max_event_bytes`); otherwise the stream's
+    /// own `max_msg_size` is used. Either way no message larger than the server's
+    /// `max_payload` is sent: a larger row (payload and headers) is dead-lettered
+    /// instead of being retried forever.
     pub max_payload_bytes: usize,
     /// How long published rows may wait to be deleted together when fewer than a
     /// batch are waiting: under a trickle of writes, one delete per row would
@@ -107,6 +119,12 @@ pub struct RelayStats {
     pub duplicates: AtomicU64,
     /// Rows moved to the dead-letter stream as unpublishable.
     pub invalid: AtomicU64,
+    /// Unpublishable rows whose dead letter failed too (each is kept and tried
+    /// again later).
+    pub dead_letter_failures: AtomicU64,
+    /// Unpublishable rows set aside now: neither published nor dead-lettered,
+    /// kept in the outbox, waiting for their next try.
+    pub parked: AtomicI64,
     /// Failed publishes and queries (each followed by a back-off).
     pub errors: AtomicU64,
     /// Rows waiting in the outbox at the last measurement.
@@ -126,6 +144,8 @@ impl RelayStats {
             "published": self.published.load(Ordering::Relaxed),
             "duplicates": self.duplicates.load(Ordering::Relaxed),
             "invalid": self.invalid.load(Ordering::Relaxed),
+            "dead_letter_failures": self.dead_letter_failures.load(Ordering::Relaxed),
+            "parked": self.parked.load(Ordering::Relaxed),
             "errors": self.errors.load(Ordering::Relaxed),
             "backlog_rows": self.backlog_rows.load(Ordering::Relaxed),
             "backlog_oldest_ms": self.backlog_oldest_ms.load(Ordering::Relaxed),
@@ -147,6 +167,12 @@ pub enum RelayError {
     /// The database could not be reached at start.
     #[error("outbox relay: {0}")]
     Store(#[from] StoreError),
+    /// `hookbus_outbox` lacks columns of the contract (`docs/outbox.md`).
+    #[error(
+        "outbox relay: the table hookbus_outbox has no column {}; create it with the DDL of docs/outbox.md",
+        .0.join(", ")
+    )]
+    Table(Vec<&'static str>),
 }
 
 /// The outbox relay.
@@ -158,6 +184,10 @@ pub struct Relay {
     settings: RelaySettings,
     stats: Arc<RelayStats>,
     gauges: Option<crate::metrics::RelayGauges>,
+    /// The events stream's largest message, read at start.
+    stream_max: AtomicU64,
+    /// The connection (its `max_payload`, from the server's `INFO`).
+    client: async_nats::Client,
 }
 
 /// A row ready to send.
@@ -167,7 +197,9 @@ struct Ready {
     event: EncodedEvent,
 }
 
-type Outcome = (i64, Arc<str>, Result<bool, String>);
+/// A publish's result: duplicate or not, or why it failed and whether for good
+/// (the message is larger than the server or the stream takes).
+type Outcome = (i64, Arc<str>, Result<bool, (String, bool)>);
 
 impl Relay {
     /// A relay of `store`'s outbox into the events stream of `subjects`.
@@ -177,13 +209,24 @@ impl Relay {
         subjects: Subjects,
         settings: RelaySettings,
     ) -> Self {
+        let stream_max = AtomicU64::new(settings.max_payload_bytes as u64);
+        let client = js.client();
+        // Healthy until shown otherwise (a failed check, read or publish), so the
+        // bus does not report a relay that has not run yet as failing.
+        let stats = RelayStats {
+            healthy: AtomicBool::new(true),
+            database_ok: AtomicBool::new(true),
+            ..RelayStats::default()
+        };
         Relay {
             store,
             js,
             subjects,
             settings,
-            stats: Arc::new(RelayStats::default()),
+            stats: Arc::new(stats),
             gauges: None,
+            stream_max,
+            client,
         }
     }
 
@@ -206,6 +249,10 @@ impl Relay {
     ///
     /// Never after start: failures are logged, counted and retried.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RelayError> {
+        if !self.wait_for_table(&shutdown).await? {
+            return Ok(());
+        }
+        self.read_stream_max().await;
         let wake = self.store.outbox_written();
         if self.store.backend() == Backend::Postgres {
             tokio::spawn(listen(
@@ -221,6 +268,9 @@ impl Relay {
             in_flight: FuturesUnordered::new(),
             fetching: FuturesUnordered::new(),
             deleting: FuturesUnordered::new(),
+            dead: FuturesUnordered::new(),
+            parked: HashMap::new(),
+            rejected: HashMap::new(),
             acked: Vec::new(),
             acked_since: None,
             deleted_during_read: Vec::new(),
@@ -240,6 +290,7 @@ impl Relay {
                 state.reset();
                 due = true;
             }
+            state.release_parked();
             if due && state.can_fetch() {
                 due = false;
                 next_poll = Instant::now() + self.settings.poll_interval;
@@ -266,6 +317,15 @@ impl Relay {
             if let (Some(t), true) = (state.acked_since, state.deleting.is_empty()) {
                 wait_until = wait_until.min(t + self.settings.delete_linger);
             }
+            if let Some(t) = state
+                .parked
+                .values()
+                .filter(|p| p.waiting)
+                .map(|p| p.retry_at)
+                .min()
+            {
+                wait_until = wait_until.min(t);
+            }
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
@@ -277,6 +337,7 @@ impl Relay {
                     }
                 }
                 Some(rows) = state.fetching.next() => due |= state.accept(rows).await,
+                Some((id, result)) = state.dead.next() => state.dead_lettered(id, result),
                 Some((ids, result)) = state.deleting.next() => state.deleted(ids, result),
                 _ = backlog_tick.tick() => self.measure_backlog().await,
                 () = wake.notified(), if !due => due = true,
@@ -286,6 +347,9 @@ impl Relay {
         // Shutdown: settle what is in flight (bounded by the publish timeout).
         while let Some(outcome) = state.in_flight.next().await {
             state.settle(outcome).await;
+        }
+        while let Some((id, result)) = state.dead.next().await {
+            state.dead_lettered(id, result);
         }
         while let Some((ids, result)) = state.deleting.next().await {
             state.deleted(ids, result);
@@ -300,6 +364,61 @@ impl Relay {
         Ok(())
     }
 
+    /// Waits until `hookbus_outbox` exists with the contract's columns. False
+    /// when `shutdown` came first.
+    async fn wait_for_table(&self, shutdown: &CancellationToken) -> Result<bool, RelayError> {
+        let mut wait = self.settings.backoff_min;
+        loop {
+            match outbox::check_table(self.store.pool(), self.store.backend()).await {
+                Ok(outbox::TableState::Ready) => return Ok(true),
+                Ok(outbox::TableState::MissingColumns(columns)) => {
+                    return Err(RelayError::Table(columns));
+                }
+                Ok(outbox::TableState::Missing) => tracing::warn!(
+                    "outbox relay: the table hookbus_outbox does not exist yet; waiting for it \
+                     (`hookbus migrate` creates it with the reference host's tables, or create it \
+                     with the DDL of docs/outbox.md)"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox relay: cannot read the database; retrying");
+                }
+            }
+            self.stats.database_ok.store(false, Ordering::Relaxed);
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(false),
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(self.settings.backoff_max);
+        }
+    }
+
+    /// Reads the events stream's largest message (kept from the settings when
+    /// the stream cannot be read).
+    async fn read_stream_max(&self) {
+        match self.js.get_stream(self.subjects.events_stream()).await {
+            Ok(stream) => {
+                let max = stream.cached_info().config.max_message_size;
+                let max = u64::try_from(max)
+                    .ok()
+                    .filter(|m| *m > 0)
+                    .unwrap_or(u64::MAX);
+                self.stream_max.store(max, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                fallback = self.settings.max_payload_bytes,
+                "outbox relay: cannot read the events stream's largest message size"
+            ),
+        }
+    }
+
+    /// The largest message (headers and payload) that can be published now: the
+    /// server's `max_payload` or the stream's largest message.
+    fn message_limit(&self) -> usize {
+        let stream = usize::try_from(self.stream_max.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+        self.client.max_payload().min(stream)
+    }
+
     async fn measure_backlog(&self) {
         match outbox::backlog(self.store.pool()).await {
             Ok(b) => {
@@ -309,6 +428,7 @@ impl Relay {
                     .store(b.oldest_age_us / 1000, Ordering::Relaxed);
                 if let Some(g) = &self.gauges {
                     g.backlog_rows.set(b.rows);
+                    g.parked_rows.set(self.stats.parked.load(Ordering::Relaxed));
                     g.oldest_row_age_seconds.set(b.oldest_age_us as f64 / 1e6);
                 }
                 if !self.stats.healthy.load(Ordering::Relaxed) && b.rows > 0 {
@@ -345,16 +465,13 @@ impl Relay {
             .event_id
             .parse()
             .map_err(|e| format!("event_id '{}' is not a UUID: {e}", row.event_id))?;
-        if row.payload.len() > self.settings.max_payload_bytes {
-            return Err(format!(
-                "payload of {} bytes is larger than the events stream takes ({} bytes)",
-                row.payload.len(),
-                self.settings.max_payload_bytes
-            ));
+        let limit = self.message_limit();
+        if row.payload.len() > limit {
+            return Err(too_large(row.payload.len(), limit));
         }
         serde_json::from_str::<serde::de::IgnoredAny>(&row.payload)
             .map_err(|e| format!("payload is not JSON: {e}"))?;
-        EncodedEvent::from_parts(
+        let event = EncodedEvent::from_parts(
             &self.subjects,
             hook,
             &row.entity,
@@ -363,11 +480,22 @@ impl Relay {
             row.traceparent.as_deref(),
             Bytes::from(row.payload.clone()),
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+        let size = event.payload.len() + crate::publish::headers_len(&event.headers);
+        if size > limit {
+            return Err(too_large(size, limit));
+        }
+        Ok(event)
     }
 
-    /// Moves an unpublishable row to the dead-letter stream. True once stored.
-    async fn dead_letter(&self, row: &OutboxRow, error: &str) -> bool {
+    /// Moves an unpublishable row to the dead-letter stream: the returned future
+    /// resolves once the stream stored it (or why not), so the relay goes on
+    /// meanwhile.
+    fn dead_letter(
+        &self,
+        row: &OutboxRow,
+        error: &str,
+    ) -> BoxFuture<'static, (i64, Result<(), String>)> {
         tracing::error!(
             outbox_id = row.id,
             event_id = %row.event_id,
@@ -390,30 +518,50 @@ impl Relay {
             "payload_bytes": row.payload.len(),
             "failed_at": chrono::Utc::now(),
         });
-        let subject = self.subjects.dead_letter("_relay", "invalid");
+        let (plugin, handler) = crate::nats_config::RELAY_DLQ;
+        let subject = self.subjects.dead_letter(plugin, handler);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
             core_events::protocol::headers::MSG_ID,
             format!("relay-invalid-{}", row.event_id).as_str(),
         );
-        let sent = self
-            .js
-            .send_publish(
-                subject,
-                jetstream::message::PublishMessage::build()
-                    .payload(Bytes::from(body.to_string()))
-                    .headers(headers),
-            )
-            .await;
-        match sent {
-            Ok(ack) => ack.await.is_ok(),
-            Err(_) => false,
-        }
+        let js = self.js.clone();
+        let id = row.id;
+        Box::pin(async move {
+            let sent = js
+                .send_publish(
+                    subject,
+                    jetstream::message::PublishMessage::build()
+                        .payload(Bytes::from(body.to_string()))
+                        .headers(headers),
+                )
+                .await;
+            let result = match sent {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            (id, result)
+        })
     }
 }
 
 type Fetched = Result<Vec<OutboxRow>, StoreError>;
 type Deleted = (Vec<i64>, Result<u64, StoreError>);
+
+fn too_large(size: usize, limit: usize) -> String {
+    format!(
+        "message of {size} bytes (payload and headers) is larger than the events stream takes \
+         ({limit} bytes: the server's max_payload or the stream's largest message)"
+    )
+}
+
+/// An unpublishable row whose dead letter failed: when it is tried again.
+struct Parked {
+    retry_at: Instant,
+    backoff: Duration,
+    /// False while its next try is under way.
+    waiting: bool,
+}
 
 /// Most payload bytes kept in an invalid row's dead letter.
 const MAX_DEAD_PAYLOAD: usize = 64 * 1024;
@@ -442,6 +590,14 @@ struct State<'a> {
     fetching: FuturesUnordered<BoxFuture<'static, Fetched>>,
     /// The delete in progress (at most one).
     deleting: FuturesUnordered<BoxFuture<'static, Deleted>>,
+    /// Dead letters being stored (their rows are held meanwhile).
+    dead: FuturesUnordered<BoxFuture<'static, (i64, Result<(), String>)>>,
+    /// Unpublishable rows whose dead letter failed, by id: held (not read again)
+    /// until their retry time.
+    parked: HashMap<i64, Parked>,
+    /// Rows the stream refused for good (too large), by id, with the reason:
+    /// dead-lettered when read again.
+    rejected: HashMap<i64, String>,
     /// Acknowledged ids to delete.
     acked: Vec<i64>,
     /// Since when `acked` has not been empty.
@@ -536,20 +692,29 @@ impl State<'_> {
             if self.held.contains(&row.id) {
                 continue;
             }
-            let ready = match self.relay.prepare(&row) {
+            let prepared = match self.rejected.remove(&row.id) {
+                Some(error) => Err(error),
+                None => self.relay.prepare(&row),
+            };
+            let ready = match prepared {
+                Ok(event) if self.parked.remove(&row.id).is_some() => {
+                    // Publishable after all (a larger max_payload since).
+                    self.relay.stats.parked.fetch_sub(1, Ordering::Relaxed);
+                    Ready {
+                        id: row.id,
+                        object: row.object.as_str().into(),
+                        event,
+                    }
+                }
                 Ok(event) => Ready {
                     id: row.id,
                     object: row.object.as_str().into(),
                     event,
                 },
                 Err(error) => {
-                    if self.relay.dead_letter(&row, &error).await {
-                        self.relay.stats.invalid.fetch_add(1, Ordering::Relaxed);
-                        self.held.insert(row.id);
-                        self.acked.push(row.id);
-                    } else {
-                        self.fail();
-                    }
+                    // Held while its dead letter is stored; the rows behind it go on.
+                    self.held.insert(row.id);
+                    self.dead.push(self.relay.dead_letter(&row, &error));
                     continue;
                 }
             };
@@ -585,7 +750,15 @@ impl State<'_> {
             .await;
         let fut: BoxFuture<'static, Outcome> = match sent {
             Ok(ack) => Box::pin(settle_ack(id, object, ack)),
-            Err(e) => Box::pin(std::future::ready((id, object, Err(e.to_string())))),
+            Err(e) => {
+                let permanent =
+                    e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded;
+                Box::pin(std::future::ready((
+                    id,
+                    object,
+                    Err((e.to_string(), permanent)),
+                )))
+            }
         };
         self.in_flight.push(fut);
     }
@@ -616,8 +789,12 @@ impl State<'_> {
                     }
                 }
             }
-            Err(error) => {
-                if self.relay.stats.healthy.swap(false, Ordering::Relaxed) {
+            Err((error, permanent)) => {
+                if permanent {
+                    // Read again after the reset, and dead-lettered instead of sent.
+                    tracing::warn!(outbox_id = id, %error, "outbox relay: the stream refuses this row for good");
+                    self.rejected.insert(id, error);
+                } else if self.relay.stats.healthy.swap(false, Ordering::Relaxed) {
                     tracing::warn!(%error, "outbox relay: publish failed; backing off and retrying");
                 }
                 self.held.remove(&id);
@@ -627,6 +804,56 @@ impl State<'_> {
                     }
                 }
                 self.fail();
+            }
+        }
+    }
+
+    /// A dead letter was stored (the row is deleted with the published ones) or
+    /// failed (the row is set aside and tried again after its own back-off).
+    fn dead_lettered(&mut self, id: i64, result: Result<(), String>) {
+        let stats = &self.relay.stats;
+        match result {
+            Ok(()) => {
+                stats.invalid.fetch_add(1, Ordering::Relaxed);
+                if self.parked.remove(&id).is_some() {
+                    stats.parked.fetch_sub(1, Ordering::Relaxed);
+                }
+                self.acked.push(id);
+            }
+            Err(error) => {
+                stats.dead_letter_failures.fetch_add(1, Ordering::Relaxed);
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                let min = self.relay.settings.backoff_min;
+                let max = self.relay.settings.backoff_max;
+                let parked = self.parked.entry(id).or_insert_with(|| {
+                    stats.parked.fetch_add(1, Ordering::Relaxed);
+                    Parked {
+                        retry_at: Instant::now(),
+                        backoff: min,
+                        waiting: true,
+                    }
+                });
+                parked.retry_at = Instant::now() + parked.backoff;
+                parked.waiting = true;
+                tracing::error!(
+                    outbox_id = id,
+                    %error,
+                    retry_in_ms = parked.backoff.as_millis() as u64,
+                    "outbox relay: an unpublishable row cannot be dead-lettered either; \
+                     it stays in the outbox and is tried again later, the other rows go on"
+                );
+                parked.backoff = (parked.backoff * 2).min(max);
+            }
+        }
+    }
+
+    /// Lets the parked rows whose time has come be read again.
+    fn release_parked(&mut self) {
+        let now = Instant::now();
+        for (id, p) in &mut self.parked {
+            if p.waiting && p.retry_at <= now {
+                p.waiting = false;
+                self.held.remove(id);
             }
         }
     }
@@ -653,7 +880,14 @@ impl State<'_> {
 }
 
 async fn settle_ack(id: i64, object: Arc<str>, ack: PublishAckFuture) -> Outcome {
-    let result = ack.await.map(|a| a.duplicate).map_err(|e| e.to_string());
+    let result = ack.await.map(|a| a.duplicate).map_err(|e| {
+        let text = e.to_string();
+        // JetStream's "message size exceeds maximum allowed" (the stream's
+        // max_msg_size was lowered since the relay read it).
+        let permanent = e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
+            || text.contains("error code 10054");
+        (text, permanent)
+    });
     (id, object, result)
 }
 

@@ -108,8 +108,8 @@ impl Bus {
             }
         }
         if let Some(url) = &config.database_url {
+            // No migration: the relay needs only the outbox table, and waits for it.
             let store = core_events::store::Store::connect(url).await?;
-            store.migrate().await?;
             let settings =
                 crate::relay::RelaySettings::for_deployment(store.backend(), &config.streams);
             let relay =

@@ -134,6 +134,19 @@ pub enum SyncHookError {
         /// Why: no responders, a timeout, a handler error, an unreadable reply.
         reason: String,
     },
+    /// The request is larger than NATS takes (the server's `max_payload`, less
+    /// room for headers): the change is refused, nothing is written.
+    #[error(
+        "the {hook} request would be {size} bytes; requests to plugins travel by value and may be at most {limit} bytes (the NATS server's max_payload less room for headers): shorten the notes or values"
+    )]
+    TooLarge {
+        /// The hook.
+        hook: Hook,
+        /// The request's size, bytes.
+        size: usize,
+        /// The limit, bytes.
+        limit: usize,
+    },
     /// The request could not be encoded (a value that is no JSON).
     #[error("{hook} request could not be encoded: {reason}")]
     Encode {
@@ -208,7 +221,7 @@ impl SyncHooks {
                 skipped: Vec::new(),
             });
         }
-        let body = encode(
+        let body = self.encode(
             hook,
             &ValidateRequest {
                 entity: entity.clone(),
@@ -455,7 +468,7 @@ impl SyncHooks {
                 request.user = ctx.user.clone();
                 first = false;
             }
-            let body = encode(hook, &request)?;
+            let body = self.encode(hook, &request)?;
             match self
                 .call::<BeforeModifyReply<D>>(route, body, ctx.traceparent.as_deref())
                 .await
@@ -492,7 +505,7 @@ impl SyncHooks {
             let body = match &body {
                 Some(b) => Bytes::clone(b),
                 None => {
-                    let b = encode(
+                    let b = self.encode(
                         hook,
                         &VetoRequest {
                             entity: entity.clone(),
@@ -530,7 +543,7 @@ impl SyncHooks {
         let table = self.registry.table();
         let mut skipped = Vec::new();
         for route in table.matching(hook, entity_name) {
-            let body = encode(hook, &request)?;
+            let body = self.encode(hook, &request)?;
             match self
                 .call::<GetAttrsReply<A>>(route, body, ctx.traceparent.as_deref())
                 .await
@@ -547,6 +560,30 @@ impl SyncHooks {
             value: request.attrs,
             skipped,
         })
+    }
+
+    /// A request's body; [`SyncHookError::TooLarge`] when it would not fit in
+    /// one NATS message (the connection's `max_payload`, less room for headers).
+    fn encode<T: Serialize>(&self, hook: Hook, body: &T) -> Result<Bytes, SyncHookError> {
+        let body =
+            serde_json::to_vec(body)
+                .map(Bytes::from)
+                .map_err(|e| SyncHookError::Encode {
+                    hook,
+                    reason: e.to_string(),
+                })?;
+        let limit = self
+            .client
+            .max_payload()
+            .saturating_sub(crate::publish::HEADER_ROOM);
+        if body.len() > limit {
+            return Err(SyncHookError::TooLarge {
+                hook,
+                size: body.len(),
+                limit,
+            });
+        }
+        Ok(body)
     }
 
     /// One request to one handler, with its timeout.
@@ -635,15 +672,6 @@ impl SyncHooks {
 
 fn millis(d: Duration) -> u128 {
     d.as_millis()
-}
-
-fn encode<T: Serialize>(hook: Hook, body: &T) -> Result<Bytes, SyncHookError> {
-    serde_json::to_vec(body)
-        .map(Bytes::from)
-        .map_err(|e| SyncHookError::Encode {
-            hook,
-            reason: e.to_string(),
-        })
 }
 
 fn rejected(hook: Hook, route: &Route, reason: String) -> SyncHookError {

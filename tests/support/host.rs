@@ -79,12 +79,26 @@ impl TestHost {
         db: &TestDb,
         configure: impl FnOnce(&mut HostConfig),
     ) -> TestHost {
+        Self::start_on(server.connect_as(crate::HOST_USER).await, db, configure).await
+    }
+
+    /// As [`start_with`](Self::start_with), over a connection of the caller's
+    /// (say, with the host user's credentials).
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start).
+    pub async fn start_on(
+        nats: async_nats::Client,
+        db: &TestDb,
+        configure: impl FnOnce(&mut HostConfig),
+    ) -> TestHost {
         crate::init_tracing();
         let mut config = HostConfig::new(db.url());
         config.listen = ([127, 0, 0, 1], 0).into();
         config.plugin_wait = Duration::from_secs(5);
         configure(&mut config);
-        let host = Host::start(server.connect_as(crate::HOST_USER).await, config)
+        let host = Host::start(nats, config)
             .await
             .unwrap_or_else(|e| panic!("host did not start: {e}"));
         let store = host.state().store.clone();

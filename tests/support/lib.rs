@@ -353,6 +353,8 @@ pub struct NatsServer {
     /// The generated users of the production profile (`None`: an open server,
     /// or one with a config of the test's own).
     auth: Option<Mutex<BTreeSet<String>>>,
+    /// Settings after the production limits ([`start_for_with`](NatsServer::start_for_with)).
+    extra: String,
 }
 
 impl NatsServer {
@@ -382,10 +384,22 @@ impl NatsServer {
     ///
     /// As [`start`](NatsServer::start); also for a plugin id the generator refuses.
     pub async fn start_for(plugins: &[&str]) -> NatsServer {
+        Self::start_for_with(plugins, "").await
+    }
+
+    /// [`start_for`](NatsServer::start_for) with `extra` settings after the
+    /// production limits, which they override (`max_payload: 256KB` for a test
+    /// of the size limits).
+    ///
+    /// # Panics
+    ///
+    /// As [`start_for`](NatsServer::start_for).
+    pub async fn start_for_with(plugins: &[&str], extra: &str) -> NatsServer {
         let plugins: BTreeSet<String> = plugins.iter().map(|p| (*p).to_owned()).collect();
-        let conf = production_conf(&plugins);
+        let conf = production_conf(&plugins, extra);
         let mut server = Self::start_inner(Some(&conf)).await;
         server.auth = Some(Mutex::new(plugins));
+        server.extra = extra.to_owned();
         server
     }
 
@@ -439,7 +453,7 @@ impl NatsServer {
             if users.len() == before {
                 return;
             }
-            production_conf(&users)
+            production_conf(&users, &self.extra)
         };
         self.write_config(&conf);
         let pid = self
@@ -548,6 +562,7 @@ impl NatsServer {
             dir,
             config,
             auth: None,
+            extra: String::new(),
         };
         for attempt in 1..=START_ATTEMPTS {
             server.port = free_port();
@@ -838,10 +853,10 @@ pub fn production_limits() -> String {
         .collect()
 }
 
-/// The production profile's config: [`production_limits`] and the
-/// `authorization` block `hookbus nats-config` generates for `plugins`, with the
+/// The production profile's config: [`production_limits`], `extra` settings
+/// (which override them) and the `authorization` block `hookbus nats-config` generates for `plugins`, with the
 /// [`OPERATOR_USER`] added.
-fn production_conf(plugins: &BTreeSet<String>) -> String {
+fn production_conf(plugins: &BTreeSet<String>, extra: &str) -> String {
     use hookbus::nats_config::{self, Passwords};
     let plugins: Vec<String> = plugins.iter().cloned().collect();
     let users = nats_config::users(&plugins)
@@ -866,7 +881,7 @@ fn production_conf(plugins: &BTreeSet<String>) -> String {
         "unexpected nats-config output:\n{auth}"
     );
     format!(
-        "{}\n{}",
+        "{}\n{extra}\n{}",
         production_limits(),
         auth.replacen("  users = [\n", &operator, 1)
     )

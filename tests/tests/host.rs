@@ -1036,7 +1036,7 @@ async fn audit_records(h: &TestHost) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_are_changed_and_deactivated_by_superusers_and_tokens_follow_at_once() {
     for backend in backends() {
-        users_change_and_deactivate(backend).await;
+        Box::pin(users_change_and_deactivate(backend)).await;
     }
 }
 
@@ -1291,7 +1291,7 @@ async fn users_change_and_deactivate(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entry_list_runs_get_attrs_for_every_entry_concurrently() {
     for backend in backends() {
-        entry_list_runs_get_attrs(backend).await;
+        Box::pin(entry_list_runs_get_attrs(backend)).await;
     }
 }
 

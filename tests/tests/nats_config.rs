@@ -306,3 +306,261 @@ async fn binaries_log_in_with_their_users() {
     );
     assert!(host_errors.try_recv().is_err(), "no violation for the host");
 }
+
+/// A server `max_payload` smaller than docker/'s 2 MB, so the size tests move
+/// less data; the limits are read from the server either way.
+const SMALL_MAX_PAYLOAD: usize = 256 * 1024;
+
+/// A response body for messages, without its long notes.
+fn short(body: &serde_json::Value) -> String {
+    let text = body.to_string();
+    text.chars().take(400).collect()
+}
+
+async fn count(store: &core_events::store::Store, sql: &'static str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+/// The host's relay under the host user: a row it cannot publish is
+/// dead-lettered (a subject the generated permissions allow it), and the rows
+/// behind it are published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_relay_dead_letters_a_bad_row_under_its_own_user_and_the_rest_flows() {
+    use core_events::store::outbox;
+    init_tracing();
+    let server = start_server(&[]).await;
+    let (host, mut host_errors) = connect(&server, nats_config::HOST_USER).await;
+    let (bus, _) = connect(&server, nats_config::BUS_USER).await;
+    let db = hookbus_tests::TestDb::sqlite();
+    let store = db.store().await;
+    let subjects = Subjects::default();
+    let js = jetstream::new(host.clone());
+    hookbus::provision::provision(&js, &subjects, &Default::default())
+        .await
+        .unwrap();
+    let relay = hookbus::relay::Relay::new(
+        store.clone(),
+        js,
+        subjects.clone(),
+        hookbus::relay::RelaySettings::for_backend(store.backend()),
+    );
+    let stats = relay.stats();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(relay.run(stop.clone()));
+
+    // A foreign host's row with an unknown hook, then good rows.
+    sqlx::query(
+        "INSERT INTO hookbus_outbox (event_id, hook, entity, object, payload) \
+         VALUES ('0193a5f0-8c1e-7d2a-9b4f-5e6d7c8b9a01', 'entry.after_craete', 'x', 'entry/1', '{}')",
+    )
+    .execute(store.writer())
+    .await
+    .unwrap();
+    for id in 1..=3 {
+        let mut tx = store.begin().await.unwrap();
+        outbox::insert_envelope(
+            &mut tx,
+            &entry_event(Hook::EntryAfterCreate, "customer", id),
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    store.outbox_written().notify_one();
+    assert_eventually!(
+        outbox::backlog(store.pool()).await.unwrap().rows == 0,
+        WAIT,
+        "the outbox drained: {}",
+        stats.to_json()
+    );
+    let bus_js = jetstream::new(bus.clone());
+    assert_eq!(stream_len(&bus_js, "PAGODA_EVENTS").await, 3);
+    let letters = hookbus::dlq::list(&bus_js, &subjects, Some("_relay"))
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(stats.invalid.load(Ordering::Relaxed), 1);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    if let Ok(e) = host_errors.try_recv() {
+        panic!("the host's relay got a server error: {e}");
+    }
+    // Only its relay's dead letters: not a plugin's.
+    host.publish("pagoda.dlq.alpha.h", Bytes::new())
+        .await
+        .unwrap();
+    expect_violation(&mut host_errors, "pagoda.dlq.alpha.h").await;
+}
+
+/// Under the generated users and a server `max_payload` of 256 KiB, on both
+/// databases: a write whose event NATS cannot take is refused before commit
+/// with 413 naming the size and the limit (from the server), and nothing is
+/// stored; an event of exactly the limit is written and reaches a plugin; a
+/// synchronous hook's request that cannot fit is a 413 too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_larger_than_nats_takes_is_refused_with_413_before_commit() {
+    use hookbus_tests::host::{TestHost, call};
+    use reqwest::{Method, StatusCode};
+    use serde_json::json;
+    init_tracing();
+    for backend in [
+        core_events::store::Backend::Sqlite,
+        core_events::store::Backend::Postgres,
+    ] {
+        let server =
+            start_server_with(&["sizes"], &format!("max_payload: {SMALL_MAX_PAYLOAD}")).await;
+        let (bus_client, _) = connect(&server, nats_config::BUS_USER).await;
+        let bus = start_bus_on(&bus_client, &["sizes"]).await;
+        let notes = Arc::new(std::sync::Mutex::new(Vec::<usize>::new()));
+        let seen = notes.clone();
+        let plugin = Plugin::builder("sizes", "Sizes", "1.0.0")
+            .on_entry(Hook::EntryAfterCreate, "created", move |ctx| {
+                seen.lock().unwrap().push(ctx.event.data.entry.note.len());
+                async { Ok(()) }
+            })
+            .on_validate("check", |_ctx| async { Ok(vec![]) })
+            .entities(["checked"])
+            .build()
+            .unwrap();
+        let (plugin_client, _) = connect(&server, "sizes").await;
+        let running = plugin
+            .serve(plugin_client, ServeOptions::default())
+            .await
+            .unwrap();
+        wait_registered(&bus, &["sizes"]).await;
+        let db = hookbus_tests::TestDb::new(backend).await;
+        let (host_client, mut host_errors) = connect(&server, nats_config::HOST_USER).await;
+        let h = TestHost::start_on(host_client, &db, |c| {
+            c.enabled_plugins = vec!["sizes".to_owned()];
+        })
+        .await;
+        h.wait_registered(&["sizes"]).await;
+        // From the server's INFO (smaller than the stream's 1 MiB), less header room.
+        let limit = SMALL_MAX_PAYLOAD - hookbus::publish::HEADER_ROOM;
+
+        // An entity whose note makes its event too large.
+        let (status, body) = call(
+            h.as_admin(Method::POST, "/api/v2/entities/")
+                .json(&json!({"name": "big", "note": "n".repeat(limit)})),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "{backend:?}: {}",
+            short(&body)
+        );
+        assert_eq!(body["error"], "payload_too_large");
+        assert_eq!(body["limit"], limit);
+        assert!(
+            body["size"].as_u64().unwrap() > limit as u64,
+            "{}",
+            short(&body)
+        );
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(&limit.to_string()), "{}", short(&body));
+        assert!(message.contains("entity.after_create"), "{}", short(&body));
+
+        let (status, entity) = call(
+            h.as_admin(Method::POST, "/api/v2/entities/")
+                .json(&json!({"name": "customer"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{}", short(&entity));
+        let entries = format!("/api/v2/entities/{}/entries/", entity["id"]);
+        // Too large by 100 bytes: the 413 says by how much.
+        let over = limit + 100;
+        let (status, body) = call(
+            h.as_user(Method::POST, &entries)
+                .json(&json!({"name": "e1", "note": "x".repeat(over)})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{}", short(&body));
+        let size = usize::try_from(body["size"].as_u64().unwrap()).unwrap();
+        // The same entry with a note `size - limit` shorter: exactly the limit.
+        let fits = over - (size - limit);
+        let (status, e1) = call(
+            h.as_user(Method::POST, &entries)
+                .json(&json!({"name": "e1", "note": "x".repeat(fits)})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{backend:?}: {}", short(&e1));
+        // One byte more: refused.
+        let (status, body) = call(
+            h.as_user(Method::POST, &entries)
+                .json(&json!({"name": "e2", "note": "x".repeat(fits + 1)})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{}", short(&body));
+        assert_eq!(body["size"], limit + 1);
+        // The event of exactly the limit reaches the plugin, through the relay
+        // and the bus, each with its own user.
+        assert_eventually!(
+            notes.lock().unwrap().as_slice() == [fits],
+            WAIT,
+            "{backend:?}: the plugin got {:?}",
+            notes.lock().unwrap()
+        );
+        // Renaming e1 would emit the entry twice (now and before): refused.
+        let path = format!("/api/v2/entries/{}/", e1["id"]);
+        let (status, body) = call(
+            h.as_user(Method::PATCH, &path)
+                .json(&json!({"name": "e1-renamed"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{}", short(&body));
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("entry.after_update")
+        );
+
+        // A validator's request that cannot fit in one message: 413, not 503.
+        let (status, checked) = call(
+            h.as_admin(Method::POST, "/api/v2/entities/")
+                .json(&json!({"name": "checked"})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{}", short(&checked));
+        let (status, body) = call(
+            h.as_user(
+                Method::POST,
+                &format!("/api/v2/entities/{}/entries/", checked["id"]),
+            )
+            .json(&json!({"name": "c", "note": "x".repeat(limit)})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{}", short(&body));
+        assert_eq!(body["hook"], "entry.validate", "{}", short(&body));
+        assert_eq!(body["limit"], limit);
+
+        // Nothing refused was stored; every stored change has its one event.
+        let store = h.store();
+        assert_eq!(
+            count(store, "SELECT COUNT(*) FROM entities WHERE name = 'big'").await,
+            0
+        );
+        assert_eq!(count(store, "SELECT COUNT(*) FROM entries").await, 1);
+        assert_eq!(
+            count(store, "SELECT COUNT(*) FROM entries WHERE name = 'e1'").await,
+            1
+        );
+        let bus_js = jetstream::new(bus_client.clone());
+        assert_eventually!(
+            count(store, "SELECT COUNT(*) FROM hookbus_outbox").await == 0
+                && stream_len(&bus_js, "PAGODA_EVENTS").await == 3,
+            WAIT,
+            "{backend:?}: 3 events (customer, e1, checked)"
+        );
+        if let Ok(e) = host_errors.try_recv() {
+            panic!("the host got a server error: {e}");
+        }
+        h.stop().await;
+        running.shutdown().await.unwrap();
+        bus.stop().await.unwrap();
+    }
+}

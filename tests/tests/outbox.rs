@@ -599,3 +599,318 @@ async fn relay_that_cannot_read_its_database_makes_the_bus_unhealthy_and_alerts_
     assert!(again.is_err(), "alert repeated: {again:?}");
     bus.stop().await.unwrap();
 }
+
+/// A row the relay can neither publish nor dead-letter (here: its user may not
+/// publish dead letters) is kept in the outbox and tried again later with a
+/// back-off, counted and logged, while the rows behind it are published.
+#[tokio::test]
+async fn row_that_cannot_even_be_dead_lettered_is_kept_and_the_rest_flows() {
+    for backend in backends() {
+        let nats = NatsServer::start_with_config(
+            r#"authorization { users = [
+                { user: "relay", password: "pw", permissions: {
+                    publish: { allow: ["pagoda.events.>", "$JS.API.>"] },
+                    subscribe: { allow: ["_INBOX.>"] } } },
+                { user: "admin", password: "pw" }
+            ] }"#,
+        )
+        .await;
+        let connect = |user: &str| {
+            async_nats::ConnectOptions::with_user_and_password(user.into(), "pw".into())
+                .connect(nats.url())
+        };
+        let relay_client = connect("relay").await.unwrap();
+        let admin = jetstream::new(connect("admin").await.unwrap());
+        let db = TestDb::new(backend).await;
+        let store = db.store().await;
+        let subjects = Subjects::default();
+        hookbus::provision::provision(
+            &jetstream::new(relay_client.clone()),
+            &subjects,
+            &StreamSettings::default(),
+        )
+        .await
+        .unwrap();
+        // A failed dead letter is known once its ack times out.
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_millis(500))
+            .ack_timeout(Duration::from_millis(500))
+            .build(relay_client);
+        let mut settings = RelaySettings::for_backend(backend);
+        settings.backoff_min = Duration::from_millis(100);
+        settings.backoff_max = Duration::from_millis(300);
+        let metrics = hookbus::metrics::Metrics::new(Arc::default());
+        let relay =
+            Relay::new(store.clone(), js, subjects, settings).with_gauges(metrics.relay().clone());
+        let stats = relay.stats();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(relay.run(stop.clone()));
+
+        sqlx::query(
+            "INSERT INTO hookbus_outbox (event_id, hook, entity, object, payload) \
+             VALUES ('0193a5f0-8c1e-7d2a-9b4f-5e6d7c8b9a01', 'entry.after_craete', 'x', 'entry/1', '{}')",
+        )
+        .execute(store.writer())
+        .await
+        .unwrap();
+        for id in 1..=3 {
+            let mut tx = store.begin().await.unwrap();
+            let event = sample::entry_event(Hook::EntryAfterCreate, "customer", id);
+            outbox::insert_envelope(&mut tx, &event).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+        store.outbox_written().notify_one();
+
+        wait_until(WAIT, || async {
+            hookbus_tests::stream_len(&admin, "PAGODA_EVENTS").await == 3
+                && stats.parked.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        // Tried again, still kept: never lost, never in the way.
+        wait_until(WAIT, || async {
+            stats.dead_letter_failures.load(Ordering::Relaxed) >= 2
+        })
+        .await;
+        let kept: Vec<String> = sqlx::query_scalar("SELECT hook FROM hookbus_outbox")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(kept, ["entry.after_craete"], "{backend:?}");
+        assert_eq!(stats.invalid.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.published.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.to_json()["parked"], 1);
+        wait_until(WAIT, || async {
+            metrics.encode().contains("hookbus_relay_parked_rows 1")
+        })
+        .await;
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+}
+
+/// The DDL blocks of docs/outbox.md: (PostgreSQL, SQLite).
+fn documented_ddl() -> (String, String) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/outbox.md");
+    let doc = std::fs::read_to_string(path).unwrap();
+    let block_after = |marker: &str| {
+        let at = doc
+            .find(marker)
+            .unwrap_or_else(|| panic!("docs/outbox.md has no '{marker}'"));
+        let rest = &doc[at..];
+        let open = rest.find("```sql\n").unwrap() + "```sql\n".len();
+        let len = rest[open..].find("```").unwrap();
+        rest[open..open + len].to_owned()
+    };
+    (block_after("\nPostgreSQL:\n"), block_after("\nSQLite ("))
+}
+
+/// The tables of a database, but SQLite's own.
+async fn tables(store: &Store) -> Vec<String> {
+    let sql = match store.backend() {
+        Backend::Sqlite => {
+            "SELECT name FROM sqlite_master WHERE type = 'table' \
+             AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        }
+        Backend::Postgres => {
+            "SELECT table_name::text FROM information_schema.tables \
+             WHERE table_schema = 'public' ORDER BY 1"
+        }
+    };
+    sqlx::query_scalar(sql)
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+}
+
+/// A host in another language owns its schema: it creates the outbox table with
+/// the DDL of docs/outbox.md (taken from the page itself), and the real
+/// `hookbus relay`, as the host user of the generated permissions, publishes
+/// the rows it inserts by hand, creating no table of its own.
+#[tokio::test]
+async fn relay_binary_needs_only_the_documented_outbox_table_and_creates_nothing() {
+    let (postgres_ddl, sqlite_ddl) = documented_ddl();
+    for backend in backends() {
+        let server = common::start_server(&[]).await;
+        let (bus, _) = common::connect(&server, hookbus::nats_config::BUS_USER).await;
+        let db = TestDb::new(backend).await;
+        let store = Store::connect(db.url()).await.unwrap();
+        let ddl = match backend {
+            Backend::Sqlite => &sqlite_ddl,
+            Backend::Postgres => &postgres_ddl,
+        };
+        sqlx::raw_sql(sqlx::AssertSqlSafe(ddl.as_str()))
+            .execute(store.writer())
+            .await
+            .unwrap_or_else(|e| panic!("{backend:?}: the documented DDL fails: {e}"));
+        assert_eq!(tables(&store).await, ["hookbus_outbox"]);
+
+        let user = hookbus::nats_config::HOST_USER;
+        let mut relay = RelayProcess(
+            Command::new(hookbus_tests::hookbus_binary())
+                .args(["relay", "--database-url", db.url()])
+                .env("NATS_URL", server.url())
+                .env("NATS_USER", user)
+                .env("NATS_PASSWORD", common::password(user))
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        );
+        let event = sample::entry_event(Hook::EntryAfterCreate, "customer", 7);
+        sqlx::query(
+            "INSERT INTO hookbus_outbox (event_id, hook, entity, object, payload) \
+             VALUES ($1, 'entry.after_create', 'customer', 'entry/7', $2)",
+        )
+        .bind(event.id.to_string())
+        .bind(serde_json::to_string(&event).unwrap())
+        .execute(store.writer())
+        .await
+        .unwrap();
+        let js = jetstream::new(bus.clone());
+        // The relay provisions the streams too; done here so they can be read at once.
+        hookbus::provision::provision(&js, &Subjects::default(), &StreamSettings::default())
+            .await
+            .unwrap();
+        wait_until(WAIT, || async {
+            hookbus_tests::stream_len(&js, "PAGODA_EVENTS").await == 1
+                && outbox_rows(&store).await == 0
+        })
+        .await;
+        assert!(
+            relay.0.try_wait().unwrap().is_none(),
+            "{backend:?}: the relay exited"
+        );
+        assert_eq!(tables(&store).await, ["hookbus_outbox"], "{backend:?}");
+        let stored = stream_events(&bus).await;
+        assert_eq!(stored[0].id, event.id);
+        relay.kill();
+    }
+}
+
+/// An outbox table without the contract's columns stops `hookbus relay` with
+/// the missing columns named.
+#[tokio::test]
+async fn relay_binary_names_the_missing_columns_of_a_wrong_outbox_table() {
+    let server = NatsServer::start().await;
+    let db = TestDb::sqlite();
+    let store = Store::connect(db.url()).await.unwrap();
+    sqlx::query("CREATE TABLE hookbus_outbox (id INTEGER PRIMARY KEY, payload TEXT)")
+        .execute(store.writer())
+        .await
+        .unwrap();
+    let mut relay = Command::new(hookbus_tests::hookbus_binary())
+        .args(["relay", "--database-url", db.url()])
+        .env("NATS_URL", server.url())
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = relay.stderr.take().unwrap();
+    let mut guard = RelayProcess(relay);
+    wait_until(WAIT, || {
+        let exited = guard.0.try_wait().unwrap().is_some();
+        async move { exited }
+    })
+    .await;
+    let status = guard.0.wait().unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+    assert!(!status.success());
+    assert!(
+        text.contains("no column event_id, hook, entity, object, traceparent, created_at"),
+        "{text}"
+    );
+}
+
+/// A batch of creations (the host's group commit) with one event larger than
+/// the store's limit: that creation alone is refused and leaves nothing; the
+/// others are written with their events.
+#[tokio::test]
+async fn batch_with_an_event_too_large_refuses_only_that_creation() {
+    for backend in backends() {
+        let db = TestDb::new(backend).await;
+        let store = db.store().await.with_max_event_bytes(4096);
+        let ctx = WriteContext::default();
+        let entity = store
+            .create_entity(&NewEntity::named("customer"), &ctx)
+            .await
+            .unwrap();
+        let input = |name: &str, note: usize| core_events::store::NewEntryInput {
+            entity_id: entity.id,
+            entry: NewEntry {
+                note: "x".repeat(note),
+                ..NewEntry::named(name)
+            },
+            ctx: ctx.clone(),
+        };
+        let results = store
+            .create_entries(&[input("a", 10), input("b", 5000), input("c", 10)])
+            .await;
+        assert!(results[0].is_ok(), "{backend:?}: {:?}", results[0]);
+        assert!(
+            matches!(&results[1], Err(StoreError::EventTooLarge { size, limit: 4096, hook })
+                if *size > 4096 && hook == "entry.after_create"),
+            "{backend:?}: {:?}",
+            results[1].as_ref().map(|e| &e.name)
+        );
+        assert!(results[2].is_ok(), "{backend:?}: {:?}", results[2]);
+        let names: Vec<String> = store
+            .list_entries(entity.id, true)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, ["a", "c"], "{backend:?}");
+        // The entity's event and those of a and c.
+        assert_eq!(outbox_rows(&store).await, 3, "{backend:?}");
+    }
+}
+
+/// A row the stream refuses for good (its largest message was lowered after the
+/// relay started) is dead-lettered when the publish fails, not retried forever,
+/// and the rows behind it are published.
+#[tokio::test]
+async fn row_the_stream_refuses_for_good_is_dead_lettered_and_the_rest_flows() {
+    let nats = NatsServer::start().await;
+    let client = nats.connect().await;
+    let db = TestDb::sqlite();
+    let store = db.store().await;
+    let relay = start_relay(&store, &nats).await;
+    // The relay runs (it has read the stream's limits) once it published a first row.
+    let first = sample::entry_event(Hook::EntryAfterCreate, "customer", 3);
+    let mut tx = store.begin().await.unwrap();
+    outbox::insert_envelope(&mut tx, &first).await.unwrap();
+    tx.commit().await.unwrap();
+    store.outbox_written().notify_one();
+    wait_drained(&store, &client, 1).await;
+    let js = jetstream::new(client.clone());
+    let mut stream = js.get_stream("PAGODA_EVENTS").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_message_size = 8 * 1024;
+    js.update_stream(config).await.unwrap();
+
+    let mut big = sample::entry_event(Hook::EntryAfterCreate, "customer", 1);
+    big.data.entry.note = "x".repeat(20_000);
+    for event in [
+        big.clone(),
+        sample::entry_event(Hook::EntryAfterCreate, "customer", 2),
+    ] {
+        let mut tx = store.begin().await.unwrap();
+        outbox::insert_envelope(&mut tx, &event).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    store.outbox_written().notify_one();
+    wait_drained(&store, &client, 2).await;
+    let letters = hookbus::dlq::list(&js, &Subjects::default(), Some("_relay"))
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].body["event_id"], big.id.to_string());
+    let error = letters[0].body["error"].as_str().unwrap();
+    assert!(error.contains("maximum"), "{error}");
+    assert_eq!(hookbus_tests::stream_len(&js, "PAGODA_EVENTS").await, 2);
+    relay.shutdown().await;
+}

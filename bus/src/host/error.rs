@@ -19,7 +19,7 @@
 //! | 405 | `method_not_allowed` | the path exists, the method does not |
 //! | 408 | `request_timeout` | the request body stopped arriving for the body timeout (`timeout_ms`); the connection is closed |
 //! | 409 | `conflict` | a name is taken, or the state does not allow it |
-//! | 413 | `payload_too_large` | the body is over the limit (`limit`) |
+//! | 413 | `payload_too_large` | the body is over the limit (`limit`); or the change's event, or a synchronous hook's request, would be larger than NATS takes (`size`, `limit`): nothing is written |
 //! | 415, … | the status's reason in snake case (`unsupported_media_type`) | another error of the HTTP layer |
 //! | 429 | `rate_limited` | too many requests (`Retry-After`) |
 //! | 500 | `internal_error` | the store or NATS failed (logged; the message is generic) |
@@ -74,6 +74,17 @@ pub enum ApiError {
         /// The limit.
         limit: usize,
     },
+    /// 413 `payload_too_large`: the change's event would be larger than the
+    /// event bus takes; nothing was written.
+    #[error("{message}")]
+    EventTooLarge {
+        /// What is too large, with both sizes.
+        message: String,
+        /// Its size, bytes.
+        size: usize,
+        /// The limit, bytes.
+        limit: usize,
+    },
     /// 429 with `Retry-After` seconds.
     #[error("rate limit exceeded; retry after {retry_after_secs} s")]
     RateLimited {
@@ -121,6 +132,11 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             StoreError::Conflict(m) => ApiError::Conflict(m),
             StoreError::Invalid(problems) => ApiError::Invalid(problems),
+            StoreError::EventTooLarge { size, limit, .. } => ApiError::EventTooLarge {
+                message: e.to_string(),
+                size,
+                limit,
+            },
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -134,6 +150,9 @@ impl ApiError {
             ApiError::Hook(SyncHookError::Unavailable { .. })
             | ApiError::PluginUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Hook(SyncHookError::Encode { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Hook(SyncHookError::TooLarge { .. }) | ApiError::EventTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::Hook(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -177,6 +196,12 @@ impl ApiError {
                 "error": "hook_unavailable", "message": message, "hook": hook,
                 "plugin": plugin, "handler": handler, "reason": reason,
             }),
+            ApiError::Hook(SyncHookError::TooLarge {
+                hook, size, limit, ..
+            }) => json!({
+                "error": "payload_too_large", "message": message, "hook": hook,
+                "size": size, "limit": limit,
+            }),
             ApiError::Hook(_) => json!({"error": "internal_error", "message": message}),
             ApiError::PluginError { plugin_id, message } => {
                 json!({"error": "plugin_error", "message": message, "plugin_id": plugin_id})
@@ -193,6 +218,9 @@ impl ApiError {
             ApiError::TooLarge { limit } => {
                 json!({"error": "payload_too_large", "message": message, "limit": limit})
             }
+            ApiError::EventTooLarge { size, limit, .. } => json!({
+                "error": "payload_too_large", "message": message, "size": size, "limit": limit,
+            }),
             ApiError::RateLimited { retry_after_secs } => json!({
                 "error": "rate_limited", "message": message, "retry_after": retry_after_secs,
             }),

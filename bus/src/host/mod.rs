@@ -212,6 +212,30 @@ pub enum HostError {
     Notices(#[from] async_nats::SubscribeError),
 }
 
+/// The largest event a write may emit: what the events stream takes over this
+/// connection (the server's `max_payload`, the stream's largest message) less
+/// room for headers. A write whose event is larger is refused before commit (413).
+async fn event_limit(js: &jetstream::Context, config: &HostConfig) -> usize {
+    let limit = match crate::publish::event_limit(js, &config.subjects).await {
+        Ok(limit) => limit,
+        Err(e) => {
+            let configured = usize::try_from(config.streams.max_event_bytes).unwrap_or(0);
+            let limit = js
+                .client()
+                .max_payload()
+                .min(configured)
+                .saturating_sub(crate::publish::HEADER_ROOM);
+            tracing::warn!(error = %e, limit, "cannot read the events stream's limits; using the configured ones");
+            limit
+        }
+    };
+    tracing::info!(
+        max_event_bytes = limit,
+        "events larger than this are refused (413)"
+    );
+    limit
+}
+
 /// A running host.
 #[derive(Debug)]
 pub struct Host {
@@ -233,6 +257,7 @@ impl Host {
         store.migrate().await?;
         let js = jetstream::new(client.clone());
         crate::provision::provision(&js, &config.subjects, &config.streams).await?;
+        let store = store.with_max_event_bytes(event_limit(&js, &config).await);
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
         let (registry, registry_task) = Registry::start(

@@ -136,7 +136,7 @@ impl Store {
         // The entries as stored, and their events, all in one statement.
         let envelopes = batch.created(self, inputs, &entities, &inserted, &value_ids);
         for chunk in envelopes.chunks(ROWS_PER_STATEMENT) {
-            outbox::insert_envelopes(&mut tx, chunk).await?;
+            outbox::insert_envelopes_within(&mut tx, chunk, self.max_event_bytes).await?;
         }
         if envelopes.is_empty() {
             // Nothing written: no commit, no relay wake-up.
@@ -196,7 +196,7 @@ impl Store {
             .iter()
             .zip(&inserted)
             .map(|(env, (_, id))| {
-                let row = outbox::envelope_row(env)?;
+                let row = outbox::envelope_row(env, self.max_event_bytes)?;
                 Ok(serde_json::json!({
                     "entry_id": id, "event_id": row.event_id, "hook": row.hook,
                     "entity": row.entity, "object": row.object,

@@ -86,6 +86,19 @@ pub enum StoreError {
     /// A migration failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The change's event is larger than the event bus takes
+    /// ([`Store::with_max_event_bytes`]); nothing was written.
+    #[error(
+        "the {hook} event of this change would be {size} bytes; events travel by value and may be at most {limit} bytes (the NATS server's max_payload or the events stream's max message size, less room for headers): shorten the notes or values"
+    )]
+    EventTooLarge {
+        /// The event's hook, e.g. `entry.after_update`.
+        hook: String,
+        /// The envelope's size in bytes.
+        size: usize,
+        /// The largest envelope allowed, bytes.
+        limit: usize,
+    },
 }
 
 /// Who makes a change and the trace it belongs to; carried into the event.
@@ -109,6 +122,8 @@ pub struct Store {
     outbox_written: Arc<Notify>,
     source: Arc<str>,
     url: Arc<str>,
+    /// Largest event envelope a write may emit (`None`: no limit).
+    max_event_bytes: Option<usize>,
 }
 
 /// Default CloudEvents `source` of events written by the store.
@@ -173,6 +188,7 @@ impl Store {
             outbox_written: Arc::new(Notify::new()),
             source: DEFAULT_SOURCE.into(),
             url: url.as_str().into(),
+            max_event_bytes: None,
         })
     }
 
@@ -181,6 +197,23 @@ impl Store {
     pub fn with_source(mut self, source: &str) -> Store {
         self.source = source.into();
         self
+    }
+
+    /// Refuses, before commit, every write whose event envelope (the JSON the
+    /// relay publishes) would be larger than `limit` bytes, with
+    /// [`StoreError::EventTooLarge`]: an event the event bus cannot take must
+    /// not be committed, or the change would reach no plugin. The host sets it
+    /// from the NATS server's `max_payload` and the events stream's largest
+    /// message, less room for headers (`hookbus::publish::event_limit`).
+    #[must_use]
+    pub fn with_max_event_bytes(mut self, limit: usize) -> Store {
+        self.max_event_bytes = Some(limit);
+        self
+    }
+
+    /// The limit set with [`Store::with_max_event_bytes`].
+    pub fn max_event_bytes(&self) -> Option<usize> {
+        self.max_event_bytes
     }
 
     /// Creates or upgrades the tables (the checked-in migrations of this backend).

@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 
 use sqlx::{AnyConnection, AnyPool, Row};
 
-use super::StoreError;
+use super::{Backend, StoreError};
 use crate::envelope::Envelope;
 
 /// One outbox row as the relay reads it.
@@ -74,6 +74,20 @@ pub async fn insert_envelopes<D: serde::Serialize>(
     conn: &mut AnyConnection,
     envs: &[Envelope<D>],
 ) -> Result<(), StoreError> {
+    insert_envelopes_within(conn, envs, None).await
+}
+
+/// As [`insert_envelopes`], refusing (before anything is inserted) an envelope
+/// larger than `max_bytes` with [`StoreError::EventTooLarge`].
+///
+/// # Errors
+///
+/// As [`insert_envelope`], and [`StoreError::EventTooLarge`].
+pub async fn insert_envelopes_within<D: serde::Serialize>(
+    conn: &mut AnyConnection,
+    envs: &[Envelope<D>],
+    max_bytes: Option<usize>,
+) -> Result<(), StoreError> {
     if envs.is_empty() {
         return Ok(());
     }
@@ -82,9 +96,12 @@ pub async fn insert_envelopes<D: serde::Serialize>(
         super::values_rows(envs.len(), 6, 1, "")
     );
     // One event's statement is always the same: keep it prepared.
+    let rows = envs
+        .iter()
+        .map(|env| envelope_row(env, max_bytes))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(envs.len() == 1);
-    for env in envs {
-        let row = envelope_row(env)?;
+    for row in rows {
         q = q
             .bind(row.event_id)
             .bind(row.hook)
@@ -108,15 +125,24 @@ pub(super) struct EnvelopeRow {
 }
 
 /// An event's outbox row: its envelope serialized, and the columns the relay
-/// reads without parsing it.
+/// reads without parsing it; [`StoreError::EventTooLarge`] when the envelope is
+/// larger than `max_bytes`.
 pub(super) fn envelope_row<D: serde::Serialize>(
     env: &Envelope<D>,
+    max_bytes: Option<usize>,
 ) -> Result<EnvelopeRow, StoreError> {
     let payload = serde_json::to_string(env)
         .map_err(|e| StoreError::Invalid(vec![format!("event cannot be serialized: {e}")]))?;
     let hook = env.hook().ok_or_else(|| {
         StoreError::Invalid(vec![format!("unknown event type '{}'", env.event_type)])
     })?;
+    if let Some(limit) = max_bytes.filter(|limit| payload.len() > *limit) {
+        return Err(StoreError::EventTooLarge {
+            hook: hook.name().to_owned(),
+            size: payload.len(),
+            limit,
+        });
+    }
     Ok(EnvelopeRow {
         event_id: env.id.to_string(),
         hook: hook.name(),
@@ -298,6 +324,68 @@ pub async fn backlog(pool: &AnyPool) -> Result<Backlog, StoreError> {
     Ok(Backlog {
         rows,
         oldest_age_us,
+    })
+}
+
+/// The columns of `hookbus_outbox` the relay reads (and the host writes).
+pub const COLUMNS: [&str; 8] = [
+    "id",
+    "event_id",
+    "hook",
+    "entity",
+    "object",
+    "traceparent",
+    "payload",
+    "created_at",
+];
+
+/// What [`check_table`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableState {
+    /// The table has every column of [`COLUMNS`].
+    Ready,
+    /// There is no `hookbus_outbox` table (yet).
+    Missing,
+    /// The table lacks these columns.
+    MissingColumns(Vec<&'static str>),
+}
+
+/// Checks that `hookbus_outbox` exists with the columns of the contract
+/// (`docs/outbox.md`), creating nothing: the relay needs only this table,
+/// whoever created it (`hookbus migrate`, or a host with the documented DDL).
+/// On PostgreSQL the table is looked up in the schemas of the search path.
+///
+/// # Errors
+///
+/// [`StoreError::Db`] when the query fails.
+pub async fn check_table(pool: &AnyPool, backend: Backend) -> Result<TableState, StoreError> {
+    let sql = match backend {
+        Backend::Sqlite => "SELECT name FROM pragma_table_info('hookbus_outbox')",
+        Backend::Postgres => {
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_name = 'hookbus_outbox' \
+             AND table_schema = (SELECT n.nspname::text FROM pg_catalog.pg_class c \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+               WHERE c.oid = to_regclass('hookbus_outbox'))"
+        }
+    };
+    let rows = sqlx::query(sql).fetch_all(pool).await?;
+    let mut found = BTreeSet::new();
+    for row in rows {
+        let name: String = row.try_get(0)?;
+        found.insert(name.to_lowercase());
+    }
+    if found.is_empty() {
+        return Ok(TableState::Missing);
+    }
+    let missing: Vec<&'static str> = COLUMNS
+        .into_iter()
+        .filter(|c| !found.contains(*c))
+        .collect();
+    Ok(if missing.is_empty() {
+        TableState::Ready
+    } else {
+        TableState::MissingColumns(missing)
     })
 }
 

@@ -315,7 +315,7 @@ impl Store {
                 user: ctx.user.clone(),
             },
         );
-        insert_event(conn, env, ctx).await
+        insert_event(conn, env, ctx, self.max_event_bytes).await
     }
 
     async fn emit_entry(
@@ -337,7 +337,7 @@ impl Store {
                 user: ctx.user.clone(),
             },
         );
-        insert_event(conn, env, ctx).await
+        insert_event(conn, env, ctx, self.max_event_bytes).await
     }
 
     /// Reads the changed entity, adds its event and commits.
@@ -921,9 +921,10 @@ async fn insert_event<D: Serialize>(
     conn: &mut AnyConnection,
     mut env: Envelope<D>,
     ctx: &WriteContext,
+    max_bytes: Option<usize>,
 ) -> Result<(), StoreError> {
     env.traceparent.clone_from(&ctx.traceparent);
-    outbox::insert_envelope(conn, &env).await
+    outbox::insert_envelopes_within(conn, std::slice::from_ref(&env), max_bytes).await
 }
 
 /// Takes the entity's row lock (PostgreSQL; SQLite holds the database lock) and

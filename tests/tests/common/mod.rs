@@ -299,6 +299,12 @@ pub async fn start_server(plugins: &[&str]) -> hookbus_tests::NatsServer {
     hookbus_tests::NatsServer::start_for(plugins).await
 }
 
+/// As [`start_server`], with more server configuration (`max_payload: …`),
+/// which overrides the production limits.
+pub async fn start_server_with(plugins: &[&str], extra: &str) -> hookbus_tests::NatsServer {
+    hookbus_tests::NatsServer::start_for_with(plugins, extra).await
+}
+
 /// A client of `user`, and the server errors (permission violations) it gets.
 pub async fn connect(
     server: &hookbus_tests::NatsServer,
