@@ -16,7 +16,11 @@ async fn main() -> ExitCode {
     match cli::main().await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("hookbus: error: {e:#}");
+            // Each cause once (many layers already print their cause).
+            eprintln!(
+                "hookbus: error: {}",
+                pagoda_plugin_sdk::run::error_chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
