@@ -13,7 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match cli::main().await {
+    match Box::pin(cli::main()).await {
         Ok(code) => code,
         Err(e) => {
             // Each cause once (many layers already print their cause).

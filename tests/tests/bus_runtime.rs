@@ -234,3 +234,284 @@ async fn plugin_reply_with_carriage_return_in_a_header_does_not_stop_the_bus() {
     );
     bus.stop().await.unwrap();
 }
+
+/// Environment variables the `hookbus` child processes must not inherit.
+const CHILD_ENV: [&str; 9] = [
+    "HOOKBUS_DATABASE_URL",
+    "HOOKBUS_HTTP_ADDR",
+    "ENABLED_PLUGINS",
+    "NATS_URL",
+    "NATS_USER",
+    "NATS_PASSWORD",
+    "PAGODA_SUBJECT_PREFIX",
+    "HOOKBUS_ALERT_INTERVAL",
+    "RUST_LOG",
+];
+
+/// `hookbus <args>` as `user` of the generated configuration, on `server`.
+fn hookbus_as(server: &NatsServer, user: &str, args: &[&str]) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(hookbus_tests::hookbus_binary());
+    for v in CHILD_ENV {
+        c.env_remove(v);
+    }
+    c.args(args)
+        .env("NATS_URL", server.url())
+        .env("NATS_USER", user)
+        .env("NATS_PASSWORD", password(user))
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+/// `hookbus health` as the bus user: (exit code, stdout, stderr).
+async fn health(server: &NatsServer, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec!["health"];
+    all.extend_from_slice(args);
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        hookbus_as(server, hookbus::nats_config::BUS_USER, &all).output(),
+    )
+    .await
+    .expect("hookbus health finished within 30 s")
+    .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The production set-up: `hookbus run` relaying an outbox and `hookbus health`,
+/// both as the generated bus user; an SDK plugin as its own user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_under_the_generated_permissions() {
+    init_tracing();
+    let server = start_server(&["h1"]).await;
+    let db = hookbus_tests::TestDb::sqlite();
+    let mut bus = hookbus_as(&server, hookbus::nats_config::BUS_USER, &["run"]);
+    let _bus = bus
+        .env("ENABLED_PLUGINS", "h1")
+        .env("HOOKBUS_HTTP_ADDR", "off")
+        .env("HOOKBUS_ALERT_INTERVAL", "200ms")
+        .env("HOOKBUS_DATABASE_URL", db.url())
+        .spawn()
+        .unwrap();
+    let (plugin_client, _) = connect(&server, "h1").await;
+    let plugin = pagoda_plugin_sdk::Plugin::builder("h1", "H1", "1.0.0")
+        .on_entry(Hook::EntryAfterCreate, "h", |_ctx| async { Ok(()) })
+        .build()
+        .unwrap();
+    let running = plugin
+        .serve(plugin_client, pagoda_plugin_sdk::ServeOptions::default())
+        .await
+        .unwrap();
+
+    // Polled: the plugin registers and the bus's first check runs meanwhile.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (code, stdout, stderr) = loop {
+        let answer = health(&server, &[]).await;
+        if answer.0 == Some(0) || tokio::time::Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}\n{}", server.log_tail(30));
+    assert!(stdout.contains("bus:    ok  NATS connected"), "{stdout}");
+    assert!(stdout.contains("relay:  publishing"), "{stdout}");
+    assert!(stdout.contains("\nhealthy\n"), "{stdout}");
+    running.shutdown().await.unwrap();
+}
+
+/// A plain queue-subscriber plugin (async-nats, no Services API: it answers no
+/// `$SRV.PING`) that the bus delivers to successfully is alive, not `NO REPLICA`;
+/// once a delivery finds it gone, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_subscriber_plugin_is_alive_by_its_deliveries() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut config = test_config(&["plain"]);
+    config.monitor.interval = Duration::from_millis(100);
+    config.monitor.ping_timeout = Duration::from_millis(150);
+    let bus = hookbus::run::Bus::start(client.clone(), config)
+        .await
+        .unwrap();
+    let log = CallLog::default();
+    let mut plugin = TestPlugin::new("plain", &log).handler("h", Hook::EntryAfterCreate, None, 100);
+    plugin.start(&client).await;
+    wait_registered(&bus, &["plain"]).await;
+    let publisher = Publisher::new(js.clone(), Subjects::default());
+    publisher
+        .publish(&entry_event(Hook::EntryAfterCreate, "customer", 1))
+        .await
+        .unwrap();
+    assert_eventually!(bus.stats.events_acked.get() == 1, WAIT);
+    assert_eq!(log.count("plain", "h"), 1);
+
+    // Checks after the delivery: pinged, no replica answers, yet alive.
+    let checks = bus.health.checks();
+    assert_eventually!(bus.health.checks() >= checks + 3, WAIT);
+    let report = bus.health.report();
+    let p = &report.plugins["plain"];
+    assert_eq!(p.replicas, Some(0), "{p:?}");
+    assert!(p.delivering, "{p:?}");
+    assert!(report.alerts.is_empty(), "{:?}", report.alerts);
+    let mut ops = hookbus::ops::Ops::new(client.clone(), Subjects::default());
+    ops.timeout = Duration::from_millis(300);
+    let health = hookbus::ops::health::check(&ops).await.unwrap();
+    assert!(health.healthy, "{:?}", health.problems);
+    assert_eq!(health.plugins[0].status, "ok");
+    assert!(
+        health.notes[0].contains("plain answers no $SRV.PING"),
+        "{:?}",
+        health.notes
+    );
+
+    // Gone: the next delivery finds no responders (deferred), and it is NO REPLICA.
+    plugin.stop();
+    publisher
+        .publish(&entry_event(Hook::EntryAfterCreate, "customer", 2))
+        .await
+        .unwrap();
+    assert_eventually!(bus.stats.deferred.get() == 1, WAIT);
+    assert_eventually!(
+        bus.health
+            .report()
+            .alerts
+            .iter()
+            .any(|a| a.plugin == "plain" && a.kind == hookbus::monitor::AlertKind::NoReplica),
+        WAIT
+    );
+    let health = hookbus::ops::health::check(&ops).await.unwrap();
+    assert!(!health.healthy);
+    assert_eq!(health.plugins[0].status, "NO REPLICA");
+    bus.stop().await.unwrap();
+}
+
+/// A binary next to the test executable (`target/<profile>/<name>`).
+fn binary(name: &str) -> std::path::PathBuf {
+    let bin = hookbus_tests::hookbus_binary().with_file_name(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --workspace --bins`",
+        bin.display()
+    );
+    bin
+}
+
+/// Every binary answers `--help` and exits 0 without connecting (the URL given
+/// leads nowhere); a plugin binary refuses an argument it does not take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_binary_answers_help_without_connecting() {
+    for (bin, expected) in [
+        ("hookbus", "--nats-url"),
+        ("hello-world", "HELLO_PRIORITY"),
+        ("audit-log", "AUDIT_LOG_PATH"),
+        ("flaky", "FLAKY_MODE"),
+    ] {
+        let mut cmd = tokio::process::Command::new(binary(bin));
+        for v in CHILD_ENV {
+            cmd.env_remove(v);
+        }
+        let out = tokio::time::timeout(
+            Duration::from_secs(10),
+            cmd.arg("--help")
+                .env("NATS_URL", "nats://127.0.0.1:1")
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{bin} --help did not exit: it started instead"))
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{bin}: {stdout}");
+        assert!(stdout.contains("Usage:"), "{bin}: {stdout}");
+        assert!(stdout.contains(expected), "{bin}: {stdout}");
+        if bin != "hookbus" {
+            assert!(stdout.contains("NATS_URL"), "{bin}: {stdout}");
+            let out = tokio::process::Command::new(binary(bin))
+                .arg("--nats-url=x")
+                .kill_on_drop(true)
+                .output()
+                .await
+                .unwrap();
+            assert_eq!(out.status.code(), Some(2), "{bin}");
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("unexpected argument '--nats-url=x'")
+            );
+        }
+    }
+}
+
+/// `hookbus run` stops within a bound after SIGTERM even when NATS is gone
+/// (it took more than 10 s, waiting for requests that could not be answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hookbus_run_stops_quickly_when_nats_is_gone() {
+    init_tracing();
+    let mut server = start_server(&["p"]).await;
+    let (host, _) = connect(&server, hookbus::nats_config::HOST_USER).await;
+    let db = hookbus_tests::TestDb::sqlite();
+    let mut bus = hookbus_as(&server, hookbus::nats_config::BUS_USER, &["run"])
+        .env("ENABLED_PLUGINS", "p")
+        .env("HOOKBUS_HTTP_ADDR", "off")
+        .env("HOOKBUS_DATABASE_URL", db.url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Running: it answers, and its dispatcher holds the lease.
+    assert_eventually!(
+        host.request("pagoda.bus.health", bytes::Bytes::new())
+            .await
+            .ok()
+            .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r.payload).ok())
+            .is_some_and(|h| h["dispatcher_running"] == true),
+        WAIT
+    );
+    server.kill();
+    let pid = rustix::process::Pid::from_raw(i32::try_from(bus.id().unwrap()).unwrap()).unwrap();
+    let asked = std::time::Instant::now();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), bus.wait())
+        .await
+        .expect("hookbus run exited")
+        .unwrap();
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "hookbus run took {took:?} to stop ({status})"
+    );
+}
+
+/// A refused password: the cause is said once, not once per layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_password_is_reported_once() {
+    let server = start_server(&[]).await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        hookbus_as(&server, hookbus::nats_config::BUS_USER, &["health"])
+            .env("NATS_PASSWORD", "wrong")
+            .output(),
+    )
+    .await
+    .expect("hookbus health gave up")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("hookbus: error: "))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(line.contains("cannot connect to NATS at"), "{line}");
+    assert_eq!(
+        line.to_lowercase()
+            .matches("authorization violation")
+            .count(),
+        1,
+        "{line}"
+    );
+}

@@ -89,6 +89,8 @@ pub struct DispatchStats {
     pub handlers: crate::metrics::HandlerStatsMap,
     /// Per plugin: deferred deliveries, replicas, degraded.
     pub plugins: crate::metrics::PluginStatsMap,
+    /// Panics of the bus's long-lived tasks, by task ([`crate::supervise`]).
+    pub task_panics: Arc<crate::supervise::TaskPanics>,
     /// Dispatchers of this bus taking events (one per partition it holds).
     #[serde(skip)]
     running: std::sync::atomic::AtomicUsize,
@@ -662,7 +664,15 @@ impl Dispatcher {
             lanes: Arc::new(Lanes::default()),
             permits: Arc::new(Semaphore::new(settings.max_parallel_objects.max(1))),
         };
-        let keepalive = tokio::spawn(keep_alive(dispatcher.lanes.clone(), ctx.clone()));
+        let keepalive = {
+            let (lanes, ctx) = (dispatcher.lanes.clone(), ctx.clone());
+            crate::supervise::spawn_supervised(
+                "dispatcher keepalive",
+                ctx.stats.task_panics.clone(),
+                shutdown.clone(),
+                move || keep_alive(lanes.clone(), ctx.clone()),
+            )
+        };
         let pull = consumer
             .stream()
             .max_messages_per_batch(settings.max_in_flight.clamp(1, 512))
