@@ -138,9 +138,10 @@ pub struct MonitorSettings {
     /// this old, or the relay cannot publish.
     pub relay_backlog_age: Duration,
     /// A plugin that answers no `$SRV.PING` (a plain queue subscriber, not a
-    /// Services API service) counts as alive while its last successful delivery
-    /// is at most this old and no delivery found it absent ("no responders")
-    /// since. Needs [`DispatcherSettings::metrics`].
+    /// Services API service: none of its replicas answered since the bus started)
+    /// counts as alive while its last successful delivery is at most this old and
+    /// no delivery found it absent ("no responders") since. Needs
+    /// [`DispatcherSettings::metrics`].
     pub alive_window: Duration,
 }
 

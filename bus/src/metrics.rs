@@ -350,6 +350,9 @@ pub struct PluginStats {
     /// True while the plugin is degraded (failing continuously for
     /// [`MonitorSettings::degraded_after`](crate::config::MonitorSettings::degraded_after)).
     pub degraded: AtomicBool,
+    /// True once a replica has answered the monitor's `$SRV.PING` (a Services API
+    /// plugin): its replicas are counted by PING only, never by its deliveries.
+    pub answered_ping: AtomicBool,
 }
 
 impl PluginStats {
@@ -358,6 +361,7 @@ impl PluginStats {
             deferred: Mutex::default(),
             replicas: AtomicI64::new(-1),
             degraded: AtomicBool::new(false),
+            answered_ping: AtomicBool::new(false),
         }
     }
 

@@ -151,10 +151,10 @@ pub struct PluginHealth {
     pub failing_since: Option<String>,
     /// Events the bus has not finished plus the plugin's deferred deliveries.
     pub lag: u64,
-    /// Alive by its deliveries: a successful one within
-    /// [`MonitorSettings::alive_window`] and none found it absent since. A plugin
-    /// answering no `$SRV.PING` (a plain queue subscriber) with this true is not
-    /// reported without replica.
+    /// Alive by its deliveries: it never answered `$SRV.PING` since the bus
+    /// started (a plain queue subscriber), had a successful delivery within
+    /// [`MonitorSettings::alive_window`] and none found it absent since. Such a
+    /// plugin is not reported without replica.
     #[serde(default)]
     pub delivering: bool,
 }
@@ -354,7 +354,10 @@ impl Health {
                     last_error,
                     failing_since: rfc3339(failing_since),
                     lag: handler_lag(sampled, p.as_deref()),
-                    delivering: delivering(&handlers, now, self.settings.alive_window),
+                    delivering: !p
+                        .as_ref()
+                        .is_some_and(|p| p.answered_ping.load(Ordering::Relaxed))
+                        && delivering(&handlers, now, self.settings.alive_window),
                 },
             );
         }
@@ -460,7 +463,12 @@ impl Health {
                 Ok(n) => {
                     let n = i64::try_from(n).unwrap_or(i64::MAX);
                     p.replicas.store(n, Ordering::Relaxed);
-                    let alive = n > 0 || delivering(&handlers, now, s.alive_window);
+                    if n > 0 {
+                        p.answered_ping.store(true, Ordering::Relaxed);
+                    }
+                    let alive = n > 0
+                        || (!p.answered_ping.load(Ordering::Relaxed)
+                            && delivering(&handlers, now, s.alive_window));
                     set(AlertKind::NoReplica, Some(!alive), n as f64, 1.0);
                 }
                 Err(e) => {
@@ -611,7 +619,7 @@ fn alert_message(
     match (kind, firing) {
         (AlertKind::NoReplica, true) => {
             format!(
-                "plugin '{plugin}' has no replica answering $SRV.PING and no recent successful delivery; its deliveries are deferred"
+                "plugin '{plugin}' has no replica answering $SRV.PING; its deliveries are deferred"
             )
         }
         (AlertKind::NoReplica, false) => format!("plugin '{plugin}' has a replica again"),

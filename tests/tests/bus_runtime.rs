@@ -515,3 +515,52 @@ async fn a_refused_password_is_reported_once() {
         "{line}"
     );
 }
+
+/// A Services API plugin (the SDK) is counted by `$SRV.PING` only: once it stops,
+/// it is `NO REPLICA` at once, recent successful deliveries or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_plugin_that_stops_is_no_replica_despite_recent_deliveries() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let mut config = test_config(&["svc"]);
+    config.monitor.interval = Duration::from_millis(100);
+    config.monitor.ping_timeout = Duration::from_millis(150);
+    let bus = hookbus::run::Bus::start(client.clone(), config)
+        .await
+        .unwrap();
+    let plugin = pagoda_plugin_sdk::Plugin::builder("svc", "Svc", "1.0.0")
+        .on_entry(Hook::EntryAfterCreate, "h", |_ctx| async { Ok(()) })
+        .build()
+        .unwrap();
+    let running = plugin
+        .serve(
+            server.connect().await,
+            pagoda_plugin_sdk::ServeOptions::default(),
+        )
+        .await
+        .unwrap();
+    wait_registered(&bus, &["svc"]).await;
+    Publisher::new(js.clone(), Subjects::default())
+        .publish(&entry_event(Hook::EntryAfterCreate, "customer", 1))
+        .await
+        .unwrap();
+    assert_eventually!(bus.stats.events_acked.get() == 1, WAIT);
+    assert_eventually!(bus.health.report().plugins["svc"].replicas == Some(1), WAIT);
+    running.shutdown().await.unwrap();
+    assert_eventually!(
+        bus.health
+            .report()
+            .alerts
+            .iter()
+            .any(|a| a.plugin == "svc" && a.kind == hookbus::monitor::AlertKind::NoReplica),
+        WAIT
+    );
+    assert!(!bus.health.report().plugins["svc"].delivering);
+    let mut ops = hookbus::ops::Ops::new(client.clone(), Subjects::default());
+    ops.timeout = Duration::from_millis(300);
+    let health = hookbus::ops::health::check(&ops).await.unwrap();
+    assert_eq!(health.plugins[0].status, "NO REPLICA");
+    bus.stop().await.unwrap();
+}

@@ -160,7 +160,7 @@ pub async fn check(ops: &Ops) -> Result<HealthReport, OpsError> {
             (false, None, _) => "unknown",
             (true, Some(_), Some(0)) if !delivering => {
                 problems.push(format!(
-                    "plugin {id} has no replica answering $SRV.PING.{id} and no recent successful delivery; its deliveries are deferred"
+                    "plugin {id} has no replica answering $SRV.PING.{id}; its deliveries are deferred"
                 ));
                 "NO REPLICA"
             }
