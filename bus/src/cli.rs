@@ -441,12 +441,18 @@ async fn host(client: async_nats::Client, subjects: Subjects, args: HostArgs) ->
     if config.enabled_plugins.is_empty() {
         tracing::warn!("ENABLED_PLUGINS is empty: no plugin hook will run");
     }
-    let host = hookbus::host::Host::start(client, config).await?;
+    let mut host = hookbus::host::Host::start(client, config).await?;
     tracing::info!(addr = %host.addr(), "host started");
-    wait_for_signal().await;
+    let panicked = tokio::select! {
+        () = wait_for_signal() => None,
+        message = host.panicked() => Some(message),
+    };
     tracing::info!("shutting down");
     host.stop().await;
-    Ok(())
+    match panicked {
+        Some(message) => anyhow::bail!("a task of the host panicked: {message}"),
+        None => Ok(()),
+    }
 }
 
 /// `hookbus token create`: no NATS needed.

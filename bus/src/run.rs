@@ -184,6 +184,13 @@ impl Bus {
         self.http_addr
     }
 
+    /// Watches `task` (a long-lived task of the embedding program) with the bus's
+    /// own: when it panics, the bus stops and [`Bus::wait`] returns
+    /// [`RunError::Panicked`], the panic counted under `name`.
+    pub fn watch(&mut self, name: &'static str, task: JoinHandle<()>) {
+        self.others.push((name, task));
+    }
+
     /// A token that stops the bus when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()

@@ -202,7 +202,8 @@ async fn plugin_reply_with_carriage_return_in_a_header_does_not_stop_the_bus() {
     .expect("validation answered")
     .unwrap();
     assert!(outcome.skipped.is_empty(), "{:?}", outcome.skipped);
-    assert_eq!(plugin.answered.load(Ordering::SeqCst), 2);
+    // Counted after its write returns, which may be after the answer arrived.
+    assert_eventually!(plugin.answered.load(Ordering::SeqCst) == 2, WAIT);
 
     // Both connections still work: the bus dispatches on, the host validates on.
     publisher
@@ -563,4 +564,33 @@ async fn services_plugin_that_stops_is_no_replica_despite_recent_deliveries() {
     let health = hookbus::ops::health::check(&ops).await.unwrap();
     assert_eq!(health.plugins[0].status, "NO REPLICA");
     bus.stop().await.unwrap();
+}
+
+/// A watched task that panics stops the bus with an error (`hookbus run` exits 1),
+/// counted, instead of being silently gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_watched_task_stops_the_bus_with_an_error() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let mut bus = start_bus(&client, &[]).await;
+    let stats = bus.stats.clone();
+    let (go, ready) = tokio::sync::oneshot::channel::<()>();
+    bus.watch(
+        "test task",
+        tokio::spawn(async move {
+            let _ = ready.await;
+            panic!("on purpose");
+        }),
+    );
+    let _ = go.send(());
+    let result = tokio::time::timeout(WAIT, bus.wait())
+        .await
+        .expect("the bus stopped");
+    let Err(hookbus::run::RunError::Panicked(message)) = result else {
+        panic!("expected Panicked, got {result:?}");
+    };
+    assert_eq!(message, "test task: on purpose");
+    assert_eq!(stats.task_panics.get("test task"), 1);
+    assert!(!stats.is_running());
 }
