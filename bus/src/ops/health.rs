@@ -339,3 +339,40 @@ fn role(b: &crate::monitor::BusHealth) -> String {
         _ => "NOT RUNNING".to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render_text(report: &HealthReport) -> String {
+        let mut out = Vec::new();
+        render(report, false, &mut out).unwrap_or_else(|e| panic!("{e}"));
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Without an answer from the bus, its relay is unknown, not "not run".
+    #[test]
+    fn silent_bus_leaves_the_relay_unknown() {
+        let mut report = HealthReport {
+            healthy: false,
+            problems: vec!["no answer".to_owned()],
+            warnings: Vec::new(),
+            notes: Vec::new(),
+            bus: None,
+            backlog: None,
+            plugins: Vec::new(),
+        };
+        let text = render_text(&report);
+        assert!(text.contains("bus:    NOT ANSWERING"), "{text}");
+        assert!(
+            text.contains("relay:  unknown (the bus did not answer)"),
+            "{text}"
+        );
+        report.bus = Some(BusHealth::default());
+        let text = render_text(&report);
+        assert!(
+            text.contains("relay:  not run by this bus (no HOOKBUS_DATABASE_URL)"),
+            "{text}"
+        );
+    }
+}
