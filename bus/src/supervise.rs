@@ -96,6 +96,33 @@ pub(crate) fn panicked(
     Some(message)
 }
 
+/// Held by a short-lived task that cannot simply start again (a dispatcher lane:
+/// restarting it would break the order of its object's events): when the task
+/// unwinds from a panic, the panic is logged and counted under `task`, `failed`
+/// is set and `stop` cancelled, so that its owner stops with an error.
+pub struct StopOnPanic {
+    /// The name the panic is counted under.
+    pub task: &'static str,
+    /// Where it is counted.
+    pub panics: Arc<TaskPanics>,
+    /// Set when the task panicked.
+    pub failed: Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled when the task panicked.
+    pub stop: CancellationToken,
+}
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.panics.record(self.task);
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Release);
+            tracing::error!(task = self.task, "task panicked; stopping its owner");
+            self.stop.cancel();
+        }
+    }
+}
+
 /// Aborts the task when dropped (the supervisor was aborted or dropped).
 struct AbortOnDrop(JoinHandle<()>);
 
@@ -198,6 +225,37 @@ mod tests {
             .await
             .expect("ends at shutdown")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn stop_on_panic_stops_the_owner_and_counts() {
+        let panics = Arc::new(TaskPanics::default());
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = CancellationToken::new();
+        let guard = |task| StopOnPanic {
+            task,
+            panics: panics.clone(),
+            failed: failed.clone(),
+            stop: stop.clone(),
+        };
+        // Ending normally changes nothing.
+        let fine = guard("lane");
+        tokio::spawn(async move {
+            let _guard = fine;
+        })
+        .await
+        .unwrap();
+        assert!(!stop.is_cancelled());
+        let lane = guard("lane");
+        let result = tokio::spawn(async move {
+            let _guard = lane;
+            panic!("on purpose");
+        })
+        .await;
+        assert!(result.unwrap_err().is_panic());
+        assert!(stop.is_cancelled());
+        assert!(failed.load(std::sync::atomic::Ordering::Acquire));
+        assert_eq!(panics.get("lane"), 1);
     }
 
     #[tokio::test]

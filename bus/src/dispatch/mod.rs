@@ -335,6 +335,8 @@ pub(crate) struct Ctx {
     stats: Arc<DispatchStats>,
     deferrals: Deferrals,
     partition: Partition,
+    /// Set when a lane task panicked: the dispatcher stops with an error.
+    lane_panicked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Ctx {
@@ -655,6 +657,7 @@ impl Dispatcher {
             stats,
             deferrals: Deferrals::default(),
             partition,
+            lane_panicked: Arc::default(),
         });
         if let Err(e) = ctx.resume_deferred().await {
             tracing::warn!(error = %e, "could not read deferred deliveries at start; they resume with the next deferral");
@@ -735,6 +738,12 @@ impl Dispatcher {
             .is_err()
         {
             tracing::warn!("shutdown grace period over; unfinished events will be redelivered");
+        }
+        if ctx.lane_panicked.load(Ordering::Acquire) {
+            return Err(DispatchError {
+                what: "a lane task panicked (see the log); the dispatcher stopped",
+                source: "task panicked".into(),
+            });
         }
         Ok(())
     }
@@ -821,7 +830,17 @@ impl Dispatcher {
         let ctx = self.ctx.clone();
         let lanes = self.lanes.clone();
         let permits = self.permits.clone();
+        // A panic here would leave the object's lane (and its unacked events)
+        // stuck for good: it stops the dispatcher with an error instead, so that
+        // the events are redelivered in order to the next one.
+        let guard = crate::supervise::StopOnPanic {
+            task: "dispatcher lane",
+            panics: self.ctx.stats.task_panics.clone(),
+            failed: self.ctx.lane_panicked.clone(),
+            stop: self.ctx.shutdown.clone(),
+        };
         self.ctx.tracker.spawn(async move {
+            let _guard = guard;
             let Ok(_permit) = permits.acquire_owned().await else {
                 return;
             };
