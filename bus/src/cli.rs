@@ -278,9 +278,19 @@ pub(crate) async fn main() -> Result<ExitCode> {
         cli.nats_user.as_deref(),
         cli.nats_password.as_deref(),
     );
+    // The daemons wait for NATS to come up; the one-shot commands say at once
+    // why they cannot connect (refused password, nothing listening, …).
+    let daemon = matches!(
+        cli.command,
+        Command::Run { .. } | Command::Relay { .. } | Command::Host(_)
+    );
+    let options = if daemon {
+        options.retry_on_initial_connect()
+    } else {
+        options
+    };
     let client = options
         .name("hookbus")
-        .retry_on_initial_connect()
         .connect(&cli.nats_url)
         .await
         .with_context(|| format!("cannot connect to NATS at {}", cli.nats_url))?;
@@ -316,12 +326,6 @@ pub(crate) async fn main() -> Result<ExitCode> {
                 tracing::info!("shutting down");
                 token.cancel();
             });
-            tokio::spawn(hookbus::nats_config::run_consumer_guard(
-                jetstream::new(client.clone()),
-                config.subjects.clone(),
-                Duration::from_secs(10),
-                shutdown.clone(),
-            ));
             config.database_url = database_url;
             hookbus::run::run(client.clone(), config, shutdown).await?;
             ExitCode::SUCCESS
@@ -454,8 +458,13 @@ pub(crate) async fn main() -> Result<ExitCode> {
         }
         Command::NatsConfig(_) | Command::Token(_) => ExitCode::SUCCESS,
     };
-    if let Err(e) = client.drain().await {
-        tracing::debug!(error = %e, "drain failed");
+    // Flush what is left, briefly: with NATS gone there is nothing to flush to.
+    if client.connection_state() == async_nats::connection::State::Connected {
+        match tokio::time::timeout(Duration::from_secs(2), client.drain()).await {
+            Ok(Err(e)) => tracing::debug!(error = %e, "drain failed"),
+            Err(_) => tracing::debug!("drain did not finish in 2 s"),
+            Ok(Ok(())) => {}
+        }
     }
     Ok(code)
 }
@@ -480,12 +489,18 @@ async fn host(client: async_nats::Client, subjects: Subjects, args: HostArgs) ->
     if config.enabled_plugins.is_empty() {
         tracing::warn!("ENABLED_PLUGINS is empty: no plugin hook will run");
     }
-    let host = hookbus::host::Host::start(client, config).await?;
+    let mut host = hookbus::host::Host::start(client, config).await?;
     tracing::info!(addr = %host.addr(), "host started");
-    wait_for_signal().await;
+    let panicked = tokio::select! {
+        () = wait_for_signal() => None,
+        message = host.panicked() => Some(message),
+    };
     tracing::info!("shutting down");
     host.stop().await;
-    Ok(())
+    match panicked {
+        Some(message) => anyhow::bail!("a task of the host panicked: {message}"),
+        None => Ok(()),
+    }
 }
 
 /// `hookbus token create`: no NATS needed.

@@ -137,6 +137,12 @@ pub struct MonitorSettings {
     /// Fire `backlog` (plugin `_relay`) when the oldest unpublished outbox row is
     /// this old, or the relay cannot publish.
     pub relay_backlog_age: Duration,
+    /// A plugin that answers no `$SRV.PING` (a plain queue subscriber, not a
+    /// Services API service: none of its replicas answered since the bus started)
+    /// counts as alive while its last successful delivery is at most this old and
+    /// no delivery found it absent ("no responders") since. Needs
+    /// [`DispatcherSettings::metrics`].
+    pub alive_window: Duration,
 }
 
 impl Default for MonitorSettings {
@@ -150,6 +156,7 @@ impl Default for MonitorSettings {
             lag_events: 10_000,
             degraded_after: Duration::from_secs(3600),
             relay_backlog_age: Duration::from_secs(60),
+            alive_window: Duration::from_secs(3600),
         }
     }
 }

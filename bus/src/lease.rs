@@ -171,6 +171,8 @@ impl Lease {
         let lease = self.clone();
         let (lost2, stop2) = (lost.clone(), stop.clone());
         let task = tokio::spawn(async move {
+            // A panic here must not leave the holder believing it holds the lease.
+            let _lost_on_panic = LostOnPanic(lost2.clone(), lease.key.clone());
             let mut revision = revision;
             let mut renewed = Instant::now();
             // Give up well before the server could expire the key.
@@ -229,5 +231,18 @@ impl Held {
     pub async fn release(self) {
         self.stop.cancel();
         let _ = self.task.await;
+    }
+}
+
+/// Marks the lease lost when its keeper task unwinds from a panic (it would no
+/// longer be renewed, and another bus could take it while this one dispatches).
+struct LostOnPanic(CancellationToken, String);
+
+impl Drop for LostOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(lease = %self.1, "lease keeper panicked; the lease is given up");
+            self.0.cancel();
+        }
     }
 }

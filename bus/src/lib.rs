@@ -19,6 +19,7 @@
 //! | per-user NATS permissions (`hookbus nats-config`) | [`nats_config`] |
 //! | `hookbus replay`: stored events to stdout or re-delivered to a handler | [`replay_cmd`] |
 //! | the reference host: `/api/v2` over the model store, plugin API routes, jobs | [`host`] |
+//! | long-lived tasks restarted after a panic, and counted | [`supervise`] |
 //! | the daemon: everything above under one shutdown | [`run`] |
 //!
 //! The `hookbus` binary is a thin `main` over [`run::run`] and the inspection
@@ -44,6 +45,7 @@ pub mod registry;
 pub mod relay;
 pub mod replay_cmd;
 pub mod run;
+pub mod supervise;
 pub mod sync_hooks;
 
 pub use config::BusConfig;

@@ -13,10 +13,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match cli::main().await {
+    match Box::pin(cli::main()).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("hookbus: error: {e:#}");
+            // Each cause once (many layers already print their cause).
+            eprintln!(
+                "hookbus: error: {}",
+                pagoda_plugin_sdk::run::error_chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

@@ -125,6 +125,9 @@ pub struct HandlerStats {
     pub last_error_ms: AtomicI64,
     /// Unix milliseconds of the first failure since the last success (0 = not failing).
     pub failing_since_ms: AtomicI64,
+    /// Unix milliseconds of the last attempt that found no replica subscribed ("no
+    /// responders"; 0 = never).
+    pub last_absent_ms: AtomicI64,
     last_error: Mutex<String>,
 }
 
@@ -144,6 +147,7 @@ impl HandlerStats {
             last_success_ms: AtomicI64::new(0),
             last_error_ms: AtomicI64::new(0),
             failing_since_ms: AtomicI64::new(0),
+            last_absent_ms: AtomicI64::new(0),
             last_error: Mutex::new(String::new()),
         }
     }
@@ -175,6 +179,11 @@ impl HandlerStats {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         error.clone_into(&mut last);
+    }
+
+    /// Records an attempt that found no replica subscribed.
+    pub(crate) fn absent(&self) {
+        self.last_absent_ms.store(now_ms(), Ordering::Relaxed);
     }
 
     /// Records a dead letter.
@@ -278,32 +287,93 @@ impl Serialize for HandlerStatsMap {
     }
 }
 
+/// Deliveries waiting in the deferred stream for one plugin, as one dispatcher
+/// (one partition) counts them. Never wraps: it is raised before a delivery is
+/// appended to the stream ([`DeferredGauge::counted`]), so the drainer, which
+/// lowers it once the delivery is done, cannot lower it first; and it stops at
+/// 0 and at `u64::MAX` whatever the order.
+#[derive(Debug, Default)]
+pub struct DeferredGauge(AtomicU64);
+
+impl DeferredGauge {
+    /// Deliveries waiting.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// `n` more deliveries waiting.
+    pub(crate) fn add(&self, n: u64) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_add(n))
+            });
+    }
+
+    /// One delivery done (never below 0).
+    pub(crate) fn done(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_sub(1))
+            });
+    }
+
+    /// Counts one delivery, then runs `append` (which appends it to the stream);
+    /// takes the count back when `append` fails.
+    ///
+    /// # Errors
+    ///
+    /// `append`'s.
+    pub(crate) async fn counted<T, E>(
+        &self,
+        append: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        self.add(1);
+        let result = append.await;
+        if result.is_err() {
+            self.done();
+        }
+        result
+    }
+}
+
 /// Per-plugin state of the bus.
 #[derive(Debug, Default)]
 pub struct PluginStats {
-    /// Deliveries waiting in the deferred stream for this plugin (the dispatcher's own
-    /// deferral counter).
-    deferred: OnceLock<Arc<AtomicU64>>,
+    /// The deferral gauges of the plugin's dispatchers (one per partition this
+    /// bus dispatches; a dispatcher that stopped drops its own).
+    deferred: Mutex<Vec<std::sync::Weak<DeferredGauge>>>,
     /// Replicas that answered the last `$SRV.PING.<plugin>` of the monitor (-1 = not
     /// checked yet).
     pub replicas: AtomicI64,
     /// True while the plugin is degraded (failing continuously for
     /// [`MonitorSettings::degraded_after`](crate::config::MonitorSettings::degraded_after)).
     pub degraded: AtomicBool,
+    /// True once a replica has answered the monitor's `$SRV.PING` (a Services API
+    /// plugin): its replicas are counted by PING only, never by its deliveries.
+    pub answered_ping: AtomicBool,
 }
 
 impl PluginStats {
     fn new() -> Self {
         PluginStats {
-            deferred: OnceLock::new(),
+            deferred: Mutex::default(),
             replicas: AtomicI64::new(-1),
             degraded: AtomicBool::new(false),
+            answered_ping: AtomicBool::new(false),
         }
     }
 
-    /// Deliveries waiting for this plugin in the deferred stream.
+    /// Deliveries waiting for this plugin in the deferred stream (all the
+    /// dispatchers of this bus).
     pub fn deferred(&self) -> u64 {
-        self.deferred.get().map_or(0, |c| c.load(Ordering::Acquire))
+        self.deferred
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .fold(0, |sum, g| sum.saturating_add(g.get()))
     }
 }
 
@@ -349,9 +419,15 @@ impl PluginStatsMap {
             .collect()
     }
 
-    /// Makes `counter` (the dispatcher's deferral counter) the plugin's deferred count.
-    pub(crate) fn track_deferred(&self, plugin: &str, counter: Arc<AtomicU64>) {
-        let _ = self.get_or_create(plugin).deferred.set(counter);
+    /// Adds `gauge` (a dispatcher's deferral gauge) to the plugin's deferred count.
+    pub(crate) fn track_deferred(&self, plugin: &str, gauge: &Arc<DeferredGauge>) {
+        let p = self.get_or_create(plugin);
+        let mut gauges = p
+            .deferred
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        gauges.retain(|g| g.strong_count() > 0);
+        gauges.push(Arc::downgrade(gauge));
     }
 }
 
@@ -391,7 +467,9 @@ pub struct Sampled {
 impl Sampled {
     /// Events not yet fully dispatched: pending plus in hand.
     pub fn backlog(&self) -> u64 {
-        self.pending.load(Ordering::Relaxed) + self.ack_pending.load(Ordering::Relaxed)
+        self.pending
+            .load(Ordering::Relaxed)
+            .saturating_add(self.ack_pending.load(Ordering::Relaxed))
     }
 }
 
@@ -542,10 +620,23 @@ impl Metrics {
     }
 }
 
+/// True when `handlers` (one plugin's) show it alive without `$SRV.PING`: a
+/// successful delivery at most `window` before `now_ms`, and no attempt that found
+/// no replica since.
+pub fn delivering(handlers: &[Arc<HandlerStats>], now_ms: i64, window: Duration) -> bool {
+    let max = |f: fn(&HandlerStats) -> i64| handlers.iter().map(|h| f(h)).max().unwrap_or(0);
+    let success = max(|h| h.last_success_ms.load(Ordering::Relaxed));
+    let absent = max(|h| h.last_absent_ms.load(Ordering::Relaxed));
+    let window = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+    success > 0 && success > absent && now_ms.saturating_sub(success) <= window
+}
+
 /// Lag of a handler: events the bus has not finished plus its plugin's deferred
 /// deliveries.
 pub fn handler_lag(sampled: &Sampled, plugin: Option<&PluginStats>) -> u64 {
-    sampled.backlog() + plugin.map_or(0, PluginStats::deferred)
+    sampled
+        .backlog()
+        .saturating_add(plugin.map_or(0, PluginStats::deferred))
 }
 
 /// Exports [`DispatchStats`] at scrape time.
@@ -650,6 +741,18 @@ impl prometheus_client::collector::Collector for StatsCollector {
             "Events that could not be read (moved to <prefix>.dlq._bus.malformed)",
             s.malformed.get(),
         )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "hookbus_task_panics",
+                "Panics of the bus's long-lived tasks, by task (each was logged, and the task started again or the bus stopped)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (task, n) in s.task_panics.all() {
+                m.encode_family(&[("task", task)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
         gauge(
             &mut enc,
             "hookbus_dispatcher_running",
@@ -804,5 +907,69 @@ mod tests {
         assert!(text.contains("hookbus_relay_backlog_rows 7"), "{text}");
         assert_eq!(hs.last_error(), "boom");
         assert_ne!(hs.failing_since_ms.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn task_panics_are_exported() {
+        let stats = Arc::new(DispatchStats::default());
+        stats.task_panics.record("monitor");
+        stats.task_panics.record("monitor");
+        let text = Metrics::new(stats).encode();
+        assert!(
+            text.contains(r#"hookbus_task_panics_total{task="monitor"} 2"#),
+            "{text}"
+        );
+    }
+
+    /// The deferral gauge is raised before the append: a drainer that finishes the
+    /// delivery before the append returns lowers it from 1, not from 0.
+    #[tokio::test]
+    async fn deferred_gauge_counts_before_the_append_and_never_wraps() {
+        let gauge = DeferredGauge::default();
+        let appended: Result<(), ()> = gauge
+            .counted(async {
+                assert_eq!(gauge.get(), 1, "counted before the append");
+                // The drainer takes the delivery and finishes it at once.
+                gauge.done();
+                Ok(())
+            })
+            .await;
+        assert_eq!(appended, Ok(()));
+        assert_eq!(gauge.get(), 0);
+        // A failed append takes its count back.
+        let failed: Result<(), &str> = gauge.counted(async { Err("stopped") }).await;
+        assert_eq!(failed, Err("stopped"));
+        assert_eq!(gauge.get(), 0);
+        // Whatever the order, never below 0 nor past the top.
+        gauge.done();
+        assert_eq!(gauge.get(), 0);
+        gauge.add(u64::MAX);
+        gauge.add(5);
+        assert_eq!(gauge.get(), u64::MAX);
+    }
+
+    /// The monitor's lag sums the sampled backlog and the deferred gauges of every
+    /// dispatcher without overflowing (it panicked with `attempt to add with overflow`).
+    #[test]
+    fn handler_lag_saturates() {
+        let stats = DispatchStats::default();
+        let a = Arc::new(DeferredGauge::default());
+        let b = Arc::new(DeferredGauge::default());
+        stats.plugins.track_deferred("p", &a);
+        stats.plugins.track_deferred("p", &b);
+        a.add(3);
+        b.add(4);
+        let p = stats.plugins.get("p").unwrap();
+        assert_eq!(p.deferred(), 7);
+        let sampled = Sampled::default();
+        sampled.pending.store(10, Ordering::Relaxed);
+        assert_eq!(handler_lag(&sampled, Some(&p)), 17);
+        // A stopped dispatcher's gauge no longer counts.
+        drop(b);
+        assert_eq!(p.deferred(), 3);
+        a.add(u64::MAX);
+        sampled.ack_pending.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(handler_lag(&sampled, Some(&p)), u64::MAX);
+        assert_eq!(sampled.backlog(), u64::MAX);
     }
 }

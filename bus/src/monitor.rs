@@ -7,7 +7,7 @@
 //!
 //! | kind | fires when | resolves when |
 //! |---|---|---|
-//! | `no_replica` | an enabled, registered plugin answers no `$SRV.PING` | a replica answers |
+//! | `no_replica` | an enabled, registered plugin answers no `$SRV.PING` and has had no successful delivery within [`MonitorSettings::alive_window`] (or one found it absent since) | a replica answers, or a delivery succeeds |
 //! | `error_rate` | failed attempts / attempts over one check interval ≥ [`MonitorSettings::error_rate`] (with at least [`MonitorSettings::error_rate_min_attempts`] attempts) | an interval with attempts is below the rate |
 //! | `lag` | events the bus has not finished plus the plugin's deferred deliveries ≥ [`MonitorSettings::lag_events`] | below it |
 //! | `degraded` | the plugin has failed without a success for [`MonitorSettings::degraded_after`] | a success |
@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BusConfig, MonitorSettings};
-use crate::metrics::{Metrics, handler_lag, now_ms};
+use crate::metrics::{Metrics, delivering, handler_lag, now_ms};
 use crate::registry::Registry;
 
 /// Asks every replica of a Services API service (`$SRV.<verb>.<name>`, verb `PING`,
@@ -151,6 +151,12 @@ pub struct PluginHealth {
     pub failing_since: Option<String>,
     /// Events the bus has not finished plus the plugin's deferred deliveries.
     pub lag: u64,
+    /// Alive by its deliveries: it never answered `$SRV.PING` since the bus
+    /// started (a plain queue subscriber), had a successful delivery within
+    /// [`MonitorSettings::alive_window`] and none found it absent since. Such a
+    /// plugin is not reported without replica.
+    #[serde(default)]
+    pub delivering: bool,
 }
 
 /// The bus's health report (`<prefix>.bus.health`, `/healthz`).
@@ -195,6 +201,10 @@ pub struct BusHealth {
     /// `backlog_oldest_ms`, `healthy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<serde_json::Value>,
+    /// Panics of the bus's long-lived tasks since it started, by task (each task
+    /// was started again; [`crate::supervise`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub task_panics: BTreeMap<String, u64>,
 }
 
 impl BusHealth {
@@ -303,6 +313,7 @@ impl Health {
         let stats = self.metrics.stats();
         let sampled = self.metrics.sampled();
         let table = self.registry.table();
+        let now = now_ms();
         let mut plugins: BTreeMap<String, PluginHealth> = BTreeMap::new();
         let ids = table
             .plugins()
@@ -343,6 +354,10 @@ impl Health {
                     last_error,
                     failing_since: rfc3339(failing_since),
                     lag: handler_lag(sampled, p.as_deref()),
+                    delivering: !p
+                        .as_ref()
+                        .is_some_and(|p| p.answered_ping.load(Ordering::Relaxed))
+                        && delivering(&handlers, now, self.settings.alive_window),
                 },
             );
         }
@@ -374,57 +389,44 @@ impl Health {
                 .cloned()
                 .collect(),
             relay: self.metrics.relay_stats().map(|r| r.to_json()),
+            task_panics: stats
+                .task_panics
+                .all()
+                .into_iter()
+                .map(|(task, n)| (task.to_owned(), n))
+                .collect(),
         }
     }
 
-    /// Answers `<prefix>.bus.health` with a fresh [`BusHealth`] until `shutdown`.
-    ///
-    /// # Errors
-    ///
-    /// When the subscription cannot be made.
-    pub async fn spawn_responder(
-        &self,
-        shutdown: CancellationToken,
-    ) -> Result<JoinHandle<()>, async_nats::SubscribeError> {
-        let mut sub = self
-            .client
-            .subscribe(format!("{}.bus.health", self.subjects.prefix()))
-            .await?;
-        let this = self.clone();
-        Ok(tokio::spawn(async move {
-            loop {
-                let msg = tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    m = sub.next() => match m { Some(m) => m, None => break },
-                };
-                let Some(reply) = msg.reply else { continue };
-                this.sample().await;
-                if let Ok(body) = serde_json::to_vec(&this.report()) {
-                    let _ = this.client.publish(reply, body.into()).await;
-                }
-            }
-        }))
-    }
-
-    /// Runs the periodic check until `shutdown` (nothing when the monitor is off).
+    /// Runs the periodic check until `shutdown` (nothing when the monitor is off),
+    /// supervised: a panic is logged and counted and the check starts again
+    /// ([`crate::supervise`]). `<prefix>.bus.health` is answered by the bus's
+    /// status responder ([`crate::run`]).
     pub fn spawn_monitor(&self, shutdown: CancellationToken) -> JoinHandle<()> {
         let this = self.clone();
-        tokio::spawn(async move {
-            if !this.settings.enabled {
-                return;
-            }
-            let mut previous: HashMap<String, (u64, u64)> = HashMap::new();
-            let mut ticker = tokio::time::interval(this.settings.interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    _ = ticker.tick() => {}
-                }
-                this.check(&mut previous).await;
-                this.checks.fetch_add(1, Ordering::Relaxed);
-            }
+        let panics = self.metrics.stats().task_panics.clone();
+        let token = shutdown.clone();
+        crate::supervise::spawn_supervised("monitor", panics, shutdown, move || {
+            this.clone().run_checks(token.clone())
         })
+    }
+
+    /// The loop of [`Health::spawn_monitor`].
+    async fn run_checks(self, shutdown: CancellationToken) {
+        if !self.settings.enabled {
+            return;
+        }
+        let mut previous: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut ticker = tokio::time::interval(self.settings.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            self.check(&mut previous).await;
+            self.checks.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// One check of every enabled, registered plugin.
@@ -455,12 +457,19 @@ impl Health {
                     self.transition(id, kind, firing, value, threshold);
                 }
             };
-            // Replicas.
+            // Replicas: those answering $SRV.PING, or alive by recent deliveries.
+            let handlers = stats.handlers.of_plugin(id);
             match ping {
                 Ok(n) => {
                     let n = i64::try_from(n).unwrap_or(i64::MAX);
                     p.replicas.store(n, Ordering::Relaxed);
-                    set(AlertKind::NoReplica, Some(n == 0), n as f64, 1.0);
+                    if n > 0 {
+                        p.answered_ping.store(true, Ordering::Relaxed);
+                    }
+                    let alive = n > 0
+                        || (!p.answered_ping.load(Ordering::Relaxed)
+                            && delivering(&handlers, now, s.alive_window));
+                    set(AlertKind::NoReplica, Some(!alive), n as f64, 1.0);
                 }
                 Err(e) => {
                     tracing::debug!(plugin = %id, error = %e, "replica ping failed");
@@ -468,7 +477,6 @@ impl Health {
                 }
             }
             // Error rate over the interval.
-            let handlers = stats.handlers.of_plugin(id);
             let errors: u64 = handlers
                 .iter()
                 .map(|h| h.errors.load(Ordering::Relaxed))

@@ -36,6 +36,10 @@ pub(crate) struct ObserveArgs {
     /// Relay alert: age of the oldest unpublished outbox row (`60s`, `5m`, …).
     #[arg(long, env = "HOOKBUS_ALERT_BACKLOG_AGE", default_value = "60s", value_parser = parse_duration)]
     alert_backlog_age: Duration,
+    /// A plugin answering no $SRV.PING (a plain queue subscriber) counts as alive
+    /// while its last successful delivery is at most this old (`1h`, `15m`, …).
+    #[arg(long, env = "HOOKBUS_ALIVE_WINDOW", default_value = "1h", value_parser = parse_duration)]
+    alive_window: Duration,
 }
 
 impl ObserveArgs {
@@ -53,6 +57,7 @@ impl ObserveArgs {
         config.monitor.error_rate = self.alert_error_rate;
         config.monitor.lag_events = self.alert_lag;
         config.monitor.relay_backlog_age = self.alert_backlog_age;
+        config.monitor.alive_window = self.alive_window;
         Ok(())
     }
 }

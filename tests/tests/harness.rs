@@ -50,7 +50,7 @@ async fn starts_with_jetstream_that_can_create_kv_buckets() {
     );
     let js = jetstream::new(client);
     js.query_account().await.unwrap();
-    // async-nats 0.51 cannot create KV buckets on nats-server 2.9: this proves >= 2.10.
+    // async-nats 0.52 cannot create KV buckets on nats-server 2.9: this proves >= 2.10.
     let kv = js
         .create_key_value(kv::Config {
             bucket: "harness".into(),

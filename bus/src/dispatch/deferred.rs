@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use async_nats::HeaderValue;
 use async_nats::jetstream::{self, consumer::pull};
@@ -18,35 +18,34 @@ use futures::StreamExt;
 
 use super::deliver::{WhenAbsent, deliver};
 use super::{Ctx, EventMeta, Stopped};
+use crate::metrics::DeferredGauge;
 use crate::registry::Route;
 
 /// Per-plugin deferral state, shared by the dispatcher and the drainer.
 #[derive(Default)]
 pub(crate) struct Deferrals {
-    plugins: std::sync::Mutex<HashMap<Arc<str>, Arc<AtomicU64>>>,
+    plugins: std::sync::Mutex<HashMap<Arc<str>, Arc<DeferredGauge>>>,
 }
 
 impl Deferrals {
     /// Number of deliveries waiting for `plugin`.
     pub(crate) fn outstanding(&self, plugin: &str) -> u64 {
-        self.lock()
-            .get(plugin)
-            .map_or(0, |n| n.load(Ordering::Acquire))
+        self.lock().get(plugin).map_or(0, |n| n.get())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<AtomicU64>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<DeferredGauge>>> {
         self.plugins
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The counter for `plugin`, and whether it was just created.
-    fn counter(&self, plugin: &str) -> (Arc<AtomicU64>, bool) {
+    fn counter(&self, plugin: &str) -> (Arc<DeferredGauge>, bool) {
         let mut map = self.lock();
         if let Some(c) = map.get(plugin) {
             return (c.clone(), false);
         }
-        let c = Arc::new(AtomicU64::new(0));
+        let c = Arc::new(DeferredGauge::default());
         map.insert(plugin.into(), c.clone());
         (c, true)
     }
@@ -73,9 +72,11 @@ impl Ctx {
         );
         let subject = self.deferred_subject(&route.plugin);
         let (counter, created) = self.deferrals.counter(&route.plugin);
-        self.publish_until_acked(&subject, h, event.payload.clone())
+        // Counted before the append: the drainer may take and finish the delivery
+        // before the append returns, and must not lower the count first.
+        counter
+            .counted(self.publish_until_acked(&subject, h, event.payload.clone()))
             .await?;
-        counter.fetch_add(1, Ordering::AcqRel);
         self.stats.deferred.inc();
         if let Some(hs) = self.handler_stats(route) {
             hs.deferred.fetch_add(1, Ordering::Relaxed);
@@ -83,9 +84,7 @@ impl Ctx {
         tracing::info!(plugin = %route.plugin, handler = %route.handler, event_id = %event.id, seq = event.seq,
             "plugin has no replica running; delivery deferred");
         if created {
-            self.stats
-                .plugins
-                .track_deferred(&route.plugin, counter.clone());
+            self.stats.plugins.track_deferred(&route.plugin, &counter);
             self.spawn_drainer(route.plugin.clone(), counter);
         }
         Ok(())
@@ -118,34 +117,49 @@ impl Ctx {
         }
         for (plugin, count) in per_plugin {
             let (counter, created) = self.deferrals.counter(&plugin);
-            counter.fetch_add(count, Ordering::AcqRel);
+            counter.add(count);
             tracing::info!(%plugin, waiting = count, "resuming deferred deliveries");
             if created {
-                self.stats.plugins.track_deferred(&plugin, counter.clone());
+                self.stats.plugins.track_deferred(&plugin, &counter);
                 self.spawn_drainer(plugin.into(), counter);
             }
         }
         Ok(())
     }
 
-    fn spawn_drainer(self: &Arc<Self>, plugin: Arc<str>, counter: Arc<AtomicU64>) {
+    /// Starts the plugin's drainer, supervised ([`crate::supervise`]): a panic is
+    /// logged and counted and the drainer starts again (its delivery in hand is
+    /// redelivered by the deferred stream after the ack wait).
+    fn spawn_drainer(self: &Arc<Self>, plugin: Arc<str>, counter: Arc<DeferredGauge>) {
         let ctx = self.clone();
-        self.tracker.spawn(async move {
-            loop {
-                match ctx.drain(&plugin, &counter).await {
-                    Ok(()) | Err(DrainError::Stopped) => break,
-                    Err(DrainError::Nats(e)) => {
-                        tracing::warn!(%plugin, error = %e, "deferred drainer failed; restarting");
-                        if ctx.pause(std::time::Duration::from_secs(1)).await.is_err() {
-                            break;
-                        }
+        self.tracker.spawn(crate::supervise::supervise(
+            "deferred drainer",
+            self.stats.task_panics.clone(),
+            self.shutdown.clone(),
+            move || {
+                ctx.clone()
+                    .drain_until_stopped(plugin.clone(), counter.clone())
+            },
+        ));
+    }
+
+    /// Drains the plugin's deferred deliveries until shutdown; starts again after a
+    /// NATS error.
+    async fn drain_until_stopped(self: Arc<Self>, plugin: Arc<str>, counter: Arc<DeferredGauge>) {
+        loop {
+            match self.drain(&plugin, &counter).await {
+                Ok(()) | Err(DrainError::Stopped) => break,
+                Err(DrainError::Nats(e)) => {
+                    tracing::warn!(%plugin, error = %e, "deferred drainer failed; restarting");
+                    if self.pause(std::time::Duration::from_secs(1)).await.is_err() {
+                        break;
                     }
                 }
             }
-        });
+        }
     }
 
-    async fn drain(&self, plugin: &str, counter: &AtomicU64) -> Result<(), DrainError> {
+    async fn drain(&self, plugin: &str, counter: &DeferredGauge) -> Result<(), DrainError> {
         let stream = self.js.get_stream(self.subjects.deferred_stream()).await?;
         let name = match self.partition.tag() {
             Some(tag) => format!("deferred-{plugin}-{tag}"),
@@ -202,7 +216,7 @@ impl Ctx {
                 },
             }
             self.ack_until_done(&msg).await?;
-            counter.fetch_sub(1, Ordering::AcqRel);
+            counter.done();
         }
     }
 

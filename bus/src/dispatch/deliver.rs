@@ -171,6 +171,9 @@ pub(crate) async fn deliver(
                 hs.retries.fetch_add(1, Ordering::Relaxed);
             }
         }
+        if let (Some(hs), Attempt::NoResponders) = (&stats, &result) {
+            hs.absent();
+        }
         match result {
             Attempt::Ok => {
                 ctx.stats.delivered.inc();

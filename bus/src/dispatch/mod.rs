@@ -89,6 +89,8 @@ pub struct DispatchStats {
     pub handlers: crate::metrics::HandlerStatsMap,
     /// Per plugin: deferred deliveries, replicas, degraded.
     pub plugins: crate::metrics::PluginStatsMap,
+    /// Panics of the bus's long-lived tasks, by task ([`crate::supervise`]).
+    pub task_panics: Arc<crate::supervise::TaskPanics>,
     /// Dispatchers of this bus taking events (one per partition it holds).
     #[serde(skip)]
     running: std::sync::atomic::AtomicUsize,
@@ -329,6 +331,8 @@ pub(crate) struct Ctx {
     stats: Arc<DispatchStats>,
     deferrals: Deferrals,
     partition: Partition,
+    /// Set when a lane task panicked: the dispatcher stops with an error.
+    lane_panicked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Ctx {
@@ -649,6 +653,7 @@ impl Dispatcher {
             stats,
             deferrals: Deferrals::default(),
             partition,
+            lane_panicked: Arc::default(),
         });
         if let Err(e) = ctx.resume_deferred().await {
             tracing::warn!(error = %e, "could not read deferred deliveries at start; they resume with the next deferral");
@@ -658,7 +663,15 @@ impl Dispatcher {
             lanes: Arc::new(Lanes::default()),
             permits: Arc::new(Semaphore::new(settings.max_parallel_objects.max(1))),
         };
-        let keepalive = tokio::spawn(keep_alive(dispatcher.lanes.clone(), ctx.clone()));
+        let keepalive = {
+            let (lanes, ctx) = (dispatcher.lanes.clone(), ctx.clone());
+            crate::supervise::spawn_supervised(
+                "dispatcher keepalive",
+                ctx.stats.task_panics.clone(),
+                shutdown.clone(),
+                move || keep_alive(lanes.clone(), ctx.clone()),
+            )
+        };
         let pull = consumer
             .stream()
             .max_messages_per_batch(settings.max_in_flight.clamp(1, 512))
@@ -721,6 +734,12 @@ impl Dispatcher {
             .is_err()
         {
             tracing::warn!("shutdown grace period over; unfinished events will be redelivered");
+        }
+        if ctx.lane_panicked.load(Ordering::Acquire) {
+            return Err(DispatchError {
+                what: "a lane task panicked (see the log); the dispatcher stopped",
+                source: "task panicked".into(),
+            });
         }
         Ok(())
     }
@@ -814,7 +833,17 @@ impl Dispatcher {
         let ctx = self.ctx.clone();
         let lanes = self.lanes.clone();
         let permits = self.permits.clone();
+        // A panic here would leave the object's lane (and its unacked events)
+        // stuck for good: it stops the dispatcher with an error instead, so that
+        // the events are redelivered in order to the next one.
+        let guard = crate::supervise::StopOnPanic {
+            task: "dispatcher lane",
+            panics: self.ctx.stats.task_panics.clone(),
+            failed: self.ctx.lane_panicked.clone(),
+            stop: self.ctx.shutdown.clone(),
+        };
         self.ctx.tracker.spawn(async move {
+            let _guard = guard;
             let Ok(_permit) = permits.acquire_owned().await else {
                 return;
             };

@@ -372,6 +372,27 @@ impl Host {
         self.shutdown.clone()
     }
 
+    /// Completes when one of the host's long-lived tasks (relay, HTTP server, job
+    /// mirror and timeouts, cache notices) ended with a panic, with its message
+    /// (logged); pending while they run. `hookbus host` then stops and exits 1, for
+    /// its supervisor to start it again ([`crate::supervise`]).
+    pub async fn panicked(&mut self) -> String {
+        loop {
+            if self.tasks.is_empty() {
+                return std::future::pending().await;
+            }
+            let (result, i, _) = futures::future::select_all(self.tasks.iter_mut()).await;
+            self.tasks.remove(i);
+            if let Err(e) = result
+                && e.is_panic()
+            {
+                let message = crate::supervise::panic_message(&*e.into_panic());
+                tracing::error!(panic = %message, "a task of the host panicked");
+                return message;
+            }
+        }
+    }
+
     /// Stops serving and waits for in-flight requests.
     pub async fn stop(self) {
         self.shutdown.cancel();

@@ -3,7 +3,9 @@
 //!
 //! Unhealthy: the bus does not answer, has lost NATS or its dispatcher is not
 //! running; a plugin in `ENABLED_PLUGINS` is not registered; an enabled,
-//! registered plugin has no replica answering `$SRV.PING`; a plugin is degraded.
+//! registered plugin has no replica answering `$SRV.PING` and no recent successful
+//! delivery (the bus's [`MonitorSettings::alive_window`](crate::config::MonitorSettings::alive_window):
+//! a plain queue-subscriber plugin is alive by its deliveries); a plugin is degraded.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -19,7 +21,7 @@ use crate::monitor::BusHealth;
 pub struct PluginLine {
     /// Plugin id.
     pub plugin: String,
-    /// `ok`, `not enabled`, `NOT REGISTERED`, `NO REPLICA`, `DEGRADED`.
+    /// `ok`, `not enabled`, `NOT REGISTERED`, `NO REPLICA`, `DEGRADED`, `unknown`.
     pub status: String,
     /// Registered (valid manifest).
     pub registered: bool,
@@ -48,6 +50,8 @@ pub struct HealthReport {
     pub problems: Vec<String>,
     /// Worth a look, not unhealthy (rejected manifests).
     pub warnings: Vec<String>,
+    /// For information (plugins alive by their deliveries, without `$SRV.PING`).
+    pub notes: Vec<String>,
     /// The bus's own report (`None`: the bus did not answer).
     pub bus: Option<BusHealth>,
     /// Events not yet dispatched (pending + in hand).
@@ -83,6 +87,7 @@ pub async fn check(ops: &Ops) -> Result<HealthReport, OpsError> {
     let registry = super::registry::fetch(ops).await.ok();
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
+    let mut notes = Vec::new();
     let bus = match bus {
         Ok(b) => Some(b),
         Err(e) => {
@@ -137,6 +142,13 @@ pub async fn check(ops: &Ops) -> Result<HealthReport, OpsError> {
         });
         let bp = bus.as_ref().and_then(|b| b.plugins.get(id));
         let degraded = bp.is_some_and(|p| p.degraded);
+        let delivering = bp.is_some_and(|p| p.delivering);
+        if registered && rank.is_some() && replicas == Some(0) && delivering {
+            notes.push(format!(
+                "plugin {id} answers no $SRV.PING (not a Services API service); alive by its last successful delivery, {}",
+                super::ago(bp.and_then(|p| p.last_success.as_deref()))
+            ));
+        }
         let status = match (registered, rank, replicas) {
             (true, None, _) => "not enabled",
             (false, Some(_), _) => {
@@ -146,7 +158,7 @@ pub async fn check(ops: &Ops) -> Result<HealthReport, OpsError> {
                 "NOT REGISTERED"
             }
             (false, None, _) => "unknown",
-            (true, Some(_), Some(0)) => {
+            (true, Some(_), Some(0)) if !delivering => {
                 problems.push(format!(
                     "plugin {id} has no replica answering $SRV.PING.{id}; its deliveries are deferred"
                 ));
@@ -184,6 +196,7 @@ pub async fn check(ops: &Ops) -> Result<HealthReport, OpsError> {
         healthy: problems.is_empty(),
         problems,
         warnings,
+        notes,
         backlog: bus.as_ref().map(|b| b.pending + b.ack_pending),
         bus,
         plugins,
@@ -238,6 +251,9 @@ pub fn render(
             r["invalid"],
             r["errors"],
         )?,
+        None if report.bus.is_none() => {
+            writeln!(out, "relay:  unknown (the bus did not answer)")?;
+        }
         None => writeln!(out, "relay:  not run by this bus (no HOOKBUS_DATABASE_URL)")?,
     }
     writeln!(out)?;
@@ -279,8 +295,19 @@ pub fn render(
             )?;
         }
     }
+    if let Some(b) = &report.bus {
+        for (task, n) in &b.task_panics {
+            writeln!(
+                out,
+                "warning: the bus's task '{task}' panicked {n} time(s) since it started (started again each time; see its log)"
+            )?;
+        }
+    }
     for w in &report.warnings {
         writeln!(out, "warning: {w}")?;
+    }
+    for n in &report.notes {
+        writeln!(out, "note:   {n}")?;
     }
     writeln!(out)?;
     if report.healthy {
@@ -310,5 +337,42 @@ fn role(b: &crate::monitor::BusHealth) -> String {
         (true, _) => format!("running{pinned}"),
         (false, "standby") => "standing by (other buses hold the dispatcher leases)".to_owned(),
         _ => "NOT RUNNING".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render_text(report: &HealthReport) -> String {
+        let mut out = Vec::new();
+        render(report, false, &mut out).unwrap_or_else(|e| panic!("{e}"));
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Without an answer from the bus, its relay is unknown, not "not run".
+    #[test]
+    fn silent_bus_leaves_the_relay_unknown() {
+        let mut report = HealthReport {
+            healthy: false,
+            problems: vec!["no answer".to_owned()],
+            warnings: Vec::new(),
+            notes: Vec::new(),
+            bus: None,
+            backlog: None,
+            plugins: Vec::new(),
+        };
+        let text = render_text(&report);
+        assert!(text.contains("bus:    NOT ANSWERING"), "{text}");
+        assert!(
+            text.contains("relay:  unknown (the bus did not answer)"),
+            "{text}"
+        );
+        report.bus = Some(BusHealth::default());
+        let text = render_text(&report);
+        assert!(
+            text.contains("relay:  not run by this bus (no HOOKBUS_DATABASE_URL)"),
+            "{text}"
+        );
     }
 }

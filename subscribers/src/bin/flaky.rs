@@ -32,9 +32,36 @@ fn plugin(permanent: bool) -> Result<Plugin, pagoda_plugin_sdk::ManifestError> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    let args = pagoda_plugin_sdk::run::command_line(
+        std::env::args().skip(1),
+        "flaky",
+        env!("CARGO_PKG_VERSION"),
+        "flaky: a Pagoda hook bus plugin that fails every delivery on purpose, to show\n\
+         that one failing plugin is isolated (retried, then dead-lettered).",
+        &[(
+            "FLAKY_MODE",
+            "`permanent`: fail permanently (dead-lettered without retries); else transiently",
+        )],
+    );
+    if let Some(code) = args.exit_code() {
+        return code;
+    }
     let permanent =
         std::env::var("FLAKY_MODE").is_ok_and(|mode| mode.trim().eq_ignore_ascii_case("permanent"));
-    pagoda_plugin_sdk::run_main(plugin(permanent)?).await?;
-    Ok(())
+    let result: anyhow::Result<()> = async {
+        pagoda_plugin_sdk::run_main(plugin(permanent)?).await?;
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "flaky: error: {}",
+                pagoda_plugin_sdk::run::error_chain(e.as_ref())
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -198,7 +198,34 @@ fn plugin(priority: i32) -> Result<Plugin, pagoda_plugin_sdk::ManifestError> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    let args = pagoda_plugin_sdk::run::command_line(
+        std::env::args().skip(1),
+        "hello-world",
+        env!("CARGO_PKG_VERSION"),
+        "hello-world: a Pagoda hook bus plugin mirroring Pagoda's hello-world: prints each\n\
+         event it receives; validates, fills and extends entries; an API route and a task.",
+        &[(
+            "HELLO_PRIORITY",
+            "priority of every handler (default 100), to show dispatch ordering",
+        )],
+    );
+    if let Some(code) = args.exit_code() {
+        return code;
+    }
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "hello-world: error: {}",
+                pagoda_plugin_sdk::run::error_chain(e.as_ref())
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let priority = match std::env::var("HELLO_PRIORITY") {
         Ok(v) => v
             .trim()

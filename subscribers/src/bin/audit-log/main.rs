@@ -66,7 +66,31 @@ fn plugin(journal: &Arc<Journal>) -> Result<Plugin, pagoda_plugin_sdk::ManifestE
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    let args = pagoda_plugin_sdk::run::command_line(
+        std::env::args().skip(1),
+        "audit-log",
+        env!("CARGO_PKG_VERSION"),
+        "audit-log: a Pagoda hook bus plugin appending every event it receives to a JSONL\n\
+         journal, once per event id.",
+        &[("AUDIT_LOG_PATH", "the journal file (default audit.jsonl)")],
+    );
+    if let Some(code) = args.exit_code() {
+        return code;
+    }
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "audit-log: error: {}",
+                pagoda_plugin_sdk::run::error_chain(e.as_ref())
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     pagoda_plugin_sdk::run::init_tracing();
     let path = std::env::var("AUDIT_LOG_PATH").unwrap_or_else(|_| "audit.jsonl".to_owned());
     let journal = Arc::new(
