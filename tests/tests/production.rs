@@ -102,6 +102,32 @@ async fn every_committed_change_reaches_its_plugins_with_no_permission_violation
         assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
         assert!(answer.to_string().contains("twice"), "{answer}");
 
+        // Events carry the entry before and after an update: a 600 KB note can be
+        // created (one copy), but changing it would make a 1.2 MB event, more
+        // than NATS takes. 413 naming the size and the limit, nothing committed.
+        let (status, big) = d
+            .post(
+                &format!("/api/v2/entities/{entity_id}/entries/"),
+                json!({"name": "big", "note": "n".repeat(600_000)}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{big}");
+        let big_id = big["id"].as_i64().unwrap();
+        ledger.committed(Hook::EntryAfterCreate, format!("entry/{big_id}"));
+        let (status, answer) = crate_call(
+            d.request(
+                reqwest::Method::PATCH,
+                &format!("/api/v2/entries/{big_id}/"),
+            )
+            .json(&json!({"note": "m".repeat(600_000)})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+        assert!(
+            answer["size"].as_u64().unwrap() > answer["limit"].as_u64().unwrap(),
+            "{answer}"
+        );
+
         // An update and a delete of the first entry.
         let first = entries[0];
         let (status, body) = crate_call(
@@ -183,6 +209,13 @@ async fn every_committed_change_reaches_its_plugins_with_no_permission_violation
         ledger.committed(Hook::EntryAfterCreate, "entry/987654");
 
         ledger.check(&d.nats, &db.store().await).await;
+        // The operator's view: `hookbus health` as the bus's user says all is well.
+        let (code, stdout, stderr) = d.hookbus(&["health"]).await;
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+        assert!(
+            stdout.contains("relay:") && stdout.contains("hello-world"),
+            "{stdout}"
+        );
         let violations = d.violations();
         assert!(
             violations.is_empty(),
