@@ -294,6 +294,8 @@ async fn health_answers_under_the_generated_permissions() {
     init_tracing();
     let server = start_server(&["h1"]).await;
     let db = hookbus_tests::TestDb::sqlite();
+    // The host's database has its outbox (`hookbus run` creates no table).
+    let _migrated = db.store().await;
     let mut bus = hookbus_as(&server, hookbus::nats_config::BUS_USER, &["run"]);
     let _bus = bus
         .env("ENABLED_PLUGINS", "h1")
