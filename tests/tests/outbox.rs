@@ -801,7 +801,7 @@ async fn relay_binary_names_the_missing_columns_of_a_wrong_outbox_table() {
         .unwrap();
     let mut relay = Command::new(hookbus_tests::hookbus_binary())
         .args(["relay", "--database-url", db.url()])
-        .env("NATS_URL", server.url())
+        .envs(server.env_for(hookbus_tests::HOST_USER))
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
