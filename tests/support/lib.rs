@@ -711,13 +711,31 @@ impl NatsServer {
     /// Writes `text` to the config file, with this server's name first (a name
     /// on the command line would make every reload fail: nats-server refuses to
     /// reload a changed `server_name`).
+    ///
+    /// JetStream's store dir goes in the file too (inside its `jetstream` block,
+    /// or in one added): nats-server 2.10 refuses to reload a config whose store
+    /// dir differs from the command line's.
     fn write_config(&self, text: &str) {
         let Some(path) = &self.config else { return };
-        let body: String = text
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("server_name"))
-            .map(|l| format!("{l}\n"))
-            .collect();
+        let store_dir = format!("  store_dir: {:?}", self.store_dir().display().to_string());
+        let mut has_jetstream = false;
+        let mut body = String::new();
+        for line in text.lines() {
+            let key = line.trim_start();
+            if key.starts_with("server_name") || key.starts_with("store_dir") {
+                continue;
+            }
+            body.push_str(line);
+            body.push('\n');
+            if key.starts_with("jetstream {") || key.starts_with("jetstream: {") {
+                has_jetstream = true;
+                body.push_str(&store_dir);
+                body.push('\n');
+            }
+        }
+        if !has_jetstream {
+            body.push_str(&format!("jetstream {{\n{store_dir}\n}}\n"));
+        }
         let named = format!("server_name: \"hookbus-test-{}\"\n{body}", self.port);
         std::fs::write(path, named)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
@@ -744,16 +762,16 @@ impl NatsServer {
         } else {
             command
                 .arg("--name")
-                .arg(format!("hookbus-test-{}", self.port));
+                .arg(format!("hookbus-test-{}", self.port))
+                .arg("-js")
+                .arg("-sd")
+                .arg(self.store_dir());
         }
         command
             .args(["-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
             .args(["-m"])
             .arg(self.monitor_port.to_string())
-            .arg("-js")
-            .arg("-sd")
-            .arg(self.store_dir())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -1000,6 +1018,32 @@ pub async fn stream_events(
         }
     }
     out
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, so that a test
+/// that panics leaves no process behind; derefs to the [`Child`].
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Fails only when it already exited; wait reaps it either way.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Serving an SDK plugin the way it is deployed: connected as its own user.

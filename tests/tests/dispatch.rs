@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -13,6 +13,7 @@ use common::*;
 use core_events::{Hook, Subjects};
 use hookbus::Publisher;
 use hookbus::run::Bus;
+use hookbus_tests::KillOnDrop;
 use hookbus_tests::{NatsServer, assert_eventually, init_tracing};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -325,30 +326,36 @@ async fn two_replicas_share_the_work_exactly_once() {
     bus.stop().await.unwrap();
 }
 
-fn spawn_bus_process(server: &NatsServer, enabled: &str) -> Child {
-    Command::new(hookbus_tests::hookbus_binary())
-        .arg("run")
-        .envs(server.env_for(hookbus_tests::BUS_USER))
-        .env("ENABLED_PLUGINS", enabled)
-        .env("HOOKBUS_ACK_WAIT_SECS", "2")
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap()
+fn spawn_bus_process(server: &NatsServer, enabled: &str) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(hookbus_tests::hookbus_binary())
+            .arg("run")
+            .envs(server.env_for(hookbus_tests::BUS_USER))
+            .env("ENABLED_PLUGINS", enabled)
+            .env("HOOKBUS_ACK_WAIT_SECS", "2")
+            .env("RUST_LOG", "warn")
+            .env("HOOKBUS_HTTP_ADDR", "off")
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// A `hookbus run` process for plugin `p` with a 1 s lease time, a 2 s ack wait
 /// and `partitions` partitions.
-fn spawn_leased_bus(server: &NatsServer, partitions: u32) -> Child {
-    Command::new(hookbus_tests::hookbus_binary())
-        .arg("run")
-        .envs(server.env_for(hookbus_tests::BUS_USER))
-        .env("ENABLED_PLUGINS", "p")
-        .env("HOOKBUS_ACK_WAIT_SECS", "2")
-        .env("HOOKBUS_LEASE_TTL", "1s")
-        .env("HOOKBUS_PARTITIONS", partitions.to_string())
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap()
+fn spawn_leased_bus(server: &NatsServer, partitions: u32) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(hookbus_tests::hookbus_binary())
+            .arg("run")
+            .envs(server.env_for(hookbus_tests::BUS_USER))
+            .env("ENABLED_PLUGINS", "p")
+            .env("HOOKBUS_ACK_WAIT_SECS", "2")
+            .env("HOOKBUS_LEASE_TTL", "1s")
+            .env("HOOKBUS_PARTITIONS", partitions.to_string())
+            .env("RUST_LOG", "warn")
+            .env("HOOKBUS_HTTP_ADDR", "off")
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// The process id holding lease `key` (its value is `host/pid/random`), if held.
