@@ -146,21 +146,25 @@ pub struct Deployment {
     pub http: reqwest::Client,
 }
 
-/// Environment variables the children must not inherit from the test's own.
-const SCRUBBED: [&str; 8] = [
+/// Environment variables a test's `hookbus` or plugin child must not inherit
+/// from the test's own environment (each test sets what it means).
+pub const SCRUBBED_ENV: [&str; 11] = [
     "HOOKBUS_DATABASE_URL",
     "HOOKBUS_HOST_LISTEN",
+    "HOOKBUS_HTTP_ADDR",
+    "HOOKBUS_ALERT_INTERVAL",
     "ENABLED_PLUGINS",
     "PLUGIN_OPERATION_ID_CONFIG",
     "NATS_URL",
     "NATS_USER",
     "NATS_PASSWORD",
     "PAGODA_SUBJECT_PREFIX",
+    "RUST_LOG",
 ];
 
 fn hookbus(args: &[&str]) -> Command {
     let mut command = Command::new(hookbus_binary());
-    for var in SCRUBBED {
+    for var in SCRUBBED_ENV {
         command.env_remove(var);
     }
     command.args(args).env("RUST_LOG", "info");

@@ -238,23 +238,10 @@ async fn plugin_reply_with_carriage_return_in_a_header_does_not_stop_the_bus() {
     bus.stop().await.unwrap();
 }
 
-/// Environment variables the `hookbus` child processes must not inherit.
-const CHILD_ENV: [&str; 9] = [
-    "HOOKBUS_DATABASE_URL",
-    "HOOKBUS_HTTP_ADDR",
-    "ENABLED_PLUGINS",
-    "NATS_URL",
-    "NATS_USER",
-    "NATS_PASSWORD",
-    "PAGODA_SUBJECT_PREFIX",
-    "HOOKBUS_ALERT_INTERVAL",
-    "RUST_LOG",
-];
-
 /// `hookbus <args>` as `user` of the generated configuration, on `server`.
 fn hookbus_as(server: &NatsServer, user: &str, args: &[&str]) -> tokio::process::Command {
     let mut c = tokio::process::Command::new(hookbus_tests::hookbus_binary());
-    for v in CHILD_ENV {
+    for v in hookbus_tests::deploy::SCRUBBED_ENV {
         c.env_remove(v);
     }
     c.args(args)
@@ -419,7 +406,7 @@ async fn every_binary_answers_help_without_connecting() {
         ("flaky", "FLAKY_MODE"),
     ] {
         let mut cmd = tokio::process::Command::new(binary(bin));
-        for v in CHILD_ENV {
+        for v in hookbus_tests::deploy::SCRUBBED_ENV {
             cmd.env_remove(v);
         }
         let out = tokio::time::timeout(

@@ -880,21 +880,9 @@ async fn entity_update_and_restore(backend: Backend) {
     s.stop().await;
 }
 
-/// Environment variables the `hookbus` child processes must not inherit.
-const HOST_ENV: [&str; 8] = [
-    "HOOKBUS_DATABASE_URL",
-    "HOOKBUS_HOST_LISTEN",
-    "ENABLED_PLUGINS",
-    "PLUGIN_OPERATION_ID_CONFIG",
-    "NATS_URL",
-    "NATS_USER",
-    "NATS_PASSWORD",
-    "PAGODA_SUBJECT_PREFIX",
-];
-
 fn hookbus() -> tokio::process::Command {
     let mut c = tokio::process::Command::new(hookbus_tests::hookbus_binary());
-    for v in HOST_ENV {
+    for v in hookbus_tests::deploy::SCRUBBED_ENV {
         c.env_remove(v);
     }
     c.kill_on_drop(true);
