@@ -12,7 +12,8 @@
 //! | the synchronous hooks (validate, before_*, get_attrs) over request/reply | [`sync_hooks`] |
 //! | metrics of sync-hook calls and plugin API routes (served by the host) | [`call_metrics`] |
 //! | reading, replaying and purging dead letters | [`dlq`] |
-//! | per-handler stats and the Prometheus export | [`metrics`] |
+//! | the counters: dispatcher, handlers, plugins, relay, task panics | [`stats`] |
+//! | the Prometheus export and values sampled from NATS | [`metrics`] |
 //! | health report, degraded plugins and alerts | [`monitor`] |
 //! | `/healthz` and `/metrics` | [`http`] |
 //! | the operator commands (`tail`, `registry`, `dlq`, `health`) | [`ops`] |
@@ -45,10 +46,12 @@ pub mod registry;
 pub mod relay;
 pub mod replay_cmd;
 pub mod run;
+pub mod stats;
 pub mod supervise;
 pub mod sync_hooks;
 
 pub use config::BusConfig;
-pub use dispatch::{DispatchStats, Dispatcher};
+pub use dispatch::Dispatcher;
 pub use publish::{EncodedEvent, Publisher};
 pub use registry::{Registry, RoutingTable};
+pub use stats::DispatchStats;

@@ -36,7 +36,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishAckFuture};
@@ -51,6 +51,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::publish::EncodedEvent;
+/// The relay's counters live with the bus's others ([`crate::stats`]).
+pub use crate::stats::RelayStats;
 
 /// Settings of the relay.
 #[derive(Debug, Clone)]
@@ -107,56 +109,6 @@ impl RelaySettings {
             max_payload_bytes: 1024 * 1024,
             delete_linger: Duration::from_millis(20),
         }
-    }
-}
-
-/// Counters and gauges of a running relay (shared; read them any time).
-#[derive(Debug, Default)]
-pub struct RelayStats {
-    /// Rows the stream stored.
-    pub published: AtomicU64,
-    /// Rows the stream already had (a resend after a crash or by a second relay).
-    pub duplicates: AtomicU64,
-    /// Rows moved to the dead-letter stream as unpublishable.
-    pub invalid: AtomicU64,
-    /// Unpublishable rows whose dead letter failed too (each is kept and tried
-    /// again later).
-    pub dead_letter_failures: AtomicU64,
-    /// Unpublishable rows set aside now: neither published nor dead-lettered,
-    /// kept in the outbox, waiting for their next try.
-    pub parked: AtomicI64,
-    /// Failed publishes and queries (each followed by a back-off).
-    pub errors: AtomicU64,
-    /// Rows waiting in the outbox at the last measurement.
-    pub backlog_rows: AtomicI64,
-    /// Age of the oldest waiting row at the last measurement, ms.
-    pub backlog_oldest_ms: AtomicI64,
-    /// False while publishes fail (NATS unreachable, stream unavailable).
-    pub healthy: AtomicBool,
-    /// False while the outbox cannot be read or cleaned (database unreachable).
-    pub database_ok: AtomicBool,
-}
-
-impl RelayStats {
-    /// The counters as JSON (for the bus's status subject).
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "published": self.published.load(Ordering::Relaxed),
-            "duplicates": self.duplicates.load(Ordering::Relaxed),
-            "invalid": self.invalid.load(Ordering::Relaxed),
-            "dead_letter_failures": self.dead_letter_failures.load(Ordering::Relaxed),
-            "parked": self.parked.load(Ordering::Relaxed),
-            "errors": self.errors.load(Ordering::Relaxed),
-            "backlog_rows": self.backlog_rows.load(Ordering::Relaxed),
-            "backlog_oldest_ms": self.backlog_oldest_ms.load(Ordering::Relaxed),
-            "healthy": self.healthy.load(Ordering::Relaxed),
-            "database_ok": self.database_ok.load(Ordering::Relaxed),
-        })
-    }
-
-    /// Publishing works and the database answers.
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && self.database_ok.load(Ordering::Relaxed)
     }
 }
 

@@ -53,7 +53,7 @@ pub struct Bus {
     /// The other long-lived tasks, by name: a panic of one stops the bus
     /// ([`Bus::wait`]); the restartable ones are supervised inside.
     others: Vec<(&'static str, JoinHandle<()>)>,
-    panics: Arc<crate::supervise::TaskPanics>,
+    panics: Arc<crate::stats::TaskPanics>,
 }
 
 impl Bus {

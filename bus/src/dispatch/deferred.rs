@@ -18,7 +18,7 @@ use futures::StreamExt;
 
 use super::deliver::{WhenAbsent, deliver};
 use super::{Ctx, EventMeta, Stopped};
-use crate::metrics::DeferredGauge;
+use crate::stats::DeferredGauge;
 use crate::registry::Route;
 
 /// Per-plugin deferral state, shared by the dispatcher and the drainer.

@@ -48,129 +48,6 @@ use deliver::{Delivery, WhenAbsent, deliver};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Stopped;
 
-/// A counter.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The current value.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-impl Serialize for Counter {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(self.get())
-    }
-}
-
-/// What the dispatcher has done since it started.
-#[derive(Debug, Default, Serialize)]
-pub struct DispatchStats {
-    /// Events fully dispatched and acked.
-    pub events_acked: Counter,
-    /// Successful handler deliveries.
-    pub delivered: Counter,
-    /// Failed handler attempts (each retry counts).
-    pub failed_attempts: Counter,
-    /// Deliveries dead-lettered.
-    pub dead_lettered: Counter,
-    /// Deliveries deferred because their plugin had no replica.
-    pub deferred: Counter,
-    /// Events on the stream that could not be read (dead-lettered as malformed).
-    pub malformed: Counter,
-    /// Per handler (`{plugin: {handler: …}}`), recorded when
-    /// [`DispatcherSettings::metrics`] is on.
-    pub handlers: crate::metrics::HandlerStatsMap,
-    /// Per plugin: deferred deliveries, replicas, degraded.
-    pub plugins: crate::metrics::PluginStatsMap,
-    /// Panics of the bus's long-lived tasks, by task ([`crate::supervise`]).
-    pub task_panics: Arc<crate::supervise::TaskPanics>,
-    /// Dispatchers of this bus taking events (one per partition it holds).
-    #[serde(skip)]
-    running: std::sync::atomic::AtomicUsize,
-    /// Of those, the ones on a pinned-client consumer (NATS 2.11+).
-    #[serde(skip)]
-    pinned: std::sync::atomic::AtomicUsize,
-    /// The partitions this bus dispatches now (empty when not partitioned).
-    #[serde(skip)]
-    partitions: std::sync::Mutex<std::collections::BTreeSet<u32>>,
-    /// True while this bus waits for another one's dispatcher lease.
-    #[serde(skip)]
-    standby: std::sync::atomic::AtomicBool,
-}
-
-impl DispatchStats {
-    /// True while the dispatcher takes events from its consumer.
-    pub fn is_running(&self) -> bool {
-        self.running.load(Ordering::Relaxed) > 0
-    }
-
-    /// The partitions this bus dispatches now, when the bus is partitioned
-    /// ([`crate::config::DispatcherSettings::partitions`]).
-    pub fn partitions(&self) -> Vec<u32> {
-        self.partitions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .copied()
-            .collect()
-    }
-
-    /// True while the dispatcher runs on pinned-client consumers (NATS 2.11+:
-    /// the server, too, delivers to one bus at a time).
-    pub fn is_pinned(&self) -> bool {
-        self.pinned.load(Ordering::Relaxed) > 0
-    }
-
-    fn set_running(&self, partition: Partition, running: bool, pinned: bool) {
-        let counters = [Some(&self.running), pinned.then_some(&self.pinned)];
-        for counter in counters.into_iter().flatten() {
-            if running {
-                counter.fetch_add(1, Ordering::Relaxed);
-            } else {
-                counter.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        if !partition.is_all() {
-            let mut owned = self
-                .partitions
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if running {
-                owned.insert(partition.index);
-            } else {
-                owned.remove(&partition.index);
-            }
-        }
-    }
-
-    /// True while this bus stands by: another bus holds the dispatcher lease.
-    pub fn is_standby(&self) -> bool {
-        self.standby.load(Ordering::Relaxed)
-    }
-
-    /// `active`, `standby` or `stopped`.
-    pub fn role(&self) -> &'static str {
-        if self.is_running() {
-            "active"
-        } else if self.is_standby() {
-            "standby"
-        } else {
-            "stopped"
-        }
-    }
-
-    pub(crate) fn set_standby(&self, standby: bool) {
-        self.standby.store(standby, Ordering::Relaxed);
-    }
-}
-
 /// The share of the events one dispatcher takes: the objects whose
 /// [`core_events::object_partition`] among `count` is `index`. `count` 1 is
 /// everything ([`Partition::ALL`]).
@@ -338,7 +215,7 @@ pub(crate) struct Ctx {
 impl Ctx {
     /// The per-handler stats of `route`, or `None` when metrics are off. Looked up
     /// in the shared map once per route (per routing table), then kept in the route.
-    fn handler_stats<'r>(&self, route: &'r Route) -> Option<&'r crate::metrics::HandlerStats> {
+    fn handler_stats<'r>(&self, route: &'r Route) -> Option<&'r crate::stats::HandlerStats> {
         if !self.settings.metrics {
             return None;
         }
