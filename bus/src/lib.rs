@@ -17,6 +17,7 @@
 //! | health report, degraded plugins and alerts | [`monitor`] |
 //! | `/healthz` and `/metrics` | [`http`] |
 //! | the operator commands (`tail`, `registry`, `dlq`, `health`) | [`ops`] |
+//! | progress of long commands, shown by the caller | [`progress`] |
 //! | per-user NATS permissions (`hookbus nats-config`) | [`nats_config`] |
 //! | `hookbus replay`: stored events to stdout or re-delivered to a handler | [`replay_cmd`] |
 //! | the reference host: `/api/v2` over the model store, plugin API routes, jobs | [`host`] |
@@ -40,6 +41,7 @@ pub mod monitor;
 pub mod nats_config;
 pub mod ops;
 pub mod outbox_cmd;
+pub mod progress;
 pub mod provision;
 pub mod publish;
 pub mod registry;

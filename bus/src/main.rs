@@ -3,7 +3,10 @@
 
 mod cli;
 mod demo;
+mod nats_config_cmd;
 mod ops_cmd;
+mod replay_cli;
+mod out;
 
 use std::process::ExitCode;
 

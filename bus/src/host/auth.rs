@@ -35,7 +35,7 @@ use core_events::User;
 use core_events::store::{ApiToken, NewUser, hash_key};
 use serde_json::{Value, json};
 
-use super::models::{Body, Page, Params, parse_id};
+use super::request::{Body, Page, Params, parse_id};
 use super::{ApiError, HostState};
 
 /// How long a key's user is cached after a database lookup.

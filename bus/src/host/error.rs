@@ -268,3 +268,17 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// A JSON error the [`ApiError`] variants do not cover.
+pub(crate) fn error_response(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": code, "message": message})),
+    )
+        .into_response()
+}
+
+/// Marks a response that is a plugin's reply (its status and body are the
+/// plugin's, never rewritten into the host's error shape).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PluginReply;

@@ -40,7 +40,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::AuthUser;
-use super::plugin_api::{RateKey, error_response};
+use super::error::error_response;
+use super::plugin_api::RateKey;
 use super::{ApiError, HostConfig, HostError, HostState};
 use crate::registry::Registry;
 
@@ -425,7 +426,7 @@ async fn start_task(
     let params: Value = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
-        super::models::read_json(&body, "the task parameters")?
+        super::request::read_json(&body, "the task parameters")?
     };
     let job = state
         .store

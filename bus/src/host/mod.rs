@@ -21,6 +21,7 @@ pub mod forget;
 pub mod jobs;
 pub mod models;
 pub mod plugin_api;
+pub mod request;
 pub mod server;
 pub mod writer;
 

@@ -161,15 +161,6 @@ pub(crate) fn routes() -> Router<HostState> {
         .route("/api/v2/plugins/{plugin}/{*path}", any(forward))
 }
 
-/// A JSON error the [`ApiError`] variants do not cover.
-pub(crate) fn error_response(status: StatusCode, code: &str, message: String) -> Response {
-    (
-        status,
-        axum::Json(json!({"error": code, "message": message})),
-    )
-        .into_response()
-}
-
 async fn forward(State(state): State<HostState>, request: axum::extract::Request) -> Response {
     let started = Instant::now();
     let mut called = None;
@@ -395,7 +386,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Valu
     let essence = content_type.split(';').next().unwrap_or_default().trim();
     if essence == "application/json" || essence.ends_with("+json") {
         // Strictly, like every request body: depth limit, no duplicate keys, no NUL.
-        super::models::read_json(&bytes, "the request body").map_err(IntoResponse::into_response)
+        super::request::read_json(&bytes, "the request body").map_err(IntoResponse::into_response)
     } else {
         String::from_utf8(bytes.to_vec())
             .map(Value::String)
@@ -449,7 +440,7 @@ fn into_http(plugin: &str, status: StatusCode, answer: ApiResponse) -> Response 
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = out_headers;
-    response.extensions_mut().insert(super::server::PluginReply);
+    response.extensions_mut().insert(super::error::PluginReply);
     response
 }
 

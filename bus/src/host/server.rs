@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower_http::timeout::{TimeoutBody, TimeoutError};
 
-use super::plugin_api::error_response;
+use super::error::{PluginReply, error_response};
 use super::{ApiError, HostState};
 use crate::call_metrics::CallMetrics;
 
@@ -207,11 +207,6 @@ fn is_connection_error(e: &std::io::Error) -> bool {
             | std::io::ErrorKind::ConnectionReset
     )
 }
-
-/// Marks a response that is a plugin's reply (its status and body are the
-/// plugin's, never rewritten into the host's error shape).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PluginReply;
 
 /// The innermost layer: a body timeout on the request, and every error
 /// response of the HTTP layer (axum's rejections) in the host's JSON shape.
