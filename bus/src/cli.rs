@@ -232,7 +232,7 @@ struct HostArgs {
 
 /// A duration (as [`hookbus::config::parse_duration`]) that is not 0.
 fn positive_duration(value: &str) -> Result<Duration, String> {
-    match hookbus::config::parse_duration(value)? {
+    match hookbus::config::parse_duration(value).map_err(|e| e.to_string())? {
         d if d.is_zero() => Err("must be more than 0".into()),
         d => Ok(d),
     }

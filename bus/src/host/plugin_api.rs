@@ -314,8 +314,8 @@ async fn try_forward(
         }
         .into_response()
     };
-    let answer = ApiResponse::parse(&reply.payload).map_err(bad_reply)?;
-    let status = reply_status(&answer).map_err(bad_reply)?;
+    let answer = ApiResponse::parse(&reply.payload).map_err(|e| bad_reply(e.to_string()))?;
+    let status = reply_status(&answer).map_err(|e| bad_reply(e.to_string()))?;
     Ok(into_http(&plugin, status, answer))
 }
 
@@ -324,22 +324,39 @@ async fn try_forward(
 ///
 /// # Errors
 ///
-/// The reason it cannot.
-fn reply_status(answer: &ApiResponse) -> Result<StatusCode, String> {
+/// [`BadStatus`]: the reason it cannot.
+fn reply_status(answer: &ApiResponse) -> Result<StatusCode, BadStatus> {
     let code = answer.status;
     if !(200..=599).contains(&code) {
-        return Err(format!(
-            "status {code} is not a final HTTP status (200-599; 1xx are interim)"
-        ));
+        return Err(BadStatus::NotFinal(code));
     }
-    let status =
-        StatusCode::from_u16(code).map_err(|e| format!("status {code} is not valid: {e}"))?;
+    let status = StatusCode::from_u16(code).map_err(|e| BadStatus::Invalid {
+        code,
+        reason: e.to_string(),
+    })?;
     if matches!(code, 204 | 205 | 304) && !answer.body.is_null() {
-        return Err(format!(
-            "status {code} has no body, and the reply has one (send \"body\": null)"
-        ));
+        return Err(BadStatus::BodyNotAllowed(code));
     }
     Ok(status)
+}
+
+/// Why HTTP cannot answer a plugin's reply status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum BadStatus {
+    /// Not 200 to 599.
+    #[error("status {0} is not a final HTTP status (200-599; 1xx are interim)")]
+    NotFinal(u16),
+    /// Not a status `http` takes.
+    #[error("status {code} is not valid: {reason}")]
+    Invalid {
+        /// The status.
+        code: u16,
+        /// Why.
+        reason: String,
+    },
+    /// 204, 205 or 304 with a body.
+    #[error("status {0} has no body, and the reply has one (send \"body\": null)")]
+    BodyNotAllowed(u16),
 }
 
 /// Reads the request body within `limit` bytes and turns it into the JSON value
@@ -485,12 +502,14 @@ mod tests {
     fn replies_http_cannot_answer_are_refused_with_the_reason() {
         for (status, body) in [(100, Value::Null), (101, json!("x")), (99, Value::Null)] {
             let answer = ApiResponse::with_status(status, body);
-            let reason = reply_status(&answer).unwrap_err();
+            let reason = reply_status(&answer).unwrap_err().to_string();
             assert!(reason.contains(&status.to_string()), "{reason}");
         }
         for status in [204, 205, 304] {
             let reason =
-                reply_status(&ApiResponse::with_status(status, json!({"a": 1}))).unwrap_err();
+                reply_status(&ApiResponse::with_status(status, json!({"a": 1})))
+                    .unwrap_err()
+                    .to_string();
             assert!(reason.contains("no body"), "{reason}");
             assert!(reply_status(&ApiResponse::with_status(status, Value::Null)).is_ok());
         }
