@@ -17,12 +17,13 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::deferred::Deferrals;
 use super::deliver::{Delivery, WhenAbsent, deliver};
 use super::event::EventMeta;
 use super::hold::{Hold, give_back, keep_alive};
-use super::partition::{PIN_GROUP, PIN_TIMEOUT, Partition, first_delivery, pinned_consumer, supports_pinning};
-use super::{Ctx, Stopped};
+use super::partition::{
+    PIN_GROUP, PIN_TIMEOUT, Partition, first_delivery, pinned_consumer, supports_pinning,
+};
+use super::ctx::{Ctx, Deferrals, Stopped};
 use crate::config::DispatcherSettings;
 use crate::registry::Registry;
 use crate::stats::DispatchStats;
