@@ -401,7 +401,7 @@ impl Relay {
         if !hook.kind().is_notification() {
             return Err(RowError::NotNotification(row.hook.clone()));
         }
-        let object: ObjectKey = row.object.parse().map_err(RowError::Object)?;
+        let object: ObjectKey = row.object.parse()?;
         if object.kind != hook.object() {
             return Err(RowError::WrongObject {
                 object: row.object.clone(),
@@ -508,8 +508,8 @@ enum RowError {
     #[error("hook '{0}' is not a notification (only after_* hooks are events)")]
     NotNotification(String),
     /// The object column is not an object key.
-    #[error("{0}")]
-    Object(String),
+    #[error(transparent)]
+    Object(#[from] core_events::ObjectKeyError),
     /// The object is of the other kind than the hook's.
     #[error("object '{object}' is not a {} (hook {})", .hook.object(), .hook.name())]
     WrongObject {

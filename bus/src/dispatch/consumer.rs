@@ -289,12 +289,12 @@ impl Dispatcher {
                 .ctx
                 .subjects
                 .parse_event(&msg.subject)
-                .map_err(|e| e.to_string())
+                .ok()
                 .and_then(|(hook, _)| {
-                    core_events::envelope::object_of_event(hook.object(), &msg.payload)
+                    core_events::envelope::object_of_event(hook.object(), &msg.payload).ok()
                 }) {
-                Ok(object) => partition.owns(&object.to_string()),
-                Err(_) => partition.index == 0,
+                Some(object) => partition.owns(&object.to_string()),
+                None => partition.index == 0,
             },
         };
         if ours {

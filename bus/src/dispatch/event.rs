@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use core_events::{Hook, ObjectKey, SubjectError, Subjects, protocol};
+use core_events::{Hook, ObjectKey, ObjectKeyError, SubjectError, Subjects, protocol};
 
 /// Why an event of the stream cannot be dispatched (it is moved to
 /// `<prefix>.dlq._bus.malformed` with this text).
@@ -20,11 +20,11 @@ pub(crate) enum EventError {
     )]
     Synchronous(Hook),
     /// The `Pagoda-Object` header is not an object key.
-    #[error("{0}")]
-    Object(String),
+    #[error(transparent)]
+    Object(#[from] ObjectKeyError),
     /// No `Pagoda-Object` header, and the payload names no object.
     #[error("no {} header, and {0}", protocol::headers::OBJECT)]
-    NoObject(String),
+    NoObject(ObjectKeyError),
     /// The object is of the other kind than the hook's.
     #[error("object '{object}' does not fit hook '{hook}' (expected a {})", .hook.object())]
     Mismatch {
@@ -66,10 +66,7 @@ impl EventMeta {
         }
         let headers = msg.headers.clone().unwrap_or_default();
         let object = match headers.get(protocol::headers::OBJECT) {
-            Some(v) => v
-                .as_str()
-                .parse::<ObjectKey>()
-                .map_err(EventError::Object)?,
+            Some(v) => v.as_str().parse::<ObjectKey>()?,
             None => core_events::envelope::object_of_event(hook.object(), &msg.payload)
                 .map_err(EventError::NoObject)?,
         };
