@@ -64,8 +64,8 @@ impl ObserveArgs {
     }
 }
 
-fn parse_hook(s: &str) -> Result<Hook, String> {
-    Hook::parse(s).map_err(|e| e.to_string())
+fn parse_hook(s: &str) -> Result<Hook, core_events::UnknownHook> {
+    Hook::parse(s)
 }
 
 /// Show events live as they are stored, filtered by hook and entity.

@@ -83,8 +83,8 @@ fn parse_time(value: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
         })
 }
 
-fn parse_hook(value: &str) -> Result<Hook, String> {
-    Hook::parse(value.trim()).map_err(|e| e.to_string())
+fn parse_hook(value: &str) -> Result<Hook, core_events::UnknownHook> {
+    Hook::parse(value.trim())
 }
 
 impl ReplayArgs {
