@@ -214,7 +214,7 @@ struct HostArgs {
     http_body_timeout: Duration,
     /// Most HTTP connections open at once (lowered to fit `ulimit -n`); more wait
     /// to be accepted.
-    #[arg(long, env = "HOOKBUS_HTTP_MAX_CONNECTIONS", default_value_t = hookbus::host::server::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(long, env = "HOOKBUS_HTTP_MAX_CONNECTIONS", default_value_t = hookbus::host::state::DEFAULT_MAX_CONNECTIONS)]
     http_max_connections: usize,
     /// Requests per second each token may make to plugin API routes (0: no limit).
     #[arg(long, env = "HOOKBUS_PLUGIN_RATE", default_value_t = 50)]

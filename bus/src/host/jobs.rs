@@ -39,10 +39,10 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::auth::AuthUser;
-use super::error::error_response;
-use super::plugin_api::RateKey;
-use super::{ApiError, HostConfig, HostError, HostState};
+use super::error::{ApiError, HostError, error_response};
+use super::rate::RateKey;
+use super::state::{HostConfig, HostState};
+use super::user::AuthUser;
 use crate::registry::Registry;
 
 /// Jobs a list returns without `limit`.

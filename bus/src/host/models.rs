@@ -43,9 +43,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
-use super::auth::AuthUser;
+use super::cache::ENTITY_CACHE_TTL;
+use super::user::AuthUser;
 use super::request::{Body, Fields, Page, Params, kind, parse_id};
-use super::{ApiError, HostState};
+use super::error::ApiError;
+use super::state::HostState;
 use crate::sync_hooks::Skipped;
 
 /// Response header naming the hook handlers that gave no answer and were
@@ -131,44 +133,6 @@ fn respond<T: Serialize>(status: StatusCode, value: &T, skipped: &[Skipped]) -> 
         }
     }
     response
-}
-
-/// How long an entity read for an entry write is reused (entity writes drop it
-/// at once, in every host: [`super::forget`]).
-pub const ENTITY_CACHE_TTL: Duration = Duration::from_secs(2);
-
-/// Active entities recently read for entry writes, so creating an entry does not
-/// read its entity twice. The store re-reads the entity inside the write's
-/// transaction, so values are always checked against the entity as it is; only
-/// what hooks see may lag an entity change made by another host process that
-/// did not reach this one by NATS ([`super::forget`]) by at most [`ENTITY_CACHE_TTL`].
-#[derive(Debug, Default)]
-pub struct EntityCache {
-    entries: Mutex<HashMap<i64, (Arc<Entity>, Instant)>>,
-}
-
-impl EntityCache {
-    fn get(&self, id: i64) -> Option<Arc<Entity>> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries
-            .get(&id)
-            .filter(|(_, at)| at.elapsed() < ENTITY_CACHE_TTL)
-            .map(|(e, _)| Arc::clone(e))
-    }
-
-    fn put(&self, entity: Arc<Entity>) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= 10_000 {
-            entries.clear();
-        }
-        entries.insert(entity.id, (entity, Instant::now()));
-    }
-
-    /// Drops an entity (after it changed).
-    pub fn forget(&self, id: i64) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.remove(&id);
-    }
 }
 
 /// An active entity for an entry write, from the cache or the store.

@@ -12,7 +12,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, HostState};
+use super::error::ApiError;
+use super::state::HostState;
 
 /// Default page size of lists.
 pub const DEFAULT_LIMIT: i64 = 100;
