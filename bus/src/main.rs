@@ -5,8 +5,8 @@ mod cli;
 mod demo;
 mod nats_config_cmd;
 mod ops_cmd;
-mod replay_cli;
 mod out;
+mod replay_cli;
 
 use std::process::ExitCode;
 

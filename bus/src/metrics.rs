@@ -23,11 +23,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::stats::{DispatchStats, HandlerStats, PluginStats, RelayStats};
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use crate::stats::{DispatchStats, HandlerStats, PluginStats, RelayStats};
 
 /// Values read from NATS at scrape time (and by the monitor): where the dispatcher
 /// stands against the stream head.

@@ -30,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BusConfig, MonitorSettings};
 use crate::metrics::{Metrics, delivering, handler_lag};
-use crate::stats::now_ms;
 use crate::registry::Registry;
+use crate::stats::now_ms;
 
 /// Asks every replica of a Services API service (`$SRV.<verb>.<name>`, verb `PING`,
 /// `INFO` or `STATS`) and collects the answers that come within `timeout`, one per

@@ -128,15 +128,14 @@ pub(crate) async fn main(
     let cmd = args.command();
     let started = Instant::now();
     let progress = StderrProgress::new(cmd.progress, cmd.follow);
-    let summary = match run_with_progress(client, subjects, &cmd, &mut std::io::stdout(), &progress)
-        .await
-    {
-        Ok(summary) => summary,
-        Err(ReplayCmdError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-            return Ok(ExitCode::SUCCESS);
-        }
-        Err(e) => return Err(e),
-    };
+    let summary =
+        match run_with_progress(client, subjects, &cmd, &mut std::io::stdout(), &progress).await {
+            Ok(summary) => summary,
+            Err(ReplayCmdError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(e) => return Err(e),
+        };
     let range = summary
         .seqs
         .map_or_else(String::new, |(a, b)| format!(", sequences {a}..={b}"));
@@ -191,7 +190,10 @@ impl StderrProgress {
 impl Progress for StderrProgress {
     fn start(&self, _message: &str, len: Option<u64>) {
         let total = len.unwrap_or(0);
-        *self.total.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = total;
+        *self
+            .total
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = total;
         if !self.tty {
             return;
         }
@@ -223,7 +225,10 @@ impl Progress for StderrProgress {
             if last.elapsed() >= Duration::from_secs(1) {
                 *last = Instant::now();
                 let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                let total = *self.total.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let total = *self
+                    .total
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 eprintln!(
                     "hookbus: replay: {done}/{} events, {rate:.0}/s",
                     total.max(done)

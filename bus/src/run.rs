@@ -106,7 +106,8 @@ impl Bus {
         // No consumer may push the events stream to a plugin: a guard deletes one
         // that does, for every bus (`hookbus run` and one in process alike).
         others.push(("consumer guard", {
-            let (js, subjects, token) = (js.clone(), config.subjects.clone(), shutdown.child_token());
+            let (js, subjects, token) =
+                (js.clone(), config.subjects.clone(), shutdown.child_token());
             crate::supervise::spawn_supervised(
                 "consumer guard",
                 panics.clone(),

@@ -219,8 +219,8 @@ pub fn object_of_event(kind: ObjectKind, payload: &[u8]) -> Result<ObjectKey, Ob
     struct IdProbe {
         id: i64,
     }
-    let probe: Probe = serde_json::from_slice(payload)
-        .map_err(|e| ObjectKeyError::NotEvent(e.to_string()))?;
+    let probe: Probe =
+        serde_json::from_slice(payload).map_err(|e| ObjectKeyError::NotEvent(e.to_string()))?;
     if let Some(subject) = probe.subject {
         return subject.parse();
     }

@@ -132,9 +132,7 @@ pub enum ReplyError {
         preview: String,
     },
     /// A status other than `ok`.
-    #[error(
-        "reply status '{0}' is not 'ok'; report errors with the Nats-Service-Error header"
-    )]
+    #[error("reply status '{0}' is not 'ok'; report errors with the Nats-Service-Error header")]
     Status(String),
 }
 

@@ -240,7 +240,12 @@ fn deep_json_is_an_error_not_a_stack_overflow() {
 #[test]
 fn sizes_are_bounded() {
     let big = vec![b' '; MAX_REPLY_BYTES + 1];
-    assert!(HandlerReply::parse(&big).unwrap_err().to_string().contains("limit"));
+    assert!(
+        HandlerReply::parse(&big)
+            .unwrap_err()
+            .to_string()
+            .contains("limit")
+    );
     let manifest = vec![b' '; 256 * 1024 + 1];
     let e = PluginManifest::from_json(&manifest).unwrap_err();
     assert!(e.to_string().contains("the limit is 262144"), "{e}");

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use async_nats::Subject;
 use async_nats::jetstream::consumer::PriorityPolicy;
 use async_nats::jetstream::{self, consumer::pull};
-use async_nats::Subject;
 use bytes::Bytes;
 use core_events::protocol::headers;
 use core_events::{ObjectKey, Subjects};
@@ -17,13 +17,13 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::ctx::{Ctx, Deferrals, Stopped};
 use super::deliver::{Delivery, WhenAbsent, deliver};
 use super::event::EventMeta;
 use super::hold::{Hold, give_back, keep_alive};
 use super::partition::{
     PIN_GROUP, PIN_TIMEOUT, Partition, first_delivery, pinned_consumer, supports_pinning,
 };
-use super::ctx::{Ctx, Deferrals, Stopped};
 use crate::config::DispatcherSettings;
 use crate::registry::Registry;
 use crate::stats::DispatchStats;
@@ -424,4 +424,3 @@ async fn ack(ctx: &Ctx, lanes: &Lanes, seq: u64) {
         ctx.stats.events_acked.inc();
     }
 }
-

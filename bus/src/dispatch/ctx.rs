@@ -45,7 +45,10 @@ pub(crate) struct Ctx {
 impl Ctx {
     /// The per-handler stats of `route`, or `None` when metrics are off. Looked up
     /// in the shared map once per route (per routing table), then kept in the route.
-    pub(super) fn handler_stats<'r>(&self, route: &'r Route) -> Option<&'r crate::stats::HandlerStats> {
+    pub(super) fn handler_stats<'r>(
+        &self,
+        route: &'r Route,
+    ) -> Option<&'r crate::stats::HandlerStats> {
         if !self.settings.metrics {
             return None;
         }
@@ -164,7 +167,12 @@ impl Ctx {
     }
 
     /// Keeps an unreadable message from the events stream in the dead-letter stream.
-    pub(super) async fn malformed(&self, subject: &str, payload: &Bytes, error: &str) -> Result<(), Stopped> {
+    pub(super) async fn malformed(
+        &self,
+        subject: &str,
+        payload: &Bytes,
+        error: &str,
+    ) -> Result<(), Stopped> {
         let mut h = HeaderMap::new();
         h.insert("Pagoda-Error", sanitize_header(error).as_str());
         h.insert("Pagoda-Original-Subject", sanitize_header(subject).as_str());

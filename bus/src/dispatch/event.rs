@@ -95,12 +95,8 @@ impl EventMeta {
         let get = |name: &str| headers.get(name).map(|v| v.to_string());
         let hook = Hook::parse(&get(protocol::headers::HOOK)?).ok()?;
         let object: ObjectKey = get(protocol::headers::OBJECT)?.parse().ok()?;
-        let entity =
-            core_events::subject::decode_entity(&get(protocol::headers::ENTITY)?)
-                .ok()?;
-        let seq = get(protocol::headers::STREAM_SEQ)?
-            .parse()
-            .ok()?;
+        let entity = core_events::subject::decode_entity(&get(protocol::headers::ENTITY)?).ok()?;
+        let seq = get(protocol::headers::STREAM_SEQ)?.parse().ok()?;
         let redelivered = get(protocol::headers::REDELIVERED)
             .and_then(|v| v.parse().ok())
             .unwrap_or(1);
@@ -120,4 +116,3 @@ impl EventMeta {
         })
     }
 }
-

@@ -130,4 +130,3 @@ pub(super) async fn keep_alive(
         }
     }
 }
-

@@ -69,12 +69,7 @@ struct DispatchParts {
 
 impl DispatchParts {
     /// Dispatches `partition` while `held` is held; releases it when done.
-    fn spawn(
-        &self,
-        held: Held,
-        partition: Partition,
-        stop: CancellationToken,
-    ) -> PartitionRun {
+    fn spawn(&self, held: Held, partition: Partition, stop: CancellationToken) -> PartitionRun {
         let parts = self.clone();
         let run = stop.clone();
         let task = tokio::spawn(async move {

@@ -35,10 +35,10 @@ use core_events::User;
 use core_events::store::{ApiToken, NewUser, hash_key};
 use serde_json::{Value, json};
 
+pub use super::cache::TOKEN_CACHE_TTL;
 use super::error::ApiError;
 use super::request::{Body, Page, Params, parse_id};
 use super::state::HostState;
-pub use super::cache::TOKEN_CACHE_TTL;
 pub use super::user::{AuthUser, MaybeUser};
 
 impl FromRequestParts<HostState> for AuthUser {

@@ -111,4 +111,3 @@ impl EntityCache {
         entries.remove(&id);
     }
 }
-

@@ -476,12 +476,7 @@ async fn start_task(
 }
 
 /// The KV entry (PREPARING), then the work-queue message.
-async fn enqueue(
-    state: &HostState,
-    job: &Job,
-    user: &User,
-    params: Value,
-) -> Result<(), JobError> {
+async fn enqueue(state: &HostState, job: &Job, user: &User, params: Value) -> Result<(), JobError> {
     let plugin = job.plugin_id.clone().unwrap_or_default();
     let kv = jobs_kv(state).await?;
     let initial = JobState {

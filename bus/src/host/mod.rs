@@ -176,29 +176,25 @@ impl Host {
                 }
             }));
         }
-        let limiter =
-            rate::RateLimiter::new(config.plugin_rate_per_sec, config.plugin_rate_burst);
+        let limiter = rate::RateLimiter::new(config.plugin_rate_per_sec, config.plugin_rate_burst);
         let metrics = Arc::new(metrics);
         let state = HostState::new(HostInner {
-                hooks: SyncHooks::new(client.clone(), registry.clone())
-                    .with_metrics(Arc::clone(&metrics)),
-                entry_writer: writer::EntryWriter::with_metrics(
-                    store.clone(),
-                    Arc::clone(&metrics),
-                ),
-                store,
-                registry,
-                client,
-                js,
-                subjects: config.subjects.clone(),
-                operation_ids,
-                limiter,
-                tokens: cache::TokenCache::default(),
-                entities: cache::EntityCache::default(),
-                instance: uuid::Uuid::now_v7().to_string(),
-                metrics: Arc::clone(&metrics),
-                config,
-            });
+            hooks: SyncHooks::new(client.clone(), registry.clone())
+                .with_metrics(Arc::clone(&metrics)),
+            entry_writer: writer::EntryWriter::with_metrics(store.clone(), Arc::clone(&metrics)),
+            store,
+            registry,
+            client,
+            js,
+            subjects: config.subjects.clone(),
+            operation_ids,
+            limiter,
+            tokens: cache::TokenCache::default(),
+            entities: cache::EntityCache::default(),
+            instance: uuid::Uuid::now_v7().to_string(),
+            metrics: Arc::clone(&metrics),
+            config,
+        });
         match forget::listen(state.clone(), shutdown.child_token()).await {
             Ok(task) => tasks.push(task),
             Err(e) => {

@@ -44,10 +44,10 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use super::cache::ENTITY_CACHE_TTL;
-use super::user::AuthUser;
-use super::request::{Body, Fields, Page, Params, kind, parse_id};
 use super::error::ApiError;
+use super::request::{Body, Fields, Page, Params, kind, parse_id};
 use super::state::HostState;
+use super::user::AuthUser;
 use crate::sync_hooks::Skipped;
 
 /// Response header naming the hook handlers that gave no answer and were

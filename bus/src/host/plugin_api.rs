@@ -423,10 +423,9 @@ mod tests {
             assert!(reason.contains(&status.to_string()), "{reason}");
         }
         for status in [204, 205, 304] {
-            let reason =
-                reply_status(&ApiResponse::with_status(status, json!({"a": 1})))
-                    .unwrap_err()
-                    .to_string();
+            let reason = reply_status(&ApiResponse::with_status(status, json!({"a": 1})))
+                .unwrap_err()
+                .to_string();
             assert!(reason.contains("no body"), "{reason}");
             assert!(reply_status(&ApiResponse::with_status(status, Value::Null)).is_ok());
         }

@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower_http::timeout::{TimeoutBody, TimeoutError};
 
-use super::error::{PluginReply, error_response};
 use super::error::ApiError;
+use super::error::{PluginReply, error_response};
 use super::state::{HostState, HttpSettings};
 use crate::call_metrics::CallMetrics;
 

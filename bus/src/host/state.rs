@@ -165,4 +165,3 @@ impl std::fmt::Debug for HostState {
         f.debug_struct("HostState").finish_non_exhaustive()
     }
 }
-

@@ -82,8 +82,7 @@ async fn deferred_counts(ops: &Ops) -> BTreeMap<String, u64> {
 ///
 /// Only when NATS itself fails badly; a silent bus is a problem in the report.
 pub async fn check(ops: &Ops) -> Result<HealthReport, OpsError> {
-    ops.progress
-        .start("checking the bus and the plugins", None);
+    ops.progress.start("checking the bus and the plugins", None);
     let bus: Result<BusHealth, OpsError> = ops.ask_bus("health").await;
     let registry = super::registry::fetch(ops).await.ok();
     let mut problems = Vec::new();
