@@ -23,7 +23,7 @@ pub(crate) enum EventError {
     #[error(transparent)]
     Object(#[from] ObjectKeyError),
     /// No `Pagoda-Object` header, and the payload names no object.
-    #[error("no {} header, and {0}", protocol::headers::OBJECT)]
+    #[error("no {header} header, and {0}", header = protocol::headers::OBJECT)]
     NoObject(ObjectKeyError),
     /// The object is of the other kind than the hook's.
     #[error("object '{object}' does not fit hook '{hook}' (expected a {})", .hook.object())]

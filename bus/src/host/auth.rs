@@ -20,11 +20,6 @@
 //! | `POST /api/v2/tokens/` | any user | create a token; the key is in the reply, once |
 //! | `DELETE /api/v2/tokens/<id>/` | owner or superuser | revoke |
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
-
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;

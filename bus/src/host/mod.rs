@@ -31,12 +31,9 @@ pub mod writer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream;
 use axum::Router;
-use core_events::Subjects;
-use core_events::jobs::OperationIds;
 use core_events::store::Store;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

@@ -25,25 +25,20 @@
 //! | `POST /api/v2/entries/<id>/restore/` | any user | `entry.before_restore` → `entry.after_restore` |
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
-use axum::http::request::Parts;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bytes::Bytes;
 use core_events::store::{
     AttrChange, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, WriteContext,
 };
 use core_events::{AttrType, Entity, Entry, ObjectRef};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
-use super::cache::ENTITY_CACHE_TTL;
 use super::error::ApiError;
 use super::request::{Body, Fields, Page, Params, kind, parse_id};
 use super::state::HostState;

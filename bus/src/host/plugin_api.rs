@@ -35,8 +35,7 @@
 //! See `docs/plugin-api-and-jobs.md`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use async_nats::RequestErrorKind;
@@ -49,9 +48,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use core_events::plugin_api::{ApiRequest, ApiResponse, FORWARDED_HEADERS, MAX_API_BODY_BYTES};
 use core_events::protocol::headers;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::error::ApiError;
+use super::error::{ApiError, error_response};
 use super::rate::RateKey;
 use super::state::HostState;
 use super::user::MaybeUser;
@@ -381,6 +380,7 @@ fn into_http(plugin: &str, status: StatusCode, answer: ApiResponse) -> Response 
 mod tests {
     use super::*;
     use crate::host::rate::RateLimiter;
+    use serde_json::json;
 
     #[test]
     fn buckets_refuse_beyond_the_burst_and_name_the_wait() {

@@ -9,7 +9,9 @@ use axum::extract::{FromRequest, FromRequestParts, Query, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use bytes::Bytes;
+use core_events::AttrType;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
@@ -96,13 +98,13 @@ impl Body {
 /// too.
 #[derive(Debug)]
 pub struct Fields {
-    prefix: String,
+    pub(crate) prefix: String,
     obj: Map<String, Value>,
-    errors: Vec<String>,
+    pub(crate) errors: Vec<String>,
 }
 
 impl Fields {
-    fn new(prefix: String, obj: Map<String, Value>) -> Self {
+    pub(crate) fn new(prefix: String, obj: Map<String, Value>) -> Self {
         Fields {
             prefix,
             obj,
@@ -110,12 +112,12 @@ impl Fields {
         }
     }
 
-    fn path(&self, key: &str) -> String {
+    pub(crate) fn path(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
 
     /// Takes a field; `null` counts as absent.
-    fn take(&mut self, key: &str) -> Option<Value> {
+    pub(crate) fn take(&mut self, key: &str) -> Option<Value> {
         self.obj.remove(key).filter(|v| !v.is_null())
     }
 
@@ -138,11 +140,11 @@ impl Fields {
     }
 
     /// A field that may be absent; `null` is kept as a value (to clear one).
-    fn optional_value(&mut self, key: &str) -> Option<Value> {
+    pub(crate) fn optional_value(&mut self, key: &str) -> Option<Value> {
         self.obj.remove(key)
     }
 
-    fn convert<T: DeserializeOwned>(&mut self, key: &str, v: Value) -> Option<T> {
+    pub(crate) fn convert<T: DeserializeOwned>(&mut self, key: &str, v: Value) -> Option<T> {
         match serde_json::from_value(v) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -154,7 +156,7 @@ impl Fields {
 
     /// An array of objects: a [`Fields`] for each (give each back with
     /// [`absorb`](Self::absorb)).
-    fn object_list(&mut self, key: &str) -> Vec<Fields> {
+    pub(crate) fn object_list(&mut self, key: &str) -> Vec<Fields> {
         let Some(v) = self.take(key) else {
             return Vec::new();
         };
@@ -183,12 +185,12 @@ impl Fields {
     }
 
     /// Takes a nested reader's problems.
-    fn absorb(&mut self, sub: Fields) {
+    pub(crate) fn absorb(&mut self, sub: Fields) {
         self.errors.extend(sub.into_errors());
     }
 
     /// An array of objects, each read by `each`.
-    fn objects<T>(&mut self, key: &str, mut each: impl FnMut(&mut Fields) -> T) -> Vec<T> {
+    pub(crate) fn objects<T>(&mut self, key: &str, mut each: impl FnMut(&mut Fields) -> T) -> Vec<T> {
         let mut out = Vec::new();
         for mut sub in self.object_list(key) {
             out.push(each(&mut sub));
@@ -198,7 +200,7 @@ impl Fields {
     }
 
     /// An attribute type: Pagoda's code number or its name.
-    fn attr_type(&mut self, key: &str, required: bool) -> Option<AttrType> {
+    pub(crate) fn attr_type(&mut self, key: &str, required: bool) -> Option<AttrType> {
         let v = match self.take(key) {
             Some(v) => v,
             None if required => {
@@ -236,7 +238,7 @@ impl Fields {
         found
     }
 
-    fn into_errors(mut self) -> Vec<String> {
+    pub(crate) fn into_errors(mut self) -> Vec<String> {
         let mut unknown: Vec<&String> = self.obj.keys().collect();
         unknown.sort();
         for key in unknown {
