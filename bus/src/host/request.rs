@@ -190,7 +190,11 @@ impl Fields {
     }
 
     /// An array of objects, each read by `each`.
-    pub(crate) fn objects<T>(&mut self, key: &str, mut each: impl FnMut(&mut Fields) -> T) -> Vec<T> {
+    pub(crate) fn objects<T>(
+        &mut self,
+        key: &str,
+        mut each: impl FnMut(&mut Fields) -> T,
+    ) -> Vec<T> {
         let mut out = Vec::new();
         for mut sub in self.object_list(key) {
             out.push(each(&mut sub));
