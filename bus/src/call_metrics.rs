@@ -27,7 +27,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::metrics::{LATENCY_BUCKETS, RelayGauges};
+use crate::metrics::RelayGauges;
+use crate::stats::LATENCY_BUCKETS;
 
 /// Upper bounds of the entry batch size histogram buckets (a last `+Inf` follows;
 /// batches hold at most [`crate::host::writer::MAX_BATCH`]).

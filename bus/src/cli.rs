@@ -8,6 +8,8 @@ use async_nats::jetstream;
 use clap::{Parser, Subcommand};
 use core_events::Subjects;
 use hookbus::config::{BusConfig, parse_enabled_plugins};
+
+use crate::out::println_out;
 use tokio_util::sync::CancellationToken;
 
 /// The Pagoda hook bus.
@@ -117,7 +119,7 @@ enum Command {
         retention: RetentionArgs,
     },
     /// Replay stored events to stdout (JSON lines) or to one plugin handler.
-    Replay(hookbus::replay_cmd::ReplayArgs),
+    Replay(crate::replay_cli::ReplayArgs),
     /// Publish a few demo events and show which handlers ran, in order.
     Demo {
         /// Plugins the demo waits for before publishing.
@@ -155,7 +157,7 @@ enum Command {
     /// the bus, the host and every enabled plugin (no NATS connection).
     ///
     /// Example: hookbus nats-config --enabled-plugins hello-world,audit-log > auth.conf
-    NatsConfig(hookbus::nats_config::NatsConfigArgs),
+    NatsConfig(crate::nats_config_cmd::NatsConfigArgs),
     /// Run the reference host: the /api/v2 HTTP API over the model store, every
     /// write running the synchronous hooks first and committing its event in the
     /// outbox, which the host relays to the stream itself (unless --no-relay).
@@ -212,7 +214,7 @@ struct HostArgs {
     http_body_timeout: Duration,
     /// Most HTTP connections open at once (lowered to fit `ulimit -n`); more wait
     /// to be accepted.
-    #[arg(long, env = "HOOKBUS_HTTP_MAX_CONNECTIONS", default_value_t = hookbus::host::server::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(long, env = "HOOKBUS_HTTP_MAX_CONNECTIONS", default_value_t = hookbus::host::state::DEFAULT_MAX_CONNECTIONS)]
     http_max_connections: usize,
     /// Requests per second each token may make to plugin API routes (0: no limit).
     #[arg(long, env = "HOOKBUS_PLUGIN_RATE", default_value_t = 50)]
@@ -230,7 +232,7 @@ struct HostArgs {
 
 /// A duration (as [`hookbus::config::parse_duration`]) that is not 0.
 fn positive_duration(value: &str) -> Result<Duration, String> {
-    match hookbus::config::parse_duration(value)? {
+    match hookbus::config::parse_duration(value).map_err(|e| e.to_string())? {
         d if d.is_zero() => Err("must be more than 0".into()),
         d => Ok(d),
     }
@@ -268,7 +270,7 @@ pub(crate) async fn main() -> Result<ExitCode> {
     init_tracing();
     let subjects = Subjects::new(&cli.prefix)?;
     if let Command::NatsConfig(args) = &cli.command {
-        return hookbus::nats_config::main(&subjects, args, println_out);
+        return crate::nats_config_cmd::main(&subjects, args, println_out);
     }
     if let Command::Token(command) = &cli.command {
         return token(command).await;
@@ -426,7 +428,7 @@ pub(crate) async fn main() -> Result<ExitCode> {
             ));
             ExitCode::SUCCESS
         }
-        Command::Replay(args) => hookbus::replay_cmd::main(&client, &subjects, &args).await?,
+        Command::Replay(args) => crate::replay_cli::main(&client, &subjects, &args).await?,
         Command::Demo {
             enabled_plugins,
             timeout_secs,
@@ -572,12 +574,6 @@ impl RetentionArgs {
         streams.events_max_bytes = self.events_max_bytes;
         streams.replicas = self.stream_replicas.max(1);
     }
-}
-
-/// Writes a line of command output to stdout.
-#[allow(clippy::print_stdout)]
-pub(crate) fn println_out(line: &str) {
-    println!("{line}");
 }
 
 fn init_tracing() {

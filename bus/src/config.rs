@@ -161,19 +161,56 @@ impl Default for MonitorSettings {
     }
 }
 
+/// A setting's value that cannot be read; the message names the accepted forms.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValueError {
+    /// Not a number followed by a unit.
+    #[error("'{0}' is not a duration; use e.g. 90s, 15m, 1h, 500ms")]
+    NotDuration(String),
+    /// A unit other than `ms`, `s`, `m`, `h` and `d`.
+    #[error("unknown unit '{unit}' in '{value}'; use ms, s, m, h or d")]
+    DurationUnit {
+        /// The value given.
+        value: String,
+        /// Its unit.
+        unit: String,
+    },
+    /// A duration that does not fit.
+    #[error("'{value}': {reason}")]
+    DurationRange {
+        /// The value given.
+        value: String,
+        /// Why it does not fit.
+        reason: String,
+    },
+    /// Not a size.
+    #[error(
+        "'{0}' is not a size; use a number of bytes, a number with KB, MB, GB, TB, KiB, MiB, GiB or TiB (e.g. 500MB, 10GiB), or 'unlimited'"
+    )]
+    NotSize(String),
+    /// A size below 1 byte or too large.
+    #[error("'{0}' is out of range; use at least 1 byte, or 'unlimited'")]
+    SizeRange(String),
+}
+
 /// Parses a duration such as `90s`, `15m`, `1h`, `500ms` or a plain number of seconds.
+///
+/// Hand-written rather than `humantime`'s: a plain number is seconds and
+/// fractions (`1.5h`) are taken, and a week (`1w`) is refused, as the bus's
+/// settings always were.
 ///
 /// # Errors
 ///
-/// A message naming the accepted forms.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
+/// [`ValueError`], naming the accepted forms.
+pub fn parse_duration(value: &str) -> Result<Duration, ValueError> {
     let v = value.trim();
     let (num, unit) = v
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .map_or((v, ""), |i| v.split_at(i));
     let n: f64 = num
         .parse()
-        .map_err(|_| format!("'{value}' is not a duration; use e.g. 90s, 15m, 1h, 500ms"))?;
+        .map_err(|_| ValueError::NotDuration(value.to_owned()))?;
     let secs = match unit.trim() {
         "" | "s" => n,
         "ms" => n / 1000.0,
@@ -181,12 +218,16 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         "d" => n * 86400.0,
         other => {
-            return Err(format!(
-                "unknown unit '{other}' in '{value}'; use ms, s, m, h or d"
-            ));
+            return Err(ValueError::DurationUnit {
+                value: value.to_owned(),
+                unit: other.to_owned(),
+            });
         }
     };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("'{value}': {e}"))
+    Duration::try_from_secs_f64(secs).map_err(|e| ValueError::DurationRange {
+        value: value.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 /// Parses a stream size limit: `unlimited` (also `-1` or `0`), a number of bytes,
@@ -196,17 +237,13 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
 ///
 /// # Errors
 ///
-/// A message naming the accepted forms.
-pub fn parse_byte_limit(value: &str) -> Result<i64, String> {
+/// [`ValueError`], naming the accepted forms.
+pub fn parse_byte_limit(value: &str) -> Result<i64, ValueError> {
     let v = value.trim();
     if v.eq_ignore_ascii_case("unlimited") || v == "-1" || v == "0" {
         return Ok(-1);
     }
-    let bad = || {
-        format!(
-            "'{value}' is not a size; use a number of bytes, a number with KB, MB, GB, TB, KiB, MiB, GiB or TiB (e.g. 500MB, 10GiB), or 'unlimited'"
-        )
-    };
+    let bad = || ValueError::NotSize(value.to_owned());
     let (num, unit) = v
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .map_or((v, ""), |i| v.split_at(i));
@@ -225,9 +262,7 @@ pub fn parse_byte_limit(value: &str) -> Result<i64, String> {
     };
     let bytes = (n * factor).round();
     if !(1.0..=9.0e18).contains(&bytes) {
-        return Err(format!(
-            "'{value}' is out of range; use at least 1 byte, or 'unlimited'"
-        ));
+        return Err(ValueError::SizeRange(value.to_owned()));
     }
     #[allow(clippy::cast_possible_truncation)]
     Ok(bytes as i64)
@@ -275,7 +310,7 @@ mod tests {
         assert_eq!(parse_byte_limit("500MB"), Ok(500_000_000));
         assert_eq!(parse_byte_limit("10GiB"), Ok(10 * 1024 * 1024 * 1024));
         assert_eq!(parse_byte_limit("1.5k"), Ok(1500));
-        let err = parse_byte_limit("10 parsecs").unwrap_err();
+        let err = parse_byte_limit("10 parsecs").unwrap_err().to_string();
         assert!(err.contains("'10 parsecs' is not a size"), "{err}");
     }
 }

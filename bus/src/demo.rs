@@ -14,7 +14,7 @@ use core_events::{
 use futures::future::BoxFuture;
 use hookbus::{EncodedEvent, Publisher};
 
-use crate::cli::println_out;
+use crate::out::println_out;
 
 /// One demo step: an event published directly, a model change written
 /// through the store or the host (its event goes through the outbox and the

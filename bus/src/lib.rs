@@ -12,10 +12,12 @@
 //! | the synchronous hooks (validate, before_*, get_attrs) over request/reply | [`sync_hooks`] |
 //! | metrics of sync-hook calls and plugin API routes (served by the host) | [`call_metrics`] |
 //! | reading, replaying and purging dead letters | [`dlq`] |
-//! | per-handler stats and the Prometheus export | [`metrics`] |
+//! | the counters: dispatcher, handlers, plugins, relay, task panics | [`stats`] |
+//! | the Prometheus export and values sampled from NATS | [`metrics`] |
 //! | health report, degraded plugins and alerts | [`monitor`] |
 //! | `/healthz` and `/metrics` | [`http`] |
 //! | the operator commands (`tail`, `registry`, `dlq`, `health`) | [`ops`] |
+//! | progress of long commands, shown by the caller | [`progress`] |
 //! | per-user NATS permissions (`hookbus nats-config`) | [`nats_config`] |
 //! | `hookbus replay`: stored events to stdout or re-delivered to a handler | [`replay_cmd`] |
 //! | the reference host: `/api/v2` over the model store, plugin API routes, jobs | [`host`] |
@@ -39,16 +41,19 @@ pub mod monitor;
 pub mod nats_config;
 pub mod ops;
 pub mod outbox_cmd;
+pub mod progress;
 pub mod provision;
 pub mod publish;
 pub mod registry;
 pub mod relay;
 pub mod replay_cmd;
 pub mod run;
+pub mod stats;
 pub mod supervise;
 pub mod sync_hooks;
 
 pub use config::BusConfig;
-pub use dispatch::{DispatchStats, Dispatcher};
+pub use dispatch::Dispatcher;
 pub use publish::{EncodedEvent, Publisher};
 pub use registry::{Registry, RoutingTable};
+pub use stats::DispatchStats;

@@ -3,7 +3,10 @@
 
 mod cli;
 mod demo;
+mod nats_config_cmd;
 mod ops_cmd;
+mod out;
+mod replay_cli;
 
 use std::process::ExitCode;
 

@@ -1,10 +1,10 @@
-//! Per-handler and per-plugin counters, and their Prometheus export.
+//! The Prometheus export of the bus's counters, and values sampled from NATS.
 //!
-//! There is one source of truth for what the dispatcher counts: the atomics in
-//! [`DispatchStats`](crate::dispatch::DispatchStats). The totals existed before; this
-//! module adds, per handler, a [`HandlerStats`] (deliveries, successes, errors,
-//! retries, dead letters, a latency histogram, last success and last error) and, per
-//! plugin, a [`PluginStats`] (deferred deliveries, replicas, degraded). The same
+//! There is one source of truth for what the dispatcher counts: the atomics of
+//! [`crate::stats`] ([`DispatchStats`], per handler a [`HandlerStats`]: deliveries,
+//! successes, errors, retries, dead letters, a latency histogram, last success and
+//! last error; per plugin a [`PluginStats`]: deferred deliveries, replicas,
+//! degraded). The same
 //! values answer `<prefix>.bus.stats`, feed `/metrics` (through a
 //! [`prometheus_client`] collector that reads the atomics at scrape time) and the
 //! health and alert checks ([`crate::monitor`]).
@@ -19,438 +19,15 @@
 //! metrics; [`Metrics::relay`] returns the [`RelayGauges`] of the outbox relay, which
 //! the relay updates (they are exported from the first call on).
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::stats::{DispatchStats, HandlerStats, PluginStats, RelayStats};
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::{Serialize, Serializer};
-
-use crate::dispatch::DispatchStats;
-
-/// Upper bounds (seconds) of the handler latency histogram buckets; a last
-/// `+Inf` bucket follows.
-pub const LATENCY_BUCKETS: [f64; 14] = [
-    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// Milliseconds since the Unix epoch, now.
-pub(crate) fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-fn ms_to_rfc3339(ms: i64) -> Option<String> {
-    (ms > 0)
-        .then(|| chrono::DateTime::from_timestamp_millis(ms))
-        .flatten()
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-}
-
-/// A lock-free latency histogram with fixed buckets ([`LATENCY_BUCKETS`]).
-#[derive(Debug, Default)]
-pub struct LatencyHistogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    sum_micros: AtomicU64,
-}
-
-impl LatencyHistogram {
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = LATENCY_BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(
-            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-    }
-
-    /// Number of observations.
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
-    }
-
-    /// Sum of the observations in seconds.
-    pub fn sum_seconds(&self) -> f64 {
-        self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-    }
-
-    /// Per-bucket (not cumulative) counts with their upper bounds; the last bound is
-    /// `f64::MAX` (`+Inf`).
-    fn buckets(&self) -> Vec<(f64, u64)> {
-        LATENCY_BUCKETS
-            .iter()
-            .copied()
-            .chain(std::iter::once(f64::MAX))
-            .zip(self.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
-            .collect()
-    }
-}
-
-/// What the dispatcher did for one handler since the bus started.
-#[derive(Debug)]
-pub struct HandlerStats {
-    /// Plugin id.
-    pub plugin: Arc<str>,
-    /// Handler name.
-    pub handler: Arc<str>,
-    /// Deliveries started (one per event and handler, retries not counted; deferred
-    /// deliveries count when they are delivered from the deferred queue).
-    pub deliveries: AtomicU64,
-    /// Deliveries that succeeded.
-    pub successes: AtomicU64,
-    /// Failed attempts (each retry that fails counts).
-    pub errors: AtomicU64,
-    /// Attempts after the first (retries).
-    pub retries: AtomicU64,
-    /// Deliveries dead-lettered.
-    pub dead_letters: AtomicU64,
-    /// Deliveries deferred (the plugin had no replica).
-    pub deferred: AtomicU64,
-    /// Time from request to reply of every attempt that got an answer or timed out.
-    pub latency: LatencyHistogram,
-    /// The stream sequence of the last event this handler finished (0 = none; with
-    /// objects in parallel, the latest to finish, not the highest).
-    pub last_seq: AtomicU64,
-    /// Unix milliseconds of the last success (0 = none).
-    pub last_success_ms: AtomicI64,
-    /// Unix milliseconds of the last failed attempt (0 = none).
-    pub last_error_ms: AtomicI64,
-    /// Unix milliseconds of the first failure since the last success (0 = not failing).
-    pub failing_since_ms: AtomicI64,
-    /// Unix milliseconds of the last attempt that found no replica subscribed ("no
-    /// responders"; 0 = never).
-    pub last_absent_ms: AtomicI64,
-    last_error: Mutex<String>,
-}
-
-impl HandlerStats {
-    fn new(plugin: Arc<str>, handler: Arc<str>) -> Self {
-        HandlerStats {
-            plugin,
-            handler,
-            deliveries: AtomicU64::new(0),
-            successes: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            retries: AtomicU64::new(0),
-            dead_letters: AtomicU64::new(0),
-            deferred: AtomicU64::new(0),
-            latency: LatencyHistogram::default(),
-            last_seq: AtomicU64::new(0),
-            last_success_ms: AtomicI64::new(0),
-            last_error_ms: AtomicI64::new(0),
-            failing_since_ms: AtomicI64::new(0),
-            last_absent_ms: AtomicI64::new(0),
-            last_error: Mutex::new(String::new()),
-        }
-    }
-
-    /// Records a successful attempt.
-    pub(crate) fn success(&self, took: Duration, seq: u64) {
-        self.successes.fetch_add(1, Ordering::Relaxed);
-        self.latency.observe(took);
-        self.last_seq.store(seq, Ordering::Relaxed);
-        self.last_success_ms.store(now_ms(), Ordering::Relaxed);
-        if self.failing_since_ms.load(Ordering::Relaxed) != 0 {
-            self.failing_since_ms.store(0, Ordering::Relaxed);
-        }
-    }
-
-    /// Records a failed attempt (`took` is `None` when no request was answered in time).
-    pub(crate) fn failure(&self, took: Option<Duration>, error: &str) {
-        let now = now_ms();
-        self.errors.fetch_add(1, Ordering::Relaxed);
-        if let Some(took) = took {
-            self.latency.observe(took);
-        }
-        self.last_error_ms.store(now, Ordering::Relaxed);
-        let _ =
-            self.failing_since_ms
-                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
-        let mut last = self
-            .last_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        error.clone_into(&mut last);
-    }
-
-    /// Records an attempt that found no replica subscribed.
-    pub(crate) fn absent(&self) {
-        self.last_absent_ms.store(now_ms(), Ordering::Relaxed);
-    }
-
-    /// Records a dead letter.
-    pub(crate) fn dead_lettered(&self, seq: u64) {
-        self.dead_letters.fetch_add(1, Ordering::Relaxed);
-        self.last_seq.store(seq, Ordering::Relaxed);
-    }
-
-    /// The text of the last failed attempt (empty when none).
-    pub fn last_error(&self) -> String {
-        self.last_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-}
-
-impl Serialize for HandlerStats {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let error = self.last_error();
-        serde_json::json!({
-            "deliveries": get(&self.deliveries),
-            "successes": get(&self.successes),
-            "errors": get(&self.errors),
-            "retries": get(&self.retries),
-            "dead_letters": get(&self.dead_letters),
-            "deferred": get(&self.deferred),
-            "latency_count": self.latency.count(),
-            "latency_sum_seconds": self.latency.sum_seconds(),
-            "last_seq": get(&self.last_seq),
-            "last_success": ms_to_rfc3339(self.last_success_ms.load(Ordering::Relaxed)),
-            "last_error_at": ms_to_rfc3339(self.last_error_ms.load(Ordering::Relaxed)),
-            "last_error": (!error.is_empty()).then_some(error),
-            "failing_since": ms_to_rfc3339(self.failing_since_ms.load(Ordering::Relaxed)),
-        })
-        .serialize(s)
-    }
-}
-
-/// Per-handler stats, keyed by the handler's endpoint subject.
-#[derive(Debug, Default)]
-pub struct HandlerStatsMap(RwLock<HashMap<Arc<str>, Arc<HandlerStats>>>);
-
-impl HandlerStatsMap {
-    /// The stats of the handler with endpoint `subject`, created on first use.
-    pub(crate) fn get_or_create(
-        &self,
-        subject: &Arc<str>,
-        plugin: &Arc<str>,
-        handler: &Arc<str>,
-    ) -> Arc<HandlerStats> {
-        if let Some(h) = self
-            .0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&**subject)
-        {
-            return h.clone();
-        }
-        self.0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(subject.clone())
-            .or_insert_with(|| Arc::new(HandlerStats::new(plugin.clone(), handler.clone())))
-            .clone()
-    }
-
-    /// Every handler's stats, sorted by plugin and handler.
-    pub fn all(&self) -> Vec<Arc<HandlerStats>> {
-        let mut v: Vec<_> = self
-            .0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
-        v.sort_by(|a, b| (&a.plugin, &a.handler).cmp(&(&b.plugin, &b.handler)));
-        v
-    }
-
-    /// One plugin's handlers.
-    pub fn of_plugin(&self, plugin: &str) -> Vec<Arc<HandlerStats>> {
-        self.all()
-            .into_iter()
-            .filter(|h| &*h.plugin == plugin)
-            .collect()
-    }
-}
-
-impl Serialize for HandlerStatsMap {
-    /// As `{plugin: {handler: stats}}`.
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut out: BTreeMap<String, BTreeMap<String, Arc<HandlerStats>>> = BTreeMap::new();
-        for h in self.all() {
-            out.entry(h.plugin.to_string())
-                .or_default()
-                .insert(h.handler.to_string(), h);
-        }
-        out.serialize(s)
-    }
-}
-
-/// Deliveries waiting in the deferred stream for one plugin, as one dispatcher
-/// (one partition) counts them. Never wraps: it is raised before a delivery is
-/// appended to the stream ([`DeferredGauge::counted`]), so the drainer, which
-/// lowers it once the delivery is done, cannot lower it first; and it stops at
-/// 0 and at `u64::MAX` whatever the order.
-#[derive(Debug, Default)]
-pub struct DeferredGauge(AtomicU64);
-
-impl DeferredGauge {
-    /// Deliveries waiting.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Acquire)
-    }
-
-    /// `n` more deliveries waiting.
-    pub(crate) fn add(&self, n: u64) {
-        let _ = self
-            .0
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                Some(v.saturating_add(n))
-            });
-    }
-
-    /// One delivery done (never below 0).
-    pub(crate) fn done(&self) {
-        let _ = self
-            .0
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                Some(v.saturating_sub(1))
-            });
-    }
-
-    /// Counts one delivery, then runs `append` (which appends it to the stream);
-    /// takes the count back when `append` fails.
-    ///
-    /// # Errors
-    ///
-    /// `append`'s.
-    pub(crate) async fn counted<T, E>(
-        &self,
-        append: impl std::future::Future<Output = Result<T, E>>,
-    ) -> Result<T, E> {
-        self.add(1);
-        let result = append.await;
-        if result.is_err() {
-            self.done();
-        }
-        result
-    }
-}
-
-/// Per-plugin state of the bus.
-#[derive(Debug, Default)]
-pub struct PluginStats {
-    /// The deferral gauges of the plugin's dispatchers (one per partition this
-    /// bus dispatches; a dispatcher that stopped drops its own).
-    deferred: Mutex<Vec<std::sync::Weak<DeferredGauge>>>,
-    /// Replicas that answered the last `$SRV.PING.<plugin>` of the monitor (-1 = not
-    /// checked yet).
-    pub replicas: AtomicI64,
-    /// True while the plugin is degraded (failing continuously for
-    /// [`MonitorSettings::degraded_after`](crate::config::MonitorSettings::degraded_after)).
-    pub degraded: AtomicBool,
-    /// True once a replica has answered the monitor's `$SRV.PING` (a Services API
-    /// plugin): its replicas are counted by PING only, never by its deliveries.
-    pub answered_ping: AtomicBool,
-}
-
-impl PluginStats {
-    fn new() -> Self {
-        PluginStats {
-            deferred: Mutex::default(),
-            replicas: AtomicI64::new(-1),
-            degraded: AtomicBool::new(false),
-            answered_ping: AtomicBool::new(false),
-        }
-    }
-
-    /// Deliveries waiting for this plugin in the deferred stream (all the
-    /// dispatchers of this bus).
-    pub fn deferred(&self) -> u64 {
-        self.deferred
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .fold(0, |sum, g| sum.saturating_add(g.get()))
-    }
-}
-
-/// Per-plugin state, by plugin id.
-#[derive(Debug, Default)]
-pub struct PluginStatsMap(RwLock<BTreeMap<String, Arc<PluginStats>>>);
-
-impl PluginStatsMap {
-    /// The plugin's state, created on first use.
-    pub fn get_or_create(&self, plugin: &str) -> Arc<PluginStats> {
-        if let Some(p) = self
-            .0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(plugin)
-        {
-            return p.clone();
-        }
-        self.0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(plugin.to_owned())
-            .or_insert_with(|| Arc::new(PluginStats::new()))
-            .clone()
-    }
-
-    /// The plugin's state, if it was ever recorded.
-    pub fn get(&self, plugin: &str) -> Option<Arc<PluginStats>> {
-        self.0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(plugin)
-            .cloned()
-    }
-
-    /// Every plugin's state, by id.
-    pub fn all(&self) -> Vec<(String, Arc<PluginStats>)> {
-        self.0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    }
-
-    /// Adds `gauge` (a dispatcher's deferral gauge) to the plugin's deferred count.
-    pub(crate) fn track_deferred(&self, plugin: &str, gauge: &Arc<DeferredGauge>) {
-        let p = self.get_or_create(plugin);
-        let mut gauges = p
-            .deferred
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        gauges.retain(|g| g.strong_count() > 0);
-        gauges.push(Arc::downgrade(gauge));
-    }
-}
-
-impl Serialize for PluginStatsMap {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let out: BTreeMap<String, serde_json::Value> = self
-            .all()
-            .into_iter()
-            .map(|(id, p)| {
-                let replicas = p.replicas.load(Ordering::Relaxed);
-                (
-                    id,
-                    serde_json::json!({
-                        "deferred": p.deferred(),
-                        "replicas": (replicas >= 0).then_some(replicas),
-                        "degraded": p.degraded.load(Ordering::Relaxed),
-                    }),
-                )
-            })
-            .collect();
-        out.serialize(s)
-    }
-}
 
 /// Values read from NATS at scrape time (and by the monitor): where the dispatcher
 /// stands against the stream head.
@@ -517,7 +94,7 @@ pub struct Metrics {
     sampled: Arc<Sampled>,
     registry: Mutex<Registry>,
     relay: OnceLock<RelayGauges>,
-    relay_stats: OnceLock<Arc<crate::relay::RelayStats>>,
+    relay_stats: OnceLock<Arc<RelayStats>>,
 }
 
 impl Metrics {
@@ -557,12 +134,12 @@ impl Metrics {
     }
 
     /// Attaches the counters of the relay this bus runs (once).
-    pub fn set_relay_stats(&self, stats: Arc<crate::relay::RelayStats>) {
+    pub fn set_relay_stats(&self, stats: Arc<RelayStats>) {
         let _ = self.relay_stats.set(stats);
     }
 
     /// The counters of the relay this bus runs, if it runs one.
-    pub fn relay_stats(&self) -> Option<&Arc<crate::relay::RelayStats>> {
+    pub fn relay_stats(&self) -> Option<&Arc<RelayStats>> {
         self.relay_stats.get()
     }
 
@@ -878,6 +455,7 @@ impl prometheus_client::collector::Collector for StatsCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::DeferredGauge;
 
     #[test]
     fn histogram_buckets_and_encoding() {

@@ -29,8 +29,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BusConfig, MonitorSettings};
-use crate::metrics::{Metrics, delivering, handler_lag, now_ms};
+use crate::metrics::{Metrics, delivering, handler_lag};
 use crate::registry::Registry;
+use crate::stats::now_ms;
 
 /// Asks every replica of a Services API service (`$SRV.<verb>.<name>`, verb `PING`,
 /// `INFO` or `STATS`) and collects the answers that come within `timeout`, one per
@@ -216,7 +217,7 @@ impl BusHealth {
 
 /// When the earliest of these handlers started failing without a success (ms
 /// since the epoch), 0 when none is failing.
-fn failing_since_ms(handlers: &[Arc<crate::metrics::HandlerStats>]) -> i64 {
+fn failing_since_ms(handlers: &[Arc<crate::stats::HandlerStats>]) -> i64 {
     handlers
         .iter()
         .map(|h| h.failing_since_ms.load(Ordering::Relaxed))
@@ -324,7 +325,7 @@ impl Health {
             let entry = table.plugins().get(&id);
             let p = stats.plugins.get(&id);
             let handlers = stats.handlers.of_plugin(&id);
-            let max = |f: fn(&crate::metrics::HandlerStats) -> i64| {
+            let max = |f: fn(&crate::stats::HandlerStats) -> i64| {
                 handlers.iter().map(|h| f(h)).max().unwrap_or(0)
             };
             let last_success = max(|h| h.last_success_ms.load(Ordering::Relaxed));

@@ -394,50 +394,6 @@ pub fn with_credentials(
     }
 }
 
-/// Arguments of `hookbus nats-config`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct NatsConfigArgs {
-    /// Plugins that get a user, comma-separated (the bus's ENABLED_PLUGINS).
-    #[arg(long, env = "ENABLED_PLUGINS", default_value = "")]
-    pub enabled_plugins: String,
-    /// `env`: passwords are `$NATS_PASSWORD_<USER>` references that nats-server
-    /// resolves from its environment (the file holds no secret); `generate`:
-    /// random passwords written into the file and listed on stderr.
-    #[arg(long, default_value = "env", value_parser = ["env", "generate"])]
-    pub passwords: String,
-    /// The buses' `--partitions`: each partition's dispatcher consumer is denied to
-    /// plugins.
-    #[arg(long, env = "HOOKBUS_PARTITIONS", default_value_t = 1)]
-    pub partitions: u32,
-}
-
-/// `hookbus nats-config`: writes the block with `out` (one call).
-///
-/// # Errors
-///
-/// As [`render`] and [`generate_passwords`].
-pub fn main(
-    subjects: &Subjects,
-    args: &NatsConfigArgs,
-    out: impl Fn(&str),
-) -> anyhow::Result<std::process::ExitCode> {
-    let plugins = crate::config::parse_enabled_plugins(&args.enabled_plugins);
-    if plugins.is_empty() {
-        tracing::warn!("no plugins given (ENABLED_PLUGINS): only the bus and host users");
-    }
-    let passwords = if args.passwords == "generate" {
-        let map = generate_passwords(&users(&plugins)?)?;
-        for (user, password) in &map {
-            eprintln!("{}={password}  # user {user}", password_env_var(user));
-        }
-        Passwords::Literal(map)
-    } else {
-        Passwords::EnvRefs
-    };
-    out(render(subjects, &plugins, &passwords, args.partitions)?.trim_end());
-    Ok(std::process::ExitCode::SUCCESS)
-}
-
 /// One pass of the consumer guard: deletes every push consumer on the events
 /// stream whose deliver subject is not an inbox (`_INBOX…`), and returns their
 /// names.
@@ -454,7 +410,7 @@ pub fn main(
 pub async fn guard_push_consumers(
     js: &async_nats::jetstream::Context,
     subjects: &Subjects,
-) -> anyhow::Result<Vec<String>> {
+) -> Result<Vec<String>, async_nats::Error> {
     use futures::TryStreamExt as _;
     let stream = js.get_stream(subjects.events_stream()).await?;
     let infos: Vec<_> = stream.consumers().try_collect().await?;

@@ -11,6 +11,8 @@ use core_events::{Hook, Subjects};
 use hookbus::config::{BusConfig, parse_duration};
 use hookbus::dlq::Filter;
 use hookbus::ops::{self, Ops, OpsError};
+use hookbus::progress::Progress;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// `hookbus run` flags: `/healthz` and `/metrics`, per-handler metrics, alerts.
 #[derive(Debug, Clone, Args)]
@@ -62,8 +64,8 @@ impl ObserveArgs {
     }
 }
 
-fn parse_hook(s: &str) -> Result<Hook, String> {
-    Hook::parse(s).map_err(|e| e.to_string())
+fn parse_hook(s: &str) -> Result<Hook, core_events::UnknownHook> {
+    Hook::parse(s)
 }
 
 /// Show events live as they are stored, filtered by hook and entity.
@@ -242,7 +244,65 @@ pub(crate) struct HealthArgs {
 }
 
 fn ops(client: &async_nats::Client, subjects: &Subjects) -> Ops {
-    Ops::new(client.clone(), subjects.clone())
+    let mut ops = Ops::new(client.clone(), subjects.clone());
+    ops.progress = std::sync::Arc::new(StderrBars::default());
+    ops
+}
+
+/// The operator commands' progress on stderr: a spinner (unknown length) or a
+/// bar, drawn only when stderr is a terminal.
+#[derive(Debug, Default)]
+struct StderrBars(std::sync::Mutex<Option<ProgressBar>>);
+
+impl StderrBars {
+    fn bar(&self) -> std::sync::MutexGuard<'_, Option<ProgressBar>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Progress for StderrBars {
+    fn start(&self, message: &str, len: Option<u64>) {
+        let pb = ProgressBar::with_draw_target(len, ProgressDrawTarget::stderr());
+        match len {
+            None => {
+                pb.set_style(
+                    ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
+                pb.enable_steady_tick(Duration::from_millis(100));
+            }
+            Some(_) => pb.set_style(
+                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({elapsed}, eta {eta})")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            ),
+        }
+        pb.set_message(message.to_owned());
+        if let Some(old) = self.bar().replace(pb) {
+            old.finish_and_clear();
+        }
+    }
+
+    fn set(&self, done: u64) {
+        if let Some(pb) = &*self.bar() {
+            pb.set_position(done);
+        }
+    }
+
+    fn note(&self, line: &str) {
+        match &*self.bar() {
+            Some(pb) => pb.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(pb) = self.bar().take() {
+            pb.finish_and_clear();
+        }
+    }
 }
 
 /// Prints a usage problem and gives exit code 2; other errors go up.

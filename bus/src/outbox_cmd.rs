@@ -1,14 +1,83 @@
 //! The commands over the model store and its outbox: `migrate`, `relay` (also
 //! started by `run` when a database is configured) and `rebuild`.
 
-use anyhow::{Context, Result};
 use async_nats::jetstream;
 use core_events::Subjects;
 use core_events::store::Store;
+use core_events::store::StoreError;
+use pagoda_plugin_sdk::replay::ReplayError;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::StreamSettings;
-use crate::relay::{Relay, RelaySettings};
+use crate::provision::ProvisionError;
+use crate::relay::{Relay, RelayError, RelaySettings};
+
+/// Why `migrate`, `relay` or `rebuild` failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboxCmdError {
+    /// The database could not be opened (its URL without the password).
+    #[error("cannot open the database {url}")]
+    Open {
+        /// The database, password redacted.
+        url: String,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
+    /// A migration failed.
+    #[error("cannot migrate the database {url}")]
+    Migrate {
+        /// The database, password redacted.
+        url: String,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
+    /// The streams could not be provisioned.
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
+    /// The relay stopped.
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+    /// A rebuild into a store that is not empty, without `force`.
+    #[error(
+        "the store at {0} is not empty; rebuild into an empty database (or pass --force to apply the stream over it)"
+    )]
+    NotEmpty(String),
+    /// The events stream could not be read.
+    #[error("cannot read the stream {stream}")]
+    Stream {
+        /// The stream's name.
+        stream: String,
+        /// Why.
+        #[source]
+        source: async_nats::Error,
+    },
+    /// The events stream's retention removed its first events.
+    #[error(
+        "the stream {stream} no longer holds events 1..{upto} (removed by its retention); a rebuild needs every event from the first"
+    )]
+    Truncated {
+        /// The stream's name.
+        stream: String,
+        /// The last event removed.
+        upto: u64,
+    },
+    /// The store failed during a rebuild.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The events could not be replayed.
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+}
+
+type Result<T> = std::result::Result<T, OutboxCmdError>;
+
+fn open_error(url: &str) -> impl FnOnce(StoreError) -> OutboxCmdError {
+    let url = redact(url);
+    move |source| OutboxCmdError::Open { url, source }
+}
 
 /// Opens the store at `url` and applies the migrations (`hookbus migrate`): the
 /// reference host's tables (`users`, `entities`, `entity_attrs`, `entries`,
@@ -18,13 +87,14 @@ use crate::relay::{Relay, RelaySettings};
 ///
 /// When the database cannot be reached or a migration fails.
 pub async fn open_migrated(url: &str) -> Result<Store> {
-    let store = Store::connect(url)
-        .await
-        .with_context(|| format!("cannot open the database {}", redact(url)))?;
+    let store = Store::connect(url).await.map_err(open_error(url))?;
     store
         .migrate()
         .await
-        .with_context(|| format!("cannot migrate the database {}", redact(url)))?;
+        .map_err(|source| OutboxCmdError::Migrate {
+            url: redact(url),
+            source,
+        })?;
     Ok(store)
 }
 
@@ -46,9 +116,7 @@ pub async fn relay(
     url: &str,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let store = Store::connect(url)
-        .await
-        .with_context(|| format!("cannot open the database {}", redact(url)))?;
+    let store = Store::connect(url).await.map_err(open_error(url))?;
     let js = jetstream::new(client);
     crate::provision::provision(&js, &subjects, streams).await?;
     let settings = RelaySettings::for_deployment(store.backend(), streams);
@@ -125,22 +193,27 @@ pub async fn rebuild(
 
     let store = open_migrated(url).await?;
     if !force && !store.is_empty().await? {
-        anyhow::bail!(
-            "the store at {} is not empty; rebuild into an empty database (or pass --force to apply the stream over it)",
-            redact(url)
-        );
+        return Err(OutboxCmdError::NotEmpty(redact(url)));
     }
+    let stream_error = |e: async_nats::Error| OutboxCmdError::Stream {
+        stream: subjects.events_stream(),
+        source: e,
+    };
     let mut stream = js
         .get_stream(subjects.events_stream())
         .await
-        .with_context(|| format!("cannot read the stream {}", subjects.events_stream()))?;
-    let state = stream.info().await?.state.clone();
+        .map_err(|e| stream_error(e.into()))?;
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| stream_error(e.into()))?
+        .state
+        .clone();
     if state.first_sequence > 1 {
-        anyhow::bail!(
-            "the stream {} no longer holds events 1..{} (removed by its retention); a rebuild needs every event from the first",
-            subjects.events_stream(),
-            state.first_sequence - 1
-        );
+        return Err(OutboxCmdError::Truncated {
+            stream: subjects.events_stream(),
+            upto: state.first_sequence - 1,
+        });
     }
     let mut events = replay_events(js, subjects, ReplayOptions::default()).await?;
     let total = events.total_at_start();

@@ -48,7 +48,7 @@ pub struct Route {
     /// The handler's stats, looked up once per routing table (keeps the lookup off
     /// the delivery path).
     #[serde(skip)]
-    pub(crate) stats: std::sync::OnceLock<Arc<crate::metrics::HandlerStats>>,
+    pub(crate) stats: std::sync::OnceLock<Arc<crate::stats::HandlerStats>>,
 }
 
 mod millis {

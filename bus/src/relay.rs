@@ -36,7 +36,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishAckFuture};
@@ -51,6 +51,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::publish::EncodedEvent;
+/// The relay's counters live with the bus's others ([`crate::stats`]).
+pub use crate::stats::RelayStats;
 
 /// Settings of the relay.
 #[derive(Debug, Clone)]
@@ -107,56 +109,6 @@ impl RelaySettings {
             max_payload_bytes: 1024 * 1024,
             delete_linger: Duration::from_millis(20),
         }
-    }
-}
-
-/// Counters and gauges of a running relay (shared; read them any time).
-#[derive(Debug, Default)]
-pub struct RelayStats {
-    /// Rows the stream stored.
-    pub published: AtomicU64,
-    /// Rows the stream already had (a resend after a crash or by a second relay).
-    pub duplicates: AtomicU64,
-    /// Rows moved to the dead-letter stream as unpublishable.
-    pub invalid: AtomicU64,
-    /// Unpublishable rows whose dead letter failed too (each is kept and tried
-    /// again later).
-    pub dead_letter_failures: AtomicU64,
-    /// Unpublishable rows set aside now: neither published nor dead-lettered,
-    /// kept in the outbox, waiting for their next try.
-    pub parked: AtomicI64,
-    /// Failed publishes and queries (each followed by a back-off).
-    pub errors: AtomicU64,
-    /// Rows waiting in the outbox at the last measurement.
-    pub backlog_rows: AtomicI64,
-    /// Age of the oldest waiting row at the last measurement, ms.
-    pub backlog_oldest_ms: AtomicI64,
-    /// False while publishes fail (NATS unreachable, stream unavailable).
-    pub healthy: AtomicBool,
-    /// False while the outbox cannot be read or cleaned (database unreachable).
-    pub database_ok: AtomicBool,
-}
-
-impl RelayStats {
-    /// The counters as JSON (for the bus's status subject).
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "published": self.published.load(Ordering::Relaxed),
-            "duplicates": self.duplicates.load(Ordering::Relaxed),
-            "invalid": self.invalid.load(Ordering::Relaxed),
-            "dead_letter_failures": self.dead_letter_failures.load(Ordering::Relaxed),
-            "parked": self.parked.load(Ordering::Relaxed),
-            "errors": self.errors.load(Ordering::Relaxed),
-            "backlog_rows": self.backlog_rows.load(Ordering::Relaxed),
-            "backlog_oldest_ms": self.backlog_oldest_ms.load(Ordering::Relaxed),
-            "healthy": self.healthy.load(Ordering::Relaxed),
-            "database_ok": self.database_ok.load(Ordering::Relaxed),
-        })
-    }
-
-    /// Publishing works and the database answers.
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && self.database_ok.load(Ordering::Relaxed)
     }
 }
 
@@ -444,33 +396,31 @@ impl Relay {
     }
 
     /// Turns a row into a message, or says why it cannot be published.
-    fn prepare(&self, row: &OutboxRow) -> Result<EncodedEvent, String> {
-        let hook = Hook::parse(&row.hook).map_err(|e| e.to_string())?;
+    fn prepare(&self, row: &OutboxRow) -> Result<EncodedEvent, RowError> {
+        let hook = Hook::parse(&row.hook)?;
         if !hook.kind().is_notification() {
-            return Err(format!(
-                "hook '{}' is not a notification (only after_* hooks are events)",
-                row.hook
-            ));
+            return Err(RowError::NotNotification(row.hook.clone()));
         }
         let object: ObjectKey = row.object.parse()?;
         if object.kind != hook.object() {
-            return Err(format!(
-                "object '{}' is not a {} (hook {})",
-                row.object,
-                hook.object(),
-                hook.name()
-            ));
+            return Err(RowError::WrongObject {
+                object: row.object.clone(),
+                hook,
+            });
         }
-        let id: EventId = row
-            .event_id
-            .parse()
-            .map_err(|e| format!("event_id '{}' is not a UUID: {e}", row.event_id))?;
+        let id: EventId = row.event_id.parse().map_err(|e| RowError::EventId {
+            id: row.event_id.clone(),
+            reason: format!("{e}"),
+        })?;
         let limit = self.message_limit();
         if row.payload.len() > limit {
-            return Err(too_large(row.payload.len(), limit));
+            return Err(RowError::TooLarge {
+                size: row.payload.len(),
+                limit,
+            });
         }
         serde_json::from_str::<serde::de::IgnoredAny>(&row.payload)
-            .map_err(|e| format!("payload is not JSON: {e}"))?;
+            .map_err(|e| RowError::NotJson(e.to_string()))?;
         let event = EncodedEvent::from_parts(
             &self.subjects,
             hook,
@@ -480,10 +430,10 @@ impl Relay {
             row.traceparent.as_deref(),
             Bytes::from(row.payload.clone()),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| RowError::Encode(e.to_string()))?;
         let size = event.payload.len() + crate::publish::headers_len(&event.headers);
         if size > limit {
-            return Err(too_large(size, limit));
+            return Err(RowError::TooLarge { size, limit });
         }
         Ok(event)
     }
@@ -494,8 +444,8 @@ impl Relay {
     fn dead_letter(
         &self,
         row: &OutboxRow,
-        error: &str,
-    ) -> BoxFuture<'static, (i64, Result<(), String>)> {
+        error: &RowError,
+    ) -> BoxFuture<'static, (i64, Result<(), async_nats::Error>)> {
         tracing::error!(
             outbox_id = row.id,
             event_id = %row.event_id,
@@ -506,7 +456,7 @@ impl Relay {
         );
         let body = serde_json::json!({
             "kind": "invalid_outbox_row",
-            "error": error,
+            "error": error.to_string(),
             "event_id": row.event_id,
             "hook": row.hook,
             "entity": row.entity,
@@ -537,8 +487,8 @@ impl Relay {
                 )
                 .await;
             let result = match sent {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(ack) => ack.await.map(|_| ()).map_err(async_nats::Error::from),
+                Err(e) => Err(e.into()),
             };
             (id, result)
         })
@@ -548,11 +498,53 @@ impl Relay {
 type Fetched = Result<Vec<OutboxRow>, StoreError>;
 type Deleted = (Vec<i64>, Result<u64, StoreError>);
 
-fn too_large(size: usize, limit: usize) -> String {
-    format!(
-        "message of {size} bytes (payload and headers) is larger than the events stream takes \
-         ({limit} bytes: the server's max_payload or the stream's largest message)"
-    )
+/// Why an outbox row cannot be published; its dead letter carries this text.
+#[derive(Debug, Clone, thiserror::Error)]
+enum RowError {
+    /// The hook column names no hook.
+    #[error(transparent)]
+    Hook(#[from] core_events::UnknownHook),
+    /// A synchronous hook: never an event.
+    #[error("hook '{0}' is not a notification (only after_* hooks are events)")]
+    NotNotification(String),
+    /// The object column is not an object key.
+    #[error(transparent)]
+    Object(#[from] core_events::ObjectKeyError),
+    /// The object is of the other kind than the hook's.
+    #[error("object '{object}' is not a {} (hook {})", .hook.object(), .hook.name())]
+    WrongObject {
+        /// The object column.
+        object: String,
+        /// The row's hook.
+        hook: Hook,
+    },
+    /// The event id column is not a UUID.
+    #[error("event_id '{id}' is not a UUID: {reason}")]
+    EventId {
+        /// The event id column.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// Larger than the events stream takes.
+    #[error(
+        "message of {size} bytes (payload and headers) is larger than the events stream takes ({limit} bytes: the server's max_payload or the stream's largest message)"
+    )]
+    TooLarge {
+        /// The message's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The payload column is not JSON.
+    #[error("payload is not JSON: {0}")]
+    NotJson(String),
+    /// The event could not be encoded (subject, headers).
+    #[error("{0}")]
+    Encode(String),
+    /// The stream refused it for good (too large for the server).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// An unpublishable row whose dead letter failed: when it is tried again.
@@ -591,13 +583,13 @@ struct State<'a> {
     /// The delete in progress (at most one).
     deleting: FuturesUnordered<BoxFuture<'static, Deleted>>,
     /// Dead letters being stored (their rows are held meanwhile).
-    dead: FuturesUnordered<BoxFuture<'static, (i64, Result<(), String>)>>,
+    dead: FuturesUnordered<BoxFuture<'static, (i64, Result<(), async_nats::Error>)>>,
     /// Unpublishable rows whose dead letter failed, by id: held (not read again)
     /// until their retry time.
     parked: HashMap<i64, Parked>,
     /// Rows the stream refused for good (too large), by id, with the reason:
     /// dead-lettered when read again.
-    rejected: HashMap<i64, String>,
+    rejected: HashMap<i64, RowError>,
     /// Acknowledged ids to delete.
     acked: Vec<i64>,
     /// Since when `acked` has not been empty.
@@ -793,7 +785,7 @@ impl State<'_> {
                 if permanent {
                     // Read again after the reset, and dead-lettered instead of sent.
                     tracing::warn!(outbox_id = id, %error, "outbox relay: the stream refuses this row for good");
-                    self.rejected.insert(id, error);
+                    self.rejected.insert(id, RowError::Refused(error));
                 } else if self.relay.stats.healthy.swap(false, Ordering::Relaxed) {
                     tracing::warn!(%error, "outbox relay: publish failed; backing off and retrying");
                 }
@@ -810,7 +802,7 @@ impl State<'_> {
 
     /// A dead letter was stored (the row is deleted with the published ones) or
     /// failed (the row is set aside and tried again after its own back-off).
-    fn dead_lettered(&mut self, id: i64, result: Result<(), String>) {
+    fn dead_lettered(&mut self, id: i64, result: Result<(), async_nats::Error>) {
         let stats = &self.relay.stats;
         match result {
             Ok(()) => {

@@ -16,172 +16,25 @@
 //!   failure is reported (stderr) and the replay goes on; no retries. "No
 //!   responders" (no replica running) stops the replay.
 //!
-//! A progress bar (events done / total, rate) is drawn on stderr when it is a
-//! terminal; [`ReplayCommand::progress`] forces progress lines when it is not.
+//! Progress and failed re-deliveries go to a [`Progress`] ([`run_with_progress`]):
+//! the `hookbus` binary draws a bar (events done / total, rate) on stderr when it
+//! is a terminal, and progress lines when [`ReplayCommand::progress`] forces them.
 
-use std::io::{IsTerminal, Write};
-use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
 use async_nats::{HeaderMap, HeaderValue};
 use core_events::protocol::{HandlerReply, codes, headers};
 use core_events::{Hook, PluginManifest, Subjects};
 use futures::StreamExt;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pagoda_plugin_sdk::replay::{ReplayError, ReplayFrom, ReplayOptions, ReplayedEvent};
 use serde_json::value::RawValue;
 
+use crate::progress::{Progress, Silent};
+
 /// Default wait for a handler's reply when its manifest is not in the registry.
 pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Replay stored events: print them as JSON lines, or re-deliver them to one
-/// plugin handler.
-///
-/// Reads the events stream from the oldest retained event (default), a stream
-/// sequence or a time, filtered by hook and entity, up to the head of the stream
-/// (or, with --follow, on with new events). A start the stream no longer holds
-/// (removed by its retention) is an error naming the oldest retained sequence.
-#[derive(Debug, Clone, clap::Args)]
-#[command(after_help = "Examples:
-  hookbus replay                                          every retained event, as JSON lines
-  hookbus replay --from-seq 1200 --hook entry.after_update --entity customer
-  hookbus replay --from-time 2026-11-24T00:00:00Z --follow | jq .event.id
-  hookbus replay --hook after_create_entry_v2 > creates.jsonl        (legacy names work)
-  hookbus replay --to-plugin audit-log --handler entry_after_create   re-deliver to a handler
-  hookbus replay --from-seq 500 --to-plugin crm --handler sync --progress
-
-Each stdout line: {\"seq\":N,\"time\":\"<stored at>\",\"subject\":\"...\",\"event\":{<envelope>}}.
-Re-deliveries carry Pagoda-Replay: true; failures are reported on stderr, the replay
-goes on, and the exit status is 1 if any failed.")]
-pub struct ReplayArgs {
-    /// Start at this stream sequence (0: the oldest retained event).
-    #[arg(long, value_name = "N", conflicts_with = "from_time")]
-    pub from_seq: Option<u64>,
-    /// Start at the first event stored at or after this time (RFC 3339, e.g.
-    /// 2026-11-24T16:00:00Z).
-    #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
-    pub from_time: Option<chrono::DateTime<chrono::Utc>>,
-    /// Only events of this hook (repeatable; standard names or legacy aliases).
-    #[arg(long = "hook", value_name = "HOOK", value_parser = parse_hook)]
-    pub hooks: Vec<Hook>,
-    /// Only events about this entity (repeatable; the exact entity name).
-    #[arg(long = "entity", value_name = "NAME")]
-    pub entities: Vec<String>,
-    /// Stop at the head of the stream (default true; false is --follow).
-    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
-    pub until_caught_up: bool,
-    /// Keep going with new events after the head, until interrupted.
-    #[arg(long)]
-    pub follow: bool,
-    /// Where events go (stdout: JSON lines).
-    #[arg(long, value_enum, default_value_t = To::Stdout, conflicts_with = "to_plugin")]
-    pub to: To,
-    /// Re-deliver to this plugin instead (with --handler).
-    #[arg(long, value_name = "PLUGIN", requires = "handler")]
-    pub to_plugin: Option<String>,
-    /// The handler of --to-plugin; its hook and entity filter are the default filters.
-    #[arg(long, value_name = "HANDLER", requires = "to_plugin")]
-    pub handler: Option<String>,
-    /// Reply timeout per re-delivery, in ms (default: the handler's timeout_ms).
-    #[arg(long, value_name = "MS", requires = "to_plugin")]
-    pub timeout_ms: Option<u64>,
-    /// Show progress on stderr even when it is not a terminal (a line per second).
-    #[arg(long)]
-    pub progress: bool,
-}
-
-/// Output of `hookbus replay`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum To {
-    /// JSON lines on standard output.
-    Stdout,
-}
-
-fn parse_time(value: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    chrono::DateTime::parse_from_rfc3339(value.trim())
-        .map(|t| t.with_timezone(&chrono::Utc))
-        .map_err(|e| {
-            format!("'{value}' is not an RFC 3339 time ({e}); use e.g. 2026-11-24T16:00:00Z")
-        })
-}
-
-fn parse_hook(value: &str) -> Result<Hook, String> {
-    Hook::parse(value.trim()).map_err(|e| e.to_string())
-}
-
-impl ReplayArgs {
-    /// The command these arguments ask for.
-    pub fn command(&self) -> ReplayCommand {
-        let from = match (self.from_seq, self.from_time) {
-            (Some(n), _) => ReplayFrom::Sequence(n),
-            (None, Some(t)) => ReplayFrom::Time(t),
-            (None, None) => ReplayFrom::Start,
-        };
-        let target = match (&self.to_plugin, &self.handler) {
-            (Some(plugin), Some(handler)) => Target::Plugin {
-                plugin: plugin.clone(),
-                handler: handler.clone(),
-                timeout: self.timeout_ms.map(Duration::from_millis),
-            },
-            _ => Target::Stdout,
-        };
-        ReplayCommand {
-            from,
-            hooks: self.hooks.clone(),
-            entities: self.entities.clone(),
-            follow: self.follow || !self.until_caught_up,
-            target,
-            progress: self.progress,
-        }
-    }
-}
-
-/// `hookbus replay`: runs [`run`] to stdout, reports on stderr; exit status 1
-/// when a re-delivery failed.
-///
-/// # Errors
-///
-/// As [`run`] (a closed stdout, e.g. `| head`, is not an error).
-pub async fn main(
-    client: &async_nats::Client,
-    subjects: &Subjects,
-    args: &ReplayArgs,
-) -> Result<ExitCode, ReplayCmdError> {
-    let cmd = args.command();
-    let started = Instant::now();
-    let summary = match run(client, subjects, &cmd, &mut std::io::stdout()).await {
-        Ok(summary) => summary,
-        Err(ReplayCmdError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-            return Ok(ExitCode::SUCCESS);
-        }
-        Err(e) => return Err(e),
-    };
-    let range = summary
-        .seqs
-        .map_or_else(String::new, |(a, b)| format!(", sequences {a}..={b}"));
-    let to = match &cmd.target {
-        Target::Stdout => String::new(),
-        Target::Plugin {
-            plugin, handler, ..
-        } => format!(" re-delivered to {plugin}/{handler}"),
-    };
-    eprintln!(
-        "hookbus: replay: {} event(s){to}{range} in {:.1?}{}",
-        summary.events,
-        started.elapsed(),
-        if summary.failed > 0 {
-            format!("; {} failed (see above)", summary.failed)
-        } else {
-            String::new()
-        }
-    );
-    Ok(if summary.failed > 0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
-}
 
 /// Where replayed events go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,7 +121,8 @@ pub enum ReplayCmdError {
     Io(#[from] std::io::Error),
 }
 
-/// Runs the replay; JSON lines go to `out`, progress and failures to stderr.
+/// Runs the replay; JSON lines go to `out`; progress and failed re-deliveries
+/// are not shown ([`run_with_progress`] shows them).
 ///
 /// # Errors
 ///
@@ -281,6 +135,22 @@ pub async fn run(
     subjects: &Subjects,
     cmd: &ReplayCommand,
     out: &mut (dyn Write + Send),
+) -> Result<ReplaySummary, ReplayCmdError> {
+    run_with_progress(client, subjects, cmd, out, &Silent).await
+}
+
+/// [`run`], reporting to `progress`: started with the events in the stream
+/// (`replay`), each event read, and a line per failed re-delivery.
+///
+/// # Errors
+///
+/// As [`run`].
+pub async fn run_with_progress(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    cmd: &ReplayCommand,
+    out: &mut (dyn Write + Send),
+    progress: &dyn Progress,
 ) -> Result<ReplaySummary, ReplayCmdError> {
     let js = async_nats::jetstream::new(client.clone());
     let mut hooks = cmd.hooks.clone();
@@ -346,7 +216,7 @@ pub async fn run(
         until_caught_up: !cmd.follow,
     };
     let mut events = pagoda_plugin_sdk::replay::replay_events(&js, subjects, options).await?;
-    let progress = Progress::new(events.total_at_start(), cmd.progress, cmd.follow);
+    progress.start("replay", Some(events.total_at_start()));
     let mut summary = ReplaySummary::default();
     let mut buffered = std::io::BufWriter::new(out);
     while let Some(event) = events.next().await {
@@ -382,7 +252,7 @@ pub async fn run(
                 }
             },
         }
-        progress.tick(summary.events);
+        progress.set(summary.events);
     }
     buffered.flush()?;
     progress.finish();
@@ -493,75 +363,6 @@ impl Redeliver {
                 }
                 _ => Sent::Failed(format!("request failed: {e}")),
             },
-        }
-    }
-}
-
-/// Progress on stderr: a bar on a terminal, plain lines when forced otherwise.
-struct Progress {
-    bar: Option<ProgressBar>,
-    lines: Option<std::sync::Mutex<(Instant, Instant)>>,
-    total: u64,
-}
-
-impl Progress {
-    fn new(total: u64, forced: bool, follow: bool) -> Progress {
-        let tty = std::io::stderr().is_terminal();
-        let bar = tty.then(|| {
-            let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            let template = if follow {
-                "replay {spinner} {pos}/{len} events ({per_sec}, {elapsed}) then following"
-            } else {
-                "replay [{bar:30}] {pos}/{len} events ({per_sec}, {elapsed}, eta {eta})"
-            };
-            pb.set_style(
-                ProgressStyle::with_template(template)
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-            );
-            pb
-        });
-        let now = Instant::now();
-        Progress {
-            bar,
-            lines: (!tty && forced).then(|| std::sync::Mutex::new((now, now))),
-            total,
-        }
-    }
-
-    fn tick(&self, done: u64) {
-        if let Some(pb) = &self.bar {
-            if done > pb.length().unwrap_or(0) {
-                pb.set_length(done);
-            }
-            pb.set_position(done);
-        }
-        if let Some(lines) = &self.lines
-            && let Ok(mut times) = lines.lock()
-        {
-            let (started, last) = &mut *times;
-            if last.elapsed() >= Duration::from_secs(1) {
-                *last = Instant::now();
-                let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                eprintln!(
-                    "hookbus: replay: {done}/{} events, {rate:.0}/s",
-                    self.total.max(done)
-                );
-            }
-        }
-    }
-
-    /// A line on stderr that does not garble the bar.
-    fn note(&self, line: &str) {
-        match &self.bar {
-            Some(pb) => pb.suspend(|| eprintln!("{line}")),
-            None => eprintln!("{line}"),
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(pb) = &self.bar {
-            pb.finish_and_clear();
         }
     }
 }

@@ -16,58 +16,19 @@
 //! again.
 
 use std::any::Any;
-use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Serialize, Serializer};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::stats::TaskPanics;
 
 /// The pause before the first restart of a task that panicked.
 pub const FIRST_PAUSE: Duration = Duration::from_millis(100);
 /// The longest pause between restarts (a task that keeps panicking).
 pub const MAX_PAUSE: Duration = Duration::from_secs(10);
-
-/// Panics of the bus's long-lived tasks, by task name, since the process started.
-#[derive(Debug, Default)]
-pub struct TaskPanics(Mutex<BTreeMap<&'static str, u64>>);
-
-impl TaskPanics {
-    /// Counts one panic of `task`.
-    pub fn record(&self, task: &'static str) {
-        *self.lock().entry(task).or_default() += 1;
-    }
-
-    /// Panics of `task`.
-    pub fn get(&self, task: &str) -> u64 {
-        self.lock().get(task).copied().unwrap_or(0)
-    }
-
-    /// Every task that panicked, with its count, by name.
-    pub fn all(&self) -> Vec<(&'static str, u64)> {
-        self.lock().iter().map(|(k, v)| (*k, *v)).collect()
-    }
-
-    /// Panics of all tasks.
-    pub fn total(&self) -> u64 {
-        self.lock().values().sum()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, u64>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl Serialize for TaskPanics {
-    /// As `{task: count}`.
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.lock().serialize(s)
-    }
-}
 
 /// The text of a panic payload (`panic!("…")` gives a `&str` or a `String`).
 pub fn panic_message(payload: &(dyn Any + Send)) -> String {

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::hook::{Hook, ObjectKind};
 use crate::model::{Entity, Entry, User};
-use crate::subject::ObjectKey;
+use crate::subject::{ObjectKey, ObjectKeyError};
 
 /// A stable event id (a UUIDv7: time-ordered). Also the `Nats-Msg-Id` of the event,
 /// so JetStream drops a second publish of the same event, and the key a handler
@@ -200,7 +200,7 @@ impl Envelope<EntityEvent> {
 /// # Errors
 ///
 /// A sentence saying what is missing or malformed.
-pub fn object_of_event(kind: ObjectKind, payload: &[u8]) -> Result<ObjectKey, String> {
+pub fn object_of_event(kind: ObjectKind, payload: &[u8]) -> Result<ObjectKey, ObjectKeyError> {
     #[derive(Deserialize)]
     struct Probe {
         #[serde(default)]
@@ -219,8 +219,8 @@ pub fn object_of_event(kind: ObjectKind, payload: &[u8]) -> Result<ObjectKey, St
     struct IdProbe {
         id: i64,
     }
-    let probe: Probe = serde_json::from_slice(payload)
-        .map_err(|e| format!("the payload is not a readable event: {e}"))?;
+    let probe: Probe =
+        serde_json::from_slice(payload).map_err(|e| ObjectKeyError::NotEvent(e.to_string()))?;
     if let Some(subject) = probe.subject {
         return subject.parse();
     }
@@ -230,9 +230,7 @@ pub fn object_of_event(kind: ObjectKind, payload: &[u8]) -> Result<ObjectKey, St
         ObjectKind::Entity => data.and_then(|d| d.entity.as_ref()),
     }
     .map(|p| p.id)
-    .ok_or_else(|| {
-        format!("the event has no 'subject' and no 'data.{kind}.id' to take its object from")
-    })?;
+    .ok_or(ObjectKeyError::NoObject(kind))?;
     Ok(ObjectKey { kind, id })
 }
 

@@ -222,7 +222,7 @@ impl UnknownHook {
         let did_you_mean = Hook::ALL
             .iter()
             .flat_map(|h| [h.name(), h.legacy_alias()])
-            .map(|candidate| (edit_distance(name, candidate), candidate))
+            .map(|candidate| (strsim::levenshtein(name, candidate), candidate))
             .min_by_key(|(d, _)| *d)
             .filter(|(d, _)| *d <= 3.max(name.len() / 4))
             .map(|(_, candidate)| candidate);
@@ -245,23 +245,6 @@ fn valid_names() -> String {
         .map(|h| h.name())
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Levenshtein distance over chars; the hook names are short, so the simple
-/// two-row algorithm is plenty.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for (i, ca) in a.chars().enumerate() {
-        cur[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]

@@ -36,4 +36,4 @@ pub use manifest::{
     ApiRouteSpec, HandlerSpec, ManifestError, OnUnavailable, PluginManifest, TaskSpec,
 };
 pub use model::{AttrType, Attribute, Entity, EntityAttr, Entry, ObjectRef, User};
-pub use subject::{ObjectKey, SubjectError, Subjects, object_partition};
+pub use subject::{ObjectKey, ObjectKeyError, SubjectError, Subjects, object_partition};

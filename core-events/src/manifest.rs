@@ -569,18 +569,10 @@ pub fn registry_key(plugin_id: &str) -> String {
     format!("plugins.{plugin_id}")
 }
 
-/// `MAJOR.MINOR.PATCH` with optional `-pre` and `+build` parts.
+/// `MAJOR.MINOR.PATCH` with optional `-pre` and `+build` parts (Semantic
+/// Versioning 2.0.0, as the `semver` crate reads it).
 fn is_semver(v: &str) -> bool {
-    let core = v.split(['-', '+']).next().unwrap_or_default();
-    let rest_ok = v[core.len()..]
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '+' | '.'));
-    let parts: Vec<_> = core.split('.').collect();
-    rest_ok
-        && parts.len() == 3
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    semver::Version::parse(v).is_ok()
 }
 
 #[cfg(test)]

@@ -89,21 +89,18 @@ impl ApiResponse {
     ///
     /// # Errors
     ///
-    /// A message naming what is wrong.
-    pub fn parse(body: &[u8]) -> Result<ApiResponse, String> {
+    /// [`ApiReplyError`], naming what is wrong.
+    pub fn parse(body: &[u8]) -> Result<ApiResponse, ApiReplyError> {
         if body.len() > MAX_API_REPLY_BYTES {
-            return Err(format!(
-                "reply is {} bytes; the limit is {MAX_API_REPLY_BYTES}",
-                body.len()
-            ));
+            return Err(ApiReplyError::TooLarge {
+                size: body.len(),
+                limit: MAX_API_REPLY_BYTES,
+            });
         }
         let reply: ApiResponse = serde_json::from_slice(body)
-            .map_err(|e| format!("reply is not an ApiResponse: {e}"))?;
+            .map_err(|e| ApiReplyError::NotApiResponse(e.to_string()))?;
         if !(100..=599).contains(&reply.status) {
-            return Err(format!(
-                "reply status {} is outside 100..=599",
-                reply.status
-            ));
+            return Err(ApiReplyError::Status(reply.status));
         }
         for (name, value) in &reply.headers {
             let name_ok = !name.is_empty()
@@ -111,16 +108,40 @@ impl ApiResponse {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
             if !name_ok {
-                return Err(format!(
-                    "reply header name '{name}' is not a valid header name"
-                ));
+                return Err(ApiReplyError::HeaderName(name.clone()));
             }
             if value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
-                return Err(format!("reply header '{name}' has control characters"));
+                return Err(ApiReplyError::HeaderValue(name.clone()));
             }
         }
         Ok(reply)
     }
+}
+
+/// Why a plugin route's reply cannot be sent on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiReplyError {
+    /// Over the limit.
+    #[error("reply is {size} bytes; the limit is {limit}")]
+    TooLarge {
+        /// The reply's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Not JSON of [`ApiResponse`]'s shape.
+    #[error("reply is not an ApiResponse: {0}")]
+    NotApiResponse(String),
+    /// A status outside 100 to 599.
+    #[error("reply status {0} is outside 100..=599")]
+    Status(u16),
+    /// A header name that is not a token.
+    #[error("reply header name '{0}' is not a valid header name")]
+    HeaderName(String),
+    /// A header value with control characters.
+    #[error("reply header '{0}' has control characters")]
+    HeaderValue(String),
 }
 
 #[cfg(test)]
@@ -133,21 +154,25 @@ mod tests {
         assert!(
             ApiResponse::parse(br#"{"status": 700}"#)
                 .unwrap_err()
+                .to_string()
                 .contains("700")
         );
         assert!(
             ApiResponse::parse(br#"{"headers": {"x y": "1"}}"#)
                 .unwrap_err()
+                .to_string()
                 .contains("x y")
         );
         assert!(
             ApiResponse::parse(b"nope")
                 .unwrap_err()
+                .to_string()
                 .contains("ApiResponse")
         );
         assert!(
             ApiResponse::parse(br#"{"status": 200, "extra": 1}"#)
                 .unwrap_err()
+                .to_string()
                 .contains("extra")
         );
     }

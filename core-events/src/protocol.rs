@@ -78,31 +78,62 @@ impl HandlerReply {
     ///
     /// # Errors
     ///
-    /// A sentence saying what is wrong: too large, not JSON, or not an object of
-    /// this shape.
-    pub fn parse(body: &[u8]) -> Result<HandlerReply, String> {
+    /// [`ReplyError`], saying what is wrong: too large, not JSON, or not an object
+    /// of this shape.
+    pub fn parse(body: &[u8]) -> Result<HandlerReply, ReplyError> {
         if body.is_empty() {
             return Ok(HandlerReply::default());
         }
         if body.len() > MAX_REPLY_BYTES {
-            return Err(format!(
-                "reply body is {} bytes; the limit is {MAX_REPLY_BYTES}",
-                body.len()
-            ));
+            return Err(ReplyError::TooLarge {
+                size: body.len(),
+                limit: MAX_REPLY_BYTES,
+            });
         }
-        let reply: HandlerReply = serde_json::from_slice(body).map_err(|e| {
-            format!(
-                "reply is not empty and not a JSON reply object ({e}): {}",
-                preview(body)
-            )
-        })?;
+        let reply: HandlerReply =
+            serde_json::from_slice(body).map_err(|e| ReplyError::NotReply {
+                reason: e.to_string(),
+                preview: preview(body),
+            })?;
         match reply.status.as_deref() {
             None | Some("ok") => Ok(reply),
-            Some(other) => Err(format!(
-                "reply status '{other}' is not 'ok'; report errors with the Nats-Service-Error header"
-            )),
+            Some(other) => Err(ReplyError::Status(other.to_owned())),
         }
     }
+}
+
+/// Why a reply body (of a notification handler, or of a synchronous hook) cannot
+/// be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplyError {
+    /// Over the limit.
+    #[error("reply body is {size} bytes; the limit is {limit}")]
+    TooLarge {
+        /// The body's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A notification handler's reply that is not a [`HandlerReply`].
+    #[error("reply is not empty and not a JSON reply object ({reason}): {preview}")]
+    NotReply {
+        /// The JSON error.
+        reason: String,
+        /// The body's first bytes.
+        preview: String,
+    },
+    /// A synchronous hook's reply that is not of its reply's shape.
+    #[error("reply is not a valid reply body ({reason}): {preview}")]
+    NotSyncReply {
+        /// The JSON error.
+        reason: String,
+        /// The body's first bytes.
+        preview: String,
+    },
+    /// A status other than `ok`.
+    #[error("reply status '{0}' is not 'ok'; report errors with the Nats-Service-Error header")]
+    Status(String),
 }
 
 /// The first bytes of a body, printable, for error messages.
@@ -163,9 +194,11 @@ mod tests {
         assert_eq!(HandlerReply::parse(b"").unwrap(), HandlerReply::default());
         assert!(HandlerReply::parse(br#"{"status":"ok"}"#).is_ok());
         assert!(HandlerReply::parse(br#"{}"#).is_ok());
-        let err = HandlerReply::parse(b"\x00garbage").unwrap_err();
+        let err = HandlerReply::parse(b"\x00garbage").unwrap_err().to_string();
         assert!(err.contains("not a JSON reply object"), "{err}");
-        let err = HandlerReply::parse(br#"{"status":"error"}"#).unwrap_err();
+        let err = HandlerReply::parse(br#"{"status":"error"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("Nats-Service-Error"), "{err}");
         assert!(HandlerReply::parse(&vec![b'x'; MAX_REPLY_BYTES + 1]).is_err());
         assert!(codes::is_permanent(404));

@@ -468,22 +468,51 @@ impl fmt::Display for ObjectKey {
 }
 
 impl std::str::FromStr for ObjectKey {
-    type Err = String;
+    type Err = ObjectKeyError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (kind, id) = s
             .split_once('/')
-            .ok_or_else(|| format!("object key '{s}' is not '<entry|entity>/<id>'"))?;
+            .ok_or_else(|| ObjectKeyError::Shape(s.to_owned()))?;
         let kind = match kind {
             "entry" => ObjectKind::Entry,
             "entity" => ObjectKind::Entity,
-            _ => return Err(format!("object key '{s}' has unknown kind '{kind}'")),
+            _ => {
+                return Err(ObjectKeyError::Kind {
+                    key: s.to_owned(),
+                    kind: kind.to_owned(),
+                });
+            }
         };
-        let id = id
-            .parse()
-            .map_err(|_| format!("object key '{s}' has a non-numeric id"))?;
+        let id = id.parse().map_err(|_| ObjectKeyError::Id(s.to_owned()))?;
         Ok(ObjectKey { kind, id })
     }
+}
+
+/// Why an object key (`entry/42`), or the object of an event, cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ObjectKeyError {
+    /// Not `<kind>/<id>`.
+    #[error("object key '{0}' is not '<entry|entity>/<id>'")]
+    Shape(String),
+    /// A kind other than `entry` and `entity`.
+    #[error("object key '{key}' has unknown kind '{kind}'")]
+    Kind {
+        /// The key.
+        key: String,
+        /// Its kind.
+        kind: String,
+    },
+    /// An id that is not a number.
+    #[error("object key '{0}' has a non-numeric id")]
+    Id(String),
+    /// An event payload that is not JSON of an event.
+    #[error("the payload is not a readable event: {0}")]
+    NotEvent(String),
+    /// An event with neither `subject` nor the id of its object.
+    #[error("the event has no 'subject' and no 'data.{0}.id' to take its object from")]
+    NoObject(ObjectKind),
 }
 
 #[cfg(test)]

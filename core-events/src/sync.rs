@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Attribute, Entity, EntityAttr, Entry, User};
-use crate::protocol::{MAX_REPLY_BYTES, preview};
+use crate::protocol::{MAX_REPLY_BYTES, ReplyError, preview};
 use crate::store::{EntityChanges, EntryChanges, NewEntity, NewEntry};
 
 /// `entry.validate` request: the entry as it would be written.
@@ -197,19 +197,22 @@ pub type EntityGetAttrsRequest = GetAttrsRequest<EntityAttr>;
 ///
 /// # Errors
 ///
-/// A sentence saying what is wrong: too large, or not JSON of the reply's shape.
-pub fn parse_reply<R: DeserializeOwned + Default>(body: &[u8]) -> Result<R, String> {
+/// [`ReplyError`], saying what is wrong: too large, or not JSON of the reply's
+/// shape.
+pub fn parse_reply<R: DeserializeOwned + Default>(body: &[u8]) -> Result<R, ReplyError> {
     if body.is_empty() {
         return Ok(R::default());
     }
     if body.len() > MAX_SYNC_REPLY_BYTES {
-        return Err(format!(
-            "reply body is {} bytes; the limit is {MAX_SYNC_REPLY_BYTES}",
-            body.len()
-        ));
+        return Err(ReplyError::TooLarge {
+            size: body.len(),
+            limit: MAX_SYNC_REPLY_BYTES,
+        });
     }
-    serde_json::from_slice(body)
-        .map_err(|e| format!("reply is not a valid reply body ({e}): {}", preview(body)))
+    serde_json::from_slice(body).map_err(|e| ReplyError::NotSyncReply {
+        reason: e.to_string(),
+        preview: preview(body),
+    })
 }
 
 /// Largest reply body of a synchronous hook, in bytes (larger than a
@@ -228,7 +231,9 @@ mod tests {
         assert_eq!(r, BeforeModifyReply::default());
         let r: VetoReply = parse_reply(br#"{"veto":"no"}"#).unwrap();
         assert_eq!(r.veto.as_deref(), Some("no"));
-        let err = parse_reply::<VetoReply>(b"garbage").unwrap_err();
+        let err = parse_reply::<VetoReply>(b"garbage")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a valid reply body"), "{err}");
         let r: ValidateReply =
             parse_reply(br#"{"errors":[{"field":"name","message":"bad"},{"message":"x"}]}"#)

@@ -438,7 +438,7 @@ async fn run_bus(
         cpu0 = cpu_now(&world.server);
     }
     let sum =
-        |f: fn(&hookbus::dispatch::DispatchStats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
+        |f: fn(&hookbus::stats::DispatchStats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
     if let Err(a) = wait_acked(n, || sum(|s| s.events_acked.get())).await {
         panic!("bus side acked only {a} of {n} events in {SIDE_TIMEOUT:?}");
     }

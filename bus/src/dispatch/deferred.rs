@@ -16,40 +16,11 @@ use async_nats::jetstream::{self, consumer::pull};
 use core_events::protocol::headers;
 use futures::StreamExt;
 
+use super::ctx::{Ctx, Stopped};
 use super::deliver::{WhenAbsent, deliver};
-use super::{Ctx, EventMeta, Stopped};
-use crate::metrics::DeferredGauge;
+use super::event::EventMeta;
 use crate::registry::Route;
-
-/// Per-plugin deferral state, shared by the dispatcher and the drainer.
-#[derive(Default)]
-pub(crate) struct Deferrals {
-    plugins: std::sync::Mutex<HashMap<Arc<str>, Arc<DeferredGauge>>>,
-}
-
-impl Deferrals {
-    /// Number of deliveries waiting for `plugin`.
-    pub(crate) fn outstanding(&self, plugin: &str) -> u64 {
-        self.lock().get(plugin).map_or(0, |n| n.get())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<DeferredGauge>>> {
-        self.plugins
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The counter for `plugin`, and whether it was just created.
-    fn counter(&self, plugin: &str) -> (Arc<DeferredGauge>, bool) {
-        let mut map = self.lock();
-        if let Some(c) = map.get(plugin) {
-            return (c.clone(), false);
-        }
-        let c = Arc::new(DeferredGauge::default());
-        map.insert(plugin.into(), c.clone());
-        (c, true)
-    }
-}
+use crate::stats::DeferredGauge;
 
 impl Ctx {
     /// Appends a delivery to its plugin's deferred queue (waiting for the stream's

@@ -9,7 +9,8 @@ use async_nats::{HeaderMap, HeaderValue};
 use chrono::Utc;
 use core_events::protocol::{FailedAttempt, HandlerReply, codes, headers};
 
-use super::{Ctx, EventMeta, Stopped};
+use super::ctx::{Ctx, Stopped};
+use super::event::EventMeta;
 use crate::registry::Route;
 
 /// How one attempt ended.

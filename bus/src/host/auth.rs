@@ -20,11 +20,6 @@
 //! | `POST /api/v2/tokens/` | any user | create a token; the key is in the reply, once |
 //! | `DELETE /api/v2/tokens/<id>/` | owner or superuser | revoke |
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
-
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
@@ -35,101 +30,11 @@ use core_events::User;
 use core_events::store::{ApiToken, NewUser, hash_key};
 use serde_json::{Value, json};
 
-use super::models::{Body, Page, Params, parse_id};
-use super::{ApiError, HostState};
-
-/// How long a key's user is cached after a database lookup.
-pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(5);
-
-/// Most keys the cache holds; it is cleared when full (a flood of bad keys is
-/// not cached at all: only keys that authenticate are).
-const TOKEN_CACHE_MAX: usize = 10_000;
-
-/// The authenticated user of a request (401 `not_authenticated` without a valid token).
-#[derive(Debug, Clone)]
-pub struct AuthUser {
-    /// The user.
-    pub user: User,
-    /// The id of the token used (the key of per-token rate limits).
-    pub token_id: i64,
-}
-
-/// The authenticated user, if the request has a valid token (an invalid one is still 401).
-#[derive(Debug, Clone)]
-pub struct MaybeUser(pub Option<AuthUser>);
-
-/// Users of recently seen keys, by key hash, each kept for [`TOKEN_CACHE_TTL`].
-///
-/// Every `forget_*` bumps a generation; a lookup started before it (which may
-/// have read the user as it was) is then not cached, so a revoke or a user
-/// change is never undone by a request that raced it.
-#[derive(Debug, Default)]
-pub struct TokenCache {
-    entries: Mutex<HashMap<String, (AuthUser, Instant)>>,
-    generation: AtomicU64,
-}
-
-impl TokenCache {
-    /// The generation to pass to [`put`](Self::put): read before the database lookup.
-    fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    fn get(&self, hash: &str) -> Option<AuthUser> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries
-            .get(hash)
-            .filter(|(_, at)| at.elapsed() < TOKEN_CACHE_TTL)
-            .map(|(user, _)| user.clone())
-    }
-
-    /// Caches `user` unless something was forgotten since `generation` was read.
-    fn put(&self, hash: String, user: AuthUser, generation: u64) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if self.generation.load(Ordering::Acquire) != generation {
-            return;
-        }
-        if entries.len() >= TOKEN_CACHE_MAX {
-            entries.retain(|_, (_, at)| at.elapsed() < TOKEN_CACHE_TTL);
-            if entries.len() >= TOKEN_CACHE_MAX {
-                entries.clear();
-            }
-        }
-        entries.insert(hash, (user, Instant::now()));
-    }
-
-    /// Forgets a token (after it is revoked) so its key stops working at once.
-    pub fn forget_token(&self, token_id: i64) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        entries.retain(|_, (user, _)| user.token_id != token_id);
-    }
-
-    /// Forgets every token of a user (after the user changed).
-    pub fn forget_user(&self, user_id: i64) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        entries.retain(|_, (user, _)| user.user.id != user_id);
-    }
-}
-
-impl AuthUser {
-    /// 403 unless the user is a superuser.
-    ///
-    /// # Errors
-    ///
-    /// [`ApiError::Forbidden`] naming `what` needs a superuser.
-    pub fn require_superuser(&self, what: &str) -> Result<(), ApiError> {
-        if self.user.is_superuser {
-            Ok(())
-        } else {
-            Err(ApiError::Forbidden(format!(
-                "{what} needs a superuser; user '{}' is not one",
-                self.user.username
-            )))
-        }
-    }
-}
+pub use super::cache::TOKEN_CACHE_TTL;
+use super::error::ApiError;
+use super::request::{Body, Page, Params, parse_id};
+use super::state::HostState;
+pub use super::user::{AuthUser, MaybeUser};
 
 impl FromRequestParts<HostState> for AuthUser {
     type Rejection = ApiError;
@@ -494,6 +399,7 @@ async fn revoke_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::cache::TokenCache;
 
     fn auth_user(user_id: i64, token_id: i64) -> AuthUser {
         AuthUser {

@@ -268,3 +268,47 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// A JSON error the [`ApiError`] variants do not cover.
+pub(crate) fn error_response(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": code, "message": message})),
+    )
+        .into_response()
+}
+
+/// Marks a response that is a plugin's reply (its status and body are the
+/// plugin's, never rewritten into the host's error shape).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PluginReply;
+
+/// Why the host did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostError {
+    /// `PLUGIN_OPERATION_ID_CONFIG` is wrong; every problem, with Pagoda's messages.
+    #[error("PLUGIN_OPERATION_ID_CONFIG is invalid:\n  {}", .0.join("\n  "))]
+    OperationIds(Vec<String>),
+    /// The model store failed.
+    #[error(transparent)]
+    Store(#[from] core_events::store::StoreError),
+    /// The registry could not be loaded.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    /// JetStream set-up failed.
+    #[error(transparent)]
+    Provision(#[from] crate::provision::ProvisionError),
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The subscription to other hosts' cache notices failed.
+    #[error("cannot subscribe to the other hosts' cache notices: {0}")]
+    Notices(#[from] async_nats::SubscribeError),
+}

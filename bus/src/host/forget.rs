@@ -1,7 +1,7 @@
 //! Cache invalidation across host processes.
 //!
-//! Each host caches token users ([`TokenCache`](super::auth::TokenCache)) and
-//! entities ([`EntityCache`](super::models::EntityCache)) for a few seconds. A
+//! Each host caches token users ([`TokenCache`](super::cache::TokenCache)) and
+//! entities ([`EntityCache`](super::cache::EntityCache)) for a few seconds. A
 //! change made through one host (a token revoked, a user changed or
 //! deactivated, an entity changed, deleted or restored) drops the entry from its
 //! own cache at once and tells the others on `<prefix>.host.forget` (core NATS,
@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::HostState;
+use super::state::HostState;
 
 /// What to drop from the caches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -39,9 +39,10 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::auth::AuthUser;
-use super::plugin_api::{RateKey, error_response};
-use super::{ApiError, HostConfig, HostError, HostState};
+use super::error::{ApiError, HostError, error_response};
+use super::rate::RateKey;
+use super::state::{HostConfig, HostState};
+use super::user::AuthUser;
 use crate::registry::Registry;
 
 /// Jobs a list returns without `limit`.
@@ -232,17 +233,42 @@ async fn sweep_timeouts(state: HostState, shutdown: CancellationToken) {
     }
 }
 
-async fn sweep_once(state: &HostState) -> Result<(), String> {
+/// Why a job could not be queued, or a timeout sweep failed.
+#[derive(Debug, thiserror::Error)]
+enum JobError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] core_events::store::StoreError),
+    /// The jobs bucket could not be opened.
+    #[error(transparent)]
+    Bucket(#[from] ApiError),
+    /// A job state or request could not be encoded.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// The job state could not be written.
+    #[error("job state: {0}")]
+    State(async_nats::Error),
+    /// The job could not be published.
+    #[error("publish: {0}")]
+    Publish(async_nats::Error),
+    /// The jobs stream did not acknowledge it.
+    #[error("publish ack: {0}")]
+    Ack(async_nats::Error),
+    /// The jobs stream took it for a duplicate twice.
+    #[error("the jobs stream dropped the job as a duplicate")]
+    Duplicate,
+}
+
+async fn sweep_once(state: &HostState) -> Result<(), JobError> {
     let running = state
         .store
         .plugin_jobs_in_status(JobStatus::Processing, core_events::store::MAX_JOB_PAGE)
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     if running.is_empty() {
         return Ok(());
     }
     let table = state.registry.table();
-    let kv = jobs_kv(state).await.map_err(|e| e.to_string())?;
+    let kv = jobs_kv(state).await?;
     for job in running {
         let Some(plugin) = job.plugin_id.as_deref() else {
             continue;
@@ -425,7 +451,7 @@ async fn start_task(
     let params: Value = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
-        super::models::read_json(&body, "the task parameters")?
+        super::request::read_json(&body, "the task parameters")?
     };
     let job = state
         .store
@@ -450,9 +476,9 @@ async fn start_task(
 }
 
 /// The KV entry (PREPARING), then the work-queue message.
-async fn enqueue(state: &HostState, job: &Job, user: &User, params: Value) -> Result<(), String> {
+async fn enqueue(state: &HostState, job: &Job, user: &User, params: Value) -> Result<(), JobError> {
     let plugin = job.plugin_id.clone().unwrap_or_default();
-    let kv = jobs_kv(state).await.map_err(|e| e.to_string())?;
+    let kv = jobs_kv(state).await?;
     let initial = JobState {
         job_id: job.id,
         plugin: plugin.clone(),
@@ -461,7 +487,7 @@ async fn enqueue(state: &HostState, job: &Job, user: &User, params: Value) -> Re
         message: String::new(),
         updated_at: Utc::now(),
     };
-    let bytes = serde_json::to_vec(&initial).map_err(|e| e.to_string())?;
+    let bytes = serde_json::to_vec(&initial)?;
     let key = JobState::key(&plugin, job.id);
     match kv.create(key.as_str(), bytes.clone().into()).await {
         Ok(_) => {}
@@ -472,9 +498,9 @@ async fn enqueue(state: &HostState, job: &Job, user: &User, params: Value) -> Re
             tracing::warn!(%key, "replacing a stale job state left over from an earlier database");
             kv.put(key.as_str(), bytes.into())
                 .await
-                .map_err(|e| format!("job state: {e}"))?;
+                .map_err(|e| JobError::State(e.into()))?;
         }
-        Err(e) => return Err(format!("job state: {e}")),
+        Err(e) => return Err(JobError::State(e.into())),
     }
     let request = JobRequest {
         job_id: job.id,
@@ -485,7 +511,7 @@ async fn enqueue(state: &HostState, job: &Job, user: &User, params: Value) -> Re
         user: Some(user.clone()),
         created_at: job.created_time,
     };
-    let payload = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+    let payload = serde_json::to_vec(&request)?;
     let subject = state.subjects.job(&plugin, &job.task);
     let publish = |msg_id: String| {
         let mut headers = async_nats::HeaderMap::new();
@@ -496,9 +522,9 @@ async fn enqueue(state: &HostState, job: &Job, user: &User, params: Value) -> Re
                 .js
                 .publish_with_headers(subject, headers, payload.into())
                 .await
-                .map_err(|e| format!("publish: {e}"))?
+                .map_err(|e| JobError::Publish(e.into()))?
                 .await
-                .map_err(|e| format!("publish ack: {e}"))
+                .map_err(|e| JobError::Ack(e.into()))
         }
     };
     let ack = publish(format!("job-{}", job.id)).await?;
@@ -510,7 +536,7 @@ async fn enqueue(state: &HostState, job: &Job, user: &User, params: Value) -> Re
         tracing::warn!(job = job.id, %msg_id, "job message id taken by an earlier database's job");
         let ack = publish(msg_id).await?;
         if ack.duplicate {
-            return Err("the jobs stream dropped the job as a duplicate".into());
+            return Err(JobError::Duplicate);
         }
     }
     Ok(())

@@ -16,22 +16,24 @@
 //! serves until [`Host::stop`].
 
 pub mod auth;
+pub mod cache;
 pub mod error;
 pub mod forget;
 pub mod jobs;
 pub mod models;
 pub mod plugin_api;
+pub mod rate;
+pub mod request;
 pub mod server;
+pub mod state;
+pub mod user;
 pub mod writer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream;
 use axum::Router;
-use core_events::Subjects;
-use core_events::jobs::OperationIds;
 use core_events::store::Store;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -40,114 +42,8 @@ use crate::call_metrics::CallMetrics;
 use crate::registry::Registry;
 use crate::sync_hooks::SyncHooks;
 
-pub use error::ApiError;
-pub use server::HttpSettings;
-
-/// Default limit on a request body, in bytes.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
-
-/// How the host is set up.
-#[derive(Debug, Clone)]
-pub struct HostConfig {
-    /// Address to serve on (port 0: any free port; see [`Host::addr`]).
-    pub listen: SocketAddr,
-    /// Model store URL (`sqlite://file.db`, `postgres://…`).
-    pub database_url: String,
-    /// Subject namespace.
-    pub subjects: Subjects,
-    /// `ENABLED_PLUGINS`, in order.
-    pub enabled_plugins: Vec<String>,
-    /// `PLUGIN_OPERATION_ID_CONFIG` (JSON; empty for none).
-    pub operation_id_config: String,
-    /// How long start-up waits for the plugins named in `PLUGIN_OPERATION_ID_CONFIG`
-    /// to register before checking it.
-    pub plugin_wait: Duration,
-    /// Largest request body accepted (413 beyond).
-    pub max_body_bytes: usize,
-    /// Timeouts and the connection limit of the HTTP server.
-    pub http: HttpSettings,
-    /// Requests per second each token may make to plugin API routes (429 beyond); 0: no limit.
-    pub plugin_rate_per_sec: u32,
-    /// Burst allowed above the rate.
-    pub plugin_rate_burst: u32,
-    /// Run the outbox relay in this process (default). Off when `hookbus run
-    /// --database-url` relays the same database instead; two relays are safe too.
-    pub relay: bool,
-    /// Retention and limits of the streams the host provisions.
-    pub streams: crate::config::StreamSettings,
-}
-
-impl HostConfig {
-    /// Defaults: port 8000 on localhost, SQLite file `pagoda.db`.
-    pub fn new(database_url: impl Into<String>) -> Self {
-        HostConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
-            database_url: database_url.into(),
-            subjects: Subjects::default(),
-            enabled_plugins: Vec::new(),
-            operation_id_config: String::new(),
-            plugin_wait: Duration::from_secs(10),
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            http: HttpSettings::default(),
-            plugin_rate_per_sec: 50,
-            plugin_rate_burst: 100,
-            relay: true,
-            streams: crate::config::StreamSettings::default(),
-        }
-    }
-}
-
-/// What every request handler shares. Cheap to clone.
-#[derive(Clone)]
-pub struct HostState {
-    inner: Arc<HostInner>,
-}
-
-/// The parts of [`HostState`].
-pub struct HostInner {
-    /// The model store.
-    pub store: Store,
-    /// The synchronous hooks client.
-    pub hooks: SyncHooks,
-    /// The live registry.
-    pub registry: Registry,
-    /// The NATS connection.
-    pub client: async_nats::Client,
-    /// JetStream on it.
-    pub js: jetstream::Context,
-    /// Subject namespace.
-    pub subjects: Subjects,
-    /// Operation ids of plugin tasks.
-    pub operation_ids: OperationIds,
-    /// The configuration the host was started with.
-    pub config: HostConfig,
-    /// Per-token rate limits on plugin API routes.
-    pub limiter: plugin_api::RateLimiter,
-    /// Recently seen token keys (by hash) and their users, so a request costs no
-    /// database read.
-    pub tokens: auth::TokenCache,
-    /// Entities recently read for entry writes.
-    pub entities: models::EntityCache,
-    /// Group commit of entry creations.
-    pub entry_writer: writer::EntryWriter,
-    /// This host process (a UUID), so it ignores its own cache notices.
-    pub instance: String,
-    /// The metrics served on `/metrics`.
-    pub metrics: Arc<CallMetrics>,
-}
-
-impl std::ops::Deref for HostState {
-    type Target = HostInner;
-    fn deref(&self) -> &HostInner {
-        &self.inner
-    }
-}
-
-impl std::fmt::Debug for HostState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostState").finish_non_exhaustive()
-    }
-}
+pub use error::{ApiError, HostError};
+pub use state::{DEFAULT_MAX_BODY_BYTES, HostConfig, HostInner, HostState, HttpSettings};
 
 /// The whole `/api/v2` router, with `/healthz` and `/metrics`; every request
 /// passes the layers of [`server`]: metrics, a request span, the body timeout and
@@ -180,36 +76,6 @@ pub fn router(state: HostState) -> Router {
             server::observe,
         ))
         .with_state(state)
-}
-
-/// Why the host did not start.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum HostError {
-    /// `PLUGIN_OPERATION_ID_CONFIG` is wrong; every problem, with Pagoda's messages.
-    #[error("PLUGIN_OPERATION_ID_CONFIG is invalid:\n  {}", .0.join("\n  "))]
-    OperationIds(Vec<String>),
-    /// The model store failed.
-    #[error(transparent)]
-    Store(#[from] core_events::store::StoreError),
-    /// The registry could not be loaded.
-    #[error(transparent)]
-    Registry(#[from] crate::registry::RegistryError),
-    /// JetStream set-up failed.
-    #[error(transparent)]
-    Provision(#[from] crate::provision::ProvisionError),
-    /// The address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The subscription to other hosts' cache notices failed.
-    #[error("cannot subscribe to the other hosts' cache notices: {0}")]
-    Notices(#[from] async_nats::SubscribeError),
 }
 
 /// The largest event a write may emit: what the events stream takes over this
@@ -307,31 +173,25 @@ impl Host {
                 }
             }));
         }
-        let limiter =
-            plugin_api::RateLimiter::new(config.plugin_rate_per_sec, config.plugin_rate_burst);
+        let limiter = rate::RateLimiter::new(config.plugin_rate_per_sec, config.plugin_rate_burst);
         let metrics = Arc::new(metrics);
-        let state = HostState {
-            inner: Arc::new(HostInner {
-                hooks: SyncHooks::new(client.clone(), registry.clone())
-                    .with_metrics(Arc::clone(&metrics)),
-                entry_writer: writer::EntryWriter::with_metrics(
-                    store.clone(),
-                    Arc::clone(&metrics),
-                ),
-                store,
-                registry,
-                client,
-                js,
-                subjects: config.subjects.clone(),
-                operation_ids,
-                limiter,
-                tokens: auth::TokenCache::default(),
-                entities: models::EntityCache::default(),
-                instance: uuid::Uuid::now_v7().to_string(),
-                metrics: Arc::clone(&metrics),
-                config,
-            }),
-        };
+        let state = HostState::new(HostInner {
+            hooks: SyncHooks::new(client.clone(), registry.clone())
+                .with_metrics(Arc::clone(&metrics)),
+            entry_writer: writer::EntryWriter::with_metrics(store.clone(), Arc::clone(&metrics)),
+            store,
+            registry,
+            client,
+            js,
+            subjects: config.subjects.clone(),
+            operation_ids,
+            limiter,
+            tokens: cache::TokenCache::default(),
+            entities: cache::EntityCache::default(),
+            instance: uuid::Uuid::now_v7().to_string(),
+            metrics: Arc::clone(&metrics),
+            config,
+        });
         match forget::listen(state.clone(), shutdown.child_token()).await {
             Ok(task) => tasks.push(task),
             Err(e) => {

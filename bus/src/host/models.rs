@@ -25,38 +25,30 @@
 //! | `POST /api/v2/entries/<id>/restore/` | any user | `entry.before_restore` → `entry.after_restore` |
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
-use axum::http::request::Parts;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bytes::Bytes;
 use core_events::store::{
     AttrChange, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, WriteContext,
 };
 use core_events::{AttrType, Entity, Entry, ObjectRef};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
-use super::auth::AuthUser;
-use super::{ApiError, HostState};
+use super::error::ApiError;
+use super::request::{Body, Fields, Page, Params, kind, parse_id};
+use super::state::HostState;
+use super::user::AuthUser;
 use crate::sync_hooks::Skipped;
 
 /// Response header naming the hook handlers that gave no answer and were
 /// skipped by their `on_unavailable: skip` policy: `plugin/handler` items,
 /// comma-separated.
 pub const SKIPPED_HEADER: &str = "hookbus-skipped-hooks";
-
-/// Default page size of lists.
-pub const DEFAULT_LIMIT: i64 = 100;
-
-/// Largest page size of lists.
-pub const MAX_LIMIT: i64 = 1000;
 
 pub(crate) fn routes() -> Router<HostState> {
     Router::new()
@@ -95,334 +87,6 @@ pub(crate) async fn no_method() -> ApiError {
 
 // ---------------------------------------------------------------------------
 // Request bodies
-
-/// A JSON object request body. Every way it can be wrong is a JSON error: 413
-/// `payload_too_large` over the limit, 400 `invalid_input` for a body that is not
-/// a JSON object, or that nests too deep, repeats a key or holds a NUL character
-/// ([`read_json`]).
-#[derive(Debug)]
-pub struct Body(pub Map<String, Value>);
-
-impl FromRequest<HostState> for Body {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &HostState) -> Result<Self, Self::Rejection> {
-        let limit = state.config.max_body_bytes;
-        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::TooLarge { limit }
-            } else {
-                ApiError::Invalid(vec![format!("cannot read the body: {}", r.body_text())])
-            }
-        })?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            // No body is an empty object: required fields are then reported by name.
-            return Ok(Body(Map::new()));
-        }
-        match read_json(&bytes, "the body")? {
-            Value::Object(map) => Ok(Body(map)),
-            other => Err(ApiError::Invalid(vec![format!(
-                "the body must be a JSON object, not {}",
-                kind(&other)
-            )])),
-        }
-    }
-}
-
-/// Reads a JSON request body strictly (see [`core_events::input`]): nesting
-/// deeper than [`MAX_JSON_DEPTH`](core_events::input::MAX_JSON_DEPTH), a key
-/// given twice and a NUL character are 400 `invalid_input` naming the field;
-/// `what` names the document in a syntax error.
-///
-/// # Errors
-///
-/// [`ApiError::Invalid`] with the problem.
-pub fn read_json(bytes: &[u8], what: &str) -> Result<Value, ApiError> {
-    use core_events::input::{InputError, MAX_JSON_DEPTH, parse_strict};
-    parse_strict(bytes, MAX_JSON_DEPTH).map_err(|e| {
-        ApiError::Invalid(vec![match e {
-            InputError::Syntax(e) => format!("{what} is not valid JSON: {e}"),
-            other if what.ends_with("body") => other.to_string(),
-            other => format!("{what}: {other}"),
-        }])
-    })
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-impl Body {
-    /// A reader of the body's fields that collects every problem.
-    pub fn fields(self) -> Fields {
-        Fields::new(String::new(), self.0)
-    }
-}
-
-/// Reads the fields of a JSON object, collecting every problem (with the
-/// field's path) instead of stopping at the first; unknown fields are problems
-/// too.
-#[derive(Debug)]
-pub struct Fields {
-    prefix: String,
-    obj: Map<String, Value>,
-    errors: Vec<String>,
-}
-
-impl Fields {
-    fn new(prefix: String, obj: Map<String, Value>) -> Self {
-        Fields {
-            prefix,
-            obj,
-            errors: Vec::new(),
-        }
-    }
-
-    fn path(&self, key: &str) -> String {
-        format!("{}{key}", self.prefix)
-    }
-
-    /// Takes a field; `null` counts as absent.
-    fn take(&mut self, key: &str) -> Option<Value> {
-        self.obj.remove(key).filter(|v| !v.is_null())
-    }
-
-    /// A field that must be present.
-    pub fn required<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
-        match self.take(key) {
-            None => {
-                self.errors
-                    .push(format!("field '{}' is required", self.path(key)));
-                None
-            }
-            Some(v) => self.convert(key, v),
-        }
-    }
-
-    /// A field that may be absent (or `null`).
-    pub fn optional<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
-        let v = self.take(key)?;
-        self.convert(key, v)
-    }
-
-    /// A field that may be absent; `null` is kept as a value (to clear one).
-    fn optional_value(&mut self, key: &str) -> Option<Value> {
-        self.obj.remove(key)
-    }
-
-    fn convert<T: DeserializeOwned>(&mut self, key: &str, v: Value) -> Option<T> {
-        match serde_json::from_value(v) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                self.errors.push(format!("field '{}': {e}", self.path(key)));
-                None
-            }
-        }
-    }
-
-    /// An array of objects: a [`Fields`] for each (give each back with
-    /// [`absorb`](Self::absorb)).
-    fn object_list(&mut self, key: &str) -> Vec<Fields> {
-        let Some(v) = self.take(key) else {
-            return Vec::new();
-        };
-        let Value::Array(items) = v else {
-            self.errors.push(format!(
-                "field '{}' must be an array, not {}",
-                self.path(key),
-                kind(&v)
-            ));
-            return Vec::new();
-        };
-        let mut out = Vec::with_capacity(items.len());
-        for (i, item) in items.into_iter().enumerate() {
-            match item {
-                Value::Object(obj) => {
-                    out.push(Fields::new(format!("{}{key}[{i}].", self.prefix), obj));
-                }
-                other => self.errors.push(format!(
-                    "field '{}{key}[{i}]' must be an object, not {}",
-                    self.prefix,
-                    kind(&other)
-                )),
-            }
-        }
-        out
-    }
-
-    /// Takes a nested reader's problems.
-    fn absorb(&mut self, sub: Fields) {
-        self.errors.extend(sub.into_errors());
-    }
-
-    /// An array of objects, each read by `each`.
-    fn objects<T>(&mut self, key: &str, mut each: impl FnMut(&mut Fields) -> T) -> Vec<T> {
-        let mut out = Vec::new();
-        for mut sub in self.object_list(key) {
-            out.push(each(&mut sub));
-            self.absorb(sub);
-        }
-        out
-    }
-
-    /// An attribute type: Pagoda's code number or its name.
-    fn attr_type(&mut self, key: &str, required: bool) -> Option<AttrType> {
-        let v = match self.take(key) {
-            Some(v) => v,
-            None if required => {
-                self.errors
-                    .push(format!("field '{}' is required", self.path(key)));
-                return None;
-            }
-            None => return None,
-        };
-        let found = match &v {
-            Value::Number(n) => n
-                .as_u64()
-                .and_then(|n| u16::try_from(n).ok())
-                .map(AttrType)
-                .filter(|t| t.name().is_some()),
-            Value::String(s) => AttrType::from_name(s).or_else(|| {
-                s.parse::<u16>()
-                    .ok()
-                    .map(AttrType)
-                    .filter(|t| t.name().is_some())
-            }),
-            _ => None,
-        };
-        if found.is_none() {
-            self.errors.push(format!(
-                "field '{}': unknown attribute type {v}; use a name or code: {}",
-                self.path(key),
-                AttrType::ALL
-                    .iter()
-                    .map(|(t, n)| format!("{n} ({})", t.0))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
-        found
-    }
-
-    fn into_errors(mut self) -> Vec<String> {
-        let mut unknown: Vec<&String> = self.obj.keys().collect();
-        unknown.sort();
-        for key in unknown {
-            self.errors
-                .push(format!("unknown field '{}{key}'", self.prefix));
-        }
-        self.errors
-    }
-
-    /// Every problem found, unknown fields included.
-    ///
-    /// # Errors
-    ///
-    /// [`ApiError::Invalid`] listing them, when there are any.
-    pub fn finish(self) -> Result<(), ApiError> {
-        let errors = self.into_errors();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ApiError::Invalid(errors))
-        }
-    }
-}
-
-/// The query string's parameters; a malformed one is 400 `invalid_input` (JSON,
-/// like every error).
-#[derive(Debug)]
-pub struct Params(pub HashMap<String, String>);
-
-impl<S: Send + Sync> FromRequestParts<S> for Params {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        Query::<HashMap<String, String>>::from_request_parts(parts, state)
-            .await
-            .map(|Query(q)| Params(q))
-            .map_err(|e| ApiError::Invalid(vec![format!("bad query string: {}", e.body_text())]))
-    }
-}
-
-/// An id from a path or query: a positive integer, in decimal digits only
-/// (spaces or a sign are refused, not trimmed).
-///
-/// # Errors
-///
-/// [`ApiError::Invalid`] naming `what` for anything else.
-pub fn parse_id(what: &str, s: &str) -> Result<i64, ApiError> {
-    // Digits only: no spaces (`%20%201`), no sign.
-    Some(s)
-        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|s| s.parse::<i64>().ok())
-        .filter(|n| *n > 0)
-        .ok_or_else(|| ApiError::Invalid(vec![format!("{what} '{s}' is not a positive integer")]))
-}
-
-/// `?limit=&offset=` of a list.
-#[derive(Debug, Clone, Copy)]
-pub struct Page {
-    /// Items per page, 1 to [`MAX_LIMIT`] (default [`DEFAULT_LIMIT`]).
-    pub limit: i64,
-    /// Items skipped.
-    pub offset: i64,
-}
-
-impl Page {
-    /// Reads `limit` and `offset`.
-    ///
-    /// # Errors
-    ///
-    /// [`ApiError::Invalid`] listing every bad value.
-    pub fn from_query(query: &HashMap<String, String>) -> Result<Page, ApiError> {
-        let mut errors = Vec::new();
-        let mut number = |key: &str, default: i64, min: i64, max: i64| match query.get(key) {
-            None => default,
-            Some(v) => match v.trim().parse::<i64>() {
-                Ok(n) if (min..=max).contains(&n) => n,
-                _ => {
-                    errors.push(format!(
-                        "query '{key}={v}' must be an integer from {min} to {max}"
-                    ));
-                    default
-                }
-            },
-        };
-        let limit = number("limit", DEFAULT_LIMIT, 1, MAX_LIMIT);
-        let offset = number("offset", 0, 0, i64::MAX);
-        if errors.is_empty() {
-            Ok(Page { limit, offset })
-        } else {
-            Err(ApiError::Invalid(errors))
-        }
-    }
-
-    /// The page's items: `{"count", "limit", "offset", "next_offset", "results"}`
-    /// (`next_offset` null on the last page).
-    pub fn wrap<T: Serialize>(&self, results: Vec<T>) -> Value {
-        self.wrap_more(results, None)
-    }
-
-    fn wrap_more<T: Serialize>(&self, results: Vec<T>, more: Option<bool>) -> Value {
-        let n = i64::try_from(results.len()).unwrap_or(i64::MAX);
-        let more = more.unwrap_or(n == self.limit);
-        json!({
-            "count": n,
-            "limit": self.limit,
-            "offset": self.offset,
-            "next_offset": more.then_some(self.offset + n),
-            "results": results,
-        })
-    }
-}
 
 fn include_deleted(query: &HashMap<String, String>) -> Result<bool, ApiError> {
     match query.get("include_deleted").map(|v| v.trim()) {
@@ -464,44 +128,6 @@ fn respond<T: Serialize>(status: StatusCode, value: &T, skipped: &[Skipped]) -> 
         }
     }
     response
-}
-
-/// How long an entity read for an entry write is reused (entity writes drop it
-/// at once, in every host: [`super::forget`]).
-pub const ENTITY_CACHE_TTL: Duration = Duration::from_secs(2);
-
-/// Active entities recently read for entry writes, so creating an entry does not
-/// read its entity twice. The store re-reads the entity inside the write's
-/// transaction, so values are always checked against the entity as it is; only
-/// what hooks see may lag an entity change made by another host process that
-/// did not reach this one by NATS ([`super::forget`]) by at most [`ENTITY_CACHE_TTL`].
-#[derive(Debug, Default)]
-pub struct EntityCache {
-    entries: Mutex<HashMap<i64, (Arc<Entity>, Instant)>>,
-}
-
-impl EntityCache {
-    fn get(&self, id: i64) -> Option<Arc<Entity>> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries
-            .get(&id)
-            .filter(|(_, at)| at.elapsed() < ENTITY_CACHE_TTL)
-            .map(|(e, _)| Arc::clone(e))
-    }
-
-    fn put(&self, entity: Arc<Entity>) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= 10_000 {
-            entries.clear();
-        }
-        entries.insert(entity.id, (entity, Instant::now()));
-    }
-
-    /// Drops an entity (after it changed).
-    pub fn forget(&self, id: i64) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.remove(&id);
-    }
 }
 
 /// An active entity for an entry write, from the cache or the store.

@@ -35,8 +35,7 @@
 //! See `docs/plugin-api-and-jobs.md`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use async_nats::RequestErrorKind;
@@ -49,13 +48,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use core_events::plugin_api::{ApiRequest, ApiResponse, FORWARDED_HEADERS, MAX_API_BODY_BYTES};
 use core_events::protocol::headers;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::auth::MaybeUser;
-use super::{ApiError, HostState};
-
-/// Buckets kept before full (idle) ones are dropped.
-const MAX_BUCKETS: usize = 10_000;
+use super::error::{ApiError, error_response};
+use super::rate::RateKey;
+use super::state::HostState;
+use super::user::MaybeUser;
 
 /// Response headers never copied from a plugin's reply.
 const DROPPED_HEADERS: [&str; 10] = [
@@ -71,103 +69,11 @@ const DROPPED_HEADERS: [&str; 10] = [
     "content-length",
 ];
 
-/// Who a rate limit applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RateKey {
-    /// An API token (by id).
-    Token(i64),
-    /// An anonymous caller of a public route, by client address.
-    Client(IpAddr),
-    /// Anonymous callers whose address is unknown: one shared bucket.
-    Anonymous,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
-/// Per-token token-bucket rate limiter for plugin API routes: each key may make
-/// `rate_per_sec` requests a second on average and `burst` at once.
-#[derive(Debug, Default)]
-pub struct RateLimiter {
-    /// Tokens added per second; 0 disables the limit.
-    rate: f64,
-    /// Bucket size.
-    capacity: f64,
-    buckets: Mutex<HashMap<RateKey, Bucket>>,
-}
-
-impl RateLimiter {
-    /// A limiter of `rate_per_sec` requests a second per key with bursts of up to
-    /// `burst` (at least 1); `rate_per_sec` 0: no limit.
-    pub fn new(rate_per_sec: u32, burst: u32) -> Self {
-        RateLimiter {
-            rate: f64::from(rate_per_sec),
-            capacity: f64::from(burst.max(1)),
-            buckets: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// True when the limiter never refuses.
-    pub fn is_unlimited(&self) -> bool {
-        self.rate <= 0.0
-    }
-
-    /// Takes one request from `key`'s bucket.
-    ///
-    /// # Errors
-    ///
-    /// The whole seconds to wait (at least 1) when the bucket is empty.
-    pub fn check(&self, key: RateKey) -> Result<(), u64> {
-        if self.is_unlimited() {
-            return Ok(());
-        }
-        let now = Instant::now();
-        let mut buckets = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&key) {
-            let (rate, capacity) = (self.rate, self.capacity);
-            buckets.retain(|_, b| {
-                b.tokens + now.duration_since(b.last).as_secs_f64() * rate < capacity
-            });
-        }
-        let bucket = buckets.entry(key).or_insert(Bucket {
-            tokens: self.capacity,
-            last: now,
-        });
-        let elapsed = now.duration_since(bucket.last).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.capacity);
-        bucket.last = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            let wait = ((1.0 - bucket.tokens) / self.rate).ceil();
-            // `wait` is a small positive number of seconds (at most 1 / rate).
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            Err((wait as u64).max(1))
-        }
-    }
-}
-
 pub(crate) fn routes() -> Router<HostState> {
     Router::new()
         .route("/api/v2/plugins/{plugin}", any(forward))
         .route("/api/v2/plugins/{plugin}/", any(forward))
         .route("/api/v2/plugins/{plugin}/{*path}", any(forward))
-}
-
-/// A JSON error the [`ApiError`] variants do not cover.
-pub(crate) fn error_response(status: StatusCode, code: &str, message: String) -> Response {
-    (
-        status,
-        axum::Json(json!({"error": code, "message": message})),
-    )
-        .into_response()
 }
 
 async fn forward(State(state): State<HostState>, request: axum::extract::Request) -> Response {
@@ -323,8 +229,8 @@ async fn try_forward(
         }
         .into_response()
     };
-    let answer = ApiResponse::parse(&reply.payload).map_err(bad_reply)?;
-    let status = reply_status(&answer).map_err(bad_reply)?;
+    let answer = ApiResponse::parse(&reply.payload).map_err(|e| bad_reply(e.to_string()))?;
+    let status = reply_status(&answer).map_err(|e| bad_reply(e.to_string()))?;
     Ok(into_http(&plugin, status, answer))
 }
 
@@ -333,22 +239,39 @@ async fn try_forward(
 ///
 /// # Errors
 ///
-/// The reason it cannot.
-fn reply_status(answer: &ApiResponse) -> Result<StatusCode, String> {
+/// [`BadStatus`]: the reason it cannot.
+fn reply_status(answer: &ApiResponse) -> Result<StatusCode, BadStatus> {
     let code = answer.status;
     if !(200..=599).contains(&code) {
-        return Err(format!(
-            "status {code} is not a final HTTP status (200-599; 1xx are interim)"
-        ));
+        return Err(BadStatus::NotFinal(code));
     }
-    let status =
-        StatusCode::from_u16(code).map_err(|e| format!("status {code} is not valid: {e}"))?;
+    let status = StatusCode::from_u16(code).map_err(|e| BadStatus::Invalid {
+        code,
+        reason: e.to_string(),
+    })?;
     if matches!(code, 204 | 205 | 304) && !answer.body.is_null() {
-        return Err(format!(
-            "status {code} has no body, and the reply has one (send \"body\": null)"
-        ));
+        return Err(BadStatus::BodyNotAllowed(code));
     }
     Ok(status)
+}
+
+/// Why HTTP cannot answer a plugin's reply status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum BadStatus {
+    /// Not 200 to 599.
+    #[error("status {0} is not a final HTTP status (200-599; 1xx are interim)")]
+    NotFinal(u16),
+    /// Not a status `http` takes.
+    #[error("status {code} is not valid: {reason}")]
+    Invalid {
+        /// The status.
+        code: u16,
+        /// Why.
+        reason: String,
+    },
+    /// 204, 205 or 304 with a body.
+    #[error("status {0} has no body, and the reply has one (send \"body\": null)")]
+    BodyNotAllowed(u16),
 }
 
 /// Reads the request body within `limit` bytes and turns it into the JSON value
@@ -395,7 +318,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Valu
     let essence = content_type.split(';').next().unwrap_or_default().trim();
     if essence == "application/json" || essence.ends_with("+json") {
         // Strictly, like every request body: depth limit, no duplicate keys, no NUL.
-        super::models::read_json(&bytes, "the request body").map_err(IntoResponse::into_response)
+        super::request::read_json(&bytes, "the request body").map_err(IntoResponse::into_response)
     } else {
         String::from_utf8(bytes.to_vec())
             .map(Value::String)
@@ -449,13 +372,15 @@ fn into_http(plugin: &str, status: StatusCode, answer: ApiResponse) -> Response 
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = out_headers;
-    response.extensions_mut().insert(super::server::PluginReply);
+    response.extensions_mut().insert(super::error::PluginReply);
     response
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::rate::RateLimiter;
+    use serde_json::json;
 
     #[test]
     fn buckets_refuse_beyond_the_burst_and_name_the_wait() {
@@ -494,12 +419,13 @@ mod tests {
     fn replies_http_cannot_answer_are_refused_with_the_reason() {
         for (status, body) in [(100, Value::Null), (101, json!("x")), (99, Value::Null)] {
             let answer = ApiResponse::with_status(status, body);
-            let reason = reply_status(&answer).unwrap_err();
+            let reason = reply_status(&answer).unwrap_err().to_string();
             assert!(reason.contains(&status.to_string()), "{reason}");
         }
         for status in [204, 205, 304] {
-            let reason =
-                reply_status(&ApiResponse::with_status(status, json!({"a": 1}))).unwrap_err();
+            let reason = reply_status(&ApiResponse::with_status(status, json!({"a": 1})))
+                .unwrap_err()
+                .to_string();
             assert!(reason.contains("no body"), "{reason}");
             assert!(reply_status(&ApiResponse::with_status(status, Value::Null)).is_ok());
         }

@@ -34,47 +34,15 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower_http::timeout::{TimeoutBody, TimeoutError};
 
-use super::plugin_api::error_response;
-use super::{ApiError, HostState};
+use super::error::ApiError;
+use super::error::{PluginReply, error_response};
+use super::state::{HostState, HttpSettings};
 use crate::call_metrics::CallMetrics;
 
-/// Default [`HttpSettings::header_timeout`].
-pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default [`HttpSettings::body_timeout`].
-pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default [`HttpSettings::max_connections`].
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// File descriptors kept for everything but HTTP connections (database pool,
 /// NATS, SQLite's files, logs) when the connection limit is fitted to the
 /// open-files limit.
 pub const RESERVED_FDS: u64 = 128;
-
-/// Timeouts and limits of the host's HTTP connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HttpSettings {
-    /// Longest wait for a request's header, counted from when the connection
-    /// waits for it: after it opens, and between the requests of a kept-alive
-    /// connection (so this is also the idle timeout). Beyond, the connection
-    /// is closed.
-    pub header_timeout: Duration,
-    /// Longest pause in a request body (no byte received). Beyond, the request
-    /// is answered 408 `request_timeout` and the connection closed.
-    pub body_timeout: Duration,
-    /// Most connections open at once (lowered at start to fit the process's
-    /// open-files limit less [`RESERVED_FDS`]); further connections wait to be
-    /// accepted.
-    pub max_connections: usize,
-}
-
-impl Default for HttpSettings {
-    fn default() -> Self {
-        HttpSettings {
-            header_timeout: DEFAULT_HEADER_TIMEOUT,
-            body_timeout: DEFAULT_BODY_TIMEOUT,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-        }
-    }
-}
 
 /// The soft `RLIMIT_NOFILE` of this process, from `/proc/self/limits` (Linux);
 /// `None` when unknown or unlimited.
@@ -207,11 +175,6 @@ fn is_connection_error(e: &std::io::Error) -> bool {
             | std::io::ErrorKind::ConnectionReset
     )
 }
-
-/// Marks a response that is a plugin's reply (its status and body are the
-/// plugin's, never rewritten into the host's error shape).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PluginReply;
 
 /// The innermost layer: a body timeout on the request, and every error
 /// response of the HTTP layer (axum's rejections) in the host's JSON shape.

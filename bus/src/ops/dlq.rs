@@ -32,13 +32,14 @@ async fn select(ops: &Ops, filter: &Filter) -> Result<Vec<StoredDeadLetter>, Ops
     let total = crate::dlq::count(&ops.js, &ops.subjects, filter)
         .await
         .unwrap_or(0);
-    let pb = super::bar(total, "reading dead letters");
+    ops.progress.start("reading dead letters", Some(total));
     let letters = crate::dlq::list_filtered(&ops.js, &ops.subjects, filter, |done, _| {
-        pb.set_position(done as u64);
+        ops.progress.set(done as u64);
     })
     .await
-    .map_err(OpsError::nats("cannot read the dead-letter stream"))?;
-    pb.finish_and_clear();
+    .map_err(OpsError::nats("cannot read the dead-letter stream"));
+    ops.progress.finish();
+    let letters = letters?;
     Ok(letters)
 }
 
@@ -146,8 +147,9 @@ pub async fn replay(
         skipped: sel.seqs.len().saturating_sub(letters.len()),
         ..Default::default()
     };
-    let pb = super::bar(letters.len() as u64, "replaying dead letters");
-    for l in &letters {
+    ops.progress
+        .start("replaying dead letters", Some(letters.len() as u64));
+    for (done, l) in (1..).zip(&letters) {
         let record = l.record();
         let who = record.as_ref().map_or_else(
             || l.subject.clone(),
@@ -173,9 +175,9 @@ pub async fn replay(
             }
             Err(e) => return Err(OpsError::Usage(e.to_string())),
         }
-        pb.inc(1);
+        ops.progress.set(done);
     }
-    pb.finish_and_clear();
+    ops.progress.finish();
     let target = if sel.seqs.is_empty() {
         sel.filter.describe()
     } else {

@@ -82,7 +82,7 @@ async fn deferred_counts(ops: &Ops) -> BTreeMap<String, u64> {
 ///
 /// Only when NATS itself fails badly; a silent bus is a problem in the report.
 pub async fn check(ops: &Ops) -> Result<HealthReport, OpsError> {
-    let pb = super::spinner("checking the bus and the plugins");
+    ops.progress.start("checking the bus and the plugins", None);
     let bus: Result<BusHealth, OpsError> = ops.ask_bus("health").await;
     let registry = super::registry::fetch(ops).await.ok();
     let mut problems = Vec::new();
@@ -123,7 +123,7 @@ pub async fn check(ops: &Ops) -> Result<HealthReport, OpsError> {
     let dlq = crate::dlq::counts(&ops.js, &ops.subjects)
         .await
         .unwrap_or_default();
-    pb.finish_and_clear();
+    ops.progress.finish();
     if let Some(r) = &registry {
         for (key, reason) in &r.rejected {
             warnings.push(format!("manifest {key} rejected: {reason}"));

@@ -1,6 +1,7 @@
 //! The operator commands behind `hookbus tail|registry|dlq|health`. Each writes its
-//! output to a writer (stdout in the binary) and its progress to stderr, so it can
-//! be tested and reused.
+//! output to a writer (stdout in the binary) and reports its progress to
+//! [`Ops::progress`] (a spinner or bar on stderr in the binary), so it can be
+//! tested and reused.
 //!
 //! | command | module |
 //! |---|---|
@@ -14,10 +15,12 @@ pub mod health;
 pub mod registry;
 pub mod tail;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use core_events::Subjects;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::progress::{Progress, Silent};
 
 /// A problem running an operator command.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,8 @@ pub struct Ops {
     pub subjects: Subjects,
     /// How long to wait for the bus and for `$SRV.PING` answers.
     pub timeout: Duration,
+    /// Where progress goes (nowhere by default: [`Silent`]).
+    pub progress: Arc<dyn Progress>,
 }
 
 impl Ops {
@@ -77,6 +82,7 @@ impl Ops {
             client,
             subjects,
             timeout: Duration::from_millis(500),
+            progress: Arc::new(Silent),
         }
     }
 
@@ -112,30 +118,6 @@ impl Ops {
         }))
         .await
     }
-}
-
-/// A spinner on stderr (drawn only when stderr is a terminal).
-pub fn spinner(message: impl Into<std::borrow::Cow<'static, str>>) -> ProgressBar {
-    let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    pb.set_message(message);
-    pb.enable_steady_tick(Duration::from_millis(100));
-    pb
-}
-
-/// A progress bar of `len` steps on stderr (drawn only when stderr is a terminal).
-pub fn bar(len: u64, message: impl Into<std::borrow::Cow<'static, str>>) -> ProgressBar {
-    let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
-    pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({elapsed}, eta {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb.set_message(message);
-    pb
 }
 
 /// "3s ago", "2m ago", … for an RFC 3339 time.

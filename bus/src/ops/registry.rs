@@ -95,12 +95,12 @@ fn status(view: &PluginView, replicas: Option<usize>, degraded: bool) -> &'stati
 ///
 /// When the bus does not answer or the output cannot be written.
 pub async fn ls(ops: &Ops, opts: &LsOptions, out: &mut (dyn Write + Send)) -> Result<(), OpsError> {
-    let pb = super::spinner("asking the bus and the plugins");
+    ops.progress.start("asking the bus and the plugins", None);
     let view = fetch(ops).await?;
     let ids: Vec<String> = view.plugins.keys().cloned().collect();
     let replicas = ops.replicas(&ids).await;
     let health: Option<BusHealth> = ops.ask_bus("health").await.ok();
-    pb.finish_and_clear();
+    ops.progress.finish();
     let degraded = |id: &str| {
         health
             .as_ref()
@@ -214,7 +214,8 @@ pub async fn show(
     json: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<(), OpsError> {
-    let pb = super::spinner(format!("asking the bus and {plugin}"));
+    ops.progress
+        .start(&format!("asking the bus and {plugin}"), None);
     let view = fetch(ops).await?;
     let pings = crate::monitor::services(&ops.client, "PING", plugin, ops.timeout)
         .await
@@ -224,7 +225,7 @@ pub async fn show(
         .unwrap_or_default();
     let stats: serde_json::Value = ops.ask_bus("stats").await.unwrap_or_default();
     let health: Option<BusHealth> = ops.ask_bus("health").await.ok();
-    pb.finish_and_clear();
+    ops.progress.finish();
     let Some(p) = view.plugins.get(plugin) else {
         let rejected = view
             .rejected

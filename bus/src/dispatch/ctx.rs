@@ -1,0 +1,225 @@
+//! What every task of one dispatcher shares ([`Ctx`]): the connection, the
+//! settings, the routing table, the counters, the per-plugin deferral counts;
+//! and what they all do with it: publish until acknowledged, write dead letters,
+//! keep unreadable events.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use bytes::Bytes;
+use chrono::Utc;
+use core_events::Subjects;
+use core_events::protocol::{DeadLetter, FailedAttempt, headers};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::event::EventMeta;
+use super::partition::Partition;
+use crate::config::DispatcherSettings;
+use crate::registry::{Registry, Route};
+use crate::stats::{DeferredGauge, DispatchStats};
+
+/// The dispatcher was asked to stop while it waited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stopped;
+
+/// State shared by every task of one dispatcher.
+pub(crate) struct Ctx {
+    pub(super) client: async_nats::Client,
+    pub(super) js: jetstream::Context,
+    pub(super) subjects: Subjects,
+    pub(super) settings: DispatcherSettings,
+    pub(super) registry: Registry,
+    pub(super) shutdown: CancellationToken,
+    pub(super) tracker: TaskTracker,
+    pub(super) stats: Arc<DispatchStats>,
+    pub(super) deferrals: Deferrals,
+    pub(super) partition: Partition,
+    /// Set when a lane task panicked: the dispatcher stops with an error.
+    pub(super) lane_panicked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Ctx {
+    /// The per-handler stats of `route`, or `None` when metrics are off. Looked up
+    /// in the shared map once per route (per routing table), then kept in the route.
+    pub(super) fn handler_stats<'r>(
+        &self,
+        route: &'r Route,
+    ) -> Option<&'r crate::stats::HandlerStats> {
+        if !self.settings.metrics {
+            return None;
+        }
+        Some(route.stats.get_or_init(|| {
+            self.stats
+                .handlers
+                .get_or_create(&route.subject, &route.plugin, &route.handler)
+        }))
+    }
+
+    pub(super) fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Waits until the client is connected (polling; NATS outages are rare and the
+    /// wait is short after a reconnect).
+    pub(super) async fn wait_connected(&self) -> Result<(), Stopped> {
+        while !self.is_connected() {
+            self.pause(Duration::from_millis(50)).await?;
+        }
+        Ok(())
+    }
+
+    /// Sleeps unless shutdown comes first.
+    pub(super) async fn pause(&self, d: Duration) -> Result<(), Stopped> {
+        tokio::select! {
+            () = self.shutdown.cancelled() => Err(Stopped),
+            () = tokio::time::sleep(d) => Ok(()),
+        }
+    }
+
+    /// Publishes to JetStream, retrying until the stream acknowledges or shutdown.
+    pub(super) async fn publish_until_acked(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), Stopped> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let sent = self
+                .js
+                .send_publish(
+                    subject.to_owned(),
+                    jetstream::message::PublishMessage::build()
+                        .payload(payload.clone())
+                        .headers(headers.clone()),
+                )
+                .await;
+            let result = match sent {
+                Ok(ack) => ack.await.map(|_| ()).map_err(async_nats::Error::from),
+                Err(e) => Err(e.into()),
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(%subject, error = %e, "publish failed; retrying");
+                    self.pause(wait).await?;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Writes a dead letter for a delivery that failed every attempt.
+    pub(super) async fn dead_letter(
+        &self,
+        route: &Route,
+        event: &EventMeta,
+        attempts: Vec<FailedAttempt>,
+    ) -> Result<(), Stopped> {
+        let error = attempts.last().map(|a| a.error.clone()).unwrap_or_default();
+        let letter = DeadLetter {
+            event_id: event
+                .id
+                .parse()
+                .unwrap_or_else(|_| core_events::EventId(uuid::Uuid::nil())),
+            hook: event.hook,
+            entity: event.entity.clone(),
+            object: event.object.to_string(),
+            plugin: route.plugin.to_string(),
+            handler: route.handler.to_string(),
+            stream_seq: event.seq,
+            error: error.clone(),
+            attempts,
+            dead_lettered_at: Utc::now(),
+            event: serde_json::from_slice(&event.payload).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&event.payload).into_owned())
+            }),
+        };
+        let body = serde_json::to_vec(&letter).unwrap_or_default();
+        let mut h = HeaderMap::new();
+        h.insert(
+            headers::MSG_ID,
+            format!(
+                "{}.{}.{}.dlq.{}",
+                event.id, route.plugin, route.handler, event.redelivered
+            )
+            .as_str(),
+        );
+        h.insert(headers::PLUGIN, &*route.plugin);
+        h.insert(headers::HANDLER, &*route.handler);
+        h.insert(headers::HOOK, event.hook.name());
+        h.insert(headers::OBJECT, event.object.to_string().as_str());
+        let subject = self.subjects.dead_letter(&route.plugin, &route.handler);
+        self.publish_until_acked(&subject, h, body.into()).await?;
+        self.stats.dead_lettered.inc();
+        if let Some(hs) = self.handler_stats(route) {
+            hs.dead_lettered(event.seq);
+        }
+        tracing::error!(
+            plugin = %route.plugin, handler = %route.handler, event_id = %event.id,
+            seq = event.seq, %error, "delivery dead-lettered"
+        );
+        Ok(())
+    }
+
+    /// Keeps an unreadable message from the events stream in the dead-letter stream.
+    pub(super) async fn malformed(
+        &self,
+        subject: &str,
+        payload: &Bytes,
+        error: &str,
+    ) -> Result<(), Stopped> {
+        let mut h = HeaderMap::new();
+        h.insert("Pagoda-Error", sanitize_header(error).as_str());
+        h.insert("Pagoda-Original-Subject", sanitize_header(subject).as_str());
+        self.stats.malformed.inc();
+        tracing::error!(%subject, %error, "malformed event moved to the dead-letter stream");
+        self.publish_until_acked(
+            &self.subjects.dead_letter("_bus", "malformed"),
+            h,
+            payload.clone(),
+        )
+        .await
+    }
+}
+
+fn sanitize_header(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1000)
+        .collect()
+}
+
+/// Per-plugin deferral state, shared by the dispatcher and the drainer.
+#[derive(Default)]
+pub(crate) struct Deferrals {
+    plugins: std::sync::Mutex<HashMap<Arc<str>, Arc<DeferredGauge>>>,
+}
+
+impl Deferrals {
+    /// Number of deliveries waiting for `plugin`.
+    pub(crate) fn outstanding(&self, plugin: &str) -> u64 {
+        self.lock().get(plugin).map_or(0, |n| n.get())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<DeferredGauge>>> {
+        self.plugins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The counter for `plugin`, and whether it was just created.
+    pub(super) fn counter(&self, plugin: &str) -> (Arc<DeferredGauge>, bool) {
+        let mut map = self.lock();
+        if let Some(c) = map.get(plugin) {
+            return (c.clone(), false);
+        }
+        let c = Arc::new(DeferredGauge::default());
+        map.insert(plugin.into(), c.clone());
+        (c, true)
+    }
+}
