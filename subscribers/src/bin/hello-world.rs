@@ -235,8 +235,14 @@ mod tests {
     #[test]
     fn the_manifest_is_unchanged() {
         for (priority, recorded) in [
-            (100, include_str!("../../tests/fixtures/hello-world.manifest.json")),
-            (20, include_str!("../../tests/fixtures/hello-world-20.manifest.json")),
+            (
+                100,
+                include_str!("../../tests/fixtures/hello-world.manifest.json"),
+            ),
+            (
+                20,
+                include_str!("../../tests/fixtures/hello-world-20.manifest.json"),
+            ),
         ] {
             let plugin = plugin(priority).expect("valid plugin");
             let now = serde_json::to_value(plugin.manifest()).expect("json");
