@@ -21,9 +21,8 @@
 //!   3. Compare-and-set (kv.update with the entry's revision) to PROCESSING (message "started"); on
 //!      a revision conflict re-read and go back to 2 (a CANCELED written meanwhile wins).
 //!   4. Run the task handler with a TaskContext: `request()` (JobRequest), `params()`, `user()`,
-//!      `is_canceled().await` (reads the KV entry: status == CANCELED), `cancelled()` (a future that
-//!      resolves when the job is cancelled; the SDK reads the key every second, so a plugin needs
-//!      no rights on other plugins' keys), `progress(msg).await` (CAS: status
+//!      `cancellation()` (a cancel signal, set when the job is cancelled; the SDK reads the key
+//!      every second, so a plugin needs no rights on other plugins' keys), `progress(msg).await` (CAS: status
 //!      stays PROCESSING, message = msg, updated_at = now). While the handler runs the worker sends
 //!      in-progress acks (`AckKind::Progress`) every 10 s and a heartbeat (CAS updated_at) every 10
 //!      s.
@@ -40,7 +39,7 @@
 //!   /api/v2/jobs/<id>/` answers from the KV entry for plugin jobs (fresh) merged with the row.
 //! - Cancel: `POST /api/v2/jobs/<id>/cancel/`: PREPARING → CANCELED (the worker then skips it);
 //!   PROCESSING and the task is cancellable → CANCELED (the running task sees it via
-//!   is_canceled()/cancelled() and should stop; whatever it returns afterwards, the status stays
+//!   its cancellation() signal and should stop; whatever it returns afterwards, the status stays
 //!   CANCELED); PROCESSING and not cancellable → 409; final → 409 `job <id> already finished
 //!   (<STATUS>)`. All by CAS on the KV entry, then the row.
 //! - Host timeout sweeper: a PROCESSING job whose task has timeout_secs > 0 and whose updated_at

@@ -2,8 +2,9 @@
 //! `/api/v2/plugins/<plugin-id>/…` and forwards to the plugin over request/reply.
 //!
 //! Declare a route with [`PluginBuilder::api_route`] (name, method, path, handler);
-//! [`public`](PluginBuilder::public) lets requests without a token through, and
-//! [`timeout`](PluginBuilder::timeout) sets how long the host waits (5 s by
+//! its options go with its name, as an [`ApiRoute`]:
+//! [`public`](ApiRoute::public) lets requests without a token through, and
+//! [`timeout`](ApiRoute::timeout) sets how long the host waits (5 s by
 //! default, then HTTP 504). Each route is an endpoint of the plugin's NATS service
 //! on `<prefix>.api.<plugin-id>.<route>` (queue group = plugin id), next to the
 //! hook handlers (metadata `kind=api`, `method`, `path`, `public`, `timeout_ms`,
@@ -25,7 +26,9 @@
 //! plugin's log too.
 //!
 //! ```no_run
-//! use pagoda_plugin_sdk::{ApiResponse, Plugin};
+//! use std::time::Duration;
+//!
+//! use pagoda_plugin_sdk::{ApiResponse, ApiRoute, Plugin};
 //! use serde_json::json;
 //!
 //! # fn example() -> Result<(), pagoda_plugin_sdk::ManifestError> {
@@ -34,6 +37,12 @@
 //!         let name = ctx.param("name").unwrap_or("world");
 //!         Ok(ApiResponse::ok(json!({ "greeting": format!("Hello, {name}!") })))
 //!     })
+//!     .api_route(
+//!         ApiRoute::named("ping").public().timeout(Duration::from_secs(1)),
+//!         "GET",
+//!         "/ping",
+//!         |_ctx| async { Ok(ApiResponse::ok(json!("pong"))) },
+//!     )
 //!     .build()?;
 //! # Ok(()) }
 //! ```
@@ -51,7 +60,7 @@ use serde::de::DeserializeOwned;
 use tracing::{Instrument, warn};
 
 use crate::error::HandlerError;
-use crate::plugin::PluginBuilder;
+use crate::plugin::{ApiRoute, PluginBuilder};
 
 /// What an API route handler's future resolves to.
 pub type ApiResult = Result<ApiResponse, HandlerError>;
@@ -60,10 +69,11 @@ type BoxApiFuture = Pin<Box<dyn Future<Output = ApiResult> + Send + 'static>>;
 /// A type-erased API route handler.
 pub(crate) type ApiCall = Arc<dyn Fn(ApiContext) -> BoxApiFuture + Send + Sync + 'static>;
 
-/// One request to an API route.
+/// One request to an API route; `S` is the plugin's state
+/// ([`PluginBuilder::state`]), `()` without one.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub struct ApiContext {
+pub struct ApiContext<S = ()> {
     /// The request as the host forwarded it.
     pub request: ApiRequest,
     /// The values of the route path's `{name}` segments, by name; the rest
@@ -73,6 +83,8 @@ pub struct ApiContext {
     pub plugin_id: Arc<str>,
     /// The route name.
     pub route: Arc<str>,
+    /// The plugin's state, shared by all its handlers.
+    pub state: S,
 }
 
 impl ApiContext {
@@ -84,6 +96,21 @@ impl ApiContext {
             request,
             plugin_id: plugin_id.into(),
             route: spec.name.as_str().into(),
+            state: (),
+        }
+    }
+}
+
+impl<S> ApiContext<S> {
+    /// The same request with `state` as the plugin's state, e.g. to call a
+    /// route handler of a plugin with state in a unit test.
+    pub fn with_state<T>(self, state: T) -> ApiContext<T> {
+        ApiContext {
+            request: self.request,
+            params: self.params,
+            plugin_id: self.plugin_id,
+            route: self.route,
+            state,
         }
     }
 
@@ -118,7 +145,7 @@ impl ApiContext {
         self.request.headers.get(name).map(String::as_str)
     }
 
-    /// The authenticated user; `None` only on a [`public`](PluginBuilder::public) route.
+    /// The authenticated user; `None` only on a [`public`](ApiRoute::public) route.
     pub fn user(&self) -> Option<&User> {
         self.request.user.as_ref()
     }
@@ -135,37 +162,37 @@ impl ApiContext {
     }
 }
 
-impl PluginBuilder {
+impl<S> PluginBuilder<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
     /// Adds an API route: the host answers `<method> /api/v2/plugins/<plugin-id><path>`
-    /// by calling `handler` (see [`crate::api`]).
+    /// by calling `f` (see [`crate::api`]).
     ///
-    /// `name` (letters, digits, `-`, `_`) names the route's endpoint and must
-    /// differ from the handler names. `method` is `GET`, `POST`, `PUT`, `PATCH` or
+    /// `route` is its name (letters, digits, `-`, `_`; it names the route's
+    /// endpoint and must differ from the handler names) or an [`ApiRoute`] with
+    /// options. `method` is `GET`, `POST`, `PUT`, `PATCH` or
     /// `DELETE`; `path` starts with `/`, a segment `{name}` matches any one segment
     /// (read it with [`ApiContext::param`]) and a last segment `*` matches any
     /// rest; trailing slashes do not matter. Only authenticated users reach the
-    /// route unless [`public`](Self::public) follows; the host waits 5 s for an
-    /// answer unless [`timeout`](Self::timeout) follows.
+    /// route unless it is [`public`](ApiRoute::public); the host waits 5 s for an
+    /// answer unless it has another [`timeout`](ApiRoute::timeout).
     pub fn api_route<F, Fut>(
         self,
-        name: impl Into<String>,
+        route: impl Into<ApiRoute>,
         method: &str,
         path: impl Into<String>,
-        handler: F,
+        f: F,
     ) -> Self
     where
-        F: Fn(ApiContext) -> Fut + Send + Sync + 'static,
+        F: Fn(ApiContext<S>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ApiResult> + Send + 'static,
     {
-        let call: ApiCall = Arc::new(move |ctx| Box::pin(handler(ctx)));
-        self.push_route(ApiRouteSpec::new(name, method, path), call)
-    }
-
-    /// Lets requests without a token reach the last API route (its
-    /// [`ApiContext::user`] is then `None`). By default, as in Pagoda, only
-    /// authenticated users do.
-    pub fn public(self) -> Self {
-        self.with_current_route("public", |spec| spec.public = true)
+        let state = self.state.clone();
+        let call: ApiCall = Arc::new(move |ctx| Box::pin(f(ctx.with_state(state.clone()))));
+        let route: ApiRoute = route.into();
+        let spec = route.into_spec(method, path.into());
+        self.push_route(spec, call)
     }
 }
 
@@ -269,11 +296,14 @@ mod tests {
     #[test]
     fn routes_are_declared_with_their_options() {
         let plugin = Plugin::builder("p", "P", "1.0.0")
-            .api_route("greet", "get", "/greet/{name}", |_ctx| async {
-                Ok(ApiResponse::ok(serde_json::Value::Null))
-            })
-            .public()
-            .timeout(std::time::Duration::from_millis(750))
+            .api_route(
+                ApiRoute::named("greet")
+                    .public()
+                    .timeout(std::time::Duration::from_millis(750)),
+                "get",
+                "/greet/{name}",
+                |_ctx| async { Ok(ApiResponse::ok(serde_json::Value::Null)) },
+            )
             .api_route("add", "POST", "/items", |_ctx| async {
                 Ok(ApiResponse::with_status(201, serde_json::Value::Null))
             })
@@ -289,22 +319,18 @@ mod tests {
     }
 
     #[test]
-    fn misplaced_options_and_bad_routes_are_reported() {
+    fn bad_routes_are_reported() {
         let err = Plugin::builder("p", "P", "1.0.0")
             .on_entry(core_events::Hook::EntryAfterCreate, "greet", |_ctx| async {
                 Ok(())
             })
-            .public()
             .api_route("greet", "FETCH", "greet", |_ctx| async {
                 Ok(ApiResponse::ok(serde_json::Value::Null))
             })
-            .priority(5)
             .build()
             .expect_err("invalid plugin");
         let msg = err.to_string();
         for needle in [
-            "public() applies to API routes (api_route); the last declaration is handler 'greet'",
-            "priority() applies to hook handlers; the last declaration is api route 'greet'",
             "api route 'greet': method 'FETCH' is not one of GET, POST, PUT, PATCH, DELETE",
             "api route 'greet': path 'greet' must start with '/'",
             "api route 'greet': the name is used by a handler",

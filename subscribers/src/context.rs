@@ -10,10 +10,11 @@ use serde::de::DeserializeOwned;
 /// One delivery of an event to a handler.
 ///
 /// The typed aliases are [`EntryContext`] (entry hooks) and [`EntityContext`]
-/// (entity hooks).
+/// (entity hooks). `S` is the plugin's state
+/// ([`PluginBuilder::state`](crate::PluginBuilder::state)), `()` without one.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub struct EventContext<D> {
+pub struct EventContext<D, S = ()> {
     /// The event: CloudEvents attributes and the typed payload in `data`.
     /// `pagodaseq` is filled in from the `Pagoda-Stream-Seq` header.
     pub event: Envelope<D>,
@@ -32,12 +33,14 @@ pub struct EventContext<D> {
     pub is_replay: bool,
     /// W3C trace context of the model change, when it travelled with the event.
     pub traceparent: Option<String>,
+    /// The plugin's state, shared by all its handlers.
+    pub state: S,
 }
 
 /// What an entry handler receives ([`EventContext`] over [`EntryEvent`]).
-pub type EntryContext = EventContext<EntryEvent>;
+pub type EntryContext<S = ()> = EventContext<EntryEvent, S>;
 /// What an entity handler receives ([`EventContext`] over [`EntityEvent`]).
-pub type EntityContext = EventContext<EntityEvent>;
+pub type EntityContext<S = ()> = EventContext<EntityEvent, S>;
 
 impl<D> EventContext<D> {
     /// A context for a first, live delivery of `event`, e.g. to call a handler in a
@@ -53,6 +56,25 @@ impl<D> EventContext<D> {
             handler: handler.into(),
             attempt: 1,
             is_replay: false,
+            state: (),
+        }
+    }
+}
+
+impl<D, S> EventContext<D, S> {
+    /// The same delivery with `state` as the plugin's state, e.g. to call a
+    /// handler of a plugin with state in a unit test.
+    pub fn with_state<T>(self, state: T) -> EventContext<D, T> {
+        EventContext {
+            event: self.event,
+            hook: self.hook,
+            plugin_id: self.plugin_id,
+            handler: self.handler,
+            attempt: self.attempt,
+            stream_seq: self.stream_seq,
+            is_replay: self.is_replay,
+            traceparent: self.traceparent,
+            state,
         }
     }
 
@@ -263,5 +285,6 @@ pub(crate) fn decode_delivery<D: DeserializeOwned>(
         is_replay: delivery.replay,
         traceparent,
         event,
+        state: (),
     })
 }

@@ -10,7 +10,7 @@
 //!
 //! | part | what it is | module |
 //! |---|---|---|
-//! | [`Plugin::builder`], [`PluginBuilder`] | declare a plugin, its handlers and their options; validated by `build()` | [`plugin`] |
+//! | [`Plugin::builder`], [`PluginBuilder`], [`Handler`], [`SyncHandler`], [`ApiRoute`], [`Task`] | declare a plugin and its handlers, each with its options; plugin-wide defaults; the state handed to every handler; validated by `build()` | [`plugin`] |
 //! | [`EntryContext`], [`EntityContext`] | what a handler receives: the typed event, attempt, stream sequence, replay flag | [`context`] |
 //! | [`HandlerError`], [`ResultExt`] | a handler's failure: transient (retried, code 500) or permanent (dead-lettered, code 400) | [`error`] |
 //! | [`Plugin::serve`], [`ServeOptions`], [`RunningPlugin`] | serve and register; bounded concurrency; graceful shutdown | [`serve`] |
@@ -18,6 +18,7 @@
 //! | [`PluginBuilder::on_validate`], [`SyncContext`], [`SyncError`] | synchronous hooks (validate, before_*, get_attrs) over request/reply | [`sync`] |
 //! | [`PluginBuilder::api_route`], [`ApiContext`], [`ApiResponse`] | plugin API routes: HTTP requests under `/api/v2/plugins/<id>/…`, forwarded by the host over request/reply | [`api`] |
 //! | [`PluginBuilder::task`], [`TaskContext`], [`TaskOutcome`] | plugin tasks run as jobs: a JetStream work queue, state and cancel in the jobs bucket | [`task`] |
+//! | [`User`], [`Entity`], [`Entry`], [`EntryEvent`], [`NewEntry`], [`ValidateRequest`], … | the model, event and request types handlers see, re-exported from `pagoda-core-events`: a plugin depends on this crate alone | (this page) |
 //! | [`run_main`], [`run()`], [`RunConfig`] | the whole `main` of a plugin binary (env config, tracing, signals, drain) | [`run`](mod@run) |
 //!
 //! Delivery protocol: the request payload is the CloudEvents envelope
@@ -41,20 +42,22 @@
 //! # Example
 //!
 //! ```no_run
-//! use pagoda_plugin_sdk::{EntryContext, Hook, HandlerError, Plugin, ServeOptions};
+//! use pagoda_plugin_sdk::{EntryContext, Handler, HandlerError, Hook, Plugin, ServeOptions};
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let plugin = Plugin::builder("hello-world", "Hello World", "1.0.0")
 //!     .description("Greets new entries")
-//!     .on_entry(Hook::EntryAfterCreate, "greet", |ctx: EntryContext| async move {
-//!         if ctx.event.data.entry.name.is_empty() {
-//!             return Err(HandlerError::permanent("entry has no name"));
-//!         }
-//!         tracing::info!(entry = %ctx.event.data.entry.name, attempt = ctx.attempt, "hello");
-//!         Ok(())
-//!     })
-//!     .entities(["helloworld"])
-//!     .priority(50)
+//!     .on_entry(
+//!         Hook::EntryAfterCreate,
+//!         Handler::named("greet").entities(["helloworld"]).priority(50),
+//!         |ctx: EntryContext| async move {
+//!             if ctx.event.data.entry.name.is_empty() {
+//!                 return Err(HandlerError::permanent("entry has no name"));
+//!             }
+//!             tracing::info!(entry = %ctx.event.data.entry.name, attempt = ctx.attempt, "hello");
+//!             Ok(())
+//!         },
+//!     )
 //!     .build()?;
 //!
 //! let client = async_nats::connect("nats://127.0.0.1:4222").await?;
@@ -66,6 +69,18 @@
 //! # }
 //! ```
 #![forbid(unsafe_code)]
+
+// The Rust examples of the guides are compiled (and run, unless `no_run`) as
+// doc tests, so they keep up with the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/writing-a-plugin.md")]
+mod writing_a_plugin {}
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/plugin-api-and-jobs.md")]
+mod plugin_api_and_jobs {}
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme {}
 
 pub mod api;
 pub mod context;
@@ -79,17 +94,33 @@ pub mod task;
 
 pub use api::{ApiContext, ApiResult};
 pub use context::{EntityContext, EntryContext, EventContext};
-pub use core_events::jobs::{JobRequest, JobState, JobStatus};
-pub use core_events::plugin_api::{ApiRequest, ApiResponse};
-pub use core_events::sync::FieldError;
-pub use core_events::{
-    ApiRouteSpec, EntityEvent, EntryEvent, Envelope, EventId, HandlerSpec, Hook, HookKind,
-    ManifestError, ObjectKind, OnUnavailable, PluginManifest, TaskSpec,
-};
 pub use error::{HandlerError, HandlerErrorKind, ResultExt, ServeError};
-pub use plugin::{HandlerResult, IntoHook, Plugin, PluginBuilder};
+pub use plugin::{
+    ApiRoute, Handler, HandlerResult, IntoHook, Plugin, PluginBuilder, SyncHandler, Task,
+};
 pub use replay::{ReplayError, ReplayFrom, ReplayProgress};
 pub use run::{RunConfig, RunError, run, run_main};
 pub use serve::{RunningPlugin, ServeOptions};
-pub use sync::{SyncContext, SyncError, SyncResult};
+pub use sync::{
+    BeforeContext, GetAttrsContext, SyncContext, SyncError, SyncResult, ValidateContext,
+    VetoContext,
+};
 pub use task::{TaskContext, TaskOutcome, TaskResult};
+/// The cancel signal of a running task ([`TaskContext::cancellation`]).
+pub use tokio_util::sync::CancellationToken;
+
+// What handlers see, so that a plugin depends on this crate alone.
+pub use core_events::jobs::{JobRequest, JobState, JobStatus};
+pub use core_events::plugin_api::{ApiRequest, ApiResponse};
+pub use core_events::store::{
+    AttrChange, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry,
+};
+pub use core_events::sync::{
+    BeforeModifyReply, BeforeModifyRequest, FieldError, GetAttrsReply, GetAttrsRequest,
+    ValidateReply, ValidateRequest, VetoReply, VetoRequest,
+};
+pub use core_events::{
+    ApiRouteSpec, AttrType, Attribute, Entity, EntityAttr, EntityEvent, Entry, EntryEvent,
+    Envelope, EventId, HandlerSpec, Hook, HookKind, ManifestError, ObjectKind, ObjectRef,
+    OnUnavailable, PluginManifest, Subjects, TaskSpec, UnknownHook, User,
+};

@@ -89,23 +89,20 @@
 //! use std::sync::{Arc, Mutex};
 //!
 //! use pagoda_plugin_sdk::replay::ReplayFrom;
-//! use pagoda_plugin_sdk::{EntryContext, Hook, Plugin, ServeOptions};
+//! use pagoda_plugin_sdk::{Hook, Plugin, ServeOptions};
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! // entry id -> entry name, rebuilt from every stored event, then kept up to date.
 //! let names: Arc<Mutex<HashMap<i64, String>>> = Arc::default();
-//! let state = names.clone();
 //! let plugin = Plugin::builder("entry-names", "Entry names", "1.0.0")
-//!     .on_entry(Hook::EntryAfterCreate, "created", move |ctx: EntryContext| {
-//!         let state = state.clone();
-//!         async move {
-//!             let entry = &ctx.event.data.entry;
-//!             if let Ok(mut names) = state.lock() {
-//!                 names.insert(entry.id, entry.name.clone());
-//!             }
-//!             tracing::debug!(seq = ctx.stream_seq, replay = ctx.is_replay, "entry created");
-//!             Ok(())
+//!     .state(names.clone())
+//!     .on_entry(Hook::EntryAfterCreate, "created", |ctx| async move {
+//!         let entry = &ctx.event.data.entry;
+//!         if let Ok(mut names) = ctx.state.lock() {
+//!             names.insert(entry.id, entry.name.clone());
 //!         }
+//!         tracing::debug!(seq = ctx.stream_seq, replay = ctx.is_replay, "entry created");
+//!         Ok(())
 //!     })
 //!     .build()?;
 //!

@@ -4,9 +4,9 @@
 //!
 //! Declare them with the builder ([`PluginBuilder::on_validate`],
 //! [`on_before_create_entry`](PluginBuilder::on_before_create_entry), …); each
-//! method names its hook, so no hook argument is needed. The per-handler options
-//! (`entities`, `priority`, `timeout`, [`on_unavailable`](PluginBuilder::on_unavailable))
-//! apply as for notification handlers.
+//! method names its hook, so no hook argument is needed. A handler's options
+//! go with its name, as a [`SyncHandler`](crate::SyncHandler) (`entities`,
+//! `priority`, `timeout`, [`on_unavailable`](crate::SyncHandler::on_unavailable)).
 //!
 //! A handler returns its decision; a [`SyncError::Reject`] rejects the change
 //! (vetoes, for `before_delete` / `before_restore`; becomes one entity-wide error,
@@ -15,7 +15,7 @@
 //! `on_unavailable` policy (block or skip).
 //!
 //! ```no_run
-//! use pagoda_plugin_sdk::{FieldError, Plugin, SyncError};
+//! use pagoda_plugin_sdk::{FieldError, OnUnavailable, Plugin, SyncError, SyncHandler};
 //!
 //! # fn example() -> Result<(), pagoda_plugin_sdk::ManifestError> {
 //! let plugin = Plugin::builder("checks", "Checks", "1.0.0")
@@ -31,12 +31,15 @@
 //!         draft.note = "created by checks".into();
 //!         Ok(draft)
 //!     })
-//!     .on_before_delete_entry("keep_pinned", |ctx| async move {
-//!         if ctx.request.entry.as_ref().is_some_and(|e| e.note == "pinned") {
-//!             return Err(SyncError::reject("pinned entries cannot be deleted"));
-//!         }
-//!         Ok(())
-//!     })
+//!     .on_before_delete_entry(
+//!         SyncHandler::named("keep_pinned").on_unavailable(OnUnavailable::Skip),
+//!         |ctx| async move {
+//!             if ctx.request.entry.as_ref().is_some_and(|e| e.note == "pinned") {
+//!                 return Err(SyncError::reject("pinned entries cannot be deleted"));
+//!             }
+//!             Ok(())
+//!         },
+//!     )
 //!     .build()?;
 //! # Ok(()) }
 //! ```
@@ -52,17 +55,18 @@ use core_events::sync::{
     BeforeModifyReply, BeforeModifyRequest, FieldError, GetAttrsReply, GetAttrsRequest,
     ValidateReply, ValidateRequest, VetoReply, VetoRequest,
 };
-use core_events::{Attribute, EntityAttr, Hook, OnUnavailable};
+use core_events::{Attribute, EntityAttr, Hook};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::HandlerError;
-use crate::plugin::{HandlerFn, PluginBuilder};
+use crate::plugin::{HandlerFn, PluginBuilder, SyncHandler};
 
-/// One call of a synchronous hook handler.
+/// One call of a synchronous hook handler; `S` is the plugin's state
+/// ([`PluginBuilder::state`]), `()` without one.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub struct SyncContext<R> {
+pub struct SyncContext<R, S = ()> {
     /// The request body (see [`core_events::sync`]).
     pub request: R,
     /// The hook.
@@ -73,6 +77,22 @@ pub struct SyncContext<R> {
     pub handler: Arc<str>,
     /// W3C trace context of the host's request, when it sent one.
     pub traceparent: Option<String>,
+    /// The plugin's state, shared by all its handlers.
+    pub state: S,
+}
+
+impl<R, S> SyncContext<R, S> {
+    /// The same call with `state` as the plugin's state.
+    pub fn with_state<T>(self, state: T) -> SyncContext<R, T> {
+        SyncContext {
+            request: self.request,
+            hook: self.hook,
+            plugin_id: self.plugin_id,
+            handler: self.handler,
+            traceparent: self.traceparent,
+            state,
+        }
+    }
 }
 
 /// What a synchronous handler's decision can be besides "go on".
@@ -107,13 +127,13 @@ impl From<anyhow::Error> for SyncError {
 pub type SyncResult<T> = Result<T, SyncError>;
 
 /// `entry.validate` context.
-pub type ValidateContext = SyncContext<ValidateRequest>;
+pub type ValidateContext<S = ()> = SyncContext<ValidateRequest, S>;
 /// `before_create` / `before_update` context over the change `D`.
-pub type BeforeContext<D> = SyncContext<BeforeModifyRequest<D>>;
+pub type BeforeContext<D, S = ()> = SyncContext<BeforeModifyRequest<D>, S>;
 /// `before_delete` / `before_restore` context.
-pub type VetoContext = SyncContext<VetoRequest>;
+pub type VetoContext<S = ()> = SyncContext<VetoRequest, S>;
 /// `get_attrs` context over attributes `A`.
-pub type GetAttrsContext<A> = SyncContext<GetAttrsRequest<A>>;
+pub type GetAttrsContext<A, S = ()> = SyncContext<GetAttrsRequest<A>, S>;
 
 type BoxReply = Pin<Box<dyn Future<Output = Result<Bytes, HandlerError>> + Send + 'static>>;
 
@@ -131,21 +151,24 @@ pub(crate) struct SyncInput {
 }
 
 /// Wraps a typed handler: decodes the request (a bad one is a permanent 400),
-/// calls it, and encodes its decision with `reply`.
-fn erase<Req, Out, F, Fut, Rep>(
+/// calls it with the plugin's `state`, and encodes its decision with `reply`.
+fn erase<Req, Out, S, F, Fut, Rep>(
     handler: F,
+    state: S,
     reply: fn(SyncResult<Out>) -> Result<Rep, HandlerError>,
 ) -> SyncCall
 where
     Req: DeserializeOwned + Send + 'static,
     Out: Send + 'static,
     Rep: Serialize + 'static,
-    F: Fn(SyncContext<Req>) -> Fut + Send + Sync + 'static,
+    S: Clone + Send + Sync + 'static,
+    F: Fn(SyncContext<Req, S>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = SyncResult<Out>> + Send + 'static,
 {
     let handler = Arc::new(handler);
     Arc::new(move |input: SyncInput| {
         let handler = handler.clone();
+        let state = state.clone();
         Box::pin(async move {
             let request: Req = serde_json::from_slice(&input.payload).map_err(|e| {
                 HandlerError::permanent(format!(
@@ -159,6 +182,7 @@ where
                 plugin_id: input.plugin_id,
                 handler: input.handler,
                 traceparent: input.traceparent,
+                state,
             };
             let decided = reply(handler(ctx).await)?;
             serde_json::to_vec(&decided)
@@ -215,16 +239,21 @@ macro_rules! sync_methods {
         $(#[$doc:meta])*
         $method:ident => $hook:expr, $req:ty, $out:ty, $reply:ident;
     )*) => {
-        impl PluginBuilder {
+        impl<S> PluginBuilder<S>
+        where
+            S: Clone + Send + Sync + 'static,
+        {
             $(
                 $(#[$doc])*
-                pub fn $method<F, Fut>(self, name: impl Into<String>, handler: F) -> Self
+                ///
+                /// `handler` is its name or a [`SyncHandler`] with options.
+                pub fn $method<F, Fut>(self, handler: impl Into<SyncHandler>, f: F) -> Self
                 where
-                    F: Fn(SyncContext<$req>) -> Fut + Send + Sync + 'static,
+                    F: Fn(SyncContext<$req, S>) -> Fut + Send + Sync + 'static,
                     Fut: Future<Output = SyncResult<$out>> + Send + 'static,
                 {
-                    let call = erase::<$req, $out, F, Fut, _>(handler, $reply);
-                    self.declare_sync($hook, name.into(), HandlerFn::Sync(call))
+                    let call = erase::<$req, $out, S, F, Fut, _>(f, self.state.clone(), $reply);
+                    self.declare_sync($hook, handler.into(), HandlerFn::Sync(call))
                 }
             )*
         }
@@ -263,18 +292,6 @@ sync_methods! {
     on_get_entity_attrs => Hook::EntityGetAttrs, GetAttrsRequest<EntityAttr>, Vec<EntityAttr>, attrs_reply;
 }
 
-impl PluginBuilder {
-    /// What the host does when the last (synchronous) handler gives no answer:
-    /// [`OnUnavailable::Block`] fails the change, [`OnUnavailable::Skip`] leaves
-    /// the handler out. Default: block for validate and before-hooks, skip for
-    /// get_attrs. `build()` reports it on a notification handler.
-    pub fn on_unavailable(self, policy: OnUnavailable) -> Self {
-        self.with_current_spec("on_unavailable", |spec| {
-            spec.on_unavailable = Some(policy);
-        })
-    }
-}
-
 /// Serves one request of a synchronous handler, in the endpoint's call task
 /// (no further task hop: the host is waiting): a panic becomes a 500, and a call
 /// running past the handler's timeout is dropped and answered with a 500.
@@ -303,14 +320,18 @@ pub(crate) async fn serve_sync(
 mod tests {
     use super::*;
     use crate::Plugin;
+    use core_events::OnUnavailable;
 
     #[test]
     fn sync_handlers_are_declared_with_their_hooks_and_policies() {
         let plugin = Plugin::builder("p", "P", "1.0.0")
-            .on_validate("v", |_ctx| async { Ok(vec![]) })
-            .priority(10)
-            .on_before_create_entry("b", |ctx| async move { Ok(ctx.request.data) })
-            .on_unavailable(OnUnavailable::Skip)
+            .on_validate(SyncHandler::named("v").priority(10), |_ctx| async {
+                Ok(vec![])
+            })
+            .on_before_create_entry(
+                SyncHandler::named("b").on_unavailable(OnUnavailable::Skip),
+                |ctx| async move { Ok(ctx.request.data) },
+            )
             .on_get_entity_attrs("g", |ctx| async move { Ok(ctx.request.attrs) })
             .build()
             .expect("valid plugin");
@@ -325,8 +346,9 @@ mod tests {
 
     #[tokio::test]
     async fn decisions_become_reply_bodies() {
-        let call = erase::<ValidateRequest, Vec<FieldError>, _, _, _>(
+        let call = erase::<ValidateRequest, Vec<FieldError>, _, _, _, _>(
             |_ctx| async { Err(SyncError::reject("no")) },
+            (),
             validate_reply,
         );
         let entity = core_events::sample::entity(1, "customer");

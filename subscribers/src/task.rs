@@ -3,9 +3,9 @@
 //! plugin process, with its status in the jobs KV bucket.
 //!
 //! Declare a task with [`PluginBuilder::task`] (name, operation-id offset,
-//! handler) and its options ([`task_description`](PluginBuilder::task_description),
-//! [`not_cancellable`](PluginBuilder::not_cancellable),
-//! [`task_timeout`](PluginBuilder::task_timeout)). Its operation id is the start of
+//! handler); its options go with its name, as a [`Task`]
+//! ([`description`](Task::description), [`not_cancellable`](Task::not_cancellable),
+//! [`timeout`](Task::timeout)). Its operation id is the start of
 //! the plugin's range in the host's `PLUGIN_OPERATION_ID_CONFIG` plus the offset.
 //!
 //! A plugin with tasks serves a worker beside its endpoints (started by
@@ -46,21 +46,23 @@
 //! jobs still running after [`ServeOptions::shutdown_grace`](crate::ServeOptions::shutdown_grace)
 //! are stopped and handed back to the queue at once, for another replica.
 //!
-//! Cancelling: the host writes CANCELED; a running task sees it through
-//! [`TaskContext::is_canceled`] (reads the state) or [`TaskContext::cancelled`]
-//! (resolves within about a second: the worker reads the job's state every
-//! second while the task runs) and should stop; whatever it returns then, the
-//! job stays CANCELED. A task declared [`not_cancellable`](PluginBuilder::not_cancellable)
-//! cannot be cancelled once running (the host answers 409).
+//! Cancelling: the host writes CANCELED; a running task sees it through its one
+//! cancel signal, [`TaskContext::cancellation`] (a [`CancellationToken`], set
+//! within about a second: the worker reads the job's state every second while
+//! the task runs, and [`TaskContext::progress`] notices it at once): check
+//! `is_cancelled()` between steps, or `select!` against `cancelled()`. The task
+//! should then stop; whatever it returns, the job stays CANCELED. A task declared
+//! [`not_cancellable`](Task::not_cancellable) cannot be cancelled once running
+//! (the host answers 409).
 //!
 //! ```no_run
-//! use pagoda_plugin_sdk::{Plugin, TaskOutcome};
+//! use pagoda_plugin_sdk::{Plugin, Task, TaskOutcome};
 //!
 //! # fn example() -> Result<(), pagoda_plugin_sdk::ManifestError> {
 //! let plugin = Plugin::builder("exporter", "Exporter", "1.0.0")
-//!     .task("export", 0, |ctx| async move {
+//!     .task(Task::named("export").description("Exports everything"), 0, |ctx| async move {
 //!         for part in 0..10 {
-//!             if ctx.is_canceled().await {
+//!             if ctx.cancellation().is_cancelled() {
 //!                 return Ok(TaskOutcome::done("stopped: cancelled"));
 //!             }
 //!             ctx.progress(format!("part {part} of 10")).await?;
@@ -68,7 +70,6 @@
 //!         }
 //!         Ok(TaskOutcome::done("exported 10 parts"))
 //!     })
-//!     .task_description("Exports everything")
 //!     .build()?;
 //! # Ok(()) }
 //! ```
@@ -95,7 +96,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::error::{HandlerError, ServeError};
-use crate::plugin::{Plugin, PluginBuilder};
+use crate::plugin::{Plugin, PluginBuilder, Task};
 
 /// Default number of jobs one plugin runs at once (over all its replicas).
 pub const DEFAULT_TASK_CONCURRENCY: usize = 4;
@@ -145,53 +146,37 @@ impl TaskOutcome {
     }
 }
 
-impl PluginBuilder {
+impl<S> PluginBuilder<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
     /// Adds a task the host can start as a job (see [`crate::task`]).
     ///
-    /// `name` (letters, digits, `-`, `_`) is unique in the plugin; `offset` places
-    /// its operation id in the plugin's range (`range start + offset`, at most
-    /// 9799). The task is cancellable and has no time limit unless
-    /// [`not_cancellable`](Self::not_cancellable) or
-    /// [`task_timeout`](Self::task_timeout) follow.
-    pub fn task<F, Fut>(self, name: impl Into<String>, offset: u32, handler: F) -> Self
+    /// `task` is its name (letters, digits, `-`, `_`; unique in the plugin) or
+    /// a [`Task`] with options; `offset` places its operation id in the
+    /// plugin's range (`range start + offset`, at most 9799). The task is
+    /// cancellable and has no time limit unless its [`Task`] says otherwise.
+    pub fn task<F, Fut>(self, task: impl Into<Task>, offset: u32, f: F) -> Self
     where
-        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        F: Fn(TaskContext<S>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = TaskResult> + Send + 'static,
     {
-        let call: TaskCall = Arc::new(move |ctx| Box::pin(handler(ctx)));
-        self.push_task(TaskSpec::new(name, offset), call)
-    }
-
-    /// What the last task does (shown with its jobs).
-    pub fn task_description(self, description: impl Into<String>) -> Self {
-        let description = description.into();
-        self.with_current_task("task_description", |spec| {
-            spec.description = description;
-        })
-    }
-
-    /// A running job of the last task cannot be cancelled (the host answers
-    /// 409). By default it can; a job still waiting in the queue always can.
-    pub fn not_cancellable(self) -> Self {
-        self.with_current_task("not_cancellable", |spec| spec.cancellable = false)
-    }
-
-    /// How long a running job of the last task may go without a heartbeat
-    /// before the host marks it TIMEOUT (whole seconds, rounded up; zero: no
-    /// limit, the default). The worker writes heartbeats while the task runs, so
-    /// this catches workers that died or hang, not long tasks.
-    pub fn task_timeout(self, timeout: Duration) -> Self {
-        let secs = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
-        self.with_current_task("task_timeout", |spec| spec.timeout_secs = secs)
+        let state = self.state.clone();
+        let call: TaskCall = Arc::new(move |ctx| Box::pin(f(ctx.with_state(state.clone()))));
+        let task: Task = task.into();
+        self.push_task(task.into_spec(offset), call)
     }
 }
 
-/// One run of a task: the job request, its state, and the cancel signal.
+/// One run of a task: the job request, its state, and the cancel signal; `S`
+/// is the plugin's state ([`PluginBuilder::state`]), `()` without one.
 ///
 /// Cheap to clone, so the task can hand it to work it spawns.
 #[derive(Clone)]
-pub struct TaskContext {
+pub struct TaskContext<S = ()> {
     inner: Arc<ContextInner>,
+    /// The plugin's state, shared by all its handlers.
+    pub state: S,
 }
 
 struct ContextInner {
@@ -199,9 +184,12 @@ struct ContextInner {
     job: JobCell,
     /// Set once this worker has seen the job CANCELED.
     canceled: CancellationToken,
+    /// A child of `canceled`, the task's view of it: cancelling it does not
+    /// touch the worker's.
+    signal: CancellationToken,
 }
 
-impl std::fmt::Debug for TaskContext {
+impl<S> std::fmt::Debug for TaskContext<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TaskContext")
             .field("request", &self.inner.request)
@@ -210,7 +198,15 @@ impl std::fmt::Debug for TaskContext {
     }
 }
 
-impl TaskContext {
+impl<S> TaskContext<S> {
+    /// The same run with `state` as the plugin's state.
+    pub fn with_state<T>(self, state: T) -> TaskContext<T> {
+        TaskContext {
+            inner: self.inner,
+            state,
+        }
+    }
+
     /// The job request: job id, plugin, task, operation id, parameters, user.
     pub fn request(&self) -> &JobRequest {
         &self.inner.request
@@ -242,30 +238,13 @@ impl TaskContext {
         self.inner.request.user.as_ref()
     }
 
-    /// Whether the job has been cancelled: reads its state (one KV read per call;
-    /// in a tight loop prefer [`cancelled`](Self::cancelled)). A state that cannot
-    /// be read counts as not cancelled.
-    pub async fn is_canceled(&self) -> bool {
-        if self.inner.canceled.is_cancelled() {
-            return true;
-        }
-        match self.inner.job.read().await {
-            Ok(Some(state)) if state.status == JobStatus::Canceled => {
-                self.inner.canceled.cancel();
-                true
-            }
-            Ok(_) => false,
-            Err(e) => {
-                warn!(job_id = self.job_id(), error = %e, "cannot read the job state");
-                false
-            }
-        }
-    }
-
-    /// Resolves once the job is cancelled (the worker reads the state every
-    /// second), e.g. to `select!` against the work. Pending forever otherwise.
-    pub async fn cancelled(&self) {
-        self.inner.canceled.cancelled().await;
+    /// The job's cancel signal, the one way a task observes a cancel: set once
+    /// the worker sees the job CANCELED (it reads the job's state every second
+    /// while the task runs; [`progress`](Self::progress) notices it at once).
+    /// `is_cancelled()` checks it without I/O, between steps; `cancelled()`
+    /// resolves once it is set, to `select!` against the work.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.inner.signal
     }
 
     /// Records a progress note: the job's message becomes `message` (its status
@@ -767,8 +746,10 @@ impl Worker {
             inner: Arc::new(ContextInner {
                 request,
                 job: job.clone(),
+                signal: canceled.child_token(),
                 canceled: canceled.clone(),
             }),
+            state: (),
         };
         let call = (self.plugin.inner.tasks[index])(ctx);
         let Some(joined) = self
@@ -896,10 +877,14 @@ mod tests {
     #[test]
     fn tasks_are_declared_with_their_options() {
         let plugin = Plugin::builder("p", "P", "1.0.0")
-            .task("count", 0, done)
-            .task_description("Counts")
-            .not_cancellable()
-            .task_timeout(Duration::from_millis(1500))
+            .task(
+                Task::named("count")
+                    .description("Counts")
+                    .not_cancellable()
+                    .timeout(Duration::from_millis(1500)),
+                0,
+                done,
+            )
             .task("export", 3, done)
             .build()
             .expect("valid plugin");
@@ -915,21 +900,15 @@ mod tests {
     }
 
     #[test]
-    fn misplaced_options_and_bad_tasks_are_reported() {
+    fn bad_tasks_are_reported() {
         let err = Plugin::builder("p", "P", "1.0.0")
-            .not_cancellable()
             .task("bad name", 9800, done)
             .task("t", 1, done)
-            .entities(["x"])
-            .timeout(Duration::from_secs(1))
             .task("t", 2, done)
             .build()
             .expect_err("invalid plugin");
         let msg = err.to_string();
         for needle in [
-            "not_cancellable() applies to tasks (task); the last declaration is nothing",
-            "entities() applies to hook handlers; the last declaration is task 't'",
-            "timeout() applies to hook handlers and API routes; task 't' takes task_timeout()",
             "offset 9800 is larger than 9799",
             "task 't': the name is used by another task",
         ] {

@@ -18,8 +18,8 @@ use common::{
 use core_events::Subjects;
 use core_events::jobs::{JobState, JobStatus};
 use pagoda_plugin_sdk::{
-    ApiContext, ApiRequest, ApiResponse, HandlerError, Plugin, ServeOptions, TaskContext,
-    TaskOutcome,
+    ApiContext, ApiRequest, ApiResponse, ApiRoute, HandlerError, Plugin, ServeOptions, Task,
+    TaskContext, TaskOutcome,
 };
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -70,12 +70,17 @@ fn api_plugin() -> Plugin {
         .api_route("bad_status", "GET", "/bad", |_ctx| async {
             Ok(ApiResponse::with_status(700, json!(null)))
         })
-        .api_route("slow", "GET", "/slow", |_ctx| async {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            Ok(ApiResponse::ok(json!(null)))
-        })
-        .timeout(Duration::from_millis(200))
-        .public()
+        .api_route(
+            ApiRoute::named("slow")
+                .timeout(Duration::from_millis(200))
+                .public(),
+            "GET",
+            "/slow",
+            |_ctx| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok(ApiResponse::ok(json!(null)))
+            },
+        )
         .build()
         .unwrap()
 }
@@ -262,8 +267,8 @@ fn task_plugin(tx: mpsc::UnboundedSender<Seen>) -> Plugin {
             async move {
                 tx.send(Seen::Started(ctx.job_id())).unwrap();
                 ctx.progress("waiting").await?;
-                ctx.cancelled().await;
-                assert!(ctx.is_canceled().await);
+                ctx.cancellation().cancelled().await;
+                assert!(ctx.cancellation().is_cancelled());
                 tx.send(Seen::SawCancel(ctx.job_id())).unwrap();
                 Ok(TaskOutcome::done("finished anyway"))
             }
@@ -275,17 +280,21 @@ fn task_plugin(tx: mpsc::UnboundedSender<Seen>) -> Plugin {
                 Ok(TaskOutcome::done("recorded"))
             }
         })
-        .task("slow", 6, move |ctx: TaskContext| {
-            let tx = tx3.clone();
-            async move {
-                tx.send(Seen::Started(ctx.job_id())).unwrap();
-                ctx.progress("sleeping").await?;
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                Ok(TaskOutcome::done("slept"))
-            }
-        })
-        .not_cancellable()
-        .task_timeout(Duration::from_secs(60))
+        .task(
+            Task::named("slow")
+                .not_cancellable()
+                .timeout(Duration::from_secs(60)),
+            6,
+            move |ctx: TaskContext| {
+                let tx = tx3.clone();
+                async move {
+                    tx.send(Seen::Started(ctx.job_id())).unwrap();
+                    ctx.progress("sleeping").await?;
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    Ok(TaskOutcome::done("slept"))
+                }
+            },
+        )
         .build()
         .unwrap()
 }

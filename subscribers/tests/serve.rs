@@ -15,7 +15,7 @@ use common::{
 use core_events::Subjects;
 use core_events::protocol::{HandlerReply, headers};
 use pagoda_plugin_sdk::{
-    EntityContext, EntryContext, HandlerError, Hook, Plugin, PluginManifest, ServeError,
+    EntityContext, EntryContext, Handler, HandlerError, Hook, Plugin, PluginManifest, ServeError,
     ServeOptions,
 };
 use tokio::sync::mpsc;
@@ -56,7 +56,7 @@ fn probe(tx: mpsc::UnboundedSender<Seen>) -> Plugin {
         .description("test plugin")
         .on_entry(
             Hook::EntryAfterCreate,
-            "record",
+            Handler::named("record").priority(10),
             move |ctx: EntryContext| {
                 let tx = tx.clone();
                 async move {
@@ -65,7 +65,6 @@ fn probe(tx: mpsc::UnboundedSender<Seen>) -> Plugin {
                 }
             },
         )
-        .priority(10)
         .on_entry(
             "after_update_entry_v2",
             "reject",
@@ -85,7 +84,7 @@ fn probe(tx: mpsc::UnboundedSender<Seen>) -> Plugin {
         )
         .on_entry(
             Hook::EntryAfterCreate,
-            "customers_only",
+            Handler::named("customers_only").entities(["customer"]),
             move |ctx: EntryContext| {
                 let tx = tx2.clone();
                 async move {
@@ -94,7 +93,6 @@ fn probe(tx: mpsc::UnboundedSender<Seen>) -> Plugin {
                 }
             },
         )
-        .entities(["customer"])
         .on_entity(
             Hook::EntityAfterCreate,
             "entity_record",
@@ -166,10 +164,11 @@ fn build_rejects_bad_manifests_with_pagodas_messages() {
         .on_entry("after_create_entry", "h", |_: EntryContext| async {
             Ok(())
         })
-        .on_entry(Hook::EntryAfterCreate, "h2", |_: EntryContext| async {
-            Ok(())
-        })
-        .entities(Vec::<String>::new())
+        .on_entry(
+            Hook::EntryAfterCreate,
+            Handler::named("h2").entities(Vec::<String>::new()),
+            |_: EntryContext| async { Ok(()) },
+        )
         .on_entry(Hook::EntryAfterUpdate, "h2", |_: EntryContext| async {
             Ok(())
         })
@@ -627,10 +626,11 @@ async fn a_handler_past_its_timeout_is_stopped_with_a_500() {
     let client = server.connect().await;
     create_registry(&client, "pagoda_registry").await;
     let plugin = Plugin::builder("hang", "Hang", "1.0.0")
-        .on_entry(Hook::EntryAfterCreate, "forever", |_ctx: EntryContext| {
-            std::future::pending::<Result<(), HandlerError>>()
-        })
-        .timeout(Duration::from_millis(100))
+        .on_entry(
+            Hook::EntryAfterCreate,
+            Handler::named("forever").timeout(Duration::from_millis(100)),
+            |_ctx: EntryContext| std::future::pending::<Result<(), HandlerError>>(),
+        )
         .build()
         .unwrap();
     let running = plugin.serve(client.clone(), quick_options()).await.unwrap();

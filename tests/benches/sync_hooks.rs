@@ -45,19 +45,26 @@ use hookbus::run::Bus;
 use hookbus::sync_hooks::SyncHooks;
 use hookbus_tests::NatsServer;
 use hookbus_tests::bench::{env_usize, median, percentile};
-use pagoda_plugin_sdk::{Plugin, RunningPlugin, ServeOptions};
+use pagoda_plugin_sdk::{Plugin, RunningPlugin, ServeOptions, SyncHandler};
 
 const WARM_UP: usize = 200;
 
 fn validator(id: &str, only_three: bool) -> Plugin {
-    let b = Plugin::builder(id, id, "1.0.0").on_validate("check", |ctx| async move {
-        // The same work as the raw responder: the request is decoded (by the
-        // SDK), then an empty error list is answered.
-        std::hint::black_box(&ctx.request.entry.name);
-        Ok(vec![])
-    });
-    let b = if only_three { b.entities(["three"]) } else { b };
-    b.build().unwrap()
+    let check = SyncHandler::named("check");
+    let check = if only_three {
+        check.entities(["three"])
+    } else {
+        check
+    };
+    Plugin::builder(id, id, "1.0.0")
+        .on_validate(check, |ctx| async move {
+            // The same work as the raw responder: the request is decoded (by the
+            // SDK), then an empty error list is answered.
+            std::hint::black_box(&ctx.request.entry.name);
+            Ok(vec![])
+        })
+        .build()
+        .unwrap()
 }
 
 /// A raw responder: decodes the request, answers an empty `ValidateReply`.

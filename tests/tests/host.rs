@@ -11,7 +11,7 @@ use hookbus_tests::ServeOn;
 use hookbus_tests::host::{TestHost, call};
 use hookbus_tests::{NatsServer, TestDb, assert_eventually, stream_events};
 use pagoda_plugin_sdk::{
-    FieldError, Plugin, PluginBuilder, RunningPlugin, ServeOptions, SyncError,
+    FieldError, Plugin, PluginBuilder, RunningPlugin, ServeOptions, SyncError, SyncHandler,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -121,8 +121,9 @@ fn types(events: &[Envelope<Value>]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_entry_is_not_stored_emits_no_event_and_lists_every_validators_error() {
     for backend in backends() {
-        let phone = Plugin::builder("phone-check", "Phone", "1.0.0")
-            .on_validate("phone", |ctx| async move {
+        let phone = Plugin::builder("phone-check", "Phone", "1.0.0").on_validate(
+            SyncHandler::named("phone").priority(10),
+            |ctx| async move {
                 let e = &ctx.request.entry;
                 let mut errors = Vec::new();
                 if !e.attrs.contains_key("phone") {
@@ -132,17 +133,18 @@ async fn rejected_entry_is_not_stored_emits_no_event_and_lists_every_validators_
                     errors.push(FieldError::general("bad names are not allowed"));
                 }
                 Ok(errors)
-            })
-            .priority(10);
-        let age = Plugin::builder("age-check", "Age", "1.0.0")
-            .on_validate("adult", |ctx| async move {
+            },
+        );
+        let age = Plugin::builder("age-check", "Age", "1.0.0").on_validate(
+            SyncHandler::named("adult").priority(20),
+            |ctx| async move {
                 let age = ctx.request.entry.attrs.get("age").and_then(Value::as_f64);
                 Ok(match age {
                     Some(a) if a >= 18.0 => vec![],
                     _ => vec![FieldError::field("age", "must be 18 or older")],
                 })
-            })
-            .priority(20);
+            },
+        );
         let s = setup(backend, vec![age, phone]).await;
         let entity = create_entity(&s.host, customer()).await;
         let path = format!("/api/v2/entities/{}/entries/", entity["id"]);
@@ -203,25 +205,27 @@ async fn rejected_entry_is_not_stored_emits_no_event_and_lists_every_validators_
 async fn before_create_chain_stores_both_plugins_changes_in_priority_order() {
     for backend in backends() {
         // Enabled first, but runs second: priority decides.
-        let second = Plugin::builder("second", "Second", "1.0.0")
-            .on_before_create_entry("append", |ctx| async move {
+        let second = Plugin::builder("second", "Second", "1.0.0").on_before_create_entry(
+            SyncHandler::named("append").priority(20),
+            |ctx| async move {
                 let mut draft = ctx.request.data;
                 draft.note.push_str("+second");
                 draft
                     .attrs
                     .insert("phone".into(), json!(draft.note.clone()));
                 Ok(draft)
-            })
-            .priority(20);
-        let first = Plugin::builder("first", "First", "1.0.0")
-            .on_before_create_entry("set", |ctx| async move {
+            },
+        );
+        let first = Plugin::builder("first", "First", "1.0.0").on_before_create_entry(
+            SyncHandler::named("set").priority(10),
+            |ctx| async move {
                 let mut draft = ctx.request.data;
                 assert_eq!(ctx.request.user.unwrap().username, "user");
                 draft.note = "first".into();
                 draft.name = draft.name.to_uppercase();
                 Ok(draft)
-            })
-            .priority(10);
+            },
+        );
         let s = setup(backend, vec![second, first]).await;
         let entity = create_entity(&s.host, customer()).await;
         let path = format!("/api/v2/entities/{}/entries/", entity["id"]);
@@ -253,17 +257,19 @@ async fn stopped_validator_gets_503_with_the_reason_or_is_skipped_never_hangs() 
     for backend in backends() {
         let strict = Plugin::builder("strict", "Strict", "1.0.0")
             .on_validate("v", |_ctx| async move { Ok(vec![]) });
-        let lenient = Plugin::builder("lenient", "Lenient", "1.0.0")
-            .on_validate("v", |_ctx| async move { Ok(vec![]) })
-            .on_unavailable(OnUnavailable::Skip);
-        let stuck = Plugin::builder("stuck", "Stuck", "1.0.0")
-            .on_before_create_entry("hangs", |ctx| async move {
+        let lenient = Plugin::builder("lenient", "Lenient", "1.0.0").on_validate(
+            SyncHandler::named("v").on_unavailable(OnUnavailable::Skip),
+            |_ctx| async move { Ok(vec![]) },
+        );
+        let stuck = Plugin::builder("stuck", "Stuck", "1.0.0").on_before_create_entry(
+            SyncHandler::named("hangs").timeout(Duration::from_millis(300)),
+            |ctx| async move {
                 if ctx.request.data.name.starts_with("hang") {
                     std::future::pending::<()>().await;
                 }
                 Ok(ctx.request.data)
-            })
-            .timeout(Duration::from_millis(300));
+            },
+        );
         let mut s = setup(backend, vec![strict, lenient, stuck]).await;
         let entity = create_entity(&s.host, customer()).await;
         let path = format!("/api/v2/entities/{}/entries/", entity["id"]);
@@ -1305,9 +1311,10 @@ async fn entry_list_runs_get_attrs(backend: Backend) {
     });
     let lenient = Plugin::builder("lenient", "Lenient", "1.0.0")
         .on_get_entry_attrs("extra", |ctx| async move { Ok(ctx.request.attrs) });
-    let strict = Plugin::builder("strict", "Strict", "1.0.0")
-        .on_get_entry_attrs("must", |ctx| async move { Ok(ctx.request.attrs) })
-        .on_unavailable(OnUnavailable::Block);
+    let strict = Plugin::builder("strict", "Strict", "1.0.0").on_get_entry_attrs(
+        SyncHandler::named("must").on_unavailable(OnUnavailable::Block),
+        |ctx| async move { Ok(ctx.request.attrs) },
+    );
     let mut s = setup(backend, vec![calc, lenient, strict]).await;
     let entity = create_entity(&s.host, customer()).await;
     let entries = format!("/api/v2/entities/{}/entries/", entity["id"]);

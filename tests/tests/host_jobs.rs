@@ -16,7 +16,7 @@ use hookbus::config::StreamSettings;
 use hookbus_tests::ServeOn;
 use hookbus_tests::host::{TestHost, call};
 use hookbus_tests::{NatsServer, TestDb, poll_for};
-use pagoda_plugin_sdk::{HandlerError, Plugin, RunningPlugin, ServeOptions, TaskOutcome};
+use pagoda_plugin_sdk::{HandlerError, Plugin, RunningPlugin, ServeOptions, Task, TaskOutcome};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -46,21 +46,24 @@ struct Runs {
 fn worker(runs: Arc<Runs>) -> Plugin {
     let (r1, r2) = (runs.clone(), runs);
     Plugin::builder(PLUGIN, "Worker", "1.0.0")
-        .task("count", 0, move |ctx| {
-            let runs = r1.clone();
-            async move {
-                runs.count.fetch_add(1, Ordering::SeqCst);
-                let numbers: Vec<i64> = ctx.params_as()?;
-                ctx.progress("adding").await?;
-                let who = ctx.user().map(|u| u.username.clone()).unwrap_or_default();
-                Ok(TaskOutcome::done(format!(
-                    "sum {} for {who} (operation {})",
-                    numbers.iter().sum::<i64>(),
-                    ctx.request().operation
-                )))
-            }
-        })
-        .task_description("Adds numbers")
+        .task(
+            Task::named("count").description("Adds numbers"),
+            0,
+            move |ctx| {
+                let runs = r1.clone();
+                async move {
+                    runs.count.fetch_add(1, Ordering::SeqCst);
+                    let numbers: Vec<i64> = ctx.params_as()?;
+                    ctx.progress("adding").await?;
+                    let who = ctx.user().map(|u| u.username.clone()).unwrap_or_default();
+                    Ok(TaskOutcome::done(format!(
+                        "sum {} for {who} (operation {})",
+                        numbers.iter().sum::<i64>(),
+                        ctx.request().operation
+                    )))
+                }
+            },
+        )
         .task("explode", 1, |_ctx| async move {
             Err(HandlerError::permanent("the widget exploded"))
         })
@@ -69,7 +72,7 @@ fn worker(runs: Arc<Runs>) -> Plugin {
             async move {
                 runs.long_started.fetch_add(1, Ordering::SeqCst);
                 tokio::select! {
-                    () = ctx.cancelled() => {
+                    () = ctx.cancellation().cancelled() => {
                         runs.long_stopped.fetch_add(1, Ordering::SeqCst);
                         Ok(TaskOutcome::done("stopped early"))
                     }
@@ -79,11 +82,14 @@ fn worker(runs: Arc<Runs>) -> Plugin {
                 }
             }
         })
-        .task("stubborn", 3, |_ctx| async move {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            Ok(TaskOutcome::done("finally"))
-        })
-        .not_cancellable()
+        .task(
+            Task::named("stubborn").not_cancellable(),
+            3,
+            |_ctx| async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok(TaskOutcome::done("finally"))
+            },
+        )
         .build()
         .unwrap()
 }

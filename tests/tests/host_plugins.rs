@@ -20,7 +20,7 @@ use hookbus::config::StreamSettings;
 use hookbus_tests::ServeOn;
 use hookbus_tests::host::TestHost;
 use hookbus_tests::{NatsServer, TestDb, free_port, hookbus_binary, poll_until};
-use pagoda_plugin_sdk::{ApiResponse as SdkResponse, HandlerError, Plugin, ServeOptions};
+use pagoda_plugin_sdk::{ApiResponse as SdkResponse, ApiRoute, HandlerError, Plugin, ServeOptions};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -83,20 +83,28 @@ fn greeter(calls: Arc<AtomicUsize>) -> Plugin {
                 .insert("Transfer-Encoding".into(), "chunked".into());
             Ok(response)
         })
-        .api_route("ping", "GET", "/ping", |ctx| async move {
-            Ok(SdkResponse::ok(
-                json!({"pong": true, "user": ctx.user().map(|u| u.username.clone())}),
-            ))
-        })
-        .public()
+        .api_route(
+            ApiRoute::named("ping").public(),
+            "GET",
+            "/ping",
+            |ctx| async move {
+                Ok(SdkResponse::ok(
+                    json!({"pong": true, "user": ctx.user().map(|u| u.username.clone())}),
+                ))
+            },
+        )
         .api_route("fail", "GET", "/fail", |_ctx| async move {
             Err(HandlerError::permanent("no widgets today"))
         })
-        .api_route("slow", "GET", "/slow", |_ctx| async move {
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            Ok(SdkResponse::ok(json!("late")))
-        })
-        .timeout(Duration::from_millis(300))
+        .api_route(
+            ApiRoute::named("slow").timeout(Duration::from_millis(300)),
+            "GET",
+            "/slow",
+            |_ctx| async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                Ok(SdkResponse::ok(json!("late")))
+            },
+        )
         .build()
         .unwrap()
 }

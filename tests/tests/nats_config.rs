@@ -18,7 +18,7 @@ use hookbus::Publisher;
 use hookbus::nats_config;
 use hookbus_tests::{assert_eventually, init_tracing};
 use pagoda_plugin_sdk::replay::{ReplayOptions, replay_events};
-use pagoda_plugin_sdk::{Plugin, ServeOptions};
+use pagoda_plugin_sdk::{Plugin, ServeOptions, SyncHandler};
 use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -421,8 +421,10 @@ async fn event_larger_than_nats_takes_is_refused_with_413_before_commit() {
                 seen.lock().unwrap().push(ctx.event.data.entry.note.len());
                 async { Ok(()) }
             })
-            .on_validate("check", |_ctx| async { Ok(vec![]) })
-            .entities(["checked"])
+            .on_validate(
+                SyncHandler::named("check").entities(["checked"]),
+                |_ctx| async { Ok(vec![]) },
+            )
             .build()
             .unwrap();
         let (plugin_client, _) = connect(&server, "sizes").await;

@@ -19,7 +19,7 @@ use hookbus::ops::{self, Ops};
 use hookbus::run::Bus;
 use hookbus_tests::ServeOn;
 use hookbus_tests::{NatsServer, assert_eventually, init_tracing, wait_for};
-use pagoda_plugin_sdk::{EntryContext, Plugin, RunningPlugin, ServeOptions};
+use pagoda_plugin_sdk::{EntryContext, Handler, Plugin, RunningPlugin, ServeOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -57,14 +57,15 @@ async fn start_bus(server: &NatsServer, config: BusConfig) -> Bus {
 fn sdk_plugin(id: &str, handlers: &[(&str, i32, Option<&[&str]>)]) -> Plugin {
     let mut b = Plugin::builder(id, format!("Plugin {id}"), "1.0.0");
     for (name, priority, entities) in handlers {
-        b = b
-            .on_entry(Hook::EntryAfterCreate, *name, |_ctx: EntryContext| async {
-                Ok(())
-            })
-            .priority(*priority);
+        let mut handler = Handler::named(*name).priority(*priority);
         if let Some(e) = entities {
-            b = b.entities(e.iter().copied());
+            handler = handler.entities(e.iter().copied());
         }
+        b = b.on_entry(
+            Hook::EntryAfterCreate,
+            handler,
+            |_ctx: EntryContext| async { Ok(()) },
+        );
     }
     b.build().unwrap()
 }

@@ -20,7 +20,7 @@ use hookbus::Publisher;
 use hookbus_tests::ServeOn;
 use hookbus_tests::{NatsServer, assert_eventually, init_tracing};
 use pagoda_plugin_sdk::replay::{ReplayError, ReplayFrom, ReplayOptions, replay_events};
-use pagoda_plugin_sdk::{EntryContext, HandlerError, Plugin, ServeError, ServeOptions};
+use pagoda_plugin_sdk::{EntryContext, Handler, HandlerError, Plugin, ServeError, ServeOptions};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -78,10 +78,12 @@ impl Record {
 /// entities) that records every call.
 fn recorder(id: &str, record: &Record, entities: Option<&[&str]>) -> Plugin {
     let rec = record.clone();
-    let builder = Plugin::builder(id, format!("Recorder {id}"), "1.0.0").on_entry(
-        Hook::EntryAfterCreate,
-        "created",
-        move |ctx: EntryContext| {
+    let handler = match entities {
+        Some(e) => Handler::named("created").entities(e.iter().copied()),
+        None => Handler::named("created"),
+    };
+    Plugin::builder(id, format!("Recorder {id}"), "1.0.0")
+        .on_entry(Hook::EntryAfterCreate, handler, move |ctx: EntryContext| {
             let rec = rec.clone();
             async move {
                 rec.0.lock().unwrap().push(Seen {
@@ -94,13 +96,9 @@ fn recorder(id: &str, record: &Record, entities: Option<&[&str]>) -> Plugin {
                 });
                 Ok(())
             }
-        },
-    );
-    let builder = match entities {
-        Some(e) => builder.entities(e.iter().copied()),
-        None => builder,
-    };
-    builder.build().unwrap()
+        })
+        .build()
+        .unwrap()
 }
 
 fn options(replay: Option<ReplayFrom>) -> ServeOptions {
@@ -480,7 +478,7 @@ async fn a_handler_failing_during_a_replay_is_retried_then_dead_lettered() {
     let plugin = Plugin::builder("flaky-replay", "Flaky replay", "1.0.0")
         .on_entry(
             Hook::EntryAfterCreate,
-            "created",
+            Handler::named("created").retry_backoff_ms([10, 10]),
             move |ctx: EntryContext| {
                 let seen = seen.clone();
                 async move {
@@ -497,7 +495,6 @@ async fn a_handler_failing_during_a_replay_is_retried_then_dead_lettered() {
                 }
             },
         )
-        .retry_backoff_ms([10, 10])
         .build()
         .unwrap();
     let done = plugin
@@ -639,7 +636,7 @@ async fn hookbus_replay_prints_json_lines_and_redelivers_to_a_handler() {
     let plugin = Plugin::builder("redo", "Redo", "1.0.0")
         .on_entry(
             Hook::EntryAfterCreate,
-            "created",
+            Handler::named("created").entities(["customer"]),
             move |ctx: EntryContext| {
                 let rec = rec.clone();
                 async move {
@@ -658,7 +655,6 @@ async fn hookbus_replay_prints_json_lines_and_redelivers_to_a_handler() {
                 }
             },
         )
-        .entities(["customer"])
         .build()
         .unwrap();
     let running = plugin.serve_on(&server, options(None)).await.unwrap();

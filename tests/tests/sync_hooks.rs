@@ -15,7 +15,7 @@ use hookbus::sync_hooks::{SyncHookError, SyncHooks, ValidationError};
 use hookbus_tests::ServeOn;
 use hookbus_tests::{NatsServer, assert_eventually, init_tracing};
 use pagoda_plugin_sdk::{
-    FieldError, Plugin, PluginBuilder, RunningPlugin, ServeOptions, SyncError,
+    FieldError, Plugin, PluginBuilder, RunningPlugin, ServeOptions, SyncError, SyncHandler,
 };
 
 struct Setup {
@@ -77,24 +77,27 @@ fn attr(name: &str, value: &str) -> Attribute {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validation_returns_every_error_at_once_in_priority_order() {
-    let late = Plugin::builder("late", "Late", "1.0.0")
-        .on_validate("two_errors", |ctx| async move {
+    let late = Plugin::builder("late", "Late", "1.0.0").on_validate(
+        SyncHandler::named("two_errors").priority(200),
+        |ctx| async move {
             Ok(vec![
                 FieldError::field("name", format!("'{}' is taken", ctx.request.entry.name)),
                 FieldError::general("late says no"),
             ])
-        })
-        .priority(200);
+        },
+    );
     let early = Plugin::builder("early", "Early", "1.0.0")
-        .on_validate("one_error", |ctx| async move {
-            assert_eq!(ctx.request.user.unwrap().username, "admin");
-            Ok(vec![FieldError::field("phone", "phone is required")])
-        })
-        .priority(50)
-        .on_validate("other_entity", |_ctx| async move {
-            Ok(vec![FieldError::general("must not run for customer")])
-        })
-        .entities(["product"])
+        .on_validate(
+            SyncHandler::named("one_error").priority(50),
+            |ctx| async move {
+                assert_eq!(ctx.request.user.unwrap().username, "admin");
+                Ok(vec![FieldError::field("phone", "phone is required")])
+            },
+        )
+        .on_validate(
+            SyncHandler::named("other_entity").entities(["product"]),
+            |_ctx| async move { Ok(vec![FieldError::general("must not run for customer")]) },
+        )
         .on_validate("accepts", |_ctx| async move { Ok(vec![]) });
     let s = setup(&["late", "early"], vec![late, early]).await;
     let entity = sample::entity(1, "customer");
@@ -144,35 +147,40 @@ async fn validation_returns_every_error_at_once_in_priority_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn before_create_chain_applies_every_change_in_priority_order() {
     let second = Plugin::builder("second", "Second", "1.0.0")
-        .on_before_create_entry("append", |ctx| async move {
-            let mut draft = ctx.request.data;
-            draft.note.push_str("+second");
-            draft
-                .attrs
-                .insert("seen_note".into(), serde_json::json!(draft.note.clone()));
-            Ok(draft)
-        })
-        .priority(20)
-        .on_before_create_entity("entity_note", |ctx| async move {
-            let mut new = ctx.request.data;
-            new.note.push_str("+second");
-            Ok(new)
-        })
-        .priority(20);
+        .on_before_create_entry(
+            SyncHandler::named("append").priority(20),
+            |ctx| async move {
+                let mut draft = ctx.request.data;
+                draft.note.push_str("+second");
+                draft
+                    .attrs
+                    .insert("seen_note".into(), serde_json::json!(draft.note.clone()));
+                Ok(draft)
+            },
+        )
+        .on_before_create_entity(
+            SyncHandler::named("entity_note").priority(20),
+            |ctx| async move {
+                let mut new = ctx.request.data;
+                new.note.push_str("+second");
+                Ok(new)
+            },
+        );
     let first = Plugin::builder("first", "First", "1.0.0")
-        .on_before_create_entry("set", |ctx| async move {
+        .on_before_create_entry(SyncHandler::named("set").priority(10), |ctx| async move {
             let mut draft = ctx.request.data;
             assert_eq!(ctx.request.entity.unwrap().name, "customer");
             draft.note = "first".into();
             Ok(draft)
         })
-        .priority(10)
-        .on_before_create_entity("entity_note", |ctx| async move {
-            let mut new = ctx.request.data;
-            new.note = "first".into();
-            Ok(new)
-        })
-        .priority(10);
+        .on_before_create_entity(
+            SyncHandler::named("entity_note").priority(10),
+            |ctx| async move {
+                let mut new = ctx.request.data;
+                new.note = "first".into();
+                Ok(new)
+            },
+        );
     let s = setup(&["second", "first"], vec![second, first]).await;
     let entity = sample::entity(1, "customer");
 
@@ -199,21 +207,22 @@ async fn vetoes_and_rejections_stop_the_change_with_the_reason() {
     let calls = Arc::new(AtomicUsize::new(0));
     let after_veto = calls.clone();
     let guard = Plugin::builder("guard", "Guard", "1.0.0")
-        .on_before_delete_entry("keep_pinned", |ctx| async move {
-            if ctx.request.entry.unwrap().note == "pinned" {
-                return Err(SyncError::reject("pinned entries cannot be deleted"));
-            }
-            Ok(())
-        })
-        .priority(10)
-        .on_before_delete_entry("counts", move |_ctx| {
+        .on_before_delete_entry(
+            SyncHandler::named("keep_pinned").priority(10),
+            |ctx| async move {
+                if ctx.request.entry.unwrap().note == "pinned" {
+                    return Err(SyncError::reject("pinned entries cannot be deleted"));
+                }
+                Ok(())
+            },
+        )
+        .on_before_delete_entry(SyncHandler::named("counts").priority(20), move |_ctx| {
             let calls = after_veto.clone();
             async move {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Ok(())
             }
         })
-        .priority(20)
         .on_before_create_entry("no_drafts", |ctx| async move {
             if ctx.request.data.name.starts_with("draft") {
                 return Err(SyncError::reject("drafts are not allowed"));
@@ -273,22 +282,24 @@ async fn vetoes_and_rejections_stop_the_change_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_attrs_is_a_chain_of_transforms() {
-    let a = Plugin::builder("a", "A", "1.0.0")
-        .on_get_entry_attrs("add_a", |ctx| async move {
+    let a = Plugin::builder("a", "A", "1.0.0").on_get_entry_attrs(
+        SyncHandler::named("add_a").priority(1),
+        |ctx| async move {
             let mut attrs = ctx.request.attrs;
             attrs.push(attr("a", "from a"));
             Ok(attrs)
-        })
-        .priority(1);
-    let b = Plugin::builder("b", "B", "1.0.0")
-        .on_get_entry_attrs("count", |ctx| async move {
+        },
+    );
+    let b = Plugin::builder("b", "B", "1.0.0").on_get_entry_attrs(
+        SyncHandler::named("count").priority(2),
+        |ctx| async move {
             let mut attrs = ctx.request.attrs;
             let n = attrs.len();
             attrs.retain(|a| a.name != "secret");
             attrs.push(attr("count", &n.to_string()));
             Ok(attrs)
-        })
-        .priority(2);
+        },
+    );
     let s = setup(&["b", "a"], vec![a, b]).await;
     let entity = sample::entity(1, "customer");
     let mut entry = sample::entry(5, "ACME", &entity);
@@ -308,15 +319,17 @@ async fn get_attrs_is_a_chain_of_transforms() {
 async fn a_validator_that_does_not_answer_blocks_or_is_skipped_never_hangs() {
     let strict = Plugin::builder("strict", "Strict", "1.0.0")
         .on_validate("v", |_ctx| async move { Ok(vec![]) });
-    let lenient = Plugin::builder("lenient", "Lenient", "1.0.0")
-        .on_validate("v", |_ctx| async move { Ok(vec![]) })
-        .on_unavailable(OnUnavailable::Skip);
-    let stuck = Plugin::builder("stuck", "Stuck", "1.0.0")
-        .on_before_create_entry("hangs", |_ctx| async move {
+    let lenient = Plugin::builder("lenient", "Lenient", "1.0.0").on_validate(
+        SyncHandler::named("v").on_unavailable(OnUnavailable::Skip),
+        |_ctx| async move { Ok(vec![]) },
+    );
+    let stuck = Plugin::builder("stuck", "Stuck", "1.0.0").on_before_create_entry(
+        SyncHandler::named("hangs").timeout(Duration::from_millis(300)),
+        |_ctx| async move {
             std::future::pending::<()>().await;
             Ok(NewEntry::default())
-        })
-        .timeout(Duration::from_millis(300));
+        },
+    );
     let mut s = setup(
         &["strict", "lenient", "stuck"],
         vec![strict, lenient, stuck],
@@ -462,9 +475,10 @@ async fn update_chains_entity_vetoes_and_get_attrs_skip_by_default() {
                 .filter(|a| a.is_active)
                 .collect())
         });
-    let down = Plugin::builder("down", "Down", "1.0.0")
-        .on_get_entity_attrs("never_runs", |_ctx| async move { Ok(vec![]) })
-        .priority(1);
+    let down = Plugin::builder("down", "Down", "1.0.0").on_get_entity_attrs(
+        SyncHandler::named("never_runs").priority(1),
+        |_ctx| async move { Ok(vec![]) },
+    );
     let mut s = setup(&["p", "down"], vec![p, down]).await;
     s.running.remove(1).shutdown().await.unwrap();
 

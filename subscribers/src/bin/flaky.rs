@@ -8,26 +8,30 @@
 // The greppable stdout lines are this program's output, on purpose.
 #![allow(clippy::print_stdout)]
 
-use pagoda_plugin_sdk::{EntryContext, HandlerError, Hook, Plugin};
+use pagoda_plugin_sdk::{EntryContext, Handler, HandlerError, HandlerResult, Hook, Plugin};
+
+/// Fails every delivery; the state says whether permanently.
+async fn always_fails(ctx: EntryContext<bool>) -> HandlerResult {
+    println!("[flaky] {} -> error", ctx.describe());
+    let message = "flaky plugin fails on purpose";
+    Err(if ctx.state {
+        HandlerError::permanent(message)
+    } else {
+        HandlerError::transient(message)
+    })
+}
 
 fn plugin(permanent: bool) -> Result<Plugin, pagoda_plugin_sdk::ManifestError> {
     Plugin::builder("flaky", "Flaky", "1.0.0")
         .description("Fails every delivery on purpose, to demonstrate failure isolation")
+        .state(permanent)
         .on_entry(
             Hook::EntryAfterCreate,
-            "always_fails",
-            move |ctx: EntryContext| async move {
-                println!("[flaky] {} -> error", ctx.describe());
-                let message = "flaky plugin fails on purpose";
-                Err(if permanent {
-                    HandlerError::permanent(message)
-                } else {
-                    HandlerError::transient(message)
-                })
-            },
+            Handler::named("always_fails")
+                .priority(150)
+                .retry_backoff_ms([50, 100]),
+            always_fails,
         )
-        .priority(150)
-        .retry_backoff_ms([50, 100])
         .build()
 }
 
@@ -62,6 +66,24 @@ async fn main() -> std::process::ExitCode {
                 pagoda_plugin_sdk::run::error_chain(e.as_ref())
             );
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The manifest the bus sees is the one flaky registered before its handler
+    /// took its options with it (recorded from that version).
+    #[test]
+    fn the_manifest_is_unchanged() {
+        let recorded = include_str!("../../tests/fixtures/flaky.manifest.json");
+        for permanent in [false, true] {
+            let plugin = plugin(permanent).expect("valid plugin");
+            let now = serde_json::to_value(plugin.manifest()).expect("json");
+            let before: serde_json::Value = serde_json::from_str(recorded).expect("json");
+            assert_eq!(now, before);
         }
     }
 }

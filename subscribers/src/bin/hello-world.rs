@@ -26,18 +26,56 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use core_events::{AttrType, Attribute, ObjectRef};
 use pagoda_plugin_sdk::{
-    ApiContext, ApiResponse, ApiResult, EventContext, FieldError, HandlerError, Hook, Plugin,
-    TaskContext, TaskOutcome, TaskResult,
+    ApiContext, ApiResponse, ApiResult, AttrType, Attribute, BeforeContext, EventContext,
+    FieldError, GetAttrsContext, Handler, HandlerError, HandlerResult, Hook, NewEntry, ObjectRef,
+    Plugin, SyncResult, Task, TaskContext, TaskOutcome, TaskResult, ValidateContext,
 };
 use serde::Deserialize;
 
 /// The note `fill_note` gives an entry created without one.
 const DEFAULT_NOTE: &str = "created with hello-world";
 
-fn print_delivery<D>(ctx: &EventContext<D>) {
+/// The notification handlers: one line per delivery.
+async fn print_delivery<D>(ctx: EventContext<D>) -> HandlerResult {
     println!("[hello-world] {}", ctx.describe());
+    Ok(())
+}
+
+/// `entry.validate`: names containing "forbidden" are invalid.
+async fn reject_forbidden(ctx: ValidateContext) -> SyncResult<Vec<FieldError>> {
+    let name = &ctx.request.entry.name;
+    if name.contains("forbidden") {
+        let message = format!("entry name '{name}' contains 'forbidden'");
+        return Ok(vec![FieldError::field("name", message)]);
+    }
+    Ok(Vec::new())
+}
+
+/// `entry.before_create`: an empty note becomes [`DEFAULT_NOTE`].
+async fn fill_note(ctx: BeforeContext<NewEntry>) -> SyncResult<NewEntry> {
+    let mut draft = ctx.request.data;
+    if draft.note.is_empty() {
+        draft.note = DEFAULT_NOTE.to_owned();
+    }
+    Ok(draft)
+}
+
+/// `entry.get_attrs`: appends a computed `greeting` attribute.
+async fn add_greeting(ctx: GetAttrsContext<Attribute>) -> SyncResult<Vec<Attribute>> {
+    let mut attrs = ctx.request.attrs;
+    let name = ctx.request.entry.map(|e| e.name).unwrap_or_default();
+    attrs.push(Attribute {
+        id: 0,
+        name: "greeting".to_owned(),
+        attr_type: AttrType::STRING,
+        schema: ObjectRef {
+            id: 0,
+            name: "greeting".to_owned(),
+        },
+        value: serde_json::Value::String(format!("Hello, {name}!")),
+    });
+    Ok(attrs)
 }
 
 /// `GET /greet`: greets the user, or `?name=`.
@@ -103,15 +141,17 @@ async fn count_steps(ctx: &TaskContext) -> TaskResult {
         return Ok(TaskOutcome::warning("nothing to count"));
     }
     let step = Duration::from_millis(params.delay_ms);
+    let cancel = ctx.cancellation();
     for n in 1..=params.to {
         tokio::select! {
-            () = ctx.cancelled() => return Ok(TaskOutcome::done(format!("cancelled after {}", n - 1))),
+            () = cancel.cancelled() => return Ok(TaskOutcome::done(format!("cancelled after {}", n - 1))),
             () = tokio::time::sleep(step) => {}
         }
         // A cancel can land between the wait and this write: `progress` then
-        // writes nothing and fails, and the job is cancelled, not failed.
+        // writes nothing, sets the cancel signal and fails, and the job is
+        // cancelled, not failed.
         if let Err(e) = ctx.progress(format!("counted {n} of {}", params.to)).await {
-            if ctx.is_canceled().await {
+            if cancel.is_cancelled() {
                 return Ok(TaskOutcome::done(format!("cancelled after {}", n - 1)));
             }
             return Err(e);
@@ -124,76 +164,25 @@ fn plugin(priority: i32) -> Result<Plugin, pagoda_plugin_sdk::ManifestError> {
     Plugin::builder("hello-world", "Hello World", "1.0.0")
         .description("Mirrors Pagoda's hello-world plugin: prints each event it receives")
         .author("Pagoda hook bus")
+        .default_priority(priority)
         .on_entry(
             Hook::EntryAfterCreate,
-            "greet_helloworld",
-            |ctx| async move {
-                print_delivery(&ctx);
-                Ok(())
-            },
+            Handler::named("greet_helloworld").entities(["helloworld"]),
+            print_delivery,
         )
-        .entities(["helloworld"])
-        .priority(priority)
-        .on_entry(Hook::EntryAfterCreate, "entry_created", |ctx| async move {
-            print_delivery(&ctx);
-            Ok(())
-        })
-        .priority(priority)
-        .on_entry(Hook::EntryAfterUpdate, "entry_updated", |ctx| async move {
-            print_delivery(&ctx);
-            Ok(())
-        })
-        .priority(priority)
-        .on_entity(
-            Hook::EntityAfterCreate,
-            "entity_created",
-            |ctx| async move {
-                print_delivery(&ctx);
-                Ok(())
-            },
-        )
-        .priority(priority)
-        .on_validate("reject_forbidden", |ctx| async move {
-            let mut errors = Vec::new();
-            if ctx.request.entry.name.contains("forbidden") {
-                errors.push(FieldError::field(
-                    "name",
-                    format!(
-                        "entry name '{}' contains 'forbidden'",
-                        ctx.request.entry.name
-                    ),
-                ));
-            }
-            Ok(errors)
-        })
-        .priority(priority)
-        .on_before_create_entry("fill_note", |ctx| async move {
-            let mut draft = ctx.request.data;
-            if draft.note.is_empty() {
-                draft.note = DEFAULT_NOTE.to_owned();
-            }
-            Ok(draft)
-        })
-        .priority(priority)
-        .on_get_entry_attrs("add_greeting", |ctx| async move {
-            let mut attrs = ctx.request.attrs;
-            let name = ctx.request.entry.map(|e| e.name).unwrap_or_default();
-            attrs.push(Attribute {
-                id: 0,
-                name: "greeting".to_owned(),
-                attr_type: AttrType::STRING,
-                schema: ObjectRef {
-                    id: 0,
-                    name: "greeting".to_owned(),
-                },
-                value: serde_json::Value::String(format!("Hello, {name}!")),
-            });
-            Ok(attrs)
-        })
-        .priority(priority)
+        .on_entry(Hook::EntryAfterCreate, "entry_created", print_delivery)
+        .on_entry(Hook::EntryAfterUpdate, "entry_updated", print_delivery)
+        .on_entity(Hook::EntityAfterCreate, "entity_created", print_delivery)
+        .on_validate("reject_forbidden", reject_forbidden)
+        .on_before_create_entry("fill_note", fill_note)
+        .on_get_entry_attrs("add_greeting", add_greeting)
         .api_route("greet", "GET", "/greet", greet)
-        .task("count", 0, count)
-        .task_description("Counts to `to` (10), one step every `delay_ms` (100)")
+        .task(
+            Task::named("count")
+                .description("Counts to `to` (10), one step every `delay_ms` (100)"),
+            0,
+            count,
+        )
         .build()
 }
 
@@ -235,4 +224,30 @@ async fn run() -> anyhow::Result<()> {
     };
     pagoda_plugin_sdk::run_main(plugin(priority)?).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The manifest the bus sees is the one hello-world registered before its
+    /// handlers took their options with them (recorded from that version).
+    #[test]
+    fn the_manifest_is_unchanged() {
+        for (priority, recorded) in [
+            (
+                100,
+                include_str!("../../tests/fixtures/hello-world.manifest.json"),
+            ),
+            (
+                20,
+                include_str!("../../tests/fixtures/hello-world-20.manifest.json"),
+            ),
+        ] {
+            let plugin = plugin(priority).expect("valid plugin");
+            let now = serde_json::to_value(plugin.manifest()).expect("json");
+            let before: serde_json::Value = serde_json::from_str(recorded).expect("json");
+            assert_eq!(now, before, "priority {priority}");
+        }
+    }
 }

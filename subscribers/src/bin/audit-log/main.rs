@@ -15,16 +15,15 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use chrono::Utc;
-use pagoda_plugin_sdk::{EventContext, HandlerError, Hook, ObjectKind, Plugin, ResultExt};
+use pagoda_plugin_sdk::{
+    EventContext, HandlerError, HandlerResult, Hook, ObjectKind, Plugin, ResultExt,
+};
 use serde::Serialize;
 
 use crate::journal::{Appended, AuditRecord, Journal};
 
 /// Records one delivery; replies only after the line is on disk.
-async fn record<D: Serialize>(
-    journal: Arc<Journal>,
-    ctx: EventContext<D>,
-) -> Result<(), HandlerError> {
+async fn record<D: Serialize>(ctx: EventContext<D, Arc<Journal>>) -> HandlerResult {
     let record = AuditRecord {
         event_id: ctx.event_id(),
         hook: ctx.hook,
@@ -34,6 +33,7 @@ async fn record<D: Serialize>(
         received_at: Utc::now(),
         event: serde_json::to_value(&ctx.event).permanent()?,
     };
+    let journal = ctx.state.clone();
     let appended = tokio::task::spawn_blocking(move || journal.append(&record))
         .await
         .map_err(|e| HandlerError::transient(format!("journal writer failed: {e}")))?
@@ -46,21 +46,18 @@ async fn record<D: Serialize>(
     Ok(())
 }
 
-fn plugin(journal: &Arc<Journal>) -> Result<Plugin, pagoda_plugin_sdk::ManifestError> {
+/// One handler per notification hook, all entities, after the other plugins.
+fn plugin(journal: Arc<Journal>) -> Result<Plugin, pagoda_plugin_sdk::ManifestError> {
     let mut builder = Plugin::builder("audit-log", "Audit Log", "1.0.0")
-        .description("Appends every event to a JSONL journal, once per event id");
+        .description("Appends every event to a JSONL journal, once per event id")
+        .state(journal)
+        .default_priority(200);
     for hook in Hook::ALL.into_iter().filter(|h| h.kind().is_notification()) {
         let name = hook.name().replace('.', "_");
-        let journal = journal.clone();
         builder = match hook.object() {
-            ObjectKind::Entry => {
-                builder.on_entry(hook, name, move |ctx| record(journal.clone(), ctx))
-            }
-            ObjectKind::Entity => {
-                builder.on_entity(hook, name, move |ctx| record(journal.clone(), ctx))
-            }
-        }
-        .priority(200);
+            ObjectKind::Entry => builder.on_entry(hook, name, record),
+            ObjectKind::Entity => builder.on_entity(hook, name, record),
+        };
     }
     builder.build()
 }
@@ -97,6 +94,24 @@ async fn run() -> anyhow::Result<()> {
         Journal::open(&path).with_context(|| format!("cannot open audit journal '{path}'"))?,
     );
     tracing::info!(path = %journal.path().display(), events = journal.len(), "audit journal open");
-    pagoda_plugin_sdk::run_main(plugin(&journal)?).await?;
+    pagoda_plugin_sdk::run_main(plugin(journal)?).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The manifest the bus sees is the one audit-log registered before its
+    /// handlers shared the journal as state (recorded from that version).
+    #[test]
+    fn the_manifest_is_unchanged() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let journal = Journal::open(dir.path().join("audit.jsonl")).expect("journal");
+        let plugin = plugin(Arc::new(journal)).expect("valid plugin");
+        let now = serde_json::to_value(plugin.manifest()).expect("json");
+        let recorded = include_str!("../../../tests/fixtures/audit-log.manifest.json");
+        let before: serde_json::Value = serde_json::from_str(recorded).expect("json");
+        assert_eq!(now, before);
+    }
 }
