@@ -33,7 +33,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::sync_hooks::SyncHookError;
-use core_events::store::StoreError;
+use store::StoreError;
 
 /// An error answered as JSON.
 #[derive(Debug, thiserror::Error)]

@@ -32,7 +32,7 @@ use async_nats::jetstream;
 use axum::Router;
 use core_events::Subjects;
 use core_events::jobs::OperationIds;
-use core_events::store::Store;
+use store::Store;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -191,7 +191,7 @@ pub enum HostError {
     OperationIds(Vec<String>),
     /// The model store failed.
     #[error(transparent)]
-    Store(#[from] core_events::store::StoreError),
+    Store(#[from] store::StoreError),
     /// The registry could not be loaded.
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),

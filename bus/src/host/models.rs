@@ -35,13 +35,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use core_events::store::{
-    AttrChange, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, WriteContext,
-};
 use core_events::{AttrType, Entity, Entry, ObjectRef};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
+use store::{AttrChange, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, WriteContext};
 
 use super::auth::AuthUser;
 use super::{ApiError, HostState};
