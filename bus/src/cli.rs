@@ -524,7 +524,7 @@ async fn token(command: &TokenCommand) -> Result<ExitCode> {
         }
         None => {
             let created = store
-                .create_user(&core_events::store::NewUser {
+                .create_user(&store::NewUser {
                     username: user.clone(),
                     is_superuser: *superuser,
                     ..Default::default()

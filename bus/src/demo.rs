@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use async_nats::jetstream;
-use core_events::store::{EntryChanges, NewAttr, NewEntity, NewEntry, Store, WriteContext};
 use core_events::{
     AttrType, Entity, EntityEvent, Entry, EntryEvent, Envelope, Hook, Subjects, User, sample,
 };
 use futures::future::BoxFuture;
 use hookbus::{EncodedEvent, Publisher};
+use store::{EntryChanges, NewAttr, NewEntity, NewEntry, Store, WriteContext};
 
 use crate::out::println_out;
 

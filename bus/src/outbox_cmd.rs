@@ -3,9 +3,9 @@
 
 use async_nats::jetstream;
 use core_events::Subjects;
-use core_events::store::Store;
-use core_events::store::StoreError;
 use pagoda_plugin_sdk::replay::ReplayError;
+use store::Store;
+use store::StoreError;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::StreamSettings;
@@ -171,7 +171,7 @@ pub struct Rebuilt {
 
 /// Rebuilds the model store at `url` from the events stream: every event from
 /// the first, applied in stream order, into an empty store (see
-/// `core_events::store` on why the result equals the original). `progress` is
+/// `store` on why the result equals the original). `progress` is
 /// called with (events done, events in the stream) every batch. An event that
 /// cannot be read is logged with its sequence, listed in
 /// [`Rebuilt::unreadable`], and the rebuild goes on.
@@ -232,13 +232,13 @@ pub async fn rebuild(
             let applied = store.apply_events(&slices).await?;
             for ((seq, _), applied) in batch.iter().zip(applied) {
                 match applied {
-                    core_events::store::Applied::Entity(_) => report.entity_events += 1,
-                    core_events::store::Applied::Entry(_) => report.entry_events += 1,
-                    core_events::store::Applied::Unreadable(why) => {
+                    store::Applied::Entity(_) => report.entity_events += 1,
+                    store::Applied::Entry(_) => report.entry_events += 1,
+                    store::Applied::Unreadable(why) => {
                         tracing::error!(seq, error = %why, "rebuild: event cannot be read; skipped");
                         report.unreadable.push((*seq, why));
                     }
-                    core_events::store::Applied::Skipped(_) => report.skipped += 1,
+                    store::Applied::Skipped(_) => report.skipped += 1,
                 }
             }
             report.events += batch.len() as u64;

@@ -157,7 +157,7 @@ pub async fn message_limit(
 
 /// The largest event envelope a host may write: [`message_limit`] less
 /// [`HEADER_ROOM`]. A write whose event is larger is refused before it commits
-/// (`core_events::store::Store::with_max_event_bytes`).
+/// (`store::Store::with_max_event_bytes`).
 ///
 /// # Errors
 ///

@@ -41,11 +41,11 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use bytes::Bytes;
-use core_events::store::{Backend, OUTBOX_CHANNEL, OutboxRow, Store, StoreError, outbox};
 use core_events::{EventId, Hook, ObjectKey, Subjects};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use store::{Backend, OUTBOX_CHANNEL, OutboxRow, Store, StoreError, outbox};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

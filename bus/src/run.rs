@@ -36,7 +36,7 @@ pub enum RunError {
     Panicked(String),
     /// The database of the outbox relay could not be opened or migrated.
     #[error("outbox relay: {0}")]
-    Database(#[from] core_events::store::StoreError),
+    Database(#[from] store::StoreError),
 }
 
 /// A running bus, in process.
@@ -136,7 +136,7 @@ impl Bus {
         }
         if let Some(url) = &config.database_url {
             // No migration: the relay needs only the outbox table, and waits for it.
-            let store = core_events::store::Store::connect(url).await?;
+            let store = store::Store::connect(url).await?;
             let settings =
                 crate::relay::RelaySettings::for_deployment(store.backend(), &config.streams);
             let relay =

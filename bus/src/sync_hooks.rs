@@ -21,13 +21,13 @@
 //! for validate and before-hooks, skip for get_attrs). A call never waits longer
 //! than the handlers' timeouts.
 //!
-//! A host calls these before writing with [`core_events::store::Store`]:
+//! A host calls these before writing with [`store::Store`]:
 //!
 //! ```no_run
-//! # async fn demo(hooks: hookbus::sync_hooks::SyncHooks, store: core_events::store::Store,
-//! #   entity: core_events::Entity, ctx: core_events::store::WriteContext)
+//! # async fn demo(hooks: hookbus::sync_hooks::SyncHooks, store: store::Store,
+//! #   entity: core_events::Entity, ctx: store::WriteContext)
 //! #   -> Result<(), Box<dyn std::error::Error>> {
-//! use core_events::store::NewEntry;
+//! use store::NewEntry;
 //! let draft = NewEntry::named("ACME");
 //! let draft = hooks.before_create_entry(&entity, draft, &ctx).await?.value;
 //! hooks.validate(&entity, &draft, None, &ctx).await?;
@@ -42,7 +42,6 @@ use async_nats::client::RequestErrorKind;
 use async_nats::{HeaderMap, Request};
 use bytes::Bytes;
 use core_events::protocol::{codes, headers};
-use core_events::store::{EntityChanges, EntryChanges, NewEntity, NewEntry, WriteContext};
 use core_events::sync::{
     BeforeModifyReply, BeforeModifyRequest, FieldError, GetAttrsReply, GetAttrsRequest,
     ValidateReply, ValidateRequest, VetoReply, VetoRequest, parse_reply,
@@ -50,6 +49,7 @@ use core_events::sync::{
 use core_events::{Attribute, Entity, EntityAttr, Entry, Hook, OnUnavailable};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use store::{EntityChanges, EntryChanges, NewEntity, NewEntry, WriteContext};
 
 use crate::registry::{Registry, Route};
 

@@ -1,5 +1,6 @@
-//! The model layer of the Pagoda hook bus: everything that describes an event,
-//! with no NATS connection.
+//! The protocol of the Pagoda hook bus: everything that describes an event or a
+//! message, with no I/O (no database, no NATS connection, no async runtime). The
+//! model store is the `store` crate; the runtime is `hookbus`.
 //!
 //! | part | module |
 //! |---|---|
@@ -11,7 +12,7 @@
 //! | headers, handler replies, dead-letter records | [`protocol`] |
 //! | request and reply bodies of the synchronous hooks | [`sync`] |
 //! | sample objects for demos, docs and tests | [`sample`] |
-//! | the model store and the transactional outbox (sqlx: SQLite, PostgreSQL) | [`store`] |
+//! | the bodies of model writes (new and changed users, entities, entries) | [`request`] |
 //! | plugin API routes: the forwarded request and the plugin's reply | [`plugin_api`] |
 //! | plugin tasks as jobs: statuses, queue message, state, operation ids | [`jobs`] |
 //! | limits on user-supplied JSON (nesting depth), the strict reader of request bodies | [`input`] |
@@ -25,8 +26,8 @@ pub mod manifest;
 pub mod model;
 pub mod plugin_api;
 pub mod protocol;
+pub mod request;
 pub mod sample;
-pub mod store;
 pub mod subject;
 pub mod sync;
 

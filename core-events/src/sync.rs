@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Attribute, Entity, EntityAttr, Entry, User};
 use crate::protocol::{MAX_REPLY_BYTES, ReplyError, preview};
-use crate::store::{EntityChanges, EntryChanges, NewEntity, NewEntry};
+use crate::request::{EntityChanges, EntryChanges, NewEntity, NewEntry};
 
 /// `entry.validate` request: the entry as it would be written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -112,7 +112,7 @@ pub use tokio_util::sync::CancellationToken;
 // What handlers see, so that a plugin depends on this crate alone.
 pub use core_events::jobs::{JobRequest, JobState, JobStatus};
 pub use core_events::plugin_api::{ApiRequest, ApiResponse};
-pub use core_events::store::{
+pub use core_events::request::{
     AttrChange, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry,
 };
 pub use core_events::sync::{

@@ -50,7 +50,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use core_events::protocol::headers;
-use core_events::store::{EntityChanges, EntryChanges, NewEntity, NewEntry};
+use core_events::request::{EntityChanges, EntryChanges, NewEntity, NewEntry};
 use core_events::sync::{
     BeforeModifyReply, BeforeModifyRequest, FieldError, GetAttrsReply, GetAttrsRequest,
     ValidateReply, ValidateRequest, VetoReply, VetoRequest,

@@ -138,7 +138,7 @@ async fn hello_world_prints_one_line_per_delivery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_world_answers_its_synchronous_hooks() {
-    use core_events::store::NewEntry;
+    use core_events::request::NewEntry;
     use core_events::sync::{
         BeforeModifyReply, BeforeModifyRequest, FieldError, GetAttrsReply, GetAttrsRequest,
         ValidateReply, ValidateRequest,

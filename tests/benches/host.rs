@@ -46,13 +46,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use core_events::AttrType;
-use core_events::store::{Backend, NewAttr, NewEntity, NewEntry, NewUser, WriteContext, outbox};
 use hookbus::host::writer::EntryWriter;
 use hookbus_tests::bench::{env_usize, percentile};
 use hookbus_tests::host::TestHost;
 use hookbus_tests::{NatsServer, TestDb, stream_len};
 use pagoda_plugin_sdk::{FieldError, Plugin, ServeOptions};
 use serde_json::json;
+use store::{Backend, NewAttr, NewEntity, NewEntry, NewUser, WriteContext, outbox};
 
 const WARM_UP: usize = 200;
 

@@ -34,7 +34,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use core_events::store::{Backend, Store, outbox};
 use core_events::{EntryEvent, Envelope, HandlerSpec, Hook, PluginManifest, Subjects, sample};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -43,6 +42,7 @@ use hookbus::relay::{Relay, RelaySettings};
 use hookbus::run::Bus;
 use hookbus_tests::bench::{env_usize, median, percentile};
 use hookbus_tests::{NatsServer, TestDb};
+use store::{Backend, Store, outbox};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 

@@ -36,7 +36,6 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use core_events::store::{NewEntry, WriteContext};
 use core_events::sync::{ValidateReply, ValidateRequest};
 use core_events::{Entity, sample};
 use futures::StreamExt;
@@ -46,6 +45,7 @@ use hookbus::sync_hooks::SyncHooks;
 use hookbus_tests::NatsServer;
 use hookbus_tests::bench::{env_usize, median, percentile};
 use pagoda_plugin_sdk::{Plugin, RunningPlugin, ServeOptions, SyncHandler};
+use store::{NewEntry, WriteContext};
 
 const WARM_UP: usize = 200;
 

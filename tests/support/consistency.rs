@@ -7,7 +7,7 @@
 //! input are over:
 //!
 //! ```no_run
-//! # async fn demo(server: &hookbus_tests::NatsServer, store: &core_events::store::Store) {
+//! # async fn demo(server: &hookbus_tests::NatsServer, store: &store::Store) {
 //! use core_events::Hook;
 //! use hookbus_tests::consistency::Ledger;
 //!
@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use core_events::Hook;
-use core_events::store::{Store, outbox};
+use store::{Store, outbox};
 
 use crate::{NatsServer, poll_until, stream_events};
 

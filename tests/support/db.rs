@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use core_events::store::{Backend, Store};
+use store::{Backend, Store};
 use tempfile::TempDir;
 
 /// The PostgreSQL server tests use: `DATABASE_URL` (set by

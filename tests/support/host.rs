@@ -29,9 +29,9 @@
 use std::time::Duration;
 
 use core_events::User;
-use core_events::store::{NewUser, Store};
 use hookbus::host::{Host, HostConfig, HostState};
 use reqwest::{Method, RequestBuilder};
+use store::{NewUser, Store};
 
 use crate::{NatsServer, TestDb};
 

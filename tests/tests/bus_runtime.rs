@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
-use core_events::store::{NewEntry, WriteContext};
 use core_events::{HandlerSpec, Hook, PluginManifest, Subjects, sample};
 use hookbus::Publisher;
 use hookbus::sync_hooks::SyncHooks;
 use hookbus_tests::{NatsServer, assert_eventually, init_tracing};
+use store::{NewEntry, WriteContext};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::task::JoinHandle;
 

@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use core_events::store::{Backend, outbox};
 use core_events::{AttrType, Attribute, Envelope, ObjectRef, OnUnavailable};
 use hookbus_tests::ServeOn;
 use hookbus_tests::host::{TestHost, call};
@@ -15,6 +14,7 @@ use pagoda_plugin_sdk::{
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use store::{Backend, outbox};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -404,7 +404,7 @@ async fn auth_and_errors_are_json_with_the_right_status() {
             .await
             .unwrap();
         assert!(stored.iter().all(|k| !k.contains(&key[3..])), "{stored:?}");
-        assert!(stored.contains(&core_events::store::hash_key(&key)));
+        assert!(stored.contains(&store::hash_key(&key)));
         let (_, list) = call(h.as_user(Method::GET, "/api/v2/tokens/")).await;
         assert_eq!(list["count"], 2, "{list}");
         assert!(
@@ -1487,7 +1487,7 @@ async fn concurrent_demotions_always_leave_one_active_superuser() {
         for t in tasks {
             match t.await.unwrap() {
                 Ok(_) => {}
-                Err(core_events::store::StoreError::Conflict(m)) => refused.push(m),
+                Err(store::StoreError::Conflict(m)) => refused.push(m),
                 Err(e) => panic!("{backend:?}: {e}"),
             }
         }

@@ -8,14 +8,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use core_events::store::{
-    Backend, NewAttr, NewEntity, NewEntry, NewEntryInput, NewUser, StoreError, WriteContext, outbox,
-};
 use core_events::{AttrType, Envelope, Hook};
 use hookbus_tests::host::{TestHost, call};
 use hookbus_tests::{NatsServer, TestDb, assert_eventually, stream_events};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use store::{
+    Backend, NewAttr, NewEntity, NewEntry, NewEntryInput, NewUser, StoreError, WriteContext, outbox,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -44,7 +44,7 @@ fn shop_entity() -> NewEntity {
 }
 
 /// The outbox rows' payloads, in id order.
-async fn outbox_events(store: &core_events::store::Store) -> Vec<Envelope<Value>> {
+async fn outbox_events(store: &store::Store) -> Vec<Envelope<Value>> {
     outbox::fetch(store.pool(), &Default::default(), 10_000)
         .await
         .unwrap()

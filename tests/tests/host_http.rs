@@ -12,7 +12,6 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use core_events::manifest::ApiRouteSpec;
 use core_events::plugin_api::ApiRequest;
-use core_events::store::Backend;
 use core_events::{PluginManifest, Subjects};
 use futures::StreamExt;
 use hookbus::config::StreamSettings;
@@ -23,6 +22,7 @@ use hookbus_tests::{NatsServer, TestDb, assert_eventually};
 use pagoda_plugin_sdk::{ApiResponse as SdkResponse, FieldError, Plugin, ServeOptions};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use store::Backend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

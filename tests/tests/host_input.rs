@@ -7,11 +7,11 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use core_events::input::MAX_JSON_DEPTH;
-use core_events::store::Backend;
 use hookbus_tests::host::{TestHost, call};
 use hookbus_tests::{NatsServer, TestDb, stream_events};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use store::Backend;
 
 fn backends() -> [Backend; 2] {
     [Backend::Sqlite, Backend::Postgres]
@@ -456,7 +456,7 @@ async fn revoking_a_token_or_deactivating_a_user_twice_answers_the_same_and_reco
 /// error on one and stored on the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_refuses_nul_characters_alike_on_both_backends() {
-    use core_events::store::{EntityChanges, NewEntity, NewEntry, StoreError, WriteContext};
+    use store::{EntityChanges, NewEntity, NewEntry, StoreError, WriteContext};
 
     for backend in backends() {
         let db = TestDb::new(backend).await;

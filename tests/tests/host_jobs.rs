@@ -11,7 +11,6 @@ use std::time::Duration;
 use async_nats::jetstream;
 use core_events::Subjects;
 use core_events::jobs::{JobState, JobStatus};
-use core_events::store::Backend;
 use hookbus::config::StreamSettings;
 use hookbus_tests::ServeOn;
 use hookbus_tests::host::{TestHost, call};
@@ -19,6 +18,7 @@ use hookbus_tests::{NatsServer, TestDb, poll_for};
 use pagoda_plugin_sdk::{HandlerError, Plugin, RunningPlugin, ServeOptions, Task, TaskOutcome};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use store::Backend;
 
 const PLUGIN: &str = "worker";
 const OPERATION_CONFIG: &str = r#"{"worker": [5000, 5099]}"#;
@@ -590,7 +590,7 @@ async fn a_raw_worker_takes_a_job_and_a_silent_one_times_out() {
 /// (everyone's with no user), moved forward only.
 async fn the_job_table_moves_forward_only(backend: Backend) {
     use core_events::jobs::NewJob;
-    use core_events::store::NewUser;
+    use store::NewUser;
 
     let db = TestDb::new(backend).await;
     let store = db.store().await;
@@ -673,7 +673,7 @@ async fn the_job_table_moves_forward_only(backend: Backend) {
     );
     assert!(matches!(
         store.job(999_999).await,
-        Err(core_events::store::StoreError::NotFound { .. })
+        Err(store::StoreError::NotFound { .. })
     ));
 }
 

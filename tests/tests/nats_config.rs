@@ -317,7 +317,7 @@ fn short(body: &serde_json::Value) -> String {
     text.chars().take(400).collect()
 }
 
-async fn count(store: &core_events::store::Store, sql: &'static str) -> i64 {
+async fn count(store: &store::Store, sql: &'static str) -> i64 {
     sqlx::query_scalar::<_, i64>(sql)
         .fetch_one(store.pool())
         .await
@@ -329,7 +329,7 @@ async fn count(store: &core_events::store::Store, sql: &'static str) -> i64 {
 /// behind it are published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_relay_dead_letters_a_bad_row_under_its_own_user_and_the_rest_flows() {
-    use core_events::store::outbox;
+    use store::outbox;
     init_tracing();
     let server = start_server(&[]).await;
     let (host, mut host_errors) = connect(&server, nats_config::HOST_USER).await;
@@ -406,10 +406,7 @@ async fn event_larger_than_nats_takes_is_refused_with_413_before_commit() {
     use reqwest::{Method, StatusCode};
     use serde_json::json;
     init_tracing();
-    for backend in [
-        core_events::store::Backend::Sqlite,
-        core_events::store::Backend::Postgres,
-    ] {
+    for backend in [store::Backend::Sqlite, store::Backend::Postgres] {
         let server =
             start_server_with(&["sizes"], &format!("max_payload: {SMALL_MAX_PAYLOAD}")).await;
         let (bus_client, _) = connect(&server, nats_config::BUS_USER).await;

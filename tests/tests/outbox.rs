@@ -13,16 +13,16 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::{CallLog, TestPlugin, start_bus, wait_registered};
-use core_events::store::{
-    Backend, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, Store, StoreError,
-    WriteContext, outbox,
-};
 use core_events::{AttrType, Envelope, Hook, Subjects, sample};
 use futures::StreamExt;
 use hookbus::config::StreamSettings;
 use hookbus::relay::{Relay, RelaySettings, RelayStats};
 use hookbus_tests::{NatsServer, TestDb, stream_events, wait_until};
 use serde_json::{Value, json};
+use store::{
+    Backend, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, Store, StoreError,
+    WriteContext, outbox,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -837,7 +837,7 @@ async fn batch_with_an_event_too_large_refuses_only_that_creation() {
             .create_entity(&NewEntity::named("customer"), &ctx)
             .await
             .unwrap();
-        let input = |name: &str, note: usize| core_events::store::NewEntryInput {
+        let input = |name: &str, note: usize| store::NewEntryInput {
             entity_id: entity.id,
             entry: NewEntry {
                 note: "x".repeat(note),

@@ -8,12 +8,12 @@
 use std::time::Duration;
 
 use core_events::Hook;
-use core_events::store::Backend;
 use hookbus_tests::consistency::Ledger;
 use hookbus_tests::deploy::Deployment;
 use hookbus_tests::{TestDb, assert_eventually};
 use reqwest::StatusCode;
 use serde_json::json;
+use store::Backend;
 
 const WAIT: Duration = Duration::from_secs(30);
 

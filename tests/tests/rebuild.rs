@@ -6,15 +6,15 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use core_events::store::{
-    AttrChange, Backend, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, Store,
-    StoreError, WriteContext, outbox,
-};
 use core_events::{AttrType, Subjects};
 use hookbus::config::StreamSettings;
 use hookbus::relay::{Relay, RelaySettings};
 use hookbus_tests::{NatsServer, TestDb, wait_until};
 use serde_json::{Value, json};
+use store::{
+    AttrChange, Backend, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, Store,
+    StoreError, WriteContext, outbox,
+};
 use tokio_util::sync::CancellationToken;
 
 /// A small deterministic generator (the seed is printed on failure).

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use core_events::protocol::{DeadLetter, HandlerReply};
 use core_events::{EntityEvent, EntryEvent, Envelope, PluginManifest};
-use core_events::{store, sync};
+use core_events::{request, sync};
 use schemars::{Schema, schema_for};
 
 /// Makes one schema.
@@ -48,25 +48,25 @@ const SCHEMAS: &[(&str, Generator)] = &[
         schema_for!(sync::EntryBeforeCreateRequest)
     }),
     ("entry-before-create-reply.schema.json", || {
-        schema_for!(sync::BeforeModifyReply<store::NewEntry>)
+        schema_for!(sync::BeforeModifyReply<request::NewEntry>)
     }),
     ("entry-before-update-request.schema.json", || {
         schema_for!(sync::EntryBeforeUpdateRequest)
     }),
     ("entry-before-update-reply.schema.json", || {
-        schema_for!(sync::BeforeModifyReply<store::EntryChanges>)
+        schema_for!(sync::BeforeModifyReply<request::EntryChanges>)
     }),
     ("entity-before-create-request.schema.json", || {
         schema_for!(sync::EntityBeforeCreateRequest)
     }),
     ("entity-before-create-reply.schema.json", || {
-        schema_for!(sync::BeforeModifyReply<store::NewEntity>)
+        schema_for!(sync::BeforeModifyReply<request::NewEntity>)
     }),
     ("entity-before-update-request.schema.json", || {
         schema_for!(sync::EntityBeforeUpdateRequest)
     }),
     ("entity-before-update-reply.schema.json", || {
-        schema_for!(sync::BeforeModifyReply<store::EntityChanges>)
+        schema_for!(sync::BeforeModifyReply<request::EntityChanges>)
     }),
     ("veto-request.schema.json", || {
         schema_for!(sync::VetoRequest)
@@ -362,7 +362,7 @@ fn examples_serialized_from_the_types_validate() {
 
 #[test]
 fn synchronous_hook_examples_validate() {
-    use core_events::store::NewEntry;
+    use core_events::request::NewEntry;
     use core_events::sync::{BeforeModifyReply, FieldError, ValidateReply, ValidateRequest};
     let data = sample_entry_event();
     let request = ValidateRequest {

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use core_events::store::{NewEntity, NewEntry, WriteContext};
 use core_events::{AttrType, Attribute, Hook, ObjectRef, OnUnavailable, sample};
 use hookbus::run::Bus;
 use hookbus::sync_hooks::{SyncHookError, SyncHooks, ValidationError};
@@ -17,6 +16,7 @@ use hookbus_tests::{NatsServer, assert_eventually, init_tracing};
 use pagoda_plugin_sdk::{
     FieldError, Plugin, PluginBuilder, RunningPlugin, ServeOptions, SyncError, SyncHandler,
 };
+use store::{NewEntity, NewEntry, WriteContext};
 
 struct Setup {
     _server: NatsServer,
@@ -484,7 +484,7 @@ async fn update_chains_entity_vetoes_and_get_attrs_skip_by_default() {
 
     let mut entity = sample::entity(1, "customer");
     let entry = sample::entry(5, "ACME", &entity);
-    let changes = core_events::store::EntryChanges {
+    let changes = store::EntryChanges {
         name: Some("ACME 2".into()),
         ..Default::default()
     };
@@ -497,7 +497,7 @@ async fn update_chains_entity_vetoes_and_get_attrs_skip_by_default() {
     assert_eq!(out.value.note.as_deref(), Some("was ACME"));
     assert_eq!(out.value.attrs["phone"], serde_json::Value::Null);
 
-    let changes = core_events::store::EntityChanges {
+    let changes = store::EntityChanges {
         name: Some("client".into()),
         ..Default::default()
     };

@@ -27,8 +27,8 @@ use axum::response::IntoResponse;
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use core_events::User;
-use core_events::store::{ApiToken, NewUser, hash_key};
 use serde_json::{Value, json};
+use store::{ApiToken, NewUser, hash_key};
 
 pub use super::cache::TOKEN_CACHE_TTL;
 use super::error::ApiError;

@@ -33,7 +33,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::sync_hooks::SyncHookError;
-use core_events::store::StoreError;
+use store::StoreError;
 
 /// An error answered as JSON.
 #[derive(Debug, thiserror::Error)]
@@ -292,7 +292,7 @@ pub enum HostError {
     OperationIds(Vec<String>),
     /// The model store failed.
     #[error(transparent)]
-    Store(#[from] core_events::store::StoreError),
+    Store(#[from] store::StoreError),
     /// The registry could not be loaded.
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),

@@ -199,7 +199,7 @@ async fn apply_entry(state: &HostState, entry: &kv::Entry) {
             tracing::warn!(key = %entry.key, "job state does not match its row (left over from an earlier database?); ignored");
             return;
         }
-        Err(core_events::store::StoreError::NotFound { .. }) => {
+        Err(store::StoreError::NotFound { .. }) => {
             tracing::debug!(key = %entry.key, "job state without a row; ignored");
             return;
         }
@@ -238,7 +238,7 @@ async fn sweep_timeouts(state: HostState, shutdown: CancellationToken) {
 enum JobError {
     /// The store failed.
     #[error(transparent)]
-    Store(#[from] core_events::store::StoreError),
+    Store(#[from] store::StoreError),
     /// The jobs bucket could not be opened.
     #[error(transparent)]
     Bucket(#[from] ApiError),
@@ -262,7 +262,7 @@ enum JobError {
 async fn sweep_once(state: &HostState) -> Result<(), JobError> {
     let running = state
         .store
-        .plugin_jobs_in_status(JobStatus::Processing, core_events::store::MAX_JOB_PAGE)
+        .plugin_jobs_in_status(JobStatus::Processing, store::MAX_JOB_PAGE)
         .await?;
     if running.is_empty() {
         return Ok(());
@@ -560,10 +560,10 @@ async fn list_jobs(
         )])
     })?;
     let limit = page.limit.unwrap_or(DEFAULT_PAGE);
-    if limit == 0 || limit > core_events::store::MAX_JOB_PAGE {
+    if limit == 0 || limit > store::MAX_JOB_PAGE {
         return Err(ApiError::Invalid(vec![format!(
             "limit {limit} is outside 1..={}",
-            core_events::store::MAX_JOB_PAGE
+            store::MAX_JOB_PAGE
         )]));
     }
     let offset = page.offset.unwrap_or(0);

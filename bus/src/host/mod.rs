@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use axum::Router;
-use core_events::store::Store;
+use store::Store;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

@@ -32,12 +32,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use core_events::store::{
-    AttrChange, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, WriteContext,
-};
 use core_events::{AttrType, Entity, Entry, ObjectRef};
 use serde::Serialize;
 use serde_json::Value;
+use store::{AttrChange, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, WriteContext};
 
 use super::error::ApiError;
 use super::request::{Body, Fields, Page, Params, kind, parse_id};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use core_events::Subjects;
 use core_events::jobs::OperationIds;
-use core_events::store::Store;
+use store::Store;
 
 use super::cache::{EntityCache, TokenCache};
 use super::rate::RateLimiter;

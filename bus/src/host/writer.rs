@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use core_events::Entry;
-use core_events::store::{NewEntry, NewEntryInput, Store, StoreError, WriteContext};
+use store::{NewEntry, NewEntryInput, Store, StoreError, WriteContext};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::call_metrics::CallMetrics;

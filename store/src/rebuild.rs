@@ -16,10 +16,11 @@
 use serde_json::Value;
 use sqlx::{AnyConnection, Row};
 
+use core_events::envelope::{EntityEvent, EntryEvent, Envelope};
+use core_events::hook::ObjectKind;
+use core_events::model::{Entity, EntityAttr, Entry};
+
 use super::{Backend, Store, StoreError, format_time, load};
-use crate::envelope::{EntityEvent, EntryEvent, Envelope};
-use crate::hook::ObjectKind;
-use crate::model::{Entity, EntityAttr, Entry};
 
 /// What applying one event did.
 #[derive(Debug, Clone, PartialEq, Eq)]

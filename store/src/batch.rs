@@ -12,16 +12,16 @@ use serde_json::Value;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::write::{
-    NewEntry, check_new_entry, entry_conflict, insert_values, new_entry_snapshot, user_ref,
-};
+use core_events::envelope::{EntryEvent, Envelope};
+use core_events::hook::Hook;
+use core_events::model::{AttrType, Entity, EntityAttr, Entry, ObjectRef};
+use core_events::request::NewEntry;
+
+use super::write::{check_new_entry, entry_conflict, insert_values, new_entry_snapshot, user_ref};
 use super::{
     Backend, ROWS_PER_STATEMENT, StoreError, WriteContext, format_time, not_found, now, outbox,
     parse_time, values_rows,
 };
-use crate::envelope::{EntryEvent, Envelope};
-use crate::hook::Hook;
-use crate::model::{AttrType, Entity, EntityAttr, Entry, ObjectRef};
 
 use super::Store;
 

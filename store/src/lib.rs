@@ -9,8 +9,8 @@
 //! in commit order; the relay publishes each object's events in id order.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), core_events::store::StoreError> {
-//! use core_events::store::{NewEntity, NewEntry, Store, WriteContext};
+//! # async fn demo() -> Result<(), store::StoreError> {
+//! use store::{NewEntity, NewEntry, Store, WriteContext};
 //! let store = Store::connect("sqlite://pagoda.db").await?;
 //! store.migrate().await?;
 //! let ctx = WriteContext::default();
@@ -38,14 +38,17 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Connection, Executor};
 use tokio::sync::Notify;
 
+use core_events::model::User;
+
 pub use batch::NewEntryInput;
+// The bodies of writes belong to the protocol (the sync hooks carry them too).
+pub use core_events::request::{
+    AttrChange, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, NewUser,
+};
 pub use jobs::MAX_JOB_PAGE;
 pub use outbox::{Backlog, OutboxRow};
 pub use rebuild::{Applied, ModelSnapshot};
 pub use tokens::{ApiToken, ListPage, TOKEN_PREFIX, TokenUser, hash_key, new_key};
-pub use write::{AttrChange, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, NewUser};
-
-use crate::model::User;
 
 /// Which database a store runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,8 +2,8 @@
 
 use serde_json::Value;
 
-use crate::input::{MAX_JSON_DEPTH, json_depth};
-use crate::model::{AttrType, EntityAttr};
+use core_events::input::{MAX_JSON_DEPTH, json_depth};
+use core_events::model::{AttrType, EntityAttr};
 
 /// `None` when `value` fits the attribute's type, else what is wrong.
 ///

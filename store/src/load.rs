@@ -3,8 +3,9 @@
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
+use core_events::model::{AttrType, Attribute, Entity, EntityAttr, Entry, ObjectRef, User};
+
 use super::{StoreError, parse_time};
-use crate::model::{AttrType, Attribute, Entity, EntityAttr, Entry, ObjectRef, User};
 
 const ENTITY_COLUMNS: &str =
     "id, name, note, is_active, created_time, created_user_id, created_user FROM entities";

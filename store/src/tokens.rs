@@ -12,10 +12,11 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use core_events::model::{Entity, Entry, User};
+
 use super::{
     Backend, Store, StoreError, format_time, is_unique_violation, load, not_found, now, parse_time,
 };
-use crate::model::{Entity, Entry, User};
 
 /// Prefix of every key, so a key is recognisable in logs and secret scanners.
 pub const TOKEN_PREFIX: &str = "hb_";

@@ -18,8 +18,9 @@ use std::fmt::Write as _;
 
 use sqlx::{AnyConnection, AnyPool, Row};
 
+use core_events::envelope::Envelope;
+
 use super::{Backend, StoreError};
-use crate::envelope::Envelope;
 
 /// One outbox row as the relay reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]

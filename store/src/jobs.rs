@@ -4,9 +4,10 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use core_events::jobs::{Job, JobStatus, NewJob};
+use core_events::model::ObjectRef;
+
 use super::{Store, StoreError, format_time, not_found, now, parse_time};
-use crate::jobs::{Job, JobStatus, NewJob};
-use crate::model::ObjectRef;
 
 const JOB_COLUMNS: &str = "j.id, j.user_id, u.username, j.operation, j.plugin_id, j.task, \
      j.params, j.status, j.message, j.created_time, j.updated_time \
