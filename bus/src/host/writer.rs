@@ -80,6 +80,24 @@ fn stopped() -> StoreError {
 }
 
 /// The writer: takes what is queued (waiting for the first), writes it, answers.
+/// Runs one batch; a panic in it is logged and the writer task goes on with
+/// the next batch instead of being silently gone (as the bus's supervised
+/// tasks, [`crate::supervise`]). `None` when it panicked.
+async fn guarded<T>(batch: impl std::future::Future<Output = T>) -> Option<T> {
+    use futures::FutureExt as _;
+    match std::panic::AssertUnwindSafe(batch).catch_unwind().await {
+        Ok(value) => Some(value),
+        Err(payload) => {
+            tracing::error!(
+                panic = %crate::supervise::panic_message(&*payload),
+                "the entry writer panicked on a batch; its creations are answered with an \
+                 error and the writer goes on"
+            );
+            None
+        }
+    }
+}
+
 async fn write_batches(
     store: Store,
     mut rx: mpsc::Receiver<(NewEntryInput, Reply)>,
@@ -98,7 +116,14 @@ async fn write_batches(
         }
         metrics.entry_batch(inputs.len());
         let started = std::time::Instant::now();
-        let results = store.create_entries(&inputs).await;
+        let Some(results) = guarded(store.create_entries(&inputs)).await else {
+            // The batch's callers get "the writer has stopped" (their replies are
+            // dropped); nothing of it was committed (its transaction or statement
+            // was dropped with the panic); the writer goes on.
+            replies.clear();
+            inputs.clear();
+            continue;
+        };
         tracing::trace!(
             n = inputs.len(),
             us = started.elapsed().as_micros(),
@@ -109,5 +134,18 @@ async fn write_batches(
             let _ = reply.send(result);
         }
         inputs.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_that_panics_is_answered_none_and_the_writer_goes_on() {
+        assert_eq!(guarded(async { 7 }).await, Some(7));
+        let panicked: Option<()> = guarded(async { panic!("boom") }).await;
+        assert_eq!(panicked, None);
+        assert_eq!(guarded(async { 8 }).await, Some(8));
     }
 }
