@@ -140,6 +140,9 @@ pub struct Relay {
     stream_max: AtomicU64,
     /// The connection (its `max_payload`, from the server's `INFO`).
     client: async_nats::Client,
+    /// Where a panic of the relay's `LISTEN` task is counted (the bus's own
+    /// counter with [`Relay::with_task_panics`]).
+    panics: Arc<crate::stats::TaskPanics>,
 }
 
 /// A row ready to send.
@@ -179,7 +182,16 @@ impl Relay {
             gauges: None,
             stream_max,
             client,
+            panics: Arc::default(),
         }
+    }
+
+    /// Counts a panic of the relay's `LISTEN` task (restarted, logged) in
+    /// `panics`, the bus's counter (`hookbus_task_panics_total`).
+    #[must_use]
+    pub fn with_task_panics(mut self, panics: Arc<crate::stats::TaskPanics>) -> Self {
+        self.panics = panics;
+        self
     }
 
     /// Also keeps these Prometheus gauges (`/metrics`) up to date.
@@ -207,11 +219,15 @@ impl Relay {
         self.read_stream_max().await;
         let wake = self.store.outbox_written();
         if self.store.backend() == Backend::Postgres {
-            tokio::spawn(listen(
-                self.store.url().to_owned(),
-                Arc::clone(&wake),
+            let url = self.store.url().to_owned();
+            let notify = Arc::clone(&wake);
+            let stop = shutdown.clone();
+            crate::supervise::spawn_supervised(
+                "relay listener",
+                Arc::clone(&self.panics),
                 shutdown.clone(),
-            ));
+                move || listen(url.clone(), Arc::clone(&notify), stop.clone()),
+            );
         }
         let mut state = State {
             relay: &self,

@@ -141,7 +141,8 @@ impl Bus {
                 crate::relay::RelaySettings::for_deployment(store.backend(), &config.streams);
             let relay =
                 crate::relay::Relay::new(store, js.clone(), config.subjects.clone(), settings)
-                    .with_gauges(metrics.relay().clone());
+                    .with_gauges(metrics.relay().clone())
+                    .with_task_panics(panics.clone());
             metrics.set_relay_stats(relay.stats());
             let token = shutdown.child_token();
             others.push((
