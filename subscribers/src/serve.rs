@@ -91,6 +91,9 @@ impl Default for ServeOptions {
 #[derive(Debug)]
 pub struct RunningPlugin {
     plugin_id: String,
+    /// The connection, flushed at the end of a shutdown so that the server has
+    /// dropped the endpoints' subscriptions when it returns.
+    client: async_nats::Client,
     /// The Services API service; stopped last so `$SRV.STATS` answers while draining.
     service: Option<Service>,
     /// Tells the endpoint loops to stop taking requests.
@@ -232,6 +235,7 @@ impl Plugin {
             .collect();
         let mut running = RunningPlugin {
             plugin_id: manifest.id.clone(),
+            client: client.clone(),
             service: Some(service),
             stop_taking,
             endpoint_loops,
@@ -470,6 +474,18 @@ impl RunningPlugin {
             if let Err(e) = service.stop().await {
                 warn!(plugin = %self.plugin_id, error = %e, "stopping the service failed");
             }
+        }
+        // The unsubscriptions went out with the endpoints; a flush returns once
+        // the server has them, so a request sent after `shutdown` finds no
+        // responder instead of a subscription that is going away.
+        if tokio::time::timeout_at(
+            deadline.max(Instant::now() + Duration::from_secs(1)),
+            self.client.flush(),
+        )
+        .await
+        .is_err()
+        {
+            warn!(plugin = %self.plugin_id, "the connection did not flush at shutdown");
         }
         match drained {
             Ok(()) => {
