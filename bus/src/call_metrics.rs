@@ -31,7 +31,7 @@ use crate::metrics::RelayGauges;
 use crate::stats::LATENCY_BUCKETS;
 
 /// Upper bounds of the entry batch size histogram buckets (a last `+Inf` follows;
-/// batches hold at most [`crate::host::writer::MAX_BATCH`]).
+/// batches hold at most `hookbus_host::writer::MAX_BATCH`).
 pub const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
 type Labels = Vec<(&'static str, String)>;

@@ -192,6 +192,43 @@ pub enum ValueError {
     /// A size below 1 byte or too large.
     #[error("'{0}' is out of range; use at least 1 byte, or 'unlimited'")]
     SizeRange(String),
+    /// A duration of 0 where only a positive one makes sense.
+    #[error("'{0}' must be more than 0")]
+    NotPositive(String),
+    /// Not an RFC 3339 time.
+    #[error("'{value}' is not an RFC 3339 time ({reason}); use e.g. 2026-11-24T16:00:00Z")]
+    NotTime {
+        /// The value given.
+        value: String,
+        /// What the parser found wrong.
+        reason: String,
+    },
+}
+
+/// Parses a positive duration: [`parse_duration`], refusing 0.
+///
+/// # Errors
+///
+/// As [`parse_duration`], and [`ValueError::NotPositive`] for 0.
+pub fn parse_positive_duration(value: &str) -> Result<Duration, ValueError> {
+    match parse_duration(value)? {
+        d if d.is_zero() => Err(ValueError::NotPositive(value.to_owned())),
+        d => Ok(d),
+    }
+}
+
+/// Parses an RFC 3339 time such as `2026-11-24T16:00:00Z`.
+///
+/// # Errors
+///
+/// [`ValueError::NotTime`] naming the value and what is wrong with it.
+pub fn parse_time(value: &str) -> Result<chrono::DateTime<chrono::Utc>, ValueError> {
+    chrono::DateTime::parse_from_rfc3339(value.trim())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| ValueError::NotTime {
+            value: value.to_owned(),
+            reason: e.to_string(),
+        })
 }
 
 /// Parses a duration such as `90s`, `15m`, `1h`, `500ms` or a plain number of seconds.

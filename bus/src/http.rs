@@ -29,7 +29,9 @@ pub async fn serve(
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .with_state(health);
+        .with_state(health)
+        // A span per request (method, path), as on the reference host.
+        .layer(tower_http::trace::TraceLayer::new_for_http());
     tracing::info!(addr = %bound, "serving /healthz and /metrics");
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -62,6 +64,6 @@ async fn metrics(State(health): State<Health>) -> impl IntoResponse {
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// A `/metrics` answer (the bus's and the reference host's).
-pub(crate) fn metrics_response(text: String) -> axum::response::Response {
+pub fn metrics_response(text: String) -> axum::response::Response {
     ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response()
 }

@@ -20,12 +20,11 @@
 //! | progress of long commands, shown by the caller | [`progress`] |
 //! | per-user NATS permissions (`hookbus nats-config`) | [`nats_config`] |
 //! | `hookbus replay`: stored events to stdout or re-delivered to a handler | [`replay_cmd`] |
-//! | the reference host: `/api/v2` over the model store, plugin API routes, jobs | [`host`] |
 //! | long-lived tasks restarted after a panic, and counted | [`supervise`] |
 //! | the daemon: everything above under one shutdown | [`run`] |
 //!
-//! The `hookbus` binary is a thin `main` over [`run::run`] and the inspection
-//! commands.
+//! The reference host is the `hookbus-host` crate (`host/`); the `hookbus` binary is
+//! the `hookbus-cli` crate (`cli/`), a thin command line over both.
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -33,7 +32,6 @@ pub mod call_metrics;
 pub mod config;
 pub mod dispatch;
 pub mod dlq;
-pub mod host;
 pub mod http;
 pub mod lease;
 pub mod metrics;

@@ -152,9 +152,26 @@ struct Ready {
     event: EncodedEvent,
 }
 
-/// A publish's result: duplicate or not, or why it failed and whether for good
-/// (the message is larger than the server or the stream takes).
-type Outcome = (i64, Arc<str>, Result<bool, (String, bool)>);
+/// A publish's result: duplicate or not, or why it failed.
+type Outcome = (i64, Arc<str>, Result<bool, PublishFailed>);
+
+/// Why a publish failed, and whether for good (the message is larger than the
+/// server or the stream takes: the row is dead-lettered instead of retried).
+#[derive(Debug)]
+struct PublishFailed {
+    error: jetstream::context::PublishError,
+    permanent: bool,
+}
+
+impl PublishFailed {
+    fn new(error: jetstream::context::PublishError) -> Self {
+        // JetStream's "message size exceeds maximum allowed" (error code 10054:
+        // the stream's max_msg_size was lowered since the relay read it).
+        let permanent = error.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
+            || error.to_string().contains("error code 10054");
+        PublishFailed { error, permanent }
+    }
+}
 
 impl Relay {
     /// A relay of `store`'s outbox into the events stream of `subjects`.
@@ -758,15 +775,7 @@ impl State<'_> {
             .await;
         let fut: BoxFuture<'static, Outcome> = match sent {
             Ok(ack) => Box::pin(settle_ack(id, object, ack)),
-            Err(e) => {
-                let permanent =
-                    e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded;
-                Box::pin(std::future::ready((
-                    id,
-                    object,
-                    Err((e.to_string(), permanent)),
-                )))
-            }
+            Err(e) => Box::pin(std::future::ready((id, object, Err(PublishFailed::new(e))))),
         };
         self.in_flight.push(fut);
     }
@@ -797,11 +806,12 @@ impl State<'_> {
                     }
                 }
             }
-            Err((error, permanent)) => {
+            Err(PublishFailed { error, permanent }) => {
                 if permanent {
                     // Read again after the reset, and dead-lettered instead of sent.
                     tracing::warn!(outbox_id = id, %error, "outbox relay: the stream refuses this row for good");
-                    self.rejected.insert(id, RowError::Refused(error));
+                    self.rejected
+                        .insert(id, RowError::Refused(error.to_string()));
                 } else if self.relay.stats.healthy.swap(false, Ordering::Relaxed) {
                     tracing::warn!(%error, "outbox relay: publish failed; backing off and retrying");
                 }
@@ -888,14 +898,7 @@ impl State<'_> {
 }
 
 async fn settle_ack(id: i64, object: Arc<str>, ack: PublishAckFuture) -> Outcome {
-    let result = ack.await.map(|a| a.duplicate).map_err(|e| {
-        let text = e.to_string();
-        // JetStream's "message size exceeds maximum allowed" (the stream's
-        // max_msg_size was lowered since the relay read it).
-        let permanent = e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
-            || text.contains("error code 10054");
-        (text, permanent)
-    });
+    let result = ack.await.map(|a| a.duplicate).map_err(PublishFailed::new);
     (id, object, result)
 }
 

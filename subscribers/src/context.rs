@@ -4,8 +4,63 @@ use std::sync::Arc;
 
 use async_nats::HeaderMap;
 use core_events::protocol::headers;
-use core_events::{EntityEvent, EntryEvent, Envelope, EventId, Hook};
+use core_events::{EntityEvent, EntryEvent, Envelope, EventId, Hook, ObjectKeyError, UnknownHook};
 use serde::de::DeserializeOwned;
+
+/// Why a delivery is not an event for the handler it reached. Its text is the
+/// permanent error the handler answers, so it names the header or the payload's
+/// problem.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DecodeError {
+    /// A numeric header that is not a non-negative integer.
+    #[error("header {name} is '{value}', which is not a non-negative integer")]
+    NotNumber { name: &'static str, value: String },
+    /// `Pagoda-Attempt: 0`.
+    #[error("header {} is 0; attempts count from 1", headers::ATTEMPT)]
+    AttemptZero,
+    /// `Pagoda-Attempt` over `u32::MAX`.
+    #[error("header {name} is {value}, which is too large", name = headers::ATTEMPT)]
+    AttemptTooLarge { value: u64 },
+    /// `Pagoda-Hook` names another hook than the handler's.
+    #[error(
+        "header {} is '{named}' but handler '{handler}' is registered for '{hook}'",
+        headers::HOOK
+    )]
+    OtherHook {
+        named: Hook,
+        handler: Arc<str>,
+        hook: Hook,
+    },
+    /// `Pagoda-Hook` names no hook.
+    #[error("header {name}: {0}", name = headers::HOOK)]
+    UnknownHook(UnknownHook),
+    /// No payload.
+    #[error("payload is empty; expected a CloudEvents envelope for '{0}'")]
+    Empty(Hook),
+    /// A payload that is not the hook's envelope.
+    #[error("payload is not a valid '{hook}' event ({source}): {preview}")]
+    Invalid {
+        hook: Hook,
+        source: serde_json::Error,
+        preview: String,
+    },
+    /// An event of another hook.
+    #[error("event type '{event_type}' does not match handler '{handler}', which is registered for '{hook}' (type '{}')", .hook.event_type())]
+    WrongType {
+        event_type: String,
+        handler: Arc<str>,
+        hook: Hook,
+    },
+    /// No `subject`, no `Pagoda-Object` header, and no ids in `data`.
+    #[error("payload of '{hook}': {source}")]
+    NoObject { hook: Hook, source: ObjectKeyError },
+}
+
+impl From<DecodeError> for crate::HandlerError {
+    fn from(e: DecodeError) -> Self {
+        crate::HandlerError::permanent(e.to_string())
+    }
+}
 
 /// One delivery of an event to a handler.
 ///
@@ -134,33 +189,28 @@ impl DeliveryHeaders {
     /// # Errors
     ///
     /// A sentence naming the header whose value is malformed.
-    pub(crate) fn parse(map: Option<&HeaderMap>) -> Result<Self, String> {
+    pub(crate) fn parse(map: Option<&HeaderMap>) -> Result<Self, DecodeError> {
         let Some(map) = map else {
             return Ok(DeliveryHeaders::default());
         };
         let text = |name: &str| map.get(name).map(|v| v.as_str().to_owned());
-        let number = |name: &str| -> Result<Option<u64>, String> {
+        let number = |name: &'static str| -> Result<Option<u64>, DecodeError> {
             text(name)
-                .map(|v| {
-                    v.trim().parse::<u64>().map_err(|_| {
-                        format!("header {name} is '{v}', which is not a non-negative integer")
-                    })
+                .map(|value| {
+                    value
+                        .trim()
+                        .parse::<u64>()
+                        .map_err(|_| DecodeError::NotNumber { name, value })
                 })
                 .transpose()
         };
-        let attempt =
-            match number(headers::ATTEMPT)? {
-                None => None,
-                Some(0) => {
-                    return Err(format!(
-                        "header {} is 0; attempts count from 1",
-                        headers::ATTEMPT
-                    ));
-                }
-                Some(n) => Some(u32::try_from(n).map_err(|_| {
-                    format!("header {} is {n}, which is too large", headers::ATTEMPT)
-                })?),
-            };
+        let attempt = match number(headers::ATTEMPT)? {
+            None => None,
+            Some(0) => return Err(DecodeError::AttemptZero),
+            Some(n) => {
+                Some(u32::try_from(n).map_err(|_| DecodeError::AttemptTooLarge { value: n })?)
+            }
+        };
         let replay = text(headers::REPLAY).is_some_and(|v| {
             !matches!(
                 v.trim().to_ascii_lowercase().as_str(),
@@ -197,7 +247,7 @@ pub(crate) fn decode<D: DeserializeOwned>(
     handler: &Arc<str>,
     payload: &[u8],
     header_map: Option<&HeaderMap>,
-) -> Result<EventContext<D>, String> {
+) -> Result<EventContext<D>, DecodeError> {
     let delivery = DeliveryHeaders::parse(header_map)?;
     decode_delivery(hook, plugin_id, handler, payload, delivery)
 }
@@ -214,35 +264,32 @@ pub(crate) fn decode_delivery<D: DeserializeOwned>(
     handler: &Arc<str>,
     payload: &[u8],
     delivery: DeliveryHeaders,
-) -> Result<EventContext<D>, String> {
+) -> Result<EventContext<D>, DecodeError> {
     if let Some(named) = &delivery.hook {
         match Hook::parse(named) {
             Ok(h) if h == hook => {}
-            Ok(h) => {
-                return Err(format!(
-                    "header {} is '{h}' but handler '{handler}' is registered for '{hook}'",
-                    headers::HOOK
-                ));
+            Ok(named) => {
+                return Err(DecodeError::OtherHook {
+                    named,
+                    handler: handler.clone(),
+                    hook,
+                });
             }
-            Err(e) => return Err(format!("header {}: {e}", headers::HOOK)),
+            Err(e) => return Err(DecodeError::UnknownHook(e)),
         }
     }
     if payload.is_empty() {
-        return Err(format!(
-            "payload is empty; expected a CloudEvents envelope for '{hook}'"
-        ));
+        return Err(DecodeError::Empty(hook));
     }
-    let invalid = |e: serde_json::Error| {
-        format!(
-            "payload is not a valid '{hook}' event ({e}): {}",
-            core_events::protocol::preview(payload)
-        )
+    let invalid = |source: serde_json::Error| DecodeError::Invalid {
+        hook,
+        source,
+        preview: core_events::protocol::preview(payload),
     };
-    let wrong_type = |event_type: &str| {
-        format!(
-            "event type '{event_type}' does not match handler '{handler}', which is registered for '{hook}' (type '{}')",
-            hook.event_type()
-        )
+    let wrong_type = |event_type: &str| DecodeError::WrongType {
+        event_type: event_type.to_owned(),
+        handler: handler.clone(),
+        hook,
     };
     let mut event: Envelope<D> = match serde_json::from_slice(payload) {
         Ok(event) => event,
@@ -270,7 +317,7 @@ pub(crate) fn decode_delivery<D: DeserializeOwned>(
             Some(object) => Some(object),
             None => Some(
                 core_events::envelope::object_of_event(hook.object(), payload)
-                    .map_err(|e| format!("payload of '{hook}': {e}"))?
+                    .map_err(|source| DecodeError::NoObject { hook, source })?
                     .to_string(),
             ),
         };

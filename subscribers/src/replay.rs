@@ -1056,8 +1056,7 @@ where
         &slot.handler_name,
         payload,
         delivery,
-    )
-    .map_err(HandlerError::permanent)?;
+    )?;
     crate::serve::guarded(f(ctx), slot.spec.timeout()).await
 }
 

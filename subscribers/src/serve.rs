@@ -750,8 +750,7 @@ where
         &slot.handler_name,
         &request.message.payload,
         request.message.headers.as_ref(),
-    )
-    .map_err(HandlerError::permanent)?;
+    )?;
     let span = tracing::Span::current();
     span.record("event_id", tracing::field::display(ctx.event_id()));
     span.record("attempt", ctx.attempt);

@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use core_events::AttrType;
-use hookbus::host::writer::EntryWriter;
+use hookbus_host::writer::EntryWriter;
 use hookbus_tests::bench::{env_usize, percentile};
 use hookbus_tests::host::TestHost;
 use hookbus_tests::{NatsServer, TestDb, stream_len};

@@ -29,7 +29,7 @@
 use std::time::Duration;
 
 use core_events::User;
-use hookbus::host::{Host, HostConfig, HostState};
+use hookbus_host::{Host, HostConfig, HostState};
 use reqwest::{Method, RequestBuilder};
 use store::{NewUser, Store};
 

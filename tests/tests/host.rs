@@ -48,7 +48,7 @@ async fn setup(backend: Backend, plugins: Vec<PluginBuilder>) -> Setup {
 async fn setup_with(
     backend: Backend,
     plugins: Vec<PluginBuilder>,
-    configure: impl FnOnce(&mut hookbus::host::HostConfig),
+    configure: impl FnOnce(&mut hookbus_host::HostConfig),
 ) -> Setup {
     let nats = NatsServer::start().await;
     let db = TestDb::new(backend).await;
@@ -342,7 +342,7 @@ async fn stopped_validator_gets_503_with_the_reason_or_is_skipped_never_hangs() 
         let r = post("while-lenient-is-down").send().await.unwrap();
         assert_eq!(r.status(), StatusCode::CREATED);
         assert_eq!(
-            r.headers()[hookbus::host::models::SKIPPED_HEADER],
+            r.headers()[hookbus_host::models::SKIPPED_HEADER],
             "lenient/v"
         );
         let entry: Value = r.json().await.unwrap();
@@ -1339,7 +1339,7 @@ async fn entry_list_runs_get_attrs(backend: Backend) {
     assert_eq!(r.status(), StatusCode::OK);
     assert!(
         r.headers()
-            .get(hookbus::host::models::SKIPPED_HEADER)
+            .get(hookbus_host::models::SKIPPED_HEADER)
             .is_none()
     );
     let page: Value = r.json().await.unwrap();
@@ -1369,7 +1369,7 @@ async fn entry_list_runs_get_attrs(backend: Backend) {
     // Concurrently, and bounded.
     let most = most.load(Ordering::SeqCst);
     assert!(
-        (2..=hookbus::host::models::LIST_GET_ATTRS_CONCURRENCY).contains(&most),
+        (2..=hookbus_host::models::LIST_GET_ATTRS_CONCURRENCY).contains(&most),
         "{most} get_attrs calls at once"
     );
     // The stored entries are unchanged; the last page has the rest.
@@ -1400,7 +1400,7 @@ async fn entry_list_runs_get_attrs(backend: Backend) {
     let r = s.host.as_user(Method::GET, &entries).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(
-        r.headers()[hookbus::host::models::SKIPPED_HEADER],
+        r.headers()[hookbus_host::models::SKIPPED_HEADER],
         "lenient/extra"
     );
     let page: Value = r.json().await.unwrap();
@@ -1514,10 +1514,10 @@ async fn token_and_user_changes_reach_other_hosts(backend: Backend) {
     let s = setup(backend, vec![]).await;
     let a = &s.host;
     // A second host process on the same database and NATS.
-    let mut config = hookbus::host::HostConfig::new(s._db.url());
+    let mut config = hookbus_host::HostConfig::new(s._db.url());
     config.listen = ([127, 0, 0, 1], 0).into();
     config.plugin_wait = Duration::from_secs(1);
-    let b = hookbus::host::Host::start(s._nats.connect_as(hookbus_tests::HOST_USER).await, config)
+    let b = hookbus_host::Host::start(s._nats.connect_as(hookbus_tests::HOST_USER).await, config)
         .await
         .unwrap();
     let me_on_b = |key: &str| {
@@ -1526,7 +1526,7 @@ async fn token_and_user_changes_reach_other_hosts(backend: Backend) {
             .header("Authorization", format!("Token {key}"))
     };
     // Well before B's cache entries would expire on their own.
-    let soon = hookbus::host::auth::TOKEN_CACHE_TTL / 3;
+    let soon = hookbus_host::auth::TOKEN_CACHE_TTL / 3;
 
     // A token B has cached, revoked through A.
     let (status, token) = call(

@@ -671,7 +671,7 @@ async fn operation_id_configuration_is_checked_at_start_up() {
 /// during the wait gets its operation ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_waits_for_configured_plugins_then_checks_them() {
-    use hookbus::host::{Host, HostConfig, HostError};
+    use hookbus_host::{Host, HostConfig, HostError};
 
     hookbus_tests::init_tracing();
     let server = NatsServer::start().await;

@@ -185,11 +185,11 @@ async fn the_host_runs_with_its_own_permissions() {
 
     let (host_client, mut host_errors) = connect(&server, nats_config::HOST_USER).await;
     let db = hookbus_tests::db::TestDb::sqlite();
-    let mut config = hookbus::host::HostConfig::new(db.url());
+    let mut config = hookbus_host::HostConfig::new(db.url());
     config.listen = ([127, 0, 0, 1], 0).into();
     config.enabled_plugins = vec!["alpha".into()];
     config.operation_id_config = r#"{"alpha": [5000, 5099]}"#.into();
-    let host = hookbus::host::Host::start(host_client, config)
+    let host = hookbus_host::Host::start(host_client, config)
         .await
         .unwrap();
     let (_, token) = hookbus_tests::host::user_with_token(&host.state().store, "admin", true).await;

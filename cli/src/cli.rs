@@ -200,21 +200,21 @@ struct HostArgs {
           value_parser = hookbus::config::parse_duration)]
     plugin_wait: Duration,
     /// Largest request body in bytes (413 beyond).
-    #[arg(long, env = "HOOKBUS_MAX_BODY_BYTES", default_value_t = hookbus::host::DEFAULT_MAX_BODY_BYTES)]
+    #[arg(long, env = "HOOKBUS_MAX_BODY_BYTES", default_value_t = hookbus_host::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
     /// Longest wait for a request header, from when the connection waits for one
     /// (after it opens, and between kept-alive requests: also the idle timeout);
     /// the connection is closed beyond.
     #[arg(long, env = "HOOKBUS_HTTP_HEADER_TIMEOUT", default_value = "30s",
-          value_parser = positive_duration)]
+          value_parser = hookbus::config::parse_positive_duration)]
     http_header_timeout: Duration,
     /// Longest pause in a request body (408 request_timeout beyond).
     #[arg(long, env = "HOOKBUS_HTTP_BODY_TIMEOUT", default_value = "30s",
-          value_parser = positive_duration)]
+          value_parser = hookbus::config::parse_positive_duration)]
     http_body_timeout: Duration,
     /// Most HTTP connections open at once (lowered to fit `ulimit -n`); more wait
     /// to be accepted.
-    #[arg(long, env = "HOOKBUS_HTTP_MAX_CONNECTIONS", default_value_t = hookbus::host::state::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(long, env = "HOOKBUS_HTTP_MAX_CONNECTIONS", default_value_t = hookbus_host::state::DEFAULT_MAX_CONNECTIONS)]
     http_max_connections: usize,
     /// Requests per second each token may make to plugin API routes (0: no limit).
     #[arg(long, env = "HOOKBUS_PLUGIN_RATE", default_value_t = 50)]
@@ -228,14 +228,6 @@ struct HostArgs {
     /// Leave the outbox to `hookbus run --database-url` (or `hookbus relay`).
     #[arg(long, overrides_with = "relay")]
     no_relay: bool,
-}
-
-/// A duration (as [`hookbus::config::parse_duration`]) that is not 0.
-fn positive_duration(value: &str) -> Result<Duration, String> {
-    match hookbus::config::parse_duration(value).map_err(|e| e.to_string())? {
-        d if d.is_zero() => Err("must be more than 0".into()),
-        d => Ok(d),
-    }
 }
 
 /// `hookbus token …`.
@@ -473,14 +465,14 @@ pub(crate) async fn main() -> Result<ExitCode> {
 
 /// `hookbus host`: serves until SIGTERM or Ctrl-C.
 async fn host(client: async_nats::Client, subjects: Subjects, args: HostArgs) -> Result<()> {
-    let mut config = hookbus::host::HostConfig::new(args.database_url);
+    let mut config = hookbus_host::HostConfig::new(args.database_url);
     config.listen = args.listen;
     config.subjects = subjects;
     config.enabled_plugins = parse_enabled_plugins(&args.enabled_plugins);
     config.operation_id_config = args.operation_id_config;
     config.plugin_wait = args.plugin_wait;
     config.max_body_bytes = args.max_body_bytes.max(1);
-    config.http = hookbus::host::HttpSettings {
+    config.http = hookbus_host::HttpSettings {
         header_timeout: args.http_header_timeout,
         body_timeout: args.http_body_timeout,
         max_connections: args.http_max_connections,
@@ -491,7 +483,7 @@ async fn host(client: async_nats::Client, subjects: Subjects, args: HostArgs) ->
     if config.enabled_plugins.is_empty() {
         tracing::warn!("ENABLED_PLUGINS is empty: no plugin hook will run");
     }
-    let mut host = hookbus::host::Host::start(client, config).await?;
+    let mut host = hookbus_host::Host::start(client, config).await?;
     tracing::info!(addr = %host.addr(), "host started");
     let panicked = tokio::select! {
         () = wait_for_signal() => None,

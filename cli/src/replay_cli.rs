@@ -37,7 +37,7 @@ pub(crate) struct ReplayArgs {
     pub(crate) from_seq: Option<u64>,
     /// Start at the first event stored at or after this time (RFC 3339, e.g.
     /// 2026-11-24T16:00:00Z).
-    #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
+    #[arg(long, value_name = "RFC3339", value_parser = hookbus::config::parse_time)]
     pub(crate) from_time: Option<chrono::DateTime<chrono::Utc>>,
     /// Only events of this hook (repeatable; standard names or legacy aliases).
     #[arg(long = "hook", value_name = "HOOK", value_parser = parse_hook)]
@@ -73,14 +73,6 @@ pub(crate) struct ReplayArgs {
 pub(crate) enum To {
     /// JSON lines on standard output.
     Stdout,
-}
-
-fn parse_time(value: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    chrono::DateTime::parse_from_rfc3339(value.trim())
-        .map(|t| t.with_timezone(&chrono::Utc))
-        .map_err(|e| {
-            format!("'{value}' is not an RFC 3339 time ({e}); use e.g. 2026-11-24T16:00:00Z")
-        })
 }
 
 fn parse_hook(value: &str) -> Result<Hook, core_events::UnknownHook> {

@@ -43,7 +43,7 @@ use super::error::{ApiError, HostError, error_response};
 use super::rate::RateKey;
 use super::state::{HostConfig, HostState};
 use super::user::AuthUser;
-use crate::registry::Registry;
+use hookbus::registry::Registry;
 
 /// Jobs a list returns without `limit`.
 const DEFAULT_PAGE: u32 = 100;

@@ -27,8 +27,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -38,10 +38,10 @@ use serde_json::Value;
 use store::{AttrChange, EntityChanges, EntryChanges, NewAttr, NewEntity, NewEntry, WriteContext};
 
 use super::error::ApiError;
-use super::request::{Body, Fields, Page, Params, kind, parse_id};
+use super::request::{Body, EntityId, EntryId, Fields, Page, Params, kind};
 use super::state::HostState;
-use super::user::AuthUser;
-use crate::sync_hooks::Skipped;
+use super::user::{Actor, AuthUser};
+use hookbus::sync_hooks::Skipped;
 
 /// Response header naming the hook handlers that gave no answer and were
 /// skipped by their `on_unavailable: skip` policy: `plugin/handler` items,
@@ -98,19 +98,6 @@ fn include_deleted(query: &HashMap<String, String>) -> Result<bool, ApiError> {
 
 // ---------------------------------------------------------------------------
 // Helpers
-
-/// Who makes the change and the request's trace.
-fn context(auth: &AuthUser, headers: &HeaderMap) -> WriteContext {
-    let traceparent = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() <= 128)
-        .map(str::to_owned);
-    WriteContext {
-        user: Some(auth.user.clone()),
-        traceparent,
-    }
-}
 
 /// A JSON response with the skipped handlers in [`SKIPPED_HEADER`].
 fn respond<T: Serialize>(status: StatusCode, value: &T, skipped: &[Skipped]) -> Response {
@@ -171,8 +158,7 @@ async fn entry_and_entity(
 
 async fn list_entities(
     State(state): State<HostState>,
-    auth: AuthUser,
-    headers: HeaderMap,
+    Actor { ctx, .. }: Actor,
     Params(query): Params,
 ) -> Result<Response, ApiError> {
     let page = Page::from_query(&query)?;
@@ -180,7 +166,6 @@ async fn list_entities(
         .store
         .entities_page(include_deleted(&query)?, page.limit, page.offset)
         .await?;
-    let ctx = context(&auth, &headers);
     let (items, skipped) = entities_get_attrs(&state, found.items, &ctx).await?;
     Ok(respond(
         StatusCode::OK,
@@ -241,8 +226,7 @@ async fn new_attr(state: &HostState, f: &mut Fields) -> Option<NewAttr> {
 
 async fn create_entity(
     State(state): State<HostState>,
-    auth: AuthUser,
-    headers: HeaderMap,
+    Actor { auth, ctx }: Actor,
     body: Body,
 ) -> Result<Response, ApiError> {
     auth.require_superuser("creating an entity")?;
@@ -262,7 +246,6 @@ async fn create_entity(
         note,
         attrs,
     };
-    let ctx = context(&auth, &headers);
     let out = state.hooks.before_create_entity(new, &ctx).await?;
     let entity = state.store.create_entity(&out.value, &ctx).await?;
     Ok(respond(StatusCode::CREATED, &entity, &out.skipped))
@@ -270,13 +253,10 @@ async fn create_entity(
 
 async fn get_entity(
     State(state): State<HostState>,
-    auth: AuthUser,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    Actor { ctx, .. }: Actor,
+    EntityId(id): EntityId,
 ) -> Result<Response, ApiError> {
-    let id = parse_id("entity id", &id)?;
     let mut entity = state.store.entity(id).await?;
-    let ctx = context(&auth, &headers);
     let out = state.hooks.get_entity_attrs(&entity, &ctx).await?;
     entity.attrs = out.value;
     Ok(respond(StatusCode::OK, &entity, &out.skipped))
@@ -296,13 +276,11 @@ fn attr_change(f: &mut Fields) -> AttrChange {
 
 async fn update_entity(
     State(state): State<HostState>,
-    auth: AuthUser,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    Actor { auth, ctx }: Actor,
+    EntityId(id): EntityId,
     body: Body,
 ) -> Result<Response, ApiError> {
     auth.require_superuser("changing an entity")?;
-    let id = parse_id("entity id", &id)?;
     let mut f = body.fields();
     let changes = EntityChanges {
         name: f.optional("name"),
@@ -311,7 +289,6 @@ async fn update_entity(
     };
     f.finish()?;
     let entity = active_entity(&state, id).await?;
-    let ctx = context(&auth, &headers);
     let out = state
         .hooks
         .before_update_entity(&entity, changes, &ctx)
@@ -323,14 +300,11 @@ async fn update_entity(
 
 async fn delete_entity(
     State(state): State<HostState>,
-    auth: AuthUser,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    Actor { auth, ctx }: Actor,
+    EntityId(id): EntityId,
 ) -> Result<Response, ApiError> {
     auth.require_superuser("deleting an entity")?;
-    let id = parse_id("entity id", &id)?;
     let entity = active_entity(&state, id).await?;
-    let ctx = context(&auth, &headers);
     let out = state.hooks.before_delete_entity(&entity, &ctx).await?;
     let entity = state.store.delete_entity(id, &ctx).await?;
     state.forget(super::forget::Forget::Entity(id)).await;
@@ -339,13 +313,10 @@ async fn delete_entity(
 
 async fn restore_entity(
     State(state): State<HostState>,
-    auth: AuthUser,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    Actor { auth, ctx }: Actor,
+    EntityId(id): EntityId,
 ) -> Result<Response, ApiError> {
     auth.require_superuser("restoring an entity")?;
-    let id = parse_id("entity id", &id)?;
-    let ctx = context(&auth, &headers);
     let entity = state.store.restore_entity(id, &ctx).await?;
     state.forget(super::forget::Forget::Entity(id)).await;
     Ok(respond(StatusCode::OK, &entity, &[]))
@@ -359,18 +330,15 @@ pub const LIST_GET_ATTRS_CONCURRENCY: usize = 32;
 
 async fn list_entries(
     State(state): State<HostState>,
-    auth: AuthUser,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    Actor { ctx, .. }: Actor,
+    EntityId(id): EntityId,
     Params(query): Params,
 ) -> Result<Response, ApiError> {
-    let id = parse_id("entity id", &id)?;
     let page = Page::from_query(&query)?;
     let found = state
         .store
         .entries_page(id, include_deleted(&query)?, page.limit, page.offset)
         .await?;
-    let ctx = context(&auth, &headers);
     let (items, skipped) = entries_get_attrs(&state, found.items, &ctx).await?;
     Ok(respond(
         StatusCode::OK,
@@ -468,12 +436,10 @@ where
 
 async fn create_entry(
     State(state): State<HostState>,
-    auth: AuthUser,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    Actor { ctx, .. }: Actor,
+    EntityId(id): EntityId,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let id = parse_id("entity id", &id)?;
     let mut f = body.fields();
     let name: Option<String> = f.required("name");
     let note: String = f.optional("note").unwrap_or_default();
@@ -485,7 +451,6 @@ async fn create_entry(
         note,
         attrs,
     };
-    let ctx = context(&auth, &headers);
     let before = state.hooks.before_create_entry(&entity, new, &ctx).await?;
     let mut skipped = before.skipped;
     let draft = before.value;
@@ -501,13 +466,10 @@ async fn create_entry(
 
 async fn get_entry(
     State(state): State<HostState>,
-    auth: AuthUser,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    Actor { ctx, .. }: Actor,
+    EntryId(id): EntryId,
 ) -> Result<Response, ApiError> {
-    let id = parse_id("entry id", &id)?;
     let mut entry = state.store.entry(id).await?;
-    let ctx = context(&auth, &headers);
     let out = state.hooks.get_entry_attrs(&entry, &ctx).await?;
     entry.attrs = out.value;
     Ok(respond(StatusCode::OK, &entry, &out.skipped))
@@ -537,12 +499,10 @@ fn merged(entry: &Entry, changes: &EntryChanges) -> NewEntry {
 
 async fn update_entry(
     State(state): State<HostState>,
-    auth: AuthUser,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    Actor { ctx, .. }: Actor,
+    EntryId(id): EntryId,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let id = parse_id("entry id", &id)?;
     let mut f = body.fields();
     let changes = EntryChanges {
         name: f.optional("name"),
@@ -551,7 +511,6 @@ async fn update_entry(
     };
     f.finish()?;
     let (entry, entity) = entry_and_entity(&state, id, true).await?;
-    let ctx = context(&auth, &headers);
     let before = state
         .hooks
         .before_update_entry(&entity, &entry, changes, &ctx)
@@ -569,13 +528,10 @@ async fn update_entry(
 
 async fn delete_entry(
     State(state): State<HostState>,
-    auth: AuthUser,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    Actor { ctx, .. }: Actor,
+    EntryId(id): EntryId,
 ) -> Result<Response, ApiError> {
-    let id = parse_id("entry id", &id)?;
     let (entry, entity) = entry_and_entity(&state, id, true).await?;
-    let ctx = context(&auth, &headers);
     let out = state
         .hooks
         .before_delete_entry(&entity, &entry, &ctx)
@@ -586,13 +542,10 @@ async fn delete_entry(
 
 async fn restore_entry(
     State(state): State<HostState>,
-    auth: AuthUser,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    Actor { ctx, .. }: Actor,
+    EntryId(id): EntryId,
 ) -> Result<Response, ApiError> {
-    let id = parse_id("entry id", &id)?;
     let (entry, entity) = entry_and_entity(&state, id, false).await?;
-    let ctx = context(&auth, &headers);
     let out = state
         .hooks
         .before_restore_entry(&entity, &entry, &ctx)

@@ -1,11 +1,12 @@
 //! What a request brings: a strict JSON body ([`Body`], [`read_json`]) read field
 //! by field with every problem collected ([`Fields`]), query parameters
-//! ([`Params`]), ids ([`parse_id`]) and pages of lists ([`Page`]); each problem an
+//! ([`Params`]), ids ([`parse_id`]; from the path: [`EntityId`], [`EntryId`],
+//! [`UserId`], [`TokenId`]) and pages of lists ([`Page`]); each problem an
 //! [`ApiError`] in the host's JSON shape.
 
 use std::collections::HashMap;
 
-use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use bytes::Bytes;
@@ -297,6 +298,50 @@ pub fn parse_id(what: &str, s: &str) -> Result<i64, ApiError> {
         .filter(|n| *n > 0)
         .ok_or_else(|| ApiError::Invalid(vec![format!("{what} '{s}' is not a positive integer")]))
 }
+
+/// The id in a route's path (`/api/v2/entities/{id}/`) as a typed extractor:
+/// [`parse_id`] with the name of what it identifies, so a handler takes
+/// `EntityId(id): EntityId` instead of a string it must check.
+macro_rules! path_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct $name(pub i64);
+
+        impl<S: Send + Sync> FromRequestParts<S> for $name {
+            type Rejection = axum::response::Response;
+
+            async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+                use axum::response::IntoResponse;
+                let Path(raw) = Path::<String>::from_request_parts(parts, state)
+                    .await
+                    .map_err(IntoResponse::into_response)?;
+                parse_id($what, &raw).map($name).map_err(IntoResponse::into_response)
+            }
+        }
+    };
+}
+
+path_id!(
+    /// An entity's id from the path (400 `entity id '…' is not a positive integer`).
+    EntityId,
+    "entity id"
+);
+path_id!(
+    /// An entry's id from the path (400 `entry id '…' is not a positive integer`).
+    EntryId,
+    "entry id"
+);
+path_id!(
+    /// A user's id from the path (400 `user id '…' is not a positive integer`).
+    UserId,
+    "user id"
+);
+path_id!(
+    /// A token's id from the path (400 `token id '…' is not a positive integer`).
+    TokenId,
+    "token id"
+);
 
 /// `?limit=&offset=` of a list.
 #[derive(Debug, Clone, Copy)]

@@ -20,7 +20,7 @@
 //! | `POST /api/v2/tokens/` | any user | create a token; the key is in the reply, once |
 //! | `DELETE /api/v2/tokens/<id>/` | owner or superuser | revoke |
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::IntoResponse;
@@ -32,7 +32,7 @@ use store::{ApiToken, NewUser, hash_key};
 
 pub use super::cache::TOKEN_CACHE_TTL;
 use super::error::ApiError;
-use super::request::{Body, Page, Params, parse_id};
+use super::request::{Body, Page, Params, TokenId, UserId, parse_id};
 use super::state::HostState;
 pub use super::user::{AuthUser, MaybeUser};
 
@@ -166,9 +166,8 @@ async fn create_user(
 async fn get_user(
     State(state): State<HostState>,
     auth: AuthUser,
-    Path(id): Path<String>,
+    UserId(id): UserId,
 ) -> Result<Json<User>, ApiError> {
-    let id = parse_id("user id", &id)?;
     if id != auth.user.id {
         auth.require_superuser("reading another user")?;
     }
@@ -179,11 +178,10 @@ async fn get_user(
 async fn update_user(
     State(state): State<HostState>,
     auth: AuthUser,
-    Path(id): Path<String>,
+    UserId(id): UserId,
     body: Body,
 ) -> Result<Json<User>, ApiError> {
     auth.require_superuser("changing a user")?;
-    let id = parse_id("user id", &id)?;
     let mut f = body.fields();
     let username: Option<String> = f.optional("username");
     let email: Option<String> = f.optional("email");
@@ -238,10 +236,9 @@ async fn update_user(
 async fn deactivate_user(
     State(state): State<HostState>,
     auth: AuthUser,
-    Path(id): Path<String>,
+    UserId(id): UserId,
 ) -> Result<Json<User>, ApiError> {
     auth.require_superuser("deactivating a user")?;
-    let id = parse_id("user id", &id)?;
     let (before, after) = state.store.update_user(id, |u| u.is_active = false).await?;
     if before.is_active {
         state.forget(super::forget::Forget::User(id)).await;
@@ -284,10 +281,10 @@ fn user_changes(before: &User, after: &User) -> serde_json::Map<String, Value> {
 
 /// Records a user action in the audit trail (`PAGODA_AUDIT`); a failure is logged.
 async fn audit_user(state: &HostState, action: &str, auth: &AuthUser, user: &User, details: Value) {
-    crate::audit::record_or_log(
+    hookbus::audit::record_or_log(
         &state.js,
         &state.subjects,
-        &crate::audit::AuditEvent::new(
+        &hookbus::audit::AuditEvent::new(
             action,
             auth.user.username.clone(),
             format!("user {}", user.id),
@@ -347,10 +344,10 @@ async fn create_token(
 
 /// Records a token action in the audit trail (`PAGODA_AUDIT`); a failure is logged.
 async fn audit(state: &HostState, action: &str, auth: &AuthUser, token: &ApiToken, details: Value) {
-    crate::audit::record_or_log(
+    hookbus::audit::record_or_log(
         &state.js,
         &state.subjects,
-        &crate::audit::AuditEvent::new(
+        &hookbus::audit::AuditEvent::new(
             action,
             auth.user.username.clone(),
             format!("token {} of user {}", token.id, token.user_id),
@@ -372,9 +369,8 @@ fn token_with_key(token: &ApiToken, key: &str) -> Value {
 async fn revoke_token(
     State(state): State<HostState>,
     auth: AuthUser,
-    Path(id): Path<String>,
+    TokenId(id): TokenId,
 ) -> Result<Json<ApiToken>, ApiError> {
-    let id = parse_id("token id", &id)?;
     let token = state.store.token(id).await?;
     if token.user_id != auth.user.id && !auth.user.is_superuser {
         // Someone else's token is as good as none to a normal user.
@@ -399,7 +395,7 @@ async fn revoke_token(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::cache::TokenCache;
+    use crate::cache::TokenCache;
 
     fn auth_user(user_id: i64, token_id: i64) -> AuthUser {
         AuthUser {

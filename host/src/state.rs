@@ -13,10 +13,10 @@ use store::Store;
 use super::cache::{EntityCache, TokenCache};
 use super::rate::RateLimiter;
 use super::writer::EntryWriter;
-use crate::call_metrics::CallMetrics;
-use crate::config::StreamSettings;
-use crate::registry::Registry;
-use crate::sync_hooks::SyncHooks;
+use hookbus::call_metrics::CallMetrics;
+use hookbus::config::StreamSettings;
+use hookbus::registry::Registry;
+use hookbus::sync_hooks::SyncHooks;
 
 /// Default [`HttpSettings::header_timeout`].
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);

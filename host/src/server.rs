@@ -37,7 +37,7 @@ use tower_http::timeout::{TimeoutBody, TimeoutError};
 use super::error::ApiError;
 use super::error::{PluginReply, error_response};
 use super::state::{HostState, HttpSettings};
-use crate::call_metrics::CallMetrics;
+use hookbus::call_metrics::CallMetrics;
 
 /// File descriptors kept for everything but HTTP connections (database pool,
 /// NATS, SQLite's files, logs) when the connection limit is fitted to the
@@ -288,9 +288,9 @@ pub(crate) async fn observe(
     response
 }
 
-/// `GET /metrics`: the host's metrics (see [`crate::call_metrics`]).
+/// `GET /metrics`: the host's metrics (see [`hookbus::call_metrics`]).
 pub(crate) async fn metrics(State(state): State<HostState>) -> Response {
-    crate::http::metrics_response(state.metrics.encode())
+    hookbus::http::metrics_response(state.metrics.encode())
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use core_events::Entry;
 use store::{NewEntry, NewEntryInput, Store, StoreError, WriteContext};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::call_metrics::CallMetrics;
+use hookbus::call_metrics::CallMetrics;
 
 /// Most creations written in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -82,14 +82,14 @@ fn stopped() -> StoreError {
 /// The writer: takes what is queued (waiting for the first), writes it, answers.
 /// Runs one batch; a panic in it is logged and the writer task goes on with
 /// the next batch instead of being silently gone (as the bus's supervised
-/// tasks, [`crate::supervise`]). `None` when it panicked.
+/// tasks, [`hookbus::supervise`]). `None` when it panicked.
 async fn guarded<T>(batch: impl std::future::Future<Output = T>) -> Option<T> {
     use futures::FutureExt as _;
     match std::panic::AssertUnwindSafe(batch).catch_unwind().await {
         Ok(value) => Some(value),
         Err(payload) => {
             tracing::error!(
-                panic = %crate::supervise::panic_message(&*payload),
+                panic = %hookbus::supervise::panic_message(&*payload),
                 "the entry writer panicked on a batch; its creations are answered with an \
                  error and the writer goes on"
             );

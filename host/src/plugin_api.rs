@@ -379,7 +379,7 @@ fn into_http(plugin: &str, status: StatusCode, answer: ApiResponse) -> Response 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::rate::RateLimiter;
+    use crate::rate::RateLimiter;
     use serde_json::json;
 
     #[test]

@@ -38,9 +38,9 @@ use store::Store;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::call_metrics::CallMetrics;
-use crate::registry::Registry;
-use crate::sync_hooks::SyncHooks;
+use hookbus::call_metrics::CallMetrics;
+use hookbus::registry::Registry;
+use hookbus::sync_hooks::SyncHooks;
 
 pub use error::{ApiError, HostError};
 pub use state::{DEFAULT_MAX_BODY_BYTES, HostConfig, HostInner, HostState, HttpSettings};
@@ -82,7 +82,7 @@ pub fn router(state: HostState) -> Router {
 /// connection (the server's `max_payload`, the stream's largest message) less
 /// room for headers. A write whose event is larger is refused before commit (413).
 async fn event_limit(js: &jetstream::Context, config: &HostConfig) -> usize {
-    let limit = match crate::publish::event_limit(js, &config.subjects).await {
+    let limit = match hookbus::publish::event_limit(js, &config.subjects).await {
         Ok(limit) => limit,
         Err(e) => {
             let configured = usize::try_from(config.streams.max_event_bytes).unwrap_or(0);
@@ -90,7 +90,7 @@ async fn event_limit(js: &jetstream::Context, config: &HostConfig) -> usize {
                 .client()
                 .max_payload()
                 .min(configured)
-                .saturating_sub(crate::publish::HEADER_ROOM);
+                .saturating_sub(hookbus::publish::HEADER_ROOM);
             tracing::warn!(error = %e, limit, "cannot read the events stream's limits; using the configured ones");
             limit
         }
@@ -122,7 +122,7 @@ impl Host {
         let store = Store::connect(&config.database_url).await?;
         store.migrate().await?;
         let js = jetstream::new(client.clone());
-        crate::provision::provision(&js, &config.subjects, &config.streams).await?;
+        hookbus::provision::provision(&js, &config.subjects, &config.streams).await?;
         let store = store.with_max_event_bytes(event_limit(&js, &config).await);
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -158,8 +158,8 @@ impl Host {
         let mut metrics = CallMetrics::new();
         if config.relay {
             let settings =
-                crate::relay::RelaySettings::for_deployment(store.backend(), &config.streams);
-            let relay = crate::relay::Relay::new(
+                hookbus::relay::RelaySettings::for_deployment(store.backend(), &config.streams);
+            let relay = hookbus::relay::Relay::new(
                 store.clone(),
                 js.clone(),
                 config.subjects.clone(),
@@ -235,7 +235,7 @@ impl Host {
     /// Completes when one of the host's long-lived tasks (relay, HTTP server, job
     /// mirror and timeouts, cache notices) ended with a panic, with its message
     /// (logged); pending while they run. `hookbus host` then stops and exits 1, for
-    /// its supervisor to start it again ([`crate::supervise`]).
+    /// its supervisor to start it again ([`hookbus::supervise`]).
     pub async fn panicked(&mut self) -> String {
         loop {
             if self.tasks.is_empty() {
@@ -246,7 +246,7 @@ impl Host {
             if let Err(e) = result
                 && e.is_panic()
             {
-                let message = crate::supervise::panic_message(&*e.into_panic());
+                let message = hookbus::supervise::panic_message(&*e.into_panic());
                 tracing::error!(panic = %message, "a task of the host panicked");
                 return message;
             }

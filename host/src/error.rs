@@ -32,7 +32,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::sync_hooks::SyncHookError;
+use hookbus::sync_hooks::SyncHookError;
 use store::StoreError;
 
 /// An error answered as JSON.
@@ -295,10 +295,10 @@ pub enum HostError {
     Store(#[from] store::StoreError),
     /// The registry could not be loaded.
     #[error(transparent)]
-    Registry(#[from] crate::registry::RegistryError),
+    Registry(#[from] hookbus::registry::RegistryError),
     /// JetStream set-up failed.
     #[error(transparent)]
-    Provision(#[from] crate::provision::ProvisionError),
+    Provision(#[from] hookbus::provision::ProvisionError),
     /// The address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
