@@ -1,8 +1,58 @@
 //! Configuration of the bus: one typed struct per part, with documented defaults.
+//!
+//! The defaults are written once, in [`defaults`]: the `Default` impls here parse
+//! them, the `hookbus` command line shows them (`default_value = defaults::…`), and
+//! a test of the command line checks that the table of docs/operations.md lists the
+//! same.
 
 use std::time::Duration;
 
 use core_events::Subjects;
+
+/// Every default of the bus's settings, as an operator writes it (`30d`, `5s`,
+/// `unlimited`): the one source for [`BusConfig::default`], the command line's
+/// defaults and the docs.
+pub mod defaults {
+    /// `--nats-url` / `NATS_URL`.
+    pub const NATS_URL: &str = "nats://127.0.0.1:4222";
+    /// `--prefix` / `PAGODA_SUBJECT_PREFIX`.
+    pub const PREFIX: &str = "pagoda";
+    /// `--ack-wait-secs`: [`DispatcherSettings::ack_wait`](super::DispatcherSettings::ack_wait), in seconds.
+    pub const ACK_WAIT_SECS: u64 = 30;
+    /// `--max-parallel-objects`: [`DispatcherSettings::max_parallel_objects`](super::DispatcherSettings::max_parallel_objects).
+    pub const MAX_PARALLEL_OBJECTS: usize = 256;
+    /// `--lease-ttl`: [`StreamSettings::lease_ttl`](super::StreamSettings::lease_ttl).
+    pub const LEASE_TTL: &str = "5s";
+    /// `--partitions`: [`DispatcherSettings::partitions`](super::DispatcherSettings::partitions).
+    pub const PARTITIONS: u32 = 1;
+    /// `--http-addr` of `hookbus run` (a library [`BusConfig`](super::BusConfig) serves nothing unless told).
+    pub const HTTP_ADDR: &str = "127.0.0.1:9464";
+    /// `--metrics`: [`DispatcherSettings::metrics`](super::DispatcherSettings::metrics).
+    pub const METRICS: bool = true;
+    /// `--degraded-after`: [`MonitorSettings::degraded_after`](super::MonitorSettings::degraded_after).
+    pub const DEGRADED_AFTER: &str = "1h";
+    /// `--alert-interval`: [`MonitorSettings::interval`](super::MonitorSettings::interval).
+    pub const ALERT_INTERVAL: &str = "10s";
+    /// `--alert-error-rate`: [`MonitorSettings::error_rate`](super::MonitorSettings::error_rate).
+    pub const ALERT_ERROR_RATE: f64 = 0.5;
+    /// `--alert-lag`: [`MonitorSettings::lag_events`](super::MonitorSettings::lag_events).
+    pub const ALERT_LAG: u64 = 10_000;
+    /// `--alert-backlog-age`: [`MonitorSettings::relay_backlog_age`](super::MonitorSettings::relay_backlog_age).
+    pub const ALERT_BACKLOG_AGE: &str = "60s";
+    /// `--alive-window`: [`MonitorSettings::alive_window`](super::MonitorSettings::alive_window).
+    pub const ALIVE_WINDOW: &str = "1h";
+    /// `--events-max-age`: [`StreamSettings::events_max_age`](super::StreamSettings::events_max_age).
+    pub const EVENTS_MAX_AGE: &str = "30d";
+    /// `--events-max-bytes`: [`StreamSettings::events_max_bytes`](super::StreamSettings::events_max_bytes).
+    pub const EVENTS_MAX_BYTES: &str = "unlimited";
+    /// `--stream-replicas`: [`StreamSettings::replicas`](super::StreamSettings::replicas).
+    pub const STREAM_REPLICAS: usize = 1;
+}
+
+/// A default of [`defaults`] as a duration (they are checked by a unit test).
+fn default_duration(value: &str) -> Duration {
+    parse_duration(value).unwrap_or_else(|e| panic!("the default {value:?} is not a duration: {e}"))
+}
 
 /// Limits and settings of the streams and bucket the bus provisions.
 #[derive(Debug, Clone)]
@@ -30,13 +80,14 @@ pub struct StreamSettings {
 impl Default for StreamSettings {
     fn default() -> Self {
         StreamSettings {
-            events_max_age: Duration::from_secs(30 * 24 * 3600),
-            events_max_bytes: -1,
+            events_max_age: default_duration(defaults::EVENTS_MAX_AGE),
+            events_max_bytes: parse_byte_limit(defaults::EVENTS_MAX_BYTES)
+                .unwrap_or_else(|e| panic!("the default events_max_bytes: {e}")),
             duplicate_window: Duration::from_secs(120),
             dlq_max_age: Duration::from_secs(30 * 24 * 3600),
             audit_max_age: Duration::from_secs(365 * 24 * 3600),
-            lease_ttl: Duration::from_secs(5),
-            replicas: 1,
+            lease_ttl: default_duration(defaults::LEASE_TTL),
+            replicas: defaults::STREAM_REPLICAS,
             max_event_bytes: 1024 * 1024,
         }
     }
@@ -81,13 +132,13 @@ impl Default for DispatcherSettings {
         DispatcherSettings {
             consumer: "dispatcher".to_owned(),
             max_in_flight: 2048,
-            max_parallel_objects: 256,
-            ack_wait: Duration::from_secs(30),
+            max_parallel_objects: defaults::MAX_PARALLEL_OBJECTS,
+            ack_wait: Duration::from_secs(defaults::ACK_WAIT_SECS),
             shutdown_grace: Duration::from_secs(10),
             deferred_poll: Duration::from_millis(250),
-            metrics: true,
+            metrics: defaults::METRICS,
             lease: true,
-            partitions: 1,
+            partitions: defaults::PARTITIONS,
         }
     }
 }
@@ -149,14 +200,14 @@ impl Default for MonitorSettings {
     fn default() -> Self {
         MonitorSettings {
             enabled: true,
-            interval: Duration::from_secs(10),
+            interval: default_duration(defaults::ALERT_INTERVAL),
             ping_timeout: Duration::from_millis(500),
-            error_rate: 0.5,
+            error_rate: defaults::ALERT_ERROR_RATE,
             error_rate_min_attempts: 5,
-            lag_events: 10_000,
-            degraded_after: Duration::from_secs(3600),
-            relay_backlog_age: Duration::from_secs(60),
-            alive_window: Duration::from_secs(3600),
+            lag_events: defaults::ALERT_LAG,
+            degraded_after: default_duration(defaults::DEGRADED_AFTER),
+            relay_backlog_age: default_duration(defaults::ALERT_BACKLOG_AGE),
+            alive_window: default_duration(defaults::ALIVE_WINDOW),
         }
     }
 }
@@ -318,6 +369,28 @@ pub fn parse_enabled_plugins(value: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defaults_parse_to_the_documented_values() {
+        let streams = StreamSettings::default();
+        assert_eq!(streams.events_max_age, Duration::from_secs(30 * 24 * 3600));
+        assert_eq!(streams.events_max_bytes, -1);
+        assert_eq!(streams.lease_ttl, Duration::from_secs(5));
+        assert_eq!(streams.replicas, 1);
+        let dispatcher = DispatcherSettings::default();
+        assert_eq!(dispatcher.ack_wait, Duration::from_secs(30));
+        assert_eq!(dispatcher.max_parallel_objects, 256);
+        assert_eq!(dispatcher.partitions, 1);
+        assert!(dispatcher.metrics);
+        let monitor = MonitorSettings::default();
+        assert_eq!(monitor.interval, Duration::from_secs(10));
+        assert_eq!(monitor.degraded_after, Duration::from_secs(3600));
+        assert_eq!(monitor.relay_backlog_age, Duration::from_secs(60));
+        assert_eq!(monitor.alive_window, Duration::from_secs(3600));
+        assert!((monitor.error_rate - 0.5).abs() < f64::EPSILON);
+        assert_eq!(monitor.lag_events, 10_000);
+        assert_eq!(defaults::PREFIX, Subjects::default().prefix());
+    }
 
     #[test]
     fn enabled_plugins_keep_order() {

@@ -1,5 +1,7 @@
 //! Command-line parsing and the commands. Each command is a few lines over the library.
 
+use hookbus::config::defaults;
+use hookbus_host::state::defaults as host_defaults;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -20,7 +22,7 @@ struct Cli {
     #[arg(
         long,
         env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
+        default_value = defaults::NATS_URL,
         global = true
     )]
     nats_url: String,
@@ -28,7 +30,7 @@ struct Cli {
     #[arg(
         long,
         env = "PAGODA_SUBJECT_PREFIX",
-        default_value = "pagoda",
+        default_value = defaults::PREFIX,
         global = true
     )]
     prefix: String,
@@ -53,22 +55,22 @@ enum Command {
         #[arg(long, env = "ENABLED_PLUGINS", default_value = "")]
         enabled_plugins: String,
         /// Seconds the server waits for an ack before redelivering after a crash.
-        #[arg(long, env = "HOOKBUS_ACK_WAIT_SECS", default_value_t = 30)]
+        #[arg(long, env = "HOOKBUS_ACK_WAIT_SECS", default_value_t = defaults::ACK_WAIT_SECS)]
         ack_wait_secs: u64,
         /// Objects dispatched in parallel.
-        #[arg(long, env = "HOOKBUS_MAX_PARALLEL_OBJECTS", default_value_t = 256)]
+        #[arg(long, env = "HOOKBUS_MAX_PARALLEL_OBJECTS", default_value_t = defaults::MAX_PARALLEL_OBJECTS)]
         max_parallel_objects: usize,
         /// Lease time of the dispatcher lease: of several `hookbus run`, one
         /// dispatches and the others stand by; one takes over this long after the
         /// active one died (5s, 2s, …).
-        #[arg(long, env = "HOOKBUS_LEASE_TTL", default_value = "5s",
+        #[arg(long, env = "HOOKBUS_LEASE_TTL", default_value = defaults::LEASE_TTL,
             value_parser = hookbus::config::parse_duration)]
         lease_ttl: Duration,
         /// Partitions of the events (by object), each dispatched by one bus at a
         /// time: several `hookbus run --partitions 4` share the partitions and take
         /// over a dead one's. Every bus needs the same number. 1: one bus dispatches,
         /// the others stand by.
-        #[arg(long, env = "HOOKBUS_PARTITIONS", default_value_t = 1,
+        #[arg(long, env = "HOOKBUS_PARTITIONS", default_value_t = defaults::PARTITIONS,
             value_parser = clap::value_parser!(u32).range(1..=1024))]
         partitions: u32,
         /// The host's database: when set, the bus relays its outbox, creating no
@@ -178,13 +180,13 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct HostArgs {
     /// Address to serve on.
-    #[arg(long, env = "HOOKBUS_HOST_LISTEN", default_value = "127.0.0.1:8000")]
+    #[arg(long, env = "HOOKBUS_HOST_LISTEN", default_value = host_defaults::LISTEN)]
     listen: std::net::SocketAddr,
     /// The model store (sqlite://file or postgres://user@host/db); migrated at start.
     #[arg(
         long,
         env = "HOOKBUS_DATABASE_URL",
-        default_value = "sqlite://pagoda.db"
+        default_value = host_defaults::DATABASE_URL
     )]
     database_url: String,
     /// Plugins whose hooks run, in tie-break order (Pagoda's ENABLED_PLUGINS).
@@ -196,31 +198,31 @@ struct HostArgs {
     operation_id_config: String,
     /// How long start-up waits for the plugins named in PLUGIN_OPERATION_ID_CONFIG
     /// to register: 10s, 1m, …
-    #[arg(long, env = "HOOKBUS_PLUGIN_WAIT", default_value = "10s",
+    #[arg(long, env = "HOOKBUS_PLUGIN_WAIT", default_value = host_defaults::PLUGIN_WAIT,
           value_parser = hookbus::config::parse_duration)]
     plugin_wait: Duration,
     /// Largest request body in bytes (413 beyond).
-    #[arg(long, env = "HOOKBUS_MAX_BODY_BYTES", default_value_t = hookbus_host::DEFAULT_MAX_BODY_BYTES)]
+    #[arg(long, env = "HOOKBUS_MAX_BODY_BYTES", default_value_t = host_defaults::MAX_BODY_BYTES)]
     max_body_bytes: usize,
     /// Longest wait for a request header, from when the connection waits for one
     /// (after it opens, and between kept-alive requests: also the idle timeout);
     /// the connection is closed beyond.
-    #[arg(long, env = "HOOKBUS_HTTP_HEADER_TIMEOUT", default_value = "30s",
+    #[arg(long, env = "HOOKBUS_HTTP_HEADER_TIMEOUT", default_value = host_defaults::HTTP_HEADER_TIMEOUT,
           value_parser = hookbus::config::parse_positive_duration)]
     http_header_timeout: Duration,
     /// Longest pause in a request body (408 request_timeout beyond).
-    #[arg(long, env = "HOOKBUS_HTTP_BODY_TIMEOUT", default_value = "30s",
+    #[arg(long, env = "HOOKBUS_HTTP_BODY_TIMEOUT", default_value = host_defaults::HTTP_BODY_TIMEOUT,
           value_parser = hookbus::config::parse_positive_duration)]
     http_body_timeout: Duration,
     /// Most HTTP connections open at once (lowered to fit `ulimit -n`); more wait
     /// to be accepted.
-    #[arg(long, env = "HOOKBUS_HTTP_MAX_CONNECTIONS", default_value_t = hookbus_host::state::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(long, env = "HOOKBUS_HTTP_MAX_CONNECTIONS", default_value_t = host_defaults::HTTP_MAX_CONNECTIONS)]
     http_max_connections: usize,
     /// Requests per second each token may make to plugin API routes (0: no limit).
-    #[arg(long, env = "HOOKBUS_PLUGIN_RATE", default_value_t = 50)]
+    #[arg(long, env = "HOOKBUS_PLUGIN_RATE", default_value_t = host_defaults::PLUGIN_RATE)]
     plugin_rate: u32,
     /// Burst allowed above --plugin-rate.
-    #[arg(long, env = "HOOKBUS_PLUGIN_BURST", default_value_t = 100)]
+    #[arg(long, env = "HOOKBUS_PLUGIN_BURST", default_value_t = host_defaults::PLUGIN_BURST)]
     plugin_burst: u32,
     /// Relay the outbox to the stream in this process (the default).
     #[arg(long, overrides_with = "no_relay")]
@@ -251,7 +253,7 @@ enum TokenCommand {
         #[arg(
             long,
             env = "HOOKBUS_DATABASE_URL",
-            default_value = "sqlite://pagoda.db"
+            default_value = host_defaults::DATABASE_URL
         )]
         database_url: String,
     },
@@ -541,7 +543,7 @@ struct RetentionArgs {
     #[arg(
         long,
         env = "HOOKBUS_EVENTS_MAX_AGE",
-        default_value = "30d",
+        default_value = defaults::EVENTS_MAX_AGE,
         value_parser = hookbus::config::parse_duration
     )]
     events_max_age: Duration,
@@ -550,13 +552,13 @@ struct RetentionArgs {
     #[arg(
         long,
         env = "HOOKBUS_EVENTS_MAX_BYTES",
-        default_value = "unlimited",
+        default_value = defaults::EVENTS_MAX_BYTES,
         value_parser = hookbus::config::parse_byte_limit
     )]
     events_max_bytes: i64,
     /// Replicas of every stream and of the registry bucket (3 in a NATS cluster of
     /// three; at most the cluster's size). Set when a stream is created.
-    #[arg(long, env = "HOOKBUS_STREAM_REPLICAS", default_value_t = 1)]
+    #[arg(long, env = "HOOKBUS_STREAM_REPLICAS", default_value_t = defaults::STREAM_REPLICAS)]
     stream_replicas: usize,
 }
 
@@ -590,4 +592,112 @@ async fn wait_for_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// The defaults in the docs' tables are the command line's: every row of the flag
+/// tables of docs/operations.md and docs/host-api.md names a flag and variable
+/// the command line has, with the same default, and every flag of `hookbus run`,
+/// `hookbus host` and the global ones that reads a variable has a row.
+#[cfg(test)]
+mod docs_table {
+    use std::collections::BTreeSet;
+
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// (command, long flag, env, default as the docs write it).
+    fn flags() -> Vec<(String, String, String, String)> {
+        fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<(String, String, String, String)>) {
+            for arg in cmd.get_arguments() {
+                let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) else {
+                    continue;
+                };
+                let defaults: Vec<String> = arg
+                    .get_default_values()
+                    .iter()
+                    .map(|v| v.to_string_lossy().into_owned())
+                    .collect();
+                let default = match defaults.as_slice() {
+                    [] => "none".to_owned(),
+                    [v] if v.is_empty() => "empty".to_owned(),
+                    [v] => format!("`{v}`"),
+                    more => more.join(","),
+                };
+                out.push((
+                    path.to_owned(),
+                    format!("--{long}"),
+                    env.to_string_lossy().into_owned(),
+                    default,
+                ));
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), out);
+            }
+        }
+        let mut out = Vec::new();
+        walk(&Cli::command(), "hookbus", &mut out);
+        out
+    }
+
+    /// (flag, env, default) of every row of a flag table: `| flag | env | default | … |`,
+    /// a row listing several (`--a`, `--b` | `A`, `B` | `1`, `2`) split into each.
+    fn rows(doc: &str) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for line in doc.lines().filter(|l| l.starts_with("| `--")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let (flags, envs, defaults) = (cells[1], cells[2], cells[3]);
+            if envs.is_empty() || !envs.starts_with('`') {
+                continue;
+            }
+            let split = |s: &str| -> Vec<String> { s.split(", ").map(str::to_owned).collect() };
+            let (flags, envs, defaults) = (split(flags), split(envs), split(defaults));
+            assert_eq!(flags.len(), envs.len(), "{line}");
+            for (i, (flag, env)) in flags.iter().zip(&envs).enumerate() {
+                let default = defaults.get(i).unwrap_or(&defaults[0]).clone();
+                out.push((
+                    flag.trim_matches('`').to_owned(),
+                    env.trim_matches('`').to_owned(),
+                    default,
+                ));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn docs_tables_list_the_command_lines_defaults() {
+        let flags = flags();
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/");
+        let mut documented = BTreeSet::new();
+        let mut wrong = Vec::new();
+        for file in ["operations.md", "host-api.md"] {
+            let doc = std::fs::read_to_string(format!("{root}{file}")).expect("read the docs");
+            for (flag, env, default) in rows(&doc) {
+                let same = flags
+                    .iter()
+                    .any(|(_, f, e, d)| *f == flag && *e == env && *d == default);
+                if !same {
+                    let actual: Vec<_> = flags
+                        .iter()
+                        .filter(|(_, f, e, _)| *f == flag && *e == env)
+                        .map(|(c, _, _, d)| format!("{c}: {d}"))
+                        .collect();
+                    wrong.push(format!(
+                        "docs/{file}: {flag} / {env} says {default}; the command line: {actual:?}"
+                    ));
+                }
+                documented.insert((flag, env));
+            }
+        }
+        for (cmd, flag, env, _) in &flags {
+            let listed = ["hookbus", "hookbus run", "hookbus host"].contains(&cmd.as_str());
+            if listed && !documented.contains(&(flag.clone(), env.clone())) {
+                wrong.push(format!(
+                    "{cmd} {flag} ({env}) is in no table of docs/operations.md or docs/host-api.md"
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
 }

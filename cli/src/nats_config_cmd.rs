@@ -17,7 +17,7 @@ pub(crate) struct NatsConfigArgs {
     pub(crate) passwords: String,
     /// The buses' `--partitions`: each partition's dispatcher consumer is denied to
     /// plugins.
-    #[arg(long, env = "HOOKBUS_PARTITIONS", default_value_t = 1)]
+    #[arg(long, env = "HOOKBUS_PARTITIONS", default_value_t = hookbus::config::defaults::PARTITIONS)]
     pub(crate) partitions: u32,
 }
 

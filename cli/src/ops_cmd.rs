@@ -2,6 +2,7 @@
 //! `hookbus run` flags for health, metrics and alerts. The work is done in
 //! `hookbus::ops`.
 
+use hookbus::config::defaults;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -18,29 +19,29 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 #[derive(Debug, Clone, Args)]
 pub(crate) struct ObserveArgs {
     /// Where to serve /healthz and /metrics (host:port), or `off`.
-    #[arg(long, env = "HOOKBUS_HTTP_ADDR", default_value = "127.0.0.1:9464")]
+    #[arg(long, env = "HOOKBUS_HTTP_ADDR", default_value = defaults::HTTP_ADDR)]
     http_addr: String,
     /// Record per-handler metrics (deliveries, errors, latency, last success).
-    #[arg(long, env = "HOOKBUS_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "HOOKBUS_METRICS", default_value_t = defaults::METRICS, action = clap::ArgAction::Set)]
     metrics: bool,
     /// A plugin failing without a success for this long is degraded (e.g. 1h, 30m).
-    #[arg(long, env = "HOOKBUS_DEGRADED_AFTER", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "HOOKBUS_DEGRADED_AFTER", default_value = defaults::DEGRADED_AFTER, value_parser = parse_duration)]
     degraded_after: Duration,
     /// Time between health checks (replica pings, alert thresholds).
-    #[arg(long, env = "HOOKBUS_ALERT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "HOOKBUS_ALERT_INTERVAL", default_value = defaults::ALERT_INTERVAL, value_parser = parse_duration)]
     alert_interval: Duration,
     /// Error-rate alert: failed attempts / attempts in one interval (0.0-1.0).
-    #[arg(long, env = "HOOKBUS_ALERT_ERROR_RATE", default_value_t = 0.5)]
+    #[arg(long, env = "HOOKBUS_ALERT_ERROR_RATE", default_value_t = defaults::ALERT_ERROR_RATE)]
     alert_error_rate: f64,
     /// Lag alert: events still to dispatch for a plugin (incl. its deferred deliveries).
-    #[arg(long, env = "HOOKBUS_ALERT_LAG", default_value_t = 10_000)]
+    #[arg(long, env = "HOOKBUS_ALERT_LAG", default_value_t = defaults::ALERT_LAG)]
     alert_lag: u64,
     /// Relay alert: age of the oldest unpublished outbox row (`60s`, `5m`, …).
-    #[arg(long, env = "HOOKBUS_ALERT_BACKLOG_AGE", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "HOOKBUS_ALERT_BACKLOG_AGE", default_value = defaults::ALERT_BACKLOG_AGE, value_parser = parse_duration)]
     alert_backlog_age: Duration,
     /// A plugin answering no $SRV.PING (a plain queue subscriber) counts as alive
     /// while its last successful delivery is at most this old (`1h`, `15m`, …).
-    #[arg(long, env = "HOOKBUS_ALIVE_WINDOW", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "HOOKBUS_ALIVE_WINDOW", default_value = defaults::ALIVE_WINDOW, value_parser = parse_duration)]
     alive_window: Duration,
 }
 

@@ -18,12 +18,38 @@ use hookbus::config::StreamSettings;
 use hookbus::registry::Registry;
 use hookbus::sync_hooks::SyncHooks;
 
-/// Default [`HttpSettings::header_timeout`].
-pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default [`HttpSettings::body_timeout`].
-pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Every default of the host's settings, as an operator writes it: the one source
+/// for [`HostConfig::new`], [`HttpSettings::default`], the `hookbus host` command
+/// line and the docs (a test of the command line checks docs/host-api.md).
+pub mod defaults {
+    /// `--listen`: [`HostConfig::listen`](super::HostConfig::listen).
+    pub const LISTEN: &str = "127.0.0.1:8000";
+    /// `--database-url` of `hookbus host`.
+    pub const DATABASE_URL: &str = "sqlite://pagoda.db";
+    /// `--plugin-wait`: [`HostConfig::plugin_wait`](super::HostConfig::plugin_wait).
+    pub const PLUGIN_WAIT: &str = "10s";
+    /// `--max-body-bytes`: [`HostConfig::max_body_bytes`](super::HostConfig::max_body_bytes).
+    pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+    /// `--http-header-timeout`: [`HttpSettings::header_timeout`](super::HttpSettings::header_timeout).
+    pub const HTTP_HEADER_TIMEOUT: &str = "30s";
+    /// `--http-body-timeout`: [`HttpSettings::body_timeout`](super::HttpSettings::body_timeout).
+    pub const HTTP_BODY_TIMEOUT: &str = "30s";
+    /// `--http-max-connections`: [`HttpSettings::max_connections`](super::HttpSettings::max_connections).
+    pub const HTTP_MAX_CONNECTIONS: usize = 1024;
+    /// `--plugin-rate`: [`HostConfig::plugin_rate_per_sec`](super::HostConfig::plugin_rate_per_sec).
+    pub const PLUGIN_RATE: u32 = 50;
+    /// `--plugin-burst`: [`HostConfig::plugin_rate_burst`](super::HostConfig::plugin_rate_burst).
+    pub const PLUGIN_BURST: u32 = 100;
+}
+
+/// A default of [`defaults`] as a duration (checked by a unit test).
+fn default_duration(value: &str) -> Duration {
+    hookbus::config::parse_duration(value)
+        .unwrap_or_else(|e| panic!("the default {value:?} is not a duration: {e}"))
+}
+
 /// Default [`HttpSettings::max_connections`].
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub const DEFAULT_MAX_CONNECTIONS: usize = defaults::HTTP_MAX_CONNECTIONS;
 /// Timeouts and limits of the host's HTTP connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpSettings {
@@ -44,15 +70,15 @@ pub struct HttpSettings {
 impl Default for HttpSettings {
     fn default() -> Self {
         HttpSettings {
-            header_timeout: DEFAULT_HEADER_TIMEOUT,
-            body_timeout: DEFAULT_BODY_TIMEOUT,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: default_duration(defaults::HTTP_HEADER_TIMEOUT),
+            body_timeout: default_duration(defaults::HTTP_BODY_TIMEOUT),
+            max_connections: defaults::HTTP_MAX_CONNECTIONS,
         }
     }
 }
 
 /// Default limit on a request body, in bytes.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_MAX_BODY_BYTES: usize = defaults::MAX_BODY_BYTES;
 
 /// How the host is set up.
 #[derive(Debug, Clone)]
@@ -89,16 +115,18 @@ impl HostConfig {
     /// Defaults: port 8000 on localhost, SQLite file `pagoda.db`.
     pub fn new(database_url: impl Into<String>) -> Self {
         HostConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            listen: defaults::LISTEN
+                .parse()
+                .unwrap_or_else(|e| panic!("the default listen address: {e}")),
             database_url: database_url.into(),
             subjects: Subjects::default(),
             enabled_plugins: Vec::new(),
             operation_id_config: String::new(),
-            plugin_wait: Duration::from_secs(10),
+            plugin_wait: default_duration(defaults::PLUGIN_WAIT),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             http: HttpSettings::default(),
-            plugin_rate_per_sec: 50,
-            plugin_rate_burst: 100,
+            plugin_rate_per_sec: defaults::PLUGIN_RATE,
+            plugin_rate_burst: defaults::PLUGIN_BURST,
             relay: true,
             streams: StreamSettings::default(),
         }
@@ -163,5 +191,26 @@ impl std::ops::Deref for HostState {
 impl std::fmt::Debug for HostState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostState").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_to_the_documented_values() {
+        let http = HttpSettings::default();
+        assert_eq!(http.header_timeout, Duration::from_secs(30));
+        assert_eq!(http.body_timeout, Duration::from_secs(30));
+        assert_eq!(http.max_connections, 1024);
+        let config = HostConfig::new("sqlite::memory:");
+        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 8000)));
+        assert_eq!(config.plugin_wait, Duration::from_secs(10));
+        assert_eq!(config.max_body_bytes, 1024 * 1024);
+        assert_eq!(
+            (config.plugin_rate_per_sec, config.plugin_rate_burst),
+            (50, 100)
+        );
     }
 }
