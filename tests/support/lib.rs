@@ -143,12 +143,22 @@ where
 ///
 /// When it has not been built (`cargo build --bins`, which `./test.sh` runs first).
 pub fn hookbus_binary() -> PathBuf {
+    binary("hookbus")
+}
+
+/// The path of a binary of the workspace (`hookbus`, `hello-world`, `audit-log`,
+/// `flaky`) beside the test executable, for tests that run it as a child process.
+///
+/// # Panics
+///
+/// When it has not been built (`cargo build --bins`, which `./test.sh` runs first).
+pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
         .and_then(|d| d.parent())
         .expect("target directory");
-    let bin = dir.join("hookbus");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
         "{} is missing: build it first with `cargo build --bins` (./test.sh does)",

