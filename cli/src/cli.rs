@@ -318,7 +318,7 @@ pub(crate) async fn main() -> Result<ExitCode> {
             let shutdown = CancellationToken::new();
             let token = shutdown.clone();
             tokio::spawn(async move {
-                wait_for_signal().await;
+                hookbus_kit::process::shutdown_signal().await;
                 tracing::info!("shutting down");
                 token.cancel();
             });
@@ -392,7 +392,7 @@ pub(crate) async fn main() -> Result<ExitCode> {
             let shutdown = CancellationToken::new();
             let token = shutdown.clone();
             tokio::spawn(async move {
-                wait_for_signal().await;
+                hookbus_kit::process::shutdown_signal().await;
                 tracing::info!("shutting down");
                 token.cancel();
             });
@@ -488,7 +488,7 @@ async fn host(client: async_nats::Client, subjects: Subjects, args: HostArgs) ->
     let mut host = hookbus_host::Host::start(client, config).await?;
     tracing::info!(addr = %host.addr(), "host started");
     let panicked = tokio::select! {
-        () = wait_for_signal() => None,
+        () = hookbus_kit::process::shutdown_signal() => None,
         message = host.panicked() => Some(message),
     };
     tracing::info!("shutting down");
@@ -577,21 +577,6 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// The defaults in the docs' tables are the command line's: every row of the flag

@@ -22,7 +22,7 @@ async fn main() -> ExitCode {
             // Each cause once (many layers already print their cause).
             eprintln!(
                 "hookbus: error: {}",
-                pagoda_plugin_sdk::run::error_chain(e.as_ref())
+                hookbus_kit::process::error_chain(e.as_ref())
             );
             ExitCode::FAILURE
         }

@@ -40,6 +40,11 @@ pub mod headers {
     pub const SERVICE_ERROR: &str = "Nats-Service-Error";
     /// Services API: set on an error reply, with a numeric code.
     pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+    /// Dead letter of a malformed event (`<prefix>.dlq._bus.malformed`): why the
+    /// dispatcher could not read it.
+    pub const ERROR: &str = "Pagoda-Error";
+    /// Dead letter of a malformed event: the subject it was stored under.
+    pub const ORIGINAL_SUBJECT: &str = "Pagoda-Original-Subject";
 }
 
 /// Error codes a handler may send in `Nats-Service-Error-Code`.

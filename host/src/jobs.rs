@@ -44,13 +44,12 @@ use super::rate::RateKey;
 use super::state::{HostConfig, HostState};
 use super::user::AuthUser;
 use hookbus::registry::Registry;
+use hookbus_kit::jobs::CasError;
 
 /// Jobs a list returns without `limit`.
 const DEFAULT_PAGE: u32 = 100;
 /// How often the timeout sweeper looks at PROCESSING jobs.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// Compare-and-set attempts on a KV entry before giving up.
-const CAS_ATTEMPTS: usize = 16;
 
 pub(crate) fn routes() -> Router<HostState> {
     Router::new()
@@ -310,8 +309,9 @@ async fn jobs_kv(state: &HostState) -> Result<kv::Store, ApiError> {
         .map_err(|e| ApiError::Internal(format!("jobs bucket '{bucket}': {e}")))
 }
 
-/// Compare-and-set on a job's KV entry: `decide` sees the current state and
-/// returns the new status and message, or `Err` to leave it. `Ok(None)`: no entry.
+/// Changes the state of a plugin job in the jobs bucket by compare-and-set
+/// ([`hookbus_kit::jobs::update`]): `decide` gives the new status and message,
+/// or refuses. `Ok(None)`: the job has no entry.
 async fn cas<E>(
     kv: &kv::Store,
     plugin: &str,
@@ -319,38 +319,16 @@ async fn cas<E>(
     mut decide: impl FnMut(&JobState) -> Result<(JobStatus, String), E>,
 ) -> Result<Option<JobState>, CasError<E>> {
     let key = JobState::key(plugin, job_id);
-    for _ in 0..CAS_ATTEMPTS {
-        let Some(entry) = kv
-            .entry(key.as_str())
-            .await
-            .map_err(|e| CasError::Nats(e.to_string()))?
-        else {
-            return Ok(None);
-        };
-        if entry.operation != kv::Operation::Put {
-            return Ok(None);
-        }
-        let mut current: JobState = serde_json::from_slice(&entry.value)
-            .map_err(|e| CasError::Nats(format!("job state '{key}' is unreadable: {e}")))?;
-        let (status, message) = decide(&current).map_err(CasError::Refused)?;
-        current.status = status;
-        current.message = message;
-        current.updated_at = Utc::now();
-        let bytes = serde_json::to_vec(&current).map_err(|e| CasError::Nats(e.to_string()))?;
-        match kv.update(key.as_str(), bytes.into(), entry.revision).await {
-            Ok(_) => return Ok(Some(current)),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
-            Err(e) => return Err(CasError::Nats(e.to_string())),
-        }
-    }
-    Err(CasError::Nats(format!(
-        "job state '{key}' kept changing; gave up after {CAS_ATTEMPTS} attempts"
-    )))
-}
-
-enum CasError<E> {
-    Refused(E),
-    Nats(String),
+    hookbus_kit::jobs::update(kv, &key, None, |current| {
+        let (status, message) = decide(current)?;
+        Ok(Some(JobState {
+            status,
+            message,
+            updated_at: Utc::now(),
+            ..current.clone()
+        }))
+    })
+    .await
 }
 
 /// The job with the fresher state of its KV entry (plugin jobs), when that state is
@@ -641,7 +619,7 @@ async fn cancel_job(
             Ok(Some(_)) => done_in_kv = true,
             Ok(None) => {}
             Err(CasError::Refused(e)) => return Err(e),
-            Err(CasError::Nats(e)) => return Err(ApiError::Internal(e)),
+            Err(e) => return Err(ApiError::Internal(e.to_string())),
         }
     }
     if !done_in_kv {

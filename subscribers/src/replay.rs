@@ -159,7 +159,7 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
 use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use core_events::protocol::{DeadLetter, FailedAttempt, headers};
+use core_events::protocol::{FailedAttempt, headers};
 use core_events::{Envelope, EventId, HandlerSpec, Hook, SubjectError, Subjects};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
@@ -928,16 +928,16 @@ impl Runner {
                 at: Utc::now(),
                 error: text,
             });
-            let wait = slot
-                .spec
-                .retry_backoff_ms
-                .get(failures.len() - 1)
-                .filter(|_| err.kind() == HandlerErrorKind::Transient);
+            let wait = hookbus_kit::retry::next_wait(
+                &slot.spec.retry_schedule(),
+                failures.len(),
+                err.kind() != HandlerErrorKind::Transient,
+            );
             match wait {
-                Some(ms) => {
+                Some(wait) => {
                     tokio::select! {
                         () = stop.cancelled() => return false,
-                        () = tokio::time::sleep(Duration::from_millis(*ms)) => {}
+                        () = tokio::time::sleep(wait) => {}
                     }
                 }
                 None => {
@@ -958,9 +958,7 @@ impl Runner {
         attempts: Vec<FailedAttempt>,
     ) {
         let (payload, h, seq) = (&replayed.payload, &replayed.headers, replayed.stream_seq);
-        let event: serde_json::Value = serde_json::from_slice(payload).unwrap_or_else(|_| {
-            serde_json::Value::String(String::from_utf8_lossy(payload).into_owned())
-        });
+        let event: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
         let header = |name: &str| h.get(name).map(|v| v.as_str().to_owned());
         let event_id: Option<EventId> = header(headers::MSG_ID)
             .or_else(|| event["id"].as_str().map(str::to_owned))
@@ -968,59 +966,27 @@ impl Runner {
         let object = header(headers::OBJECT)
             .or_else(|| event["subject"].as_str().map(str::to_owned))
             .unwrap_or_default();
-        let error_text = attempts.last().map(|a| a.error.clone()).unwrap_or_default();
-        let Some(event_id) = event_id.or_else(|| {
-            "00000000-0000-0000-0000-000000000000"
-                .parse::<EventId>()
-                .ok()
-        }) else {
-            return;
-        };
-        let letter = DeadLetter {
+        let failed = hookbus_kit::dlq::Failed {
             event_id,
             hook: slot.spec.hook,
-            entity: entity.to_owned(),
-            object: object.clone(),
-            plugin: slot.plugin_id.to_string(),
-            handler: slot.handler_name.to_string(),
+            entity,
+            object: &object,
+            plugin: &slot.plugin_id,
+            handler: &slot.handler_name,
             stream_seq: seq,
-            error: error_text.clone(),
-            attempts,
-            dead_lettered_at: Utc::now(),
-            event,
+            payload,
         };
-        let body = match serde_json::to_vec(&letter) {
-            Ok(body) => body,
-            Err(e) => {
-                error!(error = %e, "replay: cannot encode a dead letter");
-                return;
-            }
-        };
-        let mut dh = HeaderMap::new();
-        dh.insert(
-            headers::MSG_ID,
-            format!(
-                "{event_id}.{}.{}.dlq.replay",
-                slot.plugin_id, slot.handler_name
-            )
-            .as_str(),
+        let letter = hookbus_kit::dlq::record(failed, attempts);
+        let (event_id, error_text) = (letter.event_id, letter.error.clone());
+        let msg_id = format!(
+            "{event_id}.{}.{}.dlq.replay",
+            slot.plugin_id, slot.handler_name
         );
-        dh.insert(headers::PLUGIN, &*slot.plugin_id);
-        dh.insert(headers::HANDLER, &*slot.handler_name);
-        dh.insert(headers::HOOK, slot.spec.hook.name());
-        dh.insert(headers::OBJECT, object.as_str());
-        dh.insert(headers::REPLAY, "true");
         let subject = self
             .subjects
             .dead_letter(&slot.plugin_id, &slot.handler_name);
-        let stored = match self
-            .js
-            .publish_with_headers(subject.clone(), dh, body.into())
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()).map_err(async_nats::Error::from),
-            Err(e) => Err(e.into()),
-        };
+        let stored =
+            hookbus_kit::dlq::publish(&self.js, subject.clone(), &letter, &msg_id, true).await;
         match stored {
             Ok(()) => error!(
                 plugin = %slot.plugin_id, handler = %slot.handler_name, %event_id, seq,

@@ -80,9 +80,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
-use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use async_nats::jetstream::kv::{self, Operation};
 use async_nats::jetstream::{self, AckKind};
-use bytes::Bytes;
 use chrono::Utc;
 use core_events::jobs::{JobRequest, JobState, JobStatus};
 use core_events::{Subjects, TaskSpec, User};
@@ -296,12 +295,10 @@ fn changed(cur: &JobState, status: JobStatus, message: String) -> JobState {
 enum StateError {
     #[error("cannot read the job state: {0}")]
     Read(#[from] kv::EntryError),
-    #[error("cannot create the job state: {0}")]
-    Create(#[from] kv::CreateError),
-    #[error("cannot write the job state: {0}")]
-    Write(#[from] kv::UpdateError),
     #[error("the job state is not a JobState: {0}")]
     Unreadable(#[from] serde_json::Error),
+    #[error(transparent)]
+    Write(#[from] hookbus_kit::jobs::CasError<std::convert::Infallible>),
 }
 
 /// A job's entry in the jobs bucket; every write is a compare-and-set.
@@ -345,46 +342,24 @@ impl JobCell {
         Ok(self.entry().await?.map(|(_, state)| state))
     }
 
-    /// Writes `next(current)` by compare-and-set, re-reading after a conflict,
-    /// until it sticks or `next` gives `None` (keep the current state). A missing
-    /// entry is created PREPARING first. Gives the state stored in the end.
+    /// Writes `next(current)` by compare-and-set ([`hookbus_kit::jobs::update`]),
+    /// re-reading after a conflict, until it sticks or `next` gives `None` (keep
+    /// the current state). A missing entry is created PREPARING first. Gives the
+    /// state stored in the end.
     async fn update(
         &self,
         next: impl Fn(&JobState) -> Option<JobState>,
     ) -> Result<JobState, StateError> {
-        loop {
-            let (revision, current) = match self.entry().await? {
-                Some(found) => found,
-                None => {
-                    let seed = JobState {
-                        updated_at: Utc::now(),
-                        ..self.seed.clone()
-                    };
-                    match self.kv.create(self.key.as_str(), encode(&seed)?).await {
-                        Ok(revision) => (revision, seed),
-                        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => continue,
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-            };
-            let Some(new) = next(&current) else {
-                return Ok(current);
-            };
-            match self
-                .kv
-                .update(self.key.as_str(), encode(&new)?, revision)
-                .await
-            {
-                Ok(_) => return Ok(new),
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let seed = JobState {
+            updated_at: Utc::now(),
+            ..self.seed.clone()
+        };
+        let stored = hookbus_kit::jobs::update(&self.kv, &self.key, Some(&seed), |current| {
+            Ok::<_, std::convert::Infallible>(next(current))
+        })
+        .await?;
+        Ok(stored.unwrap_or(seed))
     }
-}
-
-fn encode(state: &JobState) -> Result<Bytes, serde_json::Error> {
-    serde_json::to_vec(state).map(Bytes::from)
 }
 
 /// The job worker of a served plugin.

@@ -10,9 +10,9 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
-use chrono::Utc;
+
 use core_events::Subjects;
-use core_events::protocol::{DeadLetter, FailedAttempt, headers};
+use core_events::protocol::FailedAttempt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -120,41 +120,27 @@ impl Ctx {
         event: &EventMeta,
         attempts: Vec<FailedAttempt>,
     ) -> Result<(), Stopped> {
-        let error = attempts.last().map(|a| a.error.clone()).unwrap_or_default();
-        let letter = DeadLetter {
-            event_id: event
-                .id
-                .parse()
-                .unwrap_or_else(|_| core_events::EventId(uuid::Uuid::nil())),
+        let object = event.object.to_string();
+        let failed = hookbus_kit::dlq::Failed {
+            event_id: event.id.parse().ok(),
             hook: event.hook,
-            entity: event.entity.clone(),
-            object: event.object.to_string(),
-            plugin: route.plugin.to_string(),
-            handler: route.handler.to_string(),
+            entity: &event.entity,
+            object: &object,
+            plugin: &route.plugin,
+            handler: &route.handler,
             stream_seq: event.seq,
-            error: error.clone(),
-            attempts,
-            dead_lettered_at: Utc::now(),
-            event: serde_json::from_slice(&event.payload).unwrap_or_else(|_| {
-                serde_json::Value::String(String::from_utf8_lossy(&event.payload).into_owned())
-            }),
+            payload: &event.payload,
         };
-        let body = serde_json::to_vec(&letter).unwrap_or_default();
-        let mut h = HeaderMap::new();
-        h.insert(
-            headers::MSG_ID,
-            format!(
-                "{}.{}.{}.dlq.{}",
-                event.id, route.plugin, route.handler, event.redelivered
-            )
-            .as_str(),
+        let letter = hookbus_kit::dlq::record(failed, attempts);
+        let error = letter.error.clone();
+        let body = hookbus_kit::dlq::body(&letter).unwrap_or_default();
+        let msg_id = format!(
+            "{}.{}.{}.dlq.{}",
+            event.id, route.plugin, route.handler, event.redelivered
         );
-        h.insert(headers::PLUGIN, &*route.plugin);
-        h.insert(headers::HANDLER, &*route.handler);
-        h.insert(headers::HOOK, event.hook.name());
-        h.insert(headers::OBJECT, event.object.to_string().as_str());
+        let h = hookbus_kit::dlq::headers(&letter, &msg_id, false);
         let subject = self.subjects.dead_letter(&route.plugin, &route.handler);
-        self.publish_until_acked(&subject, h, body.into()).await?;
+        self.publish_until_acked(&subject, h, body).await?;
         self.stats.dead_lettered.inc();
         if let Some(hs) = self.handler_stats(route) {
             hs.dead_lettered(event.seq);
@@ -173,9 +159,7 @@ impl Ctx {
         payload: &Bytes,
         error: &str,
     ) -> Result<(), Stopped> {
-        let mut h = HeaderMap::new();
-        h.insert("Pagoda-Error", sanitize_header(error).as_str());
-        h.insert("Pagoda-Original-Subject", sanitize_header(subject).as_str());
+        let h = hookbus_kit::dlq::malformed_headers(subject, error);
         self.stats.malformed.inc();
         tracing::error!(%subject, %error, "malformed event moved to the dead-letter stream");
         self.publish_until_acked(
@@ -185,13 +169,6 @@ impl Ctx {
         )
         .await
     }
-}
-
-fn sanitize_header(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(1000)
-        .collect()
 }
 
 /// Per-plugin deferral state, shared by the dispatcher and the drainer.

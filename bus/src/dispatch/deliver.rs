@@ -209,10 +209,9 @@ pub(crate) async fn deliver(
                     at: Utc::now(),
                     error,
                 });
-                let retries_used = failures.len() - 1;
-                match route.retry.get(retries_used) {
-                    Some(wait) if !permanent => ctx.pause(*wait).await?,
-                    _ => {
+                match hookbus_kit::retry::next_wait(&route.retry, failures.len(), permanent) {
+                    Some(wait) => ctx.pause(wait).await?,
+                    None => {
                         ctx.dead_letter(route, event, failures).await?;
                         return Ok(Delivery::DeadLettered);
                     }

@@ -1,0 +1,18 @@
+//! The NATS pieces the hook bus runtime (`hookbus`) and the plugin SDK
+//! (`pagoda-plugin-sdk`) share, written once:
+//!
+//! | piece | module |
+//! |---|---|
+//! | the retry rule: which failed attempt waits how long, and when to give up | [`retry`] |
+//! | the dead-letter record, its headers and its write | [`dlq`] |
+//! | the job-state compare-and-set on the jobs bucket, bounded | [`jobs`] |
+//! | waiting for Ctrl-C or SIGTERM, and printing an error with its causes | [`process`] |
+//!
+//! It depends on the protocol (`core-events`) and async-nats only: no database,
+//! no HTTP.
+#![forbid(unsafe_code)]
+
+pub mod dlq;
+pub mod jobs;
+pub mod process;
+pub mod retry;
