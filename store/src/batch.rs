@@ -6,21 +6,20 @@
 //! inserts everything).
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write as _;
 
 use serde_json::Value;
-use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
 use core_events::envelope::{EntryEvent, Envelope};
 use core_events::hook::Hook;
-use core_events::model::{AttrType, Entity, EntityAttr, Entry, ObjectRef};
+use core_events::model::{Entity, Entry};
 use core_events::request::NewEntry;
 
+use super::load::entities_with_attrs;
 use super::write::{check_new_entry, entry_conflict, insert_values, new_entry_snapshot, user_ref};
 use super::{
     Backend, ROWS_PER_STATEMENT, StoreError, WriteContext, format_time, not_found, now, outbox,
-    parse_time, values_rows,
+    values_rows,
 };
 
 use super::Store;
@@ -430,101 +429,4 @@ impl Batch {
             .map(|r| r.unwrap_or_else(|| Err(StoreError::Conflict("not created".into()))))
             .collect()
     }
-}
-
-/// Entities with their active attribute definitions, by id, read in one query.
-pub(super) async fn entities_with_attrs(
-    conn: &mut AnyConnection,
-    ids: &[i64],
-) -> Result<HashMap<i64, Entity>, StoreError> {
-    let mut out: HashMap<i64, Entity> = HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = String::from(
-            "SELECT e.id, e.name, e.note, e.is_active, e.created_time, e.created_user_id, \
-             e.created_user, a.id AS a_id, a.name AS a_name, a.type AS a_type, \
-             a.is_mandatory AS a_is_mandatory, a.referral AS a_referral, \
-             a.position AS a_position, a.is_summarized AS a_is_summarized, \
-             a.is_delete_in_chain AS a_is_delete_in_chain, a.note AS a_note, \
-             a.default_value AS a_default_value \
-             FROM entities e LEFT JOIN entity_attrs a ON a.entity_id = e.id AND a.is_active \
-             WHERE e.id IN (",
-        );
-        for i in 0..chunk.len() {
-            let _ = write!(sql, "{}${}", if i == 0 { "" } else { ", " }, i + 1);
-        }
-        sql.push_str(") ORDER BY e.id, a.position, a.id");
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        if chunk.len() > 1 {
-            q = q.persistent(false);
-        }
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        for row in q.fetch_all(&mut *conn).await? {
-            let id: i64 = row.try_get("id")?;
-            let entity = match out.entry(id) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(entity_from_row(&row)?),
-            };
-            if let Some(attr) = attr_from_joined_row(&row)? {
-                entity.attrs.push(attr);
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// A flag: BOOLEAN on PostgreSQL, 0/1 INTEGER on SQLite; `None` for NULL.
-fn flag(row: &AnyRow, column: &str) -> Result<Option<bool>, sqlx::Error> {
-    match row.try_get::<Option<bool>, _>(column) {
-        Ok(b) => Ok(b),
-        Err(_) => row
-            .try_get::<Option<i64>, _>(column)
-            .map(|v| v.map(|v| v != 0)),
-    }
-}
-
-fn entity_from_row(row: &AnyRow) -> Result<Entity, StoreError> {
-    let user_id: Option<i64> = row.try_get("created_user_id")?;
-    let user_name: Option<String> = row.try_get("created_user")?;
-    Ok(Entity {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        note: row.try_get("note")?,
-        is_active: flag(row, "is_active")?.unwrap_or(false),
-        created_time: parse_time(&row.try_get::<String, _>("created_time")?)?,
-        created_user: user_id.map(|id| ObjectRef {
-            id,
-            name: user_name.unwrap_or_default(),
-        }),
-        attrs: Vec::new(),
-    })
-}
-
-/// The attribute of a joined row; `None` when the entity has none (NULLs).
-fn attr_from_joined_row(row: &AnyRow) -> Result<Option<EntityAttr>, StoreError> {
-    let Some(id) = row.try_get::<Option<i64>, _>("a_id")? else {
-        return Ok(None);
-    };
-    let referral: String = row.try_get("a_referral")?;
-    let default_value: Option<String> = row.try_get("a_default_value")?;
-    Ok(Some(EntityAttr {
-        id,
-        name: row.try_get("a_name")?,
-        attr_type: AttrType(u16::try_from(row.try_get::<i64, _>("a_type")?).unwrap_or(0)),
-        is_mandatory: flag(row, "a_is_mandatory")?.unwrap_or(false),
-        referral: serde_json::from_str(&referral)
-            .map_err(|e| StoreError::Corrupt(format!("referral: {e}")))?,
-        index: i32::try_from(row.try_get::<i64, _>("a_position")?).unwrap_or(0),
-        is_summarized: flag(row, "a_is_summarized")?.unwrap_or(false),
-        is_delete_in_chain: flag(row, "a_is_delete_in_chain")?.unwrap_or(false),
-        note: row.try_get("a_note")?,
-        default_value: default_value
-            .map(|v| {
-                serde_json::from_str(&v)
-                    .map_err(|e| StoreError::Corrupt(format!("default_value: {e}")))
-            })
-            .transpose()?,
-        is_active: true,
-    }))
 }

@@ -1,11 +1,13 @@
 //! Reading rows back into the typed models (the snapshots events carry).
 
 use sqlx::any::AnyRow;
+use std::collections::HashMap;
+
 use sqlx::{AnyConnection, Row};
 
 use core_events::model::{AttrType, Attribute, Entity, EntityAttr, Entry, ObjectRef, User};
 
-use super::{StoreError, parse_time};
+use super::{ROWS_PER_STATEMENT, StoreError, parse_time};
 
 const ENTITY_COLUMNS: &str =
     "id, name, note, is_active, created_time, created_user_id, created_user FROM entities";
@@ -290,4 +292,87 @@ pub(super) async fn user(conn: &mut AnyConnection, id: i64) -> Result<Option<Use
     .as_ref()
     .map(user_from_row)
     .transpose()
+}
+
+/// Entities with their active attribute definitions, by id, read in one query.
+pub(crate) async fn entities_with_attrs(
+    conn: &mut AnyConnection,
+    ids: &[i64],
+) -> Result<HashMap<i64, Entity>, StoreError> {
+    let mut out: HashMap<i64, Entity> = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = String::from(
+            "SELECT e.id, e.name, e.note, e.is_active, e.created_time, e.created_user_id, \
+             e.created_user, a.id AS a_id, a.name AS a_name, a.type AS a_type, \
+             a.is_mandatory AS a_is_mandatory, a.referral AS a_referral, \
+             a.position AS a_position, a.is_summarized AS a_is_summarized, \
+             a.is_delete_in_chain AS a_is_delete_in_chain, a.note AS a_note, \
+             a.default_value AS a_default_value \
+             FROM entities e LEFT JOIN entity_attrs a ON a.entity_id = e.id AND a.is_active \
+             WHERE e.id IN (",
+        );
+        for i in 0..chunk.len() {
+            let _ = std::fmt::Write::write_fmt(
+                &mut sql,
+                format_args!("{}${}", if i == 0 { "" } else { ", " }, i + 1),
+            );
+        }
+        sql.push_str(") ORDER BY e.id, a.position, a.id");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if chunk.len() > 1 {
+            q = q.persistent(false);
+        }
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for row in q.fetch_all(&mut *conn).await? {
+            let id: i64 = row.try_get("id")?;
+            let entity = match out.entry(id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(entity_from_row(&row)?),
+            };
+            if let Some(attr) = attr_from_joined_row(&row)? {
+                entity.attrs.push(attr);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A flag: BOOLEAN on PostgreSQL, 0/1 INTEGER on SQLite; `None` for NULL.
+fn flag_opt(row: &AnyRow, column: &str) -> Result<Option<bool>, sqlx::Error> {
+    match row.try_get::<Option<bool>, _>(column) {
+        Ok(b) => Ok(b),
+        Err(_) => row
+            .try_get::<Option<i64>, _>(column)
+            .map(|v| v.map(|v| v != 0)),
+    }
+}
+
+/// The attribute of a joined row; `None` when the entity has none (NULLs).
+fn attr_from_joined_row(row: &AnyRow) -> Result<Option<EntityAttr>, StoreError> {
+    let Some(id) = row.try_get::<Option<i64>, _>("a_id")? else {
+        return Ok(None);
+    };
+    let referral: String = row.try_get("a_referral")?;
+    let default_value: Option<String> = row.try_get("a_default_value")?;
+    Ok(Some(EntityAttr {
+        id,
+        name: row.try_get("a_name")?,
+        attr_type: AttrType(u16::try_from(row.try_get::<i64, _>("a_type")?).unwrap_or(0)),
+        is_mandatory: flag_opt(row, "a_is_mandatory")?.unwrap_or(false),
+        referral: serde_json::from_str(&referral)
+            .map_err(|e| StoreError::Corrupt(format!("referral: {e}")))?,
+        index: i32::try_from(row.try_get::<i64, _>("a_position")?).unwrap_or(0),
+        is_summarized: flag_opt(row, "a_is_summarized")?.unwrap_or(false),
+        is_delete_in_chain: flag_opt(row, "a_is_delete_in_chain")?.unwrap_or(false),
+        note: row.try_get("a_note")?,
+        default_value: default_value
+            .map(|v| {
+                serde_json::from_str(&v)
+                    .map_err(|e| StoreError::Corrupt(format!("default_value: {e}")))
+            })
+            .transpose()?,
+        is_active: true,
+    }))
 }
