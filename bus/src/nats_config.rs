@@ -162,8 +162,9 @@ pub fn permissions(subjects: &Subjects, user: &User, partitions: u32) -> Permiss
             publish_allow: s(&[
                 // Events (outbox relay, `hookbus demo`), deliveries, dead letters,
                 // deferrals, alerts, status requests (`hookbus health`); not the
-                // host's API routes or jobs.
-                &format!("{p}.events.>"),
+                // host's API routes or jobs. Events only in the shape the events
+                // stream takes (object, action, entity, id).
+                &subjects.events_stream_subjects(),
                 &format!("{p}.hooks.>"),
                 &format!("{p}.dlq.>"),
                 &format!("{p}.deferred.>"),
@@ -186,8 +187,9 @@ pub fn permissions(subjects: &Subjects, user: &User, partitions: u32) -> Permiss
             publish_allow: s(&[
                 // Its relay publishes events, and dead-letters the outbox rows it
                 // cannot publish; sync hooks, plugin API routes, jobs, bus status
-                // requests, audit records (tokens).
-                &format!("{p}.events.>"),
+                // requests, audit records (tokens). Events only in the shape the
+                // events stream takes (object, action, entity, id).
+                &subjects.events_stream_subjects(),
                 &subjects.dead_letter(RELAY_DLQ.0, RELAY_DLQ.1),
                 &format!("{p}.hooks.>"),
                 &format!("{p}.api.>"),

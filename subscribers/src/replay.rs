@@ -235,7 +235,7 @@ impl Default for ReplayOptions {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ReplayedEvent {
-    /// The event subject, `<prefix>.events.<object>.<action>.<entity-token>`.
+    /// The event subject as stored, `<prefix>.events.<object>.<action>.<entity-token>.<object-id>.<partition>`.
     pub subject: String,
     /// The event's headers as published (`Nats-Msg-Id`, `Pagoda-Object`, `Pagoda-Hook`,
     /// `Pagoda-Entity`, `traceparent`); empty when it had none.
@@ -1416,11 +1416,11 @@ mod tests {
                 &["a b".to_owned()]
             )
             .unwrap(),
-            ["pagoda.events.entry.after_create.a%20b"]
+            ["pagoda.events.entry.after_create.a%20b.>"]
         );
         assert_eq!(
             filter_subjects(&s, &[], &["x".to_owned(), "x".to_owned()]).unwrap(),
-            ["pagoda.events.*.*.x"]
+            ["pagoda.events.*.*.x.>"]
         );
         let err = filter_subjects(&s, &[Hook::EntryValidate], &[]).unwrap_err();
         assert!(err.to_string().contains("synchronous"), "{err}");
@@ -1436,16 +1436,16 @@ mod tests {
         assert_eq!(
             handler_filter_subjects(&s, &[some.clone(), all.clone(), other, other2]).unwrap(),
             [
-                "pagoda.events.entry.after_create.*",
-                "pagoda.events.entity.after_update.x",
-                "pagoda.events.entity.after_update.y",
-                "pagoda.events.entity.after_update.z",
+                "pagoda.events.entry.after_create.*.>",
+                "pagoda.events.entity.after_update.x.>",
+                "pagoda.events.entity.after_update.y.>",
+                "pagoda.events.entity.after_update.z.>",
             ]
         );
         all.entities = Some(vec!["customer".into()]);
         assert_eq!(
             handler_filter_subjects(&s, &[some, all]).unwrap(),
-            ["pagoda.events.entry.after_create.customer"]
+            ["pagoda.events.entry.after_create.customer.>"]
         );
     }
 

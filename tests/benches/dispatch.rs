@@ -32,11 +32,11 @@
 //! Scale-out: `cargo bench -p hookbus-tests --bench dispatch -- --partitions 4
 //! --dispatchers 2` runs the bus side as that many buses in this process, each
 //! with `DispatcherSettings::partitions` = 4, which share the partitions (two
-//! each) and dispatch at once. The raw side is then its hand-written equivalent:
-//! as many connections, one durable consumer per partition, each acking the
-//! other partitions' events at once (the subject carries no object id, so the
-//! server cannot filter them; by `object_partition` of `Pagoda-Object`, as the
-//! bus) and dispatching its own through per-entry lanes as above. A third side,
+//! each) and dispatch at once. Every side's events stream then has that many
+//! partitions (its subject transform appends the partition token). The raw side
+//! is the hand-written equivalent: as many connections, one durable consumer per
+//! partition filtered on the server to it (`pagoda.events.*.*.*.*.<p>`), each
+//! dispatching through per-entry lanes as above. A third side,
 //! `raw_single`, is the single raw loop on the same machine, so the cost of the
 //! layout itself shows: the summary adds `raw_single_eps` and `ratio_to_single`.
 //! The lines say `partitions=4 dispatchers=2`. All sides are then clocked from
@@ -221,11 +221,16 @@ impl World {
         subjects: &Subjects,
         events: &[EncodedEvent],
         index: &Arc<HashMap<String, usize>>,
+        partitions: u32,
     ) -> World {
         let server = NatsServer::start().await;
         let admin = server.connect().await;
         let js = jetstream::new(admin.clone());
-        hookbus::provision::provision(&js, subjects, &StreamSettings::default())
+        let settings = StreamSettings {
+            partitions: Some(partitions),
+            ..StreamSettings::default()
+        };
+        hookbus::provision::provision(&js, subjects, &settings)
             .await
             .unwrap();
         let marks = Arc::new(Marks::new(events.len()));
@@ -539,9 +544,9 @@ struct RawCounts {
 }
 
 /// One raw consumer: for partition `i` of `count` (> 1), a durable consumer of
-/// its own that acks the other partitions' events at once (what a hand-written
-/// partitioned dispatcher has to do, since the subject has no object id), and
-/// dispatches its own through per-entry lanes. Returns its tasks.
+/// its own filtered on the server to that partition (the last token of the
+/// stored subject), and dispatches its events through per-entry lanes. Returns
+/// its tasks.
 async fn raw_partition(
     client: async_nats::Client,
     subjects: &Subjects,
@@ -562,7 +567,11 @@ async fn raw_partition(
             &name,
             pull::Config {
                 durable_name: Some(name.clone()),
-                filter_subject: subjects.all_events(),
+                filter_subject: if count > 1 {
+                    subjects.partition_events(index)
+                } else {
+                    subjects.all_events()
+                },
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: settings.ack_wait,
                 max_ack_pending: i64::try_from(settings.max_in_flight).unwrap(),
@@ -635,10 +644,6 @@ async fn raw_partition(
                 .and_then(|h| h.get(headers::OBJECT))
                 .map(|v| v.as_str().to_owned())
                 .unwrap_or_default();
-            if core_events::object_partition(&key, count) != index {
-                let _ = msg.ack().await;
-                continue;
-            }
             let next_lane = assigned.len() % lanes_n;
             let lane = *assigned.entry(key).or_insert(next_lane);
             if lanes[lane].send(msg).is_err() {
@@ -657,7 +662,7 @@ async fn measure(
     layout: Layout,
 ) -> Measured {
     let n = events.len() as u64;
-    let world = World::new(subjects, events, index).await;
+    let world = World::new(subjects, events, index, layout.partitions).await;
     let bus = matches!(side, Side::Bus | Side::BusNoMetrics);
     if !(bus && layout.dispatchers > 1) {
         // Pre-published; several buses publish once they divided the partitions.
