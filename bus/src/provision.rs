@@ -182,13 +182,14 @@ pub async fn provision(
 }
 
 /// The partition count of the events stream (the `N` of its subject transform),
-/// or `None` when there is no events stream yet.
+/// or `None` when there is no events stream yet, or its transform is not the
+/// bus's ([`provision`] then says how it differs).
 ///
 /// # Errors
 ///
-/// [`ProvisionError::OldLayout`] for an events stream of the old layout (no
-/// partition transform), [`ProvisionError::Incompatible`] for one whose transform
-/// is not the bus's, [`ProvisionError::JetStream`] when JetStream fails.
+/// [`ProvisionError::OldLayout`] for an events stream of the old layout
+/// (subjects `<prefix>.events.>`, no partition transform),
+/// [`ProvisionError::JetStream`] when JetStream fails.
 pub async fn events_partitions(
     js: &jetstream::Context,
     subjects: &Subjects,
@@ -211,30 +212,30 @@ pub async fn events_partitions(
         .info()
         .await
         .map_err(|e| js_err(format!("stream info {name}"))(e.into()))?;
-    stream_partitions(subjects, &info.config).map(Some)
+    stream_partitions(subjects, &info.config)
 }
 
-/// The partition count an events stream's configuration declares.
-fn stream_partitions(subjects: &Subjects, config: &stream::Config) -> Result<u32, ProvisionError> {
-    let transform = config
-        .subject_transform
-        .as_ref()
-        .filter(|t| t.source == subjects.events_stream_subjects());
-    match transform.and_then(|t| subjects.partitions_of_transform(&t.destination)) {
-        Some(n) => Ok(n),
-        None if config.subject_transform.is_none() => Err(ProvisionError::OldLayout {
+/// The partition count an events stream's configuration declares: `None` when
+/// its transform is not the bus's (provisioning then reports how it differs).
+///
+/// # Errors
+///
+/// [`ProvisionError::OldLayout`] for the layout of before the partition transform.
+fn stream_partitions(
+    subjects: &Subjects,
+    config: &stream::Config,
+) -> Result<Option<u32>, ProvisionError> {
+    if config.subject_transform.is_none() && config.subjects == [subjects.all_events()] {
+        return Err(ProvisionError::OldLayout {
             stream: config.name.clone(),
             subjects: config.subjects.clone(),
-        }),
-        None => Err(ProvisionError::Incompatible {
-            stream: config.name.clone(),
-            differences: format!(
-                "subject transform is {:?}, need {:?} with some N",
-                config.subject_transform,
-                subjects.events_transform(1)
-            ),
-        }),
+        });
     }
+    Ok(config
+        .subject_transform
+        .as_ref()
+        .filter(|t| t.source == subjects.events_stream_subjects())
+        .and_then(|t| subjects.partitions_of_transform(&t.destination)))
 }
 
 async fn ensure_stream(

@@ -628,13 +628,15 @@ async fn bad_input_gets_clear_errors_and_the_rest_keeps_working() {
         "{rejected:?}"
     );
 
-    // Garbage straight onto the events stream: kept as a dead letter, dispatch goes on.
+    // Garbage straight onto the events stream (the right shape, so the stream
+    // takes it, but an id that is not a number and a hook that does not exist):
+    // kept as a dead letter, dispatch goes on.
     client
-        .publish("pagoda.events.entry.after_create.x", "garbage".into())
+        .publish("pagoda.events.entry.after_create.x.abc", "garbage".into())
         .await
         .unwrap();
     client
-        .publish("pagoda.events.entry.nope.x", "{}".into())
+        .publish("pagoda.events.entry.nope.x.1", "{}".into())
         .await
         .unwrap();
     let publisher = publisher(&client);
