@@ -66,6 +66,14 @@ pub enum SubjectError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A filter names an object of another kind than its hook's.
+    #[error("hook '{hook}' has no events about {object} (its events are about {kind} objects)", kind = .hook.object())]
+    ObjectNotOfHook {
+        /// The hook.
+        hook: Hook,
+        /// The object.
+        object: ObjectKey,
+    },
     /// A name used as a subject token (plugin id, handler name) has characters it may not.
     #[error("{what} '{name}' is invalid: use only letters, digits, '-' and '_'")]
     InvalidName {
@@ -356,6 +364,40 @@ impl Subjects {
         format!("{}.events.{}.*.*.{}.*", self.prefix, object.kind, object.id)
     }
 
+    /// [`Subjects::event_filter`], narrowed to one object when `object` is given:
+    /// then a filter over stored events,
+    /// `pagoda.events.entry.after_update.customer.42.*`.
+    ///
+    /// # Errors
+    ///
+    /// As [`encode_entity`]; [`SubjectError::ObjectNotOfHook`] when the hook's
+    /// events are about the other kind of object.
+    pub fn stored_event_filter(
+        &self,
+        hook: Option<Hook>,
+        entity: Option<&str>,
+        object: Option<ObjectKey>,
+    ) -> Result<String, SubjectError> {
+        let Some(object) = object else {
+            return self.event_filter(hook, entity);
+        };
+        let action = match hook {
+            Some(h) if h.object() != object.kind => {
+                return Err(SubjectError::ObjectNotOfHook { hook: h, object });
+            }
+            Some(h) => h.action(),
+            None => "*",
+        };
+        let entity = match entity {
+            Some(e) => encode_entity(e)?,
+            None => "*".to_owned(),
+        };
+        Ok(format!(
+            "{}.events.{}.{action}.{entity}.{}.*",
+            self.prefix, object.kind, object.id
+        ))
+    }
+
     /// Splits an event subject into its hook and entity name (see
     /// [`Subjects::parse_event_subject`]).
     ///
@@ -643,7 +685,10 @@ mod tests {
         assert_eq!(fnv(""), 0x811c_9dc5);
         assert_eq!(fnv("a"), 0xe40c_292c);
         assert_eq!(fnv("foobar"), 0xbf9c_f968);
-        assert_eq!(object_partition("foo", "bar", 1_000_000_007), 0xbf9c_f968 % 1_000_000_007);
+        assert_eq!(
+            object_partition("foo", "bar", 1_000_000_007),
+            0xbf9c_f968 % 1_000_000_007
+        );
         assert_eq!(object_partition("entry", "42", 7), fnv("entry42") % 7);
         // Fixed values, checked against nats-server 2.10.26 and 2.12 by the
         // `partition` integration test.
@@ -788,15 +833,37 @@ mod tests {
             "acme.pagoda.events.entry.after_update.*.>"
         );
         assert_eq!(
-            Subjects::default().event_filter(None, Some("customer")).unwrap(),
+            Subjects::default()
+                .event_filter(None, Some("customer"))
+                .unwrap(),
             "pagoda.events.*.*.customer.>"
         );
+        let entry42 = ObjectKey {
+            kind: ObjectKind::Entry,
+            id: 42,
+        };
+        let d = Subjects::default();
+        assert_eq!(d.object_filter(entry42), "pagoda.events.entry.*.*.42.*");
         assert_eq!(
-            Subjects::default().object_filter(ObjectKey {
-                kind: ObjectKind::Entry,
-                id: 42
-            }),
+            d.stored_event_filter(None, None, Some(entry42)).unwrap(),
             "pagoda.events.entry.*.*.42.*"
+        );
+        assert_eq!(
+            d.stored_event_filter(Some(Hook::EntryAfterUpdate), Some("a b"), Some(entry42))
+                .unwrap(),
+            "pagoda.events.entry.after_update.a%20b.42.*"
+        );
+        assert_eq!(
+            d.stored_event_filter(Some(Hook::EntryAfterUpdate), None, None)
+                .unwrap(),
+            "pagoda.events.entry.after_update.*.>"
+        );
+        let err = d
+            .stored_event_filter(Some(Hook::EntityAfterCreate), None, Some(entry42))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "hook 'entity.after_create' has no events about entry/42 (its events are about entity objects)"
         );
     }
 

@@ -451,7 +451,11 @@ async fn partitions_spread_over_buses_and_move_when_one_dies_or_joins() {
     // Both buses deliver: events of partitions held by each have arrived.
     let delivered_by = |pid: u32| {
         log.of("p").iter().any(|c| {
-            let part = c.object.parse::<core_events::ObjectKey>().unwrap().partition(4) as usize;
+            let part = c
+                .object
+                .parse::<core_events::ObjectKey>()
+                .unwrap()
+                .partition(4) as usize;
             holders[part] == Some(pid)
         })
     };

@@ -51,7 +51,9 @@ async fn the_server_appends_the_partition_we_compute() {
     let server = NatsServer::start().await;
     let js = jetstream::new(server.connect().await);
     let subjects = Subjects::new("acme.pagoda").unwrap();
-    provision(&js, &subjects, &with_partitions(8)).await.unwrap();
+    provision(&js, &subjects, &with_partitions(8))
+        .await
+        .unwrap();
     let mut stream = js.get_stream(subjects.events_stream()).await.unwrap();
     let config = stream.info().await.unwrap().config.clone();
     assert_eq!(config.subjects, ["acme.pagoda.events.*.*.*.*"]);
@@ -76,10 +78,13 @@ async fn the_server_appends_the_partition_we_compute() {
                 .unwrap()
                 .await
                 .unwrap();
-            published.push((subject, ObjectKey {
-                kind: hook.object(),
-                id,
-            }));
+            published.push((
+                subject,
+                ObjectKey {
+                    kind: hook.object(),
+                    id,
+                },
+            ));
         }
     }
     let stored = stored_subjects(&js, &subjects).await;
@@ -128,12 +133,7 @@ async fn the_server_appends_the_partition_we_compute() {
     };
     assert_eq!(count(subjects.object_filter(entry42)).await, 1);
     assert_eq!(
-        count(
-            subjects
-                .event_filter(None, Some("my customer.v2"))
-                .unwrap()
-        )
-        .await,
+        count(subjects.event_filter(None, Some("my customer.v2")).unwrap()).await,
         124
     );
     assert_eq!(count("acme.pagoda.events.entry.>".to_owned()).await, 124);
@@ -144,7 +144,9 @@ async fn a_publish_of_another_shape_is_refused() {
     let server = NatsServer::start().await;
     let js = jetstream::new(server.connect().await);
     let subjects = Subjects::default();
-    provision(&js, &subjects, &with_partitions(4)).await.unwrap();
+    provision(&js, &subjects, &with_partitions(4))
+        .await
+        .unwrap();
     for subject in [
         // The old three-token shape, and one token too many.
         "pagoda.events.entry.after_create.customer",
@@ -227,7 +229,8 @@ async fn each_partition_dispatcher_reads_only_its_partition() {
         // It was sent exactly its partition's events (no redelivery here), not
         // the whole stream.
         assert_eq!(
-            info.delivered.consumer_sequence, *want,
+            info.delivered.consumer_sequence,
+            *want,
             "{name} read only its partition's events ({expected:?} of {})",
             ids.len()
         );
@@ -302,12 +305,16 @@ async fn the_partition_count_is_fixed_at_creation() {
     let server = NatsServer::start().await;
     let js = jetstream::new(server.connect().await);
     let subjects = Subjects::default();
-    provision(&js, &subjects, &with_partitions(4)).await.unwrap();
+    provision(&js, &subjects, &with_partitions(4))
+        .await
+        .unwrap();
     // Tools that do not care take it as it is; the same count is fine.
     provision(&js, &subjects, &StreamSettings::default())
         .await
         .unwrap();
-    provision(&js, &subjects, &with_partitions(4)).await.unwrap();
+    provision(&js, &subjects, &with_partitions(4))
+        .await
+        .unwrap();
     assert_eq!(
         hookbus::provision::events_partitions(&js, &subjects)
             .await
@@ -318,7 +325,14 @@ async fn the_partition_count_is_fixed_at_creation() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, ProvisionError::Partitions { have: 4, want: 2, .. }),
+        matches!(
+            err,
+            ProvisionError::Partitions {
+                have: 4,
+                want: 2,
+                ..
+            }
+        ),
         "{err:?}"
     );
     let msg = err.to_string();
@@ -339,4 +353,92 @@ async fn the_partition_count_is_fixed_at_creation() {
     let report = bus.health.report();
     assert_eq!(report.partitions, 4);
     bus.stop().await.unwrap();
+}
+
+/// nats-server's resident memory (`VmRSS`), in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Publishes `n` events (the sample entry envelope) about `objects(i)` into a
+/// fresh events stream of 8 partitions; returns (events per second, nats-server
+/// RSS in MiB after, store size in MiB, distinct stored subjects).
+async fn fill(n: usize, objects: impl Fn(usize) -> i64) -> (f64, f64, f64, u64) {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.connect().await);
+    let subjects = Subjects::default();
+    provision(&js, &subjects, &with_partitions(8))
+        .await
+        .unwrap();
+    let publisher = Publisher::new(js.clone(), subjects.clone());
+    let template = entry_event(Hook::EntryAfterUpdate, "customer", 1);
+    let pid = server.pid().unwrap();
+    let t0 = std::time::Instant::now();
+    let mut acks = std::collections::VecDeque::with_capacity(4096);
+    for i in 0..n {
+        let mut envelope = template.clone();
+        let id = objects(i);
+        envelope.data.entry.id = id;
+        envelope.subject = Some(format!("entry/{id}"));
+        envelope.id = core_events::EventId::new();
+        let event = hookbus::EncodedEvent::encode(&subjects, &envelope).unwrap();
+        acks.push_back(publisher.send(event).await.unwrap());
+        if acks.len() >= 4096 {
+            acks.pop_front().unwrap().await.unwrap();
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let eps = n as f64 / t0.elapsed().as_secs_f64();
+    let info = js
+        .get_stream(subjects.events_stream())
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.state.messages, n as u64);
+    let rss = rss_mib(pid);
+    (
+        eps,
+        rss,
+        info.state.bytes as f64 / 1024.0 / 1024.0,
+        info.state.subjects_count,
+    )
+}
+
+/// nats-server's memory and publish rate with 1,000,000 distinct objects in the
+/// events stream (every stored subject distinct), next to the same number of
+/// events about 256 objects. Prints `bench:` lines; docs/deploy.md quotes them.
+///
+/// `BENCH_EVENTS=1000000 cargo test -p hookbus-tests --test partitions -- --ignored --nocapture memory`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: publishes a million events"]
+async fn memory_with_a_million_objects() {
+    let n = hookbus_tests::bench::env_usize("BENCH_EVENTS", 1_000_000);
+    let idle = {
+        let server = NatsServer::start().await;
+        let js = jetstream::new(server.connect().await);
+        provision(&js, &Subjects::default(), &with_partitions(8))
+            .await
+            .unwrap();
+        rss_mib(server.pid().unwrap())
+    };
+    let (few_eps, few_rss, few_mib, few_subjects) = fill(n, |i| (i % 256) as i64).await;
+    let (many_eps, many_rss, many_mib, many_subjects) = fill(n, |i| i as i64).await;
+    println!(
+        "bench: scenario=stream_memory events={n} partitions=8 idle_rss_mib={idle:.0} \
+         objects_256_rss_mib={few_rss:.0} objects_256_subjects={few_subjects} objects_256_eps={few_eps:.0} objects_256_store_mib={few_mib:.0} \
+         objects_distinct_rss_mib={many_rss:.0} objects_distinct_subjects={many_subjects} objects_distinct_eps={many_eps:.0} objects_distinct_store_mib={many_mib:.0} \
+         rss_bytes_per_subject={:.0}",
+        (many_rss - few_rss) * 1024.0 * 1024.0
+            / (many_subjects.saturating_sub(few_subjects)).max(1) as f64
+    );
 }

@@ -24,8 +24,13 @@ async fn provisioning_twice_is_a_no_op() {
     assert_eq!(info.config.subjects, ["pagoda.events.*.*.*.*"]);
     // One partition unless told otherwise: stored subjects end in `.0`.
     assert_eq!(
-        info.config.subject_transform.as_ref().map(|t| t.destination.as_str()),
-        Some("pagoda.events.{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}.{{wildcard(4)}}.{{partition(1,1,4)}}")
+        info.config
+            .subject_transform
+            .as_ref()
+            .map(|t| t.destination.as_str()),
+        Some(
+            "pagoda.events.{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}.{{wildcard(4)}}.{{partition(1,1,4)}}"
+        )
     );
     assert!(js.get_key_value("pagoda_registry").await.is_ok());
     assert!(js.get_stream("PAGODA_DLQ").await.is_ok());

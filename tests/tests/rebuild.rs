@@ -333,6 +333,7 @@ async fn an_unreadable_event_does_not_stop_a_rebuild_or_a_replay() {
             from: pagoda_plugin_sdk::replay::ReplayFrom::Start,
             hooks: vec![],
             entities: vec![],
+            objects: vec![],
             follow: false,
             target: hookbus::replay_cmd::Target::Stdout,
             progress: false,
