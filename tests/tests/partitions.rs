@@ -6,7 +6,7 @@
 //!
 //! Run on the oldest supported server too:
 //! `NATS_SERVER_BIN=…/nats-2.10.26/bin/nats-server cargo test -p hookbus-tests --test partitions`.
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
 
 mod common;
 
@@ -355,19 +355,22 @@ async fn the_partition_count_is_fixed_at_creation() {
     bus.stop().await.unwrap();
 }
 
-/// nats-server's resident memory (`VmRSS`), in MiB.
+/// nats-server's peak resident memory (`VmHWM`), in MiB.
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Publishes `n` events (the sample entry envelope) about `objects(i)` into a
-/// fresh events stream of 8 partitions; returns (events per second, nats-server
-/// RSS in MiB after, store size in MiB, distinct stored subjects).
+/// Publishes `n` events about `objects(i)` into a fresh events stream of 8
+/// partitions, as the relay does (subject with the object id, `Nats-Msg-Id`,
+/// `Pagoda-Object`), with one sample entry envelope as every payload (encoded
+/// once: the client's cost stays small next to the server's); returns (events per
+/// second, nats-server peak RSS in MiB, store size in MiB, distinct stored
+/// subjects).
 async fn fill(n: usize, objects: impl Fn(usize) -> i64) -> (f64, f64, f64, u64) {
     let server = NatsServer::start().await;
     let js = jetstream::new(server.connect().await);
@@ -375,19 +378,35 @@ async fn fill(n: usize, objects: impl Fn(usize) -> i64) -> (f64, f64, f64, u64) 
     provision(&js, &subjects, &with_partitions(8))
         .await
         .unwrap();
-    let publisher = Publisher::new(js.clone(), subjects.clone());
-    let template = entry_event(Hook::EntryAfterUpdate, "customer", 1);
+    let payload = bytes::Bytes::from(
+        serde_json::to_vec(&entry_event(Hook::EntryAfterUpdate, "customer", 1)).unwrap(),
+    );
     let pid = server.pid().unwrap();
     let t0 = std::time::Instant::now();
     let mut acks = std::collections::VecDeque::with_capacity(4096);
     for i in 0..n {
-        let mut envelope = template.clone();
         let id = objects(i);
-        envelope.data.entry.id = id;
-        envelope.subject = Some(format!("entry/{id}"));
-        envelope.id = core_events::EventId::new();
-        let event = hookbus::EncodedEvent::encode(&subjects, &envelope).unwrap();
-        acks.push_back(publisher.send(event).await.unwrap());
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            core_events::protocol::headers::MSG_ID,
+            format!("event-{i}").as_str(),
+        );
+        headers.insert(
+            core_events::protocol::headers::OBJECT,
+            format!("entry/{id}").as_str(),
+        );
+        let ack = js
+            .send_publish(
+                subjects
+                    .event(Hook::EntryAfterUpdate, "customer", id)
+                    .unwrap(),
+                jetstream::message::PublishMessage::build()
+                    .payload(payload.clone())
+                    .headers(headers),
+            )
+            .await
+            .unwrap();
+        acks.push_back(ack);
         if acks.len() >= 4096 {
             acks.pop_front().unwrap().await.unwrap();
         }
@@ -441,4 +460,123 @@ async fn memory_with_a_million_objects() {
         (many_rss - few_rss) * 1024.0 * 1024.0
             / (many_subjects.saturating_sub(few_subjects)).max(1) as f64
     );
+}
+
+/// The documented way to change N (docs/deploy.md, "Changing the number of
+/// partitions"): drain, archive the stream by sourcing it, remove it, start the
+/// buses with the new number. Nothing is dispatched twice or lost, and the
+/// archive keeps the old events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_n_drain_and_switch() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = jetstream::new(client.clone());
+    let subjects = Subjects::default();
+    let log = CallLog::default();
+    let mut p = TestPlugin::new("p", &log).handler("h", Hook::EntryAfterCreate, None, 100);
+    let publisher = Publisher::new(js.clone(), subjects.clone());
+    let bus_with = |n: u32| {
+        let mut config = test_config(&["p"]);
+        config.dispatcher.partitions = n;
+        config
+    };
+
+    // Two partitions; 20 events dispatched.
+    let bus = hookbus::run::Bus::start(
+        server.connect_as(hookbus_tests::BUS_USER).await,
+        bus_with(2),
+    )
+    .await
+    .unwrap();
+    p.start(&server).await;
+    wait_registered(&bus, &["p"]).await;
+    for id in 0..20 {
+        publisher
+            .publish(&entry_event(Hook::EntryAfterCreate, "customer", id))
+            .await
+            .unwrap();
+    }
+    assert_eventually!(CallLog::distinct_events(&log.of("p")) == 20, WAIT);
+    // Drained: nothing left to dispatch in any partition.
+    let stream = js.get_stream(subjects.events_stream()).await.unwrap();
+    for name in ["dispatcher-p0of2", "dispatcher-p1of2"] {
+        assert_eventually!(
+            {
+                let info = stream.consumer_info(name).await.unwrap();
+                info.num_pending == 0 && info.num_ack_pending == 0
+            },
+            WAIT
+        );
+    }
+    bus.stop().await.unwrap();
+
+    // Archive by sourcing, then remove the stream.
+    js.create_stream(stream::Config {
+        name: "PAGODA_EVENTS_ARCHIVE".into(),
+        sources: Some(vec![stream::Source {
+            name: subjects.events_stream(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eventually!(
+        hookbus_tests::stream_len(&js, "PAGODA_EVENTS_ARCHIVE").await == 20,
+        WAIT
+    );
+    js.delete_stream(subjects.events_stream()).await.unwrap();
+
+    // Four partitions: a new stream; 20 more events; only they are dispatched.
+    let bus = hookbus::run::Bus::start(
+        server.connect_as(hookbus_tests::BUS_USER).await,
+        bus_with(4),
+    )
+    .await
+    .unwrap();
+    wait_registered(&bus, &["p"]).await;
+    assert_eq!(
+        hookbus::provision::events_partitions(&js, &subjects)
+            .await
+            .unwrap(),
+        Some(4)
+    );
+    for id in 20..40 {
+        publisher
+            .publish(&entry_event(Hook::EntryAfterCreate, "customer", id))
+            .await
+            .unwrap();
+    }
+    assert_eventually!(CallLog::distinct_events(&log.of("p")) == 40, WAIT);
+    assert_eq!(
+        hookbus_tests::stream_len(&js, &subjects.events_stream()).await,
+        20
+    );
+    bus.stop().await.unwrap();
+    assert_eq!(
+        CallLog::distinct_events(&log.of("p")),
+        40,
+        "nothing dispatched twice"
+    );
+    // The archive keeps the old events with their old subjects (partition of 2).
+    let archive = stored_subjects_of(&js, "PAGODA_EVENTS_ARCHIVE").await;
+    assert_eq!(archive.values().sum::<usize>(), 20);
+    assert!(
+        archive
+            .keys()
+            .all(|s| s.ends_with(".0") || s.ends_with(".1")),
+        "{archive:?}"
+    );
+}
+
+async fn stored_subjects_of(js: &jetstream::Context, name: &str) -> BTreeMap<String, usize> {
+    let stream = js.get_stream(name).await.unwrap();
+    let mut list = stream.info_with_subjects(">").await.unwrap();
+    let mut out = BTreeMap::new();
+    while let Some(item) = list.next().await {
+        let (subject, count) = item.unwrap();
+        out.insert(subject, count);
+    }
+    out
 }
