@@ -496,6 +496,24 @@ mod tests {
     }
 
     #[test]
+    fn host_and_bus_publish_events_only_in_the_stream_s_shape() {
+        let subjects = Subjects::new("acme.pagoda").unwrap();
+        for role in [Role::Host, Role::Bus] {
+            let user = User {
+                name: "u".to_owned(),
+                role,
+            };
+            let perms = permissions(&subjects, &user, 4);
+            let events: Vec<&String> = perms
+                .publish_allow
+                .iter()
+                .filter(|s| s.contains(".events."))
+                .collect();
+            assert_eq!(events, ["acme.pagoda.events.*.*.*.*"], "{:?}", user.role);
+        }
+    }
+
+    #[test]
     fn plugin_cannot_publish_events_or_other_keys() {
         let subjects = Subjects::default();
         let user = User {

@@ -357,10 +357,15 @@ async fn the_partition_count_is_fixed_at_creation() {
 
 /// nats-server's peak resident memory (`VmHWM`), in MiB.
 fn rss_mib(pid: u32) -> f64 {
+    proc_status_mib(pid, "VmHWM:")
+}
+
+/// A memory figure of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`), in MiB.
+fn proc_status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
 }
@@ -370,9 +375,9 @@ fn rss_mib(pid: u32) -> f64 {
 /// `Pagoda-Object`), with one sample entry envelope as every payload (encoded
 /// once: the client's cost stays small next to the server's); returns (events per
 /// second, nats-server peak RSS in MiB, store size in MiB, distinct stored
-/// subjects).
-async fn fill(n: usize, objects: impl Fn(usize) -> i64) -> (f64, f64, f64, u64) {
-    let server = NatsServer::start().await;
+/// subjects, RSS in MiB after a restart of the server once the stream is loaded).
+async fn fill(n: usize, objects: impl Fn(usize) -> i64) -> (f64, f64, f64, u64, f64) {
+    let mut server = NatsServer::start().await;
     let js = jetstream::new(server.connect().await);
     let subjects = Subjects::default();
     provision(&js, &subjects, &with_partitions(8))
@@ -425,11 +430,25 @@ async fn fill(n: usize, objects: impl Fn(usize) -> i64) -> (f64, f64, f64, u64) 
         .clone();
     assert_eq!(info.state.messages, n as u64);
     let rss = rss_mib(pid);
+    // After a restart: the stream's index rebuilt from the store, nothing else.
+    server.restart().await;
+    let js = jetstream::new(server.connect().await);
+    let again = js
+        .get_stream(subjects.events_stream())
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(again.state.messages, n as u64);
+    let restarted = proc_status_mib(server.pid().unwrap(), "VmRSS:");
     (
         eps,
         rss,
         info.state.bytes as f64 / 1024.0 / 1024.0,
         info.state.subjects_count,
+        restarted,
     )
 }
 
@@ -450,15 +469,19 @@ async fn memory_with_a_million_objects() {
             .unwrap();
         rss_mib(server.pid().unwrap())
     };
-    let (few_eps, few_rss, few_mib, few_subjects) = fill(n, |i| (i % 256) as i64).await;
-    let (many_eps, many_rss, many_mib, many_subjects) = fill(n, |i| i as i64).await;
+    let (few_eps, few_rss, few_mib, few_subjects, few_restarted) =
+        fill(n, |i| (i % 256) as i64).await;
+    let (many_eps, many_rss, many_mib, many_subjects, many_restarted) = fill(n, |i| i as i64).await;
+    let per_subject = |a: f64, b: f64| {
+        (a - b) * 1024.0 * 1024.0 / (many_subjects.saturating_sub(few_subjects)).max(1) as f64
+    };
     println!(
         "bench: scenario=stream_memory events={n} partitions=8 idle_rss_mib={idle:.0} \
-         objects_256_rss_mib={few_rss:.0} objects_256_subjects={few_subjects} objects_256_eps={few_eps:.0} objects_256_store_mib={few_mib:.0} \
-         objects_distinct_rss_mib={many_rss:.0} objects_distinct_subjects={many_subjects} objects_distinct_eps={many_eps:.0} objects_distinct_store_mib={many_mib:.0} \
-         rss_bytes_per_subject={:.0}",
-        (many_rss - few_rss) * 1024.0 * 1024.0
-            / (many_subjects.saturating_sub(few_subjects)).max(1) as f64
+         objects_256_peak_rss_mib={few_rss:.0} objects_256_restarted_rss_mib={few_restarted:.0} objects_256_subjects={few_subjects} objects_256_eps={few_eps:.0} objects_256_store_mib={few_mib:.0} \
+         objects_distinct_peak_rss_mib={many_rss:.0} objects_distinct_restarted_rss_mib={many_restarted:.0} objects_distinct_subjects={many_subjects} objects_distinct_eps={many_eps:.0} objects_distinct_store_mib={many_mib:.0} \
+         peak_bytes_per_subject={:.0} restarted_bytes_per_subject={:.0}",
+        per_subject(many_rss, few_rss),
+        per_subject(many_restarted, few_restarted)
     );
 }
 
