@@ -43,6 +43,14 @@
 //! the first delivery to `p1` to the last ack (`clock=first_delivery`), so the
 //! buses' start-up (announcing themselves and dividing the partitions, one lease
 //! interval) is not counted as dispatch time; the metrics comparison is skipped.
+//! The buses get the events published once they have divided the partitions (so
+//! they dispatch while the events are being published); the raw sides get them
+//! published before they start (`raw_publish=before`), or, with
+//! `BENCH_PUBLISH_AFTER=1`, also once their consumers exist
+//! (`raw_publish=after_start`: every side does the same work at the same time).
+//! CPU per event (`cpu_us_per_event`: this process, i.e. the dispatchers and the
+//! responders; `server_cpu_us_per_event`: nats-server) is read from
+//! `/proc/<pid>/stat` around each side.
 #![allow(
     clippy::unwrap_used,
     clippy::print_stdout,
@@ -485,7 +493,16 @@ fn cpu_since(server: &NatsServer, before: &Cpu) -> Cpu {
     }
 }
 
-async fn run_raw(world: &World, subjects: &Subjects, n: u64, layout: Layout) -> (Duration, Cpu) {
+/// Runs a raw side. With `publish_after`, the events are published once its
+/// consumers exist (as the partitioned bus side does), else they were published
+/// before.
+async fn run_raw(
+    world: &World,
+    subjects: &Subjects,
+    n: u64,
+    layout: Layout,
+    publish_after: Option<&[EncodedEvent]>,
+) -> (Duration, Cpu) {
     let settings = DispatcherSettings::default();
     let mut clients = Vec::with_capacity(layout.dispatchers);
     for _ in 0..layout.dispatchers {
@@ -503,7 +520,7 @@ async fn run_raw(world: &World, subjects: &Subjects, n: u64, layout: Layout) -> 
         .collect();
     let counts = RawCounts::default();
 
-    let cpu0 = cpu_now(&world.server);
+    let mut cpu0 = cpu_now(&world.server);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for partition in 0..layout.partitions {
@@ -519,6 +536,10 @@ async fn run_raw(world: &World, subjects: &Subjects, n: u64, layout: Layout) -> 
             )
             .await,
         );
+    }
+    if let Some(events) = publish_after {
+        world.publish(events).await;
+        cpu0 = cpu_now(&world.server);
     }
     if let Err(a) = wait_acked(n, || counts.acked.load(Ordering::Relaxed)).await {
         panic!("raw side acked only {a} of {n} events in {SIDE_TIMEOUT:?}");
@@ -664,7 +685,13 @@ async fn measure(
     let n = events.len() as u64;
     let world = World::new(subjects, events, index, layout.partitions).await;
     let bus = matches!(side, Side::Bus | Side::BusNoMetrics);
-    if !(bus && layout.dispatchers > 1) {
+    // Several buses publish once they divided the partitions (see `run_bus`);
+    // with `BENCH_PUBLISH_AFTER=1` the raw sides of a partitioned run publish
+    // once their consumers exist too, so every side dispatches while the events
+    // are being published.
+    let publish_after = !layout.is_single() && std::env::var_os("BENCH_PUBLISH_AFTER").is_some();
+    let raw_after = (publish_after && !bus).then_some(events);
+    if !(bus && layout.dispatchers > 1) && raw_after.is_none() {
         // Pre-published; several buses publish once they divided the partitions.
         world.publish(events).await;
     }
@@ -672,8 +699,8 @@ async fn measure(
     let (mut elapsed, cpu) = match side {
         Side::Bus => run_bus(&world, events, true, layout).await,
         Side::BusNoMetrics => run_bus(&world, events, false, layout).await,
-        Side::Raw => run_raw(&world, subjects, n, layout).await,
-        Side::RawSingle => run_raw(&world, subjects, n, Layout::SINGLE).await,
+        Side::Raw => run_raw(&world, subjects, n, layout, raw_after).await,
+        Side::RawSingle => run_raw(&world, subjects, n, Layout::SINGLE, raw_after).await,
     };
     if !layout.is_single() {
         // Clock from the first delivery to p1 (see the module docs).
@@ -738,8 +765,14 @@ async fn bench(smoke: bool) {
         String::new()
     } else {
         format!(
-            " partitions={} dispatchers={} clock=first_delivery",
-            layout.partitions, layout.dispatchers
+            " partitions={} dispatchers={} clock=first_delivery raw_publish={}",
+            layout.partitions,
+            layout.dispatchers,
+            if std::env::var_os("BENCH_PUBLISH_AFTER").is_some() {
+                "after_start"
+            } else {
+                "before"
+            }
         )
     };
 
