@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_nats::client::RequestErrorKind;
 use async_nats::{HeaderMap, HeaderValue};
 use core_events::protocol::{HandlerReply, codes, headers};
-use core_events::{Hook, PluginManifest, Subjects};
+use core_events::{Hook, ObjectKey, PluginManifest, Subjects};
 use futures::StreamExt;
 use pagoda_plugin_sdk::replay::{ReplayError, ReplayFrom, ReplayOptions, ReplayedEvent};
 use serde_json::value::RawValue;
@@ -63,6 +63,8 @@ pub struct ReplayCommand {
     /// Only these entities (empty: every entity; with a plugin target: the
     /// handler's entity filter).
     pub entities: Vec<String>,
+    /// Only these objects (`entry/42`; empty: every object): their history.
+    pub objects: Vec<ObjectKey>,
     /// Keep going with new events after the head (until interrupted).
     pub follow: bool,
     /// Where the events go.
@@ -213,6 +215,7 @@ pub async fn run_with_progress(
         from: cmd.from,
         hooks,
         entities,
+        objects: cmd.objects.clone(),
         until_caught_up: !cmd.follow,
     };
     let mut events = pagoda_plugin_sdk::replay::replay_events(&js, subjects, options).await?;
@@ -375,7 +378,7 @@ mod tests {
     fn json_lines_keep_the_envelope_verbatim() {
         let mut out = Vec::new();
         let event = ReplayedEvent::new(
-            "pagoda.events.entry.after_create.customer",
+            "pagoda.events.entry.after_create.customer.20.0",
             HeaderMap::new(),
             bytes::Bytes::from_static(br#"{"id":"x","data":{"a":1}}"#),
             7,
@@ -386,7 +389,10 @@ mod tests {
         let line = String::from_utf8(out).unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["seq"], 7);
-        assert_eq!(v["subject"], "pagoda.events.entry.after_create.customer");
+        assert_eq!(
+            v["subject"],
+            "pagoda.events.entry.after_create.customer.20.0"
+        );
         assert_eq!(v["event"]["data"]["a"], 1);
         assert!(line.ends_with('\n'));
         let mut out = Vec::new();

@@ -45,6 +45,9 @@ pub(crate) struct ReplayArgs {
     /// Only events about this entity (repeatable; the exact entity name).
     #[arg(long = "entity", value_name = "NAME")]
     pub(crate) entities: Vec<String>,
+    /// Only events about this object: its history (repeatable; entry/42 or entity/7).
+    #[arg(long = "object", value_name = "KIND/ID")]
+    pub(crate) objects: Vec<core_events::ObjectKey>,
     /// Stop at the head of the stream (default true; false is --follow).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub(crate) until_caught_up: bool,
@@ -99,6 +102,7 @@ impl ReplayArgs {
             from,
             hooks: self.hooks.clone(),
             entities: self.entities.clone(),
+            objects: self.objects.clone(),
             follow: self.follow || !self.until_caught_up,
             target,
             progress: self.progress,

@@ -160,7 +160,7 @@ use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use core_events::protocol::{FailedAttempt, headers};
-use core_events::{Envelope, EventId, HandlerSpec, Hook, SubjectError, Subjects};
+use core_events::{Envelope, EventId, HandlerSpec, Hook, ObjectKey, SubjectError, Subjects};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -212,6 +212,9 @@ pub struct ReplayOptions {
     pub hooks: Vec<Hook>,
     /// Only events about these entities (exact names; empty = every entity).
     pub entities: Vec<String>,
+    /// Only events about these objects (`entry/42`: one object's history; empty =
+    /// every object).
+    pub objects: Vec<ObjectKey>,
     /// `true` (the default): the stream of events ends after the last event that
     /// was in the stream when it was read (the server's `pending` count reached
     /// 0), or at once when nothing matches. `false`: it goes on with new events
@@ -225,6 +228,7 @@ impl Default for ReplayOptions {
             from: ReplayFrom::Start,
             hooks: Vec::new(),
             entities: Vec::new(),
+            objects: Vec::new(),
             until_caught_up: true,
         }
     }
@@ -235,7 +239,7 @@ impl Default for ReplayOptions {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ReplayedEvent {
-    /// The event subject, `<prefix>.events.<object>.<action>.<entity-token>`.
+    /// The event subject as stored, `<prefix>.events.<object>.<action>.<entity-token>.<object-id>.<partition>`.
     pub subject: String,
     /// The event's headers as published (`Nats-Msg-Id`, `Pagoda-Object`, `Pagoda-Hook`,
     /// `Pagoda-Entity`, `traceparent`); empty when it had none.
@@ -344,7 +348,7 @@ pub enum ReplayError {
     )]
     NotAnEventHook(Hook),
     /// An entity name cannot be used in a filter.
-    #[error("bad entity filter: {0}")]
+    #[error("bad filter: {0}")]
     Filter(#[from] SubjectError),
     /// Reading the stream's state failed.
     #[error("could not read stream '{stream}': {source}")]
@@ -393,6 +397,23 @@ pub fn filter_subjects(
     hooks: &[Hook],
     entities: &[String],
 ) -> Result<Vec<String>, ReplayError> {
+    filter_subjects_for(subjects, hooks, entities, &[])
+}
+
+/// [`filter_subjects`], narrowed to the events about `objects` (empty: all);
+/// a hook about the other kind of object than one of `objects` has no events
+/// about it and is left out for it.
+///
+/// # Errors
+///
+/// As [`filter_subjects`]; [`ReplayError::Filter`] when no hook has events about
+/// any of `objects`.
+pub fn filter_subjects_for(
+    subjects: &Subjects,
+    hooks: &[Hook],
+    entities: &[String],
+    objects: &[ObjectKey],
+) -> Result<Vec<String>, ReplayError> {
     if let Some(h) = hooks.iter().find(|h| !h.kind().is_notification()) {
         return Err(ReplayError::NotAnEventHook(*h));
     }
@@ -418,16 +439,35 @@ pub fn filter_subjects(
     } else {
         entities_unique.into_iter().map(Some).collect()
     };
-    if hook_list == [None] && entity_list == [None] {
-        return Ok(vec![subjects.all_events()]);
-    }
-    let mut out = Vec::with_capacity(hook_list.len() * entity_list.len());
-    for h in &hook_list {
-        for e in &entity_list {
-            out.push(subjects.event_filter(*h, *e)?);
+    let mut object_list: Vec<Option<ObjectKey>> = Vec::new();
+    for o in objects {
+        if !object_list.contains(&Some(*o)) {
+            object_list.push(Some(*o));
         }
     }
-    Ok(out)
+    if object_list.is_empty() {
+        object_list.push(None);
+    }
+    if hook_list == [None] && entity_list == [None] && object_list == [None] {
+        return Ok(vec![subjects.all_events()]);
+    }
+    let mut out = Vec::with_capacity(hook_list.len() * entity_list.len() * object_list.len());
+    let mut mismatch = None;
+    for h in &hook_list {
+        for e in &entity_list {
+            for o in &object_list {
+                match subjects.stored_event_filter(*h, *e, *o) {
+                    Ok(f) => out.push(f),
+                    Err(err @ SubjectError::ObjectNotOfHook { .. }) => mismatch = Some(err),
+                    Err(err) => return Err(err.into()),
+                }
+            }
+        }
+    }
+    match mismatch {
+        Some(err) if out.is_empty() => Err(err.into()),
+        _ => Ok(out),
+    }
 }
 
 /// The union of the handlers' hooks and entity filters, without overlaps: one
@@ -621,7 +661,12 @@ pub async fn replay_events(
     subjects: &Subjects,
     options: ReplayOptions,
 ) -> Result<EventReplay, ReplayError> {
-    let filters = filter_subjects(subjects, &options.hooks, &options.entities)?;
+    let filters = filter_subjects_for(
+        subjects,
+        &options.hooks,
+        &options.entities,
+        &options.objects,
+    )?;
     open(js, subjects, options.from, filters, options.until_caught_up).await
 }
 
@@ -1381,11 +1426,31 @@ mod tests {
                 &["a b".to_owned()]
             )
             .unwrap(),
-            ["pagoda.events.entry.after_create.a%20b"]
+            ["pagoda.events.entry.after_create.a%20b.>"]
         );
         assert_eq!(
             filter_subjects(&s, &[], &["x".to_owned(), "x".to_owned()]).unwrap(),
-            ["pagoda.events.*.*.x"]
+            ["pagoda.events.*.*.x.>"]
+        );
+        let entry42: ObjectKey = "entry/42".parse().unwrap();
+        assert_eq!(
+            filter_subjects_for(&s, &[], &[], &[entry42, entry42]).unwrap(),
+            ["pagoda.events.entry.*.*.42.*"]
+        );
+        assert_eq!(
+            filter_subjects_for(
+                &s,
+                &[Hook::EntryAfterUpdate, Hook::EntityAfterUpdate],
+                &[],
+                &[entry42]
+            )
+            .unwrap(),
+            ["pagoda.events.entry.after_update.*.42.*"]
+        );
+        let err = filter_subjects_for(&s, &[Hook::EntityAfterUpdate], &[], &[entry42]).unwrap_err();
+        assert!(
+            err.to_string().contains("has no events about entry/42"),
+            "{err}"
         );
         let err = filter_subjects(&s, &[Hook::EntryValidate], &[]).unwrap_err();
         assert!(err.to_string().contains("synchronous"), "{err}");
@@ -1401,16 +1466,16 @@ mod tests {
         assert_eq!(
             handler_filter_subjects(&s, &[some.clone(), all.clone(), other, other2]).unwrap(),
             [
-                "pagoda.events.entry.after_create.*",
-                "pagoda.events.entity.after_update.x",
-                "pagoda.events.entity.after_update.y",
-                "pagoda.events.entity.after_update.z",
+                "pagoda.events.entry.after_create.*.>",
+                "pagoda.events.entity.after_update.x.>",
+                "pagoda.events.entity.after_update.y.>",
+                "pagoda.events.entity.after_update.z.>",
             ]
         );
         all.entities = Some(vec!["customer".into()]);
         assert_eq!(
             handler_filter_subjects(&s, &[some, all]).unwrap(),
-            ["pagoda.events.entry.after_create.customer"]
+            ["pagoda.events.entry.after_create.customer.>"]
         );
     }
 
