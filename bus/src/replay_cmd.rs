@@ -2,7 +2,9 @@
 //! filtered by hook and entity, written to stdout as JSON lines or re-delivered
 //! to one plugin handler; up to the head of the stream, or following new events.
 //!
-//! Built on [`pagoda_plugin_sdk::replay::replay_events`]. A position the stream
+//! Built on [`pagoda_plugin_sdk::replay::replay_events`]; with
+//! [`ReplayCommand::latest_per_object`], on
+//! [`pagoda_plugin_sdk::backfill::latest_events`] (the latest event of every object). A position the stream
 //! no longer holds is refused with the oldest retained sequence, its time and
 //! the stream's retention ([`ReplayError::BeforeOldest`]).
 //!
@@ -28,6 +30,7 @@ use async_nats::{HeaderMap, HeaderValue};
 use core_events::protocol::{HandlerReply, codes, headers};
 use core_events::{Hook, ObjectKey, PluginManifest, Subjects};
 use futures::StreamExt;
+use pagoda_plugin_sdk::backfill::{BackfillOptions, latest_events};
 use pagoda_plugin_sdk::replay::{ReplayError, ReplayFrom, ReplayOptions, ReplayedEvent};
 use serde_json::value::RawValue;
 
@@ -65,6 +68,10 @@ pub struct ReplayCommand {
     pub entities: Vec<String>,
     /// Only these objects (`entry/42`; empty: every object): their history.
     pub objects: Vec<ObjectKey>,
+    /// Only the latest event of every object (as of the stream's last sequence
+    /// when the replay starts), in stream order; `from` must be the start. With
+    /// `follow`, then every later event. See [`pagoda_plugin_sdk::backfill`].
+    pub latest_per_object: bool,
     /// Keep going with new events after the head (until interrupted).
     pub follow: bool,
     /// Where the events go.
@@ -218,8 +225,30 @@ pub async fn run_with_progress(
         objects: cmd.objects.clone(),
         until_caught_up: !cmd.follow,
     };
-    let mut events = pagoda_plugin_sdk::replay::replay_events(&js, subjects, options).await?;
-    progress.start("replay", Some(events.total_at_start()));
+    type Events =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<ReplayedEvent, ReplayError>> + Send>>;
+    let (mut events, total): (Events, u64) = if cmd.latest_per_object {
+        if cmd.from != ReplayFrom::Start {
+            return Err(ReplayCmdError::Usage(format!(
+                "--latest-per-object reads the latest event of every object; it does not start at {} (leave --from-seq/--from-time out)",
+                cmd.from
+            )));
+        }
+        let backfill = BackfillOptions {
+            hooks: options.hooks,
+            entities: options.entities,
+            objects: options.objects,
+            follow: cmd.follow,
+        };
+        let latest = latest_events(&js, subjects, backfill).await?;
+        let count = latest.latest_count() as u64;
+        (Box::pin(latest), count)
+    } else {
+        let events = pagoda_plugin_sdk::replay::replay_events(&js, subjects, options).await?;
+        let total = events.total_at_start();
+        (Box::pin(events), total)
+    };
+    progress.start("replay", Some(total));
     let mut summary = ReplaySummary::default();
     let mut buffered = std::io::BufWriter::new(out);
     while let Some(event) = events.next().await {

@@ -359,6 +359,12 @@ pub enum ReplayError {
         #[source]
         source: async_nats::Error,
     },
+    /// [`ServeOptions::backfill`](crate::ServeOptions::backfill) and
+    /// [`ServeOptions::replay`](crate::ServeOptions::replay) were both set.
+    #[error(
+        "serve options ask for both a backfill and a replay from {0}: a plugin starts with one of them (backfill: the latest event of every object; replay: every event from a position)"
+    )]
+    BackfillWithReplay(ReplayFrom),
     /// The replay consumer could not be created.
     #[error("could not create the replay consumer on stream '{stream}': {source}")]
     Consumer {
@@ -679,22 +685,7 @@ pub(crate) async fn open(
     until_caught_up: bool,
 ) -> Result<EventReplay, ReplayError> {
     let name = subjects.events_stream();
-    let stream = js.get_stream(&name).await.map_err(|e| {
-        if matches!(
-            e.kind(),
-            jetstream::context::GetStreamErrorKind::JetStream(ref j)
-                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-        ) {
-            ReplayError::MissingStream {
-                stream: name.clone(),
-            }
-        } else {
-            ReplayError::Stream {
-                stream: name.clone(),
-                source: e.into(),
-            }
-        }
-    })?;
+    let stream = events_stream(js, &name).await?;
     check_retained(&name, stream.cached_info(), from)?;
     let deliver_policy = match from {
         ReplayFrom::Start | ReplayFrom::Sequence(0) => DeliverPolicy::All,
@@ -744,6 +735,30 @@ pub(crate) async fn open(
         total,
         start_after,
         last_seq: 0,
+    })
+}
+
+/// The events stream `name`, or why it cannot be read ([`ReplayError::MissingStream`]
+/// when it does not exist).
+pub(crate) async fn events_stream(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<jetstream::stream::Stream, ReplayError> {
+    js.get_stream(name).await.map_err(|e| {
+        if matches!(
+            e.kind(),
+            jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+        ) {
+            ReplayError::MissingStream {
+                stream: name.to_owned(),
+            }
+        } else {
+            ReplayError::Stream {
+                stream: name.to_owned(),
+                source: e.into(),
+            }
+        }
     })
 }
 
@@ -829,7 +844,7 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
-fn to_chrono(t: async_nats::datetime::DateTime) -> DateTime<Utc> {
+pub(crate) fn to_chrono(t: async_nats::datetime::DateTime) -> DateTime<Utc> {
     let nanos = t.unix_timestamp_nanos();
     let secs = i64::try_from(nanos.div_euclid(1_000_000_000)).unwrap_or_default();
     let sub = u32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or_default();
@@ -879,15 +894,19 @@ const PARSED_SUBJECTS_MAX: usize = 4096;
 
 /// What one event cost.
 #[derive(Debug, Default, Clone, Copy)]
-struct EventOutcome {
-    calls: u64,
-    dead_lettered: u64,
+pub(crate) struct EventOutcome {
+    pub(crate) calls: u64,
+    pub(crate) dead_lettered: u64,
 }
 
 impl Runner {
     /// Runs every matching handler on one event, in declaration order, each with
     /// its retries; a handler that fails every attempt is dead-lettered.
-    async fn run_event(&self, event: ReplayedEvent, stop: &CancellationToken) -> EventOutcome {
+    pub(crate) async fn run_event(
+        &self,
+        event: ReplayedEvent,
+        stop: &CancellationToken,
+    ) -> EventOutcome {
         let mut outcome = EventOutcome::default();
         let Some((hook, entity)) = self.parse_subject(&event.subject, event.stream_seq) else {
             return outcome;
@@ -1243,7 +1262,7 @@ impl CatchUpGate {
 
     /// The catch-up starts: events up to `start_after` are not part of it.
     /// `nothing_pending`: the stream holds no matching event from the start.
-    fn started(&self, start_after: u64, nothing_pending: bool) {
+    pub(crate) fn started(&self, start_after: u64, nothing_pending: bool) {
         self.progress.send_modify(|p| {
             p.replayed_through = p.replayed_through.max(start_after);
             if nothing_pending && p.replayed_through >= self.promised.load(Ordering::SeqCst) {
@@ -1253,7 +1272,7 @@ impl CatchUpGate {
     }
 
     /// One event done. Returns true when the catch-up is over.
-    fn done(&self, seq: u64, pending: u64, outcome: EventOutcome) -> bool {
+    pub(crate) fn done(&self, seq: u64, pending: u64, outcome: EventOutcome) -> bool {
         let mut over = false;
         self.progress.send_modify(|p| {
             p.replayed_through = p.replayed_through.max(seq);

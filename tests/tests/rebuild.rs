@@ -334,6 +334,7 @@ async fn an_unreadable_event_does_not_stop_a_rebuild_or_a_replay() {
             hooks: vec![],
             entities: vec![],
             objects: vec![],
+            latest_per_object: false,
             follow: false,
             target: hookbus::replay_cmd::Target::Stdout,
             progress: false,
