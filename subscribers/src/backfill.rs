@@ -463,6 +463,7 @@ pub(crate) async fn backfill_then_catch_up(
         }
     };
     let (count, through) = (latest.events.len(), latest.through);
+    gate.backfill_through(through);
     for event in latest.events {
         if stop.is_cancelled() {
             info!(
@@ -527,6 +528,7 @@ impl Plugin {
         let stop = CancellationToken::new();
         let mut progress = ReplayProgress {
             replayed_through: latest.through,
+            backfill_through: Some(latest.through),
             caught_up: true,
             ..ReplayProgress::default()
         };

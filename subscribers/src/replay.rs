@@ -872,6 +872,9 @@ pub struct ReplayProgress {
     pub dead_lettered: u64,
     /// The catch-up is over: live deliveries run normally from now on.
     pub caught_up: bool,
+    /// With a [backfill](crate::backfill): its bound `B`, once known. The first
+    /// events are the latest of every object up to it; every later event follows.
+    pub backfill_through: Option<u64>,
     /// Why the catch-up stopped early, when it did.
     pub error: Option<String>,
 }
@@ -1285,6 +1288,12 @@ impl CatchUpGate {
             over = p.caught_up;
         });
         over
+    }
+
+    /// A backfill knows its bound.
+    pub(crate) fn backfill_through(&self, through: u64) {
+        self.progress
+            .send_modify(|p| p.backfill_through = Some(through));
     }
 
     /// The catch-up cannot go on.
