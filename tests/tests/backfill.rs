@@ -487,6 +487,59 @@ async fn latest_events_and_hookbus_replay_latest_per_object() {
         stderr.contains("--latest-per-object") && stderr.contains("--from-seq"),
         "{stderr}"
     );
+
+    // Re-delivered to a handler: its hook and entities are the filter, so it gets
+    // the latest *update* of every customer.
+    let seen: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
+    let rec = seen.clone();
+    let plugin = Plugin::builder("redo-latest", "Redo latest", "1.0.0")
+        .on_entry(
+            Hook::EntryAfterUpdate,
+            pagoda_plugin_sdk::Handler::named("updated").entities(["customer"]),
+            move |ctx: EntryContext| {
+                let rec = rec.clone();
+                async move {
+                    assert!(ctx.is_replay);
+                    let name = ctx.event.data.entry.name.clone();
+                    rec.lock().unwrap().push((ctx.stream_seq, name));
+                    Ok(())
+                }
+            },
+        )
+        .build()
+        .unwrap();
+    let running = plugin
+        .serve_on(&server, ServeOptions::default())
+        .await
+        .unwrap();
+    let (ok, _, stderr) = hookbus_replay(
+        &server,
+        &[
+            "--latest-per-object",
+            "--to-plugin",
+            "redo-latest",
+            "--handler",
+            "updated",
+        ],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    let mut names: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, n)| n.clone())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["c1-v3", "c3-v2", "c4-v2"],
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    let seqs: Vec<u64> = seen.lock().unwrap().iter().map(|(s, _)| *s).collect();
+    assert!(seqs.is_sorted(), "in stream order: {seqs:?}");
+    running.shutdown().await.unwrap();
 }
 
 /// The Python with nats-py (`HOOKBUS_PYTHON`, else `.tools/pyvenv/bin/python`), as
