@@ -1,7 +1,7 @@
 //! Backfill: a plugin that joins late bootstraps from the **latest event of every
 //! object**, then follows live events with no gap and no duplicate.
 //!
-//! A full [replay](crate::replay) runs every stored event; a backfill runs one
+//! A full replay ([`crate::replay`]) runs every stored event; a backfill runs one
 //! event per object: the newest one, which carries the object's whole state
 //! (an `after_create` or `after_update` event holds the full entry or entity).
 //! An object whose latest event is an `after_delete` gets that event: the plugin
