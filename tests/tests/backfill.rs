@@ -636,3 +636,56 @@ async fn python_backfill_example_reads_the_latest_events_then_follows() {
     assert_eq!(lines, expected, "{}", output());
     child.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_of_an_empty_stream_is_over_at_once_and_asking_for_a_replay_too_is_refused() {
+    init_tracing();
+    let server = NatsServer::start_for(&["empty-b"]).await;
+    let bus = start_bus(&server, &["empty-b"]).await;
+    let record: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let (started_tx, _started_rx) = watch::channel(false);
+    let (_release_tx, release_rx) = watch::channel(true);
+    let plugin = recorder("empty-b", &record, started_tx, release_rx);
+
+    let both = ServeOptions {
+        backfill: true,
+        replay: Some(pagoda_plugin_sdk::ReplayFrom::Start),
+        ..ServeOptions::default()
+    };
+    let err = plugin.serve_on(&server, both).await.unwrap_err();
+    assert!(
+        err.to_string().contains("both a backfill and a replay"),
+        "{err}"
+    );
+
+    let options = ServeOptions {
+        backfill: true,
+        replay_bus_wait: Duration::from_secs(10),
+        ..ServeOptions::default()
+    };
+    let running = plugin.serve_on(&server, options).await.unwrap();
+    let progress = tokio::time::timeout(WAIT, running.wait_caught_up())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        progress.caught_up && progress.error.is_none(),
+        "{progress:?}"
+    );
+    assert_eq!((progress.backfill_through, progress.events), (Some(0), 0));
+    // Then live.
+    let client = server.connect().await;
+    let seq = publish(
+        &publisher(&client),
+        Hook::EntryAfterCreate,
+        "customer",
+        1,
+        "c1",
+    )
+    .await;
+    assert_eventually!(record.lock().unwrap().len() == 1, WAIT);
+    let call = record.lock().unwrap()[0].clone();
+    assert_eq!((call.stored.seq, call.replay), (seq, false));
+    running.shutdown().await.unwrap();
+    bus.stop().await.unwrap();
+}
