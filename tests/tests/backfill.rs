@@ -689,3 +689,77 @@ async fn a_backfill_of_an_empty_stream_is_over_at_once_and_asking_for_a_replay_t
     running.shutdown().await.unwrap();
     bus.stop().await.unwrap();
 }
+
+/// A measurement, not a check: the latest events of 20,000 objects with 5 events
+/// each (100,000 stored) against reading the whole stream, alternated 3 times,
+/// medians. `cargo test -p hookbus-tests --test backfill -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn measure_backfill_against_a_full_read() {
+    const OBJECTS: usize = 20_000;
+    const PER_OBJECT: usize = 5;
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = server.connect().await;
+    let js = jetstream::new(client.clone());
+    hookbus::provision::provision(&js, &Subjects::default(), &Default::default())
+        .await
+        .unwrap();
+    let publisher = publisher(&client);
+    let mut acks = Vec::new();
+    for round in 0..PER_OBJECT {
+        for id in 0..OBJECTS {
+            let hook = if round == 0 {
+                Hook::EntryAfterCreate
+            } else {
+                Hook::EntryAfterUpdate
+            };
+            let mut e: Envelope<EntryEvent> = entry_event(hook, "customer", id as i64 + 1);
+            e.data.entry.name = format!("v{round}");
+            let encoded = hookbus::EncodedEvent::encode(publisher.subjects(), &e).unwrap();
+            acks.push(publisher.send(encoded).await.unwrap());
+            if acks.len() >= 1000 {
+                for ack in acks.drain(..) {
+                    ack.await.unwrap();
+                }
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let subjects = Subjects::default();
+    let (mut latest_ms, mut full_ms) = (Vec::new(), Vec::new());
+    let mut read = 0;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let events = latest_events(&js, &subjects, BackfillOptions::default())
+            .await
+            .unwrap();
+        read = events.read();
+        let got: Vec<_> = events.try_collect().await.unwrap();
+        assert_eq!(got.len(), OBJECTS);
+        latest_ms.push(started.elapsed().as_secs_f64() * 1e3);
+
+        let started = std::time::Instant::now();
+        let all: Vec<_> = replay_events(&js, &subjects, ReplayOptions::default())
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(all.len(), OBJECTS * PER_OBJECT);
+        full_ms.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "bench: backfill objects={OBJECTS} events={} read={read} latest_ms={:.0} full_read_ms={:.0} server={}",
+        OBJECTS * PER_OBJECT,
+        median(&mut latest_ms),
+        median(&mut full_ms),
+        hookbus_tests::nats_server_binary().display()
+    );
+}
