@@ -135,7 +135,8 @@
 //!     from: ReplayFrom::Sequence(1200),
 //!     hooks: vec![Hook::EntryAfterUpdate],
 //!     entities: vec!["customer".to_owned()],
-//!     until_caught_up: true,
+//!     // one object's history: objects: vec!["entry/42".parse()?],
+//!     ..Default::default()
 //! };
 //! let mut events = replay_events(&js, &Default::default(), options).await?;
 //! println!("{} events to go", events.total_at_start());
