@@ -3,7 +3,7 @@
 //! each, then every later event once, with objects updated while the backfill
 //! runs; the raw `latest_events` stream, with filters and following; `hookbus
 //! replay --latest-per-object`; the Python example of the raw protocol.
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
 
 mod common;
 
