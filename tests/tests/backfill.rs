@@ -763,3 +763,48 @@ async fn measure_backfill_against_a_full_read() {
         hookbus_tests::nats_server_binary().display()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hookbus_replay_latest_per_object_follow_goes_on_with_new_events() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let all = history(&server).await;
+    let latest = latest_up_to(&all, all.last().unwrap().seq);
+    let mut child = tokio::process::Command::new(hookbus_tests::hookbus_binary())
+        .args(["replay", "--latest-per-object", "--follow"])
+        .envs(server.env_for(hookbus_tests::BUS_USER))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = collect_lines(child.stdout.take().unwrap());
+    let stderr = collect_lines(child.stderr.take().unwrap());
+    let seqs = || {
+        stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eventually!(
+        seqs().len() == latest.len(),
+        WAIT,
+        "{:?} {:?}",
+        stdout.lock().unwrap(),
+        stderr.lock().unwrap()
+    );
+    let publisher = publisher(&server.connect().await);
+    let new = publish(&publisher, Hook::EntryAfterUpdate, "customer", 2, "c2-back").await;
+    let mut want: Vec<u64> = latest.iter().map(|s| s.seq).collect();
+    want.push(new);
+    assert_eventually!(seqs() == want, WAIT, "{:?}", stdout.lock().unwrap());
+    child.kill().await.unwrap();
+}
