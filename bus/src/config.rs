@@ -75,6 +75,13 @@ pub struct StreamSettings {
     pub replicas: usize,
     /// Largest event payload accepted, in bytes (the stream's `max_msg_size`).
     pub max_event_bytes: i32,
+    /// Partitions of the events stream (`N` of its `{{partition(N,1,4)}}` subject
+    /// transform), fixed when the stream is created. `None` (the host, the relay,
+    /// tools): an existing stream is taken as it is and a new one gets 1. `Some(n)`
+    /// (the bus: its [`DispatcherSettings::partitions`]): a new stream gets `n`,
+    /// and an existing one with another number is an error, since changing it is a
+    /// migration (docs/deploy.md).
+    pub partitions: Option<u32>,
 }
 
 impl Default for StreamSettings {
@@ -89,6 +96,7 @@ impl Default for StreamSettings {
             lease_ttl: default_duration(defaults::LEASE_TTL),
             replicas: defaults::STREAM_REPLICAS,
             max_event_bytes: 1024 * 1024,
+            partitions: None,
         }
     }
 }
@@ -119,11 +127,14 @@ pub struct DispatcherSettings {
     /// that of several buses exactly one dispatches and the others stand by.
     /// Default on.
     pub lease: bool,
-    /// Partitions of the events (by object, [`core_events::object_partition`]), each
-    /// dispatched by one bus at a time: several buses share the partitions, each
-    /// taking its fair share of their leases, and take over a dead one's. Every bus
-    /// needs the same number. 1 (the default): one bus dispatches everything and the
-    /// others stand by. Needs [`DispatcherSettings::lease`].
+    /// Partitions of the events (by object, [`core_events::object_partition`],
+    /// computed by nats-server into the last token of the stored subject), each
+    /// dispatched by one bus at a time from a consumer filtered on its partition:
+    /// several buses share the partitions, each taking its fair share of their
+    /// leases, and take over a dead one's. It must equal the events stream's
+    /// partition count (set when the bus creates the stream; changing it is a
+    /// migration, docs/deploy.md). 1 (the default): one bus dispatches everything
+    /// and the others stand by. Needs [`DispatcherSettings::lease`].
     pub partitions: u32,
 }
 

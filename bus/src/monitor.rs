@@ -173,7 +173,9 @@ pub struct BusHealth {
     /// dispatcher lease) or `stopped`.
     #[serde(default)]
     pub dispatcher_role: String,
-    /// Number of partitions the events are dispatched in (1: not partitioned).
+    /// The events stream's partition count (`N` of its `{{partition(N,1,4)}}`
+    /// subject transform, which the bus checked at start-up): the events are
+    /// dispatched in this many partitions (1: not partitioned).
     #[serde(default)]
     pub partitions: u32,
     /// The partitions this bus dispatches now (when partitioned).

@@ -162,8 +162,9 @@ pub fn permissions(subjects: &Subjects, user: &User, partitions: u32) -> Permiss
             publish_allow: s(&[
                 // Events (outbox relay, `hookbus demo`), deliveries, dead letters,
                 // deferrals, alerts, status requests (`hookbus health`); not the
-                // host's API routes or jobs.
-                &format!("{p}.events.>"),
+                // host's API routes or jobs. Events only in the shape the events
+                // stream takes (object, action, entity, id).
+                &subjects.events_stream_subjects(),
                 &format!("{p}.hooks.>"),
                 &format!("{p}.dlq.>"),
                 &format!("{p}.deferred.>"),
@@ -186,8 +187,9 @@ pub fn permissions(subjects: &Subjects, user: &User, partitions: u32) -> Permiss
             publish_allow: s(&[
                 // Its relay publishes events, and dead-letters the outbox rows it
                 // cannot publish; sync hooks, plugin API routes, jobs, bus status
-                // requests, audit records (tokens).
-                &format!("{p}.events.>"),
+                // requests, audit records (tokens). Events only in the shape the
+                // events stream takes (object, action, entity, id).
+                &subjects.events_stream_subjects(),
                 &subjects.dead_letter(RELAY_DLQ.0, RELAY_DLQ.1),
                 &format!("{p}.hooks.>"),
                 &format!("{p}.api.>"),
@@ -491,6 +493,24 @@ mod tests {
     fn env_var_names() {
         assert_eq!(password_env_var("hello-world"), "NATS_PASSWORD_HELLO_WORLD");
         assert_eq!(inbox_prefix("flaky"), "_INBOX_flaky");
+    }
+
+    #[test]
+    fn host_and_bus_publish_events_only_in_the_stream_s_shape() {
+        let subjects = Subjects::new("acme.pagoda").unwrap();
+        for role in [Role::Host, Role::Bus] {
+            let user = User {
+                name: "u".to_owned(),
+                role,
+            };
+            let perms = permissions(&subjects, &user, 4);
+            let events: Vec<&String> = perms
+                .publish_allow
+                .iter()
+                .filter(|s| s.contains(".events."))
+                .collect();
+            assert_eq!(events, ["acme.pagoda.events.*.*.*.*"], "{:?}", user.role);
+        }
     }
 
     #[test]

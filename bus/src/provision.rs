@@ -25,6 +25,29 @@ pub enum ProvisionError {
         /// What differs, in words.
         differences: String,
     },
+    /// The events stream has the layout of before issue 13: subjects
+    /// `<prefix>.events.>` without the partition transform.
+    #[error(
+        "stream '{stream}' has the old subject layout (subjects {subjects:?}, no partition transform): events are now published on '<prefix>.events.<object>.<action>.<entity>.<id>' and the stream appends the partition; migrate it as docs/deploy.md#migrating-the-events-stream-to-the-partitioned-layout says"
+    )]
+    OldLayout {
+        /// Stream name.
+        stream: String,
+        /// Its subjects.
+        subjects: Vec<String>,
+    },
+    /// The events stream has another number of partitions than configured.
+    #[error(
+        "stream '{stream}' has {have} partition(s) but this bus is configured with {want} (--partitions): the number is fixed when the stream is created; start the bus with --partitions {have}, or change the stream's as docs/deploy.md#changing-the-number-of-partitions says"
+    )]
+    Partitions {
+        /// Stream name.
+        stream: String,
+        /// The stream's partition count.
+        have: u32,
+        /// The configured count.
+        want: u32,
+    },
     /// JetStream answered with an error.
     #[error("jetstream request for '{what}' failed: {source}")]
     JetStream {
@@ -51,13 +74,19 @@ pub fn bucket_names(subjects: &Subjects) -> [String; 3] {
     ]
 }
 
-/// The stream configurations the bus wants.
+/// The stream configurations the bus wants. The events stream's partition
+/// count is `settings.partitions` (1 when unset).
 pub fn stream_configs(subjects: &Subjects, settings: &StreamSettings) -> [stream::Config; 5] {
+    let (source, destination) = subjects.events_transform(settings.partitions.unwrap_or(1));
     [
         stream::Config {
             name: subjects.events_stream(),
             description: Some("Pagoda hook events (CloudEvents JSON)".into()),
-            subjects: vec![subjects.all_events()],
+            subjects: vec![subjects.events_stream_subjects()],
+            subject_transform: Some(stream::SubjectTransform {
+                source,
+                destination,
+            }),
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_age: settings.events_max_age,
@@ -132,11 +161,81 @@ pub async fn provision(
     subjects: &Subjects,
     settings: &StreamSettings,
 ) -> Result<(), ProvisionError> {
-    for wanted in stream_configs(subjects, settings) {
+    let mut settings = settings.clone();
+    if let Some(have) = events_partitions(js, subjects).await? {
+        match settings.partitions {
+            Some(want) if want.max(1) != have => {
+                return Err(ProvisionError::Partitions {
+                    stream: subjects.events_stream(),
+                    have,
+                    want,
+                });
+            }
+            _ => settings.partitions = Some(have),
+        }
+    }
+    for wanted in stream_configs(subjects, &settings) {
         ensure_stream(js, wanted).await?;
     }
-    ensure_buckets(js, subjects, settings).await?;
+    ensure_buckets(js, subjects, &settings).await?;
     Ok(())
+}
+
+/// The partition count of the events stream (the `N` of its subject transform),
+/// or `None` when there is no events stream yet, or its transform is not the
+/// bus's ([`provision`] then says how it differs).
+///
+/// # Errors
+///
+/// [`ProvisionError::OldLayout`] for an events stream of the old layout
+/// (subjects `<prefix>.events.>`, no partition transform),
+/// [`ProvisionError::JetStream`] when JetStream fails.
+pub async fn events_partitions(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+) -> Result<Option<u32>, ProvisionError> {
+    let name = subjects.events_stream();
+    let mut stream = match js.get_stream(&name).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(js_err(format!("get stream {name}"))(e.into())),
+    };
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| js_err(format!("stream info {name}"))(e.into()))?;
+    stream_partitions(subjects, &info.config)
+}
+
+/// The partition count an events stream's configuration declares: `None` when
+/// its transform is not the bus's (provisioning then reports how it differs).
+///
+/// # Errors
+///
+/// [`ProvisionError::OldLayout`] for the layout of before the partition transform.
+fn stream_partitions(
+    subjects: &Subjects,
+    config: &stream::Config,
+) -> Result<Option<u32>, ProvisionError> {
+    if config.subject_transform.is_none() && config.subjects == [subjects.all_events()] {
+        return Err(ProvisionError::OldLayout {
+            stream: config.name.clone(),
+            subjects: config.subjects.clone(),
+        });
+    }
+    Ok(config
+        .subject_transform
+        .as_ref()
+        .filter(|t| t.source == subjects.events_stream_subjects())
+        .and_then(|t| subjects.partitions_of_transform(&t.destination)))
 }
 
 async fn ensure_stream(
@@ -159,6 +258,12 @@ async fn ensure_stream(
                 diffs.push(format!(
                     "subjects are {:?}, need {:?}",
                     have.subjects, wanted.subjects
+                ));
+            }
+            if have.subject_transform != wanted.subject_transform {
+                diffs.push(format!(
+                    "subject transform is {:?}, need {:?}",
+                    have.subject_transform, wanted.subject_transform
                 ));
             }
             if have.retention != wanted.retention {

@@ -15,7 +15,7 @@ use serde::Serialize;
 pub struct EncodedEvent {
     /// The event id (also `Nats-Msg-Id`).
     pub id: EventId,
-    /// `<prefix>.events.<object>.<action>.<entity-token>`.
+    /// `<prefix>.events.<object>.<action>.<entity-token>.<object-id>`.
     pub subject: String,
     /// `Nats-Msg-Id`, `Pagoda-Object`, `Pagoda-Hook`, `Pagoda-Entity`, `traceparent`.
     pub headers: HeaderMap,
@@ -91,7 +91,7 @@ impl EncodedEvent {
         traceparent: Option<&str>,
         payload: Bytes,
     ) -> Result<Self, PublishError> {
-        let subject = subjects.event(hook, entity)?;
+        let subject = subjects.event(hook, entity, object.id)?;
         let mut h = HeaderMap::new();
         h.insert(headers::MSG_ID, id.to_string().as_str());
         h.insert(headers::OBJECT, object.to_string().as_str());

@@ -2,7 +2,9 @@
 //! filtered by hook and entity, written to stdout as JSON lines or re-delivered
 //! to one plugin handler; up to the head of the stream, or following new events.
 //!
-//! Built on [`pagoda_plugin_sdk::replay::replay_events`]. A position the stream
+//! Built on [`pagoda_plugin_sdk::replay::replay_events`]; with
+//! [`ReplayCommand::latest_per_object`], on
+//! [`pagoda_plugin_sdk::backfill::latest_events`] (the latest event of every object). A position the stream
 //! no longer holds is refused with the oldest retained sequence, its time and
 //! the stream's retention ([`ReplayError::BeforeOldest`]).
 //!
@@ -26,8 +28,9 @@ use std::time::Duration;
 use async_nats::client::RequestErrorKind;
 use async_nats::{HeaderMap, HeaderValue};
 use core_events::protocol::{HandlerReply, codes, headers};
-use core_events::{Hook, PluginManifest, Subjects};
+use core_events::{Hook, ObjectKey, PluginManifest, Subjects};
 use futures::StreamExt;
+use pagoda_plugin_sdk::backfill::{BackfillOptions, latest_events};
 use pagoda_plugin_sdk::replay::{ReplayError, ReplayFrom, ReplayOptions, ReplayedEvent};
 use serde_json::value::RawValue;
 
@@ -63,6 +66,12 @@ pub struct ReplayCommand {
     /// Only these entities (empty: every entity; with a plugin target: the
     /// handler's entity filter).
     pub entities: Vec<String>,
+    /// Only these objects (`entry/42`; empty: every object): their history.
+    pub objects: Vec<ObjectKey>,
+    /// Only the latest event of every object (as of the stream's last sequence
+    /// when the replay starts), in stream order; `from` must be the start. With
+    /// `follow`, then every later event. See [`pagoda_plugin_sdk::backfill`].
+    pub latest_per_object: bool,
     /// Keep going with new events after the head (until interrupted).
     pub follow: bool,
     /// Where the events go.
@@ -213,10 +222,33 @@ pub async fn run_with_progress(
         from: cmd.from,
         hooks,
         entities,
+        objects: cmd.objects.clone(),
         until_caught_up: !cmd.follow,
     };
-    let mut events = pagoda_plugin_sdk::replay::replay_events(&js, subjects, options).await?;
-    progress.start("replay", Some(events.total_at_start()));
+    type Events =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<ReplayedEvent, ReplayError>> + Send>>;
+    let (mut events, total): (Events, u64) = if cmd.latest_per_object {
+        if cmd.from != ReplayFrom::Start {
+            return Err(ReplayCmdError::Usage(format!(
+                "--latest-per-object reads the latest event of every object; it does not start at {} (leave --from-seq/--from-time out)",
+                cmd.from
+            )));
+        }
+        let backfill = BackfillOptions {
+            hooks: options.hooks,
+            entities: options.entities,
+            objects: options.objects,
+            follow: cmd.follow,
+        };
+        let latest = latest_events(&js, subjects, backfill).await?;
+        let count = latest.latest_count() as u64;
+        (Box::pin(latest), count)
+    } else {
+        let events = pagoda_plugin_sdk::replay::replay_events(&js, subjects, options).await?;
+        let total = events.total_at_start();
+        (Box::pin(events), total)
+    };
+    progress.start("replay", Some(total));
     let mut summary = ReplaySummary::default();
     let mut buffered = std::io::BufWriter::new(out);
     while let Some(event) = events.next().await {
@@ -375,7 +407,7 @@ mod tests {
     fn json_lines_keep_the_envelope_verbatim() {
         let mut out = Vec::new();
         let event = ReplayedEvent::new(
-            "pagoda.events.entry.after_create.customer",
+            "pagoda.events.entry.after_create.customer.20.0",
             HeaderMap::new(),
             bytes::Bytes::from_static(br#"{"id":"x","data":{"a":1}}"#),
             7,
@@ -386,7 +418,10 @@ mod tests {
         let line = String::from_utf8(out).unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["seq"], 7);
-        assert_eq!(v["subject"], "pagoda.events.entry.after_create.customer");
+        assert_eq!(
+            v["subject"],
+            "pagoda.events.entry.after_create.customer.20.0"
+        );
         assert_eq!(v["event"]["data"]["a"], 1);
         assert!(line.ends_with('\n'));
         let mut out = Vec::new();

@@ -66,7 +66,13 @@ impl Bus {
     /// [`RunError`] when provisioning, the registry or the status responder fail.
     pub async fn start(client: async_nats::Client, config: BusConfig) -> Result<Bus, RunError> {
         let js = jetstream::new(client.clone());
-        provision(&js, &config.subjects, &config.streams).await?;
+        // The bus's partitions are the events stream's: a new stream gets them,
+        // an existing one must have them.
+        let streams = crate::config::StreamSettings {
+            partitions: Some(config.dispatcher.partitions.max(1)),
+            ..config.streams.clone()
+        };
+        provision(&js, &config.subjects, &streams).await?;
         let shutdown = CancellationToken::new();
         let (registry, registry_task) = Registry::start(
             &js,

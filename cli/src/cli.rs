@@ -68,8 +68,10 @@ enum Command {
         lease_ttl: Duration,
         /// Partitions of the events (by object), each dispatched by one bus at a
         /// time: several `hookbus run --partitions 4` share the partitions and take
-        /// over a dead one's. Every bus needs the same number. 1: one bus dispatches,
-        /// the others stand by.
+        /// over a dead one's. It is the events stream's number, fixed when the
+        /// stream is created (by the first bus, or `hookbus provision --partitions`);
+        /// a bus with another number does not start. 1: one bus dispatches, the
+        /// others stand by.
         #[arg(long, env = "HOOKBUS_PARTITIONS", default_value_t = defaults::PARTITIONS,
             value_parser = clap::value_parser!(u32).range(1..=1024))]
         partitions: u32,
@@ -115,10 +117,16 @@ enum Command {
     /// Create the streams and the registry bucket if missing, and check them;
     /// apply the events stream's retention.
     ///
-    /// Example: hookbus provision --events-max-age 90d --events-max-bytes 50GiB
+    /// Example: hookbus provision --events-max-age 90d --events-max-bytes 50GiB --partitions 4
     Provision {
         #[command(flatten)]
         retention: RetentionArgs,
+        /// Partitions of a new events stream (fixed when it is created; the
+        /// buses' --partitions must equal it). Given for an existing stream, it
+        /// must be its number. Default: an existing stream's, 1 for a new one.
+        #[arg(long, env = "HOOKBUS_PARTITIONS",
+            value_parser = clap::value_parser!(u32).range(1..=1024))]
+        partitions: Option<u32>,
     },
     /// Replay stored events to stdout (JSON lines) or to one plugin handler.
     Replay(crate::replay_cli::ReplayArgs),
@@ -406,17 +414,26 @@ pub(crate) async fn main() -> Result<ExitCode> {
             .await?;
             ExitCode::SUCCESS
         }
-        Command::Provision { retention } => {
+        Command::Provision {
+            retention,
+            partitions,
+        } => {
             let js = jetstream::new(client.clone());
-            let mut streams = hookbus::config::StreamSettings::default();
+            let mut streams = hookbus::config::StreamSettings {
+                partitions,
+                ..Default::default()
+            };
             retention.apply(&mut streams);
             hookbus::provision::provision(&js, &subjects, &streams).await?;
+            let partitions = hookbus::provision::events_partitions(&js, &subjects)
+                .await?
+                .unwrap_or(1);
             let stream_names: Vec<String> = hookbus::provision::stream_configs(&subjects, &streams)
                 .into_iter()
                 .map(|c| c.name)
                 .collect();
             println_out(&format!(
-                "ok: streams {} and buckets {} are ready",
+                "ok: streams {} and buckets {} are ready; the events stream has {partitions} partition(s)",
                 stream_names.join(", "),
                 hookbus::provision::bucket_names(&subjects).join(", ")
             ));

@@ -76,8 +76,9 @@ fn parse_hook(s: &str) -> Result<Hook, core_events::UnknownHook> {
   hookbus tail --hook entry.after_create --entity customer
   hookbus tail --entity '顧客 master' --json        # JSON lines (seq, subject, hook, entity, event)
   hookbus tail --from-seq 1 --count 10             # the first 10 stored events, then exit
+  hookbus tail --from-seq 1 --object entry/42      # entry 42's history, then new events about it
 
-The same with the nats CLI: nats sub 'pagoda.events.entry.after_create.customer'")]
+The same with the nats CLI: nats sub 'pagoda.events.entry.after_create.customer.>'")]
 pub(crate) struct TailArgs {
     /// Only this hook (standard name or legacy alias); repeatable.
     #[arg(long = "hook", value_parser = parse_hook)]
@@ -85,6 +86,9 @@ pub(crate) struct TailArgs {
     /// Only this entity (exact name, not encoded); repeatable.
     #[arg(long = "entity")]
     entities: Vec<String>,
+    /// Only events about this object (entry/42 or entity/7); repeatable.
+    #[arg(long = "object", value_name = "KIND/ID")]
+    objects: Vec<core_events::ObjectKey>,
     /// JSON lines instead of readable lines.
     #[arg(long)]
     json: bool,
@@ -326,6 +330,7 @@ pub(crate) async fn tail(
     let opts = ops::tail::TailOptions {
         hooks: args.hooks,
         entities: args.entities,
+        objects: args.objects,
         json: args.json,
         from_seq: args.from_seq,
         count: args.count,

@@ -25,6 +25,8 @@ use pagoda_plugin_sdk::replay::ReplayFrom;
   hookbus replay --from-seq 1200 --hook entry.after_update --entity customer
   hookbus replay --from-time 2026-11-24T00:00:00Z --follow | jq .event.id
   hookbus replay --hook after_create_entry_v2 > creates.jsonl        (legacy names work)
+  hookbus replay --latest-per-object --entity customer      the latest event of every customer
+  hookbus replay --latest-per-object --follow              ...then every new event
   hookbus replay --to-plugin audit-log --handler entry_after_create   re-deliver to a handler
   hookbus replay --from-seq 500 --to-plugin crm --handler sync --progress
 
@@ -45,6 +47,15 @@ pub(crate) struct ReplayArgs {
     /// Only events about this entity (repeatable; the exact entity name).
     #[arg(long = "entity", value_name = "NAME")]
     pub(crate) entities: Vec<String>,
+    /// Only events about this object: its history (repeatable; entry/42 or entity/7).
+    #[arg(long = "object", value_name = "KIND/ID")]
+    pub(crate) objects: Vec<core_events::ObjectKey>,
+    /// Only the latest event of every object (as of the last stored event when
+    /// the replay starts), in stream order: a new consumer's bootstrap. An
+    /// object whose latest event is an after_delete gets it. With --follow, then
+    /// every later event, without gap or duplicate.
+    #[arg(long, conflicts_with_all = ["from_seq", "from_time"])]
+    pub(crate) latest_per_object: bool,
     /// Stop at the head of the stream (default true; false is --follow).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub(crate) until_caught_up: bool,
@@ -99,6 +110,8 @@ impl ReplayArgs {
             from,
             hooks: self.hooks.clone(),
             entities: self.entities.clone(),
+            objects: self.objects.clone(),
+            latest_per_object: self.latest_per_object,
             follow: self.follow || !self.until_caught_up,
             target,
             progress: self.progress,

@@ -37,4 +37,6 @@ pub use manifest::{
     ApiRouteSpec, HandlerSpec, ManifestError, OnUnavailable, PluginManifest, TaskSpec,
 };
 pub use model::{AttrType, Attribute, Entity, EntityAttr, Entry, ObjectRef, User};
-pub use subject::{ObjectKey, ObjectKeyError, SubjectError, Subjects, object_partition};
+pub use subject::{
+    EventSubject, ObjectKey, ObjectKeyError, SubjectError, Subjects, object_partition,
+};

@@ -1,7 +1,11 @@
 //! The subject codec: validated NATS subjects for events, handlers and dead letters.
 //!
-//! Event subjects are `<prefix>.events.<object>.<action>.<entity-token>`, for
-//! example `pagoda.events.entry.after_create.customer`.
+//! Event subjects are `<prefix>.events.<object>.<action>.<entity-token>.<object-id>`,
+//! for example `pagoda.events.entry.after_create.customer.42`. The events stream
+//! appends the partition token at ingest (a subject transform, see
+//! [`Subjects::events_transform`]), so the stored subject is
+//! `pagoda.events.entry.after_create.customer.42.<p>` with `<p>` =
+//! [`object_partition`] of the object and its id.
 //!
 //! # Entity tokens
 //!
@@ -61,6 +65,14 @@ pub enum SubjectError {
         prefix: String,
         /// What is wrong with it.
         reason: String,
+    },
+    /// A filter names an object of another kind than its hook's.
+    #[error("hook '{hook}' has no events about {object} (its events are about {kind} objects)", kind = .hook.object())]
+    ObjectNotOfHook {
+        /// The hook.
+        hook: Hook,
+        /// The object.
+        object: ObjectKey,
     },
     /// A name used as a subject token (plugin id, handler name) has characters it may not.
     #[error("{what} '{name}' is invalid: use only letters, digits, '-' and '_'")]
@@ -253,14 +265,16 @@ impl Subjects {
         format!("{}_registry", self.prefix.replace(['.', '-'], "_"))
     }
 
-    /// The subject of an event about `entity` for `hook`.
+    /// The subject an event about `entity` for `hook` is published on:
+    /// `<prefix>.events.<object>.<action>.<entity-token>.<object-id>`. `id` is the
+    /// id of the event's object (the entry, or the entity for entity hooks).
     ///
     /// # Errors
     ///
     /// As [`encode_entity`].
-    pub fn event(&self, hook: Hook, entity: &str) -> Result<String, SubjectError> {
+    pub fn event(&self, hook: Hook, entity: &str, id: i64) -> Result<String, SubjectError> {
         Ok(format!(
-            "{}.events.{}.{}.{}",
+            "{}.events.{}.{}.{}.{id}",
             self.prefix,
             hook.object(),
             hook.action(),
@@ -268,12 +282,59 @@ impl Subjects {
         ))
     }
 
-    /// All event subjects (`pagoda.events.>`).
+    /// All event subjects, as published and as stored (`pagoda.events.>`).
     pub fn all_events(&self) -> String {
         format!("{}.events.>", self.prefix)
     }
 
-    /// A filter over event subjects: any of the arguments may be left open.
+    /// The subjects of the events stream: exactly the published shape,
+    /// `pagoda.events.*.*.*.*` (object, action, entity token, object id), so that
+    /// the server refuses a publish of any other shape.
+    pub fn events_stream_subjects(&self) -> String {
+        format!("{}.events.*.*.*.*", self.prefix)
+    }
+
+    /// The events stream's subject transform for `partitions` partitions: from
+    /// [`Subjects::events_stream_subjects`] to the same tokens followed by
+    /// `{{partition(N,1,4)}}`, the FNV-1a-32 hash of the object and the id
+    /// tokens modulo N ([`object_partition`]). Returns `(source, destination)`.
+    pub fn events_transform(&self, partitions: u32) -> (String, String) {
+        (
+            self.events_stream_subjects(),
+            format!(
+                "{}.events.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{wildcard(3)}}}}.{{{{wildcard(4)}}}}.{{{{partition({},1,4)}}}}",
+                self.prefix,
+                partitions.max(1)
+            ),
+        )
+    }
+
+    /// The partition count of an events stream's transform destination (the `N`
+    /// of [`Subjects::events_transform`]), or `None` when `destination` is not
+    /// that transform.
+    pub fn partitions_of_transform(&self, destination: &str) -> Option<u32> {
+        let (_, wanted) = self.events_transform(1);
+        let head = wanted.strip_suffix("{{partition(1,1,4)}}")?;
+        let n: u32 = destination
+            .strip_prefix(head)?
+            .strip_prefix("{{partition(")?
+            .strip_suffix(",1,4)}}")?
+            .trim()
+            .parse()
+            .ok()?;
+        (n >= 1).then_some(n)
+    }
+
+    /// The stored events of one partition: `pagoda.events.*.*.*.*.<index>` (the
+    /// filter of that partition's dispatcher consumer).
+    pub fn partition_events(&self, index: u32) -> String {
+        format!("{}.events.*.*.*.*.{index}", self.prefix)
+    }
+
+    /// A filter over event subjects: any of the arguments may be left open. It
+    /// ends in `.>` (the object id, and in the stream the partition), so it
+    /// matches both published and stored subjects: `pagoda.events.*.*.customer.>`
+    /// is every event about entries and the entity of `customer`.
     ///
     /// # Errors
     ///
@@ -291,16 +352,73 @@ impl Subjects {
             Some(e) => encode_entity(e)?,
             None => "*".to_owned(),
         };
-        Ok(format!("{}.events.{object}.{action}.{entity}", self.prefix))
+        Ok(format!(
+            "{}.events.{object}.{action}.{entity}.>",
+            self.prefix
+        ))
     }
 
-    /// Splits an event subject into its hook and entity name.
+    /// The stored events about one object (its history):
+    /// `pagoda.events.entry.*.*.42.*`.
+    pub fn object_filter(&self, object: ObjectKey) -> String {
+        format!("{}.events.{}.*.*.{}.*", self.prefix, object.kind, object.id)
+    }
+
+    /// [`Subjects::event_filter`], narrowed to one object when `object` is given:
+    /// then a filter over stored events,
+    /// `pagoda.events.entry.after_update.customer.42.*`.
     ///
     /// # Errors
     ///
-    /// [`SubjectError::NotAnEventSubject`] for any subject that is not
-    /// `<prefix>.events.<object>.<action>.<token>` with a known hook and a valid token.
+    /// As [`encode_entity`]; [`SubjectError::ObjectNotOfHook`] when the hook's
+    /// events are about the other kind of object.
+    pub fn stored_event_filter(
+        &self,
+        hook: Option<Hook>,
+        entity: Option<&str>,
+        object: Option<ObjectKey>,
+    ) -> Result<String, SubjectError> {
+        let Some(object) = object else {
+            return self.event_filter(hook, entity);
+        };
+        let action = match hook {
+            Some(h) if h.object() != object.kind => {
+                return Err(SubjectError::ObjectNotOfHook { hook: h, object });
+            }
+            Some(h) => h.action(),
+            None => "*",
+        };
+        let entity = match entity {
+            Some(e) => encode_entity(e)?,
+            None => "*".to_owned(),
+        };
+        Ok(format!(
+            "{}.events.{}.{action}.{entity}.{}.*",
+            self.prefix, object.kind, object.id
+        ))
+    }
+
+    /// Splits an event subject into its hook and entity name (see
+    /// [`Subjects::parse_event_subject`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Subjects::parse_event_subject`].
     pub fn parse_event(&self, subject: &str) -> Result<(Hook, String), SubjectError> {
+        let parsed = self.parse_event_subject(subject)?;
+        Ok((parsed.hook, parsed.entity))
+    }
+
+    /// Reads an event subject, as published
+    /// (`<prefix>.events.<object>.<action>.<entity-token>.<id>`) or as stored in
+    /// the events stream (the same followed by `.<partition>`).
+    ///
+    /// # Errors
+    ///
+    /// [`SubjectError::NotAnEventSubject`] for any other subject: another shape,
+    /// an unknown hook, an invalid entity token, an id or partition that is not a
+    /// number.
+    pub fn parse_event_subject(&self, subject: &str) -> Result<EventSubject, SubjectError> {
         let fail = |reason: String| SubjectError::NotAnEventSubject {
             subject: subject.to_owned(),
             prefix: self.prefix.clone(),
@@ -310,10 +428,15 @@ impl Subjects {
             .strip_prefix(self.prefix.as_str())
             .and_then(|r| r.strip_prefix(".events."))
             .ok_or_else(|| fail("it does not start with '<prefix>.events.'".into()))?;
-        let mut parts = rest.splitn(3, '.');
-        let (Some(object), Some(action), Some(token)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(fail("expected <object>.<action>.<entity-token>".into()));
+        let parts: Vec<&str> = rest.split('.').collect();
+        let (object, action, token, id, partition) = match parts.as_slice() {
+            [o, a, t, i] => (*o, *a, *t, *i, None),
+            [o, a, t, i, p] => (*o, *a, *t, *i, Some(*p)),
+            _ => {
+                return Err(fail(
+                    "expected <object>.<action>.<entity-token>.<object-id>[.<partition>]".into(),
+                ));
+            }
         };
         let object = match object {
             "entry" => ObjectKind::Entry,
@@ -323,7 +446,21 @@ impl Subjects {
         let hook = Hook::from_parts(object, action)
             .ok_or_else(|| fail(format!("unknown hook '{object}.{action}'")))?;
         let entity = decode_entity(token).map_err(|e| fail(e.to_string()))?;
-        Ok((hook, entity))
+        let id: i64 = id
+            .parse()
+            .map_err(|_| fail(format!("object id '{id}' is not a number")))?;
+        let partition = partition
+            .map(|p| {
+                p.parse::<u32>()
+                    .map_err(|_| fail(format!("partition '{p}' is not a number")))
+            })
+            .transpose()?;
+        Ok(EventSubject {
+            hook,
+            entity,
+            object: ObjectKey { kind: object, id },
+            partition,
+        })
     }
 
     /// The service endpoint subject of a plugin's handler: `pagoda.hooks.<plugin>.<handler>`.
@@ -429,20 +566,36 @@ impl Subjects {
     }
 }
 
-/// The partition of an object among `count` partitions (`0..count`): FNV-1a
-/// (64-bit) of its `Pagoda-Object` header value (e.g. `entry/42`), modulo `count`.
-/// Every dispatcher of a partitioned bus computes it the same way, and so can any
-/// other tool; `count` 0 or 1 is one partition, 0.
-pub fn object_partition(object: &str, count: u32) -> u32 {
+/// What an event subject says ([`Subjects::parse_event_subject`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventSubject {
+    /// The hook.
+    pub hook: Hook,
+    /// The entity name (decoded).
+    pub entity: String,
+    /// The object the event is about.
+    pub object: ObjectKey,
+    /// The partition token the events stream appended (`None` for a subject as
+    /// published).
+    pub partition: Option<u32>,
+}
+
+/// The partition of an object among `count` partitions (`0..count`), as
+/// nats-server computes `{{partition(N,1,4)}}` in the events stream's subject
+/// transform: FNV-1a (32-bit) of the object token and the id token joined with
+/// nothing between them (`entry` and `42` hash `entry42`), modulo `count`. Any
+/// client can compute it; `count` 0 or 1 is one partition, 0.
+pub fn object_partition(object: &str, id: &str, count: u32) -> u32 {
     if count <= 1 {
         return 0;
     }
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in object.bytes() {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    u32::try_from(hash % u64::from(count)).unwrap_or(0)
+    let hash = object
+        .bytes()
+        .chain(id.bytes())
+        .fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+    hash % count
 }
 
 /// The object an event is about; events about one object are dispatched in stream order.
@@ -457,7 +610,7 @@ pub struct ObjectKey {
 impl ObjectKey {
     /// This object's partition among `count` ([`object_partition`]).
     pub fn partition(&self, count: u32) -> u32 {
-        object_partition(&self.to_string(), count)
+        object_partition(self.kind.as_str(), &self.id.to_string(), count)
     }
 }
 
@@ -521,36 +674,60 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn partitions_are_stable_and_spread() {
-        // Fixed values: other tools compute the same partition from the header.
-        assert_eq!(
-            object_partition("entry/1", 4),
-            object_partition("entry/1", 4)
-        );
-        assert_eq!(object_partition("entry/42", 1), 0);
-        assert_eq!(object_partition("entry/42", 0), 0);
+    fn partitions_are_fnv1a_32_of_object_and_id() {
+        // Known FNV-1a-32 values (the reference test vectors: "" and "a"), and
+        // the hash of the joined tokens, as nats-server's partition() computes it.
         let fnv = |s: &str| {
-            s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            s.bytes().fold(0x811c_9dc5_u32, |h, b| {
+                (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
             })
         };
+        assert_eq!(fnv(""), 0x811c_9dc5);
+        assert_eq!(fnv("a"), 0xe40c_292c);
+        assert_eq!(fnv("foobar"), 0xbf9c_f968);
         assert_eq!(
-            u64::from(object_partition("entry/42", 7)),
-            fnv("entry/42") % 7
+            object_partition("foo", "bar", 1_000_000_007),
+            0xbf9c_f968 % 1_000_000_007
         );
+        assert_eq!(object_partition("entry", "42", 7), fnv("entry42") % 7);
+        // Fixed values, checked against nats-server 2.10.26 and 2.12 by the
+        // `partition` integration test.
+        assert_eq!(object_partition("entry", "42", 4), 1);
+        assert_eq!(object_partition("entry", "1", 4), 2);
+        assert_eq!(object_partition("entity", "3", 8), 3);
+        assert_eq!(object_partition("entry", "42", 1), 0);
+        assert_eq!(object_partition("entry", "42", 0), 0);
         let key = ObjectKey {
             kind: ObjectKind::Entity,
             id: 3,
         };
-        assert_eq!(key.partition(4), object_partition("entity/3", 4));
+        assert_eq!(key.partition(8), object_partition("entity", "3", 8));
         let mut counts = [0u32; 4];
         for id in 0..4000 {
-            counts[object_partition(&format!("entry/{id}"), 4) as usize] += 1;
+            counts[object_partition("entry", &id.to_string(), 4) as usize] += 1;
         }
         assert!(
             counts.iter().all(|&c| (800..=1200).contains(&c)),
             "4000 entries spread over 4 partitions: {counts:?}"
         );
+    }
+
+    #[test]
+    fn the_stream_transform_names_its_partition_count() {
+        let s = Subjects::new("acme.pagoda").unwrap();
+        let (src, dest) = s.events_transform(4);
+        assert_eq!(src, "acme.pagoda.events.*.*.*.*");
+        assert_eq!(
+            dest,
+            "acme.pagoda.events.{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}.{{wildcard(4)}}.{{partition(4,1,4)}}"
+        );
+        assert_eq!(s.partitions_of_transform(&dest), Some(4));
+        assert_eq!(s.partitions_of_transform(&s.events_transform(1).1), Some(1));
+        assert_eq!(s.partitions_of_transform(&s.events_transform(0).1), Some(1));
+        assert_eq!(s.partitions_of_transform("acme.pagoda.events.>"), None);
+        let other = Subjects::default();
+        assert_eq!(other.partitions_of_transform(&dest), None);
+        assert_eq!(s.partition_events(3), "acme.pagoda.events.*.*.*.*.3");
     }
 
     #[test]
@@ -615,28 +792,78 @@ mod tests {
     #[test]
     fn event_subjects_round_trip() {
         let s = Subjects::default();
-        let subject = s.event(Hook::EntryAfterCreate, "customer").unwrap();
-        assert_eq!(subject, "pagoda.events.entry.after_create.customer");
+        let subject = s.event(Hook::EntryAfterCreate, "customer", 42).unwrap();
+        assert_eq!(subject, "pagoda.events.entry.after_create.customer.42");
         assert_eq!(
             s.parse_event(&subject).unwrap(),
             (Hook::EntryAfterCreate, "customer".to_owned())
         );
+        let parsed = s.parse_event_subject(&subject).unwrap();
+        assert_eq!(parsed.object.to_string(), "entry/42");
+        assert_eq!(parsed.partition, None);
+        let stored = s
+            .parse_event_subject("pagoda.events.entry.after_create.customer.42.3")
+            .unwrap();
+        assert_eq!(stored.object.id, 42);
+        assert_eq!(stored.partition, Some(3));
         let s = Subjects::new("acme.pagoda").unwrap();
         assert_eq!(s.events_stream(), "ACME_PAGODA_EVENTS");
         assert_eq!(s.registry_bucket(), "acme_pagoda_registry");
-        let subject = s.event(Hook::EntityAfterDelete, "a.b").unwrap();
-        assert_eq!(subject, "acme.pagoda.events.entity.after_delete.a%2Eb");
+        let subject = s.event(Hook::EntityAfterDelete, "a.b", 7).unwrap();
+        assert_eq!(subject, "acme.pagoda.events.entity.after_delete.a%2Eb.7");
         assert_eq!(
             s.parse_event(&subject).unwrap(),
             (Hook::EntityAfterDelete, "a.b".to_owned())
         );
-        assert!(s.parse_event("acme.pagoda.events.entry.nope.x").is_err());
-        assert!(s.parse_event("pagoda.events.entry.after_create.x").is_err());
+        for bad in [
+            "acme.pagoda.events.entry.nope.x.1",
+            "acme.pagoda.events.entry.after_create.x",
+            "acme.pagoda.events.entry.after_create.x.abc",
+            "acme.pagoda.events.entry.after_create.x.1.p",
+            "acme.pagoda.events.entry.after_create.x.1.2.3",
+            "pagoda.events.entry.after_create.x.1",
+        ] {
+            let err = s.parse_event(bad).unwrap_err().to_string();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
         assert!(Subjects::new("bad prefix").is_err());
         assert!(Subjects::new("a..b").is_err());
         assert_eq!(
             s.event_filter(Some(Hook::EntryAfterUpdate), None).unwrap(),
-            "acme.pagoda.events.entry.after_update.*"
+            "acme.pagoda.events.entry.after_update.*.>"
+        );
+        assert_eq!(
+            Subjects::default()
+                .event_filter(None, Some("customer"))
+                .unwrap(),
+            "pagoda.events.*.*.customer.>"
+        );
+        let entry42 = ObjectKey {
+            kind: ObjectKind::Entry,
+            id: 42,
+        };
+        let d = Subjects::default();
+        assert_eq!(d.object_filter(entry42), "pagoda.events.entry.*.*.42.*");
+        assert_eq!(
+            d.stored_event_filter(None, None, Some(entry42)).unwrap(),
+            "pagoda.events.entry.*.*.42.*"
+        );
+        assert_eq!(
+            d.stored_event_filter(Some(Hook::EntryAfterUpdate), Some("a b"), Some(entry42))
+                .unwrap(),
+            "pagoda.events.entry.after_update.a%20b.42.*"
+        );
+        assert_eq!(
+            d.stored_event_filter(Some(Hook::EntryAfterUpdate), None, None)
+                .unwrap(),
+            "pagoda.events.entry.after_update.*.>"
+        );
+        let err = d
+            .stored_event_filter(Some(Hook::EntityAfterCreate), None, Some(entry42))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "hook 'entity.after_create' has no events about entry/42 (its events are about entity objects)"
         );
     }
 

@@ -15,6 +15,7 @@
 //! | [`HandlerError`], [`ResultExt`] | a handler's failure: transient (retried, code 500) or permanent (dead-lettered, code 400) | [`error`] |
 //! | [`Plugin::serve`], [`ServeOptions`], [`RunningPlugin`] | serve and register; bounded concurrency; graceful shutdown | [`serve`] |
 //! | [`ReplayFrom`], [`ServeOptions::replay`], [`Plugin::replay`], [`replay::replay_events`] | rebuild state from the stored events, then go on live without a gap or a duplicate; raw replays | [`replay`] |
+//! | [`ServeOptions::backfill`], [`Plugin::backfill`], [`backfill::latest_events`] | a plugin that joins late: the latest event of every object, then live events without a gap or a duplicate | [`backfill`] |
 //! | [`PluginBuilder::on_validate`], [`SyncContext`], [`SyncError`] | synchronous hooks (validate, before_*, get_attrs) over request/reply | [`sync`] |
 //! | [`PluginBuilder::api_route`], [`ApiContext`], [`ApiResponse`] | plugin API routes: HTTP requests under `/api/v2/plugins/<id>/…`, forwarded by the host over request/reply | [`api`] |
 //! | [`PluginBuilder::task`], [`TaskContext`], [`TaskOutcome`] | plugin tasks run as jobs: a JetStream work queue, state and cancel in the jobs bucket | [`task`] |
@@ -83,6 +84,7 @@ mod plugin_api_and_jobs {}
 mod readme {}
 
 pub mod api;
+pub mod backfill;
 pub mod context;
 pub mod error;
 pub mod plugin;

@@ -135,7 +135,8 @@
 //!     from: ReplayFrom::Sequence(1200),
 //!     hooks: vec![Hook::EntryAfterUpdate],
 //!     entities: vec!["customer".to_owned()],
-//!     until_caught_up: true,
+//!     // one object's history: objects: vec!["entry/42".parse()?],
+//!     ..Default::default()
 //! };
 //! let mut events = replay_events(&js, &Default::default(), options).await?;
 //! println!("{} events to go", events.total_at_start());
@@ -160,7 +161,7 @@ use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use core_events::protocol::{FailedAttempt, headers};
-use core_events::{Envelope, EventId, HandlerSpec, Hook, SubjectError, Subjects};
+use core_events::{Envelope, EventId, HandlerSpec, Hook, ObjectKey, SubjectError, Subjects};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -212,6 +213,9 @@ pub struct ReplayOptions {
     pub hooks: Vec<Hook>,
     /// Only events about these entities (exact names; empty = every entity).
     pub entities: Vec<String>,
+    /// Only events about these objects (`entry/42`: one object's history; empty =
+    /// every object).
+    pub objects: Vec<ObjectKey>,
     /// `true` (the default): the stream of events ends after the last event that
     /// was in the stream when it was read (the server's `pending` count reached
     /// 0), or at once when nothing matches. `false`: it goes on with new events
@@ -225,6 +229,7 @@ impl Default for ReplayOptions {
             from: ReplayFrom::Start,
             hooks: Vec::new(),
             entities: Vec::new(),
+            objects: Vec::new(),
             until_caught_up: true,
         }
     }
@@ -235,7 +240,7 @@ impl Default for ReplayOptions {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ReplayedEvent {
-    /// The event subject, `<prefix>.events.<object>.<action>.<entity-token>`.
+    /// The event subject as stored, `<prefix>.events.<object>.<action>.<entity-token>.<object-id>.<partition>`.
     pub subject: String,
     /// The event's headers as published (`Nats-Msg-Id`, `Pagoda-Object`, `Pagoda-Hook`,
     /// `Pagoda-Entity`, `traceparent`); empty when it had none.
@@ -344,7 +349,7 @@ pub enum ReplayError {
     )]
     NotAnEventHook(Hook),
     /// An entity name cannot be used in a filter.
-    #[error("bad entity filter: {0}")]
+    #[error("bad filter: {0}")]
     Filter(#[from] SubjectError),
     /// Reading the stream's state failed.
     #[error("could not read stream '{stream}': {source}")]
@@ -355,6 +360,12 @@ pub enum ReplayError {
         #[source]
         source: async_nats::Error,
     },
+    /// [`ServeOptions::backfill`](crate::ServeOptions::backfill) and
+    /// [`ServeOptions::replay`](crate::ServeOptions::replay) were both set.
+    #[error(
+        "serve options ask for both a backfill and a replay from {0}: a plugin starts with one of them (backfill: the latest event of every object; replay: every event from a position)"
+    )]
+    BackfillWithReplay(ReplayFrom),
     /// The replay consumer could not be created.
     #[error("could not create the replay consumer on stream '{stream}': {source}")]
     Consumer {
@@ -393,6 +404,23 @@ pub fn filter_subjects(
     hooks: &[Hook],
     entities: &[String],
 ) -> Result<Vec<String>, ReplayError> {
+    filter_subjects_for(subjects, hooks, entities, &[])
+}
+
+/// [`filter_subjects`], narrowed to the events about `objects` (empty: all);
+/// a hook about the other kind of object than one of `objects` has no events
+/// about it and is left out for it.
+///
+/// # Errors
+///
+/// As [`filter_subjects`]; [`ReplayError::Filter`] when no hook has events about
+/// any of `objects`.
+pub fn filter_subjects_for(
+    subjects: &Subjects,
+    hooks: &[Hook],
+    entities: &[String],
+    objects: &[ObjectKey],
+) -> Result<Vec<String>, ReplayError> {
     if let Some(h) = hooks.iter().find(|h| !h.kind().is_notification()) {
         return Err(ReplayError::NotAnEventHook(*h));
     }
@@ -418,16 +446,35 @@ pub fn filter_subjects(
     } else {
         entities_unique.into_iter().map(Some).collect()
     };
-    if hook_list == [None] && entity_list == [None] {
-        return Ok(vec![subjects.all_events()]);
-    }
-    let mut out = Vec::with_capacity(hook_list.len() * entity_list.len());
-    for h in &hook_list {
-        for e in &entity_list {
-            out.push(subjects.event_filter(*h, *e)?);
+    let mut object_list: Vec<Option<ObjectKey>> = Vec::new();
+    for o in objects {
+        if !object_list.contains(&Some(*o)) {
+            object_list.push(Some(*o));
         }
     }
-    Ok(out)
+    if object_list.is_empty() {
+        object_list.push(None);
+    }
+    if hook_list == [None] && entity_list == [None] && object_list == [None] {
+        return Ok(vec![subjects.all_events()]);
+    }
+    let mut out = Vec::with_capacity(hook_list.len() * entity_list.len() * object_list.len());
+    let mut mismatch = None;
+    for h in &hook_list {
+        for e in &entity_list {
+            for o in &object_list {
+                match subjects.stored_event_filter(*h, *e, *o) {
+                    Ok(f) => out.push(f),
+                    Err(err @ SubjectError::ObjectNotOfHook { .. }) => mismatch = Some(err),
+                    Err(err) => return Err(err.into()),
+                }
+            }
+        }
+    }
+    match mismatch {
+        Some(err) if out.is_empty() => Err(err.into()),
+        _ => Ok(out),
+    }
 }
 
 /// The union of the handlers' hooks and entity filters, without overlaps: one
@@ -621,7 +668,12 @@ pub async fn replay_events(
     subjects: &Subjects,
     options: ReplayOptions,
 ) -> Result<EventReplay, ReplayError> {
-    let filters = filter_subjects(subjects, &options.hooks, &options.entities)?;
+    let filters = filter_subjects_for(
+        subjects,
+        &options.hooks,
+        &options.entities,
+        &options.objects,
+    )?;
     open(js, subjects, options.from, filters, options.until_caught_up).await
 }
 
@@ -634,22 +686,7 @@ pub(crate) async fn open(
     until_caught_up: bool,
 ) -> Result<EventReplay, ReplayError> {
     let name = subjects.events_stream();
-    let stream = js.get_stream(&name).await.map_err(|e| {
-        if matches!(
-            e.kind(),
-            jetstream::context::GetStreamErrorKind::JetStream(ref j)
-                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-        ) {
-            ReplayError::MissingStream {
-                stream: name.clone(),
-            }
-        } else {
-            ReplayError::Stream {
-                stream: name.clone(),
-                source: e.into(),
-            }
-        }
-    })?;
+    let stream = events_stream(js, &name).await?;
     check_retained(&name, stream.cached_info(), from)?;
     let deliver_policy = match from {
         ReplayFrom::Start | ReplayFrom::Sequence(0) => DeliverPolicy::All,
@@ -699,6 +736,30 @@ pub(crate) async fn open(
         total,
         start_after,
         last_seq: 0,
+    })
+}
+
+/// The events stream `name`, or why it cannot be read ([`ReplayError::MissingStream`]
+/// when it does not exist).
+pub(crate) async fn events_stream(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<jetstream::stream::Stream, ReplayError> {
+    js.get_stream(name).await.map_err(|e| {
+        if matches!(
+            e.kind(),
+            jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+        ) {
+            ReplayError::MissingStream {
+                stream: name.to_owned(),
+            }
+        } else {
+            ReplayError::Stream {
+                stream: name.to_owned(),
+                source: e.into(),
+            }
+        }
     })
 }
 
@@ -784,7 +845,7 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
-fn to_chrono(t: async_nats::datetime::DateTime) -> DateTime<Utc> {
+pub(crate) fn to_chrono(t: async_nats::datetime::DateTime) -> DateTime<Utc> {
     let nanos = t.unix_timestamp_nanos();
     let secs = i64::try_from(nanos.div_euclid(1_000_000_000)).unwrap_or_default();
     let sub = u32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or_default();
@@ -812,6 +873,9 @@ pub struct ReplayProgress {
     pub dead_lettered: u64,
     /// The catch-up is over: live deliveries run normally from now on.
     pub caught_up: bool,
+    /// With a [backfill](crate::backfill): its bound `B`, once known. The first
+    /// events are the latest of every object up to it; every later event follows.
+    pub backfill_through: Option<u64>,
     /// Why the catch-up stopped early, when it did.
     pub error: Option<String>,
 }
@@ -834,15 +898,19 @@ const PARSED_SUBJECTS_MAX: usize = 4096;
 
 /// What one event cost.
 #[derive(Debug, Default, Clone, Copy)]
-struct EventOutcome {
-    calls: u64,
-    dead_lettered: u64,
+pub(crate) struct EventOutcome {
+    pub(crate) calls: u64,
+    pub(crate) dead_lettered: u64,
 }
 
 impl Runner {
     /// Runs every matching handler on one event, in declaration order, each with
     /// its retries; a handler that fails every attempt is dead-lettered.
-    async fn run_event(&self, event: ReplayedEvent, stop: &CancellationToken) -> EventOutcome {
+    pub(crate) async fn run_event(
+        &self,
+        event: ReplayedEvent,
+        stop: &CancellationToken,
+    ) -> EventOutcome {
         let mut outcome = EventOutcome::default();
         let Some((hook, entity)) = self.parse_subject(&event.subject, event.stream_seq) else {
             return outcome;
@@ -1198,7 +1266,7 @@ impl CatchUpGate {
 
     /// The catch-up starts: events up to `start_after` are not part of it.
     /// `nothing_pending`: the stream holds no matching event from the start.
-    fn started(&self, start_after: u64, nothing_pending: bool) {
+    pub(crate) fn started(&self, start_after: u64, nothing_pending: bool) {
         self.progress.send_modify(|p| {
             p.replayed_through = p.replayed_through.max(start_after);
             if nothing_pending && p.replayed_through >= self.promised.load(Ordering::SeqCst) {
@@ -1208,7 +1276,7 @@ impl CatchUpGate {
     }
 
     /// One event done. Returns true when the catch-up is over.
-    fn done(&self, seq: u64, pending: u64, outcome: EventOutcome) -> bool {
+    pub(crate) fn done(&self, seq: u64, pending: u64, outcome: EventOutcome) -> bool {
         let mut over = false;
         self.progress.send_modify(|p| {
             p.replayed_through = p.replayed_through.max(seq);
@@ -1221,6 +1289,12 @@ impl CatchUpGate {
             over = p.caught_up;
         });
         over
+    }
+
+    /// A backfill knows its bound.
+    pub(crate) fn backfill_through(&self, through: u64) {
+        self.progress
+            .send_modify(|p| p.backfill_through = Some(through));
     }
 
     /// The catch-up cannot go on.
@@ -1381,11 +1455,31 @@ mod tests {
                 &["a b".to_owned()]
             )
             .unwrap(),
-            ["pagoda.events.entry.after_create.a%20b"]
+            ["pagoda.events.entry.after_create.a%20b.>"]
         );
         assert_eq!(
             filter_subjects(&s, &[], &["x".to_owned(), "x".to_owned()]).unwrap(),
-            ["pagoda.events.*.*.x"]
+            ["pagoda.events.*.*.x.>"]
+        );
+        let entry42: ObjectKey = "entry/42".parse().unwrap();
+        assert_eq!(
+            filter_subjects_for(&s, &[], &[], &[entry42, entry42]).unwrap(),
+            ["pagoda.events.entry.*.*.42.*"]
+        );
+        assert_eq!(
+            filter_subjects_for(
+                &s,
+                &[Hook::EntryAfterUpdate, Hook::EntityAfterUpdate],
+                &[],
+                &[entry42]
+            )
+            .unwrap(),
+            ["pagoda.events.entry.after_update.*.42.*"]
+        );
+        let err = filter_subjects_for(&s, &[Hook::EntityAfterUpdate], &[], &[entry42]).unwrap_err();
+        assert!(
+            err.to_string().contains("has no events about entry/42"),
+            "{err}"
         );
         let err = filter_subjects(&s, &[Hook::EntryValidate], &[]).unwrap_err();
         assert!(err.to_string().contains("synchronous"), "{err}");
@@ -1401,16 +1495,16 @@ mod tests {
         assert_eq!(
             handler_filter_subjects(&s, &[some.clone(), all.clone(), other, other2]).unwrap(),
             [
-                "pagoda.events.entry.after_create.*",
-                "pagoda.events.entity.after_update.x",
-                "pagoda.events.entity.after_update.y",
-                "pagoda.events.entity.after_update.z",
+                "pagoda.events.entry.after_create.*.>",
+                "pagoda.events.entity.after_update.x.>",
+                "pagoda.events.entity.after_update.y.>",
+                "pagoda.events.entity.after_update.z.>",
             ]
         );
         all.entities = Some(vec!["customer".into()]);
         assert_eq!(
             handler_filter_subjects(&s, &[some, all]).unwrap(),
-            ["pagoda.events.entry.after_create.customer"]
+            ["pagoda.events.entry.after_create.customer.>"]
         );
     }
 

@@ -64,6 +64,13 @@ pub struct ServeOptions {
     /// With `replay`: how long to wait for the running bus to route to this
     /// plugin before replaying anyway (default 10 s).
     pub replay_bus_wait: Duration,
+    /// Bootstrap before serving live events: run the handlers over the latest
+    /// stored event of every object, then go on live without a gap or a
+    /// duplicate (see [`crate::backfill`]); waits for the bus to route to the
+    /// plugin as a replay does ([`replay_bus_wait`](Self::replay_bus_wait)).
+    /// Default `false`. Not with [`replay`](Self::replay)
+    /// ([`ReplayError::BackfillWithReplay`]).
+    pub backfill: bool,
     /// Most jobs of the plugin's tasks running at once (default 4): the
     /// `max_ack_pending` of the jobs consumer the replicas share, so the limit
     /// holds over all of them (see [`crate::task`]).
@@ -79,6 +86,7 @@ impl Default for ServeOptions {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             replay: None,
             replay_bus_wait: DEFAULT_REPLAY_BUS_WAIT,
+            backfill: false,
             task_concurrency: DEFAULT_TASK_CONCURRENCY,
         }
     }
@@ -148,7 +156,11 @@ impl Plugin {
     ) -> Result<RunningPlugin, ServeError> {
         let manifest = &self.inner.manifest;
         let plugin_id: Arc<str> = manifest.id.as_str().into();
-        let gate = options.replay.map(|_| Arc::new(CatchUpGate::new()));
+        if let (true, Some(from)) = (options.backfill, options.replay) {
+            return Err(ServeError::Replay(ReplayError::BackfillWithReplay(from)));
+        }
+        let gate =
+            (options.replay.is_some() || options.backfill).then(|| Arc::new(CatchUpGate::new()));
         let service = client
             .service_builder()
             .queue_group(&manifest.id)
@@ -276,9 +288,9 @@ impl Plugin {
                 }
             }
         }
-        if let (Some(from), Some(gate)) = (options.replay, gate) {
+        if let Some(gate) = gate {
             match self
-                .start_catch_up(&client, &options, from, revision, gate)
+                .start_catch_up(&client, &options, options.replay, revision, gate)
                 .await
             {
                 Ok(task) => running.replay = Some(task),
@@ -301,12 +313,13 @@ impl Plugin {
     }
 
     /// Waits for the bus to route to this manifest revision, opens the replay
-    /// consumer (checking the start position) and spawns the catch-up.
+    /// consumer (checking the start position; `None`: the backfill consumer) and
+    /// spawns the catch-up.
     async fn start_catch_up(
         &self,
         client: &async_nats::Client,
         options: &ServeOptions,
-        from: ReplayFrom,
+        from: Option<ReplayFrom>,
         revision: u64,
         gate: Arc<CatchUpGate>,
     ) -> Result<ReplayTask, ReplayError> {
@@ -320,9 +333,23 @@ impl Plugin {
         )
         .await;
         let runner = self.runner(client, subjects);
+        let stop = CancellationToken::new();
+        let Some(from) = from else {
+            let opened = self.open_backfill(&runner, subjects).await?;
+            let handle = tokio::spawn(crate::backfill::backfill_then_catch_up(
+                runner,
+                opened,
+                gate.clone(),
+                stop.clone(),
+            ));
+            return Ok(ReplayTask {
+                gate,
+                stop,
+                handle: Some(handle),
+            });
+        };
         let filters = replay::handler_filter_subjects(subjects, &self.inner.manifest.handlers)?;
         let events = replay::open(&runner.js, subjects, from, filters, false).await?;
-        let stop = CancellationToken::new();
         let handle = tokio::spawn(replay::catch_up(runner, events, gate.clone(), stop.clone()));
         Ok(ReplayTask {
             gate,

@@ -32,17 +32,25 @@
 //! Scale-out: `cargo bench -p hookbus-tests --bench dispatch -- --partitions 4
 //! --dispatchers 2` runs the bus side as that many buses in this process, each
 //! with `DispatcherSettings::partitions` = 4, which share the partitions (two
-//! each) and dispatch at once. The raw side is then its hand-written equivalent:
-//! as many connections, one durable consumer per partition, each acking the
-//! other partitions' events at once (the subject carries no object id, so the
-//! server cannot filter them; by `object_partition` of `Pagoda-Object`, as the
-//! bus) and dispatching its own through per-entry lanes as above. A third side,
+//! each) and dispatch at once. Every side's events stream then has that many
+//! partitions (its subject transform appends the partition token). The raw side
+//! is the hand-written equivalent: as many connections, one durable consumer per
+//! partition filtered on the server to it (`pagoda.events.*.*.*.*.<p>`), each
+//! dispatching through per-entry lanes as above. A third side,
 //! `raw_single`, is the single raw loop on the same machine, so the cost of the
 //! layout itself shows: the summary adds `raw_single_eps` and `ratio_to_single`.
 //! The lines say `partitions=4 dispatchers=2`. All sides are then clocked from
 //! the first delivery to `p1` to the last ack (`clock=first_delivery`), so the
 //! buses' start-up (announcing themselves and dividing the partitions, one lease
 //! interval) is not counted as dispatch time; the metrics comparison is skipped.
+//! The buses get the events published once they have divided the partitions (so
+//! they dispatch while the events are being published); the raw sides get them
+//! published before they start (`raw_publish=before`), or, with
+//! `BENCH_PUBLISH_AFTER=1`, also once their consumers exist
+//! (`raw_publish=after_start`: every side does the same work at the same time).
+//! CPU per event (`cpu_us_per_event`: this process, i.e. the dispatchers and the
+//! responders; `server_cpu_us_per_event`: nats-server) is read from
+//! `/proc/<pid>/stat` around each side.
 #![allow(
     clippy::unwrap_used,
     clippy::print_stdout,
@@ -221,11 +229,16 @@ impl World {
         subjects: &Subjects,
         events: &[EncodedEvent],
         index: &Arc<HashMap<String, usize>>,
+        partitions: u32,
     ) -> World {
         let server = NatsServer::start().await;
         let admin = server.connect().await;
         let js = jetstream::new(admin.clone());
-        hookbus::provision::provision(&js, subjects, &StreamSettings::default())
+        let settings = StreamSettings {
+            partitions: Some(partitions),
+            ..StreamSettings::default()
+        };
+        hookbus::provision::provision(&js, subjects, &settings)
             .await
             .unwrap();
         let marks = Arc::new(Marks::new(events.len()));
@@ -480,7 +493,16 @@ fn cpu_since(server: &NatsServer, before: &Cpu) -> Cpu {
     }
 }
 
-async fn run_raw(world: &World, subjects: &Subjects, n: u64, layout: Layout) -> (Duration, Cpu) {
+/// Runs a raw side. With `publish_after`, the events are published once its
+/// consumers exist (as the partitioned bus side does), else they were published
+/// before.
+async fn run_raw(
+    world: &World,
+    subjects: &Subjects,
+    n: u64,
+    layout: Layout,
+    publish_after: Option<&[EncodedEvent]>,
+) -> (Duration, Cpu) {
     let settings = DispatcherSettings::default();
     let mut clients = Vec::with_capacity(layout.dispatchers);
     for _ in 0..layout.dispatchers {
@@ -498,7 +520,7 @@ async fn run_raw(world: &World, subjects: &Subjects, n: u64, layout: Layout) -> 
         .collect();
     let counts = RawCounts::default();
 
-    let cpu0 = cpu_now(&world.server);
+    let mut cpu0 = cpu_now(&world.server);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for partition in 0..layout.partitions {
@@ -514,6 +536,10 @@ async fn run_raw(world: &World, subjects: &Subjects, n: u64, layout: Layout) -> 
             )
             .await,
         );
+    }
+    if let Some(events) = publish_after {
+        world.publish(events).await;
+        cpu0 = cpu_now(&world.server);
     }
     if let Err(a) = wait_acked(n, || counts.acked.load(Ordering::Relaxed)).await {
         panic!("raw side acked only {a} of {n} events in {SIDE_TIMEOUT:?}");
@@ -539,9 +565,9 @@ struct RawCounts {
 }
 
 /// One raw consumer: for partition `i` of `count` (> 1), a durable consumer of
-/// its own that acks the other partitions' events at once (what a hand-written
-/// partitioned dispatcher has to do, since the subject has no object id), and
-/// dispatches its own through per-entry lanes. Returns its tasks.
+/// its own filtered on the server to that partition (the last token of the
+/// stored subject), and dispatches its events through per-entry lanes. Returns
+/// its tasks.
 async fn raw_partition(
     client: async_nats::Client,
     subjects: &Subjects,
@@ -562,7 +588,11 @@ async fn raw_partition(
             &name,
             pull::Config {
                 durable_name: Some(name.clone()),
-                filter_subject: subjects.all_events(),
+                filter_subject: if count > 1 {
+                    subjects.partition_events(index)
+                } else {
+                    subjects.all_events()
+                },
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: settings.ack_wait,
                 max_ack_pending: i64::try_from(settings.max_in_flight).unwrap(),
@@ -635,10 +665,6 @@ async fn raw_partition(
                 .and_then(|h| h.get(headers::OBJECT))
                 .map(|v| v.as_str().to_owned())
                 .unwrap_or_default();
-            if core_events::object_partition(&key, count) != index {
-                let _ = msg.ack().await;
-                continue;
-            }
             let next_lane = assigned.len() % lanes_n;
             let lane = *assigned.entry(key).or_insert(next_lane);
             if lanes[lane].send(msg).is_err() {
@@ -657,9 +683,15 @@ async fn measure(
     layout: Layout,
 ) -> Measured {
     let n = events.len() as u64;
-    let world = World::new(subjects, events, index).await;
+    let world = World::new(subjects, events, index, layout.partitions).await;
     let bus = matches!(side, Side::Bus | Side::BusNoMetrics);
-    if !(bus && layout.dispatchers > 1) {
+    // Several buses publish once they divided the partitions (see `run_bus`);
+    // with `BENCH_PUBLISH_AFTER=1` the raw sides of a partitioned run publish
+    // once their consumers exist too, so every side dispatches while the events
+    // are being published.
+    let publish_after = !layout.is_single() && std::env::var_os("BENCH_PUBLISH_AFTER").is_some();
+    let raw_after = (publish_after && !bus).then_some(events);
+    if !(bus && layout.dispatchers > 1) && raw_after.is_none() {
         // Pre-published; several buses publish once they divided the partitions.
         world.publish(events).await;
     }
@@ -667,8 +699,8 @@ async fn measure(
     let (mut elapsed, cpu) = match side {
         Side::Bus => run_bus(&world, events, true, layout).await,
         Side::BusNoMetrics => run_bus(&world, events, false, layout).await,
-        Side::Raw => run_raw(&world, subjects, n, layout).await,
-        Side::RawSingle => run_raw(&world, subjects, n, Layout::SINGLE).await,
+        Side::Raw => run_raw(&world, subjects, n, layout, raw_after).await,
+        Side::RawSingle => run_raw(&world, subjects, n, Layout::SINGLE, raw_after).await,
     };
     if !layout.is_single() {
         // Clock from the first delivery to p1 (see the module docs).
@@ -733,8 +765,14 @@ async fn bench(smoke: bool) {
         String::new()
     } else {
         format!(
-            " partitions={} dispatchers={} clock=first_delivery",
-            layout.partitions, layout.dispatchers
+            " partitions={} dispatchers={} clock=first_delivery raw_publish={}",
+            layout.partitions,
+            layout.dispatchers,
+            if std::env::var_os("BENCH_PUBLISH_AFTER").is_some() {
+                "after_start"
+            } else {
+                "before"
+            }
         )
     };
 

@@ -15,7 +15,7 @@
 //! reported figures are the medians.
 //!
 //! - **sdk**: [`Plugin::replay`] from the start, one `entry.after_create` handler
-//!   (filter `pagoda.events.entry.after_create.*`) that counts the event and adds
+//!   (filter `pagoda.events.entry.after_create.*.>`) that counts the event and adds
 //!   the entry id to a checksum. Everything a replay does runs: subject parsing,
 //!   the same decoding and `EventContext` as a live delivery, the handler call
 //!   with its timeout and panic guard, progress.

@@ -83,15 +83,21 @@ proptest! {
     }
 
     #[test]
-    fn event_subjects_round_trip(hook in hooks(), name in "\\PC{1,40}") {
+    fn event_subjects_round_trip(hook in hooks(), name in "\\PC{1,40}", id in any::<i64>()) {
         let subjects = Subjects::default();
-        if let Ok(subject) = subjects.event(hook, &name) {
+        if let Ok(subject) = subjects.event(hook, &name, id) {
             prop_assert!(!subject.contains(' ') && !subject.contains('*') && !subject.contains('>'));
-            let (parsed, entity) = subjects.parse_event(&subject).unwrap();
-            prop_assert_eq!(parsed, hook);
-            prop_assert_eq!(&entity, &name);
+            let parsed = subjects.parse_event_subject(&subject).unwrap();
+            prop_assert_eq!(parsed.hook, hook);
+            prop_assert_eq!(&parsed.entity, &name);
+            prop_assert_eq!(parsed.object.id, id);
+            prop_assert_eq!(parsed.object.kind, hook.object());
+            let stored = subjects
+                .parse_event_subject(&format!("{subject}.{}", parsed.object.partition(4)))
+                .unwrap();
+            prop_assert_eq!(stored.partition, Some(parsed.object.partition(4)));
             let token = encode_entity(&name).unwrap();
-            let suffix = format!(".{token}");
+            let suffix = format!(".{token}.{id}");
             prop_assert!(subject.ends_with(&suffix));
             prop_assert_eq!(decode_entity(&token).unwrap(), name.clone());
         }

@@ -65,10 +65,10 @@ async fn plugin_cannot_act_as_bus_host_or_other_plugin() {
 
     // Publish an event: refused, and the stream stays empty.
     alpha
-        .publish("pagoda.events.entry.after_create.customer", Bytes::new())
+        .publish("pagoda.events.entry.after_create.customer.1", Bytes::new())
         .await
         .unwrap();
-    expect_violation(&mut errors, "pagoda.events.entry.after_create.customer").await;
+    expect_violation(&mut errors, "pagoda.events.entry.after_create.customer.1").await;
     let bus_js = jetstream::new(bus_client.clone());
     assert_eq!(stream_len(&bus_js, "PAGODA_EVENTS").await, 0);
 

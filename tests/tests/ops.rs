@@ -118,6 +118,7 @@ async fn tail_shows_only_filtered_events() {
     let opts = ops::tail::TailOptions {
         hooks: vec![Hook::EntryAfterCreate],
         entities: vec!["customer".into()],
+        objects: vec![],
         json: false,
         from_seq: Some(1),
         count: Some(2),
@@ -172,6 +173,65 @@ async fn tail_shows_only_filtered_events() {
     assert!(events.iter().all(|e| e["entity"] == "customer"));
     assert_eq!(events[0]["hook"], "entry.after_update");
     assert_eq!(events[0]["object"], "entry/2");
+
+    // One object's history (`pagoda.events.entry.*.*.3.*`): another event about
+    // entry 3 later, and only its two events are shown.
+    publisher
+        .publish(&entry_event(Hook::EntryAfterUpdate, "customer", 3))
+        .await
+        .unwrap();
+    let output = run_cli(
+        &server,
+        &[
+            "tail",
+            "--from-seq",
+            "1",
+            "--count",
+            "2",
+            "--object",
+            "entry/3",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stdout = text(&output.stdout);
+    let seqs: Vec<(u64, String)> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap(),
+                e["hook"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seqs,
+        [
+            (3, "entry.after_create".to_owned()),
+            (5, "entry.after_update".to_owned())
+        ],
+        "{stdout}"
+    );
+    // An object no hook of the filter has events about: a usage error.
+    let output = run_cli(
+        &server,
+        &[
+            "tail",
+            "--hook",
+            "entity.after_create",
+            "--object",
+            "entry/3",
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stdout));
+    assert!(
+        text(&output.stderr).contains("has no events about entry/3"),
+        "{}",
+        text(&output.stderr)
+    );
 }
 
 #[tokio::test]

@@ -188,7 +188,7 @@ async fn every_committed_change_reaches_its_plugins_with_no_permission_violation
         }
         let host = d.nats.connect_as(hookbus_tests::HOST_USER).await;
         let subject = core_events::Subjects::default()
-            .event(Hook::EntryAfterCreate, "helloworld")
+            .event(Hook::EntryAfterCreate, "helloworld", 987_654)
             .unwrap();
         async_nats::jetstream::new(host)
             .publish(subject, foreign.to_string().into())

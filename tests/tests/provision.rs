@@ -21,7 +21,17 @@ async fn provisioning_twice_is_a_no_op() {
         .unwrap();
     let mut events = js.get_stream("PAGODA_EVENTS").await.unwrap();
     let info = events.info().await.unwrap();
-    assert_eq!(info.config.subjects, ["pagoda.events.>"]);
+    assert_eq!(info.config.subjects, ["pagoda.events.*.*.*.*"]);
+    // One partition unless told otherwise: stored subjects end in `.0`.
+    assert_eq!(
+        info.config
+            .subject_transform
+            .as_ref()
+            .map(|t| t.destination.as_str()),
+        Some(
+            "pagoda.events.{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}.{{wildcard(4)}}.{{partition(1,1,4)}}"
+        )
+    );
     assert!(js.get_key_value("pagoda_registry").await.is_ok());
     assert!(js.get_stream("PAGODA_DLQ").await.is_ok());
     assert!(js.get_stream("PAGODA_DEFERRED").await.is_ok());
@@ -81,7 +91,7 @@ async fn a_custom_prefix_gets_its_own_names() {
     let mut events = js.get_stream("ACME_PAGODA_EVENTS").await.unwrap();
     assert_eq!(
         events.info().await.unwrap().config.subjects,
-        ["acme.pagoda.events.>"]
+        ["acme.pagoda.events.*.*.*.*"]
     );
     assert!(js.get_key_value("acme_pagoda_registry").await.is_ok());
 }
@@ -95,7 +105,7 @@ async fn retention_changes_update_the_existing_events_stream() {
     provision(&js, &subjects, &StreamSettings::default())
         .await
         .unwrap();
-    js.publish("pagoda.events.entry.after_create.customer", "{}".into())
+    js.publish("pagoda.events.entry.after_create.customer.42", "{}".into())
         .await
         .unwrap()
         .await
@@ -112,7 +122,7 @@ async fn retention_changes_update_the_existing_events_stream() {
     assert_eq!(info.config.max_bytes, 64 * 1024 * 1024);
     assert_eq!(info.state.messages, 1, "events are kept");
     // The other settings are untouched; the other streams too.
-    assert_eq!(info.config.subjects, ["pagoda.events.>"]);
+    assert_eq!(info.config.subjects, ["pagoda.events.*.*.*.*"]);
     assert_eq!(info.config.duplicate_window, Duration::from_secs(120));
     let mut dlq = js.get_stream("PAGODA_DLQ").await.unwrap();
     assert_eq!(

@@ -294,8 +294,8 @@ async fn an_unreadable_event_does_not_stop_a_rebuild_or_a_replay() {
                 .unwrap(),
         ),
     ];
-    for (name, payload) in events {
-        let subject = subjects.event(Hook::EntityAfterCreate, name).unwrap();
+    for (id, (name, payload)) in (1..).zip(events) {
+        let subject = subjects.event(Hook::EntityAfterCreate, name, id).unwrap();
         js.publish(subject, payload.into())
             .await
             .unwrap()
@@ -333,6 +333,8 @@ async fn an_unreadable_event_does_not_stop_a_rebuild_or_a_replay() {
             from: pagoda_plugin_sdk::replay::ReplayFrom::Start,
             hooks: vec![],
             entities: vec![],
+            objects: vec![],
+            latest_per_object: false,
             follow: false,
             target: hookbus::replay_cmd::Target::Stdout,
             progress: false,

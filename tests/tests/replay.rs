@@ -332,6 +332,15 @@ async fn replays_start_at_a_sequence_or_a_time_filtered_by_hook_and_entity() {
     };
     assert!(collect(&js, none).await.is_empty());
 
+    // One object's history (`pagoda.events.entry.*.*.3.*`): entry 3 is the 3rd and
+    // 8th event of each batch.
+    let entry3 = ReplayOptions {
+        objects: vec!["entry/3".parse().unwrap()],
+        ..Default::default()
+    };
+    let want: Vec<_> = [2, 7, 14, 19].iter().map(|&i| all[i].clone()).collect();
+    assert_eq!(collect(&js, entry3).await, want);
+
     // Following: the stream goes on past the head.
     let follow = ReplayOptions {
         from: ReplayFrom::Sequence(all.len() as u64),

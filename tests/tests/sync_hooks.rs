@@ -428,7 +428,7 @@ async fn the_dispatcher_never_delivers_sync_hooks_as_events() {
     let mut h = async_nats::HeaderMap::new();
     h.insert(core_events::protocol::headers::OBJECT, "entry/1");
     js.publish_with_headers(
-        "pagoda.events.entry.validate.customer",
+        "pagoda.events.entry.validate.customer.1",
         h,
         bytes::Bytes::from_static(b"{}"),
     )

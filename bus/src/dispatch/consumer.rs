@@ -10,7 +10,6 @@ use async_nats::Subject;
 use async_nats::jetstream::consumer::PriorityPolicy;
 use async_nats::jetstream::{self, consumer::pull};
 use bytes::Bytes;
-use core_events::protocol::headers;
 use core_events::{ObjectKey, Subjects};
 use futures::StreamExt;
 use tokio::sync::Semaphore;
@@ -22,7 +21,8 @@ use super::deliver::{Delivery, WhenAbsent, deliver};
 use super::event::EventMeta;
 use super::hold::{Hold, give_back, keep_alive};
 use super::partition::{
-    PIN_GROUP, PIN_TIMEOUT, Partition, first_delivery, pinned_consumer, supports_pinning,
+    PIN_GROUP, PIN_TIMEOUT, Partition, filtered_consumer, first_delivery, pinned_consumer,
+    supports_pinning,
 };
 use crate::config::DispatcherSettings;
 use crate::registry::Registry;
@@ -95,8 +95,10 @@ impl Dispatcher {
     }
 
     /// [`Dispatcher::run`] for one partition: its own durable consumer on the
-    /// events stream (which reads every event and acks the other partitions'
-    /// at once) and its own deferred queues.
+    /// events stream, filtered on the server to the partition's events
+    /// (`<prefix>.events.*.*.*.*.<index>`: the stream's subject transform appends
+    /// the partition), and its own deferred queues. `partition.count` must be the
+    /// stream's partition count ([`crate::provision::events_partitions`]).
     ///
     /// # Errors
     ///
@@ -123,7 +125,7 @@ impl Dispatcher {
             durable_name: Some(name.clone()),
             description: Some(format!("Pagoda hook bus dispatcher, partition {partition}")),
             deliver_policy,
-            filter_subject: subjects.all_events(),
+            filter_subject: subjects.partition_events(partition.index),
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
             ack_wait: settings.ack_wait,
             max_ack_pending: i64::try_from(settings.max_in_flight).unwrap_or(i64::MAX),
@@ -145,6 +147,9 @@ impl Dispatcher {
             .get_or_create_consumer(&name, config.clone())
             .await
             .map_err(|e| err("dispatcher consumer")(e.into()))?;
+        filtered_consumer(&stream, &mut consumer, &config.filter_subject)
+            .await
+            .map_err(err("dispatcher consumer filter"))?;
         let pinned = pinned_consumer(&stream, &mut consumer, config).await;
         if pinned {
             // Whoever is pinned no longer holds this partition's lease (it died, or
@@ -233,8 +238,7 @@ impl Dispatcher {
                 }
                 next = messages.next() => match next {
                     Some(Ok(msg)) => {
-                        let ours = partition.is_all() || dispatcher.takes(&msg, &mut hold).await;
-                        if ours && let Some(msg) = hold.offer(msg) {
+                        if let Some(msg) = hold.offer(msg) {
                             dispatcher.accept(msg).await;
                         }
                         for msg in hold.all_back() {
@@ -275,42 +279,6 @@ impl Dispatcher {
             });
         }
         Ok(())
-    }
-
-    /// For a partitioned dispatcher: true when `msg` is about an object of its
-    /// partition; else acks it at once (another partition's dispatcher takes it)
-    /// and returns false. An event without a readable object goes to partition 0,
-    /// which moves it to the dead-letter stream.
-    async fn takes(&self, msg: &jetstream::Message, hold: &mut Hold) -> bool {
-        let partition = self.ctx.partition;
-        let ours = match msg.headers.as_ref().and_then(|h| h.get(headers::OBJECT)) {
-            Some(object) => partition.owns(object.as_str()),
-            None => match self
-                .ctx
-                .subjects
-                .parse_event(&msg.subject)
-                .ok()
-                .and_then(|(hook, _)| {
-                    core_events::envelope::object_of_event(hook.object(), &msg.payload).ok()
-                }) {
-                Some(object) => partition.owns(&object.to_string()),
-                None => partition.index == 0,
-            },
-        };
-        if ours {
-            return true;
-        }
-        if let Some(reply) = &msg.reply {
-            let _ = self
-                .ctx
-                .client
-                .publish(reply.clone(), Bytes::from_static(b"+ACK"))
-                .await;
-        }
-        if let Ok(info) = msg.info() {
-            hold.skipped(info.stream_sequence);
-        }
-        false
     }
 
     async fn accept(&self, msg: jetstream::Message) {

@@ -22,16 +22,13 @@ pub(crate) enum EventError {
     /// The `Pagoda-Object` header is not an object key.
     #[error(transparent)]
     Object(#[from] ObjectKeyError),
-    /// No `Pagoda-Object` header, and the payload names no object.
-    #[error("no {header} header, and {0}", header = protocol::headers::OBJECT)]
-    NoObject(ObjectKeyError),
-    /// The object is of the other kind than the hook's.
-    #[error("object '{object}' does not fit hook '{hook}' (expected a {})", .hook.object())]
+    /// The `Pagoda-Object` header names another object than the subject.
+    #[error("the {header} header says '{header_object}' but the subject names '{object}'", header = protocol::headers::OBJECT)]
     Mismatch {
-        /// The event's object.
+        /// The object of the subject.
         object: ObjectKey,
-        /// The event's hook.
-        hook: Hook,
+        /// The object of the header.
+        header_object: ObjectKey,
     },
 }
 
@@ -50,28 +47,34 @@ pub(crate) struct EventMeta {
 }
 
 impl EventMeta {
-    /// Reads an event of the events stream: its hook and entity from the subject,
-    /// its object from the `Pagoda-Object` header (or, without one, the payload).
+    /// Reads an event of the events stream: its hook, entity and object from the
+    /// subject (a `Pagoda-Object` header, when there is one, must agree).
     pub(super) fn from_event(
         subjects: &Subjects,
         msg: &async_nats::Message,
         seq: u64,
         redelivered: u64,
     ) -> Result<Self, EventError> {
-        let (hook, entity) = subjects.parse_event(&msg.subject)?;
+        let core_events::EventSubject {
+            hook,
+            entity,
+            object,
+            ..
+        } = subjects.parse_event_subject(&msg.subject)?;
         if !hook.kind().is_notification() {
             // Synchronous hooks are called over request/reply (`hookbus::sync_hooks`),
             // never dispatched as events: their handlers answer a different body.
             return Err(EventError::Synchronous(hook));
         }
         let headers = msg.headers.clone().unwrap_or_default();
-        let object = match headers.get(protocol::headers::OBJECT) {
-            Some(v) => v.as_str().parse::<ObjectKey>()?,
-            None => core_events::envelope::object_of_event(hook.object(), &msg.payload)
-                .map_err(EventError::NoObject)?,
-        };
-        if object.kind != hook.object() {
-            return Err(EventError::Mismatch { object, hook });
+        if let Some(v) = headers.get(protocol::headers::OBJECT) {
+            let header_object = v.as_str().parse::<ObjectKey>()?;
+            if header_object != object {
+                return Err(EventError::Mismatch {
+                    object,
+                    header_object,
+                });
+            }
         }
         let id: Arc<str> = headers
             .get(protocol::headers::MSG_ID)

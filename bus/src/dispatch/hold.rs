@@ -53,14 +53,6 @@ impl Hold {
         None
     }
 
-    /// An event of another partition went by (and was acked): it no longer counts
-    /// as one to wait for.
-    pub(super) fn skipped(&mut self, seq: u64) {
-        if self.deadline.is_some() && seq <= self.upto && !self.held.contains_key(&seq) {
-            self.remaining = self.remaining.saturating_sub(1);
-        }
-    }
-
     /// Everything held, in stream order, once every unfinished event is back
     /// (holding ends); nothing otherwise.
     pub(super) fn all_back(&mut self) -> Vec<jetstream::Message> {

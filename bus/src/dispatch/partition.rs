@@ -9,8 +9,10 @@ use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 
 /// The share of the events one dispatcher takes: the objects whose
-/// [`core_events::object_partition`] among `count` is `index`. `count` 1 is
-/// everything ([`Partition::ALL`]).
+/// [`core_events::object_partition`] among `count` is `index`, which the events
+/// stream writes as the last token of the stored subject, so the partition's
+/// consumer filters them on the server. `count` 1 is everything
+/// ([`Partition::ALL`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Partition {
     /// This partition, `0..count`.
@@ -41,12 +43,6 @@ impl Partition {
             Some(tag) => format!("{base}-{tag}"),
             None => base.to_owned(),
         }
-    }
-
-    /// True when the object of this `Pagoda-Object` value (`entry/42`) is in this
-    /// partition.
-    pub fn owns(self, object: &str) -> bool {
-        self.is_all() || core_events::object_partition(object, self.count) == self.index
     }
 }
 
@@ -119,6 +115,34 @@ pub(super) async fn first_delivery(
         }
         _ => DeliverPolicy::All,
     }
+}
+
+/// Makes an existing dispatcher consumer filter `filter` (one made by an older
+/// bus may filter every event); the rest of its configuration is kept.
+///
+/// # Errors
+///
+/// When the consumer cannot be updated: dispatching it unfiltered would deliver
+/// other partitions' events twice.
+pub(super) async fn filtered_consumer(
+    stream: &jetstream::stream::Stream,
+    consumer: &mut jetstream::consumer::Consumer<pull::Config>,
+    filter: &str,
+) -> Result<(), async_nats::Error> {
+    use jetstream::consumer::FromConsumer;
+
+    let current = consumer.cached_info().config.clone();
+    if current.filter_subject == filter && current.filter_subjects.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(consumer = ?current.name, from = %current.filter_subject, to = %filter,
+        "the dispatcher consumer filtered other events; filtering its partition now");
+    let mut config = current;
+    config.filter_subject = filter.to_owned();
+    config.filter_subjects = Vec::new();
+    let config = pull::Config::try_from_consumer_config(config)?;
+    *consumer = stream.update_consumer(config).await?;
+    Ok(())
 }
 
 /// Whether `consumer` is (now) a pinned-client consumer. One made before the

@@ -224,10 +224,11 @@ pub fn render(
     match &report.bus {
         Some(b) => writeln!(
             out,
-            "bus:    {}  NATS {}, dispatcher {}, backlog {} event(s) ({} not taken, {} in hand), {} acked since start",
+            "bus:    {}  NATS {}, dispatcher {}, events stream in {} partition(s), backlog {} event(s) ({} not taken, {} in hand), {} acked since start",
             if b.is_ok() { "ok" } else { "UNHEALTHY" },
             b.nats,
             role(b),
+            b.partitions.max(1),
             b.pending + b.ack_pending,
             b.pending,
             b.ack_pending,

@@ -4,7 +4,7 @@
 use std::io::Write;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-use core_events::Hook;
+use core_events::{Hook, ObjectKey};
 use futures::StreamExt;
 
 use super::{Ops, OpsError};
@@ -16,6 +16,8 @@ pub struct TailOptions {
     pub hooks: Vec<Hook>,
     /// Only these entity names, exact (empty: all).
     pub entities: Vec<String>,
+    /// Only these objects (empty: all).
+    pub objects: Vec<ObjectKey>,
     /// One JSON object per line instead of readable lines.
     pub json: bool,
     /// Start at this stream sequence instead of with the next new event.
@@ -24,11 +26,12 @@ pub struct TailOptions {
     pub count: Option<u64>,
 }
 
-/// The subject filters for the options (hooks × entities).
+/// The subject filters for the options (hooks × entities × objects).
 ///
 /// # Errors
 ///
-/// [`OpsError::Usage`] for an entity name that cannot be encoded.
+/// [`OpsError::Usage`] for an entity name that cannot be encoded, or objects
+/// that none of the hooks has events about.
 pub fn filters(ops: &Ops, opts: &TailOptions) -> Result<Vec<String>, OpsError> {
     let hooks: Vec<Option<Hook>> = if opts.hooks.is_empty() {
         vec![None]
@@ -40,19 +43,35 @@ pub fn filters(ops: &Ops, opts: &TailOptions) -> Result<Vec<String>, OpsError> {
     } else {
         opts.entities.iter().map(|e| Some(e.as_str())).collect()
     };
+    let objects: Vec<Option<ObjectKey>> = if opts.objects.is_empty() {
+        vec![None]
+    } else {
+        opts.objects.iter().copied().map(Some).collect()
+    };
     let mut out = Vec::new();
+    let mut mismatch = None;
     for h in &hooks {
         for e in &entities {
-            let f = ops
-                .subjects
-                .event_filter(*h, *e)
-                .map_err(|err| OpsError::Usage(err.to_string()))?;
-            if !out.contains(&f) {
-                out.push(f);
+            for o in &objects {
+                let f = match ops.subjects.stored_event_filter(*h, *e, *o) {
+                    Ok(f) => f,
+                    // A hook about the other kind of object: nothing to show for it.
+                    Err(err @ core_events::SubjectError::ObjectNotOfHook { .. }) => {
+                        mismatch = Some(err);
+                        continue;
+                    }
+                    Err(err) => return Err(OpsError::Usage(err.to_string())),
+                };
+                if !out.contains(&f) {
+                    out.push(f);
+                }
             }
         }
     }
-    Ok(out)
+    match mismatch {
+        Some(err) if out.is_empty() => Err(OpsError::Usage(err.to_string())),
+        _ => Ok(out),
+    }
 }
 
 /// Prints events until `opts.count` events were shown (or forever). Returns how
