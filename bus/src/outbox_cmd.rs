@@ -3,7 +3,7 @@
 
 use async_nats::jetstream;
 use core_events::Subjects;
-use pagoda_plugin_sdk::replay::ReplayError;
+use hookbus_kit::replay::ReplayError;
 use store::Store;
 use store::StoreError;
 use tokio_util::sync::CancellationToken;
@@ -189,7 +189,7 @@ pub async fn rebuild(
     mut progress: impl FnMut(u64, u64),
 ) -> Result<Rebuilt> {
     use futures::StreamExt;
-    use pagoda_plugin_sdk::replay::{ReplayOptions, replay_events};
+    use hookbus_kit::replay::{ReplayOptions, replay_events};
 
     let store = open_migrated(url).await?;
     if !force && !store.is_empty().await? {

@@ -2,9 +2,9 @@
 //! filtered by hook and entity, written to stdout as JSON lines or re-delivered
 //! to one plugin handler; up to the head of the stream, or following new events.
 //!
-//! Built on [`pagoda_plugin_sdk::replay::replay_events`]; with
+//! Built on [`hookbus_kit::replay::replay_events`]; with
 //! [`ReplayCommand::latest_per_object`], on
-//! [`pagoda_plugin_sdk::backfill::latest_events`] (the latest event of every object). A position the stream
+//! [`hookbus_kit::backfill::latest_events`] (the latest event of every object). A position the stream
 //! no longer holds is refused with the oldest retained sequence, its time and
 //! the stream's retention ([`ReplayError::BeforeOldest`]).
 //!
@@ -30,8 +30,8 @@ use async_nats::{HeaderMap, HeaderValue};
 use core_events::protocol::{HandlerReply, codes, headers};
 use core_events::{Hook, ObjectKey, PluginManifest, Subjects};
 use futures::StreamExt;
-use pagoda_plugin_sdk::backfill::{BackfillOptions, latest_events};
-use pagoda_plugin_sdk::replay::{ReplayError, ReplayFrom, ReplayOptions, ReplayedEvent};
+use hookbus_kit::backfill::{BackfillOptions, latest_events};
+use hookbus_kit::replay::{ReplayError, ReplayFrom, ReplayOptions, ReplayedEvent};
 use serde_json::value::RawValue;
 
 use crate::progress::{Progress, Silent};
@@ -70,7 +70,7 @@ pub struct ReplayCommand {
     pub objects: Vec<ObjectKey>,
     /// Only the latest event of every object (as of the stream's last sequence
     /// when the replay starts), in stream order; `from` must be the start. With
-    /// `follow`, then every later event. See [`pagoda_plugin_sdk::backfill`].
+    /// `follow`, then every later event. See [`hookbus_kit::backfill`].
     pub latest_per_object: bool,
     /// Keep going with new events after the head (until interrupted).
     pub follow: bool,
@@ -244,7 +244,7 @@ pub async fn run_with_progress(
         let count = latest.latest_count() as u64;
         (Box::pin(latest), count)
     } else {
-        let events = pagoda_plugin_sdk::replay::replay_events(&js, subjects, options).await?;
+        let events = hookbus_kit::replay::replay_events(&js, subjects, options).await?;
         let total = events.total_at_start();
         (Box::pin(events), total)
     };

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use core_events::{Hook, Subjects};
 use hookbus::progress::Progress;
 use hookbus::replay_cmd::{ReplayCmdError, ReplayCommand, Target, run_with_progress};
+use hookbus_kit::replay::ReplayFrom;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pagoda_plugin_sdk::replay::ReplayFrom;
 
 /// Replay stored events: print them as JSON lines, or re-deliver them to one
 /// plugin handler.
