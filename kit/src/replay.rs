@@ -490,7 +490,7 @@ impl futures::Stream for EventReplay {
 /// ```no_run
 /// # async fn example(js: async_nats::jetstream::Context) -> Result<(), Box<dyn std::error::Error>> {
 /// use futures::{FutureExt, StreamExt};
-/// use pagoda_plugin_sdk::replay::{replay_events, ReplayOptions};
+/// use hookbus_kit::replay::{replay_events, ReplayOptions};
 ///
 /// let mut events = replay_events(&js, &Default::default(), ReplayOptions::default()).await?;
 /// while let Some(event) = events.next().await {
