@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "hookbus", version, about, long_about = None)]
 struct Cli {
-    /// NATS server URL.
+    /// NATS server URL, or several separated by commas (the servers of a
+    /// cluster: the client fails over between them).
     #[arg(
         long,
         env = "NATS_URL",
@@ -291,9 +292,10 @@ pub(crate) async fn main() -> Result<ExitCode> {
     } else {
         options
     };
+    let servers = hookbus::nats_config::server_addrs(&cli.nats_url)?;
     let client = options
         .name("hookbus")
-        .connect(&cli.nats_url)
+        .connect(servers)
         .await
         .with_context(|| format!("cannot connect to NATS at {}", cli.nats_url))?;
     let code = match cli.command {
