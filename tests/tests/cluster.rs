@@ -83,8 +83,10 @@ impl Rig {
         })
         .await;
         let relay_client = cluster.connect_as(HOST_USER, RELAY_NODE).await;
-        let mut streams = hookbus::config::StreamSettings::default();
-        streams.replicas = 3;
+        let streams = hookbus::config::StreamSettings {
+            replicas: 3,
+            ..Default::default()
+        };
         let relay = Relay::new(
             host.store().clone(),
             async_nats::jetstream::new(relay_client),
@@ -190,7 +192,7 @@ impl Rig {
             while !stop.load(Ordering::SeqCst) {
                 i += 1;
                 let sent = Instant::now();
-                if i % 3 == 0 && !entries.is_empty() {
+                if i.is_multiple_of(3) && !entries.is_empty() {
                     let id = entries[i % entries.len()];
                     let request = client
                         .patch(format!("{base}/api/v2/entries/{id}/"))
