@@ -229,6 +229,12 @@ struct HostArgs {
     /// Leave the outbox to `hookbus run --database-url` (or `hookbus relay`).
     #[arg(long, overrides_with = "relay")]
     no_relay: bool,
+    /// The host provisions the streams and buckets it uses when they are
+    /// missing: with the same retention and replicas as `hookbus run`, so that
+    /// whichever starts first creates them alike (`--stream-replicas 3` in a
+    /// cluster).
+    #[command(flatten)]
+    retention: RetentionArgs,
 }
 
 /// A duration (as [`hookbus::config::parse_duration`]) that is not 0.
@@ -490,6 +496,7 @@ async fn host(client: async_nats::Client, subjects: Subjects, args: HostArgs) ->
     config.plugin_rate_per_sec = args.plugin_rate;
     config.plugin_rate_burst = args.plugin_burst;
     config.relay = args.relay || !args.no_relay;
+    args.retention.apply(&mut config.streams);
     if config.enabled_plugins.is_empty() {
         tracing::warn!("ENABLED_PLUGINS is empty: no plugin hook will run");
     }

@@ -1,8 +1,8 @@
 //! A real three-node nats-server cluster on loopback: [`Cluster`].
 //!
-//! Every node runs the **production profile** (the limits of
-//! `docker/nats/nats-server.conf` and the users `hookbus nats-config`
-//! generates, as [`NatsServer::start`]), on its own random client, monitoring
+//! Every node runs the **production profile** of a cluster node (the limits of
+//! `docker/nats/cluster-node.conf` and the users `hookbus nats-config`
+//! generates, as [`NatsServer::start`] does for one server), on its own random client, monitoring
 //! and route ports, with its own JetStream store, in one cluster. A node can be
 //! killed (SIGKILL) and restarted with its store, and the leader of a stream
 //! found, so tests can take the leader away mid-burst.
@@ -28,8 +28,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 
 use crate::{
-    NatsServer, NotReady, OPERATOR_USER, free_port, poll_for, poll_until, production_conf,
-    production_limits,
+    NatsServer, NotReady, OPERATOR_USER, cluster_limits, free_port, poll_for, poll_until,
+    production_conf,
 };
 
 /// Nodes in a [`Cluster`].
@@ -70,11 +70,12 @@ impl Cluster {
     ///
     /// As [`start`](Cluster::start).
     pub async fn start_for(plugins: &[&str]) -> Cluster {
-        Self::start_with_limits(plugins, &production_limits()).await
+        Self::start_with_limits(plugins, &cluster_limits()).await
     }
 
     /// [`start_for`](Cluster::start_for) with `limits` in place of the shipped
-    /// single-server ones (say, [`crate::limits_with_default_sync`]).
+    /// cluster node's ([`cluster_limits`]); say, the single server's
+    /// [`crate::production_limits`], which fsync every write.
     ///
     /// # Panics
     ///

@@ -895,6 +895,42 @@ pub fn production_limits() -> String {
         .collect()
 }
 
+/// The limits of `docker/nats/cluster-node.conf`, the shipped config of one node
+/// of a cluster: its settings less what the harness sets itself (name,
+/// addresses, store dir, the `cluster` block) and the `include` of the users.
+///
+/// # Panics
+///
+/// When the file cannot be read.
+pub fn cluster_limits() -> String {
+    let path = workspace_root().join("docker/nats/cluster-node.conf");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut out = String::new();
+    let mut depth = 0usize;
+    for line in text.lines() {
+        let key = line.trim_start();
+        if depth == 0 && key.starts_with("cluster") && key.contains('{') {
+            depth = 1;
+            continue;
+        }
+        if depth > 0 {
+            depth += key.matches('{').count();
+            depth = depth.saturating_sub(key.matches('}').count());
+            continue;
+        }
+        if ["server_name", "listen", "http", "store_dir", "include"]
+            .iter()
+            .any(|k| key.starts_with(k))
+        {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 /// [`production_limits`] less their `sync_interval` line: nats-server's default,
 /// which acknowledges a write before it is on disk and syncs every two minutes
 /// (for benchmarks that compare the two).
