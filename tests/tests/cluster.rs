@@ -33,6 +33,11 @@ const WAIT: Duration = Duration::from_secs(30);
 const EVENTS: &str = "PAGODA_EVENTS";
 const PLUGIN: &str = "recorder";
 
+/// The tests of this file run one at a time: six nats-server processes, two
+/// databases and two bursts at once crowd a two-core machine into timeouts that
+/// say nothing about the bus.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Where each component connects first.
 const HOST_NODE: usize = 0;
 const RELAY_NODE: usize = 1;
@@ -301,6 +306,7 @@ impl Rig {
 /// and dispatch continues: no event lost or duplicated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_events_stream_leader_mid_burst_loses_and_duplicates_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut rig = Rig::start().await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = rig.burst(stop.clone());
@@ -332,6 +338,7 @@ async fn killing_the_events_stream_leader_mid_burst_loses_and_duplicates_nothing
 /// event), and the check holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bus_fails_over_when_its_node_dies_and_the_node_catches_up_on_restart() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut rig = Rig::start().await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = rig.burst(stop.clone());
