@@ -63,7 +63,7 @@ impl Ledger {
     ///
     /// On any difference, naming it.
     pub async fn check(&self, server: &NatsServer, store: &Store) {
-        self.check_on(&server.connect().await, store).await;
+        Box::pin(self.check_on(&server.connect().await, store)).await;
     }
 
     /// [`check`](Ledger::check) through `client` (the operator's, with every

@@ -1066,7 +1066,8 @@ pub async fn stream_events(
 ) -> Vec<core_events::Envelope<serde_json::Value>> {
     let last_error = Mutex::new(String::new());
     let read = poll_for(READY_TIMEOUT, || async {
-        let attempt = tokio::time::timeout(READY_TIMEOUT, read_stream_events(client)).await;
+        let attempt =
+            tokio::time::timeout(READY_TIMEOUT, Box::pin(read_stream_events(client))).await;
         match attempt.unwrap_or_else(|_| Err("a read did not end".to_owned())) {
             Ok(events) => Some(events),
             Err(e) => {
@@ -1107,10 +1108,28 @@ async fn read_stream_events(
     if last == 0 {
         return Ok(out);
     }
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .map_err(|e| format!("an ordered consumer: {e}"))?;
+    let first = stream.cached_info().state.first_sequence;
+    let created = tokio::time::timeout(
+        Duration::from_secs(5),
+        stream.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()),
+    )
+    .await;
+    let consumer = match created {
+        Ok(Ok(consumer)) => consumer,
+        // nats-server 2.10 may place the consumer on a cluster node that is down
+        // (its creation then times out again and again): read message by message
+        // from the stream's leader instead.
+        _ => {
+            for seq in first.max(1)..=last {
+                let m = stream
+                    .get_raw_message(seq)
+                    .await
+                    .map_err(|e| format!("message {seq}: {e}"))?;
+                out.push(serde_json::from_slice(&m.payload).expect("an event in JSON"));
+            }
+            return Ok(out);
+        }
+    };
     let mut messages = consumer
         .messages()
         .await

@@ -78,6 +78,9 @@ impl Rig {
         config.streams.replicas = 3;
         // A delivery lost with a connection comes back after this.
         config.dispatcher.ack_wait = Duration::from_secs(5);
+        // As the cluster profile: longer than a leader election, so the bus
+        // keeps its dispatcher lease through one (docs/deploy.md).
+        config.streams.lease_ttl = Duration::from_secs(15);
         let bus = Bus::start(bus_client.clone(), config).await.unwrap();
 
         // The host, without its relay: the relay runs on its own connection.
@@ -383,4 +386,47 @@ async fn the_bus_fails_over_when_its_node_dies_and_the_node_catches_up_on_restar
         state.messages
     );
     rig.stop().await;
+}
+
+/// A lease renewal stored by the server whose answer was lost (a leader
+/// election of the leases bucket in a cluster) leaves the holder with a stale
+/// revision: its next renewal is refused as a wrong revision. The holder keeps
+/// the lease when the key still names it, and gives it up when another holder
+/// wrote the key. (Shown on one server: the "lost answer" is a put of the
+/// holder's own id behind its back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_renewal_whose_answer_was_lost_keeps_the_lease() {
+    let server = hookbus_tests::NatsServer::start().await;
+    let js = async_nats::jetstream::new(server.connect().await);
+    let subjects = core_events::Subjects::default();
+    hookbus::provision::provision(&js, &subjects, &hookbus::config::StreamSettings::default())
+        .await
+        .unwrap();
+    let ttl = Duration::from_millis(800);
+    let lease = hookbus::lease::Lease::open(&js, &subjects, "test-lease", "me", ttl)
+        .await
+        .unwrap();
+    let held = lease
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("the lease is free");
+    let kv = js.get_key_value(subjects.leases_bucket()).await.unwrap();
+    // "My" renewal, stored, its answer lost: the holder's revision is stale.
+    let before = kv.entry("test-lease").await.unwrap().unwrap().revision;
+    kv.put("test-lease", "me".into()).await.unwrap();
+    // Several renewal intervals later the lease is still held and renewed.
+    assert_eventually!(
+        kv.entry("test-lease")
+            .await
+            .unwrap()
+            .is_some_and(|e| e.revision >= before + 3 && &e.value[..] == b"me"),
+        WAIT,
+        "the holder goes on renewing"
+    );
+    assert!(!held.lost().is_cancelled(), "the lease was given up");
+    // Another holder's write: given up.
+    kv.put("test-lease", "someone-else".into()).await.unwrap();
+    assert_eventually!(held.lost().is_cancelled(), WAIT, "the lease is given up");
+    held.release().await;
 }
