@@ -430,3 +430,60 @@ async fn a_lease_renewal_whose_answer_was_lost_keeps_the_lease() {
     assert_eventually!(held.lost().is_cancelled(), WAIT, "the lease is given up");
     held.release().await;
 }
+
+/// The real `hookbus` binary with `NATS_URL` listing the three nodes, the first
+/// of them down: it connects to another, and `hookbus provision
+/// --stream-replicas 3` creates every stream and bucket with three replicas. A
+/// list with a URL that is not a NATS URL is refused, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hookbus_takes_a_list_of_servers_and_fails_over_to_a_live_one() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::start().await;
+    let list = cluster.url_list_from(0);
+    cluster.kill(0);
+    let hookbus = |url: &str, args: &[&str]| {
+        let mut command = std::process::Command::new(hookbus_tests::hookbus_binary());
+        for var in hookbus_tests::deploy::SCRUBBED_ENV {
+            command.env_remove(var);
+        }
+        command
+            .args(args)
+            .env("NATS_URL", url)
+            .env("NATS_USER", BUS_USER)
+            .env(
+                "NATS_PASSWORD",
+                hookbus_tests::NatsServer::password(BUS_USER),
+            )
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = hookbus(&list, &["provision", "--stream-replicas", "3"]);
+    assert!(
+        out.status.success(),
+        "hookbus provision with NATS_URL={list}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let js = async_nats::jetstream::new(cluster.connect().await);
+    let names: Vec<String> = futures::TryStreamExt::try_collect(js.stream_names())
+        .await
+        .unwrap();
+    assert!(names.len() >= 8, "streams and buckets: {names:?}");
+    for stream in &names {
+        let info = js
+            .get_stream(stream)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(info.config.num_replicas, 3, "{stream}");
+    }
+    let bad = format!("{list},http://127.0.0.1:80");
+    let out = hookbus(&bad, &["health"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("http://127.0.0.1:80"), "{stderr}");
+}
