@@ -128,13 +128,36 @@ impl Cluster {
         Ok(())
     }
 
-    /// Waits until the JetStream API answers through every running node (the
-    /// meta group has a leader and each node knows it).
+    /// Waits until the JetStream meta group has a leader that counts every
+    /// running node as a current peer (before that, creating an R3 stream fails
+    /// with "no suitable peers for placement"), and the JetStream API answers
+    /// through every running node.
     ///
     /// # Panics
     ///
     /// When it does not within [`CLUSTER_WAIT`].
     pub async fn wait_meta_leader(&self) {
+        let running = self.nodes.iter().filter(|n| n.is_running()).count();
+        let formed = poll_until(CLUSTER_WAIT, || async {
+            let Some(leader) = self.meta_leader().await else {
+                return false;
+            };
+            let Some(meta) = self.meta_cluster(leader).await else {
+                return false;
+            };
+            let current = meta["replicas"].as_array().map_or(0, |peers| {
+                peers
+                    .iter()
+                    .filter(|p| p["current"] == true && p["offline"] != true)
+                    .count()
+            });
+            current + 1 >= running
+        })
+        .await;
+        assert!(
+            formed,
+            "the JetStream meta group has no leader with {running} current peers after {CLUSTER_WAIT:?}"
+        );
         for (index, node) in self.nodes.iter().enumerate() {
             if !node.is_running() {
                 continue;
@@ -148,6 +171,29 @@ impl Cluster {
                 node.log_tail(40)
             );
         }
+    }
+
+    /// The node that leads the JetStream meta group, as a running node sees it.
+    async fn meta_leader(&self) -> Option<usize> {
+        for (index, node) in self.nodes.iter().enumerate() {
+            if node.is_running()
+                && let Some(meta) = self.meta_cluster(index).await
+                && let Some(name) = meta["leader"].as_str()
+            {
+                return self
+                    .node_named(name)
+                    .filter(|i| self.nodes[*i].is_running());
+            }
+        }
+        None
+    }
+
+    /// The `meta_cluster` part of node `index`'s `/jsz` (its replicas only on
+    /// the meta leader).
+    async fn meta_cluster(&self, index: usize) -> Option<serde_json::Value> {
+        let url = format!("{}/jsz", self.nodes[index].monitor_url());
+        let body: serde_json::Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+        Some(body["meta_cluster"].clone()).filter(|m| !m.is_null())
     }
 
     /// Node `index` (0, 1 or 2).
@@ -237,7 +283,8 @@ impl Cluster {
     }
 
     /// Kills node `index` with SIGKILL (nothing flushed) and waits for it to
-    /// exit; its store stays.
+    /// exit; its store stays. (The meta group may have to elect a leader again:
+    /// [`wait_meta_leader`](Cluster::wait_meta_leader) waits for one.)
     pub fn kill(&mut self, index: usize) {
         self.nodes[index].kill();
     }

@@ -192,18 +192,18 @@ impl Deliveries {
 
     /// Waits (at most [`SETTLE`]) until every event of the stream that `wanted`
     /// selects (by its type, `pagoda.entry.after_create`, …) was delivered, then
-    /// checks that each was, that nothing outside the stream was, and that the
-    /// first deliveries of each object came in stream order. Returns how many
-    /// calls were redeliveries.
+    /// checks that each was and that nothing outside the stream was, and reports
+    /// the redeliveries and the objects whose first deliveries did not come in
+    /// stream order ([`DeliveryReport::assert_in_order`]).
     ///
     /// # Panics
     ///
-    /// On any difference, naming it.
+    /// When an event was never delivered or one outside the stream was.
     pub async fn check_on(
         &self,
         client: &async_nats::Client,
         wanted: impl Fn(&str) -> bool,
-    ) -> usize {
+    ) -> DeliveryReport {
         let expected: Vec<(String, String)> = stream_events(client)
             .await
             .iter()
@@ -270,19 +270,48 @@ impl Deliveries {
                 .or_default()
                 .push(id.as_str());
         }
+        let mut out_of_order = Vec::new();
         for (object, ids) in &in_stream {
-            assert_eq!(
-                delivered.get(object),
-                Some(ids),
-                "object {object}: first deliveries (left) not in stream order (right)"
-            );
+            if delivered.get(object) != Some(ids) {
+                out_of_order.push(format!(
+                    "object {object}: first deliveries {:?}, stream order {ids:?}",
+                    delivered.get(object)
+                ));
+            }
         }
-        calls.len() - expected.len()
+        DeliveryReport {
+            redeliveries: calls.len() - expected.len(),
+            out_of_order,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Delivery>> {
         self.calls
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// What [`Deliveries::check_on`] found beyond completeness.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryReport {
+    /// Calls that were redeliveries of an event delivered before.
+    pub redeliveries: usize,
+    /// Objects whose events were first delivered out of stream order.
+    pub out_of_order: Vec<String>,
+}
+
+impl DeliveryReport {
+    /// Asserts that every object's events were first delivered in stream order.
+    ///
+    /// # Panics
+    ///
+    /// When one was not, naming the objects.
+    pub fn assert_in_order(&self) {
+        assert!(
+            self.out_of_order.is_empty(),
+            "per-object order broken:\n{}",
+            self.out_of_order.join("\n")
+        );
     }
 }
