@@ -165,6 +165,15 @@ impl Lease {
         }
     }
 
+    /// The key's revision when it holds this holder's id (a put, not a delete or
+    /// an expiry), else `None` (another holder, or gone).
+    async fn own_revision(&self) -> Result<Option<u64>, kv::EntryError> {
+        Ok(self.kv.entry(&self.key).await?.and_then(|entry| {
+            (entry.operation == kv::Operation::Put && entry.value == self.holder.as_bytes())
+                .then_some(entry.revision)
+        }))
+    }
+
     fn hold(&self, revision: u64) -> Held {
         let lost = CancellationToken::new();
         let stop = CancellationToken::new();
@@ -200,9 +209,27 @@ impl Lease {
                         renewed = Instant::now();
                     }
                     Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                        tracing::error!(lease = %lease.key, "lease taken by another process; giving it up");
-                        lost2.cancel();
-                        return;
+                        // An earlier renewal may have been stored with its answer
+                        // lost (it timed out while the bucket changed leader, in a
+                        // cluster): then the key still names this holder, at a newer
+                        // revision, and the lease is ours. `renewed` stays as it was
+                        // (when that write happened is not known).
+                        match lease.own_revision().await {
+                            Ok(Some(current)) => {
+                                tracing::info!(lease = %lease.key, revision = current, "an earlier renewal was stored after all; keeping the lease");
+                                revision = current;
+                            }
+                            Ok(None) => {
+                                tracing::error!(lease = %lease.key, "lease taken by another process; giving it up");
+                                lost2.cancel();
+                                return;
+                            }
+                            // Unknown for now: tried again at the next renewal, until
+                            // `give_up` below.
+                            Err(e) => {
+                                tracing::warn!(lease = %lease.key, error = %e, "lease renewal refused and the key cannot be read")
+                            }
+                        }
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(lease = %lease.key, error = %e, "lease renewal failed");

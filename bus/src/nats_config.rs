@@ -396,6 +396,53 @@ pub fn with_credentials(
     }
 }
 
+/// The servers of a comma-separated `NATS_URL`
+/// (`nats://n1:4222,nats://n2:4222,nats://n3:4222`), in the order given, for
+/// `ConnectOptions::connect`: the client connects to one of them and, when that
+/// server goes away, reconnects to another (it also learns the cluster's other
+/// servers from the one it is connected to). async-nats itself reads a string
+/// as one URL, so a list must be split first. Spaces around a URL are ignored;
+/// a URL without a scheme is `nats://`, without a port `:4222`.
+///
+/// # Errors
+///
+/// [`ServerListError`] when the list is empty or a URL is not a NATS server
+/// URL, naming it.
+pub fn server_addrs(list: &str) -> Result<Vec<async_nats::ServerAddr>, ServerListError> {
+    let servers = list
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            url.parse()
+                .map_err(|e: std::io::Error| ServerListError::Invalid {
+                    url: url.to_owned(),
+                    reason: e.to_string(),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err(ServerListError::Empty);
+    }
+    Ok(servers)
+}
+
+/// A `NATS_URL` that [`server_addrs`] refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerListError {
+    /// No URL at all.
+    #[error("NATS_URL lists no server (expected nats://host:port, or several separated by commas)")]
+    Empty,
+    /// One URL of the list is not a NATS server URL.
+    #[error("NATS_URL: {url:?} is not a NATS server URL: {reason}")]
+    Invalid {
+        /// The URL, as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
 /// One pass of the consumer guard: deletes every push consumer on the events
 /// stream whose deliver subject is not an inbox (`_INBOX…`), and returns their
 /// names.
@@ -461,6 +508,19 @@ pub async fn run_consumer_guard(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_lists_split_on_commas() {
+        let one = server_addrs("nats://127.0.0.1:4222").unwrap();
+        assert_eq!(one.len(), 1);
+        let three = server_addrs(" nats://n1:4222, nats://n2:4223 ,n3 ").unwrap();
+        let ports: Vec<u16> = three.iter().map(async_nats::ServerAddr::port).collect();
+        assert_eq!(ports, [4222, 4223, 4222]);
+        assert_eq!(three[1].host(), "n2");
+        assert!(matches!(server_addrs(" , "), Err(ServerListError::Empty)));
+        let err = server_addrs("nats://n1:4222,http://n2:80").unwrap_err();
+        assert!(err.to_string().contains("http://n2:80"), "{err}");
+    }
 
     #[test]
     fn rejects_bad_and_duplicate_ids() {

@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "hookbus", version, about, long_about = None)]
 struct Cli {
-    /// NATS server URL.
+    /// NATS server URL, or several separated by commas (the servers of a
+    /// cluster: the client fails over between them).
     #[arg(
         long,
         env = "NATS_URL",
@@ -238,6 +239,12 @@ struct HostArgs {
     /// Leave the outbox to `hookbus run --database-url` (or `hookbus relay`).
     #[arg(long, overrides_with = "relay")]
     no_relay: bool,
+    /// The host provisions the streams and buckets it uses when they are
+    /// missing: with the same retention and replicas as `hookbus run`, so that
+    /// whichever starts first creates them alike (`--stream-replicas 3` in a
+    /// cluster).
+    #[command(flatten)]
+    retention: RetentionArgs,
 }
 
 /// `hookbus token …`.
@@ -293,9 +300,10 @@ pub(crate) async fn main() -> Result<ExitCode> {
     } else {
         options
     };
+    let servers = hookbus::nats_config::server_addrs(&cli.nats_url)?;
     let client = options
         .name("hookbus")
-        .connect(&cli.nats_url)
+        .connect(servers)
         .await
         .with_context(|| format!("cannot connect to NATS at {}", cli.nats_url))?;
     let code = match cli.command {
@@ -499,6 +507,7 @@ async fn host(client: async_nats::Client, subjects: Subjects, args: HostArgs) ->
     config.plugin_rate_per_sec = args.plugin_rate;
     config.plugin_rate_burst = args.plugin_burst;
     config.relay = args.relay || !args.no_relay;
+    args.retention.apply(&mut config.streams);
     if config.enabled_plugins.is_empty() {
         tracing::warn!("ENABLED_PLUGINS is empty: no plugin hook will run");
     }

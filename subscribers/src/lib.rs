@@ -101,7 +101,7 @@ pub use plugin::{
     ApiRoute, Handler, HandlerResult, IntoHook, Plugin, PluginBuilder, SyncHandler, Task,
 };
 pub use replay::{ReplayError, ReplayFrom, ReplayProgress};
-pub use run::{RunConfig, RunError, run, run_main};
+pub use run::{RunConfig, RunError, run, run_main, server_addrs};
 pub use serve::{RunningPlugin, ServeOptions};
 pub use sync::{
     BeforeContext, GetAttrsContext, SyncContext, SyncError, SyncResult, ValidateContext,

@@ -80,6 +80,9 @@ pub enum RunError {
     /// The environment holds a bad value.
     #[error("bad configuration: PAGODA_SUBJECT_PREFIX: {0}")]
     Config(#[source] SubjectError),
+    /// `NATS_URL` is not a comma-separated list of NATS server URLs.
+    #[error("bad configuration: NATS_URL: {0}")]
+    NatsUrl(String),
     /// The credentials file could not be read.
     #[error("could not read NATS credentials file '{path}': {source}")]
     Credentials {
@@ -248,8 +251,9 @@ pub async fn run(
             )
             .custom_inbox_prefix(format!("_INBOX_{user}"));
     }
+    let servers = server_addrs(&config.nats_url).map_err(RunError::NatsUrl)?;
     let client = options
-        .connect(config.nats_url.as_str())
+        .connect(servers)
         .await
         .map_err(|source| RunError::Connect {
             url: config.nats_url.clone(),
@@ -265,8 +269,47 @@ pub async fn run(
     Ok(())
 }
 
+/// The servers of a comma-separated `NATS_URL`
+/// (`nats://n1:4222,nats://n2:4222,nats://n3:4222`), in order: the client
+/// connects to one and fails over to the others. async-nats reads a string as
+/// one URL, so the list is split here. (`hookbus` has the same function,
+/// `hookbus::nats_config::server_addrs`; the SDK does not depend on the bus.)
+///
+/// # Errors
+///
+/// A message naming the URL that is not a NATS server URL, or saying the list
+/// is empty.
+pub fn server_addrs(list: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    let servers = list
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            url.parse()
+                .map_err(|e: std::io::Error| format!("{url:?} is not a NATS server URL: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err(
+            "no server listed (expected nats://host:port, or several separated by commas)"
+                .to_owned(),
+        );
+    }
+    Ok(servers)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn nats_url_lists_split_on_commas() {
+        let servers = super::server_addrs("nats://n1:4222, nats://n2:4223,n3").unwrap();
+        let ports: Vec<u16> = servers.iter().map(async_nats::ServerAddr::port).collect();
+        assert_eq!(ports, [4222, 4223, 4222]);
+        let err = super::server_addrs("nats://n1:4222,http://x:80").unwrap_err();
+        assert!(err.contains("http://x:80"), "{err}");
+        assert!(super::server_addrs(",").is_err());
+    }
+
     use super::*;
 
     #[test]

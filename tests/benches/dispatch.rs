@@ -51,6 +51,13 @@
 //! CPU per event (`cpu_us_per_event`: this process, i.e. the dispatchers and the
 //! responders; `server_cpu_us_per_event`: nats-server) is read from
 //! `/proc/<pid>/stat` around each side.
+//!
+//! Cluster: `cargo bench -p hookbus-tests --bench dispatch -- --cluster` runs
+//! both sides (bus and raw, as above) on the single server (R1, the shipped
+//! config) and on a three-node cluster on loopback with R3 streams (the shipped
+//! node config), alternating per round: `bench: scenario=dispatch_nats nats=r1|r3
+//! …` and `bench: scenario=dispatch_r3_cost … r3_over_r1=…`. The server CPU is
+//! then the three nodes'.
 #![allow(
     clippy::unwrap_used,
     clippy::print_stdout,
@@ -69,11 +76,10 @@ use bytes::Bytes;
 use core_events::protocol::headers;
 use core_events::{EntryEvent, Envelope, HandlerSpec, Hook, PluginManifest, Subjects};
 use futures::StreamExt;
-use hookbus::config::{BusConfig, DispatcherSettings, StreamSettings};
+use hookbus::config::{BusConfig, DispatcherSettings};
 use hookbus::run::Bus;
 use hookbus::{EncodedEvent, Publisher};
-use hookbus_tests::NatsServer;
-use hookbus_tests::bench::{env_usize, median, percentile};
+use hookbus_tests::bench::{BenchNats, NatsKind, env_usize, median, percentile};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -154,10 +160,10 @@ struct Cpu {
     server_ms: u64,
 }
 
-fn cpu_now(server: &NatsServer) -> Cpu {
+fn cpu_now(server: &BenchNats) -> Cpu {
     Cpu {
         bench_ms: cpu_ms("self"),
-        server_ms: server.pid().map_or(0, |p| cpu_ms(&p.to_string())),
+        server_ms: server.pids().iter().map(|p| cpu_ms(&p.to_string())).sum(),
     }
 }
 
@@ -215,7 +221,7 @@ impl Side {
 /// One side's world: a fresh server with streams, responders and (once
 /// [`World::publish`]ed) the events.
 struct World {
-    server: NatsServer,
+    server: BenchNats,
     js: jetstream::Context,
     subjects: Subjects,
     marks: Arc<Marks>,
@@ -230,13 +236,14 @@ impl World {
         events: &[EncodedEvent],
         index: &Arc<HashMap<String, usize>>,
         partitions: u32,
+        kind: NatsKind,
     ) -> World {
-        let server = NatsServer::start().await;
+        let server = BenchNats::start(kind).await;
         let admin = server.connect().await;
         let js = jetstream::new(admin.clone());
-        let settings = StreamSettings {
+        let settings = hookbus::config::StreamSettings {
             partitions: Some(partitions),
-            ..StreamSettings::default()
+            ..server.stream_settings()
         };
         hookbus::provision::provision(&js, subjects, &settings)
             .await
@@ -328,7 +335,7 @@ impl World {
         for r in self.responders.drain(..) {
             r.abort();
         }
-        self.server.kill();
+        drop(self.server);
     }
 }
 
@@ -409,6 +416,7 @@ async fn run_bus(
         ..Default::default()
     };
     config.dispatcher.metrics = metrics;
+    config.streams.replicas = world.server.stream_settings().replicas;
     config.dispatcher.partitions = layout.partitions;
     if !layout.is_single() {
         // The buses divide the partitions after one lease interval (a quarter of this).
@@ -485,7 +493,7 @@ async fn run_bus(
     (elapsed, cpu)
 }
 
-fn cpu_since(server: &NatsServer, before: &Cpu) -> Cpu {
+fn cpu_since(server: &BenchNats, before: &Cpu) -> Cpu {
     let now = cpu_now(server);
     Cpu {
         bench_ms: now.bench_ms.saturating_sub(before.bench_ms),
@@ -682,8 +690,20 @@ async fn measure(
     index: &Arc<HashMap<String, usize>>,
     layout: Layout,
 ) -> Measured {
+    measure_on(NatsKind::R1, side, subjects, events, index, layout).await
+}
+
+/// [`measure`] on the NATS of `kind`.
+async fn measure_on(
+    kind: NatsKind,
+    side: Side,
+    subjects: &Subjects,
+    events: &[EncodedEvent],
+    index: &Arc<HashMap<String, usize>>,
+    layout: Layout,
+) -> Measured {
     let n = events.len() as u64;
-    let world = World::new(subjects, events, index, layout.partitions).await;
+    let world = World::new(subjects, events, index, layout.partitions, kind).await;
     let bus = matches!(side, Side::Bus | Side::BusNoMetrics);
     // Several buses publish once they divided the partitions (see `run_bus`);
     // with `BENCH_PUBLISH_AFTER=1` the raw sides of a partitioned run publish
@@ -752,6 +772,10 @@ async fn bench(smoke: bool) {
     let subjects = Subjects::default();
     let (events, index) = build_events(&subjects, n);
     let layout = Layout::from_args();
+    if !smoke && std::env::args().any(|a| a == "--cluster") {
+        cluster_cost(smoke, n, rounds, &subjects, &events, &index).await;
+        return;
+    }
     if smoke {
         // The smoke run also runs two partitioned buses once.
         let split = Layout {
@@ -836,6 +860,9 @@ async fn bench(smoke: bool) {
     if layout.is_single() {
         metrics_overhead(smoke, n, rounds, &subjects, &events, &index).await;
     }
+    if smoke {
+        cluster_cost(smoke, n, rounds, &subjects, &events, &index).await;
+    }
 }
 
 /// The bus with per-handler metrics on and off, alternating which goes first per
@@ -884,6 +911,89 @@ async fn metrics_overhead(
     println!(
         "bench: scenario=metrics_overhead events={n} rounds={rounds} on_eps={on_eps:.0} off_eps={off_eps:.0} diff_pct={:.1}",
         (off_eps - on_eps) / off_eps * 100.0
+    );
+}
+
+/// `--cluster`: the bus and the raw loop on a three-node cluster with R3 streams
+/// next to the single server (R1), alternating which goes first per round:
+/// `bench: scenario=dispatch_nats nats=r1|r3 …` per NATS, then
+/// `bench: scenario=dispatch_r3_cost r1_bus_eps=… r3_bus_eps=… r3_over_r1=…`.
+async fn cluster_cost(
+    smoke: bool,
+    n: usize,
+    rounds: usize,
+    subjects: &Subjects,
+    events: &[EncodedEvent],
+    index: &Arc<HashMap<String, usize>>,
+) {
+    let kinds = [NatsKind::R1, NatsKind::R3];
+    let mut got: HashMap<(&str, &str), Vec<Measured>> = HashMap::new();
+    for round in 1..=rounds {
+        let order = if round % 2 == 1 {
+            [Side::Bus, Side::Raw]
+        } else {
+            [Side::Raw, Side::Bus]
+        };
+        for kind in kinds {
+            for side in order {
+                let m = measure_on(kind, side, subjects, events, index, Layout::SINGLE).await;
+                if smoke {
+                    println!(
+                        "smoke: dispatch bench nats={} side={} ran {n} events",
+                        kind.name(),
+                        side.name()
+                    );
+                } else {
+                    println!(
+                        "bench: scenario=dispatch_nats_round nats={} side={} round={round} eps={:.0} p99_us={:.0} server_cpu_us_per_event={:.1}",
+                        kind.name(),
+                        side.name(),
+                        m.eps,
+                        m.p99_us,
+                        m.server_cpu_us_per_event
+                    );
+                }
+                got.entry((kind.name(), side.name())).or_default().push(m);
+            }
+        }
+    }
+    if smoke {
+        return;
+    }
+    let med = |kind: NatsKind, side: Side, f: fn(&Measured) -> f64| {
+        median(
+            &got[&(kind.name(), side.name())]
+                .iter()
+                .map(f)
+                .collect::<Vec<_>>(),
+        )
+    };
+    for kind in kinds {
+        let (bus, raw) = (
+            med(kind, Side::Bus, |m| m.eps),
+            med(kind, Side::Raw, |m| m.eps),
+        );
+        println!(
+            "bench: scenario=dispatch_nats nats={} events={n} rounds={rounds} bus_eps={bus:.0} raw_eps={raw:.0} ratio={:.3} bus_p99_us={:.0} raw_p99_us={:.0} server_cpu_us_per_event={:.1}",
+            kind.name(),
+            bus / raw,
+            med(kind, Side::Bus, |m| m.p99_us),
+            med(kind, Side::Raw, |m| m.p99_us),
+            med(kind, Side::Bus, |m| m.server_cpu_us_per_event)
+        );
+    }
+    let (r1, r3) = (
+        med(NatsKind::R1, Side::Bus, |m| m.eps),
+        med(NatsKind::R3, Side::Bus, |m| m.eps),
+    );
+    let (raw1, raw3) = (
+        med(NatsKind::R1, Side::Raw, |m| m.eps),
+        med(NatsKind::R3, Side::Raw, |m| m.eps),
+    );
+    println!(
+        "bench: scenario=dispatch_r3_cost events={n} rounds={rounds} r1_bus_eps={r1:.0} r3_bus_eps={r3:.0} r3_over_r1={:.3} r1_raw_eps={raw1:.0} r3_raw_eps={raw3:.0} raw_r3_over_r1={:.3}",
+        r3 / r1,
+        raw3 / raw1
     );
 }
 

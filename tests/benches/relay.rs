@@ -3,10 +3,14 @@
 //!
 //! `cargo bench -p hookbus-tests --bench relay` (knobs: `BENCH_EVENTS` (default
 //! 50,000), `BENCH_ROUNDS` (3), `BENCH_LATENCY_EVENTS` (300), `BENCH_DB`
-//! (`sqlite` or `postgres`; default both)). Under `cargo test`
+//! (`sqlite` or `postgres`; default both), `BENCH_NATS` (which NATS, comma-separated:
+//! `r1` the shipped single server with `sync_interval: always`, `r1_default_sync`
+//! the same with nats-server's default fsync every 2 minutes, `r3` a three-node
+//! cluster on loopback with R3 streams; default all three)). Under `cargo test`
 //! it runs as a quick smoke test with a few hundred events.
 //!
-//! Throughput, per database and round, alternating which side goes first:
+//! Throughput, per database, NATS and round, alternating which side goes first
+//! (and running every NATS in each round, so the three are measured side by side):
 //! - relay: a fresh nats-server and a fresh database whose outbox holds `N` rows
 //!   (the same events for both sides: 1 KB entry snapshots over 5,000 entries),
 //!   written before the clock starts; the clock runs from starting the relay until
@@ -15,7 +19,10 @@
 //!   published with `send_publish` keeping the relay's in-flight window
 //!   (`RelaySettings::max_in_flight`) of unacknowledged publishes.
 //!
-//! Prints `bench: scenario=relay db=… relay_eps=… raw_eps=… ratio=…` with medians.
+//! Prints `bench: scenario=relay db=… nats=… relay_eps=… raw_eps=… ratio=…` with
+//! medians, then what durability costs the relay:
+//! `bench: scenario=relay_durability db=… r1_default_sync_eps=… r1_eps=… r3_eps=…
+//! sync_always_ratio=… r3_ratio=…` (each against `r1_default_sync`).
 //!
 //! Latency (idle system): the bus, a plugin answering at once, the relay and the
 //! store; one entry write at a time; time from the write's commit returning to
@@ -37,10 +44,10 @@ use async_nats::jetstream;
 use core_events::{EntryEvent, Envelope, HandlerSpec, Hook, PluginManifest, Subjects, sample};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use hookbus::config::{BusConfig, StreamSettings};
+use hookbus::config::BusConfig;
 use hookbus::relay::{Relay, RelaySettings};
 use hookbus::run::Bus;
-use hookbus_tests::bench::{env_usize, median, percentile};
+use hookbus_tests::bench::{BenchNats, NatsKind, env_usize, median, percentile};
 use hookbus_tests::{NatsServer, TestDb};
 use store::{Backend, Store, outbox};
 use tokio::sync::oneshot;
@@ -65,18 +72,18 @@ async fn fill_outbox(store: &Store, events: &[Envelope<EntryEvent>]) {
     }
 }
 
-async fn provisioned(client: &async_nats::Client) -> jetstream::Context {
+async fn provisioned(nats: &BenchNats, client: &async_nats::Client) -> jetstream::Context {
     let js = jetstream::new(client.clone());
-    hookbus::provision::provision(&js, &Subjects::default(), &StreamSettings::default())
+    hookbus::provision::provision(&js, &Subjects::default(), &nats.stream_settings())
         .await
         .unwrap();
     js
 }
 
-async fn run_relay(backend: Backend, events: &[Envelope<EntryEvent>]) -> f64 {
-    let nats = NatsServer::start().await;
+async fn run_relay(kind: NatsKind, backend: Backend, events: &[Envelope<EntryEvent>]) -> f64 {
+    let nats = BenchNats::start(kind).await;
     let client = nats.connect().await;
-    let js = provisioned(&client).await;
+    let js = provisioned(&nats, &client).await;
     let db = TestDb::new(backend).await;
     let store = db.store().await;
     fill_outbox(&store, events).await;
@@ -104,10 +111,10 @@ async fn run_relay(backend: Backend, events: &[Envelope<EntryEvent>]) -> f64 {
     n as f64 / elapsed.as_secs_f64()
 }
 
-async fn run_raw(backend: Backend, events: &[Envelope<EntryEvent>]) -> f64 {
-    let nats = NatsServer::start().await;
+async fn run_raw(kind: NatsKind, backend: Backend, events: &[Envelope<EntryEvent>]) -> f64 {
+    let nats = BenchNats::start(kind).await;
     let client = nats.connect().await;
-    let js = provisioned(&client).await;
+    let js = provisioned(&nats, &client).await;
     let window = RelaySettings::for_backend(backend).max_in_flight;
     let subjects = Subjects::default();
     let encoded: Vec<_> = events
@@ -138,28 +145,70 @@ async fn run_raw(backend: Backend, events: &[Envelope<EntryEvent>]) -> f64 {
     events.len() as f64 / start.elapsed().as_secs_f64()
 }
 
-async fn throughput(backend: Backend, n: usize, rounds: usize) {
+async fn throughput(backend: Backend, kinds: &[NatsKind], n: usize, rounds: usize) {
     let events = events(n);
-    let (mut relay, mut raw) = (Vec::new(), Vec::new());
+    let mut relay: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+    let mut raw: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
     for round in 0..rounds {
-        if round % 2 == 0 {
-            relay.push(run_relay(backend, &events).await);
-            raw.push(run_raw(backend, &events).await);
-        } else {
-            raw.push(run_raw(backend, &events).await);
-            relay.push(run_relay(backend, &events).await);
+        for (k, &kind) in kinds.iter().enumerate() {
+            if round % 2 == 0 {
+                relay[k].push(run_relay(kind, backend, &events).await);
+                raw[k].push(run_raw(kind, backend, &events).await);
+            } else {
+                raw[k].push(run_raw(kind, backend, &events).await);
+                relay[k].push(run_relay(kind, backend, &events).await);
+            }
         }
     }
-    eprintln!(
-        "relay bench {}: relay_eps per round {relay:.0?}, raw_eps per round {raw:.0?}",
-        db_name(backend)
-    );
-    let (relay_eps, raw_eps) = (median(&relay), median(&raw));
-    println!(
-        "bench: scenario=relay db={} events={n} rounds={rounds} relay_eps={relay_eps:.0} raw_eps={raw_eps:.0} ratio={:.3}",
-        db_name(backend),
-        relay_eps / raw_eps
-    );
+    let mut medians = Vec::new();
+    for (k, &kind) in kinds.iter().enumerate() {
+        eprintln!(
+            "relay bench {} {}: relay_eps per round {:.0?}, raw_eps per round {:.0?}",
+            db_name(backend),
+            kind.name(),
+            relay[k],
+            raw[k]
+        );
+        let (relay_eps, raw_eps) = (median(&relay[k]), median(&raw[k]));
+        println!(
+            "bench: scenario=relay db={} nats={} events={n} rounds={rounds} relay_eps={relay_eps:.0} raw_eps={raw_eps:.0} ratio={:.3}",
+            db_name(backend),
+            kind.name(),
+            relay_eps / raw_eps
+        );
+        medians.push((kind, relay_eps));
+    }
+    let eps = |kind: NatsKind| medians.iter().find(|(k, _)| *k == kind).map(|(_, e)| *e);
+    if let Some(base) = eps(NatsKind::R1DefaultSync) {
+        let mut line = format!(
+            "bench: scenario=relay_durability db={} events={n} rounds={rounds} r1_default_sync_eps={base:.0}",
+            db_name(backend)
+        );
+        if let Some(r1) = eps(NatsKind::R1) {
+            line += &format!(" r1_eps={r1:.0} sync_always_ratio={:.3}", r1 / base);
+        }
+        if let Some(r3) = eps(NatsKind::R3) {
+            line += &format!(" r3_eps={r3:.0} r3_ratio={:.3}", r3 / base);
+        }
+        println!("{line}");
+    }
+}
+
+/// The NATS configurations of `BENCH_NATS` (default: all three).
+fn nats_kinds() -> Vec<NatsKind> {
+    let all = [NatsKind::R1, NatsKind::R1DefaultSync, NatsKind::R3];
+    let Ok(list) = std::env::var("BENCH_NATS") else {
+        return all.to_vec();
+    };
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|name| {
+            *all.iter()
+                .find(|k| k.name() == name)
+                .unwrap_or_else(|| panic!("BENCH_NATS: unknown {name:?} (r1, r1_default_sync, r3)"))
+        })
+        .collect()
 }
 
 fn db_name(backend: Backend) -> &'static str {
@@ -286,7 +335,7 @@ async fn bench(smoke: bool) {
         if !only.is_empty() && only != db_name(backend) {
             continue;
         }
-        throughput(backend, n, rounds).await;
+        throughput(backend, &nats_kinds(), n, rounds).await;
         Box::pin(latency(backend, lat)).await;
     }
 }

@@ -57,3 +57,92 @@ where
         .expect("tokio runtime");
     runtime.block_on(bench(smoke));
 }
+
+/// Which NATS a bench side runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatsKind {
+    /// One server, the shipped config (`sync_interval: always`); streams R1.
+    R1,
+    /// One server with nats-server's default fsync (every 2 min); streams R1.
+    R1DefaultSync,
+    /// A three-node cluster on loopback, the shipped node config; streams R3.
+    R3,
+}
+
+impl NatsKind {
+    /// Its name in `bench:` lines: `r1`, `r1_default_sync`, `r3`.
+    pub fn name(self) -> &'static str {
+        match self {
+            NatsKind::R1 => "r1",
+            NatsKind::R1DefaultSync => "r1_default_sync",
+            NatsKind::R3 => "r3",
+        }
+    }
+
+    /// Stream replicas on it.
+    pub fn replicas(self) -> usize {
+        match self {
+            NatsKind::R3 => 3,
+            NatsKind::R1 | NatsKind::R1DefaultSync => 1,
+        }
+    }
+}
+
+/// A running server or cluster for a bench side ([`NatsKind`]); killed on drop.
+#[derive(Debug)]
+pub enum BenchNats {
+    /// One server.
+    Single(crate::NatsServer),
+    /// Three nodes.
+    Cluster(crate::cluster::Cluster),
+}
+
+impl BenchNats {
+    /// Starts `kind`: in the production profile (the shipped limits and the
+    /// generated users; a bench connects as the operator).
+    pub async fn start(kind: NatsKind) -> BenchNats {
+        match kind {
+            NatsKind::R1 => BenchNats::Single(crate::NatsServer::start().await),
+            NatsKind::R1DefaultSync => BenchNats::Single(
+                crate::NatsServer::start_for_with_limits(
+                    &[],
+                    &crate::limits_with_default_sync(),
+                    "",
+                )
+                .await,
+            ),
+            NatsKind::R3 => BenchNats::Cluster(crate::cluster::Cluster::start().await),
+        }
+    }
+
+    /// The operator's client: on a cluster, to node 0 first.
+    pub async fn connect(&self) -> async_nats::Client {
+        match self {
+            BenchNats::Single(server) => server.connect().await,
+            BenchNats::Cluster(cluster) => cluster.connect().await,
+        }
+    }
+
+    /// The server processes (for their CPU time).
+    pub fn pids(&self) -> Vec<u32> {
+        match self {
+            BenchNats::Single(server) => server.pid().into_iter().collect(),
+            BenchNats::Cluster(cluster) => cluster
+                .nodes()
+                .iter()
+                .filter_map(crate::NatsServer::pid)
+                .collect(),
+        }
+    }
+
+    /// Stream settings for it: the defaults with its replicas.
+    pub fn stream_settings(&self) -> hookbus::config::StreamSettings {
+        hookbus::config::StreamSettings {
+            replicas: match self {
+                BenchNats::Single(_) => 1,
+                BenchNats::Cluster(_) => 3,
+            },
+            ..Default::default()
+        }
+    }
+}

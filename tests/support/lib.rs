@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod cluster;
 pub mod consistency;
 pub mod db;
 pub mod deploy;
@@ -365,6 +366,9 @@ pub struct NatsServer {
     auth: Option<Mutex<BTreeSet<String>>>,
     /// Settings after the production limits ([`start_for_with`](NatsServer::start_for_with)).
     extra: String,
+    /// The limits of the production profile ([`production_limits`], or a variant
+    /// of them: [`start_for_with_limits`](NatsServer::start_for_with_limits)).
+    limits: String,
 }
 
 impl NatsServer {
@@ -405,11 +409,24 @@ impl NatsServer {
     ///
     /// As [`start_for`](NatsServer::start_for).
     pub async fn start_for_with(plugins: &[&str], extra: &str) -> NatsServer {
+        Self::start_for_with_limits(plugins, &production_limits(), extra).await
+    }
+
+    /// [`start_for_with`](NatsServer::start_for_with) with `limits` in place of
+    /// the shipped ones ([`production_limits`]): say,
+    /// [`limits_with_default_sync`] for nats-server's default fsync every two
+    /// minutes, to measure what `sync_interval: always` costs.
+    ///
+    /// # Panics
+    ///
+    /// As [`start_for`](NatsServer::start_for).
+    pub async fn start_for_with_limits(plugins: &[&str], limits: &str, extra: &str) -> NatsServer {
         let plugins: BTreeSet<String> = plugins.iter().map(|p| (*p).to_owned()).collect();
-        let conf = production_conf(&plugins, extra);
+        let conf = production_conf(limits, &plugins, extra);
         let mut server = Self::start_inner(Some(&conf)).await;
         server.auth = Some(Mutex::new(plugins));
         server.extra = extra.to_owned();
+        server.limits = limits.to_owned();
         server
     }
 
@@ -463,7 +480,7 @@ impl NatsServer {
             if users.len() == before {
                 return;
             }
-            production_conf(&users, &self.extra)
+            production_conf(&self.limits, &users, &self.extra)
         };
         self.write_config(&conf);
         let pid = self
@@ -573,6 +590,7 @@ impl NatsServer {
             config,
             auth: None,
             extra: String::new(),
+            limits: production_limits(),
         };
         for attempt in 1..=START_ATTEMPTS {
             server.port = free_port();
@@ -621,6 +639,12 @@ impl NatsServer {
     /// Client URL: `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's name (`server_name`, as stream info names leaders and
+    /// replicas): `hookbus-test-<client port>`.
+    pub fn server_name(&self) -> String {
+        format!("hookbus-test-{}", self.port)
     }
 
     /// Client port.
@@ -746,7 +770,7 @@ impl NatsServer {
         if !has_jetstream {
             body.push_str(&format!("jetstream {{\n{store_dir}\n}}\n"));
         }
-        let named = format!("server_name: \"hookbus-test-{}\"\n{body}", self.port);
+        let named = format!("server_name: \"{}\"\n{body}", self.server_name());
         std::fs::write(path, named)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     }
@@ -881,10 +905,58 @@ pub fn production_limits() -> String {
         .collect()
 }
 
-/// The production profile's config: [`production_limits`], `extra` settings
-/// (which override them) and the `authorization` block `hookbus nats-config` generates for `plugins`, with the
-/// [`OPERATOR_USER`] added.
-fn production_conf(plugins: &BTreeSet<String>, extra: &str) -> String {
+/// The limits of `docker/nats/cluster-node.conf`, the shipped config of one node
+/// of a cluster: its settings less what the harness sets itself (name,
+/// addresses, store dir, the `cluster` block) and the `include` of the users.
+///
+/// # Panics
+///
+/// When the file cannot be read.
+pub fn cluster_limits() -> String {
+    let path = workspace_root().join("docker/nats/cluster-node.conf");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut out = String::new();
+    let mut depth = 0usize;
+    for line in text.lines() {
+        let key = line.trim_start();
+        if depth == 0 && key.starts_with("cluster") && key.contains('{') {
+            depth = 1;
+            continue;
+        }
+        if depth > 0 {
+            depth += key.matches('{').count();
+            depth = depth.saturating_sub(key.matches('}').count());
+            continue;
+        }
+        if ["server_name", "listen", "http", "store_dir", "include"]
+            .iter()
+            .any(|k| key.starts_with(k))
+        {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// [`production_limits`] less their `sync_interval` line: nats-server's default,
+/// which acknowledges a write before it is on disk and syncs every two minutes
+/// (for benchmarks that compare the two).
+pub fn limits_with_default_sync() -> String {
+    production_limits()
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("sync_interval"))
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
+
+/// The production profile's config: `limits` ([`production_limits`] as a
+/// rule), `extra` settings (which override them) and the `authorization` block
+/// `hookbus nats-config` generates for `plugins`, with the [`OPERATOR_USER`]
+/// added.
+fn production_conf(limits: &str, plugins: &BTreeSet<String>, extra: &str) -> String {
     use hookbus::nats_config::{self, Passwords};
     let plugins: Vec<String> = plugins.iter().cloned().collect();
     let users = nats_config::users(&plugins)
@@ -909,8 +981,7 @@ fn production_conf(plugins: &BTreeSet<String>, extra: &str) -> String {
         "unexpected nats-config output:\n{auth}"
     );
     format!(
-        "{}\n{extra}\n{}",
-        production_limits(),
+        "{limits}\n{extra}\n{}",
         auth.replacen("  users = [\n", &operator, 1)
     )
 }
@@ -993,41 +1064,98 @@ pub async fn stream_len(js: &async_nats::jetstream::Context, stream: &str) -> u6
 
 /// Every event in the events stream, in stream order.
 ///
+/// A read that fails (on a cluster, a stream whose leader just changed) is
+/// started again, for up to [`READY_TIMEOUT`].
+///
 /// # Panics
 ///
-/// When the stream cannot be read or holds something that is not JSON.
+/// When the stream cannot be read within that time, or holds something that is
+/// not JSON.
 pub async fn stream_events(
     client: &async_nats::Client,
 ) -> Vec<core_events::Envelope<serde_json::Value>> {
+    let last_error = Mutex::new(String::new());
+    let read = poll_for(READY_TIMEOUT, || async {
+        let attempt =
+            tokio::time::timeout(READY_TIMEOUT, Box::pin(read_stream_events(client))).await;
+        match attempt.unwrap_or_else(|_| Err("a read did not end".to_owned())) {
+            Ok(events) => Some(events),
+            Err(e) => {
+                *last_error
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = e;
+                None
+            }
+        }
+    })
+    .await;
+    read.unwrap_or_else(|| {
+        panic!(
+            "cannot read the events stream within {READY_TIMEOUT:?}: {}",
+            last_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        )
+    })
+}
+
+/// One attempt of [`stream_events`].
+async fn read_stream_events(
+    client: &async_nats::Client,
+) -> Result<Vec<core_events::Envelope<serde_json::Value>>, String> {
     let js = async_nats::jetstream::new(client.clone());
     let mut stream = js
         .get_stream("PAGODA_EVENTS")
         .await
-        .expect("the events stream exists");
+        .map_err(|e| format!("the events stream: {e}"))?;
     let last = stream
         .info()
         .await
-        .expect("stream info")
+        .map_err(|e| format!("stream info: {e}"))?
         .state
         .last_sequence;
     let mut out = Vec::new();
     if last == 0 {
-        return out;
+        return Ok(out);
     }
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+    let first = stream.cached_info().state.first_sequence;
+    let created = tokio::time::timeout(
+        Duration::from_secs(5),
+        stream.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()),
+    )
+    .await;
+    let consumer = match created {
+        Ok(Ok(consumer)) => consumer,
+        // nats-server 2.10 may place the consumer on a cluster node that is down
+        // (its creation then times out again and again): read message by message
+        // from the stream's leader instead.
+        _ => {
+            for seq in first.max(1)..=last {
+                let m = stream
+                    .get_raw_message(seq)
+                    .await
+                    .map_err(|e| format!("message {seq}: {e}"))?;
+                out.push(serde_json::from_slice(&m.payload).expect("an event in JSON"));
+            }
+            return Ok(out);
+        }
+    };
+    let mut messages = consumer
+        .messages()
         .await
-        .expect("an ordered consumer");
-    let mut messages = consumer.messages().await.expect("consumer messages");
+        .map_err(|e| format!("consumer messages: {e}"))?;
     while let Some(m) = futures::StreamExt::next(&mut messages).await {
-        let m = m.expect("a stored event");
-        let seq = m.info().expect("JetStream metadata").stream_sequence;
+        let m = m.map_err(|e| format!("a stored event: {e}"))?;
+        let seq = m
+            .info()
+            .map_err(|e| format!("JetStream metadata: {e}"))?
+            .stream_sequence;
         out.push(serde_json::from_slice(&m.payload).expect("an event in JSON"));
         if seq >= last {
             break;
         }
     }
-    out
+    Ok(out)
 }
 
 /// A child process killed (SIGKILL) and reaped when dropped, so that a test

@@ -156,3 +156,115 @@ fn compose_references_files_that_exist() {
         exists(&base.join(file), file);
     }
 }
+
+/// `docker/compose.cluster.yaml`, its `<<` merge keys applied.
+fn compose_cluster() -> Value {
+    let path = docker_dir().join("compose.cluster.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut value: Value =
+        serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    value.apply_merge().unwrap();
+    value
+}
+
+/// The cluster profile: three nodes, each with `cluster-node.conf` and its own
+/// name, routes to all three, every password; each node's config passes
+/// `nats-server -t` with the environment the profile gives it; every client
+/// lists the three servers, and the bus and the host create R3 streams.
+#[test]
+fn cluster_profile_runs_three_nodes_whose_configs_pass_nats_server_test() {
+    let cluster = compose_cluster();
+    let base = compose();
+    let services = &cluster["services"];
+    let nodes = ["nats", "nats-2", "nats-3"];
+    let mut users = vec![
+        nats_config::BUS_USER.to_owned(),
+        nats_config::HOST_USER.to_owned(),
+    ];
+    users.extend(compose_plugins(&base));
+    let mut names = Vec::new();
+    for node in nodes {
+        let service = &services[node];
+        let command: Vec<&str> = service["command"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{node} has no command"))
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(command, ["-c", "/etc/nats/cluster-node.conf"], "{node}");
+        for volume in service["volumes"].as_sequence().unwrap() {
+            if let Some(source) = volume.as_str().and_then(volume_source) {
+                let path = docker_dir().join(source);
+                assert!(path.exists(), "{node}: {} does not exist", path.display());
+            }
+        }
+        let env = &service["environment"];
+        let name = str_of(env, "NATS_SERVER_NAME").unwrap_or_else(|| panic!("{node}: no name"));
+        names.push(name.to_owned());
+        let mut cmd = Command::new(nats_server_binary());
+        cmd.arg("-t")
+            .arg("-c")
+            .arg(docker_dir().join("nats/cluster-node.conf"))
+            .current_dir(docker_dir());
+        for route in ["NATS_ROUTE_1", "NATS_ROUTE_2", "NATS_ROUTE_3"] {
+            let url = str_of(env, route).unwrap_or_else(|| panic!("{node}: no {route}"));
+            let host = url.trim_start_matches("nats://").split(':').next().unwrap();
+            assert!(nodes.contains(&host), "{node}: {route}={url} is no node");
+            cmd.env(route, url);
+        }
+        for user in &users {
+            let var = nats_config::password_env_var(user);
+            assert!(env.get(&var).is_some(), "{node} lacks {var}");
+            cmd.env(var, "test-password");
+        }
+        let out = cmd
+            .env("NATS_SERVER_NAME", name)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{node}: nats-server -t -c cluster-node.conf: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 3, "every node has its own name: {names:?}");
+
+    // Every client of compose.yaml lists the three servers.
+    for (name, service) in base["services"].as_mapping().unwrap() {
+        let name = name.as_str().unwrap();
+        if str_of(&service["environment"], "NATS_URL").is_none() {
+            continue;
+        }
+        let url = str_of(&services[name]["environment"], "NATS_URL")
+            .unwrap_or_else(|| panic!("{name}: the cluster profile sets no NATS_URL"));
+        let hosts: Vec<String> = nats_config::server_addrs(url)
+            .unwrap()
+            .iter()
+            .map(|a| a.host().to_owned())
+            .collect();
+        assert_eq!(hosts, nodes, "{name}: NATS_URL={url}");
+    }
+    for name in ["bus", "host"] {
+        assert_eq!(
+            str_of(&services[name]["environment"], "HOOKBUS_STREAM_REPLICAS"),
+            Some("3"),
+            "{name}"
+        );
+    }
+    // Both commands read it (the host creates the streams when it starts first).
+    for command in ["run", "host"] {
+        let out = Command::new(hookbus_tests::hookbus_binary())
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            help.contains("HOOKBUS_STREAM_REPLICAS"),
+            "hookbus {command} --help:\n{help}"
+        );
+    }
+}
