@@ -312,7 +312,7 @@ impl Rig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_events_stream_leader_mid_burst_loses_and_duplicates_nothing() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut rig = Rig::start().await;
+    let mut rig = Box::pin(Rig::start()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = rig.burst(stop.clone());
     rig.wait_writes(60).await;
@@ -358,7 +358,7 @@ async fn killing_the_events_stream_leader_mid_burst_loses_and_duplicates_nothing
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bus_fails_over_when_its_node_dies_and_the_node_catches_up_on_restart() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut rig = Rig::start().await;
+    let mut rig = Box::pin(Rig::start()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = rig.burst(stop.clone());
     rig.wait_writes(60).await;
