@@ -381,13 +381,11 @@ async fn the_bus_fails_over_when_its_node_dies_and_the_node_catches_up_on_restar
     rig.cluster.wait_current(EVENTS).await;
 
     let report = rig.check().await;
-    // Known defect, not asserted here (set HOOKBUS_CLUSTER_STRICT_ORDER=1 to):
-    // events the server had sent on the bus's dead connection come back only
-    // after the ack wait, and a later event of the same object, pulled on the
-    // new connection, may be delivered before them (about one run in four).
-    if std::env::var_os("HOOKBUS_CLUSTER_STRICT_ORDER").is_some() {
-        report.assert_in_order();
-    }
+    // Events the server had sent on the bus's dead connection come back only
+    // after the ack wait; the dispatcher holds newer events until then, so a
+    // later event of the same object is never delivered before them (before the
+    // hold, about one run in four failed here).
+    report.assert_in_order();
     let redelivered = report.redeliveries;
     let state = rig.cluster.wait_replicas_equal(EVENTS).await;
     let in_stream = hookbus_tests::stream_events(&rig.cluster.connect().await)

@@ -223,6 +223,16 @@ impl Dispatcher {
             .messages()
             .await
             .map_err(|e| err("consumer messages")(e.into()))?;
+        // A reconnect (another server of a cluster, or the same one back) loses
+        // the events the server had sent on the dead connection: they come back
+        // only after the ack wait, and newer events of their objects must not
+        // overtake them. `received` is the highest sequence this dispatcher got.
+        let nats_stats = ctx.client.statistics();
+        let mut connects = nats_stats
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut received = hold.upto();
+        let mut info_consumer = consumer.clone();
         tracing::info!(consumer = %name, %partition, pinned, "dispatcher running");
         let index = (!partition.is_all()).then_some(partition.index);
         ctx.stats.set_running(index, true, pinned);
@@ -238,6 +248,24 @@ impl Dispatcher {
                 }
                 next = messages.next() => match next {
                     Some(Ok(msg)) => {
+                        let now = nats_stats.connects.load(std::sync::atomic::Ordering::Relaxed);
+                        if now != connects {
+                            connects = now;
+                            if !hold.is_holding() {
+                                match info_consumer.info().await {
+                                    Ok(info) => {
+                                        let wait = settings.ack_wait + Duration::from_secs(1);
+                                        if let Some(h) = Hold::after_reconnect(received, info.delivered.stream_sequence, wait) {
+                                            hold = h;
+                                        }
+                                    }
+                                    Err(e) => tracing::warn!(error = %e, "reconnected, and cannot read the consumer to tell whether events were lost on the old connection"),
+                                }
+                            }
+                        }
+                        if let Ok(info) = msg.info() {
+                            received = received.max(info.stream_sequence);
+                        }
                         if let Some(msg) = hold.offer(msg) {
                             dispatcher.accept(msg).await;
                         }

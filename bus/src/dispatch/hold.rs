@@ -9,8 +9,10 @@ use async_nats::{Client, Subject};
 use bytes::Bytes;
 use futures::StreamExt;
 
-/// Events held at start-up until those an earlier dispatcher left unfinished
-/// are redelivered, so that per-object order holds across a crash or a take-over.
+/// Events held until those left unfinished are redelivered, so that per-object
+/// order holds: at start-up, those an earlier dispatcher left (a crash or a
+/// take-over); after a reconnect, those the server had sent on the dead
+/// connection (they come back only after the ack wait).
 pub(super) struct Hold {
     /// Unfinished events of the earlier dispatcher not yet back.
     pub(super) remaining: u64,
@@ -29,6 +31,36 @@ impl Hold {
                 "an earlier dispatcher left events unfinished; holding newer events until they are redelivered"
             );
         }
+        Hold::holding(pending, upto, wait)
+    }
+
+    /// After a reconnect: the server had delivered up to `delivered`, this
+    /// dispatcher received up to `received`; the events between were on the dead
+    /// connection (at most `delivered - received` of them: fewer when a partition
+    /// filter skips some sequences, and then holding ends at `wait`). `None`
+    /// when nothing was lost.
+    pub(super) fn after_reconnect(received: u64, delivered: u64, wait: Duration) -> Option<Hold> {
+        (delivered > received).then(|| {
+            tracing::warn!(
+                received,
+                delivered,
+                "reconnected: events sent on the lost connection come back after the ack wait; holding newer events until then"
+            );
+            Hold::holding(delivered - received, delivered, wait)
+        })
+    }
+
+    /// The last stream sequence delivered before holding began.
+    pub(super) fn upto(&self) -> u64 {
+        self.upto
+    }
+
+    /// True while events are held.
+    pub(super) fn is_holding(&self) -> bool {
+        self.deadline.is_some()
+    }
+
+    fn holding(pending: u64, upto: u64, wait: Duration) -> Hold {
         Hold {
             remaining: pending,
             upto,
