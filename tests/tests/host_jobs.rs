@@ -318,6 +318,12 @@ async fn a_running_task_is_cancelled(backend: Backend) {
     let id = job["id"].as_i64().unwrap();
     assert_eq!(job["operation"], 5002);
     wait_status(host, id, JobStatus::Processing).await;
+    // PROCESSING is written just before the task function runs: wait for it.
+    let started = poll_for(Duration::from_secs(10), || async {
+        (s.runs.long_started.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    assert!(started.is_some(), "the task function never started");
     assert_eq!(s.runs.long_started.load(Ordering::SeqCst), 1);
 
     let (status, body) =
