@@ -690,7 +690,18 @@ async fn measure(
     index: &Arc<HashMap<String, usize>>,
     layout: Layout,
 ) -> Measured {
-    measure_on(NatsKind::R1, side, subjects, events, index, layout).await
+    // Dispatch does not wait for the disk: measured on nats-server's default
+    // fsync, so publishing the events (during the run, for several buses) is not
+    // bound by the shipped config's `sync_interval: always`.
+    measure_on(
+        NatsKind::R1DefaultSync,
+        side,
+        subjects,
+        events,
+        index,
+        layout,
+    )
+    .await
 }
 
 /// [`measure`] on the NATS of `kind`.
@@ -926,7 +937,7 @@ async fn cluster_cost(
     events: &[EncodedEvent],
     index: &Arc<HashMap<String, usize>>,
 ) {
-    let kinds = [NatsKind::R1, NatsKind::R3];
+    let kinds = [NatsKind::R1DefaultSync, NatsKind::R3];
     let mut got: HashMap<(&str, &str), Vec<Measured>> = HashMap::new();
     for round in 1..=rounds {
         let order = if round % 2 == 1 {
@@ -983,11 +994,11 @@ async fn cluster_cost(
         );
     }
     let (r1, r3) = (
-        med(NatsKind::R1, Side::Bus, |m| m.eps),
+        med(NatsKind::R1DefaultSync, Side::Bus, |m| m.eps),
         med(NatsKind::R3, Side::Bus, |m| m.eps),
     );
     let (raw1, raw3) = (
-        med(NatsKind::R1, Side::Raw, |m| m.eps),
+        med(NatsKind::R1DefaultSync, Side::Raw, |m| m.eps),
         med(NatsKind::R3, Side::Raw, |m| m.eps),
     );
     println!(
