@@ -104,6 +104,7 @@ impl Cluster {
             match cluster.wait_all_ready().await {
                 Ok(()) => {
                     cluster.wait_meta_leader().await;
+                    cluster.wait_r3_placement().await;
                     return cluster;
                 }
                 Err((_, NotReady::PortTaken)) if attempt < START_ATTEMPTS => {
@@ -171,6 +172,37 @@ impl Cluster {
                 node.log_tail(40)
             );
         }
+    }
+
+    /// Waits until the cluster places an R3 stream: a probe stream is created
+    /// (and removed) until that works. Just after the meta group formed, an R3
+    /// placement can still time out or find "no suitable peers".
+    ///
+    /// # Panics
+    ///
+    /// When no R3 stream can be created within [`CLUSTER_WAIT`].
+    async fn wait_r3_placement(&self) {
+        let js = jetstream::new(self.connect().await);
+        let placed = poll_until(CLUSTER_WAIT, || async {
+            let config = jetstream::stream::Config {
+                name: "HARNESS_R3_PROBE".into(),
+                subjects: vec!["harness.r3.probe".into()],
+                num_replicas: 3,
+                ..Default::default()
+            };
+            match js.create_stream(config).await {
+                Ok(_) => js.delete_stream("HARNESS_R3_PROBE").await.is_ok(),
+                Err(_) => {
+                    let _ = js.delete_stream("HARNESS_R3_PROBE").await;
+                    false
+                }
+            }
+        })
+        .await;
+        assert!(
+            placed,
+            "the cluster placed no R3 stream within {CLUSTER_WAIT:?}"
+        );
     }
 
     /// The node that leads the JetStream meta group, as a running node sees it.
