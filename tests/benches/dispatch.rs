@@ -245,19 +245,7 @@ impl World {
             partitions: Some(partitions),
             ..server.stream_settings()
         };
-        // A cluster that has just formed can still refuse an R3 placement for a
-        // moment ("no suitable peers for placement, peer offline"): try again.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match hookbus::provision::provision(&js, subjects, &settings).await {
-                Ok(_) => break,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    eprintln!("provisioning failed, trying again: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => panic!("provisioning failed for 30 s: {e}"),
-            }
-        }
+        BenchNats::provision(&js, subjects, &settings).await;
         let marks = Arc::new(Marks::new(events.len()));
         let answered: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
 

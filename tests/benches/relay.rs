@@ -74,21 +74,8 @@ async fn fill_outbox(store: &Store, events: &[Envelope<EntryEvent>]) {
 
 async fn provisioned(nats: &BenchNats, client: &async_nats::Client) -> jetstream::Context {
     let js = jetstream::new(client.clone());
-    // A cluster that has just formed can still refuse an R3 placement for a
-    // moment ("no suitable peers for placement, peer offline"): try again.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match hookbus::provision::provision(&js, &Subjects::default(), &nats.stream_settings())
-            .await
-        {
-            Ok(_) => return js,
-            Err(e) if std::time::Instant::now() < deadline => {
-                eprintln!("provisioning failed, trying again: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("provisioning failed for 30 s: {e}"),
-        }
-    }
+    BenchNats::provision(&js, &Subjects::default(), &nats.stream_settings()).await;
+    js
 }
 
 async fn run_relay(kind: NatsKind, backend: Backend, events: &[Envelope<EntryEvent>]) -> f64 {

@@ -28,6 +28,7 @@ pub mod consistency;
 pub mod db;
 pub mod deploy;
 pub mod host;
+pub mod python;
 pub use db::TestDb;
 
 use std::collections::BTreeSet;

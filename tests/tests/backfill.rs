@@ -17,6 +17,7 @@ use common::*;
 use core_events::{EntryEvent, Envelope, Hook, Subjects};
 use futures::TryStreamExt;
 use hookbus::Publisher;
+use hookbus_tests::python::{collect_lines, python};
 use hookbus_tests::{NatsServer, ServeOn, assert_eventually, init_tracing, workspace_root};
 use pagoda_plugin_sdk::backfill::{BackfillOptions, latest_events};
 use pagoda_plugin_sdk::replay::{ReplayOptions, replay_events};
@@ -540,45 +541,6 @@ async fn latest_events_and_hookbus_replay_latest_per_object() {
     let seqs: Vec<u64> = seen.lock().unwrap().iter().map(|(s, _)| *s).collect();
     assert!(seqs.is_sorted(), "in stream order: {seqs:?}");
     running.shutdown().await.unwrap();
-}
-
-/// The Python with nats-py (`HOOKBUS_PYTHON`, else `.tools/pyvenv/bin/python`), as
-/// in `python_plugin.rs`: the test fails, never skips, without it.
-fn python() -> std::path::PathBuf {
-    let python = std::env::var_os("HOOKBUS_PYTHON")
-        .filter(|p| !p.is_empty())
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".tools/pyvenv/bin/python"));
-    let ok = Command::new(&python)
-        .args(["-c", "import nats"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "{} has no nats-py: run `source tests/setup/ensure-tools.sh` or set HOOKBUS_PYTHON",
-        python.display()
-    );
-    python
-}
-
-/// Reads `pipe` line by line in a task; the lines so far are in the returned vector.
-fn collect_lines<R>(pipe: R) -> Arc<Mutex<Vec<String>>>
-where
-    R: tokio::io::AsyncRead + Send + Unpin + 'static,
-{
-    use tokio::io::AsyncBufReadExt;
-    let sink: Arc<Mutex<Vec<String>>> = Arc::default();
-    let lines_so_far = sink.clone();
-    tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(pipe).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    lines_so_far
 }
 
 /// The Python example of the raw protocol (`docs/examples/backfill.py`): its

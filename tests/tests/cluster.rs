@@ -139,23 +139,7 @@ impl Rig {
             .unwrap_or_else(|()| panic!("the bus did not register {PLUGIN}"));
         host.wait_registered(&[PLUGIN]).await;
 
-        // Every stream and bucket has three replicas.
-        let js = async_nats::jetstream::new(cluster.connect().await);
-        let names: Vec<String> = futures::TryStreamExt::try_collect(js.stream_names())
-            .await
-            .unwrap();
-        assert!(names.len() >= 8, "streams and buckets: {names:?}");
-        for stream in &names {
-            let info = js
-                .get_stream(stream)
-                .await
-                .unwrap()
-                .info()
-                .await
-                .unwrap()
-                .clone();
-            assert_eq!(info.config.num_replicas, 3, "{stream}");
-        }
+        assert_every_stream_has_three_replicas(&cluster).await;
 
         let (status, entity) = call(
             host.as_admin(Method::POST, "/api/v2/entities/")
@@ -490,6 +474,17 @@ async fn hookbus_takes_a_list_of_servers_and_fails_over_to_a_live_one() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_every_stream_has_three_replicas(&cluster).await;
+    let bad = format!("{list},http://127.0.0.1:80");
+    let out = hookbus(&bad, &["health"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("http://127.0.0.1:80"), "{stderr}");
+}
+
+/// Every stream and bucket (the bus's three streams, its buckets and the jobs
+/// bucket) has three replicas.
+async fn assert_every_stream_has_three_replicas(cluster: &Cluster) {
     let js = async_nats::jetstream::new(cluster.connect().await);
     let names: Vec<String> = futures::TryStreamExt::try_collect(js.stream_names())
         .await
@@ -506,9 +501,4 @@ async fn hookbus_takes_a_list_of_servers_and_fails_over_to_a_live_one() {
             .clone();
         assert_eq!(info.config.num_replicas, 3, "{stream}");
     }
-    let bad = format!("{list},http://127.0.0.1:80");
-    let out = hookbus(&bad, &["health"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("http://127.0.0.1:80"), "{stderr}");
 }

@@ -7,59 +7,17 @@
 mod common;
 
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use common::{entry_event, start_bus};
 use core_events::{Hook, Subjects};
 use hookbus::Publisher;
+use hookbus_tests::python::{collect_lines, python};
 use hookbus_tests::{NatsServer, assert_eventually, init_tracing, workspace_root};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// The Python to run the plugin with: `HOOKBUS_PYTHON` (set by
-/// `tests/setup/ensure-tools.sh`, which installs nats-py into `.tools/pyvenv`),
-/// else `.tools/pyvenv/bin/python`. The test fails, never skips, when it has no
-/// nats-py: CI must run it.
-fn python() -> std::path::PathBuf {
-    let python = std::env::var_os("HOOKBUS_PYTHON")
-        .filter(|p| !p.is_empty())
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".tools/pyvenv/bin/python"));
-    let ok = std::process::Command::new(&python)
-        .args(["-c", "import nats"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "{} has no nats-py: run `source tests/setup/ensure-tools.sh` (./test.sh does), \
-         which installs it into .tools/pyvenv, or set HOOKBUS_PYTHON",
-        python.display()
-    );
-    python
-}
-
-/// Reads `pipe` line by line in a task; the lines so far are in the returned vector.
-fn collect_lines<R>(pipe: R) -> Arc<Mutex<Vec<String>>>
-where
-    R: tokio::io::AsyncRead + Send + Unpin + 'static,
-{
-    let sink: Arc<Mutex<Vec<String>>> = Arc::default();
-    let lines_so_far = sink.clone();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(pipe).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    lines_so_far
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_plugin_receives_events() {
