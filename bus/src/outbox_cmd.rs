@@ -118,7 +118,13 @@ pub async fn relay(
 ) -> Result<()> {
     let store = Store::connect(url).await.map_err(open_error(url))?;
     let js = jetstream::new(client);
-    crate::provision::provision(&js, &subjects, streams).await?;
+    crate::provision::provision_patiently(
+        &js,
+        &subjects,
+        streams,
+        crate::provision::PROVISION_PATIENCE,
+    )
+    .await?;
     let settings = RelaySettings::for_deployment(store.backend(), streams);
     tracing::info!(database = %redact(url), "outbox relay started");
     Relay::new(store, js, subjects, settings)

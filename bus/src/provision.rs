@@ -6,6 +6,8 @@
 //! limits (`max_age`, `max_bytes`) that differ from the settings are updated in
 //! place (logged as a warning): they are the bus's configuration.
 
+use std::time::{Duration, Instant};
+
 use async_nats::jetstream::{self, kv, stream};
 use core_events::Subjects;
 
@@ -57,6 +59,61 @@ pub enum ProvisionError {
         #[source]
         source: async_nats::Error,
     },
+}
+
+impl ProvisionError {
+    /// Whether the error can pass by itself: the cluster cannot place a stream's
+    /// replicas yet ("no suitable peers for placement", JetStream error 10005, just
+    /// after a node started or while one restarts), JetStream is temporarily
+    /// unavailable (10008, no meta leader yet), or a request timed out. A refused
+    /// permission, an incompatible stream or a wrong partition count is not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ProvisionError::JetStream { source, .. } => {
+                let text = hookbus_kit::process::error_chain(source.as_ref());
+                ["error code 10005)", "error code 10008)", "timed out"]
+                    .iter()
+                    .any(|mark| text.contains(mark))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// How long the bus, the relay, the host and `hookbus provision` keep trying
+/// while the errors are [transient](ProvisionError::is_transient): a cluster
+/// started together with them takes a few seconds before it can place R3 streams.
+pub const PROVISION_PATIENCE: Duration = Duration::from_secs(30);
+
+/// [`provision`], tried again while its error is
+/// [transient](ProvisionError::is_transient), for up to `patience` (waits of
+/// 200 ms doubling to 2 s, each logged as a warning).
+///
+/// # Errors
+///
+/// The first error that is not transient, or the last one when `patience` is over.
+pub async fn provision_patiently(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    settings: &StreamSettings,
+    patience: Duration,
+) -> Result<(), ProvisionError> {
+    let deadline = Instant::now() + patience;
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match provision(js, subjects, settings).await {
+            Err(e) if e.is_transient() && Instant::now() + wait < deadline => {
+                tracing::warn!(
+                    error = %e,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "provisioning failed for now; trying again"
+                );
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            done => return done,
+        }
+    }
 }
 
 fn js_err(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> ProvisionError {

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::BusConfig;
 use crate::dispatch::share::dispatch_under_lease;
 use crate::dispatch::{DispatchError, Dispatcher};
-use crate::provision::{ProvisionError, provision};
+use crate::provision::{PROVISION_PATIENCE, ProvisionError, provision_patiently};
 use crate::registry::{Registry, RegistryError};
 use crate::stats::DispatchStats;
 
@@ -72,7 +72,7 @@ impl Bus {
             partitions: Some(config.dispatcher.partitions.max(1)),
             ..config.streams.clone()
         };
-        provision(&js, &config.subjects, &streams).await?;
+        provision_patiently(&js, &config.subjects, &streams, PROVISION_PATIENCE).await?;
         let shutdown = CancellationToken::new();
         let (registry, registry_task) = Registry::start(
             &js,

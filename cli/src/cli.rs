@@ -432,7 +432,13 @@ pub(crate) async fn main() -> Result<ExitCode> {
                 ..Default::default()
             };
             retention.apply(&mut streams);
-            hookbus::provision::provision(&js, &subjects, &streams).await?;
+            hookbus::provision::provision_patiently(
+                &js,
+                &subjects,
+                &streams,
+                hookbus::provision::PROVISION_PATIENCE,
+            )
+            .await?;
             let partitions = hookbus::provision::events_partitions(&js, &subjects)
                 .await?
                 .unwrap_or(1);

@@ -122,7 +122,13 @@ impl Host {
         let store = Store::connect(&config.database_url).await?;
         store.migrate().await?;
         let js = jetstream::new(client.clone());
-        hookbus::provision::provision(&js, &config.subjects, &config.streams).await?;
+        hookbus::provision::provision_patiently(
+            &js,
+            &config.subjects,
+            &config.streams,
+            hookbus::provision::PROVISION_PATIENCE,
+        )
+        .await?;
         let store = store.with_max_event_bytes(event_limit(&js, &config).await);
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();

@@ -135,29 +135,26 @@ impl BenchNats {
         }
     }
 
-    /// Provisions the bus's streams and bucket with `settings`. A cluster that has
-    /// just formed can still refuse an R3 placement for a moment ("no suitable
-    /// peers for placement, peer offline"), so this tries again for up to 30 s.
+    /// Provisions the bus's streams and bucket with `settings`, as the bus does
+    /// at start-up (trying again for 30 s while a just-formed cluster cannot
+    /// place R3 streams yet).
     ///
     /// # Panics
     ///
-    /// When provisioning still fails after 30 s.
+    /// When provisioning fails.
     pub async fn provision(
         js: &async_nats::jetstream::Context,
         subjects: &core_events::Subjects,
         settings: &hookbus::config::StreamSettings,
     ) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            match hookbus::provision::provision(js, subjects, settings).await {
-                Ok(_) => return,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    tracing::warn!(error = %e, "provisioning failed, trying again");
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                }
-                Err(e) => panic!("provisioning failed for 30 s: {e}"),
-            }
-        }
+        hookbus::provision::provision_patiently(
+            js,
+            subjects,
+            settings,
+            hookbus::provision::PROVISION_PATIENCE,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("provisioning failed: {e}"));
     }
 
     /// Stream settings for it: the defaults with its replicas.

@@ -502,3 +502,61 @@ async fn assert_every_stream_has_three_replicas(cluster: &Cluster) {
         assert_eq!(info.config.num_replicas, 3, "{stream}");
     }
 }
+
+/// Provisioning while the cluster has no meta quorum (two of three nodes down,
+/// as when a bus starts together with a cluster that is still forming) fails
+/// with a transient error; the bus's start-up provisioning tries again and
+/// succeeds once the nodes are back. An error that cannot pass by itself (a
+/// wrong partition count) is not transient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_waits_for_a_cluster_that_cannot_place_streams_yet() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::start().await;
+    let js = async_nats::jetstream::new(cluster.connect_as(BUS_USER, 0).await);
+    let subjects = core_events::Subjects::default();
+    let settings = hookbus::config::StreamSettings {
+        replicas: 3,
+        ..Default::default()
+    };
+    cluster.kill(1);
+    cluster.kill(2);
+    let refused = hookbus::provision::provision(&js, &subjects, &settings)
+        .await
+        .expect_err("no meta quorum: provisioning cannot succeed");
+    assert!(refused.is_transient(), "{refused}");
+
+    let patient = tokio::spawn({
+        let js = js.clone();
+        let subjects = subjects.clone();
+        let settings = settings.clone();
+        async move {
+            hookbus::provision::provision_patiently(
+                &js,
+                &subjects,
+                &settings,
+                hookbus::provision::PROVISION_PATIENCE,
+            )
+            .await
+        }
+    });
+    cluster.restart(1).await;
+    cluster.restart(2).await;
+    patient
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("provisioning after the nodes came back: {e}"));
+    assert_every_stream_has_three_replicas(&cluster).await;
+
+    let wrong = hookbus::provision::provision_patiently(
+        &js,
+        &subjects,
+        &hookbus::config::StreamSettings {
+            partitions: Some(7),
+            ..settings
+        },
+        hookbus::provision::PROVISION_PATIENCE,
+    )
+    .await
+    .expect_err("the stream has 1 partition");
+    assert!(!wrong.is_transient(), "{wrong}");
+}
