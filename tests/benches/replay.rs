@@ -212,7 +212,12 @@ async fn bench(smoke: bool) {
     let n = env_usize("BENCH_EVENTS", if smoke { 2_000 } else { 1_000_000 });
     let rounds = env_usize("BENCH_ROUNDS", if smoke { 1 } else { 3 });
     let subjects = Subjects::default();
-    let server = NatsServer::start().await;
+    // The shipped limits with nats-server's default fsync: this measures reads,
+    // and its set-up publishes (fsync on every write under the shipped
+    // `sync_interval: always` timed out under load).
+    let server =
+        NatsServer::start_for_with_limits(&[], &hookbus_tests::limits_with_default_sync(), "")
+            .await;
     let t = Instant::now();
     let checksum = publish(&server, &subjects, n).await;
     eprintln!(

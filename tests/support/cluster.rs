@@ -107,7 +107,16 @@ impl Cluster {
                     cluster.wait_r3_placement().await;
                     return cluster;
                 }
-                Err((_, NotReady::PortTaken)) if attempt < START_ATTEMPTS => {
+                // A port taken between choosing and binding it, or a node that
+                // died for it while the others waited for a meta leader: start
+                // the three again on other ports.
+                Err((index, reason)) if attempt < START_ATTEMPTS => {
+                    tracing::warn!(
+                        node = index,
+                        ?reason,
+                        log = %cluster.nodes[index].log_tail(20),
+                        "a cluster node did not come up; starting the cluster again"
+                    );
                     for node in &mut cluster.nodes {
                         node.kill();
                     }

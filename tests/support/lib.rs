@@ -988,6 +988,7 @@ fn production_conf(limits: &str, plugins: &BTreeSet<String>, extra: &str) -> Str
 }
 
 /// Why a server did not become ready.
+#[derive(Debug)]
 enum NotReady {
     /// It exited saying a port was in use: pick others and try again.
     PortTaken,

@@ -518,6 +518,8 @@ async fn health_exit_code_follows_replicas() {
     let plugin = sdk_plugin("h1", &[("h", 100, None)]);
     let running = serve(&plugin, &server).await;
     wait_registered(&bus, &["h1"]).await;
+    // The dispatcher runs once it holds its lease (under load, a moment after start).
+    assert_eventually!(bus.stats.is_running(), WAIT);
 
     let output = run_cli(&server, &["health"]).await;
     let stdout = text(&output.stdout);
