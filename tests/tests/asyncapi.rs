@@ -971,6 +971,9 @@ fn asyncapi_document_is_valid_asyncapi_3() {
     );
 }
 
+/// Breaks a copy of the document in one way.
+type Breaker = fn(&mut Value);
+
 /// The validation is real: broken copies of the document are refused, each for
 /// the reason it was broken.
 #[test]
@@ -978,7 +981,7 @@ fn broken_documents_are_refused() {
     let validator = asyncapi_validator();
     let good = document();
     assert!(validator.is_valid(&good));
-    let cases: [(&str, fn(&mut Value)); 7] = [
+    let cases: [(&str, Breaker); 7] = [
         ("a field AsyncAPI does not have", |d| {
             d["info"]["colour"] = json!("blue");
         }),

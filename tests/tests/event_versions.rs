@@ -24,8 +24,8 @@ const ID: &str = "v1-reader";
 /// What a handler of the v1 plugin got.
 #[derive(Debug)]
 enum Seen {
-    Entry(Envelope<EntryEvent>),
-    Entity(Envelope<EntityEvent>),
+    Entry(Box<Envelope<EntryEvent>>),
+    Entity(Box<Envelope<EntityEvent>>),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,7 +44,7 @@ async fn a_v1_plugin_handles_a_v2_event() {
             move |ctx: EntryContext| {
                 let tx = tx.clone();
                 async move {
-                    tx.send(Seen::Entry(ctx.event)).unwrap();
+                    tx.send(Seen::Entry(Box::new(ctx.event))).unwrap();
                     Ok(())
                 }
             },
@@ -55,7 +55,7 @@ async fn a_v1_plugin_handles_a_v2_event() {
             move |ctx: EntityContext| {
                 let tx = tx2.clone();
                 async move {
-                    tx.send(Seen::Entity(ctx.event)).unwrap();
+                    tx.send(Seen::Entity(Box::new(ctx.event))).unwrap();
                     Ok(())
                 }
             },
