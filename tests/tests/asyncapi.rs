@@ -378,7 +378,7 @@ fn document() -> Value {
             json!({
                 "name": hook.event_type(),
                 "title": format!("{} event", hook.name()),
-                "summary": format!("A `{}` event: CloudEvents 1.0, JSON structured mode, `type` `{}`.", hook.name(), hook.event_type()),
+                "summary": format!("An event of hook `{}`: CloudEvents 1.0, JSON structured mode, `type` `{}`.", hook.name(), hook.event_type()),
                 "headers": {"type": "object", "properties": event_headers(hook), "required": [headers::MSG_ID]},
                 "payload": payload,
                 "traits": traits,
@@ -391,7 +391,7 @@ fn document() -> Value {
             json!({
                 "name": format!("{}.delivery", hook.name()),
                 "title": format!("{} delivery", hook.name()),
-                "summary": format!("A `{}` event delivered to one handler: the event exactly as published, with the delivery headers.", hook.name()),
+                "summary": format!("An event of hook `{}` delivered to one handler: the event exactly as published, with the delivery headers.", hook.name()),
                 "headers": {"type": "object", "properties": delivery_headers(hook), "required": [headers::MSG_ID, headers::STREAM_SEQ, headers::ATTEMPT, headers::PLUGIN, headers::HANDLER]},
                 "payload": payload,
                 "traits": traits,
@@ -533,7 +533,7 @@ fn document() -> Value {
             json!({
                 "name": format!("{}.request", hook.name()),
                 "title": format!("{} request", hook.name()),
-                "summary": format!("A `{}` call (synchronous hook), sent by the host before it writes (or when it reads attributes).", hook.name()),
+                "summary": format!("A call of the synchronous hook `{}`, sent by the host before it writes (or when it reads attributes).", hook.name()),
                 "headers": sync_request_headers(hook),
                 "payload": request,
                 "x-pagoda-hook": hook_info(hook),
