@@ -96,10 +96,14 @@ pub struct Envelope<D = serde_json::Value> {
     pub data: D,
 }
 
-/// `dataschema` of entry events.
-pub const ENTRY_EVENT_SCHEMA: &str = "urn:pagoda:hookbus:schema:entry-event:1";
-/// `dataschema` of entity events.
-pub const ENTITY_EVENT_SCHEMA: &str = "urn:pagoda:hookbus:schema:entity-event:1";
+/// `dataschema` of entry events: names the version of the schema of their `data`
+/// ([`EntryEvent`]; the `$id` of `schemas/entry-event-data.schema.json`). A
+/// compatible change of the data (an added optional field) keeps the event `type`
+/// and moves this to the next version; see docs/protocol.md, "Versions".
+pub const ENTRY_EVENT_SCHEMA: &str = "urn:pagoda:hookbus:schema:entry-event-data:v1";
+/// `dataschema` of entity events: the version of the schema of their `data`
+/// ([`EntityEvent`]; the `$id` of `schemas/entity-event-data.schema.json`).
+pub const ENTITY_EVENT_SCHEMA: &str = "urn:pagoda:hookbus:schema:entity-event-data:v1";
 
 impl<D> Envelope<D> {
     /// A new envelope with a fresh id and the current time.
@@ -282,6 +286,10 @@ mod tests {
         assert_eq!(json["pagodaentity"], "customer");
         assert_eq!(json["pagodaactor"], "admin");
         assert_eq!(json["datacontenttype"], "application/json");
+        assert_eq!(
+            json["dataschema"],
+            "urn:pagoda:hookbus:schema:entry-event-data:v1"
+        );
         assert_eq!(env.id.0.get_version_num(), 7);
         assert!(json.get("pagodaseq").is_none());
         let back: Envelope<EntryEvent> = serde_json::from_value(json).unwrap();

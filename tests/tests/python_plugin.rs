@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::{entry_event, start_bus};
+use common::{as_next_version, entry_event, publish_raw, start_bus};
 use core_events::{Hook, Subjects};
 use hookbus::Publisher;
 use hookbus_tests::python::{collect_lines, python};
@@ -74,6 +74,27 @@ async fn python_example_plugin_receives_events() {
         output()
     );
     assert_eventually!(bus.stats.delivered.get() == 1, WAIT);
+
+    // A later, compatible version of the event (docs/protocol.md, "Versions": a
+    // `v2` dataschema, an envelope attribute and data fields the plugin does not
+    // know): the plugin, written for version 1, handles it the same way.
+    let v1 = entry_event(Hook::EntryAfterCreate, "customer", 43);
+    let seq = publish_raw(
+        &client,
+        Hook::EntryAfterCreate,
+        "customer",
+        v1.object_key(),
+        &as_next_version(&v1),
+    )
+    .await;
+    let expected = format!("[py-hello] greet entry.after_create object=entry/43 seq={seq}");
+    assert_eventually!(
+        stdout.lock().unwrap().contains(&expected),
+        WAIT,
+        "expected {expected:?}; {}",
+        output()
+    );
+    assert_eventually!(bus.stats.delivered.get() == 2, WAIT);
     assert_eq!(bus.stats.dead_lettered.get(), 0, "{}", output());
 
     child.kill().await.unwrap();

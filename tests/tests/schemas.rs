@@ -11,6 +11,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use core_events::envelope::{ENTITY_EVENT_SCHEMA, ENTRY_EVENT_SCHEMA};
 use core_events::protocol::{DeadLetter, HandlerReply};
 use core_events::{EntityEvent, EntryEvent, Envelope, PluginManifest};
 use core_events::{request, sync};
@@ -31,8 +32,12 @@ const SCHEMAS: &[(&str, Generator)] = &[
     ("entity-event.schema.json", || {
         schema_for!(Envelope<EntityEvent>)
     }),
-    ("entry-event-data.schema.json", || schema_for!(EntryEvent)),
-    ("entity-event-data.schema.json", || schema_for!(EntityEvent)),
+    ("entry-event-data.schema.json", || {
+        with_id(schema_for!(EntryEvent), ENTRY_EVENT_SCHEMA)
+    }),
+    ("entity-event-data.schema.json", || {
+        with_id(schema_for!(EntityEvent), ENTITY_EVENT_SCHEMA)
+    }),
     ("plugin-manifest.schema.json", || {
         schema_for!(PluginManifest)
     }),
@@ -98,8 +103,17 @@ const SCHEMAS: &[(&str, Generator)] = &[
     }),
 ];
 
-/// Files in `schemas/` that are not generated.
-const NOT_GENERATED: &[&str] = &["README.md"];
+/// Files in `schemas/` that are not generated here: the README, the AsyncAPI
+/// document (generated and checked by `tests/tests/asyncapi.rs`) and the vendored
+/// AsyncAPI 3.0 schema it is validated against.
+const NOT_GENERATED: &[&str] = &["README.md", "asyncapi.yaml", "vendor"];
+
+/// `schema` with its `$id`: the versioned schema URI that events name in their
+/// `dataschema` attribute, so an event's `dataschema` finds its schema file.
+fn with_id(mut schema: Schema, id: &str) -> Schema {
+    schema.insert("$id".to_owned(), id.into());
+    schema
+}
 
 fn schemas_dir() -> PathBuf {
     hookbus_tests::workspace_root().join("schemas")

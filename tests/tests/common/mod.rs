@@ -324,3 +324,52 @@ pub async fn connect(
     });
     (options.connect(server.url()).await.unwrap(), rx)
 }
+
+/// `event` as a later, compatible version of the protocol would publish it: the
+/// same `type`, `dataschema` at `v2`, an envelope extension attribute and fields
+/// in `data` (and in its models and attributes) that version 1 does not know.
+pub fn as_next_version<D: serde::Serialize>(event: &core_events::Envelope<D>) -> serde_json::Value {
+    use serde_json::{Value, json};
+    let mut v = serde_json::to_value(event).unwrap();
+    let v1 = v["dataschema"].as_str().unwrap().to_owned();
+    assert!(v1.ends_with(":v1"), "{v1}");
+    v["dataschema"] = json!(v1.replace(":v1", ":v2"));
+    v["pagodatenant"] = json!("acme");
+    let data = v["data"].as_object_mut().unwrap();
+    data.insert("changed_fields".into(), json!(["name", "note"]));
+    for model in ["entity", "entry", "previous", "user"] {
+        if let Some(Value::Object(m)) = data.get_mut(model) {
+            m.insert("revision".into(), json!(3));
+            if let Some(Value::Array(attrs)) = m.get_mut("attrs") {
+                for attr in attrs {
+                    attr["unit"] = json!("kg");
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Publishes `body` (an event as JSON, any shape) into the events stream for
+/// `hook`, `entity` and `object`, as the host would; returns its stream sequence.
+pub async fn publish_raw(
+    client: &async_nats::Client,
+    hook: Hook,
+    entity: &str,
+    object: core_events::ObjectKey,
+    body: &serde_json::Value,
+) -> u64 {
+    let id: core_events::EventId = body["id"].as_str().unwrap().parse().unwrap();
+    let event = hookbus::EncodedEvent::from_parts(
+        &Subjects::default(),
+        hook,
+        entity,
+        object,
+        id,
+        None,
+        Bytes::from(serde_json::to_vec(body).unwrap()),
+    )
+    .unwrap();
+    let publisher = hookbus::Publisher::new(jetstream::new(client.clone()), Subjects::default());
+    publisher.send(event).await.unwrap().await.unwrap().sequence
+}
