@@ -11,8 +11,9 @@
 //! with a normal user's token are refused (401, 403).
 //!
 //! A second test runs the console in-process: it does not start on a database
-//! without the host's tables, refuses a live tail beyond its limit (503), and
-//! answers unknown routes and methods with JSON errors.
+//! without the host's tables, refuses revoked tokens and inactive users at once
+//! (401), refuses a live tail beyond its limit (503), and answers unknown routes
+//! and methods with JSON errors.
 //!
 //! `UPDATE_SCREENSHOTS=1` makes the browser script write the screenshots of
 //! `docs/console/`.
@@ -419,11 +420,38 @@ async fn console_needs_the_hosts_tables_and_limits_live_tails() {
     let db = TestDb::sqlite();
     let store = db.store().await;
     let (_, admin) = user_with_token(&store, "admin", true).await;
-    let console = hookbus_console::Console::start(client, store, config)
+    let (retired, retired_key) = user_with_token(&store, "retired", true).await;
+    let (revoked, revoked_key) = store.create_token(retired.id, "second").await.unwrap();
+    let console = hookbus_console::Console::start(client, store.clone(), config)
         .await
         .unwrap();
     let base = format!("http://{}", console.addr());
     let http = reqwest::Client::new();
+
+    // A revoked token, an inactive superuser: 401, at once.
+    let me = format!("{base}/api/console/me");
+    let (status, body) = call(&http, reqwest::Method::GET, &me, Some(&revoked_key)).await;
+    assert_eq!(
+        (status.as_u16(), body["username"].as_str()),
+        (200, Some("retired"))
+    );
+    store.revoke_token(revoked.id).await.unwrap();
+    let (status, body) = call(&http, reqwest::Method::GET, &me, Some(&revoked_key)).await;
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (401, Some("not_authenticated")),
+        "{body}"
+    );
+    store
+        .update_user(retired.id, |u| u.is_active = false)
+        .await
+        .unwrap();
+    let (status, body) = call(&http, reqwest::Method::GET, &me, Some(&retired_key)).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("inactive"),
+        "{body}"
+    );
     let tail = || {
         http.get(format!("{base}/api/console/events?back=0"))
             .header("Authorization", format!("Token {admin}"))
