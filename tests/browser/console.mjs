@@ -134,8 +134,14 @@ try {
   await page.click('#dlq-form button[type=submit]');
   await page.waitForFunction(() => document.querySelectorAll('#dlq-table tbody tr[data-seq]').length === 2);
   await page.fill('#dlq-entity', '');
+  await page.fill('#dlq-hook', 'entry.after_update');
+  await page.click('#dlq-form button[type=submit]');
+  await page.locator('#dlq-summary', { hasText: '0 dead letter(s)' }).waitFor();
+  // A legacy alias names the same hook.
+  await page.fill('#dlq-hook', 'after_create_entry_v2');
   await page.click('#dlq-form button[type=submit]');
   await page.waitForFunction(() => document.querySelectorAll('#dlq-table tbody tr[data-seq]').length === 3);
+  await page.fill('#dlq-hook', '');
   await shot(page, 'dead-letters');
   step('dead-letters');
 
