@@ -183,6 +183,8 @@ enum Command {
     /// API tokens of the reference host.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Serve the operator console (a web page): plugins, live tail, event journey, dead letters.
+    Console(crate::console_cmd::ConsoleArgs),
 }
 
 /// `hookbus host`.
@@ -293,7 +295,7 @@ pub(crate) async fn main() -> Result<ExitCode> {
     // why they cannot connect (refused password, nothing listening, …).
     let daemon = matches!(
         cli.command,
-        Command::Run { .. } | Command::Relay { .. } | Command::Host(_)
+        Command::Run { .. } | Command::Relay { .. } | Command::Host(_) | Command::Console(_)
     );
     let options = if daemon {
         options.retry_on_initial_connect()
@@ -483,6 +485,7 @@ pub(crate) async fn main() -> Result<ExitCode> {
             host(client.clone(), subjects, args).await?;
             ExitCode::SUCCESS
         }
+        Command::Console(args) => crate::console_cmd::main(&client, subjects, args).await?,
         Command::NatsConfig(_) | Command::Token(_) => ExitCode::SUCCESS,
     };
     // Flush what is left, briefly: with NATS gone there is nothing to flush to.

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod cli;
+mod console_cmd;
 mod demo;
 mod nats_config_cmd;
 mod ops_cmd;

@@ -15,6 +15,12 @@
 #   DATABASE_URL      PostgreSQL for the tests (default
 #                     postgres://postgres@127.0.0.1:5432/test); a local cluster is
 #                     started, or installed, when it does not answer
+#   CHROMIUM_BIN      headless Chromium for the console's browser test
+#                     (tests/tests/console.rs): Debian's chromium, installed with
+#                     apt-get when missing (as root); and playwright-core in
+#                     tests/browser/node_modules (npm ci). Optional: a warning when
+#                     it cannot be installed. HOOKBUS_ENSURE=browser runs only this
+#                     step (the browser test does, when something is missing).
 #
 # Prints one line per tool. Safe to source many times. Set
 # HOOKBUS_REQUIRE_POSTGRES=1 to fail (not warn) when PostgreSQL is not reachable.
@@ -261,7 +267,36 @@ _et_ensure_python_nats() {
     _et_say "python: $HOOKBUS_PYTHON ($("$HOOKBUS_PYTHON" -m pip show nats-py 2>/dev/null | sed -n 's/^Version: /nats-py /p'))"
 }
 
-_et_ensure_cargo || return 1 2>/dev/null || exit 1
-_et_ensure_python_nats || return 1 2>/dev/null || exit 1
-_et_ensure_nats_server || return 1 2>/dev/null || exit 1
-_et_ensure_postgres || return 1 2>/dev/null || exit 1
+# --- headless Chromium and playwright-core (the console's browser test) -------
+
+# Debian's chromium (never a browser download) and the node modules of
+# tests/browser (playwright-core, from package-lock.json). Exports CHROMIUM_BIN.
+_et_ensure_browser() {
+    local chromium="${CHROMIUM_BIN:-/usr/bin/chromium}" dir="$HOOKBUS_ROOT/tests/browser"
+    if [ ! -x "$chromium" ]; then
+        _et_say "chromium: installing Debian's chromium"
+        _et_apt_install chromium ||
+            _et_die "chromium is missing and could not be installed (apt-get install chromium, as root; or set CHROMIUM_BIN)" || return 1
+        chromium=/usr/bin/chromium
+    fi
+    export CHROMIUM_BIN="$chromium"
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+        _et_apt_install nodejs npm || _et_die "node and npm are needed for the browser test" || return 1
+    fi
+    if [ ! -d "$dir/node_modules/playwright-core" ]; then
+        _et_say "browser: npm ci in tests/browser (playwright-core)"
+        (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >&2) ||
+            _et_die "npm ci in tests/browser failed" || return 1
+    fi
+    _et_say "chromium: $CHROMIUM_BIN ($("$CHROMIUM_BIN" --version 2>/dev/null | tail -n1)); node $(node --version)"
+}
+
+if [ "${HOOKBUS_ENSURE:-all}" = browser ]; then
+    _et_ensure_browser || return 1 2>/dev/null || exit 1
+else
+    _et_ensure_cargo || return 1 2>/dev/null || exit 1
+    _et_ensure_python_nats || return 1 2>/dev/null || exit 1
+    _et_ensure_nats_server || return 1 2>/dev/null || exit 1
+    _et_ensure_postgres || return 1 2>/dev/null || exit 1
+    _et_ensure_browser || _et_warn "the console's browser test (tests/tests/console.rs) will try again"
+fi
