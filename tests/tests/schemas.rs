@@ -353,6 +353,7 @@ fn examples_serialized_from_the_types_validate() {
         }],
         dead_lettered_at: chrono::Utc::now(),
         event: event.clone(),
+        replays: Vec::new(),
     };
     assert_valid(
         "dead-letter.schema.json",
