@@ -258,8 +258,9 @@ impl Filter {
     pub fn validate(&self) -> Result<(), FilterError> {
         for (field, value) in [("plugin", &self.plugin), ("handler", &self.handler)] {
             if let Some(v) = value
-                && !(!v.is_empty()
-                    && v.bytes()
+                && (v.is_empty()
+                    || !v
+                        .bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
             {
                 return Err(FilterError::new(

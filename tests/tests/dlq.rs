@@ -93,8 +93,38 @@ async fn run_cli(server: &NatsServer, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// Asks the bus's dead-letter service as `client`.
+/// Asserts `value` is valid against the checked-in schema `schemas/<file>`.
+fn assert_schema(file: &str, value: &serde_json::Value) {
+    let path = hookbus_tests::workspace_root().join("schemas").join(file);
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let v = jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .unwrap();
+    let errors: Vec<String> = v.iter_errors(value).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{file} rejects {value:#}: {errors:?}");
+}
+
+/// Asks the bus's dead-letter service as `client`; the request and the reply
+/// are checked against their schemas.
 async fn ask(
+    client: &async_nats::Client,
+    verb: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let reply = ask_raw(client, verb, body.clone()).await;
+    if reply.get("error").is_some() {
+        assert_schema("dlq-error-reply.schema.json", &reply);
+    } else {
+        assert_schema("dlq-request.schema.json", &body);
+        assert_schema(&format!("dlq-{verb}-reply.schema.json"), &reply);
+    }
+    reply
+}
+
+/// Asks the bus's dead-letter service as `client`.
+async fn ask_raw(
     client: &async_nats::Client,
     verb: &str,
     body: serde_json::Value,
@@ -310,7 +340,7 @@ async fn each_filter_selects_its_dead_letters_and_bad_filters_name_the_field() {
         "{r}"
     );
     assert_eq!(r["sample"].as_array().unwrap().len(), 1);
-    let r = ask(&ops, "nonsense", serde_json::json!({})).await;
+    let r = ask_raw(&ops, "nonsense", serde_json::json!({})).await;
     assert!(
         r["error"].as_str().unwrap().contains("pagoda.bus.dlq.list"),
         "{r}"
@@ -501,7 +531,7 @@ async fn bulk_replay_and_purge_work_on_a_snapshot_at_a_bounded_rate() {
         took >= Duration::from_millis(250),
         "6 replays at 20/s took {took:?}"
     );
-    println!("6 replays at 20/s took {took:?}");
+    eprintln!("6 replays at 20/s took {took:?}");
     let trail = audit_trail(&js).await;
     let letters: Vec<&serde_json::Value> = trail
         .iter()
