@@ -1346,3 +1346,42 @@ pub async fn replay_letter(
     }
     Ok(outcome)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_rates_and_codes_parse() {
+        assert_eq!(Bound::parse("12"), Ok(Bound::Seq(12)));
+        let t = Bound::parse("2026-12-05T01:00:00+09:00").unwrap();
+        assert_eq!(t.to_string(), "2026-12-04T16:00:00Z");
+        let Bound::Time(ago) = Bound::parse("2h").unwrap() else {
+            panic!("a duration ago is a time")
+        };
+        let secs = (Utc::now() - ago).num_seconds();
+        assert!((7199..=7201).contains(&secs), "{secs}");
+        assert!(Bound::parse("yesterday").is_err());
+        assert_eq!(parse_rate("20/s"), Ok(20.0));
+        assert_eq!(parse_rate("600/m"), Ok(10.0));
+        assert_eq!(parse_rate("7"), Ok(7.0));
+        assert!(parse_rate("0").is_err() && parse_rate("-1/s").is_err());
+        assert!(parse_rate("NaN").is_err() && parse_rate("5/week").is_err());
+        assert_eq!(error_code("handler error 503: busy"), Some(503));
+        assert_eq!(error_code("no reply within 5000 ms"), None);
+        // Round trip through JSON: sequences as numbers, times as strings.
+        let f = Filter {
+            since: Some(Bound::Seq(3)),
+            until: Some(t),
+            hook: Some(Hook::EntryAfterCreate),
+            ..Filter::default()
+        };
+        let json = serde_json::to_value(&f).unwrap();
+        assert_eq!(json["since"], 3);
+        assert_eq!(json["hook"], "entry.after_create");
+        assert_eq!(from_json::<Filter>(json.to_string().as_bytes()), Ok(f));
+        assert_eq!(from_json::<Filter>(b" "), Ok(Filter::default()));
+        let e = from_json::<Filter>(b"[").unwrap_err();
+        assert_eq!(e.field, "(body)", "{e}");
+    }
+}

@@ -853,5 +853,31 @@ async fn the_command_line_filters_dry_runs_and_refuses_bad_flags() {
     assert_eq!(code, 0);
     assert!(out.contains("purged 1 dead letter(s)"), "{out}");
     assert_eq!(seqs(&js, &Filter::default()).await, [a]);
+
+    // Every `nats req pagoda.bus.dlq.…` example of the docs is a request the
+    // service takes (no error reply), as the operator's user.
+    let ops = server.connect_as(BUS_USER).await;
+    let mut examples = 0;
+    for doc in ["docs/operations.md", "docs/protocol.md"] {
+        let text = std::fs::read_to_string(hookbus_tests::workspace_root().join(doc)).unwrap();
+        for line in text.lines().map(str::trim) {
+            let Some(rest) = line.strip_prefix("nats req ") else {
+                continue;
+            };
+            let rest = rest.strip_prefix("--timeout 5m ").unwrap_or(rest);
+            let Some((subject, body)) = rest.split_once(' ') else {
+                continue;
+            };
+            let Some(verb) = subject.strip_prefix("pagoda.bus.dlq.") else {
+                continue;
+            };
+            let body: serde_json::Value = serde_json::from_str(body.trim_matches('\''))
+                .unwrap_or_else(|e| panic!("{doc}: {line}: {e}"));
+            let r = ask(&ops, verb, body).await;
+            assert!(r.get("error").is_none(), "{doc}: {line}: {r}");
+            examples += 1;
+        }
+    }
+    assert!(examples >= 8, "{examples} examples");
     bus.stop().await.unwrap();
 }
