@@ -689,6 +689,50 @@ pub async fn get(
     }
 }
 
+/// The replays of dead letter `seq` in the audit trail (`dlq.replay.letter`
+/// records whose `seq` is it), oldest first: where a dead letter went after a
+/// replay (removed, or replaced by `new_seq`). Reads every such record.
+///
+/// # Errors
+///
+/// When the audit stream cannot be read.
+pub async fn replay_history(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    seq: u64,
+) -> Result<Vec<AuditEvent>, DlqError> {
+    let read = "cannot read the audit stream";
+    let stream = js
+        .get_stream(subjects.audit_stream())
+        .await
+        .map_err(nats(read))?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subjects.audit("dlq.replay.letter"),
+            ..Default::default()
+        })
+        .await
+        .map_err(nats(read))?;
+    let mut out = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await.map_err(nats(read))?;
+    while let Ok(Some(msg)) = tokio::time::timeout(SCAN_IDLE, messages.next()).await {
+        let msg = msg.map_err(nats(read))?;
+        let left = msg.info().map(|i| i.pending).unwrap_or(0);
+        if let Ok(event) = serde_json::from_slice::<AuditEvent>(&msg.payload)
+            && event.details["seq"].as_u64() == Some(seq)
+        {
+            out.push(event);
+        }
+        if left == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 /// How many dead letters `filter` selects (the server counts when only plugin
 /// and handler are set; otherwise each dead letter is read).
 ///
@@ -792,6 +836,10 @@ pub struct PurgeReport {
     pub last_seq: u64,
     /// The first selected dead letters, whole.
     pub sample: Vec<StoredDeadLetter>,
+    /// `sample` and `outcomes` were emptied: the reply of the bus's service was
+    /// larger than the server's `max_payload` (the counts are complete).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 /// Deletes the dead letters `target` selects at the start (nothing written
@@ -1006,6 +1054,10 @@ pub struct ReplayReport {
     pub sample: Vec<StoredDeadLetter>,
     /// Each replayed dead letter, in order.
     pub outcomes: Vec<Outcome>,
+    /// `sample` and `outcomes` were emptied: the reply of the bus's service was
+    /// larger than the server's `max_payload` (the counts are complete).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 /// Replays the dead letters `target` selects at the start, one at a time, at

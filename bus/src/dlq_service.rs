@@ -5,7 +5,10 @@
 //!
 //! The request is a JSON [`DlqRequest`] (an empty body is `{}`); the reply is a
 //! [`ListReply`], a [`ReplayReport`] or a [`PurgeReport`], or an [`ErrorReply`]
-//! naming the bad field. Replays and purges run one at a time per bus; the reply
+//! naming the bad field. A reply larger than the server's `max_payload` loses
+//! its `sample` and `outcomes` (emptied, `"truncated": true`; the counts stay), and a list
+//! that large is refused (ask with a smaller `limit`). Replays and purges run one
+//! at a time per bus; the reply
 //! comes when the run is over (a replay of N dead letters at rate R takes about
 //! N / R seconds: give the request that long).
 
@@ -290,7 +293,33 @@ pub fn spawn(
             // Not waited for at shutdown: the bus's stop is bounded, a replay run
             // may not be (it stops between two dead letters when the process ends).
             tokio::spawn(async move {
-                let body = answer(&client, &subjects, &verb, &msg.payload, &lock).await;
+                let mut body = answer(&client, &subjects, &verb, &msg.payload, &lock).await;
+                let max = client.server_info().max_payload;
+                if body.len() > max && verb != "list" {
+                    // The run is done: keep its counts, drop what made it large.
+                    if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body)
+                        && let Some(obj) = v.as_object_mut()
+                    {
+                        for list in ["sample", "outcomes"] {
+                            if let Some(v) = obj.get_mut(list) {
+                                *v = serde_json::Value::Array(Vec::new());
+                            }
+                        }
+                        obj.insert("truncated".into(), true.into());
+                        body = serde_json::to_vec(&v).unwrap_or_default();
+                    }
+                }
+                if body.len() > max {
+                    body = serde_json::to_vec(&ErrorReply {
+                        error: format!(
+                            "the reply ({} bytes) is larger than the server's max_payload ({max}); \
+                             ask for fewer dead letters (a smaller limit, or page with filter.since)",
+                            body.len()
+                        ),
+                        field: Some("limit".to_owned()),
+                    })
+                    .unwrap_or_default();
+                }
                 if let Err(e) = client.publish(reply, body.into()).await {
                     tracing::warn!(error = %e, %verb, "dead-letter service reply not sent");
                 }

@@ -706,6 +706,14 @@ async fn a_replay_that_fails_again_loses_nothing_and_is_recorded() {
     assert_eq!(failed.len(), 2);
     assert_eq!(failed[0]["actor"], "alice");
     assert_eq!(failed[0]["details"]["new_seq"].as_u64(), Some(new_seq));
+    // The first dead letter is gone; `show` says where it went.
+    let (code, out, _) = run_cli(&server, &["dlq", "show", &first.seq.to_string()]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("by alice") && out.contains(&format!("it is now #{new_seq}")),
+        "{out}"
+    );
+    let last_seq = letters[0].seq;
 
     // Fixed: the replay succeeds and the dead letter goes.
     p.set("h", Behaviour::Ok);
@@ -725,6 +733,11 @@ async fn a_replay_that_fails_again_loses_nothing_and_is_recorded() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("ok, dead letter removed"), "{out}");
     assert_eq!(log.len(), calls + 1);
+    let (_, out, _) = run_cli(&server, &["dlq", "show", &last_seq.to_string()]).await;
+    assert!(out.contains("replayed successfully at"), "{out}");
+    let (code, _, err) = run_cli(&server, &["dlq", "show", "999999"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("no dead letter #999999"), "{err}");
     assert!(
         dlq::list(&js, &Subjects::default(), &Filter::default(), None)
             .await
@@ -879,5 +892,65 @@ async fn the_command_line_filters_dry_runs_and_refuses_bad_flags() {
         }
     }
     assert!(examples >= 8, "{examples} examples");
+    bus.stop().await.unwrap();
+}
+
+/// A reply the server could not carry: a list is refused naming `limit`; a
+/// replay keeps its counts and drops its sample.
+#[tokio::test]
+async fn replies_larger_than_max_payload_are_cut_or_refused() {
+    init_tracing();
+    let server = NatsServer::start_for_with(&[], "max_payload: 64KB").await;
+    let bus = common::start_bus(&server, &[]).await;
+    let js = jetstream::new(server.connect().await);
+    for i in 0..3 {
+        let seq = write_letter(&js, "big", "h", Hook::EntryAfterCreate, "customer", i, "e").await;
+        // The same dead letter with a 30 kB event.
+        let mut record = dlq::get(&js, &Subjects::default(), seq)
+            .await
+            .unwrap()
+            .unwrap()
+            .body;
+        record["event"] = serde_json::Value::String("x".repeat(30_000));
+        js.publish("pagoda.dlq.big.h", record.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        js.get_stream("PAGODA_DLQ")
+            .await
+            .unwrap()
+            .delete_message(seq)
+            .await
+            .unwrap();
+    }
+    let ops = server.connect_as(BUS_USER).await;
+    let r = ask(
+        &ops,
+        "list",
+        serde_json::json!({"filter": {"plugin": "big"}}),
+    )
+    .await;
+    assert_eq!(r["field"], "limit", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("max_payload"), "{r}");
+    let r = ask(
+        &ops,
+        "list",
+        serde_json::json!({"filter": {"plugin": "big"}, "limit": 1}),
+    )
+    .await;
+    assert_eq!(r["letters"].as_array().unwrap().len(), 1, "{r}");
+    let r = ask(
+        &ops,
+        "replay",
+        serde_json::json!({"filter": {"plugin": "big"}, "dry_run": true, "limit": 3}),
+    )
+    .await;
+    assert_eq!(
+        (r["matched"].as_u64(), r["truncated"].as_bool()),
+        (Some(3), Some(true)),
+        "{r}"
+    );
+    assert_eq!(r["sample"], serde_json::json!([]));
     bus.stop().await.unwrap();
 }

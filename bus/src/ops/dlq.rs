@@ -119,16 +119,38 @@ pub async fn ls(
 ///
 /// [`OpsError::Usage`] when there is no such dead letter.
 pub async fn show(ops: &Ops, seq: u64, out: &mut (dyn Write + Send)) -> Result<(), OpsError> {
-    let l = crate::dlq::get(&ops.js, &ops.subjects, seq)
-        .await?
-        .ok_or_else(|| {
-            OpsError::Usage(format!(
-                "no dead letter #{seq} (never written, purged, or replayed: the audit trail \
-                 has each replay and purge, nats stream view {} --subject '{}')",
+    let Some(l) = crate::dlq::get(&ops.js, &ops.subjects, seq).await? else {
+        // Gone: the audit trail says whether a replay took it.
+        let history = crate::dlq::replay_history(&ops.js, &ops.subjects, seq).await?;
+        let Some(last) = history.last() else {
+            return Err(OpsError::Usage(format!(
+                "no dead letter #{seq} (never written, or purged: see nats stream view {} \
+                 --subject '{}')",
                 ops.subjects.audit_stream(),
-                ops.subjects.audit("dlq.>"),
-            ))
-        })?;
+                ops.subjects.audit("dlq.purge"),
+            )));
+        };
+        let d = &last.details;
+        let when = last.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        match d["outcome"].as_str() {
+            Some("succeeded") => writeln!(
+                out,
+                "dead letter #{seq} is gone: replayed successfully at {when} by {} (run {}), and removed",
+                last.actor,
+                d["run"].as_str().unwrap_or("?")
+            )?,
+            _ => writeln!(
+                out,
+                "dead letter #{seq} is gone: replayed at {when} by {} (run {}), failed again ({}); \
+                 it is now #{}",
+                last.actor,
+                d["run"].as_str().unwrap_or("?"),
+                cut(d["error"].as_str().unwrap_or("?"), 160),
+                d["new_seq"]
+            )?,
+        }
+        return Ok(());
+    };
     writeln!(
         out,
         "dead letter #{}  subject {}  stored {}",
