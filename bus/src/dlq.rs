@@ -1,6 +1,6 @@
 //! The dead-letter stream: selecting, listing, showing, replaying and purging
 //! dead letters — the library behind `hookbus dlq`, the bus's request/reply
-//! service `<prefix>.bus.dlq.list|replay|purge` ([`serve`]) and any console.
+//! service `<prefix>.bus.dlq.list|replay|purge` ([`crate::dlq_service`]) and any console.
 //!
 //! **Selection.** A [`Filter`] (plugin, handler, hook, entity, since / until as a
 //! time or a sequence of the dead-letter stream, error text, error code; every
