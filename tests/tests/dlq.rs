@@ -892,7 +892,66 @@ async fn the_command_line_filters_dry_runs_and_refuses_bad_flags() {
         }
     }
     assert!(examples >= 8, "{examples} examples");
+
+    // Every `hookbus dlq` example of docs/operations.md and of `hookbus dlq --help`
+    // runs: no usage error other than the documented refusals.
+    let (_, help, _) = run_cli(&server, &["dlq", "--help"]).await;
+    let ops_doc =
+        std::fs::read_to_string(hookbus_tests::workspace_root().join("docs/operations.md"))
+            .unwrap();
+    let lines: Vec<String> = ops_doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("$ hookbus "))
+        .chain(
+            help.lines()
+                .skip_while(|l| !l.starts_with("Examples:"))
+                .take_while(|l| !l.trim().is_empty())
+                .filter_map(|l| l.trim().strip_prefix("hookbus ")),
+        )
+        .filter(|l| l.starts_with("dlq"))
+        .map(|l| l.split(" #").next().unwrap().trim().to_owned())
+        .collect();
+    assert!(lines.len() >= 15, "{lines:?}");
+    for line in &lines {
+        let args = shell_words(line);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out, err) = run_cli(&server, &args).await;
+        let refused = err.contains("would delete") || err.contains("no dead letter #");
+        assert!(
+            code == 0 || code == 1 || (code == 2 && refused),
+            "hookbus {line}: exit {code}\n{out}{err}"
+        );
+    }
     bus.stop().await.unwrap();
+}
+
+/// Splits a documented command line into words: spaces, and single quotes.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut word = String::new();
+    let (mut quoted, mut any) = (false, false);
+    for c in line.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                any = true;
+            }
+            ' ' if !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut word));
+                    any = false;
+                }
+            }
+            c => {
+                word.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        out.push(word);
+    }
+    out
 }
 
 /// A reply the server could not carry: a list is refused naming `limit`; a
