@@ -12,6 +12,7 @@
 //! | the synchronous hooks (validate, before_*, get_attrs) over request/reply | [`sync_hooks`] |
 //! | metrics of sync-hook calls and plugin API routes (served by the host) | [`call_metrics`] |
 //! | reading, replaying and purging dead letters | [`dlq`] |
+//! | the same over request/reply: `<prefix>.bus.dlq.list\|replay\|purge` | [`dlq_service`] |
 //! | the counters: dispatcher, handlers, plugins, relay, task panics | [`stats`] |
 //! | the Prometheus export and values sampled from NATS | [`metrics`] |
 //! | health report, degraded plugins and alerts | [`monitor`] |
@@ -32,6 +33,7 @@ pub mod call_metrics;
 pub mod config;
 pub mod dispatch;
 pub mod dlq;
+pub mod dlq_service;
 pub mod http;
 pub mod lease;
 pub mod metrics;

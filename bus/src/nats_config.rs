@@ -7,8 +7,8 @@
 //!
 //! | user | may publish | may subscribe |
 //! |---|---|---|
-//! | the bus (`hookbus`) | events, hook requests, dead letters, deferred, alerts, `<prefix>.bus.>`, the JetStream API, acks, its registry bucket, `$SRV.>` | `<prefix>.bus.>`, its own inbox |
-//! | the host (`pagoda-host`) | events, its relay's dead letters (`<prefix>.dlq._relay.invalid`, nothing else of the dead-letter stream), hook / API / job requests, bus status requests, audit records, cache notices to other hosts, the JetStream API except deleting or purging and except the consumers of the bus's and plugins' streams, the jobs bucket (not the registry) | other hosts' cache notices, its own inbox |
+//! | the bus (`hookbus`, also the operator's user) | events, hook requests, dead letters, deferred, alerts, `<prefix>.bus.>` (status and the dead-letter service), the JetStream API, acks, its registry bucket, `$SRV.>` | `<prefix>.bus.>`, its own inbox |
+//! | the host (`pagoda-host`) | events, its relay's dead letters (`<prefix>.dlq._relay.invalid`, nothing else of the dead-letter stream), hook / API / job requests, bus status requests (not the dead-letter service `<prefix>.bus.dlq.>`), audit records, cache notices to other hosts, the JetStream API except deleting or purging and except the consumers of the bus's and plugins' streams, the jobs bucket (not the registry) | other hosts' cache notices, its own inbox |
 //! | plugin `<id>` | its own registry key, the events stream's read API (not the `dispatcher` consumers, one per partition: `--partitions`), `<prefix>.bus.registry`, its own jobs consumer | its endpoints `<prefix>.hooks.<id>.*`, its API routes `<prefix>.api.<id>.>`, its `$SRV` verbs, its own inbox |
 //!
 //! Every user gets `allow_responses`, so a service replies to the requests it
@@ -204,8 +204,11 @@ pub fn permissions(subjects: &Subjects, user: &User, partitions: u32) -> Permiss
             ]),
             // Never: delete or purge a stream or message, or touch the consumers of
             // the events, dead-letter, deferred and jobs streams (the bus's and the
-            // plugins'); never write the registry (plugins register themselves).
+            // plugins'); never write the registry (plugins register themselves);
+            // never ask the bus's dead-letter service (list, replay, purge: an
+            // operator's, as the bus user).
             publish_deny: s(&[
+                &format!("{p}.bus.dlq.>"),
                 "$JS.API.STREAM.DELETE.>",
                 "$JS.API.STREAM.PURGE.>",
                 "$JS.API.STREAM.MSG.DELETE.>",

@@ -94,9 +94,19 @@ impl Bus {
             shutdown.child_token(),
         )
         .await?;
+        // Dead letters over request/reply (`<prefix>.bus.dlq.*`, a queue group:
+        // with several buses one answers each request).
+        let dlq_sub = crate::dlq_service::subscribe(&client, &config.subjects).await?;
+        let dlq_task = crate::dlq_service::spawn(
+            dlq_sub,
+            client.clone(),
+            config.subjects.clone(),
+            shutdown.child_token(),
+        );
         let mut others = vec![
             ("registry watch", registry_task),
             ("status responder", status_task),
+            ("dead-letter service", dlq_task),
         ];
         match crate::audit::watch_registry(
             js.clone(),

@@ -146,12 +146,21 @@ enum RegistryCmd {
     after_help = "Examples:
   hookbus dlq                                  # = dlq ls
   hookbus dlq ls --plugin flaky --handler always_fails
-  hookbus dlq show 12                          # the whole record of dead letter #12
+  hookbus dlq ls --hook entry.after_create --entity customer --since 2h --code 500
+  hookbus dlq show 12                          # the whole record of dead letter #12, and its replays
   hookbus dlq replay 12 13                     # back to their handler; removed on success
-  hookbus dlq replay --plugin flaky            # every dead letter of one plugin
+  hookbus dlq replay --plugin flaky --dry-run  # how many, and the first 5
+  hookbus dlq replay --plugin flaky --since 2026-12-05T01:00:00Z --until 200 --rate 50/s
+  hookbus dlq replay --error 'no reply within' # every dead letter that timed out
   hookbus dlq replay --all
   hookbus dlq purge --plugin flaky --yes       # delete them (without --yes: says how many)
+  hookbus dlq purge --error 'unknown entry' --dry-run
 
+Filters combine (all must match); --since/--until take a dead-letter sequence (#12),
+an RFC 3339 time or a duration ago (90m, 2h, 1d). A replay or purge works on the dead
+letters present when it starts.
+
+The same over request/reply (the running bus): nats req pagoda.bus.dlq.list '{\"filter\":{\"plugin\":\"flaky\"}}'
 The same with the nats CLI: nats stream view PAGODA_DLQ, nats stream subjects PAGODA_DLQ,
 nats stream purge PAGODA_DLQ --subject 'pagoda.dlq.flaky.>'"
 )]
@@ -163,14 +172,36 @@ pub(crate) struct DlqArgs {
     plugin: Option<String>,
 }
 
+fn parse_bound(s: &str) -> Result<hookbus::dlq::Bound, String> {
+    hookbus::dlq::Bound::parse(s)
+}
+
 #[derive(Debug, Clone, Args)]
 struct FilterArgs {
     /// Only this plugin's.
     #[arg(long)]
     plugin: Option<String>,
-    /// Only this handler's (with --plugin).
-    #[arg(long, requires = "plugin")]
+    /// Only this handler's (of any plugin unless --plugin is given).
+    #[arg(long)]
     handler: Option<String>,
+    /// Only deliveries of this hook (standard name or legacy alias).
+    #[arg(long, value_parser = parse_hook)]
+    hook: Option<Hook>,
+    /// Only events about this entity (the plain name).
+    #[arg(long)]
+    entity: Option<String>,
+    /// Only dead letters from this one on: a sequence (12), an RFC 3339 time or a duration ago (2h).
+    #[arg(long, value_parser = parse_bound, value_name = "SEQ|TIME|AGO")]
+    since: Option<hookbus::dlq::Bound>,
+    /// Only dead letters up to this one: a sequence, an RFC 3339 time or a duration ago.
+    #[arg(long, value_parser = parse_bound, value_name = "SEQ|TIME|AGO")]
+    until: Option<hookbus::dlq::Bound>,
+    /// Only those whose last error contains this text (case-insensitive).
+    #[arg(long)]
+    error: Option<String>,
+    /// Only those whose last error is a handler error with this code (500, 404, …).
+    #[arg(long)]
+    code: Option<u16>,
 }
 
 impl FilterArgs {
@@ -178,6 +209,12 @@ impl FilterArgs {
         Filter {
             plugin: self.plugin.clone(),
             handler: self.handler.clone(),
+            hook: self.hook,
+            entity: self.entity.clone(),
+            since: self.since,
+            until: self.until,
+            error: self.error.clone(),
+            code: self.code,
         }
     }
 }
@@ -188,11 +225,14 @@ enum DlqCmd {
     Ls {
         #[command(flatten)]
         filter: FilterArgs,
+        /// At most this many (go on with --since <last seq + 1>).
+        #[arg(long)]
+        limit: Option<usize>,
         /// JSON lines.
         #[arg(long)]
         json: bool,
     },
-    /// The whole record of one dead letter.
+    /// The whole record of one dead letter, and its replays.
     Show {
         /// Its sequence (the #<seq> of `dlq ls`).
         seq: u64,
@@ -205,19 +245,36 @@ enum DlqCmd {
         #[command(flatten)]
         filter: FilterArgs,
         /// Every dead letter.
-        #[arg(long, conflicts_with_all = ["seqs", "plugin"])]
+        #[arg(long, conflicts_with = "seqs")]
         all: bool,
+        /// Only say how many would be replayed, and show the first few.
+        #[arg(long)]
+        dry_run: bool,
+        /// How many a dry run shows.
+        #[arg(long, default_value_t = hookbus::dlq::DEFAULT_SAMPLE)]
+        sample: usize,
+        /// At most this many replays per second (20/s, 600/m, 3600/h).
+        #[arg(long, default_value = "10/s", value_parser = hookbus::dlq::parse_rate)]
+        rate: f64,
         /// Per-delivery timeout in ms (default: the handler's timeout_ms).
         #[arg(long)]
         timeout_ms: Option<u64>,
     },
-    /// Delete dead letters of a plugin, a handler, or all.
+    /// Delete dead letters: by sequence, by filter, or all.
     Purge {
+        /// These dead letters, by sequence.
+        seqs: Vec<u64>,
         #[command(flatten)]
         filter: FilterArgs,
         /// Every dead letter.
-        #[arg(long, conflicts_with = "plugin")]
+        #[arg(long, conflicts_with = "seqs")]
         all: bool,
+        /// Only say how many would go, and show the first few.
+        #[arg(long)]
+        dry_run: bool,
+        /// How many a dry run shows.
+        #[arg(long, default_value_t = hookbus::dlq::DEFAULT_SAMPLE)]
+        sample: usize,
         /// Really delete (without it: only says how many would go).
         #[arg(long)]
         yes: bool,
@@ -377,11 +434,22 @@ pub(crate) async fn dlq(
         filter: FilterArgs {
             plugin: args.plugin,
             handler: None,
+            hook: None,
+            entity: None,
+            since: None,
+            until: None,
+            error: None,
+            code: None,
         },
+        limit: None,
         json: false,
     });
     let done = match cmd {
-        DlqCmd::Ls { filter, json } => ops::dlq::ls(&o, &filter.filter(), json, out)
+        DlqCmd::Ls {
+            filter,
+            limit,
+            json,
+        } => ops::dlq::ls(&o, &filter.filter(), limit, json, out)
             .await
             .map(|_| ExitCode::SUCCESS),
         DlqCmd::Show { seq } => ops::dlq::show(&o, seq, out)
@@ -391,25 +459,48 @@ pub(crate) async fn dlq(
             seqs,
             filter,
             all,
+            dry_run,
+            sample,
+            rate,
             timeout_ms,
         } => {
-            let sel = ops::dlq::ReplaySelection {
+            let sel = ops::dlq::Selection {
                 seqs,
                 filter: filter.filter(),
                 all,
+                dry_run,
+                sample,
+                rate,
                 timeout: timeout_ms.map(Duration::from_millis),
             };
-            ops::dlq::replay(&o, &sel, out).await.map(|s| {
-                if s.failed > 0 {
+            ops::dlq::replay(&o, &sel, out).await.map(|r| {
+                if r.failed > 0 {
                     ExitCode::FAILURE
                 } else {
                     ExitCode::SUCCESS
                 }
             })
         }
-        DlqCmd::Purge { filter, all, yes } => ops::dlq::purge(&o, &filter.filter(), all, yes, out)
-            .await
-            .map(|_| ExitCode::SUCCESS),
+        DlqCmd::Purge {
+            seqs,
+            filter,
+            all,
+            dry_run,
+            sample,
+            yes,
+        } => {
+            let sel = ops::dlq::Selection {
+                seqs,
+                filter: filter.filter(),
+                all,
+                dry_run,
+                sample,
+                ..Default::default()
+            };
+            ops::dlq::purge(&o, &sel, yes, out)
+                .await
+                .map(|_| ExitCode::SUCCESS)
+        }
     };
     done.or_else(usage_or)
 }

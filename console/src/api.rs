@@ -460,7 +460,22 @@ pub(crate) async fn journey(
     })))
 }
 
-/// `GET /api/console/dlq?plugin=&handler=&hook=&entity=&event_id=&error=&limit=`.
+/// A `since` / `until` bound of the query: a sequence, an RFC 3339 time or a
+/// duration ago (`2h`).
+fn bound(
+    q: &HashMap<String, String>,
+    key: &str,
+) -> Result<Option<hookbus::dlq::Bound>, ConsoleError> {
+    q.get(key)
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            hookbus::dlq::Bound::parse(v).map_err(|e| ConsoleError::Invalid(format!("{key}: {e}")))
+        })
+        .transpose()
+}
+
+/// `GET /api/console/dlq?plugin=&handler=&hook=&entity=&event_id=&error=&code=&since=&until=&limit=`.
 pub(crate) async fn dlq_list(
     State(state): State<ConsoleState>,
     _admin: Admin,
@@ -479,6 +494,15 @@ pub(crate) async fn dlq_list(
         entity,
         event_id: text("event_id"),
         error: text("error"),
+        since: bound(&q, "since")?,
+        until: bound(&q, "until")?,
+        code: text("code")
+            .map(|c| {
+                c.parse::<u16>().map_err(|_| {
+                    ConsoleError::Invalid(format!("code: '{c}' is not an error code (100–599)"))
+                })
+            })
+            .transpose()?,
     };
     if sel.handler.is_some() && sel.plugin.is_none() {
         return Err(ConsoleError::Invalid("'handler' needs 'plugin'".into()));

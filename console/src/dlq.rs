@@ -1,13 +1,15 @@
 //! Every call the console makes to the dead-letter stream, in one place, over the
-//! library of `hookbus dlq` ([`hookbus::dlq`]): list, get, count, replay, purge,
-//! each write recorded in the audit trail with the console user's name.
+//! library of `hookbus dlq` ([`hookbus::dlq`]): list, get, count, replay, purge.
+//! The library records each replay and purge in the audit trail with the console
+//! user's name (`console:<username>`).
 //!
-//! The stream is selected by [`Filter`] (plugin, handler); the other criteria of
-//! the page (hook, entity, event id, text of the error) are applied here to the
-//! records read.
+//! The selection is the library's [`Filter`] (plugin, handler, hook, entity,
+//! since, until, error text, code), applied by the library; the page's one extra
+//! criterion, an event id (the journey's dead letters), is applied here.
 
 use core_events::Hook;
-use hookbus::dlq::{Filter, Replayed, StoredDeadLetter};
+use hookbus::dlq::{DlqError, Filter, Outcome, StoredDeadLetter, Target};
+use hookbus::progress::Silent;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -23,30 +25,45 @@ pub(crate) struct Selection {
     pub(crate) event_id: Option<String>,
     /// Part of the error text, case-insensitive.
     pub(crate) error: Option<String>,
+    /// Stored at or after this time or sequence.
+    pub(crate) since: Option<hookbus::dlq::Bound>,
+    /// Stored at or before this time or sequence.
+    pub(crate) until: Option<hookbus::dlq::Bound>,
+    /// The handler's error code.
+    pub(crate) code: Option<u16>,
 }
 
 impl Selection {
-    /// The stream filter (plugin, handler).
+    /// The library's filter (everything but the event id).
     pub(crate) fn filter(&self) -> Filter {
-        let mut filter = Filter::default();
-        filter.plugin.clone_from(&self.plugin);
-        filter.handler.clone_from(&self.handler);
-        filter
+        Filter {
+            plugin: self.plugin.clone(),
+            handler: self.handler.clone(),
+            hook: self.hook,
+            entity: self.entity.clone(),
+            since: self.since,
+            until: self.until,
+            error: self.error.clone(),
+            code: self.code,
+        }
     }
 
     fn admits(&self, letter: &StoredDeadLetter) -> bool {
-        let b = &letter.body;
-        let text = |k: &str| b[k].as_str().unwrap_or_default();
-        self.hook.is_none_or(|h| text("hook") == h.name())
-            && self.entity.as_deref().is_none_or(|e| text("entity") == e)
-            && self
-                .event_id
-                .as_deref()
-                .is_none_or(|id| text("event_id") == id)
-            && self
-                .error
-                .as_deref()
-                .is_none_or(|e| text("error").to_lowercase().contains(&e.to_lowercase()))
+        self.event_id
+            .as_deref()
+            .is_none_or(|id| letter.body["event_id"].as_str() == Some(id))
+    }
+}
+
+/// A library error as the console answers it: a bad filter is a 400 naming the
+/// field, NATS failing a 503.
+fn dlq_error(what: &'static str) -> impl FnOnce(DlqError) -> ConsoleError {
+    move |e| match e {
+        DlqError::Filter(f) => ConsoleError::Invalid(f.to_string()),
+        other => ConsoleError::Unavailable {
+            what: what.to_owned(),
+            source: Box::new(other),
+        },
     }
 }
 
@@ -78,10 +95,9 @@ pub(crate) async fn list(
     sel: &Selection,
     limit: usize,
 ) -> Result<(Vec<Letter>, usize), ConsoleError> {
-    let all =
-        hookbus::dlq::list_filtered(&state.inner.js, state.subjects(), &sel.filter(), |_, _| {})
-            .await
-            .map_err(ConsoleError::nats("cannot read the dead-letter stream"))?;
+    let all = hookbus::dlq::list(&state.inner.js, state.subjects(), &sel.filter(), None)
+        .await
+        .map_err(dlq_error("cannot read the dead-letter stream"))?;
     let selected: Vec<StoredDeadLetter> = all.into_iter().filter(|l| sel.admits(l)).collect();
     let total = selected.len();
     let letters = selected
@@ -97,80 +113,81 @@ pub(crate) async fn list(
 pub(crate) async fn get(state: &ConsoleState, seq: u64) -> Result<Letter, ConsoleError> {
     hookbus::dlq::get(&state.inner.js, state.subjects(), seq)
         .await
-        .map_err(ConsoleError::nats("cannot read the dead-letter stream"))?
+        .map_err(dlq_error("cannot read the dead-letter stream"))?
         .map(Letter::from)
         .ok_or_else(|| ConsoleError::NotFound(format!("no dead letter #{seq}")))
 }
 
-/// Dead letters of plugin/handler (no other criterion: what a purge deletes).
+/// How many dead letters `filter` selects (what a purge would delete).
 pub(crate) async fn count(state: &ConsoleState, filter: &Filter) -> Result<u64, ConsoleError> {
     hookbus::dlq::count(&state.inner.js, state.subjects(), filter)
         .await
-        .map_err(ConsoleError::nats("cannot read the dead-letter stream"))
+        .map_err(dlq_error("cannot read the dead-letter stream"))
 }
 
 /// Sends dead letter `seq` back to its handler (one attempt, the handler's
-/// timeout), and records it in the audit trail.
+/// timeout), as a replay run of one; the library records it in the audit trail
+/// and, when the handler fails again, in the new dead letter's `replays`.
 pub(crate) async fn replay(
     state: &ConsoleState,
     seq: u64,
     actor: String,
 ) -> Result<Value, ConsoleError> {
-    let stored = hookbus::dlq::get(&state.inner.js, state.subjects(), seq)
-        .await
-        .map_err(ConsoleError::nats("cannot read the dead-letter stream"))?
-        .ok_or_else(|| ConsoleError::NotFound(format!("no dead letter #{seq}")))?;
-    let outcome = hookbus::dlq::replay(&state.inner.client, state.subjects(), &stored, None)
-        .await
-        .map_err(|e| match e {
-            e @ hookbus::dlq::ReplayError::NotReplayable { .. } => {
-                ConsoleError::Invalid(e.to_string())
-            }
-            hookbus::dlq::ReplayError::Nats { seq, source } => ConsoleError::Unavailable {
-                what: format!("replaying dead letter #{seq}"),
-                source,
-            },
-        })?;
-    let answer = match &outcome {
-        Replayed::Succeeded => json!({"seq": seq, "result": "succeeded"}),
-        Replayed::Failed { error, new_seq } => {
+    let stored = get(state, seq).await?;
+    if !stored.replayable {
+        return Err(ConsoleError::Invalid(format!(
+            "dead letter #{seq} on {} is not a handler's dead letter; it cannot be replayed",
+            stored.subject
+        )));
+    }
+    let opts = hookbus::dlq::ReplayOptions {
+        actor,
+        sample: 0,
+        ..Default::default()
+    };
+    let report = hookbus::dlq::replay(
+        &state.inner.client,
+        state.subjects(),
+        &Target::Seqs(vec![seq]),
+        &opts,
+        &Silent,
+    )
+    .await
+    .map_err(dlq_error("cannot replay the dead letter"))?;
+    Ok(match report.outcomes.first() {
+        Some(Outcome::Succeeded { .. }) => json!({"seq": seq, "result": "succeeded"}),
+        Some(Outcome::Failed { error, new_seq, .. }) => {
             json!({"seq": seq, "result": "failed", "error": error, "new_seq": new_seq})
         }
-    };
-    let target = stored.record().map_or_else(
-        || stored.subject.clone(),
-        |r| format!("{}/{}", r.plugin, r.handler),
-    );
-    audit(state, "dlq.replay", actor, target, answer.clone()).await;
-    Ok(answer)
+        Some(Outcome::Skipped { reason, .. }) => {
+            return Err(ConsoleError::NotFound(format!(
+                "dead letter #{seq} was not replayed: {reason}"
+            )));
+        }
+        None => return Err(ConsoleError::NotFound(format!("no dead letter #{seq}"))),
+    })
 }
 
-/// Deletes the dead letters of `filter`; returns how many.
+/// Deletes the dead letters `filter` selects now (nothing written meanwhile);
+/// returns how many. The library records the purge in the audit trail.
 pub(crate) async fn purge(
     state: &ConsoleState,
     filter: &Filter,
     actor: String,
 ) -> Result<u64, ConsoleError> {
-    let purged = hookbus::dlq::purge(&state.inner.js, state.subjects(), filter)
-        .await
-        .map_err(ConsoleError::nats("cannot purge the dead-letter stream"))?;
-    audit(
-        state,
-        "dlq.purge",
+    let opts = hookbus::dlq::PurgeOptions {
+        dry_run: false,
         actor,
-        filter.describe(),
-        json!({"plugin": filter.plugin, "handler": filter.handler, "purged": purged}),
-    )
-    .await;
-    Ok(purged)
-}
-
-async fn audit(state: &ConsoleState, action: &str, actor: String, target: String, details: Value) {
-    hookbus::audit::record_or_log(
+        sample: 0,
+    };
+    let report = hookbus::dlq::purge(
         &state.inner.js,
         state.subjects(),
-        &hookbus::audit::AuditEvent::new(action, actor, target, details),
-        None,
+        &Target::Filter(filter.clone()),
+        &opts,
+        &Silent,
     )
-    .await;
+    .await
+    .map_err(dlq_error("cannot purge the dead-letter stream"))?;
+    Ok(report.purged)
 }

@@ -188,6 +188,27 @@ pub struct DeadLetter {
     pub dead_lettered_at: DateTime<Utc>,
     /// The whole event, as it was published.
     pub event: serde_json::Value,
+    /// Every replay of this dead letter that failed again, oldest first (a replay
+    /// that succeeds removes the dead letter; the audit trail keeps both). Carried
+    /// over to the dead letter that replaces this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replays: Vec<ReplayRecord>,
+}
+
+/// One replay of a dead letter (`hookbus dlq replay`, `<prefix>.bus.dlq.replay`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ReplayRecord {
+    /// When it was replayed.
+    pub at: DateTime<Utc>,
+    /// Who replayed it (`NATS_USER` or the OS user for `hookbus dlq replay`; the
+    /// requester's `actor` for the request/reply service).
+    pub actor: String,
+    /// The replay run (a UUIDv7, also in the run's audit records).
+    pub run: String,
+    /// The attempt it made (its number in `attempts`).
+    pub attempt: u32,
+    /// The dead letter's sequence before the replay.
+    pub replaced_seq: u64,
 }
 
 #[cfg(test)]

@@ -53,6 +53,7 @@ pub fn record(failed: Failed<'_>, attempts: Vec<FailedAttempt>) -> DeadLetter {
         event: serde_json::from_slice(failed.payload).unwrap_or_else(|_| {
             serde_json::Value::String(String::from_utf8_lossy(failed.payload).into_owned())
         }),
+        replays: Vec::new(),
     }
 }
 

@@ -219,9 +219,14 @@ async fn console_in_a_browser_replays_and_purges_dead_letters() {
     publish(&publisher, "customer", 2).await;
     publish(&publisher, "product", 3).await;
     let letters = wait_for(WAIT, || async {
-        let l = hookbus::dlq::list(&js, &Subjects::default(), Some("shop-sync"))
-            .await
-            .unwrap();
+        let l = hookbus::dlq::list(
+            &js,
+            &Subjects::default(),
+            &hookbus::dlq::Filter::plugin("shop-sync"),
+            None,
+        )
+        .await
+        .unwrap();
         (l.len() == 3).then_some(l)
     })
     .await;

@@ -378,9 +378,14 @@ async fn host_relay_dead_letters_a_bad_row_under_its_own_user_and_the_rest_flows
     );
     let bus_js = jetstream::new(bus.clone());
     assert_eq!(stream_len(&bus_js, "PAGODA_EVENTS").await, 3);
-    let letters = hookbus::dlq::list(&bus_js, &subjects, Some("_relay"))
-        .await
-        .unwrap();
+    let letters = hookbus::dlq::list(
+        &bus_js,
+        &subjects,
+        &hookbus::dlq::Filter::plugin("_relay"),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(stats.invalid.load(Ordering::Relaxed), 1);
     stop.cancel();

@@ -331,9 +331,14 @@ async fn dlq_show_replay_to_that_handler_only_and_purge() {
     let letters = common::dead_letters(&js).await;
     assert_eq!(letters.len(), 2);
     let o = ops(&client);
-    let all = hookbus::dlq::list(&js, &Subjects::default(), None)
-        .await
-        .unwrap();
+    let all = hookbus::dlq::list(
+        &js,
+        &Subjects::default(),
+        &hookbus::dlq::Filter::default(),
+        None,
+    )
+    .await
+    .unwrap();
     let seq_of = |h: &str| {
         all.iter()
             .find(|l| l.subject == format!("pagoda.dlq.p.{h}"))
@@ -359,7 +364,9 @@ async fn dlq_show_replay_to_that_handler_only_and_purge() {
         &hookbus::dlq::Filter {
             plugin: Some("p".into()),
             handler: Some("y".into()),
+            ..Default::default()
         },
+        None,
         false,
         &mut out,
     )
@@ -371,7 +378,7 @@ async fn dlq_show_replay_to_that_handler_only_and_purge() {
     p.set("x", Behaviour::Ok);
     let before = log.len();
     let mut out = Vec::new();
-    let sel = ops::dlq::ReplaySelection {
+    let sel = ops::dlq::Selection {
         seqs: vec![sx],
         ..Default::default()
     };
@@ -390,11 +397,8 @@ async fn dlq_show_replay_to_that_handler_only_and_purge() {
     assert_eq!(left[0].0, "pagoda.dlq.p.y");
 
     // replay y, which still fails: kept, with the attempt appended.
-    let sel = ops::dlq::ReplaySelection {
-        filter: hookbus::dlq::Filter {
-            plugin: Some("p".into()),
-            handler: None,
-        },
+    let sel = ops::dlq::Selection {
+        filter: hookbus::dlq::Filter::plugin("p"),
         ..Default::default()
     };
     let mut out = Vec::new();
@@ -413,19 +417,17 @@ async fn dlq_show_replay_to_that_handler_only_and_purge() {
 
     // purge: refused without --yes, done with it.
     let mut out = Vec::new();
-    let filter = hookbus::dlq::Filter {
-        plugin: Some("p".into()),
-        handler: None,
+    let sel = ops::dlq::Selection {
+        filter: hookbus::dlq::Filter::plugin("p"),
+        ..Default::default()
     };
-    let refused = ops::dlq::purge(&o, &filter, false, false, &mut out).await;
+    let refused = ops::dlq::purge(&o, &sel, false, &mut out).await;
     assert!(
         matches!(&refused, Err(ops::OpsError::Usage(m)) if m.contains("would delete 1")),
         "{refused:?}"
     );
     assert_eq!(common::dead_letters(&js).await.len(), 1);
-    let purged = ops::dlq::purge(&o, &filter, false, true, &mut out)
-        .await
-        .unwrap();
+    let purged = ops::dlq::purge(&o, &sel, true, &mut out).await.unwrap();
     assert_eq!(purged, 1);
     assert!(common::dead_letters(&js).await.is_empty());
 
@@ -445,7 +447,9 @@ async fn dlq_show_replay_to_that_handler_only_and_purge() {
     assert_eq!(
         actions,
         [
+            ("dlq.replay.letter", &*format!("dead letter #{sx} (p/x)")),
             ("dlq.replay", &*format!("dead letters [{sx}]")),
+            ("dlq.replay.letter", &*format!("dead letter #{sy} (p/y)")),
             ("dlq.replay", "plugin p"),
             ("dlq.purge", "plugin p"),
         ]

@@ -303,9 +303,14 @@ async fn unpublishable_row_is_dead_lettered_and_the_rest_flows() {
     tx.commit().await.unwrap();
     wait_drained(&store, &client, 1).await;
     let js = jetstream::new(client.clone());
-    let letters = hookbus::dlq::list(&js, &Subjects::default(), Some("_relay"))
-        .await
-        .unwrap();
+    let letters = hookbus::dlq::list(
+        &js,
+        &Subjects::default(),
+        &hookbus::dlq::Filter::plugin("_relay"),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(letters.len(), 2);
     let huge_letter = letters
         .iter()
@@ -904,9 +909,14 @@ async fn row_the_stream_refuses_for_good_is_dead_lettered_and_the_rest_flows() {
     }
     store.outbox_written().notify_one();
     wait_drained(&store, &client, 2).await;
-    let letters = hookbus::dlq::list(&js, &Subjects::default(), Some("_relay"))
-        .await
-        .unwrap();
+    let letters = hookbus::dlq::list(
+        &js,
+        &Subjects::default(),
+        &hookbus::dlq::Filter::plugin("_relay"),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].body["event_id"], big.id.to_string());
     let error = letters[0].body["error"].as_str().unwrap();

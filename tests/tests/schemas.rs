@@ -101,6 +101,21 @@ const SCHEMAS: &[(&str, Generator)] = &[
     ("job-state.schema.json", || {
         schema_for!(core_events::jobs::JobState)
     }),
+    ("dlq-request.schema.json", || {
+        schema_for!(hookbus::dlq_service::DlqRequest)
+    }),
+    ("dlq-list-reply.schema.json", || {
+        schema_for!(hookbus::dlq_service::ListReply)
+    }),
+    ("dlq-replay-reply.schema.json", || {
+        schema_for!(hookbus::dlq::ReplayReport)
+    }),
+    ("dlq-purge-reply.schema.json", || {
+        schema_for!(hookbus::dlq::PurgeReport)
+    }),
+    ("dlq-error-reply.schema.json", || {
+        schema_for!(hookbus::dlq_service::ErrorReply)
+    }),
 ];
 
 /// Files in `schemas/` that are not generated here: the README, the AsyncAPI
@@ -367,6 +382,7 @@ fn examples_serialized_from_the_types_validate() {
         }],
         dead_lettered_at: chrono::Utc::now(),
         event: event.clone(),
+        replays: Vec::new(),
     };
     assert_valid(
         "dead-letter.schema.json",

@@ -281,12 +281,17 @@ pub use hookbus_tests::stream_len;
 
 /// Reads every dead letter: (subject, record).
 pub async fn dead_letters(js: &jetstream::Context) -> Vec<(String, serde_json::Value)> {
-    hookbus::dlq::list(js, &Subjects::default(), None)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|l| (l.subject, l.body))
-        .collect()
+    hookbus::dlq::list(
+        js,
+        &Subjects::default(),
+        &hookbus::dlq::Filter::default(),
+        None,
+    )
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|l| (l.subject, l.body))
+    .collect()
 }
 
 /// The password of `user` in tests with generated NATS users.
