@@ -393,7 +393,7 @@ async function showJourney() {
 
 function dlqParams() {
   const params = new URLSearchParams();
-  for (const [id, name] of [['dlq-plugin', 'plugin'], ['dlq-handler', 'handler'], ['dlq-hook', 'hook'], ['dlq-entity', 'entity'], ['dlq-error', 'error']]) {
+  for (const [id, name] of [['dlq-plugin', 'plugin'], ['dlq-handler', 'handler'], ['dlq-hook', 'hook'], ['dlq-entity', 'entity'], ['dlq-error', 'error'], ['dlq-since', 'since']]) {
     const v = $(id).value.trim();
     if (v) params.set(name, v);
   }
@@ -452,29 +452,49 @@ async function replay(letter) {
   loadDeadLetters();
 }
 
-async function purge() {
-  const plugin = $('dlq-plugin').value.trim();
-  const handler = $('dlq-handler').value.trim();
-  const body = plugin ? { plugin, handler: handler || undefined } : { all: true };
+// The dead-letter form as the filter of `hookbus dlq` (an empty form: all).
+function dlqFilter() {
+  const filter = {};
+  for (const [k, v] of dlqParams()) filter[k] = v;
+  return filter;
+}
+
+// Replays or purges what the form selects: a dry run first, whose count and
+// selection the confirmation shows; then the run.
+async function bulk(action) {
+  const filter = dlqFilter();
+  const body = { filter, all: Object.keys(filter).length === 0 };
+  const url = `/api/console/dlq/${action}`;
   const result = $('dlq-result');
   let dry;
   try {
-    dry = await api('/api/console/dlq/purge', { method: 'POST', body });
+    dry = await api(url, { method: 'POST', body });
   } catch (e) {
-    result.textContent = `purge: ${e.message}`;
+    result.textContent = `${action}: ${e.message}`;
     result.className = 'result bad';
     return;
   }
-  const ok = await confirmDialog(`Delete ${dry.would_delete} dead letter(s)?`,
-    `Every dead letter of ${dry.selection} is deleted for good (the hook, entity and error filters do not apply to a purge). This cannot be undone.`,
-    'Delete');
+  const ok = action === 'purge'
+    ? await confirmDialog(`Delete ${dry.matched} dead letter(s)?`,
+      `Every dead letter of ${dry.selection} (up to #${dry.last_seq}) is deleted for good. This cannot be undone.`,
+      'Delete')
+    : await confirmDialog(`Replay ${dry.matched} dead letter(s)?`,
+      `Each dead letter of ${dry.selection} (up to #${dry.last_seq}) goes back to its handler once, 10 per second. On success it is removed; on failure it is kept with the attempt added.`,
+      'Replay');
   if (!ok) return;
+  result.textContent = `${action === 'purge' ? 'purging' : 'replaying'} ${dry.matched} dead letter(s)…`;
+  result.className = 'result';
   try {
-    const done = await api('/api/console/dlq/purge', { method: 'POST', body: { ...body, confirm: true } });
-    result.textContent = `purged ${done.purged} dead letter(s) of ${done.selection}`;
-    result.className = 'result good';
+    const done = await api(url, { method: 'POST', body: { ...body, confirm: true } });
+    if (action === 'purge') {
+      result.textContent = `purged ${done.purged} dead letter(s) of ${done.selection}`;
+      result.className = 'result good';
+    } else {
+      result.textContent = `replayed ${done.matched} dead letter(s) of ${done.selection}: ${done.succeeded} succeeded, ${done.failed} failed again, ${done.skipped} skipped`;
+      result.className = `result ${done.failed || done.skipped ? 'bad' : 'good'}`;
+    }
   } catch (e) {
-    result.textContent = `purge failed: ${e.message}`;
+    result.textContent = `${action} failed: ${e.message}`;
     result.className = 'result bad';
   }
   loadDeadLetters();
@@ -499,6 +519,7 @@ document.addEventListener('DOMContentLoaded', () => {
   $('tail-stop').addEventListener('click', stopTail);
   $('journey-form').addEventListener('submit', (ev) => { ev.preventDefault(); showJourney(); });
   $('dlq-form').addEventListener('submit', (ev) => { ev.preventDefault(); loadDeadLetters(); });
-  $('dlq-purge').addEventListener('click', purge);
+  $('dlq-replay').addEventListener('click', () => bulk('replay'));
+  $('dlq-purge').addEventListener('click', () => bulk('purge'));
   if (token()) signIn(token()); else signOut('');
 });

@@ -541,63 +541,68 @@ pub(crate) async fn dlq_replay(
     Ok(Json(dlq::replay(&state, seq, admin.actor()).await?))
 }
 
-/// The body of `POST /api/console/dlq/purge`.
+/// The body of `POST /api/console/dlq/replay` and `POST /api/console/dlq/purge`:
+/// the dead letters `filter` selects (the filters of `hookbus dlq`; an empty one
+/// needs `"all": true`). Without `"confirm": true` only a dry run: how many, and
+/// the first few.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PurgeBody {
-    plugin: Option<String>,
-    handler: Option<String>,
+struct BulkBody {
+    #[serde(default)]
+    filter: hookbus::dlq::Filter,
     #[serde(default)]
     all: bool,
     #[serde(default)]
     confirm: bool,
+    /// Replays only: at most this many per second (`20/s`, `600/m`; default 10/s).
+    rate: Option<String>,
 }
 
-/// `POST /api/console/dlq/purge` `{"plugin", "handler", "all", "confirm"}`:
-/// without `"confirm": true` only says how many would go.
+impl BulkBody {
+    fn parse(body: &Bytes, what: &str) -> Result<(BulkBody, hookbus::dlq::Target), ConsoleError> {
+        let body: BulkBody = hookbus::dlq::from_json(body).map_err(|e| {
+            ConsoleError::Invalid(format!(
+                "{what}: {e} (the body is JSON {{\"filter\": {{plugin, handler, hook, entity, since, until, error, code}}, \"all\", \"confirm\"}})"
+            ))
+        })?;
+        let target = hookbus::dlq::Target::new(&[], &body.filter, body.all)
+            .map_err(|e| ConsoleError::Invalid(format!("{what}: {e}")))?;
+        Ok((body, target))
+    }
+}
+
+/// `POST /api/console/dlq/replay` `{"filter", "all", "confirm", "rate"}`: replays
+/// what the filter selects when the run starts, one at a time at the rate (the
+/// answer comes when the run is over); without `confirm` a dry run.
+pub(crate) async fn dlq_replay_bulk(
+    State(state): State<ConsoleState>,
+    admin: Admin,
+    body: Bytes,
+) -> Result<Json<Value>, ConsoleError> {
+    let (body, target) = BulkBody::parse(&body, "replay")?;
+    let rate = match body.rate.as_deref() {
+        Some(r) => hookbus::dlq::parse_rate(r)
+            .map_err(|e| ConsoleError::Invalid(format!("replay: rate: {e}")))?,
+        None => hookbus::dlq::DEFAULT_RATE,
+    };
+    let report = dlq::replay_bulk(&state, &target, !body.confirm, rate, admin.actor()).await?;
+    let mut answer = serde_json::to_value(&report).unwrap_or(Value::Null);
+    answer["selection"] = target.describe().into();
+    Ok(Json(answer))
+}
+
+/// `POST /api/console/dlq/purge` `{"filter", "all", "confirm"}`: deletes what the
+/// filter selects when it starts; without `confirm` a dry run.
 pub(crate) async fn dlq_purge(
     State(state): State<ConsoleState>,
     admin: Admin,
     body: Bytes,
 ) -> Result<Json<Value>, ConsoleError> {
-    let body: PurgeBody = serde_json::from_slice(&body).map_err(|e| {
-        ConsoleError::Invalid(format!(
-            "the body must be JSON {{\"plugin\", \"handler\", \"all\", \"confirm\"}}: {e}"
-        ))
-    })?;
-    let plugin = body.plugin.filter(|p| !p.is_empty());
-    let handler = body.handler.filter(|h| !h.is_empty());
-    match (&plugin, &handler, body.all) {
-        (None, None, false) => {
-            return Err(ConsoleError::Invalid(
-                "say which dead letters to purge: \"plugin\" (and \"handler\"), or \"all\": true"
-                    .into(),
-            ));
-        }
-        (None, Some(_), _) => return Err(ConsoleError::Invalid("'handler' needs 'plugin'".into())),
-        (Some(_), _, true) => {
-            return Err(ConsoleError::Invalid(
-                "\"all\": true purges every plugin's; leave out \"plugin\"".into(),
-            ));
-        }
-        _ => {}
-    }
-    let sel = Selection {
-        plugin,
-        handler,
-        ..Default::default()
-    };
-    let filter = sel.filter();
-    if !body.confirm {
-        let n = dlq::count(&state, &filter).await?;
-        return Ok(Json(json!({
-            "dry_run": true, "would_delete": n, "selection": filter.describe(),
-        })));
-    }
-    let purged = dlq::purge(&state, &filter, admin.actor()).await?;
-    Ok(Json(
-        json!({"purged": purged, "selection": filter.describe()}),
-    ))
+    let (body, target) = BulkBody::parse(&body, "purge")?;
+    let report = dlq::purge(&state, &target, !body.confirm, admin.actor()).await?;
+    let mut answer = serde_json::to_value(&report).unwrap_or(Value::Null);
+    answer["selection"] = target.describe().into();
+    Ok(Json(answer))
 }
 
 /// Any other path.

@@ -118,13 +118,6 @@ pub(crate) async fn get(state: &ConsoleState, seq: u64) -> Result<Letter, Consol
         .ok_or_else(|| ConsoleError::NotFound(format!("no dead letter #{seq}")))
 }
 
-/// How many dead letters `filter` selects (what a purge would delete).
-pub(crate) async fn count(state: &ConsoleState, filter: &Filter) -> Result<u64, ConsoleError> {
-    hookbus::dlq::count(&state.inner.js, state.subjects(), filter)
-        .await
-        .map_err(dlq_error("cannot read the dead-letter stream"))
-}
-
 /// Sends dead letter `seq` back to its handler (one attempt, the handler's
 /// timeout), as a replay run of one; the library records it in the audit trail
 /// and, when the handler fails again, in the new dead letter's `replays`.
@@ -168,26 +161,47 @@ pub(crate) async fn replay(
     })
 }
 
-/// Deletes the dead letters `filter` selects now (nothing written meanwhile);
-/// returns how many. The library records the purge in the audit trail.
-pub(crate) async fn purge(
+/// Replays what `target` selects at the start, one at a time at most `rate` per
+/// second (or, `dry_run`, only counts them and returns the first few).
+pub(crate) async fn replay_bulk(
     state: &ConsoleState,
-    filter: &Filter,
+    target: &Target,
+    dry_run: bool,
+    rate: f64,
     actor: String,
-) -> Result<u64, ConsoleError> {
-    let opts = hookbus::dlq::PurgeOptions {
-        dry_run: false,
+) -> Result<hookbus::dlq::ReplayReport, ConsoleError> {
+    let opts = hookbus::dlq::ReplayOptions {
+        dry_run,
+        rate,
         actor,
-        sample: 0,
+        ..Default::default()
     };
-    let report = hookbus::dlq::purge(
-        &state.inner.js,
+    hookbus::dlq::replay(
+        &state.inner.client,
         state.subjects(),
-        &Target::Filter(filter.clone()),
+        target,
         &opts,
         &Silent,
     )
     .await
-    .map_err(dlq_error("cannot purge the dead-letter stream"))?;
-    Ok(report.purged)
+    .map_err(dlq_error("cannot replay the dead letters"))
+}
+
+/// Deletes what `target` selects at the start (nothing written meanwhile), or,
+/// `dry_run`, only counts them and returns the first few. The library records the
+/// purge in the audit trail.
+pub(crate) async fn purge(
+    state: &ConsoleState,
+    target: &Target,
+    dry_run: bool,
+    actor: String,
+) -> Result<hookbus::dlq::PurgeReport, ConsoleError> {
+    let opts = hookbus::dlq::PurgeOptions {
+        dry_run,
+        actor,
+        ..Default::default()
+    };
+    hookbus::dlq::purge(&state.inner.js, state.subjects(), target, &opts, &Silent)
+        .await
+        .map_err(dlq_error("cannot purge the dead-letter stream"))
 }

@@ -142,6 +142,7 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/api/console/journey", get(api::journey))
         .route("/api/console/dlq", get(api::dlq_list))
         .route("/api/console/dlq/purge", post(api::dlq_purge))
+        .route("/api/console/dlq/replay", post(api::dlq_replay_bulk))
         .route("/api/console/dlq/{seq}", get(api::dlq_get))
         .route("/api/console/dlq/{seq}/replay", post(api::dlq_replay))
         .fallback(api::not_found)

@@ -184,14 +184,30 @@ try {
   await page.waitForFunction(() => document.querySelectorAll('#dlq-table tbody tr[data-seq]').length === 2);
   step('replayed');
 
+  // Replay what a filter selects (the product's), after the confirmation that
+  // counts them.
+  await page.fill('#dlq-entity', 'product');
+  await page.click('#dlq-form button[type=submit]');
+  await page.waitForFunction(() => document.querySelectorAll('#dlq-table tbody tr[data-seq]').length === 1);
+  await page.click('#dlq-replay');
+  await page.locator('#confirm[open]').waitFor();
+  check((await page.textContent('#confirm-title')) === 'Replay 1 dead letter(s)?',
+    `bulk replay dialog: ${await page.textContent('#confirm-title')}`);
+  await shot(page, 'bulk-replay-confirm');
+  await page.click('#confirm-ok');
+  await page.locator('#dlq-result', { hasText: "replayed 1 dead letter(s) of entity 'product': 1 succeeded, 0 failed again" }).waitFor();
+  await page.locator('#dlq-table tbody', { hasText: 'no dead letter' }).waitFor();
+  step('bulk-replayed');
+
   // Purge the rest of shop-sync's, after the confirmation that counts them.
+  await page.fill('#dlq-entity', '');
   await page.fill('#dlq-plugin', 'shop-sync');
   await page.click('#dlq-purge');
   await page.locator('#confirm[open]').waitFor();
-  check((await page.textContent('#confirm-title')) === 'Delete 2 dead letter(s)?',
+  check((await page.textContent('#confirm-title')) === 'Delete 1 dead letter(s)?',
     `purge dialog: ${await page.textContent('#confirm-title')}`);
   await page.click('#confirm-ok');
-  await page.locator('#dlq-result', { hasText: 'purged 2 dead letter(s) of plugin shop-sync' }).waitFor();
+  await page.locator('#dlq-result', { hasText: 'purged 1 dead letter(s) of plugin shop-sync' }).waitFor();
   await page.locator('#dlq-table tbody', { hasText: 'no dead letter' }).waitFor();
   step('purged');
 
