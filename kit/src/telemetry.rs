@@ -91,6 +91,8 @@ pub fn init(default_filter: &str, service: &str) -> Telemetry {
             .with_tracer(p.tracer("hookbus"))
             .with_tracked_inactivity(false)
             .with_threads(false)
+            .with_location(false)
+            .with_target(false)
     });
     let installed = tracing_subscriber::registry()
         .with(filter)

@@ -30,7 +30,8 @@
 //! (diff_pct = how much slower metrics on is, in percent of off). Then the bus
 //! with OpenTelemetry span export on (to an OTLP/HTTP receiver in this process)
 //! and off, alternating order per round:
-//! `bench: scenario=tracing_overhead on_eps=… off_eps=… diff_pct=… spans_per_event=…`.
+//! `bench: scenario=tracing_overhead on_eps=… off_eps=… diff_pct=… spans_per_event=…`
+//! (`-- --tracing` runs only this comparison).
 //!
 //! Scale-out: `cargo bench -p hookbus-tests --bench dispatch -- --partitions 4
 //! --dispatchers 2` runs the bus side as that many buses in this process, each
@@ -796,6 +797,10 @@ async fn bench(smoke: bool) {
     let subjects = Subjects::default();
     let (events, index) = build_events(&subjects, n);
     let layout = Layout::from_args();
+    if !smoke && std::env::args().any(|a| a == "--tracing") {
+        tracing_overhead(smoke, n, rounds, &subjects, &events, &index).await;
+        return;
+    }
     if !smoke && std::env::args().any(|a| a == "--cluster") {
         cluster_cost(smoke, n, rounds, &subjects, &events, &index).await;
         return;
@@ -954,7 +959,7 @@ async fn tracing_overhead(
     events: &[EncodedEvent],
     index: &Arc<HashMap<String, usize>>,
 ) {
-    let receiver = hookbus_tests::otlp::Receiver::start().await;
+    let receiver = hookbus_tests::otlp::Receiver::start_counting().await;
     let switch = hookbus_tests::otlp::TraceSwitch::install(&receiver.url);
     let mut on = Vec::with_capacity(rounds);
     let mut off = Vec::with_capacity(rounds);

@@ -39,6 +39,10 @@ pub struct Receiver {
     pub url: String,
     spans: Arc<Mutex<Vec<Got>>>,
     requests: Arc<Mutex<u64>>,
+    /// Spans received (kept or not).
+    received: Arc<std::sync::atomic::AtomicUsize>,
+    /// Only count the spans (a bench), keep none.
+    counting: bool,
 }
 
 impl Receiver {
@@ -48,13 +52,29 @@ impl Receiver {
     ///
     /// When no port can be bound.
     pub async fn start() -> Receiver {
+        Self::start_with(false).await
+    }
+
+    /// Starts one that only counts the spans it decodes (keeps none): for benches.
+    ///
+    /// # Panics
+    ///
+    /// When no port can be bound.
+    pub async fn start_counting() -> Receiver {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(counting: bool) -> Receiver {
         let receiver = Receiver {
             url: String::new(),
             spans: Arc::default(),
             requests: Arc::default(),
+            received: Arc::default(),
+            counting,
         };
         let app = axum::Router::new()
             .route("/v1/traces", axum::routing::post(collect))
+            .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(receiver.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -77,10 +97,7 @@ impl Receiver {
 
     /// How many spans were received so far.
     pub fn count(&self) -> usize {
-        self.spans
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Forgets the spans received so far (a bench keeps no history).
@@ -89,6 +106,7 @@ impl Receiver {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+        self.received.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -123,6 +141,22 @@ async fn collect(State(receiver): State<Receiver>, body: Bytes) -> axum::respons
         .requests
         .lock()
         .unwrap_or_else(PoisonError::into_inner) += 1;
+    let n: usize = request
+        .resource_spans
+        .iter()
+        .flat_map(|rs| &rs.scope_spans)
+        .map(|ss| ss.spans.len())
+        .sum();
+    receiver
+        .received
+        .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    if receiver.counting {
+        return (
+            [(header::CONTENT_TYPE, "application/x-protobuf")],
+            ExportTraceServiceResponse::default().encode_to_vec(),
+        )
+            .into_response();
+    }
     let mut got = receiver
         .spans
         .lock()
@@ -221,7 +255,9 @@ impl TraceSwitch {
         let layer = tracing_opentelemetry::layer()
             .with_tracer(self.provider.tracer("hookbus"))
             .with_tracked_inactivity(false)
-            .with_threads(false);
+            .with_threads(false)
+            .with_location(false)
+            .with_target(false);
         self.handle.reload(Some(layer)).expect("reload");
         hookbus_kit::trace::set_enabled(true);
     }

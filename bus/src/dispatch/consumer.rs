@@ -400,36 +400,11 @@ impl Dispatcher {
 /// With traces exported, under the event's CONSUMER span ([`process_span`]).
 async fn process(ctx: &Arc<Ctx>, event: EventMeta) -> Result<(), Stopped> {
     if hookbus_kit::trace::enabled() {
-        let span = process_span(ctx, &event);
+        let span = ctx.process_span(&event, "process");
         tracing::Instrument::instrument(process_routes(ctx, event), span).await
     } else {
         process_routes(ctx, event).await
     }
-}
-
-/// The dispatcher's CONSUMER span of one event (`process <subject template>`):
-/// a child of the producer context the message carries (the relay's publish),
-/// with a link to it, as the messaging conventions describe.
-fn process_span(ctx: &Ctx, event: &EventMeta) -> tracing::Span {
-    let template = ctx.subjects.event_template(event.hook);
-    let span = tracing::info_span!(
-        parent: None,
-        "dispatch process",
-        otel.name = %format_args!("process {template}"),
-        otel.kind = "consumer",
-        messaging.system = hookbus_kit::trace::fields::SYSTEM,
-        messaging.operation.type = "process",
-        messaging.operation.name = "process",
-        messaging.destination.name = %ctx.subjects.event(event.hook, &event.entity, event.object.id).unwrap_or_default(),
-        messaging.destination.template = %template,
-        messaging.consumer.group.name = %ctx.partition.consumer(&ctx.settings.consumer),
-        messaging.destination.partition.id = ctx.partition.index,
-        messaging.message.id = %event.id,
-        pagoda.stream_seq = event.seq,
-        pagoda.redelivered = event.redelivered,
-    );
-    hookbus_kit::trace::follow_and_link(&span, hookbus_kit::trace::extract(&event.headers));
-    span
 }
 
 async fn process_routes(ctx: &Arc<Ctx>, event: EventMeta) -> Result<(), Stopped> {
