@@ -6,7 +6,8 @@
 //! HTTP request → store commit → relay publish (PRODUCER) → dispatcher process
 //! (CONSUMER, child of and linked to the producer) → delivery attempts (CLIENT)
 //! → the plugin's handler (SERVER); flaky's retries and dead letter are events
-//! of the process span.
+//! of the process span. A delivery deferred while flaky is down is made later under
+//! a `deliver_deferred` CONSUMER span of its change's trace.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::time::Duration;
@@ -62,7 +63,7 @@ async fn one_entry_creation_is_one_trace_across_host_bus_and_plugins() {
     let receiver = Receiver::start().await;
     let url = receiver.url.clone();
     let db = TestDb::sqlite();
-    let d = Deployment::start_with_env(
+    let mut d = Deployment::start_with_env(
         &db,
         &["hello-world", "flaky"],
         &[
@@ -102,6 +103,13 @@ async fn one_entry_creation_is_one_trace_across_host_bus_and_plugins() {
         async move {
             got.named("handle flaky.always_fails").len() >= 3
                 && !got.named("handle hello-world.entry_created").is_empty()
+                && !got.named("handle hello-world.fill_note").is_empty()
+                && !got.named("handle hello-world.reject_forbidden").is_empty()
+                && !got.named("store commit").is_empty()
+                && got
+                    .0
+                    .iter()
+                    .any(|g| g.service == "hookbus-host" && g.span.kind == SpanKind::Server as i32)
                 && got
                     .named(process_name)
                     .iter()
@@ -223,4 +231,83 @@ async fn one_entry_creation_is_one_trace_across_host_bus_and_plugins() {
         .filter(|n| *n == "retry" || *n == "dead_letter")
         .collect();
     assert_eq!(events, ["retry", "retry", "dead_letter"]);
+
+    // A delivery deferred while flaky has no replica is made, once it is back, under
+    // a `deliver_deferred` CONSUMER span of the same trace, linked to the producer.
+    const LATER: &str = "5bf92f3577b34da6a3ce929d0e0e4737";
+    d.kill_plugin("flaky").await;
+    let response = d
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/v2/entities/{entity_id}/entries/"),
+        )
+        .header("traceparent", format!("00-{LATER}-{CALLER_SPAN}-01"))
+        .json(&json!({"name": "Later"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    let later = || -> Trace {
+        Trace(
+            receiver
+                .spans()
+                .into_iter()
+                .filter(|g| hex(&g.span.trace_id) == LATER)
+                .collect(),
+        )
+    };
+    // The live process span gave the delivery up to the deferred queue.
+    let deferred = poll_until(Duration::from_secs(30), || {
+        let got = later();
+        async move { !got.named(process_name).is_empty() }
+    })
+    .await;
+    assert!(deferred, "no process span:\n{}", later().dump());
+    d.restart_plugin("flaky").await;
+    let drained_name = "deliver_deferred pagoda.events.entry.after_create.{entity}.{object_id}";
+    let drained = poll_until(Duration::from_secs(30), || {
+        let got = later();
+        async move {
+            got.named("handle flaky.always_fails").len() >= 3
+                && got
+                    .named(drained_name)
+                    .iter()
+                    .any(|p| p.span.events.iter().any(|e| e.name == "dead_letter"))
+        }
+    })
+    .await;
+    let trace = later();
+    assert!(
+        drained,
+        "no deferred delivery span:\n{}\n{}",
+        trace.dump(),
+        d.outputs()
+    );
+    let publish = trace.one("send pagoda.events.entry.after_create.{entity}.{object_id}");
+    let drain = trace.one(drained_name);
+    assert_eq!(drain.span.kind, SpanKind::Consumer as i32);
+    assert_eq!(drain.span.parent_span_id, publish.span.span_id);
+    assert!(
+        drain
+            .span
+            .links
+            .iter()
+            .any(|l| l.span_id == publish.span.span_id)
+    );
+    // Attempts that found no replica yet (while flaky starts) are polls, marked
+    // `no_responders`; the three that reached it failed and were dead-lettered.
+    let attempts: Vec<_> = trace
+        .children(drain, "deliver flaky.always_fails")
+        .into_iter()
+        .filter(|a| attr(&a.span.attributes, "error.type").as_deref() != Some("no_responders"))
+        .collect();
+    assert_eq!(attempts.len(), 3, "{}", trace.dump());
+    for attempt in attempts {
+        assert_eq!(
+            trace.children(attempt, "handle flaky.always_fails").len(),
+            1,
+            "{}",
+            trace.dump()
+        );
+    }
 }
