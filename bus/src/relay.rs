@@ -138,6 +138,8 @@ pub struct Relay {
     gauges: Option<crate::metrics::RelayGauges>,
     /// The events stream's largest message, read at start.
     stream_max: AtomicU64,
+    /// Whether the table has the optional `tracestate` column (read at start).
+    tracestate: AtomicBool,
     /// The connection (its `max_payload`, from the server's `INFO`).
     client: async_nats::Client,
     /// Where a panic of the relay's `LISTEN` task is counted (the bus's own
@@ -198,6 +200,7 @@ impl Relay {
             stats: Arc::new(stats),
             gauges: None,
             stream_max,
+            tracestate: AtomicBool::new(false),
             client,
             panics: Arc::default(),
         }
@@ -355,7 +358,14 @@ impl Relay {
         let mut wait = self.settings.backoff_min;
         loop {
             match outbox::check_table(self.store.pool(), self.store.backend()).await {
-                Ok(outbox::TableState::Ready) => return Ok(true),
+                Ok(outbox::TableState::Ready) => {
+                    // A table of the older contract has no `tracestate`: rows then carry none.
+                    let has = outbox::has_tracestate(self.store.pool(), self.store.backend())
+                        .await
+                        .unwrap_or(false);
+                    self.tracestate.store(has, Ordering::Relaxed);
+                    return Ok(true);
+                }
                 Ok(outbox::TableState::MissingColumns(columns)) => {
                     return Err(RelayError::Table(columns));
                 }
@@ -464,6 +474,14 @@ impl Relay {
             Bytes::from(row.payload.clone()),
         )
         .map_err(|e| RowError::Encode(e.to_string()))?;
+        let mut event = event;
+        if let Some(ts) = row
+            .tracestate
+            .as_deref()
+            .filter(|ts| ts.len() <= 512 && ts.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+        {
+            event.headers.insert(hookbus_kit::trace::TRACESTATE, ts);
+        }
         let size = event.payload.len() + crate::publish::headers_len(&event.headers);
         if size > limit {
             return Err(RowError::TooLarge { size, limit });
@@ -662,9 +680,10 @@ impl State<'_> {
         let limit = self.relay.settings.batch_size.min(room);
         let pool = self.relay.store.pool().clone();
         let held = self.held.clone();
-        self.fetching.push(Box::pin(
-            async move { outbox::fetch(&pool, &held, limit).await },
-        ));
+        let tracestate = self.relay.tracestate.load(Ordering::Relaxed);
+        self.fetching.push(Box::pin(async move {
+            outbox::fetch_rows(&pool, &held, limit, tracestate).await
+        }));
     }
 
     fn start_delete(&mut self) {
@@ -762,7 +781,18 @@ impl State<'_> {
     }
 
     async fn send(&mut self, ready: Ready) {
-        let Ready { id, object, event } = ready;
+        let Ready {
+            id,
+            object,
+            mut event,
+        } = ready;
+        // The producer span of the trace the outbox row started (only when traces
+        // are exported): the message carries its context, not the row's.
+        let span = if hookbus_kit::trace::enabled() {
+            publish_span(&mut event)
+        } else {
+            tracing::Span::none()
+        };
         let sent = self
             .relay
             .js
@@ -774,8 +804,11 @@ impl State<'_> {
             )
             .await;
         let fut: BoxFuture<'static, Outcome> = match sent {
-            Ok(ack) => Box::pin(settle_ack(id, object, ack)),
-            Err(e) => Box::pin(std::future::ready((id, object, Err(PublishFailed::new(e))))),
+            Ok(ack) => Box::pin(settle_ack(id, object, ack, span)),
+            Err(e) => {
+                hookbus_kit::trace::fail(&span, "publish_failed", &e.to_string());
+                Box::pin(std::future::ready((id, object, Err(PublishFailed::new(e)))))
+            }
         };
         self.in_flight.push(fut);
     }
@@ -897,9 +930,46 @@ impl State<'_> {
     }
 }
 
-async fn settle_ack(id: i64, object: Arc<str>, ack: PublishAckFuture) -> Outcome {
+async fn settle_ack(
+    id: i64,
+    object: Arc<str>,
+    ack: PublishAckFuture,
+    span: tracing::Span,
+) -> Outcome {
     let result = ack.await.map(|a| a.duplicate).map_err(PublishFailed::new);
+    if let Err(e) = &result {
+        hookbus_kit::trace::fail(&span, "publish_failed", &e.error.to_string());
+    }
+    // The span ends here, with the stream's acknowledgement.
+    drop(span);
     (id, object, result)
+}
+
+/// The relay's PRODUCER span of one event (`send <subject template>`), a child of
+/// the context the outbox row stored (the host's request); its context replaces
+/// the row's in the message's `traceparent` / `tracestate`, so the dispatcher's
+/// span follows it.
+fn publish_span(event: &mut EncodedEvent) -> tracing::Span {
+    let parent = hookbus_kit::trace::extract(&event.headers);
+    let template = event.subject.rsplitn(3, '.').nth(2).map_or_else(
+        || event.subject.clone(),
+        |base| format!("{base}.{{entity}}.{{object_id}}"),
+    );
+    let span = tracing::info_span!(
+        parent: None,
+        "relay publish",
+        otel.name = %format_args!("send {template}"),
+        otel.kind = "producer",
+        messaging.system = hookbus_kit::trace::fields::SYSTEM,
+        messaging.operation.type = "send",
+        messaging.operation.name = "send",
+        messaging.destination.name = %event.subject,
+        messaging.destination.template = %template,
+        messaging.message.id = %event.id,
+    );
+    hookbus_kit::trace::follow(&span, parent);
+    hookbus_kit::trace::inject(&span, &mut event.headers);
+    span
 }
 
 /// Forwards PostgreSQL notifications of new outbox rows to `wake`; reconnects

@@ -594,7 +594,36 @@ impl SyncHooks {
         traceparent: Option<&str>,
     ) -> Answer<R> {
         let started = std::time::Instant::now();
-        let (answer, outcome) = self.call_once(route, body, traceparent).await;
+        let (answer, outcome) = if hookbus_kit::trace::enabled() {
+            // The CLIENT span of the call, a child of the host's request span; the
+            // handler's span in the plugin is its child.
+            let span = tracing::info_span!(
+                "sync hook call",
+                otel.name = %format_args!("call {}.{}", route.plugin, route.handler),
+                otel.kind = "client",
+                messaging.system = hookbus_kit::trace::fields::SYSTEM,
+                messaging.operation.type = "send",
+                messaging.destination.name = %route.subject,
+                pagoda.hook = route.hook.name(),
+                pagoda.plugin = %route.plugin,
+                pagoda.handler = %route.handler,
+            );
+            let (answer, outcome) = tracing::Instrument::instrument(
+                self.call_once(route, body, traceparent),
+                span.clone(),
+            )
+            .await;
+            if outcome != "ok" {
+                let text = match &answer {
+                    Answer::NoAnswer(text) => text.as_str(),
+                    Answer::Reply(_) => outcome,
+                };
+                hookbus_kit::trace::fail(&span, outcome, text);
+            }
+            (answer, outcome)
+        } else {
+            self.call_once(route, body, traceparent).await
+        };
         if let Some(m) = &self.metrics {
             m.sync_call(
                 route.hook.name(),
@@ -618,7 +647,9 @@ impl SyncHooks {
         h.insert(headers::HOOK, route.hook.name());
         h.insert(headers::PLUGIN, &*route.plugin);
         h.insert(headers::HANDLER, &*route.handler);
-        if let Some(tp) = traceparent {
+        if hookbus_kit::trace::enabled() {
+            hookbus_kit::trace::inject(&tracing::Span::current(), &mut h);
+        } else if let Some(tp) = traceparent {
             h.insert(headers::TRACEPARENT, tp);
         }
         let request = Request::new()

@@ -278,7 +278,14 @@ enum TokenCommand {
 
 pub(crate) async fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
-    init_tracing();
+    // Logs, and the span export when OTEL_EXPORTER_OTLP_ENDPOINT asks for it
+    // (flushed when this returns).
+    let service = match &cli.command {
+        Command::Host(_) => "hookbus-host",
+        Command::Relay { .. } => "hookbus-relay",
+        _ => "hookbus",
+    };
+    let _telemetry = hookbus_kit::telemetry::init("info,async_nats=warn", service);
     let subjects = Subjects::new(&cli.prefix)?;
     if let Command::NatsConfig(args) = &cli.command {
         return crate::nats_config_cmd::main(&subjects, args, println_out);
@@ -603,15 +610,6 @@ impl RetentionArgs {
         streams.events_max_bytes = self.events_max_bytes;
         streams.replicas = self.stream_replicas.max(1);
     }
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 /// The defaults in the docs' tables are the command line's: every row of the flag

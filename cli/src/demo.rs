@@ -279,6 +279,7 @@ fn store_steps(store: &Store, user: &User) -> Vec<Step> {
     let ctx = WriteContext {
         user: Some(user.clone()),
         traceparent: None,
+        tracestate: None,
     };
     let step = |what: &str, f: BoxFuture<'static, Result<()>>| Step::Write(what.to_owned(), f);
     let (s, c) = (store.clone(), ctx.clone());

@@ -282,6 +282,17 @@ impl Subjects {
         ))
     }
 
+    /// The template of a hook's event subjects, for trace attributes and span
+    /// names (low cardinality): `pagoda.events.entry.create.{entity}.{object_id}`.
+    pub fn event_template(&self, hook: Hook) -> String {
+        format!(
+            "{}.events.{}.{}.{{entity}}.{{object_id}}",
+            self.prefix,
+            hook.object(),
+            hook.action()
+        )
+    }
+
     /// All event subjects, as published and as stored (`pagoda.events.>`).
     pub fn all_events(&self) -> String {
         format!("{}.events.>", self.prefix)

@@ -7,7 +7,7 @@
 Plugin id `py-hello`, one handler `greet` on `entry.after_create` (all entities).
 Prints one line per delivery to stdout:
 
-    [py-hello] greet entry.after_create object=entry/42 seq=7
+    [py-hello] greet entry.after_create object=entry/42 seq=7 trace=4bf92f3577b34da6a3ce929d0e0e4736
 
 and runs until SIGTERM or Ctrl-C. The bus must run with `py-hello` in
 ENABLED_PLUGINS to dispatch to it. See docs/protocol.md for the protocol and
@@ -20,6 +20,7 @@ generated permissions require).
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -31,6 +32,14 @@ from datetime import datetime, timezone
 import nats
 import nats.errors
 from nats.js.errors import BucketNotFoundError
+
+try:  # Optional: continue the bus's trace when the OpenTelemetry API is installed
+    # (pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-http, and
+    # configure a tracer provider as its docs show); without it, nothing is traced.
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.propagate import extract as otel_extract
+except ImportError:
+    otel_trace = None
 
 PLUGIN_ID = "py-hello"
 VERSION = "1.0.0"
@@ -92,10 +101,35 @@ async def reply_error(nc, msg, code, text):
     )
 
 
+def trace_id_of(headers):
+    """The trace id of the W3C `traceparent` header (version-traceid-spanid-flags),
+    or None: every delivery of one model change carries the same one."""
+    parts = headers.get("traceparent", "").split("-")
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
+
+
+def handler_span(headers, handler):
+    """The SERVER span of one delivery, a child of the bus's delivery attempt (the
+    request's `traceparent` / `tracestate`), when OpenTelemetry is installed."""
+    if otel_trace is None:
+        return contextlib.nullcontext()
+    return otel_trace.get_tracer(PLUGIN_ID).start_as_current_span(
+        f"handle {PLUGIN_ID}.{handler}",
+        context=otel_extract(headers),
+        kind=otel_trace.SpanKind.SERVER,
+        attributes={"messaging.system": "nats", "messaging.destination.name": handler_subject(handler)},
+    )
+
+
 async def greet(nc, msg, stats):
+    headers = msg.headers or {}
+    with handler_span(headers, "greet"):
+        await greet_traced(nc, msg, stats, headers)
+
+
+async def greet_traced(nc, msg, stats, headers):
     started = time.monotonic_ns()
     stats.requests += 1
-    headers = msg.headers or {}
     try:
         event = json.loads(msg.data)  # the CloudEvents envelope
         entry = event["data"]["entry"]  # full snapshot: id, name, attrs, ...
@@ -110,7 +144,7 @@ async def greet(nc, msg, stats):
     print(
         f"[{PLUGIN_ID}] greet {headers.get('Pagoda-Hook', event.get('type'))} "
         f"object={headers.get('Pagoda-Object', event.get('subject'))} "
-        f"seq={headers.get('Pagoda-Stream-Seq', '?')}",
+        f"seq={headers.get('Pagoda-Stream-Seq', '?')} trace={trace_id_of(headers) or '-'}",
         flush=True,
     )
     # A real plugin acts on `entry` here; raising would leave the bus waiting

@@ -67,9 +67,11 @@ pub fn router(state: HostState) -> Router {
         .layer(
             // A span per request (method, URI); failures are logged where they
             // happen (ApiError), not again here.
-            tower_http::trace::TraceLayer::new_for_http().on_failure(
-                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
-            ),
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(server::request_span)
+                .on_failure(
+                    tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+                ),
         )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

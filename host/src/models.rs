@@ -247,7 +247,9 @@ async fn create_entity(
         attrs,
     };
     let out = state.hooks.before_create_entity(new, &ctx).await?;
-    let entity = state.store.create_entity(&out.value, &ctx).await?;
+    let (ctx, span) = commit_span(ctx);
+    let entity =
+        tracing::Instrument::instrument(state.store.create_entity(&out.value, &ctx), span).await?;
     Ok(respond(StatusCode::CREATED, &entity, &out.skipped))
 }
 
@@ -457,10 +459,12 @@ async fn create_entry(
     let validated = state.hooks.validate(&entity, &draft, None, &ctx).await?;
     skipped.extend(validated.skipped);
     // Written with the creations queued with it, in one transaction (group commit).
-    let entry = state
-        .entry_writer
-        .create_entry(entity.id, draft, ctx)
-        .await?;
+    let (ctx, span) = commit_span(ctx);
+    let entry = tracing::Instrument::instrument(
+        state.entry_writer.create_entry(entity.id, draft, ctx),
+        span,
+    )
+    .await?;
     Ok(respond(StatusCode::CREATED, &entry, &skipped))
 }
 
@@ -552,4 +556,25 @@ async fn restore_entry(
         .await?;
     let entry = state.store.restore_entry(id, &ctx).await?;
     Ok(respond(StatusCode::OK, &entry, &out.skipped))
+}
+
+/// With traces exported, the span of a write's store transaction (`store commit`,
+/// a child of the request's span), and the write context carrying its
+/// `traceparent`: the outbox row keeps it, so the relay's publish is its child.
+/// Without, no span and the context unchanged.
+fn commit_span(mut ctx: WriteContext) -> (WriteContext, tracing::Span) {
+    if !hookbus_kit::trace::enabled() {
+        return (ctx, tracing::Span::none());
+    }
+    let span = tracing::info_span!(
+        "store commit",
+        otel.name = "store commit",
+        otel.kind = "internal",
+        db.operation.name = "commit",
+    );
+    if let Some((tp, ts)) = hookbus_kit::trace::pair_of(&span) {
+        ctx.traceparent = Some(tp);
+        ctx.tracestate = ts;
+    }
+    (ctx, span)
 }

@@ -293,6 +293,43 @@ pub(crate) async fn metrics(State(state): State<HostState>) -> Response {
     hookbus::http::metrics_response(state.metrics.encode())
 }
 
+/// The span of one request: tower-http's default (DEBUG, method, URI), or, with
+/// traces exported, the SERVER span `<METHOD> <route template>` that starts the
+/// change's trace (a child of the caller's `traceparent` when it sends one).
+pub(crate) fn request_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
+    use tower_http::trace::MakeSpan as _;
+    if !hookbus_kit::trace::enabled() {
+        return tower_http::trace::DefaultMakeSpan::new().make_span(request);
+    }
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("(no route)", MatchedPath::as_str);
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{} {route}", request.method()),
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        http.route = route,
+        url.path = request.uri().path(),
+    );
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= 512)
+    };
+    hookbus_kit::trace::follow(
+        &span,
+        hookbus_kit::trace::extract_pair(
+            header(core_events::protocol::headers::TRACEPARENT),
+            header(hookbus_kit::trace::TRACESTATE),
+        ),
+    );
+    span
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

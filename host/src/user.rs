@@ -42,7 +42,8 @@ impl AuthUser {
 }
 
 /// Who makes a change, and the context its writes carry: the authenticated user
-/// and the request's W3C `traceparent` (at most 128 bytes, else none), which the
+/// and the request's W3C `traceparent` (at most 128 bytes, else none) and
+/// `tracestate` (at most 512), which the
 /// outbox row keeps so the event continues the request's trace.
 #[derive(Debug, Clone)]
 pub struct Actor {
@@ -60,15 +61,29 @@ impl FromRequestParts<HostState> for Actor {
         state: &HostState,
     ) -> Result<Self, Self::Rejection> {
         let auth = AuthUser::from_request_parts(parts, state).await?;
-        let traceparent = parts
-            .headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| v.len() <= 128)
-            .map(str::to_owned);
+        // With traces exported, the writes continue the request's span (which
+        // took the caller's `traceparent` as its parent); otherwise the caller's
+        // header is passed on as it came.
+        let header = |name: &str, max: usize| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| v.len() <= max)
+                .map(str::to_owned)
+        };
+        let (traceparent, tracestate) = if hookbus_kit::trace::enabled() {
+            hookbus_kit::trace::pair_of(&tracing::Span::current())
+                .map_or((None, None), |(tp, ts)| (Some(tp), ts))
+        } else {
+            let traceparent = header("traceparent", 128);
+            let tracestate = traceparent.as_ref().and(header("tracestate", 512));
+            (traceparent, tracestate)
+        };
         let ctx = WriteContext {
             user: Some(auth.user.clone()),
             traceparent,
+            tracestate,
         };
         Ok(Actor { auth, ctx })
     }

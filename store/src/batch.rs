@@ -134,8 +134,15 @@ impl Store {
 
         // The entries as stored, and their events, all in one statement.
         let envelopes = batch.created(self, inputs, &entities, &inserted, &value_ids);
-        for chunk in envelopes.chunks(ROWS_PER_STATEMENT) {
-            outbox::insert_envelopes_within(&mut tx, chunk, self.max_event_bytes).await?;
+        let states: Vec<Option<String>> = inserted
+            .iter()
+            .map(|(k, _)| inputs[batch.ready[*k].index].ctx.tracestate.clone())
+            .collect();
+        for (chunk, states) in envelopes
+            .chunks(ROWS_PER_STATEMENT)
+            .zip(states.chunks(ROWS_PER_STATEMENT))
+        {
+            outbox::insert_traced(&mut tx, chunk, states, self.max_event_bytes).await?;
         }
         if envelopes.is_empty() {
             // Nothing written: no commit, no relay wake-up.
@@ -194,12 +201,14 @@ impl Store {
         let events = envelopes
             .iter()
             .zip(&inserted)
-            .map(|(env, (_, id))| {
+            .map(|(env, (k, id))| {
                 let row = outbox::envelope_row(env, self.max_event_bytes)?;
+                let tracestate = &inputs[batch.ready[*k].index].ctx.tracestate;
                 Ok(serde_json::json!({
                     "entry_id": id, "event_id": row.event_id, "hook": row.hook,
                     "entity": row.entity, "object": row.object,
-                    "traceparent": row.traceparent, "payload": row.payload,
+                    "traceparent": row.traceparent, "tracestate": tracestate,
+                    "payload": row.payload,
                 }))
             })
             .collect::<Result<Vec<Value>, StoreError>>()?;
@@ -219,10 +228,12 @@ impl Store {
                  value TEXT) \
                WHERE x.entry_id IN (SELECT id FROM e)), \
              o AS ( \
-               INSERT INTO hookbus_outbox (event_id, hook, entity, object, traceparent, payload) \
-               SELECT x.event_id, x.hook, x.entity, x.object, x.traceparent, x.payload \
+               INSERT INTO hookbus_outbox (event_id, hook, entity, object, traceparent, \
+                 tracestate, payload) \
+               SELECT x.event_id, x.hook, x.entity, x.object, x.traceparent, x.tracestate, \
+                 x.payload \
                FROM json_to_recordset($4::json) AS x(entry_id BIGINT, event_id TEXT, hook TEXT, \
-                 entity TEXT, object TEXT, traceparent TEXT, payload TEXT) \
+                 entity TEXT, object TEXT, traceparent TEXT, tracestate TEXT, payload TEXT) \
                WHERE x.entry_id IN (SELECT id FROM e) \
                ORDER BY x.entry_id) \
              SELECT id FROM e",

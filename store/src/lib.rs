@@ -111,6 +111,8 @@ pub struct WriteContext {
     pub user: Option<User>,
     /// W3C `traceparent` of the request, carried to every handler.
     pub traceparent: Option<String>,
+    /// W3C `tracestate` that goes with it (the outbox row's `tracestate`).
+    pub tracestate: Option<String>,
 }
 
 /// The model store. Cheap to clone; clones share the pools.

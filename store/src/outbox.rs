@@ -10,6 +10,7 @@
 //! | `entity` | text | the entity name, as is (the relay encodes the subject token) |
 //! | `object` | text | `entry/<id>` or `entity/<id>`: the ordering key |
 //! | `traceparent` | text, nullable | W3C trace context, passed to handlers |
+//! | `tracestate` | text, nullable, optional | W3C trace state beside it (read when the table has it) |
 //! | `payload` | text | the CloudEvents envelope, JSON |
 //! | `created_at` | bigint, default now | µs since the epoch; backlog age |
 
@@ -37,6 +38,8 @@ pub struct OutboxRow {
     pub object: String,
     /// W3C trace context.
     pub traceparent: Option<String>,
+    /// W3C trace state (`None` when empty or the table has no such column).
+    pub tracestate: Option<String>,
     /// The envelope JSON.
     pub payload: String,
     /// When the row was written, µs since the epoch.
@@ -89,18 +92,34 @@ pub async fn insert_envelopes_within<D: serde::Serialize>(
     envs: &[Envelope<D>],
     max_bytes: Option<usize>,
 ) -> Result<(), StoreError> {
+    insert_traced(conn, envs, &[], max_bytes).await
+}
+
+/// As [`insert_envelopes_within`], with the `tracestate` of each envelope
+/// (`tracestates[i]` for `envs[i]`; missing ones are none).
+pub(crate) async fn insert_traced<D: serde::Serialize>(
+    conn: &mut AnyConnection,
+    envs: &[Envelope<D>],
+    tracestates: &[Option<String>],
+    max_bytes: Option<usize>,
+) -> Result<(), StoreError> {
     if envs.is_empty() {
         return Ok(());
     }
     let sql = format!(
-        "INSERT INTO hookbus_outbox (event_id, hook, entity, object, traceparent, payload) VALUES {}",
-        super::values_rows(envs.len(), 6, 1, "")
+        "INSERT INTO hookbus_outbox (event_id, hook, entity, object, traceparent, tracestate, payload) VALUES {}",
+        super::values_rows(envs.len(), 7, 1, "")
     );
     // One event's statement is always the same: keep it prepared.
     let rows = envs
         .iter()
-        .map(|env| envelope_row(env, max_bytes))
-        .collect::<Result<Vec<_>, _>>()?;
+        .enumerate()
+        .map(|(i, env)| {
+            let mut row = envelope_row(env, max_bytes)?;
+            row.tracestate = tracestates.get(i).cloned().flatten();
+            Ok(row)
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(envs.len() == 1);
     for row in rows {
         q = q
@@ -109,6 +128,7 @@ pub async fn insert_envelopes_within<D: serde::Serialize>(
             .bind(row.entity)
             .bind(row.object)
             .bind(row.traceparent)
+            .bind(row.tracestate)
             .bind(row.payload);
     }
     q.execute(&mut *conn).await?;
@@ -122,6 +142,7 @@ pub(super) struct EnvelopeRow {
     pub entity: String,
     pub object: String,
     pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
     pub payload: String,
 }
 
@@ -158,12 +179,14 @@ pub(super) fn envelope_row<D: serde::Serialize>(
             })?
             .to_string(),
         traceparent: env.traceparent.clone(),
+        tracestate: None,
         payload,
     })
 }
 
 const ROW_COLUMNS: &str =
     "id, event_id, hook, entity, object, traceparent, payload, created_at FROM hookbus_outbox";
+const ROW_COLUMNS_TRACESTATE: &str = "id, event_id, hook, entity, object, traceparent, tracestate, payload, created_at FROM hookbus_outbox";
 
 /// Ids the relay holds (sent, not yet deleted), as runs of consecutive ids for
 /// `NOT BETWEEN` filters; `None` when there are too many runs for one query.
@@ -200,6 +223,26 @@ pub async fn fetch(
     held: &BTreeSet<i64>,
     limit: usize,
 ) -> Result<Vec<OutboxRow>, StoreError> {
+    fetch_rows(pool, held, limit, true).await
+}
+
+/// As [`fetch`]; `tracestate` says whether the table has the optional
+/// `tracestate` column ([`has_tracestate`]): without it, rows have none.
+///
+/// # Errors
+///
+/// As [`fetch`].
+pub async fn fetch_rows(
+    pool: &AnyPool,
+    held: &BTreeSet<i64>,
+    limit: usize,
+    tracestate: bool,
+) -> Result<Vec<OutboxRow>, StoreError> {
+    let columns = if tracestate {
+        ROW_COLUMNS_TRACESTATE
+    } else {
+        ROW_COLUMNS
+    };
     let sql = match held_runs(held, 32) {
         Some(runs) if !runs.is_empty() => {
             // The gaps around the runs: (-inf, a0), (b0, a1), …, (bN, +inf).
@@ -223,7 +266,7 @@ pub async fn fetch(
                         (None, None) => "TRUE".to_owned(),
                     };
                     format!(
-                        "SELECT * FROM (SELECT {ROW_COLUMNS} WHERE {cond} ORDER BY id LIMIT {limit}) AS g{i}"
+                        "SELECT * FROM (SELECT {columns} WHERE {cond} ORDER BY id LIMIT {limit}) AS g{i}"
                     )
                 })
                 .collect();
@@ -232,12 +275,9 @@ pub async fn fetch(
                 parts.join(" UNION ALL ")
             )
         }
-        Some(_) => format!("SELECT {ROW_COLUMNS} ORDER BY id LIMIT {limit}"),
+        Some(_) => format!("SELECT {columns} ORDER BY id LIMIT {limit}"),
         // Too many runs for one query: read past them and skip them here.
-        None => format!(
-            "SELECT {ROW_COLUMNS} ORDER BY id LIMIT {}",
-            limit + held.len()
-        ),
+        None => format!("SELECT {columns} ORDER BY id LIMIT {}", limit + held.len()),
     };
     // Not cached: the text changes with the held ids.
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -257,6 +297,12 @@ pub async fn fetch(
             entity: row.try_get("entity")?,
             object: row.try_get("object")?,
             traceparent: row.try_get("traceparent")?,
+            tracestate: if tracestate {
+                row.try_get::<Option<String>, _>("tracestate")?
+                    .filter(|s| !s.is_empty())
+            } else {
+                None
+            },
             payload: row.try_get("payload")?,
             created_at: row.try_get("created_at")?,
         });
@@ -360,6 +406,34 @@ pub enum TableState {
 ///
 /// [`StoreError::Db`] when the query fails.
 pub async fn check_table(pool: &AnyPool, backend: Backend) -> Result<TableState, StoreError> {
+    let found = columns(pool, backend).await?;
+    if found.is_empty() {
+        return Ok(TableState::Missing);
+    }
+    let missing: Vec<&'static str> = COLUMNS
+        .into_iter()
+        .filter(|c| !found.contains(*c))
+        .collect();
+    Ok(if missing.is_empty() {
+        TableState::Ready
+    } else {
+        TableState::MissingColumns(missing)
+    })
+}
+
+/// Whether `hookbus_outbox` has the optional `tracestate` column (added by the
+/// migration `20261205000001_outbox_tracestate`; a table of the older contract
+/// works without it).
+///
+/// # Errors
+///
+/// [`StoreError::Db`] when the query fails.
+pub async fn has_tracestate(pool: &AnyPool, backend: Backend) -> Result<bool, StoreError> {
+    Ok(columns(pool, backend).await?.contains("tracestate"))
+}
+
+/// The column names of `hookbus_outbox`, lower case (empty without the table).
+async fn columns(pool: &AnyPool, backend: Backend) -> Result<BTreeSet<String>, StoreError> {
     let sql = match backend {
         Backend::Sqlite => "SELECT name FROM pragma_table_info('hookbus_outbox')",
         Backend::Postgres => {
@@ -376,18 +450,7 @@ pub async fn check_table(pool: &AnyPool, backend: Backend) -> Result<TableState,
         let name: String = row.try_get(0)?;
         found.insert(name.to_lowercase());
     }
-    if found.is_empty() {
-        return Ok(TableState::Missing);
-    }
-    let missing: Vec<&'static str> = COLUMNS
-        .into_iter()
-        .filter(|c| !found.contains(*c))
-        .collect();
-    Ok(if missing.is_empty() {
-        TableState::Ready
-    } else {
-        TableState::MissingColumns(missing)
-    })
+    Ok(found)
 }
 
 #[cfg(test)]

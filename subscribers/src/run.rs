@@ -194,17 +194,15 @@ pub fn command_line(
 
 pub use hookbus_kit::process::{error_chain, shutdown_signal};
 
+pub use hookbus_kit::telemetry::Telemetry;
+
 /// Installs a `tracing` subscriber writing to stderr, filtered by `RUST_LOG`
-/// (default `info`). Does nothing if one is installed already.
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // An error only means a subscriber is already installed, which is fine.
-    let _already = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+/// (default `info`), and the OTLP span export when `OTEL_EXPORTER_OTLP_ENDPOINT`
+/// (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set. Does nothing if one is
+/// installed already. Keep the returned guard until the end of `main`: dropping
+/// it flushes the spans. [`run_main`] calls it.
+pub fn init_tracing() -> Telemetry {
+    hookbus_kit::telemetry::init("info", "pagoda-plugin")
 }
 
 /// The whole `main` of a plugin binary: reads [`RunConfig::from_env`], installs
@@ -214,7 +212,9 @@ pub fn init_tracing() {
 ///
 /// As [`RunConfig::from_env`] and [`run`].
 pub async fn run_main(plugin: Plugin) -> Result<(), RunError> {
-    init_tracing();
+    // Logs, and the span export when OTEL_EXPORTER_OTLP_ENDPOINT asks for it;
+    // flushed when `_telemetry` drops, after the drain.
+    let _telemetry = hookbus_kit::telemetry::init("info", plugin.id());
     let config = RunConfig::from_env()?;
     run(plugin, config, shutdown_signal()).await
 }

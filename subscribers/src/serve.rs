@@ -695,16 +695,28 @@ async fn acquire(limit: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
 
 /// Runs one delivery and replies.
 async fn handle(request: Request, slot: Arc<Slot>) {
+    // With traces exported, a SERVER span (`handle <plugin>.<handler>`), the child
+    // of the bus's delivery attempt (or the host's sync-hook call) whose context
+    // the request's `traceparent` carries.
     let span = tracing::info_span!(
         "hook.deliver",
+        otel.name = %format_args!("handle {}.{}", slot.plugin_id, slot.handler_name),
+        otel.kind = "server",
         messaging.system = "nats",
         messaging.destination = %slot.subject,
+        messaging.destination.name = %slot.subject,
         plugin = %slot.plugin_id,
         handler = %slot.handler_name,
         hook = %slot.spec.hook,
         event_id = tracing::field::Empty,
         attempt = tracing::field::Empty,
     );
+    if hookbus_kit::trace::enabled()
+        && let Some(h) = request.message.headers.as_ref()
+    {
+        hookbus_kit::trace::follow(&span, hookbus_kit::trace::extract(h));
+    }
+    let traced = span.clone();
     async {
         let outcome = match &slot.handler {
             HandlerFn::Entry(f) => deliver(&slot, &request, f).await,
@@ -712,6 +724,14 @@ async fn handle(request: Request, slot: Arc<Slot>) {
             HandlerFn::Sync(f) => crate::sync::serve_sync(&slot, &request, f).await,
         };
         if let Err(err) = &outcome {
+            if hookbus_kit::trace::enabled() {
+                let kind = if err.code() < 500 {
+                    "permanent_failure"
+                } else {
+                    "transient_failure"
+                };
+                hookbus_kit::trace::fail(&traced, kind, &err.reply_text());
+            }
             warn!(
                 plugin = %slot.plugin_id,
                 handler = %slot.handler_name,

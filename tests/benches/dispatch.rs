@@ -27,7 +27,11 @@
 //! `bench: scenario=dispatch …` with the medians. Then the bus alone with
 //! per-handler metrics on and off (`DispatcherSettings::metrics`), alternating
 //! order per round: `bench: scenario=metrics_overhead on_eps=… off_eps=… diff_pct=…`
-//! (diff_pct = how much slower metrics on is, in percent of off).
+//! (diff_pct = how much slower metrics on is, in percent of off). Then the bus
+//! with OpenTelemetry span export on (to an OTLP/HTTP receiver in this process)
+//! and off, alternating order per round:
+//! `bench: scenario=tracing_overhead on_eps=… off_eps=… diff_pct=… spans_per_event=…`
+//! (`-- --tracing` runs only this comparison).
 //!
 //! Scale-out: `cargo bench -p hookbus-tests --bench dispatch -- --partitions 4
 //! --dispatchers 2` runs the bus side as that many buses in this process, each
@@ -781,6 +785,10 @@ async fn bench(smoke: bool) {
     let subjects = Subjects::default();
     let (events, index) = build_events(&subjects, n);
     let layout = Layout::from_args();
+    if !smoke && std::env::args().any(|a| a == "--tracing") {
+        tracing_overhead(smoke, n, rounds, &subjects, &events, &index).await;
+        return;
+    }
     if !smoke && std::env::args().any(|a| a == "--cluster") {
         cluster_cost(smoke, n, rounds, &subjects, &events, &index).await;
         return;
@@ -868,6 +876,7 @@ async fn bench(smoke: bool) {
     }
     if layout.is_single() {
         metrics_overhead(smoke, n, rounds, &subjects, &events, &index).await;
+        tracing_overhead(smoke, n, rounds, &subjects, &events, &index).await;
     }
     if smoke {
         cluster_cost(smoke, n, rounds, &subjects, &events, &index).await;
@@ -920,6 +929,78 @@ async fn metrics_overhead(
     println!(
         "bench: scenario=metrics_overhead events={n} rounds={rounds} on_eps={on_eps:.0} off_eps={off_eps:.0} diff_pct={:.1}",
         (off_eps - on_eps) / off_eps * 100.0
+    );
+}
+
+/// The bus with span export on and off (OpenTelemetry: a CONSUMER span per event,
+/// a CLIENT span per delivery, exported over OTLP/HTTP to a receiver in this
+/// process, every span kept: `TraceSwitch`'s queue is large enough), alternating
+/// which goes first per round, each on a fresh server:
+/// `bench: scenario=tracing_overhead on_eps=… off_eps=… diff_pct=… spans_per_event=…`
+/// (goal: export on costs at most 5 % of throughput). Off is the production
+/// default: no OpenTelemetry layer, no span created.
+async fn tracing_overhead(
+    smoke: bool,
+    n: usize,
+    rounds: usize,
+    subjects: &Subjects,
+    events: &[EncodedEvent],
+    index: &Arc<HashMap<String, usize>>,
+) {
+    let receiver = hookbus_tests::otlp::Receiver::start_counting().await;
+    let switch = hookbus_tests::otlp::TraceSwitch::install(&receiver.url);
+    let mut on = Vec::with_capacity(rounds);
+    let mut off = Vec::with_capacity(rounds);
+    let mut spans = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
+        let order = if round % 2 == 1 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for traced in order {
+            receiver.clear();
+            if traced {
+                switch.on();
+            }
+            let m = measure(Side::Bus, subjects, events, index, Layout::from_args()).await;
+            if traced {
+                switch.off();
+                switch.flush();
+            }
+            #[allow(clippy::cast_precision_loss)]
+            let per_event = receiver.count() as f64 / n as f64;
+            let name = if traced { "traced" } else { "untraced" };
+            if smoke {
+                println!(
+                    "smoke: tracing bench side={name} ran {n} events, {per_event:.1} spans per event"
+                );
+                assert!(
+                    !traced || per_event >= 1.0,
+                    "traced side exported {per_event} spans per event"
+                );
+            } else {
+                println!(
+                    "bench: scenario=tracing_overhead_round side={name} round={round} eps={:.0} p99_us={:.0} cpu_us_per_event={:.1} spans_per_event={per_event:.2}",
+                    m.eps, m.p99_us, m.cpu_us_per_event
+                );
+            }
+            if traced {
+                on.push(m.eps);
+                spans.push(per_event);
+            } else {
+                off.push(m.eps);
+            }
+        }
+    }
+    if smoke {
+        return;
+    }
+    let (on_eps, off_eps) = (median(&on), median(&off));
+    println!(
+        "bench: scenario=tracing_overhead events={n} rounds={rounds} on_eps={on_eps:.0} off_eps={off_eps:.0} diff_pct={:.1} spans_per_event={:.2}",
+        (off_eps - on_eps) / off_eps * 100.0,
+        median(&spans)
     );
 }
 

@@ -209,6 +209,7 @@ async fn store_baseline(backend: Backend, requests: usize, clients: usize) {
     let ctx = Arc::new(WriteContext {
         user: Some(user),
         traceparent: None,
+        tracestate: None,
     });
     let entity = store
         .create_entity(

@@ -144,11 +144,17 @@ pub struct Deployment {
     pub token: String,
     /// An HTTP client.
     pub http: reqwest::Client,
+    /// Variables every process of the deployment got (see
+    /// [`Deployment::start_with_env`]).
+    pub env: Vec<(String, String)>,
 }
 
 /// Environment variables a test's `hookbus` or plugin child must not inherit
 /// from the test's own environment (each test sets what it means).
-pub const SCRUBBED_ENV: [&str; 11] = [
+pub const SCRUBBED_ENV: [&str; 14] = [
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_SERVICE_NAME",
     "HOOKBUS_DATABASE_URL",
     "HOOKBUS_HOST_LISTEN",
     "HOOKBUS_HTTP_ADDR",
@@ -173,9 +179,13 @@ fn hookbus(args: &[&str]) -> Command {
 
 /// The command of example plugin `id`, as its own user; files it keeps (the
 /// audit-log journal) go in the server's temp dir.
-fn plugin_command(nats: &NatsServer, id: &str) -> Command {
+fn plugin_command(nats: &NatsServer, id: &str, env: &[(String, String)]) -> Command {
     let mut command = Command::new(workspace_binary(id));
+    for var in SCRUBBED_ENV {
+        command.env_remove(var);
+    }
     command
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .envs(nats.env_for(id))
         .env("RUST_LOG", "info")
         .env("AUDIT_LOG_PATH", nats.dir().join(format!("{id}.jsonl")))
@@ -192,13 +202,34 @@ impl Deployment {
     ///
     /// When a part does not start within [`PROCESS_WAIT`].
     pub async fn start(db: &TestDb, plugins: &[&str]) -> Deployment {
+        Self::start_with_env(db, plugins, &[]).await
+    }
+
+    /// [`Deployment::start`] with `env` set for the bus, the host and every
+    /// plugin (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`); `{service}` in a value
+    /// becomes the process's name (`hookbus-run`, `hookbus-host`, the plugin id).
+    ///
+    /// # Panics
+    ///
+    /// As [`Deployment::start`].
+    pub async fn start_with_env(db: &TestDb, plugins: &[&str], env: &[(&str, &str)]) -> Deployment {
         crate::init_tracing();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let env_of = |service: &str| -> Vec<(String, String)> {
+            env.iter()
+                .map(|(k, v)| (k.clone(), v.replace("{service}", service)))
+                .collect()
+        };
         let nats = NatsServer::start_for(plugins).await;
         let enabled = plugins.join(",");
 
         // The bus.
         let mut command = hookbus(&["run"]);
         command
+            .envs(env_of("hookbus-run"))
             .envs(nats.env_for(BUS_USER))
             .env("ENABLED_PLUGINS", &enabled)
             // Any free port for /healthz and /metrics (tests run side by side).
@@ -230,6 +261,7 @@ impl Deployment {
             let mut command = hookbus(&["host", "--listen", &format!("127.0.0.1:{port}")]);
             command
                 .args(["--database-url", db.url()])
+                .envs(env_of("hookbus-host"))
                 .envs(nats.env_for(HOST_USER))
                 .env("ENABLED_PLUGINS", &enabled);
             let mut host = Process::spawn("hookbus host", command);
@@ -257,7 +289,7 @@ impl Deployment {
 
         let mut running = Vec::new();
         for id in plugins {
-            running.push(Process::spawn(id, plugin_command(&nats, id)));
+            running.push(Process::spawn(id, plugin_command(&nats, id, &env_of(id))));
         }
         let deployment = Deployment {
             nats,
@@ -267,6 +299,7 @@ impl Deployment {
             base,
             token,
             http,
+            env,
         };
         deployment.wait_registered(plugins).await;
         deployment
@@ -337,7 +370,12 @@ impl Deployment {
             .unwrap_or_else(|| panic!("no plugin {id} in this deployment"));
         let _ = self.plugins[index].child.kill().await;
         let old = self.plugins[index].lines.clone();
-        let mut fresh = Process::spawn(id, plugin_command(&self.nats, id));
+        let env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.replace("{service}", id)))
+            .collect();
+        let mut fresh = Process::spawn(id, plugin_command(&self.nats, id, &env));
         // Keep one record of everything the plugin printed, before and after.
         let before = old
             .lock()

@@ -8,6 +8,7 @@
 //! | tracing output captured per test | [`init_tracing`] |
 //! | a free TCP port on 127.0.0.1 | [`free_port`] |
 //! | the reference host in-process, with a superuser, a normal user and their tokens | [`host::TestHost`] |
+//! | an OTLP/HTTP trace receiver; span export switched on and off in process | [`otlp::Receiver`], [`otlp::TraceSwitch`] |
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -28,6 +29,7 @@ pub mod consistency;
 pub mod db;
 pub mod deploy;
 pub mod host;
+pub mod otlp;
 pub mod python;
 pub use db::TestDb;
 

@@ -190,6 +190,7 @@ async fn plugin_reply_with_carriage_return_in_a_header_does_not_stop_the_bus() {
     let ctx = WriteContext {
         user: Some(sample::user(1, "admin")),
         traceparent: None,
+        tracestate: None,
     };
     let outcome = tokio::time::timeout(
         WAIT,

@@ -68,6 +68,7 @@ async fn a_batch_answers_each_input_as_if_created_alone_in_order() {
         let ctx = WriteContext {
             user: Some(user.clone()),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            tracestate: Some("pagoda=1".into()),
         };
         let customer = store.create_entity(&customer_entity(), &ctx).await.unwrap();
         let shop = store.create_entity(&shop_entity(), &ctx).await.unwrap();
@@ -205,6 +206,15 @@ async fn a_batch_answers_each_input_as_if_created_alone_in_order() {
         assert!(created.windows(2).all(|w| w[0].id < w[1].id), "{created:?}");
         let events = outbox_events(&store).await;
         assert_eq!(events.len(), before + created.len());
+        // Every row keeps the write's trace state (the tracestate column).
+        let rows = outbox::fetch(store.pool(), &Default::default(), 10_000)
+            .await
+            .unwrap();
+        assert!(
+            rows.iter()
+                .all(|r| r.tracestate.as_deref() == Some("pagoda=1")),
+            "{rows:?}"
+        );
         let order: Vec<String> = events[before..]
             .iter()
             .filter_map(|e| e.subject.clone())

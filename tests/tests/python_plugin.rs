@@ -60,11 +60,13 @@ async fn python_example_plugin_receives_events() {
         panic!("py-hello did not register within {WAIT:?}; {}", output());
     }
 
-    let event = entry_event(Hook::EntryAfterCreate, "customer", 42);
+    let mut event = entry_event(Hook::EntryAfterCreate, "customer", 42);
+    // The plugin reads the trace from the delivery's traceparent header.
+    event.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
     let publisher = Publisher::new(jetstream::new(client.clone()), Subjects::default());
     let ack = publisher.publish(&event).await.unwrap();
     let expected = format!(
-        "[py-hello] greet entry.after_create object=entry/42 seq={}",
+        "[py-hello] greet entry.after_create object=entry/42 seq={} trace=4bf92f3577b34da6a3ce929d0e0e4736",
         ack.sequence
     );
     assert_eventually!(
@@ -87,7 +89,8 @@ async fn python_example_plugin_receives_events() {
         &as_next_version(&v1),
     )
     .await;
-    let expected = format!("[py-hello] greet entry.after_create object=entry/43 seq={seq}");
+    // (Published raw, without a traceparent: the plugin prints `trace=-`.)
+    let expected = format!("[py-hello] greet entry.after_create object=entry/43 seq={seq} trace=-");
     assert_eventually!(
         stdout.lock().unwrap().contains(&expected),
         WAIT,

@@ -59,6 +59,7 @@ fn ctx() -> WriteContext {
     WriteContext {
         user: Some(sample::user(1, "admin")),
         traceparent: None,
+        tracestate: None,
     }
 }
 

@@ -397,7 +397,17 @@ impl Dispatcher {
 }
 
 /// Dispatches one event to every matching handler, in order, then acks it.
+/// With traces exported, under the event's CONSUMER span ([`process_span`]).
 async fn process(ctx: &Arc<Ctx>, event: EventMeta) -> Result<(), Stopped> {
+    if hookbus_kit::trace::enabled() {
+        let span = ctx.process_span(&event, "process");
+        tracing::Instrument::instrument(process_routes(ctx, event), span).await
+    } else {
+        process_routes(ctx, event).await
+    }
+}
+
+async fn process_routes(ctx: &Arc<Ctx>, event: EventMeta) -> Result<(), Stopped> {
     let table = ctx.registry.table();
     for route in table.matching(event.hook, &event.entity) {
         if ctx.deferrals.outstanding(&route.plugin) > 0 {

@@ -43,6 +43,35 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// The dispatcher's CONSUMER span of one event (`<operation> <subject
+    /// template>`: `process` live, `deliver_deferred` from a deferred queue): a
+    /// child of the producer context the message carries (the relay's publish),
+    /// with a link to it, as the messaging conventions describe.
+    pub(super) fn process_span(&self, event: &EventMeta, operation: &'static str) -> tracing::Span {
+        let template = self.subjects.event_template(event.hook);
+        let span = tracing::info_span!(
+            parent: None,
+            "dispatch process",
+            otel.name = %format_args!("{operation} {template}"),
+            otel.kind = "consumer",
+            messaging.system = hookbus_kit::trace::fields::SYSTEM,
+            messaging.operation.type = "process",
+            messaging.operation.name = operation,
+            messaging.destination.name = %self
+                .subjects
+                .event(event.hook, &event.entity, event.object.id)
+                .unwrap_or_default(),
+            messaging.destination.template = %template,
+            messaging.consumer.group.name = %self.partition.consumer(&self.settings.consumer),
+            messaging.destination.partition.id = self.partition.index,
+            messaging.message.id = %event.id,
+            pagoda.stream_seq = event.seq,
+            pagoda.redelivered = event.redelivered,
+        );
+        hookbus_kit::trace::follow_and_link(&span, hookbus_kit::trace::extract(&event.headers));
+        span
+    }
+
     /// The per-handler stats of `route`, or `None` when metrics are off. Looked up
     /// in the shared map once per route (per routing table), then kept in the route.
     pub(super) fn handler_stats<'r>(

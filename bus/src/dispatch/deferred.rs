@@ -180,6 +180,14 @@ impl Ctx {
                     .await?;
                 }
                 Some(event) => match self.route_for_deferred(plugin, &handler).await? {
+                    Some(route) if hookbus_kit::trace::enabled() => {
+                        let span = self.process_span(&event, "deliver_deferred");
+                        tracing::Instrument::instrument(
+                            deliver(self, &route, &event, WhenAbsent::Wait),
+                            span,
+                        )
+                        .await?;
+                    }
                     Some(route) => {
                         deliver(self, &route, &event, WhenAbsent::Wait).await?;
                     }

@@ -65,7 +65,7 @@ pub(crate) fn delivery_headers(
 }
 
 pub(crate) async fn attempt(ctx: &Ctx, route: &Route, event: &EventMeta, n: u32) -> Attempt {
-    let h = delivery_headers(
+    let mut h = delivery_headers(
         &event.headers,
         event.seq,
         n,
@@ -73,14 +73,68 @@ pub(crate) async fn attempt(ctx: &Ctx, route: &Route, event: &EventMeta, n: u32)
         &route.plugin,
         &route.handler,
     );
-    request(
-        &ctx.client,
-        route.subject.to_string(),
-        h,
-        event.payload.clone(),
-        route.timeout,
+    if !hookbus_kit::trace::enabled() {
+        return request(
+            &ctx.client,
+            route.subject.to_string(),
+            h,
+            event.payload.clone(),
+            route.timeout,
+        )
+        .await;
+    }
+    let span = attempt_span(route, event, n);
+    hookbus_kit::trace::inject(&span, &mut h);
+    let result = tracing::Instrument::instrument(
+        request(
+            &ctx.client,
+            route.subject.to_string(),
+            h,
+            event.payload.clone(),
+            route.timeout,
+        ),
+        span.clone(),
     )
-    .await
+    .await;
+    match &result {
+        Attempt::Ok => {}
+        Attempt::Failed { error, permanent } => hookbus_kit::trace::fail(
+            &span,
+            if *permanent {
+                "permanent_failure"
+            } else {
+                "transient_failure"
+            },
+            error,
+        ),
+        Attempt::NoResponders => {
+            hookbus_kit::trace::fail(
+                &span,
+                "no_responders",
+                "no replica of the plugin is running",
+            );
+        }
+    }
+    result
+}
+
+/// The CLIENT span of one delivery attempt (`deliver <plugin>.<handler>`), a
+/// child of the dispatcher's process span; its context goes in the request's
+/// `traceparent`, so the plugin's handler span is its child.
+fn attempt_span(route: &Route, event: &EventMeta, n: u32) -> tracing::Span {
+    tracing::info_span!(
+        "delivery attempt",
+        otel.name = %format_args!("deliver {}.{}", route.plugin, route.handler),
+        otel.kind = "client",
+        messaging.system = hookbus_kit::trace::fields::SYSTEM,
+        messaging.operation.type = "send",
+        messaging.operation.name = "deliver",
+        messaging.destination.name = %route.subject,
+        messaging.message.id = %event.id,
+        pagoda.plugin = %route.plugin,
+        pagoda.handler = %route.handler,
+        pagoda.attempt = n,
+    )
 }
 
 /// Sends one delivery request and classifies the reply.
@@ -209,7 +263,36 @@ pub(crate) async fn deliver(
                     at: Utc::now(),
                     error,
                 });
-                match hookbus_kit::retry::next_wait(&route.retry, failures.len(), permanent) {
+                let next = hookbus_kit::retry::next_wait(&route.retry, failures.len(), permanent);
+                if hookbus_kit::trace::enabled() {
+                    // On the process span: the retry, or the dead letter.
+                    let span = tracing::Span::current();
+                    let what = format!("{}.{}", route.plugin, route.handler);
+                    match next {
+                        Some(wait) => hookbus_kit::trace::event(
+                            &span,
+                            "retry",
+                            &[
+                                ("pagoda.handler", what),
+                                ("pagoda.attempt", n.to_string()),
+                                ("pagoda.retry_in_ms", wait.as_millis().to_string()),
+                            ],
+                        ),
+                        None => hookbus_kit::trace::event(
+                            &span,
+                            "dead_letter",
+                            &[
+                                ("pagoda.handler", what),
+                                ("pagoda.attempts", n.to_string()),
+                                (
+                                    "messaging.destination.name",
+                                    ctx.subjects.dead_letter(&route.plugin, &route.handler),
+                                ),
+                            ],
+                        ),
+                    }
+                }
+                match next {
                     Some(wait) => ctx.pause(wait).await?,
                     None => {
                         ctx.dead_letter(route, event, failures).await?;

@@ -191,5 +191,11 @@ async fn insert_event<D: Serialize>(
     max_bytes: Option<usize>,
 ) -> Result<(), StoreError> {
     env.traceparent.clone_from(&ctx.traceparent);
-    outbox::insert_envelopes_within(conn, std::slice::from_ref(&env), max_bytes).await
+    outbox::insert_traced(
+        conn,
+        std::slice::from_ref(&env),
+        std::slice::from_ref(&ctx.tracestate),
+        max_bytes,
+    )
+    .await
 }

@@ -88,7 +88,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    pagoda_plugin_sdk::run::init_tracing();
+    let _telemetry = pagoda_plugin_sdk::run::init_tracing();
     let path = std::env::var("AUDIT_LOG_PATH").unwrap_or_else(|_| "audit.jsonl".to_owned());
     let journal = Arc::new(
         Journal::open(&path).with_context(|| format!("cannot open audit journal '{path}'"))?,
