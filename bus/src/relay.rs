@@ -793,6 +793,7 @@ impl State<'_> {
         } else {
             tracing::Span::none()
         };
+        // (An unsampled trace: no span; the row's traceparent goes on as it is.)
         let sent = self
             .relay
             .js
@@ -951,6 +952,9 @@ async fn settle_ack(
 /// span follows it.
 fn publish_span(event: &mut EncodedEvent) -> tracing::Span {
     let parent = hookbus_kit::trace::extract(&event.headers);
+    if hookbus_kit::trace::unsampled(&parent) {
+        return tracing::Span::none();
+    }
     let template = event.subject.rsplitn(3, '.').nth(2).map_or_else(
         || event.subject.clone(),
         |base| format!("{base}.{{entity}}.{{object_id}}"),

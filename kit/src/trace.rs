@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_nats::HeaderMap;
 use core_events::protocol::headers;
-use opentelemetry::Context;
+/// A trace context (re-exported for the bus, which does not depend on `opentelemetry`).
+pub use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -87,6 +88,16 @@ pub fn extract_pair(traceparent: Option<&str>, tracestate: Option<&str>) -> Cont
         map.insert(TRACESTATE.to_owned(), ts.to_owned());
     }
     TraceContextPropagator::new().extract(&map)
+}
+
+/// Whether `parent` is a trace whose start decided not to sample it (a valid
+/// context with the `sampled` flag off, as a `parentbased_*` sampler at the host
+/// leaves it): the bus then makes no span for the message at all and passes the
+/// headers on unchanged, so an unsampled change costs what tracing off costs.
+pub fn unsampled(parent: &Context) -> bool {
+    let span = parent.span();
+    let sc = span.span_context();
+    sc.is_valid() && !sc.is_sampled()
 }
 
 /// Writes the context of `span` into `headers` as `traceparent` (and

@@ -30,7 +30,7 @@
 //! (diff_pct = how much slower metrics on is, in percent of off). Then the bus
 //! with OpenTelemetry span export on (to an OTLP/HTTP receiver in this process)
 //! and off, alternating order per round:
-//! `bench: scenario=tracing_overhead on_eps=… off_eps=… diff_pct=… spans_per_event=…`
+//! `bench: scenario=tracing_overhead sampled=all|parent_1pct on_eps=… off_eps=… diff_pct=… spans_per_event=…`
 //! (`-- --tracing` runs only this comparison).
 //!
 //! Scale-out: `cargo bench -p hookbus-tests --bench dispatch -- --partitions 4
@@ -188,6 +188,25 @@ fn build_events(subjects: &Subjects, n: usize) -> (Vec<EncodedEvent>, Arc<HashMa
         events.push(event);
     }
     (events, Arc::new(index))
+}
+
+/// `events` with a W3C `traceparent` each (a trace per event), whose `sampled`
+/// flag is set on `pct` events in 100: as a host sampling with
+/// `parentbased_traceidratio` sends them.
+fn with_traceparents(events: &[EncodedEvent], pct: usize) -> Vec<EncodedEvent> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let mut e = e.clone();
+            let flags = if i % 100 < pct { "01" } else { "00" };
+            e.headers.insert(
+                "traceparent",
+                format!("00-{:032x}-{:016x}-{flags}", i + 1, i + 1).as_str(),
+            );
+            e
+        })
+        .collect()
 }
 
 fn manifest(id: &str, priority: i32) -> PluginManifest {
@@ -786,7 +805,11 @@ async fn bench(smoke: bool) {
     let (events, index) = build_events(&subjects, n);
     let layout = Layout::from_args();
     if !smoke && std::env::args().any(|a| a == "--tracing") {
-        tracing_overhead(smoke, n, rounds, &subjects, &events, &index).await;
+        // Then the trace decided where it starts (the host, with
+        // `parentbased_traceidratio`): 1 event in 100 carries a sampled
+        // traceparent, the others an unsampled one.
+        let sampled = with_traceparents(&events, 1);
+        tracing_overhead(smoke, n, rounds, &subjects, &[&events, &sampled], &index).await;
         return;
     }
     if !smoke && std::env::args().any(|a| a == "--cluster") {
@@ -876,7 +899,7 @@ async fn bench(smoke: bool) {
     }
     if layout.is_single() {
         metrics_overhead(smoke, n, rounds, &subjects, &events, &index).await;
-        tracing_overhead(smoke, n, rounds, &subjects, &events, &index).await;
+        tracing_overhead(smoke, n, rounds, &subjects, &[&events], &index).await;
     }
     if smoke {
         cluster_cost(smoke, n, rounds, &subjects, &events, &index).await;
@@ -944,11 +967,32 @@ async fn tracing_overhead(
     n: usize,
     rounds: usize,
     subjects: &Subjects,
-    events: &[EncodedEvent],
+    variants: &[&[EncodedEvent]],
     index: &Arc<HashMap<String, usize>>,
 ) {
+    // One subscriber per process: installed once for every variant.
     let receiver = hookbus_tests::otlp::Receiver::start_counting().await;
     let switch = hookbus_tests::otlp::TraceSwitch::install(&receiver.url);
+    for events in variants {
+        tracing_variant(
+            smoke, n, rounds, subjects, events, index, &receiver, &switch,
+        )
+        .await;
+    }
+}
+
+/// One variant of [`tracing_overhead`]: these events, export on against off.
+#[allow(clippy::too_many_arguments)]
+async fn tracing_variant(
+    smoke: bool,
+    n: usize,
+    rounds: usize,
+    subjects: &Subjects,
+    events: &[EncodedEvent],
+    index: &Arc<HashMap<String, usize>>,
+    receiver: &hookbus_tests::otlp::Receiver,
+    switch: &hookbus_tests::otlp::TraceSwitch,
+) {
     let mut on = Vec::with_capacity(rounds);
     let mut off = Vec::with_capacity(rounds);
     let mut spans = Vec::with_capacity(rounds);
@@ -997,8 +1041,16 @@ async fn tracing_overhead(
         return;
     }
     let (on_eps, off_eps) = (median(&on), median(&off));
+    let sampled = if events
+        .first()
+        .is_some_and(|e| e.headers.get("traceparent").is_some())
+    {
+        "parent_1pct"
+    } else {
+        "all"
+    };
     println!(
-        "bench: scenario=tracing_overhead events={n} rounds={rounds} on_eps={on_eps:.0} off_eps={off_eps:.0} diff_pct={:.1} spans_per_event={:.2}",
+        "bench: scenario=tracing_overhead sampled={sampled} events={n} rounds={rounds} on_eps={on_eps:.0} off_eps={off_eps:.0} diff_pct={:.1} spans_per_event={:.2}",
         (off_eps - on_eps) / off_eps * 100.0,
         median(&spans)
     );

@@ -310,4 +310,80 @@ async fn one_entry_creation_is_one_trace_across_host_bus_and_plugins() {
             trace.dump()
         );
     }
+
+    // A change whose caller did not sample its trace (`traceparent` flags 00, as a
+    // `parentbased_*` sampler leaves it): no process makes a span of it. Shown by
+    // a sampled change made after the unsampled one was dead-lettered (so every
+    // span of it, had one been made, ended earlier in each process's export queue).
+    const UNSAMPLED: &str = "6bf92f3577b34da6a3ce929d0e0e4738";
+    const AFTER: &str = "7bf92f3577b34da6a3ce929d0e0e4739";
+    let create = |trace: &'static str, flags: &'static str, name: &'static str| {
+        d.request(
+            reqwest::Method::POST,
+            &format!("/api/v2/entities/{entity_id}/entries/"),
+        )
+        .header("traceparent", format!("00-{trace}-{CALLER_SPAN}-{flags}"))
+        .json(&json!({ "name": name }))
+        .send()
+    };
+    let response = create(UNSAMPLED, "00", "Unsampled").await.unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    let js = async_nats::jetstream::new(d.nats.connect().await);
+    let flaky = hookbus::dlq::Filter::plugin("flaky");
+    let dead_lettered = poll_until(Duration::from_secs(30), || {
+        let (js, flaky) = (js.clone(), flaky.clone());
+        async move {
+            Box::pin(hookbus::dlq::list(
+                &js,
+                &core_events::Subjects::default(),
+                &flaky,
+                None,
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .any(|l| l.body.to_string().contains(UNSAMPLED))
+        }
+    })
+    .await;
+    assert!(
+        dead_lettered,
+        "the unsampled change was not dead-lettered by flaky:\n{}",
+        d.outputs()
+    );
+    let response = create(AFTER, "01", "After").await.unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    let after = poll_until(Duration::from_secs(30), || {
+        let got = Trace(
+            receiver
+                .spans()
+                .into_iter()
+                .filter(|g| hex(&g.span.trace_id) == AFTER)
+                .collect(),
+        );
+        async move {
+            got.named("handle flaky.always_fails").len() >= 3
+                && !got.named("handle hello-world.entry_created").is_empty()
+                && got
+                    .named(process_name)
+                    .iter()
+                    .any(|p| p.span.events.iter().any(|e| e.name == "dead_letter"))
+        }
+    })
+    .await;
+    assert!(
+        after,
+        "the sampled change's trace did not arrive:\n{}",
+        d.outputs()
+    );
+    let unsampled: Vec<String> = receiver
+        .spans()
+        .into_iter()
+        .filter(|g| hex(&g.span.trace_id) == UNSAMPLED)
+        .map(|g| format!("{} {}", g.service, g.span.name))
+        .collect();
+    assert!(
+        unsampled.is_empty(),
+        "spans of an unsampled trace: {unsampled:?}"
+    );
 }

@@ -400,11 +400,13 @@ impl Dispatcher {
 /// With traces exported, under the event's CONSUMER span ([`process_span`]).
 async fn process(ctx: &Arc<Ctx>, event: EventMeta) -> Result<(), Stopped> {
     if hookbus_kit::trace::enabled() {
-        let span = ctx.process_span(&event, "process");
-        tracing::Instrument::instrument(process_routes(ctx, event), span).await
-    } else {
-        process_routes(ctx, event).await
+        let parent = hookbus_kit::trace::extract(&event.headers);
+        if !hookbus_kit::trace::unsampled(&parent) {
+            let span = ctx.process_span(&event, "process", parent);
+            return tracing::Instrument::instrument(process_routes(ctx, event), span).await;
+        }
     }
+    process_routes(ctx, event).await
 }
 
 async fn process_routes(ctx: &Arc<Ctx>, event: EventMeta) -> Result<(), Stopped> {

@@ -47,7 +47,12 @@ impl Ctx {
     /// template>`: `process` live, `deliver_deferred` from a deferred queue): a
     /// child of the producer context the message carries (the relay's publish),
     /// with a link to it, as the messaging conventions describe.
-    pub(super) fn process_span(&self, event: &EventMeta, operation: &'static str) -> tracing::Span {
+    pub(super) fn process_span(
+        &self,
+        event: &EventMeta,
+        operation: &'static str,
+        parent: hookbus_kit::trace::Context,
+    ) -> tracing::Span {
         let template = self.subjects.event_template(event.hook);
         let span = tracing::info_span!(
             parent: None,
@@ -68,7 +73,7 @@ impl Ctx {
             pagoda.stream_seq = event.seq,
             pagoda.redelivered = event.redelivered,
         );
-        hookbus_kit::trace::follow_and_link(&span, hookbus_kit::trace::extract(&event.headers));
+        hookbus_kit::trace::follow_and_link(&span, parent);
         span
     }
 

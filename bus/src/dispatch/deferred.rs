@@ -180,8 +180,14 @@ impl Ctx {
                     .await?;
                 }
                 Some(event) => match self.route_for_deferred(plugin, &handler).await? {
-                    Some(route) if hookbus_kit::trace::enabled() => {
-                        let span = self.process_span(&event, "deliver_deferred");
+                    Some(route)
+                        if hookbus_kit::trace::enabled()
+                            && !hookbus_kit::trace::unsampled(&hookbus_kit::trace::extract(
+                                &event.headers,
+                            )) =>
+                    {
+                        let parent = hookbus_kit::trace::extract(&event.headers);
+                        let span = self.process_span(&event, "deliver_deferred", parent);
                         tracing::Instrument::instrument(
                             deliver(self, &route, &event, WhenAbsent::Wait),
                             span,

@@ -73,7 +73,9 @@ pub(crate) async fn attempt(ctx: &Ctx, route: &Route, event: &EventMeta, n: u32)
         &route.plugin,
         &route.handler,
     );
-    if !hookbus_kit::trace::enabled() {
+    // No span when traces are off, or outside a traced event (its trace not
+    // sampled): the delivery carries the event's headers as they are.
+    if !hookbus_kit::trace::enabled() || tracing::Span::current().is_disabled() {
         return request(
             &ctx.client,
             route.subject.to_string(),
