@@ -1,6 +1,7 @@
 //! Who may use the console: a superuser of the reference host, by one of its
 //! API tokens (`Authorization: Token <key>`, the host's scheme; keys are looked
-//! up by their SHA-256 hash in the host's store, [`store::Store::user_by_key`]).
+//! up by their SHA-256 hash in the host's store, by the host's rule:
+//! [`store::Store::authenticate`]).
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -36,28 +37,15 @@ impl FromRequestParts<ConsoleState> for Admin {
         };
         let key = header
             .to_str()
-            .ok()
-            .and_then(|h| {
-                let (scheme, key) = h.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("token").then(|| key.trim())
-            })
-            .filter(|k| !k.is_empty())
-            .ok_or_else(|| {
-                ConsoleError::Unauthenticated(
-                    "malformed Authorization header: expected 'Token <key>'".into(),
-                )
-            })?;
-        let Some(found) = state.inner.store.user_by_key(key).await? else {
-            return Err(ConsoleError::Unauthenticated(
-                "invalid token: unknown or revoked".into(),
-            ));
-        };
-        if !found.user.is_active {
-            return Err(ConsoleError::Unauthenticated(format!(
-                "user '{}' is inactive",
-                found.user.username
-            )));
-        }
+            .map_err(|_| store::TokenRefused::Malformed)
+            .and_then(store::token_key)
+            .map_err(|e| ConsoleError::Unauthenticated(e.to_string()))?;
+        let found = state
+            .inner
+            .store
+            .authenticate(key)
+            .await?
+            .map_err(|e| ConsoleError::Unauthenticated(e.to_string()))?;
         if !found.user.is_superuser {
             return Err(ConsoleError::Forbidden(format!(
                 "the console needs a superuser; user '{}' is not one",

@@ -64,17 +64,9 @@ impl FromRequestParts<HostState> for MaybeUser {
         };
         let key = header
             .to_str()
-            .ok()
-            .and_then(|h| {
-                let (scheme, key) = h.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("token").then(|| key.trim())
-            })
-            .filter(|k| !k.is_empty())
-            .ok_or_else(|| {
-                ApiError::Unauthenticated(
-                    "malformed Authorization header: expected 'Token <key>'".into(),
-                )
-            })?;
+            .map_err(|_| store::TokenRefused::Malformed)
+            .and_then(store::token_key)
+            .map_err(|e| ApiError::Unauthenticated(e.to_string()))?;
         authenticate(state, key).await.map(|u| MaybeUser(Some(u)))
     }
 }
@@ -86,18 +78,11 @@ async fn authenticate(state: &HostState, key: &str) -> Result<AuthUser, ApiError
         return Ok(user);
     }
     let generation = state.tokens.generation();
-    let found = state.store.user_by_key(key).await?;
-    let Some(found) = found else {
-        return Err(ApiError::Unauthenticated(
-            "invalid token: unknown or revoked".into(),
-        ));
-    };
-    if !found.user.is_active {
-        return Err(ApiError::Unauthenticated(format!(
-            "user '{}' is inactive",
-            found.user.username
-        )));
-    }
+    let found = state
+        .store
+        .authenticate(key)
+        .await?
+        .map_err(|e| ApiError::Unauthenticated(e.to_string()))?;
     let user = AuthUser {
         user: found.user,
         token_id: found.token_id,

@@ -48,7 +48,9 @@ pub use core_events::request::{
 pub use jobs::MAX_JOB_PAGE;
 pub use outbox::{Backlog, OutboxRow};
 pub use rebuild::{Applied, ModelSnapshot};
-pub use tokens::{ApiToken, ListPage, TOKEN_PREFIX, TokenUser, hash_key, new_key};
+pub use tokens::{
+    ApiToken, ListPage, TOKEN_PREFIX, TokenRefused, TokenUser, hash_key, new_key, token_key,
+};
 
 /// Which database a store runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

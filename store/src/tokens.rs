@@ -18,6 +18,40 @@ use super::{
     Backend, Store, StoreError, format_time, is_unique_violation, load, not_found, now, parse_time,
 };
 
+/// Why a request's API token authenticates nobody (each message is the one the
+/// host and the console answer with, as 401).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefused {
+    /// The `Authorization` header is not `Token <key>`.
+    #[error("malformed Authorization header: expected 'Token <key>'")]
+    Malformed,
+    /// No active token has this key.
+    #[error("invalid token: unknown or revoked")]
+    Unknown,
+    /// The token's user is deactivated.
+    #[error("user '{0}' is inactive")]
+    Inactive(String),
+}
+
+/// The key of an `Authorization` header value `Token <key>` (the scheme in any
+/// case, spaces around the key ignored).
+///
+/// # Errors
+///
+/// [`TokenRefused::Malformed`] for anything else, or an empty key.
+pub fn token_key(authorization: &str) -> Result<&str, TokenRefused> {
+    let (scheme, key) = authorization
+        .trim()
+        .split_once(' ')
+        .ok_or(TokenRefused::Malformed)?;
+    let key = key.trim();
+    if scheme.eq_ignore_ascii_case("token") && !key.is_empty() {
+        Ok(key)
+    } else {
+        Err(TokenRefused::Malformed)
+    }
+}
+
 /// Prefix of every key, so a key is recognisable in logs and secret scanners.
 pub const TOKEN_PREFIX: &str = "hb_";
 
@@ -162,6 +196,26 @@ impl Store {
             user: load::user_from_row(&row)?,
             token_id: row.try_get("token_id")?,
         }))
+    }
+
+    /// The active user an active token's key authenticates: the one rule of the
+    /// reference host and the operator console.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Db`] when the database fails; inside, [`TokenRefused`] for
+    /// an unknown or revoked key, or a deactivated user.
+    pub async fn authenticate(
+        &self,
+        key: &str,
+    ) -> Result<Result<TokenUser, TokenRefused>, StoreError> {
+        Ok(match self.user_by_key(key).await? {
+            None => Err(TokenRefused::Unknown),
+            Some(found) if !found.user.is_active => {
+                Err(TokenRefused::Inactive(found.user.username))
+            }
+            Some(found) => Ok(found),
+        })
     }
 
     /// Records that token `id` was used now.
@@ -444,6 +498,19 @@ async fn page_ids(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn token_key_reads_the_token_scheme_only() {
+        assert_eq!(super::token_key("Token abc"), Ok("abc"));
+        assert_eq!(super::token_key("  token   abc  "), Ok("abc"));
+        for bad in ["Bearer abc", "Token", "Token    ", "abc", ""] {
+            assert_eq!(
+                super::token_key(bad),
+                Err(super::TokenRefused::Malformed),
+                "{bad:?}"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]
