@@ -788,12 +788,12 @@ impl State<'_> {
         } = ready;
         // The producer span of the trace the outbox row started (only when traces
         // are exported): the message carries its context, not the row's.
-        let span = if hookbus_kit::trace::enabled() {
-            publish_span(&mut event)
-        } else {
-            tracing::Span::none()
+        // No span when traces are off or the row's trace is not sampled: its
+        // traceparent then goes on as it is.
+        let span = match hookbus_kit::trace::traced_parent(&event.headers) {
+            Some(parent) => publish_span(&mut event, parent),
+            None => tracing::Span::none(),
         };
-        // (An unsampled trace: no span; the row's traceparent goes on as it is.)
         let sent = self
             .relay
             .js
@@ -950,11 +950,7 @@ async fn settle_ack(
 /// the context the outbox row stored (the host's request); its context replaces
 /// the row's in the message's `traceparent` / `tracestate`, so the dispatcher's
 /// span follows it.
-fn publish_span(event: &mut EncodedEvent) -> tracing::Span {
-    let parent = hookbus_kit::trace::extract(&event.headers);
-    if hookbus_kit::trace::unsampled(&parent) {
-        return tracing::Span::none();
-    }
+fn publish_span(event: &mut EncodedEvent, parent: hookbus_kit::trace::Context) -> tracing::Span {
     let template = event.subject.rsplitn(3, '.').nth(2).map_or_else(
         || event.subject.clone(),
         |base| format!("{base}.{{entity}}.{{object_id}}"),

@@ -100,6 +100,17 @@ pub fn unsampled(parent: &Context) -> bool {
     sc.is_valid() && !sc.is_sampled()
 }
 
+/// The parent context for a span about the message with `headers`: `None` when
+/// traces are off, or when the message's trace was not sampled where it started
+/// ([`unsampled`]), so that no span is made.
+pub fn traced_parent(headers: &HeaderMap) -> Option<Context> {
+    if !enabled() {
+        return None;
+    }
+    let parent = extract(headers);
+    (!unsampled(&parent)).then_some(parent)
+}
+
 /// Writes the context of `span` into `headers` as `traceparent` (and
 /// `tracestate` when it has one). Nothing when the span is not recorded.
 pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {

@@ -399,14 +399,13 @@ impl Dispatcher {
 /// Dispatches one event to every matching handler, in order, then acks it.
 /// With traces exported, under the event's CONSUMER span ([`process_span`]).
 async fn process(ctx: &Arc<Ctx>, event: EventMeta) -> Result<(), Stopped> {
-    if hookbus_kit::trace::enabled() {
-        let parent = hookbus_kit::trace::extract(&event.headers);
-        if !hookbus_kit::trace::unsampled(&parent) {
+    match hookbus_kit::trace::traced_parent(&event.headers) {
+        Some(parent) => {
             let span = ctx.process_span(&event, "process", parent);
-            return tracing::Instrument::instrument(process_routes(ctx, event), span).await;
+            tracing::Instrument::instrument(process_routes(ctx, event), span).await
         }
+        None => process_routes(ctx, event).await,
     }
-    process_routes(ctx, event).await
 }
 
 async fn process_routes(ctx: &Arc<Ctx>, event: EventMeta) -> Result<(), Stopped> {

@@ -180,23 +180,19 @@ impl Ctx {
                     .await?;
                 }
                 Some(event) => match self.route_for_deferred(plugin, &handler).await? {
-                    Some(route)
-                        if hookbus_kit::trace::enabled()
-                            && !hookbus_kit::trace::unsampled(&hookbus_kit::trace::extract(
-                                &event.headers,
-                            )) =>
-                    {
-                        let parent = hookbus_kit::trace::extract(&event.headers);
-                        let span = self.process_span(&event, "deliver_deferred", parent);
-                        tracing::Instrument::instrument(
-                            deliver(self, &route, &event, WhenAbsent::Wait),
-                            span,
-                        )
-                        .await?;
-                    }
-                    Some(route) => {
-                        deliver(self, &route, &event, WhenAbsent::Wait).await?;
-                    }
+                    Some(route) => match hookbus_kit::trace::traced_parent(&event.headers) {
+                        Some(parent) => {
+                            let span = self.process_span(&event, "deliver_deferred", parent);
+                            tracing::Instrument::instrument(
+                                deliver(self, &route, &event, WhenAbsent::Wait),
+                                span,
+                            )
+                            .await?;
+                        }
+                        None => {
+                            deliver(self, &route, &event, WhenAbsent::Wait).await?;
+                        }
+                    },
                     None => self.handler_gone(plugin, &handler, &event).await?,
                 },
             }
