@@ -947,6 +947,9 @@ pub struct ReplayOptions {
 /// The default rate of a bulk replay: replays per second.
 pub const DEFAULT_RATE: f64 = 10.0;
 
+/// [`DEFAULT_RATE`] as the command line writes it ([`parse_rate`] reads it).
+pub const DEFAULT_RATE_TEXT: &str = "10/s";
+
 impl Default for ReplayOptions {
     fn default() -> Self {
         ReplayOptions {
@@ -1401,6 +1404,14 @@ pub async fn replay_letter(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_default_rate_text_is_the_default_rate() {
+        assert_eq!(
+            super::parse_rate(super::DEFAULT_RATE_TEXT),
+            Ok(super::DEFAULT_RATE)
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -254,7 +254,7 @@ enum DlqCmd {
         #[arg(long, default_value_t = hookbus::dlq::DEFAULT_SAMPLE)]
         sample: usize,
         /// At most this many replays per second (20/s, 600/m, 3600/h).
-        #[arg(long, default_value = "10/s", value_parser = hookbus::dlq::parse_rate)]
+        #[arg(long, default_value = hookbus::dlq::DEFAULT_RATE_TEXT, value_parser = hookbus::dlq::parse_rate)]
         rate: f64,
         /// Per-delivery timeout in ms (default: the handler's timeout_ms).
         #[arg(long)]

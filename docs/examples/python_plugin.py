@@ -33,13 +33,34 @@ import nats
 import nats.errors
 from nats.js.errors import BucketNotFoundError
 
-try:  # Optional: continue the bus's trace when the OpenTelemetry API is installed
-    # (pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-http, and
-    # configure a tracer provider as its docs show); without it, nothing is traced.
+try:  # Optional: continue the bus's trace when OpenTelemetry is installed
+    # (pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-http);
+    # without it, nothing is traced.
     from opentelemetry import trace as otel_trace
     from opentelemetry.propagate import extract as otel_extract
 except ImportError:
     otel_trace = None
+
+
+def init_tracing():
+    """Exports spans over OTLP/HTTP when OTEL_EXPORTER_OTLP_ENDPOINT (or
+    ..._TRACES_ENDPOINT) is set, as the bus does; the SDK reads the other OTEL_*
+    variables (OTEL_SERVICE_NAME, OTEL_BSP_SCHEDULE_DELAY, ...). Returns the
+    provider to shut down (flushing its spans), or None."""
+    if otel_trace is None or not (
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    ):
+        return None
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    service = os.environ.get("OTEL_SERVICE_NAME", "py-hello")
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    otel_trace.set_tracer_provider(provider)
+    return provider
 
 PLUGIN_ID = "py-hello"
 VERSION = "1.0.0"
@@ -209,6 +230,7 @@ async def register(nc):
 
 
 async def main():
+    tracing = init_tracing()
     url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
     options = {"name": f"pagoda-plugin {PLUGIN_ID}"}
     user = os.environ.get("NATS_USER")
@@ -242,6 +264,8 @@ async def main():
         await asyncio.wait_for(nc.drain(), timeout=10)
     except (asyncio.TimeoutError, nats.errors.Error):
         await nc.close()  # e.g. the server is gone: nothing left to drain
+    if tracing is not None:
+        tracing.shutdown()  # exports the spans still queued
 
 
 if __name__ == "__main__":

@@ -491,8 +491,32 @@ async fn enqueue(state: &HostState, job: &Job, user: &User, params: Value) -> Re
     };
     let payload = serde_json::to_vec(&request)?;
     let subject = state.subjects.job(&plugin, &job.task);
+    // With traces exported, the publish is a PRODUCER span
+    // (`send pagoda.jobs.{plugin}.{task}`) under the request's span; the worker's
+    // CONSUMER span is its child.
+    let mut trace_headers = async_nats::HeaderMap::new();
+    let span = if hookbus_kit::trace::enabled() {
+        let template = state.subjects.job("{plugin}", "{task}");
+        let span = tracing::info_span!(
+            "job publish",
+            otel.name = %format_args!("send {template}"),
+            otel.kind = "producer",
+            messaging.system = hookbus_kit::trace::fields::SYSTEM,
+            messaging.operation.type = "send",
+            messaging.destination.name = %subject,
+            messaging.destination.template = %template,
+            messaging.message.id = %format_args!("job-{}", job.id),
+            pagoda.plugin = %plugin,
+            pagoda.task = %job.task,
+            pagoda.job_id = job.id,
+        );
+        hookbus_kit::trace::inject(&span, &mut trace_headers);
+        span
+    } else {
+        tracing::Span::none()
+    };
     let publish = |msg_id: String| {
-        let mut headers = async_nats::HeaderMap::new();
+        let mut headers = trace_headers.clone();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
         let (subject, payload) = (subject.clone(), payload.clone());
         async move {
@@ -505,7 +529,9 @@ async fn enqueue(state: &HostState, job: &Job, user: &User, params: Value) -> Re
                 .map_err(|e| JobError::Ack(e.into()))
         }
     };
-    let ack = publish(format!("job-{}", job.id)).await?;
+    let ack = tracing::Instrument::instrument(publish(format!("job-{}", job.id)), span.clone())
+        .await
+        .inspect_err(|e| hookbus_kit::trace::fail(&span, "publish_failed", &e.to_string()))?;
     if ack.duplicate {
         // `job-<id>` was used within the stream's duplicate window by a job of an
         // earlier database (the table was reset): this job was dropped as its

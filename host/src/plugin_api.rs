@@ -183,16 +183,41 @@ async fn try_forward(
     let subject = state.subjects.api(&plugin, &route.name);
     let mut nats_headers = async_nats::HeaderMap::new();
     nats_headers.insert(headers::PLUGIN, plugin.as_str());
-    if let Some(tp) = api_request.headers.get("traceparent") {
-        nats_headers.insert(headers::TRACEPARENT, tp.as_str());
-    }
+    // With traces exported, the call is a CLIENT span (`call <plugin>.<route>`)
+    // under the request's span and the plugin's handler span is its child;
+    // otherwise the caller's `traceparent` goes on as it came.
+    let span = if hookbus_kit::trace::enabled() {
+        let span = tracing::info_span!(
+            "plugin api call",
+            otel.name = %format_args!("call {plugin}.{}", route.name),
+            otel.kind = "client",
+            messaging.system = hookbus_kit::trace::fields::SYSTEM,
+            messaging.operation.type = "send",
+            messaging.destination.name = %subject,
+            pagoda.plugin = %plugin,
+            pagoda.route = %route.name,
+        );
+        hookbus_kit::trace::inject(&span, &mut nats_headers);
+        span
+    } else {
+        if let Some(tp) = api_request.headers.get("traceparent") {
+            nats_headers.insert(headers::TRACEPARENT, tp.as_str());
+        }
+        tracing::Span::none()
+    };
     let nats_request = Request::new()
         .payload(Bytes::from(payload))
         .headers(nats_headers)
         .timeout(Some(route.timeout()));
-    let reply = match state.client.send_request(subject, nats_request).await {
+    let sent = tracing::Instrument::instrument(
+        state.client.send_request(subject, nats_request),
+        span.clone(),
+    )
+    .await;
+    let reply = match sent {
         Ok(reply) => reply,
         Err(e) => {
+            hookbus_kit::trace::fail(&span, "request_failed", &e.to_string());
             let error = match e.kind() {
                 RequestErrorKind::NoResponders => ApiError::PluginUnavailable {
                     plugin_id: plugin,
@@ -215,6 +240,7 @@ async fn try_forward(
         .as_ref()
         .and_then(|h| h.get(headers::SERVICE_ERROR))
     {
+        hookbus_kit::trace::fail(&span, "plugin_error", text.as_str());
         return Err(ApiError::PluginError {
             plugin_id: plugin,
             message: text.as_str().to_owned(),

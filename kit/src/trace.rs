@@ -107,8 +107,35 @@ pub fn traced_parent(headers: &HeaderMap) -> Option<Context> {
     if !enabled() {
         return None;
     }
+    // Most messages of a sampled-at-the-start deployment carry an unsampled
+    // `traceparent`: read its flags before building a context (which allocates).
+    if headers
+        .get(core_events::protocol::headers::TRACEPARENT)
+        .is_some_and(|tp| unsampled_flags(tp.as_str()))
+    {
+        return None;
+    }
     let parent = extract(headers);
     (!unsampled(&parent)).then_some(parent)
+}
+
+/// Whether `traceparent` is a version-00 W3C trace parent with a valid shape
+/// whose `sampled` flag is off (`00-<32 hex>-<16 hex>-<flags>`); anything else is
+/// left to the propagator.
+fn unsampled_flags(traceparent: &str) -> bool {
+    let b = traceparent.as_bytes();
+    let hex =
+        |r: std::ops::Range<usize>| b[r].iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    b.len() == 55
+        && b.starts_with(b"00-")
+        && b[35] == b'-'
+        && b[52] == b'-'
+        && hex(3..35)
+        && hex(36..52)
+        && hex(53..55)
+        && u8::from_str_radix(&traceparent[53..], 16).is_ok_and(|flags| flags & 1 == 0)
+        && b[3..35].iter().any(|&c| c != b'0')
+        && b[36..52].iter().any(|&c| c != b'0')
 }
 
 /// Writes the context of `span` into `headers` as `traceparent` (and
@@ -188,6 +215,53 @@ mod tests {
             back.span().span_context().trace_id(),
             cx.span().span_context().trace_id()
         );
+    }
+
+    #[test]
+    fn the_fast_flag_check_agrees_with_the_propagator() {
+        set_enabled(true);
+        for (tp, off) in [
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+                true,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-02",
+                true,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                false,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03",
+                false,
+            ),
+            // Invalid ids: no context, so a new root is traced.
+            (
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-00",
+                false,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-00",
+                false,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e473x-00f067aa0ba902b7-00",
+                false,
+            ),
+            (
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-00",
+                false,
+            ),
+            ("garbage", false),
+        ] {
+            assert_eq!(unsampled_flags(tp), off, "{tp}");
+            let mut h = HeaderMap::new();
+            h.insert(headers::TRACEPARENT, tp);
+            assert_eq!(unsampled(&extract(&h)), off, "{tp}: propagator");
+            assert_eq!(traced_parent(&h).is_none(), off, "{tp}: traced_parent");
+        }
     }
 
     #[test]

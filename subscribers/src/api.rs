@@ -225,16 +225,33 @@ pub(crate) struct RouteSlot {
 
 /// Serves one request to an API route and replies.
 pub(crate) async fn handle(request: Request, slot: Arc<RouteSlot>) {
+    // With traces exported, a SERVER span (`handle <plugin>.<route>`), the child
+    // of the host's CLIENT span whose context the request's `traceparent` carries.
     let span = tracing::info_span!(
         "plugin.api",
+        otel.name = %format_args!("handle {}.{}", slot.plugin_id, slot.spec.name),
+        otel.kind = "server",
         messaging.system = "nats",
         messaging.destination = %slot.subject,
+        messaging.destination.name = %slot.subject,
         plugin = %slot.plugin_id,
         route = %slot.spec.name,
     );
+    if hookbus_kit::trace::enabled()
+        && let Some(h) = request.message.headers.as_ref()
+    {
+        hookbus_kit::trace::follow(&span, hookbus_kit::trace::extract(h));
+    }
+    let traced = span.clone();
     async {
         let outcome = answer(&slot, &request.message.payload).await;
         if let Err(err) = &outcome {
+            let kind = if err.code() < 500 {
+                "plugin_error"
+            } else {
+                "internal_error"
+            };
+            hookbus_kit::trace::fail(&traced, kind, &err.reply_text());
             warn!(
                 plugin = %slot.plugin_id,
                 route = %slot.spec.name,

@@ -378,6 +378,8 @@ struct Worker {
     plugin: Plugin,
     kv: kv::Store,
     abort: CancellationToken,
+    /// `pagoda.jobs.{plugin}.{task}`: the jobs' subject template (span names).
+    job_template: String,
 }
 
 /// Opens the jobs bucket and the plugin's consumer, waiting up to `wait` for
@@ -449,6 +451,7 @@ pub(crate) async fn start(
         plugin: plugin.clone(),
         kv,
         abort: abort.clone(),
+        job_template: subjects.job("{plugin}", "{task}"),
     });
     let puller = tokio::spawn(pull_loop(
         consumer,
@@ -577,14 +580,27 @@ async fn run_job(
     message: jetstream::Message,
     _permit: Option<OwnedSemaphorePermit>,
 ) {
+    // With traces exported, a CONSUMER span (`process pagoda.jobs.{plugin}.{task}`),
+    // a child of the host's PRODUCER span whose context the message carries,
+    // and linked to it.
     let span = tracing::info_span!(
         "plugin.job",
+        otel.name = %format_args!("process {}", worker.job_template),
+        otel.kind = "consumer",
         messaging.system = "nats",
+        messaging.operation.type = "process",
         messaging.destination = %message.subject,
+        messaging.destination.name = %message.subject,
+        messaging.destination.template = %worker.job_template,
         plugin = %worker.plugin.id(),
         job_id = tracing::field::Empty,
         task = tracing::field::Empty,
     );
+    if hookbus_kit::trace::enabled()
+        && let Some(h) = message.headers.as_ref()
+    {
+        hookbus_kit::trace::follow_and_link(&span, hookbus_kit::trace::extract(h));
+    }
     async {
         let settle = match serde_json::from_slice::<JobRequest>(&message.payload) {
             Err(e) => worker.unreadable(&message.payload, &e).await,

@@ -30,8 +30,13 @@
 //! (diff_pct = how much slower metrics on is, in percent of off). Then the bus
 //! with OpenTelemetry span export on (to an OTLP/HTTP receiver in this process)
 //! and off, alternating order per round:
-//! `bench: scenario=tracing_overhead sampled=all|parent_1pct on_eps=… off_eps=… diff_pct=… spans_per_event=…`
-//! (`-- --tracing` runs only this comparison).
+//! `bench: scenario=tracing_overhead sampled=all|parent_1pct export=otlp on_eps=… off_eps=… diff_pct=… spans_per_event=…`
+//! (`-- --tracing` runs only this comparison; `BENCH_TRACE_EXPORT=none` drops the
+//! spans in a no-op exporter instead, `export=none`: the cost of making them
+//! alone), and `bench: scenario=tracing_off_cost … cost_pct=…`: the checks export
+//! off adds to an event's path, timed directly, against the bus's CPU per event.
+//!
+//! The bench runs with mimalloc, the `hookbus` binary's allocator (both sides).
 //!
 //! Scale-out: `cargo bench -p hookbus-tests --bench dispatch -- --partitions 4
 //! --dispatchers 2` runs the bus side as that many buses in this process, each
@@ -68,6 +73,11 @@
     missing_docs,
     unreachable_pub
 )]
+
+/// The allocator of the `hookbus` binary, whose bus this runs in-process (both
+/// sides use it: the raw loop too).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -973,12 +983,52 @@ async fn tracing_overhead(
     // One subscriber per process: installed once for every variant.
     let receiver = hookbus_tests::otlp::Receiver::start_counting().await;
     let switch = hookbus_tests::otlp::TraceSwitch::install(&receiver.url);
+    let mut off_cpu = Vec::new();
     for events in variants {
-        tracing_variant(
-            smoke, n, rounds, subjects, events, index, &receiver, &switch,
-        )
-        .await;
+        off_cpu.push(
+            tracing_variant(
+                smoke, n, rounds, subjects, events, index, &receiver, &switch,
+            )
+            .await,
+        );
     }
+    tracing_off_cost(smoke, variants[0], off_cpu[0]);
+}
+
+/// What export off adds to one event's path, measured directly: the checks the
+/// relay, the dispatcher and each of the three deliveries make
+/// (`trace::traced_parent`, `trace::enabled`), timed over the bench's own
+/// events, against the bus's CPU per event with export off in this run:
+/// `bench: scenario=tracing_off_cost checks_per_event=5 ns_per_event=… off_cpu_us_per_event=… cost_pct=…`
+/// (goal: at most 1 %). With export off no span is created and no header read
+/// beyond these checks, so this is the whole difference to a bus without tracing.
+fn tracing_off_cost(smoke: bool, events: &[EncodedEvent], off_cpu_us_per_event: f64) {
+    assert!(!hookbus_kit::trace::enabled(), "export is off here");
+    let iters = if smoke { 10_000 } else { 5_000_000 };
+    let mut traced = 0usize;
+    let start = Instant::now();
+    for i in 0..iters {
+        let headers = std::hint::black_box(&events[i % events.len()].headers);
+        // The relay's send and the dispatcher's process.
+        for _ in 0..2 {
+            traced += usize::from(hookbus_kit::trace::traced_parent(headers).is_some());
+        }
+        // Each delivery attempt (three handlers).
+        for _ in 0..3 {
+            traced += usize::from(std::hint::black_box(hookbus_kit::trace::enabled()));
+        }
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(traced, 0, "nothing is traced with export off");
+    if smoke {
+        return;
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let ns = elapsed.as_nanos() as f64 / iters as f64;
+    println!(
+        "bench: scenario=tracing_off_cost checks_per_event=5 ns_per_event={ns:.2} off_cpu_us_per_event={off_cpu_us_per_event:.1} cost_pct={:.4}",
+        ns / (off_cpu_us_per_event * 1_000.0) * 100.0
+    );
 }
 
 /// One variant of [`tracing_overhead`]: these events, export on against off.
@@ -992,9 +1042,10 @@ async fn tracing_variant(
     index: &Arc<HashMap<String, usize>>,
     receiver: &hookbus_tests::otlp::Receiver,
     switch: &hookbus_tests::otlp::TraceSwitch,
-) {
+) -> f64 {
     let mut on = Vec::with_capacity(rounds);
     let mut off = Vec::with_capacity(rounds);
+    let mut off_cpu = Vec::with_capacity(rounds);
     let mut spans = Vec::with_capacity(rounds);
     for round in 1..=rounds {
         let order = if round % 2 == 1 {
@@ -1034,11 +1085,12 @@ async fn tracing_variant(
                 spans.push(per_event);
             } else {
                 off.push(m.eps);
+                off_cpu.push(m.cpu_us_per_event);
             }
         }
     }
     if smoke {
-        return;
+        return median(&off_cpu);
     }
     let (on_eps, off_eps) = (median(&on), median(&off));
     let sampled = if events
@@ -1050,10 +1102,12 @@ async fn tracing_variant(
         "all"
     };
     println!(
-        "bench: scenario=tracing_overhead sampled={sampled} events={n} rounds={rounds} on_eps={on_eps:.0} off_eps={off_eps:.0} diff_pct={:.1} spans_per_event={:.2}",
+        "bench: scenario=tracing_overhead sampled={sampled} export={} events={n} rounds={rounds} on_eps={on_eps:.0} off_eps={off_eps:.0} diff_pct={:.1} spans_per_event={:.2}",
+        hookbus_tests::otlp::TraceSwitch::export_kind(),
         (off_eps - on_eps) / off_eps * 100.0,
         median(&spans)
     );
+    median(&off_cpu)
 }
 
 /// `--cluster`: the bus and the raw loop on a three-node cluster with R3 streams

@@ -240,14 +240,16 @@ _et_ensure_postgres() {
     fi
 }
 
-# --- Python with nats-py (the Python example plugin's test) -------------------
+# --- Python with nats-py and OpenTelemetry (the Python example plugin's test) -
 
-# A Python 3 with nats-py for tests/tests/python_plugin.rs: .tools/pyvenv, made
-# and filled from PyPI when missing. Exports HOOKBUS_PYTHON.
+# A Python 3 with nats-py and the OpenTelemetry SDK with its OTLP/HTTP exporter
+# (the example's optional tracing) for tests/tests/python_plugin.rs:
+# .tools/pyvenv, made and filled from PyPI when missing. Exports HOOKBUS_PYTHON.
 _et_ensure_python_nats() {
     local venv="$HOOKBUS_ROOT/.tools/pyvenv"
-    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import nats' >/dev/null 2>&1; then
-        _et_say "python: installing nats-py from PyPI into .tools/pyvenv"
+    local imports='import nats, opentelemetry.sdk, opentelemetry.exporter.otlp.proto.http'
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "$imports" >/dev/null 2>&1; then
+        _et_say "python: installing nats-py and opentelemetry-sdk from PyPI into .tools/pyvenv"
         if ! command -v python3 >/dev/null 2>&1; then
             _et_apt_install python3 python3-venv python3-pip ||
                 _et_die "python3 is needed for the Python plugin test" || return 1
@@ -260,8 +262,9 @@ _et_ensure_python_nats() {
                 python3 -m venv "$venv" >&2
             } || _et_die "python3 -m venv $venv failed" || return 1
         fi
-        "$venv/bin/pip" install --quiet --disable-pip-version-check 'nats-py>=2,<3' >&2 ||
-            _et_die "pip install nats-py failed" || return 1
+        "$venv/bin/pip" install --quiet --disable-pip-version-check 'nats-py>=2,<3' \
+            'opentelemetry-sdk>=1.20,<2' 'opentelemetry-exporter-otlp-proto-http>=1.20,<2' >&2 ||
+            _et_die "pip install nats-py opentelemetry-sdk failed" || return 1
     fi
     export HOOKBUS_PYTHON="$venv/bin/python"
     _et_say "python: $HOOKBUS_PYTHON ($("$HOOKBUS_PYTHON" -m pip show nats-py 2>/dev/null | sed -n 's/^Version: /nats-py /p'))"

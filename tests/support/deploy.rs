@@ -250,6 +250,13 @@ impl Deployment {
         );
         let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
 
+        // The plugins, before the host: a host given PLUGIN_OPERATION_ID_CONFIG
+        // waits for the plugins it names to register before it serves.
+        let mut running = Vec::new();
+        for id in plugins {
+            running.push(Process::spawn(id, plugin_command(&nats, id, &env_of(id))));
+        }
+
         // The host, relaying its outbox; on another port when a parallel test
         // took the one found free.
         let http = reqwest::Client::new();
@@ -287,10 +294,6 @@ impl Deployment {
             );
         };
 
-        let mut running = Vec::new();
-        for id in plugins {
-            running.push(Process::spawn(id, plugin_command(&nats, id, &env_of(id))));
-        }
         let deployment = Deployment {
             nats,
             bus,

@@ -221,15 +221,22 @@ impl TraceSwitch {
             .expect("OTLP exporter");
         // A queue large enough that a bench keeps every span (the default, 2,048,
         // drops spans beyond it; OTEL_BSP_MAX_QUEUE_SIZE sets it in the binaries).
-        let processor = opentelemetry_sdk::trace::BatchSpanProcessor::builder(exporter)
-            .with_batch_config(
-                opentelemetry_sdk::trace::BatchConfigBuilder::default()
-                    .with_max_queue_size(1 << 18)
-                    .with_max_export_batch_size(4096)
-                    .with_scheduled_delay(std::time::Duration::from_millis(200))
-                    .build(),
-            )
-            .build();
+        let config = || {
+            opentelemetry_sdk::trace::BatchConfigBuilder::default()
+                .with_max_queue_size(1 << 18)
+                .with_max_export_batch_size(4096)
+                .with_scheduled_delay(std::time::Duration::from_millis(200))
+                .build()
+        };
+        let processor = if Self::export_kind() == "none" {
+            opentelemetry_sdk::trace::BatchSpanProcessor::builder(Noop)
+                .with_batch_config(config())
+                .build()
+        } else {
+            opentelemetry_sdk::trace::BatchSpanProcessor::builder(exporter)
+                .with_batch_config(config())
+                .build()
+        };
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
             .with_span_processor(processor)
             .with_resource(
@@ -244,6 +251,18 @@ impl TraceSwitch {
             .try_init()
             .expect("no global subscriber yet");
         TraceSwitch { handle, provider }
+    }
+
+    /// `otlp` (spans exported to the receiver), or `none` when
+    /// `BENCH_TRACE_EXPORT=none`: spans are made and batched, then dropped by a
+    /// no-op exporter, which separates the cost of making spans from that of
+    /// encoding and sending them.
+    pub fn export_kind() -> &'static str {
+        if std::env::var("BENCH_TRACE_EXPORT").as_deref() == Ok("none") {
+            "none"
+        } else {
+            "otlp"
+        }
     }
 
     /// Exports spans from now on.
@@ -275,5 +294,18 @@ impl TraceSwitch {
     /// Exports the queued spans now.
     pub fn flush(&self) {
         let _ = self.provider.force_flush();
+    }
+}
+
+/// An exporter that drops every batch (`BENCH_TRACE_EXPORT=none`).
+#[derive(Debug)]
+struct Noop;
+
+impl opentelemetry_sdk::trace::SpanExporter for Noop {
+    async fn export(
+        &self,
+        _batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
     }
 }

@@ -10,12 +10,13 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use crate::workspace_root;
 
 /// The Python to run plugins and examples with: `HOOKBUS_PYTHON` (set by
-/// `tests/setup/ensure-tools.sh`, which installs nats-py into `.tools/pyvenv`), else
+/// `tests/setup/ensure-tools.sh`, which installs nats-py and the OpenTelemetry SDK
+/// into `.tools/pyvenv`), else
 /// `.tools/pyvenv/bin/python`.
 ///
 /// # Panics
 ///
-/// When that Python cannot import nats-py: the tests that need it fail, never skip,
+/// When that Python cannot import nats-py or the OpenTelemetry SDK: the tests that need it fail, never skip,
 /// because CI must run them.
 pub fn python() -> PathBuf {
     let python = std::env::var_os("HOOKBUS_PYTHON")
@@ -23,7 +24,10 @@ pub fn python() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join(".tools/pyvenv/bin/python"));
     let ok = Command::new(&python)
-        .args(["-c", "import nats"])
+        .args([
+            "-c",
+            "import nats, opentelemetry.sdk, opentelemetry.exporter.otlp.proto.http",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -31,8 +35,9 @@ pub fn python() -> PathBuf {
         .is_ok_and(|s| s.success());
     assert!(
         ok,
-        "{} has no nats-py: run `source tests/setup/ensure-tools.sh` (./test.sh does), \
-         which installs it into .tools/pyvenv, or set HOOKBUS_PYTHON",
+        "{} has no nats-py or no opentelemetry-sdk with its OTLP/HTTP exporter: run \
+         `source tests/setup/ensure-tools.sh` (./test.sh does), which installs them into \
+         .tools/pyvenv, or set HOOKBUS_PYTHON",
         python.display()
     );
     python

@@ -100,6 +100,8 @@ fn compose_references_files_that_exist() {
         "nats",
         "postgres",
         "bus",
+        "host",
+        "console",
         "hello-world",
         "audit-log",
         "flaky",

@@ -7,7 +7,8 @@
 //! (CONSUMER, child of and linked to the producer) → delivery attempts (CLIENT)
 //! → the plugin's handler (SERVER); flaky's retries and dead letter are events
 //! of the process span. A delivery deferred while flaky is down is made later under
-//! a `deliver_deferred` CONSUMER span of its change's trace.
+//! a `deliver_deferred` CONSUMER span of its change's trace. A plugin API route
+//! and a job continue the caller's trace in the same way.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::time::Duration;
@@ -70,6 +71,11 @@ async fn one_entry_creation_is_one_trace_across_host_bus_and_plugins() {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &url),
             ("OTEL_SERVICE_NAME", "{service}"),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            // hello-world's task `count` gets operation id 5000.
+            (
+                "PLUGIN_OPERATION_ID_CONFIG",
+                r#"{"hello-world": [5000, 5099]}"#,
+            ),
         ],
     )
     .await;
@@ -385,5 +391,99 @@ async fn one_entry_creation_is_one_trace_across_host_bus_and_plugins() {
     assert!(
         unsampled.is_empty(),
         "spans of an unsampled trace: {unsampled:?}"
+    );
+
+    // A plugin API route and a job continue the caller's trace too: the host's
+    // CLIENT call and PRODUCER publish under its request span, the plugin's
+    // SERVER and CONSUMER spans under them.
+    const API: &str = "8bf92f3577b34da6a3ce929d0e0e473a";
+    const JOB: &str = "9bf92f3577b34da6a3ce929d0e0e473b";
+    let response = d
+        .request(reqwest::Method::GET, "/api/v2/plugins/hello-world/greet")
+        .header("traceparent", format!("00-{API}-{CALLER_SPAN}-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let response = d
+        .request(
+            reqwest::Method::POST,
+            "/api/v2/plugins/hello-world/tasks/count/",
+        )
+        .header("traceparent", format!("00-{JOB}-{CALLER_SPAN}-01"))
+        .json(&json!({"to": 1, "delay_ms": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    let of = |id: &'static str| -> Trace {
+        Trace(
+            receiver
+                .spans()
+                .into_iter()
+                .filter(|g| hex(&g.span.trace_id) == id)
+                .collect(),
+        )
+    };
+    let job_process = "process pagoda.jobs.{plugin}.{task}";
+    let arrived =
+        poll_until(Duration::from_secs(30), || {
+            let (api, job) = (of(API), of(JOB));
+            async move {
+                !api.named("handle hello-world.greet").is_empty()
+                    && !job.named(job_process).is_empty()
+                    && api.0.iter().any(|g| {
+                        g.service == "hookbus-host" && g.span.kind == SpanKind::Server as i32
+                    })
+                    && job.0.iter().any(|g| {
+                        g.service == "hookbus-host" && g.span.kind == SpanKind::Server as i32
+                    })
+            }
+        })
+        .await;
+    let (api, job) = (of(API), of(JOB));
+    assert!(
+        arrived,
+        "the API route's and the job's traces did not arrive:\n{}\n--\n{}\n{}",
+        api.dump(),
+        job.dump(),
+        d.outputs()
+    );
+    let request_of = |t: &Trace| -> Got {
+        t.0.iter()
+            .find(|g| g.service == "hookbus-host" && g.span.kind == SpanKind::Server as i32)
+            .cloned()
+            .unwrap()
+    };
+    let http = request_of(&api);
+    assert_eq!(hex(&http.span.parent_span_id), CALLER_SPAN);
+    let calls = api.children(&http, "call hello-world.greet");
+    assert_eq!(calls.len(), 1, "{}", api.dump());
+    assert_eq!(calls[0].span.kind, SpanKind::Client as i32);
+    let served = api.children(calls[0], "handle hello-world.greet");
+    assert_eq!(served.len(), 1, "{}", api.dump());
+    assert_eq!(served[0].service, "hello-world");
+    assert_eq!(served[0].span.kind, SpanKind::Server as i32);
+
+    let http = request_of(&job);
+    assert_eq!(hex(&http.span.parent_span_id), CALLER_SPAN);
+    let sends = job.children(&http, "send pagoda.jobs.{plugin}.{task}");
+    assert_eq!(sends.len(), 1, "{}", job.dump());
+    assert_eq!(sends[0].span.kind, SpanKind::Producer as i32);
+    assert_eq!(
+        attr(&sends[0].span.attributes, "messaging.destination.name").as_deref(),
+        Some("pagoda.jobs.hello-world.count")
+    );
+    let processed = job.children(sends[0], job_process);
+    assert_eq!(processed.len(), 1, "{}", job.dump());
+    assert_eq!(processed[0].service, "hello-world");
+    assert_eq!(processed[0].span.kind, SpanKind::Consumer as i32);
+    assert!(
+        processed[0]
+            .span
+            .links
+            .iter()
+            .any(|l| l.span_id == sends[0].span.span_id),
+        "the job's CONSUMER span links to the publish"
     );
 }

@@ -1,7 +1,10 @@
 //! The Python example plugin (`docs/examples/python_plugin.py`) against a real
 //! nats-server and an in-process bus: it registers, receives an event and prints
-//! its line. Runs under the production profile, as the plugin's own NATS user. Fails when
-//! no Python with nats-py is found (`tests/setup/ensure-tools.sh` installs one).
+//! its line. Runs under the production profile, as the plugin's own NATS user. With
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` set, the plugin exports its handler's SERVER span
+//! to an OTLP receiver in the test, a child of the delivery's `traceparent`. Fails
+//! when no Python with nats-py and the OpenTelemetry SDK is found
+//! (`tests/setup/ensure-tools.sh` installs one).
 #![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
 
 mod common;
@@ -26,6 +29,7 @@ async fn python_example_plugin_receives_events() {
     let server = NatsServer::start().await;
     let client = server.connect().await;
     let bus = start_bus(&server, &["py-hello"]).await;
+    let receiver = hookbus_tests::otlp::Receiver::start().await;
 
     server.allow_plugins(&["py-hello"]).await;
     let script = workspace_root().join("docs/examples/python_plugin.py");
@@ -34,6 +38,9 @@ async fn python_example_plugin_receives_events() {
         .arg(&script)
         .envs(server.env_for("py-hello"))
         .env_remove("PAGODA_SUBJECT_PREFIX")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.url)
+        .env("OTEL_SERVICE_NAME", "py-hello")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -76,6 +83,36 @@ async fn python_example_plugin_receives_events() {
         output()
     );
     assert_eventually!(bus.stats.delivered.get() == 1, WAIT);
+    // Its SERVER span continues the delivery's trace (the in-process bus exports
+    // no spans, so the delivery carries the event's `traceparent` as it is).
+    assert_eventually!(
+        receiver
+            .spans()
+            .iter()
+            .any(|g| g.span.name == "handle py-hello.greet"),
+        WAIT,
+        "no span from the plugin; {}",
+        output()
+    );
+    let spans = receiver.spans();
+    let span = &spans
+        .iter()
+        .find(|g| g.span.name == "handle py-hello.greet")
+        .unwrap();
+    assert_eq!(span.service, "py-hello");
+    assert_eq!(span.span.kind, hookbus_tests::otlp::SpanKind::Server as i32);
+    assert_eq!(
+        hookbus_tests::otlp::hex(&span.span.trace_id),
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    assert_eq!(
+        hookbus_tests::otlp::hex(&span.span.parent_span_id),
+        "00f067aa0ba902b7"
+    );
+    assert_eq!(
+        hookbus_tests::otlp::attr(&span.span.attributes, "messaging.system").as_deref(),
+        Some("nats")
+    );
 
     // A later, compatible version of the event (docs/protocol.md, "Versions": a
     // `v2` dataschema, an envelope attribute and data fields the plugin does not
