@@ -285,7 +285,8 @@ pub(crate) async fn main() -> Result<ExitCode> {
         Command::Relay { .. } => "hookbus-relay",
         _ => "hookbus",
     };
-    let _telemetry = hookbus_kit::telemetry::init("info,async_nats=warn", service);
+    let _telemetry =
+        hookbus_kit::telemetry::init(hookbus_kit::telemetry::BINARY_DEFAULT_FILTER, service);
     let subjects = Subjects::new(&cli.prefix)?;
     if let Command::NatsConfig(args) = &cli.command {
         return crate::nats_config_cmd::main(&subjects, args, println_out);

@@ -59,6 +59,9 @@ pub fn export_configured() -> bool {
     !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 }
 
+/// The `hookbus` binary's log and span filter when `RUST_LOG` is not set.
+pub const BINARY_DEFAULT_FILTER: &str = "info,async_nats=warn";
+
 /// Installs the process's `tracing` subscriber: logs on stderr filtered by
 /// `RUST_LOG` (else `default_filter`), ANSI colours on a terminal, and the
 /// OpenTelemetry layer when [`export_configured`]; `service` is the

@@ -246,8 +246,13 @@ impl TraceSwitch {
             )
             .build();
         let (layer, handle) = tracing_subscriber::reload::Layer::new(None::<OtelLayer>);
+        // The `hookbus` binary's default filter (`RUST_LOG` unset), so that spans
+        // and events below it are turned off at their call sites, as they are there.
         tracing_subscriber::registry()
             .with(layer)
+            .with(tracing_subscriber::EnvFilter::new(
+                hookbus_kit::telemetry::BINARY_DEFAULT_FILTER,
+            ))
             .try_init()
             .expect("no global subscriber yet");
         TraceSwitch { handle, provider }
