@@ -70,6 +70,15 @@ fn pascal(hook: Hook) -> String {
         .unwrap_or_default()
 }
 
+/// `list` → `List`.
+fn pascal_word(word: &str) -> String {
+    let mut chars = word.chars();
+    chars
+        .next()
+        .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+        .unwrap_or_default()
+}
+
 fn reference(path: &str) -> Value {
     json!({ "$ref": path })
 }
@@ -804,6 +813,105 @@ fn document() -> Value {
         }),
     );
 
+    // ---- The dead-letter service (for scripts) -----------------------------------
+    let dlq_request = g
+        .subschema_for::<hookbus::dlq_service::DlqRequest>()
+        .to_value();
+    let dlq_error = g
+        .subschema_for::<hookbus::dlq_service::ErrorReply>()
+        .to_value();
+    messages.insert(
+        "dlqRequest".into(),
+        json!({
+            "name": "dlq.request",
+            "title": "Dead-letter service request",
+            "summary": "Which dead letters (a filter, or sequences; an empty filter needs `all`), and the options of the verb: `limit`, `dry_run`, `rate`.",
+            "payload": dlq_request,
+        }),
+    );
+    messages.insert(
+        "dlqError".into(),
+        json!({
+            "name": "dlq.error",
+            "title": "Dead-letter service error",
+            "summary": "A request the service refused (the field named), or a failure; with the `Nats-Service-Error` and `Nats-Service-Error-Code` headers.",
+            "headers": error_reply_headers(),
+            "payload": dlq_error,
+        }),
+    );
+    for (verb, op, reply, summary) in [
+        (
+            "list",
+            "listDeadLetters",
+            g.subschema_for::<hookbus::dlq_service::ListReply>()
+                .to_value(),
+            "Lists the dead letters a filter selects (at most `limit`, default 100, at most 1000), oldest first, with the total.",
+        ),
+        (
+            "replay",
+            "replayDeadLetters",
+            g.subschema_for::<hookbus::dlq::ReplayReport>().to_value(),
+            "Replays the dead letters selected when the run starts (a snapshot), one at a time at `rate` (default 10/s), to the handler that failed them; a letter that fails again is replaced by a new one with the attempt appended. Audited. `dry_run`: only the count and a sample.",
+        ),
+        (
+            "purge",
+            "purgeDeadLetters",
+            g.subschema_for::<hookbus::dlq::PurgeReport>().to_value(),
+            "Deletes the dead letters selected when the run starts (a snapshot). Audited. `dry_run`: only the count and a sample.",
+        ),
+    ] {
+        let reply_name = format!("dlq{}Reply", pascal_word(verb));
+        messages.insert(
+            reply_name.clone(),
+            json!({
+                "name": format!("dlq.{verb}.reply"),
+                "title": format!("Dead-letter service: {verb} reply"),
+                "payload": reply,
+            }),
+        );
+        let channel = format!("dlq{}", pascal_word(verb));
+        channels.insert(
+            channel.clone(),
+            json!({
+                "address": format!("{p}.bus.dlq.{verb}"),
+                "title": format!("Dead letters: {verb}"),
+                "summary": format!("The bus's dead-letter service, `{verb}` (queue group `{}`: one bus answers).", hookbus::dlq_service::QUEUE_GROUP),
+                "messages": {"dlqRequest": reference("#/components/messages/dlqRequest")},
+            }),
+        );
+        let reply_channel = format!("{channel}Reply");
+        channels.insert(
+            reply_channel.clone(),
+            json!({
+                "address": null,
+                "title": format!("Dead letters: {verb} reply inbox"),
+                "summary": "The requester's inbox.",
+                "messages": {
+                    reply_name.clone(): reference(&format!("#/components/messages/{reply_name}")),
+                    "dlqError": reference("#/components/messages/dlqError"),
+                },
+            }),
+        );
+        operations.insert(
+            op.into(),
+            json!({
+                "action": "receive",
+                "channel": reference(&format!("#/channels/{channel}")),
+                "summary": summary,
+                "messages": [reference(&format!("#/channels/{channel}/messages/dlqRequest"))],
+                "reply": {
+                    "channel": reference(&format!("#/channels/{reply_channel}")),
+                    "messages": [
+                        reference(&format!("#/channels/{reply_channel}/messages/{reply_name}")),
+                        reference(&format!("#/channels/{reply_channel}/messages/dlqError")),
+                    ],
+                },
+                "bindings": {"nats": {"queue": hookbus::dlq_service::QUEUE_GROUP, "bindingVersion": "0.1.0"}},
+                "x-pagoda-queue-group": hookbus::dlq_service::QUEUE_GROUP,
+            }),
+        );
+    }
+
     // ---- Components ---------------------------------------------------------------
     let schemas = g.take_definitions(true);
     let all_streams: Vec<Value> = stream_configs
@@ -816,7 +924,7 @@ fn document() -> Value {
         "info": {
             "title": "Pagoda hook bus",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "The event catalog of the Pagoda hook bus: the events of the notification hooks (CloudEvents 1.0 in JSON structured mode on NATS JetStream), their delivery to plugin handlers, the synchronous hooks, plugin API routes and jobs.\n\nThe application described is the hook bus (the reference host and `hookbus run`); plugins are on the other side of every operation. Subjects use the default prefix `pagoda` (`PAGODA_SUBJECT_PREFIX` sets another, and the stream and bucket names follow it). The event `type` names the hook; the `dataschema` attribute names the versioned schema of `data` (see docs/protocol.md, \"Versions\"): consumers ignore fields and attributes they do not know.",
+            "description": "The event catalog of the Pagoda hook bus: the events of the notification hooks (CloudEvents 1.0 in JSON structured mode on NATS JetStream), their delivery to plugin handlers, the synchronous hooks, plugin API routes and jobs, and the bus's dead-letter service for scripts.\n\nThe application described is the hook bus (the reference host and `hookbus run`); plugins (and, for the dead-letter service, operators' scripts) are on the other side of every operation. Subjects use the default prefix `pagoda` (`PAGODA_SUBJECT_PREFIX` sets another, and the stream and bucket names follow it). The event `type` names the hook; the `dataschema` attribute names the versioned schema of `data` (see docs/protocol.md, \"Versions\"): consumers ignore fields and attributes they do not know.",
             "license": {"name": "Apache-2.0", "url": "https://www.apache.org/licenses/LICENSE-2.0"},
             "externalDocs": {"description": "The hook bus protocol", "url": "https://example.invalid/pagoda-hook-bus/docs/protocol.md"},
         },
@@ -1091,6 +1199,18 @@ fn document_covers_the_catalog() {
             .strip_prefix('#')
             .unwrap_or_else(|| panic!("{r} is not local"));
         assert!(d.pointer(pointer).is_some(), "dangling $ref {r}");
+    }
+    // The dead-letter service's request/reply operations, as the bus serves them.
+    for verb in ["list", "replay", "purge"] {
+        let channel = &d["channels"][format!("dlq{}", pascal_word(verb))];
+        assert_eq!(channel["address"], format!("pagoda.bus.dlq.{verb}"));
+        let op = &d["operations"][format!("{verb}DeadLetters")];
+        assert_eq!(op["action"], "receive", "{verb}");
+        assert_eq!(
+            op["bindings"]["nats"]["queue"],
+            hookbus::dlq_service::QUEUE_GROUP
+        );
+        assert_eq!(op["reply"]["messages"].as_array().unwrap().len(), 2);
     }
     // The versions the events name.
     assert_eq!(
