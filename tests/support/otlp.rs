@@ -220,11 +220,13 @@ impl TraceSwitch {
             .build()
             .expect("OTLP exporter");
         // A queue large enough that a bench keeps every span (the default, 2,048,
-        // drops spans beyond it; OTEL_BSP_MAX_QUEUE_SIZE sets it in the binaries).
+        // drops spans beyond it; OTEL_BSP_MAX_QUEUE_SIZE sets it in the binaries),
+        // and the default export batch (512). The bench reports the spans received
+        // per event, so a span dropped would show.
         let config = || {
             opentelemetry_sdk::trace::BatchConfigBuilder::default()
-                .with_max_queue_size(1 << 18)
-                .with_max_export_batch_size(4096)
+                .with_max_queue_size(1 << 16)
+                .with_max_export_batch_size(512)
                 .with_scheduled_delay(std::time::Duration::from_millis(200))
                 .build()
         };

@@ -237,6 +237,22 @@ async fn one_entry_creation_is_one_trace_across_host_bus_and_plugins() {
         .filter(|n| *n == "retry" || *n == "dead_letter")
         .collect();
     assert_eq!(events, ["retry", "retry", "dead_letter"]);
+    // Each names the handler and the error of the attempt before it.
+    for event in process
+        .span
+        .events
+        .iter()
+        .filter(|e| e.name == "retry" || e.name == "dead_letter")
+    {
+        assert_eq!(
+            attr(&event.attributes, "pagoda.handler").as_deref(),
+            Some("flaky.always_fails")
+        );
+        assert!(
+            attr(&event.attributes, "pagoda.error").is_some_and(|e| !e.is_empty()),
+            "{event:?}"
+        );
+    }
 
     // A delivery deferred while flaky has no replica is made, once it is back, under
     // a `deliver_deferred` CONSUMER span of the same trace, linked to the producer.

@@ -399,23 +399,19 @@ impl Dispatcher {
 /// Dispatches one event to every matching handler, in order, then acks it.
 /// With traces exported, under the event's CONSUMER span ([`process_span`]).
 async fn process(ctx: &Arc<Ctx>, event: EventMeta) -> Result<(), Stopped> {
-    match hookbus_kit::trace::traced_parent(&event.headers) {
-        Some(parent) => {
-            let span = ctx.process_span(&event, "process", parent);
-            tracing::Instrument::instrument(process_routes(ctx, event), span).await
-        }
-        None => process_routes(ctx, event).await,
-    }
-}
-
-async fn process_routes(ctx: &Arc<Ctx>, event: EventMeta) -> Result<(), Stopped> {
+    // The span is passed to the deliveries (the parent of their spans), not
+    // entered around them.
+    let span = match hookbus_kit::trace::traced_parent(&event.headers) {
+        Some(parent) => ctx.process_span(&event, "process", parent),
+        None => tracing::Span::none(),
+    };
     let table = ctx.registry.table();
     for route in table.matching(event.hook, &event.entity) {
         if ctx.deferrals.outstanding(&route.plugin) > 0 {
             ctx.defer(route, &event).await?;
             continue;
         }
-        if deliver(ctx, route, &event, WhenAbsent::ReturnAbsent).await? == Delivery::Absent {
+        if deliver(ctx, route, &event, WhenAbsent::ReturnAbsent, &span).await? == Delivery::Absent {
             ctx.defer(route, &event).await?;
         }
     }

@@ -180,19 +180,13 @@ impl Ctx {
                     .await?;
                 }
                 Some(event) => match self.route_for_deferred(plugin, &handler).await? {
-                    Some(route) => match hookbus_kit::trace::traced_parent(&event.headers) {
-                        Some(parent) => {
-                            let span = self.process_span(&event, "deliver_deferred", parent);
-                            tracing::Instrument::instrument(
-                                deliver(self, &route, &event, WhenAbsent::Wait),
-                                span,
-                            )
-                            .await?;
-                        }
-                        None => {
-                            deliver(self, &route, &event, WhenAbsent::Wait).await?;
-                        }
-                    },
+                    Some(route) => {
+                        let span = match hookbus_kit::trace::traced_parent(&event.headers) {
+                            Some(parent) => self.process_span(&event, "deliver_deferred", parent),
+                            None => tracing::Span::none(),
+                        };
+                        deliver(self, &route, &event, WhenAbsent::Wait, &span).await?;
+                    }
                     None => self.handler_gone(plugin, &handler, &event).await?,
                 },
             }

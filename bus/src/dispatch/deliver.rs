@@ -64,7 +64,16 @@ pub(crate) fn delivery_headers(
     h
 }
 
-pub(crate) async fn attempt(ctx: &Ctx, route: &Route, event: &EventMeta, n: u32) -> Attempt {
+/// One attempt; `span` is the event's CONSUMER span (none when the event is not
+/// traced), the parent of the attempt's CLIENT span. Spans are passed, not
+/// entered: entering one on every poll of a delivery costs more than the span.
+pub(crate) async fn attempt(
+    ctx: &Ctx,
+    route: &Route,
+    event: &EventMeta,
+    n: u32,
+    span: &tracing::Span,
+) -> Attempt {
     let mut h = delivery_headers(
         &event.headers,
         event.seq,
@@ -75,7 +84,7 @@ pub(crate) async fn attempt(ctx: &Ctx, route: &Route, event: &EventMeta, n: u32)
     );
     // No span when traces are off, or outside a traced event (its trace not
     // sampled): the delivery carries the event's headers as they are.
-    if !hookbus_kit::trace::enabled() || tracing::Span::current().is_disabled() {
+    if span.is_disabled() || !hookbus_kit::trace::enabled() {
         return request(
             &ctx.client,
             route.subject.to_string(),
@@ -85,17 +94,14 @@ pub(crate) async fn attempt(ctx: &Ctx, route: &Route, event: &EventMeta, n: u32)
         )
         .await;
     }
-    let span = attempt_span(route, event, n);
+    let span = attempt_span(span, route, event, n);
     hookbus_kit::trace::inject(&span, &mut h);
-    let result = tracing::Instrument::instrument(
-        request(
-            &ctx.client,
-            route.subject.to_string(),
-            h,
-            event.payload.clone(),
-            route.timeout,
-        ),
-        span.clone(),
+    let result = request(
+        &ctx.client,
+        route.subject.to_string(),
+        h,
+        event.payload.clone(),
+        route.timeout,
     )
     .await;
     match &result {
@@ -123,8 +129,9 @@ pub(crate) async fn attempt(ctx: &Ctx, route: &Route, event: &EventMeta, n: u32)
 /// The CLIENT span of one delivery attempt (`deliver <plugin>.<handler>`), a
 /// child of the dispatcher's process span; its context goes in the request's
 /// `traceparent`, so the plugin's handler span is its child.
-fn attempt_span(route: &Route, event: &EventMeta, n: u32) -> tracing::Span {
+fn attempt_span(parent: &tracing::Span, route: &Route, event: &EventMeta, n: u32) -> tracing::Span {
     tracing::info_span!(
+        parent: parent,
         "delivery attempt",
         otel.name = %format_args!("deliver {}.{}", route.plugin, route.handler),
         otel.kind = "client",
@@ -207,6 +214,7 @@ pub(crate) async fn deliver(
     route: &Route,
     event: &EventMeta,
     when_absent: WhenAbsent,
+    span: &tracing::Span,
 ) -> Result<Delivery, Stopped> {
     let mut failures: Vec<FailedAttempt> = Vec::new();
     let mut absent_wait = ctx.settings.deferred_poll;
@@ -218,7 +226,7 @@ pub(crate) async fn deliver(
             .unwrap_or(u32::MAX)
             .saturating_add(1);
         let sent = stats.as_ref().map(|_| Instant::now());
-        let result = attempt(ctx, route, event, n).await;
+        let result = attempt(ctx, route, event, n, span).await;
         if let Some(hs) = &stats {
             if !started && !matches!(result, Attempt::NoResponders) {
                 started = true;
@@ -266,26 +274,28 @@ pub(crate) async fn deliver(
                     error,
                 });
                 let next = hookbus_kit::retry::next_wait(&route.retry, failures.len(), permanent);
-                if hookbus_kit::trace::enabled() {
+                if !span.is_disabled() && hookbus_kit::trace::enabled() {
                     // On the process span: the retry, or the dead letter.
-                    let span = tracing::Span::current();
                     let what = format!("{}.{}", route.plugin, route.handler);
+                    let last_error = failures.last().map(|f| f.error.clone()).unwrap_or_default();
                     match next {
                         Some(wait) => hookbus_kit::trace::event(
-                            &span,
+                            span,
                             "retry",
                             &[
                                 ("pagoda.handler", what),
                                 ("pagoda.attempt", n.to_string()),
                                 ("pagoda.retry_in_ms", wait.as_millis().to_string()),
+                                ("pagoda.error", last_error),
                             ],
                         ),
                         None => hookbus_kit::trace::event(
-                            &span,
+                            span,
                             "dead_letter",
                             &[
                                 ("pagoda.handler", what),
                                 ("pagoda.attempts", n.to_string()),
+                                ("pagoda.error", last_error),
                                 (
                                     "messaging.destination.name",
                                     ctx.subjects.dead_letter(&route.plugin, &route.handler),
