@@ -102,6 +102,19 @@ impl Cluster {
             }
             let mut cluster = Cluster { nodes };
             match cluster.wait_all_ready().await {
+                // A meta group that has not formed with every peer current within
+                // CLUSTER_WAIT (seen now and then on nats-server 2.10 on a loaded
+                // machine) is started again, like a node that did not come up.
+                Ok(()) if !cluster.meta_formed().await && attempt < START_ATTEMPTS => {
+                    tracing::warn!(
+                        attempt,
+                        logs = %cluster.nodes.iter().map(|n| n.log_tail(10)).collect::<Vec<_>>().join("\n--\n"),
+                        "the JetStream meta group did not form; starting the cluster again"
+                    );
+                    for node in &mut cluster.nodes {
+                        node.kill();
+                    }
+                }
                 Ok(()) => {
                     cluster.wait_meta_leader().await;
                     cluster.wait_r3_placement().await;
@@ -138,17 +151,11 @@ impl Cluster {
         Ok(())
     }
 
-    /// Waits until the JetStream meta group has a leader that counts every
-    /// running node as a current peer (before that, creating an R3 stream fails
-    /// with "no suitable peers for placement"), and the JetStream API answers
-    /// through every running node.
-    ///
-    /// # Panics
-    ///
-    /// When it does not within [`CLUSTER_WAIT`].
-    pub async fn wait_meta_leader(&self) {
+    /// Whether, within [`CLUSTER_WAIT`], the JetStream meta group gets a leader
+    /// that counts every running node as a current peer.
+    async fn meta_formed(&self) -> bool {
         let running = self.nodes.iter().filter(|n| n.is_running()).count();
-        let formed = poll_until(CLUSTER_WAIT, || async {
+        poll_until(CLUSTER_WAIT, || async {
             let Some(leader) = self.meta_leader().await else {
                 return false;
             };
@@ -163,7 +170,20 @@ impl Cluster {
             });
             current + 1 >= running
         })
-        .await;
+        .await
+    }
+
+    /// Waits until the JetStream meta group has a leader that counts every
+    /// running node as a current peer (before that, creating an R3 stream fails
+    /// with "no suitable peers for placement"), and the JetStream API answers
+    /// through every running node.
+    ///
+    /// # Panics
+    ///
+    /// When it does not within [`CLUSTER_WAIT`].
+    pub async fn wait_meta_leader(&self) {
+        let running = self.nodes.iter().filter(|n| n.is_running()).count();
+        let formed = self.meta_formed().await;
         assert!(
             formed,
             "the JetStream meta group has no leader with {running} current peers after {CLUSTER_WAIT:?}"
@@ -335,9 +355,10 @@ impl Cluster {
     ///
     /// # Panics
     ///
-    /// When it is not within [`READY_TIMEOUT`](crate::READY_TIMEOUT).
+    /// When it is not within [`CLUSTER_WAIT`].
     pub async fn restart(&mut self, index: usize) {
-        self.nodes[index].restart().await;
+        // Healthy once it has rejoined the meta group: as long as forming it takes.
+        self.nodes[index].restart_within(CLUSTER_WAIT).await;
         self.wait_meta_leader().await;
     }
 

@@ -622,13 +622,23 @@ impl NatsServer {
     /// When it is not ready within [`READY_TIMEOUT`], with the tail of its log
     /// (for instance when another process took the port meanwhile).
     pub async fn restart(&mut self) {
+        self.restart_within(READY_TIMEOUT).await;
+    }
+
+    /// [`restart`](NatsServer::restart), waiting up to `ready` for it to be
+    /// healthy (a cluster node rejoining may wait for a meta leader first).
+    ///
+    /// # Panics
+    ///
+    /// As [`restart`](NatsServer::restart).
+    pub async fn restart_within(&mut self, ready: Duration) {
         self.kill();
         // Another test's process may have been handed the freed port meanwhile
         // (a `free_port` probe, a host trying it): try again while it holds it.
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Instant::now() + ready;
         loop {
             self.spawn();
-            match self.wait_ready().await {
+            match self.wait_ready_within(ready).await {
                 Ok(()) => return,
                 Err(NotReady::PortTaken) if Instant::now() < deadline => {
                     self.kill();
@@ -820,7 +830,12 @@ impl NatsServer {
 
     /// Polls `/healthz` on the monitoring port until JetStream reports healthy.
     async fn wait_ready(&self) -> Result<(), NotReady> {
-        let deadline = Instant::now() + READY_TIMEOUT;
+        self.wait_ready_within(READY_TIMEOUT).await
+    }
+
+    /// [`wait_ready`](NatsServer::wait_ready) for up to `ready`.
+    async fn wait_ready_within(&self, ready: Duration) -> Result<(), NotReady> {
+        let deadline = Instant::now() + ready;
         loop {
             let exited = self
                 .child()
@@ -838,7 +853,7 @@ impl NatsServer {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(NotReady::Timeout);
+                return Err(NotReady::Timeout(ready));
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
@@ -852,7 +867,7 @@ impl NatsServer {
                 self.port, self.monitor_port
             ),
             NotReady::Exited(status) => format!("exited early ({status})"),
-            NotReady::Timeout => format!("was not ready within {READY_TIMEOUT:?}"),
+            NotReady::Timeout(ready) => format!("was not ready within {ready:?}"),
         };
         panic!(
             "nats-server {} on {} {what}; last lines of {}:\n{}",
@@ -996,8 +1011,8 @@ enum NotReady {
     PortTaken,
     /// It exited for another reason.
     Exited(String),
-    /// It ran but did not report healthy in time.
-    Timeout,
+    /// It ran but did not report healthy within this long.
+    Timeout(Duration),
 }
 
 /// True when `GET /healthz` on the monitoring port answers 200 (the server runs
