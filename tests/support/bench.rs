@@ -137,11 +137,12 @@ impl BenchNats {
 
     /// Provisions the bus's streams and bucket with `settings`, as the bus does
     /// at start-up (trying again for 30 s while a just-formed cluster cannot
-    /// place R3 streams yet).
+    /// place R3 streams yet), then waits until the events stream has a leader.
     ///
     /// # Panics
     ///
-    /// When provisioning fails.
+    /// When provisioning fails, or the stream gets no leader within
+    /// [`CLUSTER_WAIT`](crate::cluster::CLUSTER_WAIT).
     pub async fn provision(
         js: &async_nats::jetstream::Context,
         subjects: &core_events::Subjects,
@@ -155,6 +156,19 @@ impl BenchNats {
         )
         .await
         .unwrap_or_else(|e| panic!("provisioning failed: {e}"));
+        // A new R3 stream takes a moment to elect its leader; a publish before
+        // that finds no stream (no responders).
+        let stream = subjects.events_stream();
+        let led = crate::poll_until(crate::cluster::CLUSTER_WAIT, || async {
+            let Ok(mut s) = js.get_stream(&stream).await else {
+                return false;
+            };
+            s.info()
+                .await
+                .is_ok_and(|i| i.cluster.as_ref().is_none_or(|c| c.leader.is_some()))
+        })
+        .await;
+        assert!(led, "stream {stream} has no leader");
     }
 
     /// Stream settings for it: the defaults with its replicas.
