@@ -1404,15 +1404,12 @@ pub async fn replay_letter(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_default_rate_text_is_the_default_rate() {
-        assert_eq!(
-            super::parse_rate(super::DEFAULT_RATE_TEXT),
-            Ok(super::DEFAULT_RATE)
-        );
+        assert_eq!(parse_rate(DEFAULT_RATE_TEXT), Ok(DEFAULT_RATE));
     }
-
-    use super::*;
 
     #[test]
     fn bounds_rates_and_codes_parse() {

@@ -180,6 +180,27 @@ pub fn follow_and_link(span: &tracing::Span, parent: Context) {
     }
 }
 
+/// When traces are exported, makes the context a received message's `headers`
+/// carry (if any) the parent of `span`: a plugin's SERVER span, the child of the
+/// bus's delivery attempt or the host's call.
+pub fn follow_message(span: &tracing::Span, headers: Option<&HeaderMap>) {
+    if enabled()
+        && let Some(h) = headers
+    {
+        follow(span, extract(h));
+    }
+}
+
+/// [`follow_message`] with a link to that context as well: a CONSUMER span of a
+/// queued message (a job), as the messaging conventions describe.
+pub fn follow_and_link_message(span: &tracing::Span, headers: Option<&HeaderMap>) {
+    if enabled()
+        && let Some(h) = headers
+    {
+        follow_and_link(span, extract(h));
+    }
+}
+
 /// Adds an event to `span` with string attributes (a retry, a dead letter).
 pub fn event(span: &tracing::Span, name: &'static str, attributes: &[(&'static str, String)]) {
     span.add_event(

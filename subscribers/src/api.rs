@@ -237,11 +237,7 @@ pub(crate) async fn handle(request: Request, slot: Arc<RouteSlot>) {
         plugin = %slot.plugin_id,
         route = %slot.spec.name,
     );
-    if hookbus_kit::trace::enabled()
-        && let Some(h) = request.message.headers.as_ref()
-    {
-        hookbus_kit::trace::follow(&span, hookbus_kit::trace::extract(h));
-    }
+    hookbus_kit::trace::follow_message(&span, request.message.headers.as_ref());
     let traced = span.clone();
     async {
         let outcome = answer(&slot, &request.message.payload).await;

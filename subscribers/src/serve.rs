@@ -711,11 +711,7 @@ async fn handle(request: Request, slot: Arc<Slot>) {
         event_id = tracing::field::Empty,
         attempt = tracing::field::Empty,
     );
-    if hookbus_kit::trace::enabled()
-        && let Some(h) = request.message.headers.as_ref()
-    {
-        hookbus_kit::trace::follow(&span, hookbus_kit::trace::extract(h));
-    }
+    hookbus_kit::trace::follow_message(&span, request.message.headers.as_ref());
     let traced = span.clone();
     async {
         let outcome = match &slot.handler {

@@ -596,11 +596,7 @@ async fn run_job(
         job_id = tracing::field::Empty,
         task = tracing::field::Empty,
     );
-    if hookbus_kit::trace::enabled()
-        && let Some(h) = message.headers.as_ref()
-    {
-        hookbus_kit::trace::follow_and_link(&span, hookbus_kit::trace::extract(h));
-    }
+    hookbus_kit::trace::follow_and_link_message(&span, message.headers.as_ref());
     async {
         let settle = match serde_json::from_slice::<JobRequest>(&message.payload) {
             Err(e) => worker.unreadable(&message.payload, &e).await,

@@ -397,14 +397,10 @@ impl Dispatcher {
 }
 
 /// Dispatches one event to every matching handler, in order, then acks it.
-/// With traces exported, under the event's CONSUMER span ([`process_span`]).
+/// With traces exported, the deliveries' spans are children of the event's
+/// CONSUMER span (`Ctx::process_span`).
 async fn process(ctx: &Arc<Ctx>, event: EventMeta) -> Result<(), Stopped> {
-    // The span is passed to the deliveries (the parent of their spans), not
-    // entered around them.
-    let span = match hookbus_kit::trace::traced_parent(&event.headers) {
-        Some(parent) => ctx.process_span(&event, "process", parent),
-        None => tracing::Span::none(),
-    };
+    let span = ctx.process_span(&event, "process");
     let table = ctx.registry.table();
     for route in table.matching(event.hook, &event.entity) {
         if ctx.deferrals.outstanding(&route.plugin) > 0 {

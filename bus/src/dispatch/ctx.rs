@@ -46,13 +46,14 @@ impl Ctx {
     /// The dispatcher's CONSUMER span of one event (`<operation> <subject
     /// template>`: `process` live, `deliver_deferred` from a deferred queue): a
     /// child of the producer context the message carries (the relay's publish),
-    /// with a link to it, as the messaging conventions describe.
-    pub(super) fn process_span(
-        &self,
-        event: &EventMeta,
-        operation: &'static str,
-        parent: hookbus_kit::trace::Context,
-    ) -> tracing::Span {
+    /// with a link to it, as the messaging conventions describe. A disabled span
+    /// (no span at all) when traces are off or the event's trace was not sampled
+    /// ([`hookbus_kit::trace::traced_parent`]). It is passed to the deliveries,
+    /// the parent of their spans, not entered around them.
+    pub(super) fn process_span(&self, event: &EventMeta, operation: &'static str) -> tracing::Span {
+        let Some(parent) = hookbus_kit::trace::traced_parent(&event.headers) else {
+            return tracing::Span::none();
+        };
         let template = self.subjects.event_template(event.hook);
         let span = tracing::info_span!(
             parent: None,

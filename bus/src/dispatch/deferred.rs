@@ -181,10 +181,7 @@ impl Ctx {
                 }
                 Some(event) => match self.route_for_deferred(plugin, &handler).await? {
                     Some(route) => {
-                        let span = match hookbus_kit::trace::traced_parent(&event.headers) {
-                            Some(parent) => self.process_span(&event, "deliver_deferred", parent),
-                            None => tracing::Span::none(),
-                        };
+                        let span = self.process_span(&event, "deliver_deferred");
                         deliver(self, &route, &event, WhenAbsent::Wait, &span).await?;
                     }
                     None => self.handler_gone(plugin, &handler, &event).await?,

@@ -82,9 +82,9 @@ pub(crate) async fn attempt(
         &route.plugin,
         &route.handler,
     );
-    // No span when traces are off, or outside a traced event (its trace not
-    // sampled): the delivery carries the event's headers as they are.
-    if span.is_disabled() || !hookbus_kit::trace::enabled() {
+    // No span when the event has none (traces off, or its trace not sampled):
+    // the delivery carries the event's headers as they are.
+    if span.is_disabled() {
         return request(
             &ctx.client,
             route.subject.to_string(),
@@ -274,7 +274,7 @@ pub(crate) async fn deliver(
                     error,
                 });
                 let next = hookbus_kit::retry::next_wait(&route.retry, failures.len(), permanent);
-                if !span.is_disabled() && hookbus_kit::trace::enabled() {
+                if !span.is_disabled() {
                     // On the process span: the retry, or the dead letter.
                     let what = format!("{}.{}", route.plugin, route.handler);
                     let last_error = failures.last().map(|f| f.error.clone()).unwrap_or_default();
